@@ -1,0 +1,1 @@
+"""Flower ClientApp: one market's local training and evaluation."""

@@ -1,0 +1,169 @@
+"""ClientApp: a market trains on its private data and shares only the encoder.
+
+The market learns which data is its own from node config: ``market`` and
+``data-path`` on a deployed SuperNode, ``partition-id`` in simulation. Its
+head (user embeddings, history projection, popularity bias) lives in
+``context.state`` between rounds and never enters a reply.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.catalog import Catalog
+from common.markets import MarketSource, load_file_split, load_split, market_seed
+from common.methods import get_method
+from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
+from common.split import MarketSplit
+from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
+
+LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
+MARKET_KEY = "market"  # the ConfigRecord naming the replying market
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Run settings a market needs before it sees any message."""
+
+    method: str  # federated method; decides which parameters are shared
+    embedding_dim: int  # must match the server's encoder
+    history_length: int  # training items pooled into a user's vector
+    data_dir: str  # simulation: directory of market files, empty for synthetic
+    synthetic_markets: int  # simulation without data-dir: markets to generate
+    catalog_path: str  # the company catalog; simulation builds one when empty
+    seed: int  # seeds splits, negatives, initial heads and local shuffling
+
+    @classmethod
+    def from_context(cls, context: Context) -> "ClientConfig":
+        """Read the run config, letting node config name the catalog of a region."""
+        run = context.run_config
+        return cls(
+            method=str(run["method"]),
+            embedding_dim=int(run["embedding-dim"]),
+            history_length=int(run["history-length"]),
+            data_dir=str(run["data-dir"]),
+            synthetic_markets=int(run["synthetic-markets"]),
+            catalog_path=str(context.node_config.get("catalog-path", run["catalog-path"])),
+            seed=int(run["seed"]),
+        )
+
+
+def resolve_market(context: Context, config: ClientConfig) -> tuple[MarketSplit, Catalog]:
+    """This node's market split and the catalog it maps items through."""
+    node = context.node_config
+    if "market" in node:
+        if not config.catalog_path:
+            raise ValueError(
+                "A deployed market needs the company catalog: set catalog-path in the "
+                "node config or the run config."
+            )
+        catalog = _load_catalog(config.catalog_path)
+        market = str(node["market"])
+        return load_file_split(str(node["data-path"]), market, catalog, config.seed), catalog
+    source = MarketSource(config.data_dir, config.synthetic_markets, config.seed)
+    markets = source.markets
+    partition = int(node["partition-id"])
+    if partition >= len(markets):
+        raise ValueError(
+            f"Partition {partition} has no market: the source has {len(markets)} markets, "
+            "so run with as many SuperNodes."
+        )
+    catalog = _load_catalog(config.catalog_path) if config.catalog_path else source.catalog()
+    return load_split(source, markets[partition], catalog), catalog
+
+
+_catalogs: dict[str, Catalog] = {}
+
+
+def _load_catalog(path: str) -> Catalog:
+    if path not in _catalogs:
+        _catalogs[path] = Catalog.load(path)
+    return _catalogs[path]
+
+
+_tensors: dict[tuple[str, int], MarketTensors] = {}
+
+
+def _market_tensors(split: MarketSplit, history_length: int) -> MarketTensors:
+    key = (split.market, history_length)
+    if key not in _tensors or _tensors[key].split is not split:
+        _tensors[key] = MarketTensors.from_split(split, history_length)
+    return _tensors[key]
+
+
+def build_local_model(
+    msg: Message, context: Context
+) -> tuple[SplitRecommender, MarketTensors, ClientConfig, list[str]]:
+    """The market's model: received arrays over its saved (or freshly seeded) head."""
+    config = ClientConfig.from_context(context)
+    split, catalog = resolve_market(context, config)
+    data = _market_tensors(split, config.history_length)
+    torch.manual_seed(market_seed(split.market, config.seed))
+    model = SplitRecommender(ModelConfig(catalog.size, split.num_users, config.embedding_dim, config.history_length))
+    shared = shared_parameter_names(model, get_method(config.method).share_head)
+    if LOCAL_STATE_KEY in context.state:
+        set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())
+    received = msg.content["arrays"].to_torch_state_dict()
+    if set(received) != set(shared):
+        raise ValueError(
+            f"Market '{split.market}' expected the arrays {sorted(shared)} from the server "
+            f"but received {sorted(received)}; do server and client use the same method?"
+        )
+    set_arrays(model, received)
+    return model, data, config, shared
+
+
+def _reply(msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), MARKET_KEY: ConfigRecord({"name": market})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training; replies with the shared arrays and metrics only."""
+    model, data, config, shared = build_local_model(msg, context)
+    round_config = msg.content["config"]
+    server_round = int(round_config["server-round"])
+    train_config = TrainConfig(
+        epochs=int(round_config["local-epochs"]),
+        batch_size=int(round_config["batch-size"]),
+        learning_rate=float(round_config["learning-rate"]),
+        negatives=int(round_config["negatives"]),
+        score_penalty=float(round_config["score-penalty"]),
+    )
+    market = data.split.market
+    loss = train_epochs(model, [data], train_config, seed=market_seed(market, config.seed) + server_round)
+    local = [name for name in model.state_dict() if name not in shared]
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(get_arrays(model, local))
+    valid = evaluate(model, data, data.split.valid)
+    metrics = {
+        "num-examples": data.split.num_train,
+        "train-loss": loss,
+        "val-ndcg": valid.ndcg,
+        "val-hr": valid.hit_rate,
+    }
+    return _reply(msg, market, metrics, ArrayRecord(get_arrays(model, shared)))
+
+
+@app.evaluate()
+def evaluate_market(msg: Message, context: Context) -> Message:
+    """Validation and test ranking metrics with the received encoder and the local head."""
+    model, data, _, _ = build_local_model(msg, context)
+    valid = evaluate(model, data, data.split.valid)
+    test = evaluate(model, data, data.split.test)
+    metrics = {
+        "num-examples": test.users,
+        "val-ndcg": valid.ndcg,
+        "val-hr": valid.hit_rate,
+        "test-ndcg": test.ndcg,
+        "test-hr": test.hit_rate,
+    }
+    return _reply(msg, data.split.market, metrics)

@@ -1,0 +1,104 @@
+"""Synthetic multi-market interaction data in which small markets gain from big ones.
+
+Products share latent factors across markets (a camera is a camera
+everywhere), while each market shifts taste (where its users sit in factor
+space) and popularity, and sells an overlapping subset of the catalog. Market
+sizes follow a power law: a few large markets and many small ones. A small
+market alone sees too few interactions to learn item factors; the federation
+learns them from everyone, which is what the project exists to exploit.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Shape of a generated federation."""
+
+    markets: int = 6  # number of markets
+    items: int = 1200  # products in the global catalog
+    factors: int = 8  # true latent dimension shared by all markets
+    largest_market_users: int = 1200  # users of the biggest market
+    smallest_market_users: int = 40  # floor for the long tail of small markets
+    size_decay: float = 1.2  # power-law exponent of market sizes by rank
+    mean_interactions: int = 10  # per user; at least 5, as in the 5-core XMarket files
+    taste_shift: float = 0.6  # spread of market centres in factor space
+    popularity_shift: float = 0.7  # spread of market-specific item popularity
+    catalog_share: float = 0.6  # chance a non-core product is sold in a market
+    sharpness: float = 2.5  # how strongly tastes, not chance, drive choices
+    seed: int = 0  # everything below is a deterministic function of this
+
+    def __post_init__(self) -> None:
+        if self.markets < 1:
+            raise ValueError(f"A federation needs at least one market, got {self.markets}.")
+        if self.items < 300:
+            raise ValueError(
+                f"Markets need enough items for 99 evaluation negatives; use at least "
+                f"300 catalog items, got {self.items}."
+            )
+        if self.smallest_market_users < 5 or self.largest_market_users < self.smallest_market_users:
+            raise ValueError(
+                "Market sizes need 5 <= smallest_market_users <= largest_market_users, got "
+                f"{self.smallest_market_users} and {self.largest_market_users}."
+            )
+        if self.mean_interactions < 5:
+            raise ValueError(f"Users need at least 5 interactions, got {self.mean_interactions}.")
+
+
+def market_names(count: int) -> list[str]:
+    """Names ``m00``, ``m01``, ... sorted like the partitions they become."""
+    width = max(2, len(str(count - 1)))
+    return [f"m{index:0{width}d}" for index in range(count)]
+
+
+def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
+    """Interaction tables per market, columns ``userId itemId rating date``."""
+    rng = np.random.default_rng(config.seed)
+    item_factors = rng.normal(0.0, 1.0 / np.sqrt(config.factors), (config.items, config.factors))
+    base_popularity = rng.normal(0.0, 1.0, config.items)
+    # Popular products are sold nearly everywhere; the tail varies by market.
+    core = base_popularity > np.quantile(base_popularity, 0.6)
+    item_ids = np.array([f"P{index:05d}" for index in range(config.items)])
+
+    tables = {}
+    for rank, market in enumerate(market_names(config.markets)):
+        users = max(
+            config.smallest_market_users,
+            round(config.largest_market_users * (rank + 1) ** -config.size_decay),
+        )
+        sold = core | (rng.random(config.items) < config.catalog_share)
+        items = np.flatnonzero(sold)
+        centre = rng.normal(0.0, config.taste_shift, config.factors)
+        user_factors = centre + rng.normal(0.0, 1.0, (users, config.factors))
+        popularity = base_popularity[items] + rng.normal(0.0, config.popularity_shift, len(items))
+        logits = config.sharpness * user_factors @ item_factors[items].T + popularity
+        counts = 5 + rng.poisson(config.mean_interactions - 5, users)
+        # Gumbel top-k draws each user's distinct items in proportion to softmax(logits).
+        perturbed = logits + rng.gumbel(size=logits.shape)
+        chosen = np.argsort(-perturbed, axis=1)[:, : counts.max()]
+        rows = [
+            (f"{market}-u{user:05d}", item_ids[items[item]], step)
+            for user in range(users)
+            for step, item in enumerate(rng.permutation(chosen[user, : counts[user]]))
+        ]
+        frame = pd.DataFrame(rows, columns=["userId", "itemId", "step"])
+        frame["rating"] = rng.choice([3.0, 4.0, 5.0], size=len(frame), p=[0.2, 0.3, 0.5])
+        frame["date"] = pd.Timestamp("2020-01-01") + pd.to_timedelta(frame["step"], unit="D")
+        tables[market] = frame[["userId", "itemId", "rating", "date"]]
+    return tables
+
+
+def write_markets(config: SyntheticConfig, directory: str | Path) -> dict[str, Path]:
+    """Generate the markets and write one CSV per market into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for market, frame in generate_markets(config).items():
+        path = directory / f"{market}.csv"
+        frame.to_csv(path, index=False, date_format="%Y-%m-%d")
+        paths[market] = path
+    return paths

@@ -1,0 +1,198 @@
+"""Local training and evaluation of the split recommender on one or more markets."""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
+from common.model import SplitRecommender
+from common.split import EvalSet, MarketSplit
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation settings; one instance describes a round's local work."""
+
+    epochs: int = 1  # local epochs per round; more drifts markets apart under FedAvg
+    batch_size: int = 256  # interactions per step
+    learning_rate: float = 0.005  # Adam step size, reset every round like the optimizer
+    negatives: int = 8  # sampled negatives per positive in the sampled-softmax loss
+    score_penalty: float = 1e-4  # penalty on squared scores: keeps logits small, a cheap regulariser
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.negatives < 1:
+            raise ValueError(
+                "Training needs epochs >= 0, batch_size >= 1 and negatives >= 1, got "
+                f"{self.epochs}, {self.batch_size} and {self.negatives}."
+            )
+        if self.learning_rate <= 0 or self.score_penalty < 0:
+            raise ValueError(
+                f"Training needs learning_rate > 0 and score_penalty >= 0, got "
+                f"{self.learning_rate} and {self.score_penalty}."
+            )
+
+
+@dataclass(frozen=True)
+class MarketTensors:
+    """A market's split as tensors, user indices shifted by ``user_offset``."""
+
+    split: MarketSplit
+    user_offset: int
+    train_users: torch.Tensor
+    train_items: torch.Tensor
+    market_items: torch.Tensor
+    history: torch.Tensor  # (users, history_length) most recent training items
+    history_mask: torch.Tensor  # (users, history_length) 1.0 where history holds an item
+
+    @classmethod
+    def from_split(
+        cls, split: MarketSplit, history_length: int, user_offset: int = 0
+    ) -> "MarketTensors":
+        """Tensors of ``split`` with each user's last ``history_length`` training items."""
+        history = np.zeros((split.num_users, history_length), dtype=np.int64)
+        mask = np.zeros((split.num_users, history_length), dtype=np.float32)
+        # train_users is grouped by user in date order (see split_market).
+        starts = np.searchsorted(split.train_users, np.arange(split.num_users))
+        ends = np.searchsorted(split.train_users, np.arange(split.num_users), "right")
+        for user, (start, end) in enumerate(zip(starts, ends, strict=True)):
+            recent = split.train_items[max(start, end - history_length) : end]
+            history[user, : len(recent)] = recent
+            mask[user, : len(recent)] = 1.0
+        return cls(
+            split=split,
+            user_offset=user_offset,
+            train_users=torch.as_tensor(split.train_users + user_offset),
+            train_items=torch.as_tensor(split.train_items),
+            market_items=torch.as_tensor(split.market_items),
+            history=torch.as_tensor(history),
+            history_mask=torch.as_tensor(mask),
+        )
+
+    def user_history(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """History rows of global user indices ``users``."""
+        local = users - self.user_offset
+        return self.history[local], self.history_mask[local]
+
+
+def batch_inputs(
+    data: MarketTensors, batch: torch.Tensor, negatives: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model inputs for the training interactions ``batch`` (indices into the market).
+
+    The positive is masked out of its own user's history so that the model
+    cannot learn to recommend what the history already shows.
+    """
+    users = data.train_users[batch]
+    positives = data.train_items[batch]
+    drawn = torch.randint(
+        len(data.market_items), (len(batch), negatives), generator=generator
+    )
+    candidates = torch.cat([positives.unsqueeze(1), data.market_items[drawn]], dim=1)
+    history, mask = data.user_history(users)
+    mask = mask * (history != positives.unsqueeze(1))
+    return users, history, mask, candidates
+
+
+def sampled_softmax_loss(
+    model: nn.Module, inputs: Sequence[torch.Tensor], score_penalty: float
+) -> torch.Tensor:
+    """Cross-entropy of the positive (column 0) against its sampled negatives."""
+    scores = model(*inputs)
+    target = torch.zeros(len(scores), dtype=torch.long)
+    loss = nn.functional.cross_entropy(scores, target)
+    if score_penalty > 0:
+        loss = loss + score_penalty * scores.pow(2).mean()
+    return loss
+
+
+def train_epochs(
+    model: SplitRecommender,
+    markets: Sequence[MarketTensors],
+    config: TrainConfig,
+    seed: int,
+    parameters: Iterable[nn.Parameter] | None = None,
+) -> float:
+    """Train for ``config.epochs`` over all interactions of ``markets``.
+
+    Each batch comes from one market, so negatives are that market's items;
+    batches of different markets are interleaved at random (the pooled baseline
+    passes several markets, a federated client one).
+
+    Parameters
+    ----------
+    model : SplitRecommender
+        Trained in place.
+    markets : Sequence[MarketTensors]
+        Training data, user indices already offset into the model's user table.
+    config : TrainConfig
+        Local optimisation settings.
+    seed : int
+        Seeds shuffling and negative sampling.
+    parameters : Iterable[nn.Parameter], optional
+        Parameters to update (default: all); the rest stay frozen.
+
+    Returns
+    -------
+    float
+        Mean training loss over the last epoch (nan when no step ran).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(
+        list(model.parameters() if parameters is None else parameters),
+        lr=config.learning_rate,
+    )
+    model.train()
+    mean_loss = float("nan")
+    for _ in range(config.epochs):
+        batches = [
+            (data, batch)
+            for data in markets
+            for batch in torch.randperm(len(data.train_users), generator=generator).split(
+                config.batch_size
+            )
+        ]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        total = 0.0
+        for index in order:
+            data, batch = batches[index]
+            inputs = batch_inputs(data, batch, config.negatives, generator)
+            loss = sampled_softmax_loss(model, inputs, config.score_penalty)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        mean_loss = total / max(len(order), 1)
+    return mean_loss
+
+
+@dataclass(frozen=True)
+class RankingMetrics:
+    """NDCG@10 and HR@10 of one market on one evaluation set."""
+
+    ndcg: float
+    hit_rate: float
+    users: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: SplitRecommender, data: MarketTensors, eval_set: EvalSet, k: int = 10
+) -> RankingMetrics:
+    """Rank each held-out item against its sampled negatives."""
+    if len(eval_set.users) == 0:
+        raise ValueError(f"Market '{data.split.market}' has no users to evaluate.")
+    model.eval()
+    ranks = []
+    users = torch.as_tensor(eval_set.users) + data.user_offset
+    candidates = torch.as_tensor(eval_set.candidates)
+    for chunk in torch.arange(len(users)).split(1024):
+        history, mask = data.user_history(users[chunk])
+        scores = model(users[chunk], history, mask, candidates[chunk])
+        ranks.append(rank_of_positive(scores.numpy()))
+    all_ranks = np.concatenate(ranks)
+    return RankingMetrics(
+        ndcg=ndcg_at_k(all_ranks, k), hit_rate=hit_rate_at_k(all_ranks, k), users=len(all_ranks)
+    )

@@ -1,0 +1,1 @@
+"""Flower ServerApp: encoder aggregation, per-market metrics and checkpoints."""

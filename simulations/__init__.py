@@ -1,0 +1,1 @@
+"""Harness: many markets in one machine, baselines, sweeps and benchmarks."""

@@ -1,0 +1,223 @@
+"""Run the Flower app on a SuperLink in simulation mode that this process owns.
+
+``flwr run`` against Flower's default local connection starts a detached
+SuperLink and installs the app's dependencies into a fresh environment. The
+harness instead starts its own ``flower-superlink --simulation`` with runtime
+dependency installation disabled, on a free loopback port, with a private
+``FLWR_HOME``, submits the app with ``flwr run --stream``, and stops the whole
+process group when it is done, whatever happened.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import tomli_w
+
+CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
+APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml
+
+
+class FlowerRunError(RuntimeError):
+    """The SuperLink or a run on it failed; the message points at its log."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class SimulationSuperLink:
+    """A ``flower-superlink --simulation`` process and its private ``FLWR_HOME``.
+
+    Parameters
+    ----------
+    num_supernodes : int
+        Simulated SuperNodes, one per market.
+    log_dir : Path
+        Where the SuperLink's and each run's logs are written.
+    cpus_per_client : int
+        Ray CPUs per ClientApp; 1 lets markets train in parallel on all cores.
+    """
+
+    def __init__(self, num_supernodes: int, log_dir: Path, cpus_per_client: int = 1) -> None:
+        if num_supernodes < 1:
+            raise ValueError(f"A simulation needs at least one SuperNode, got {num_supernodes}.")
+        self.num_supernodes = num_supernodes
+        self.cpus_per_client = cpus_per_client
+        self.log_dir = Path(log_dir)
+        self.port = 0
+        self._home = ""
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "SimulationSuperLink":
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the SuperLink process (the leader of its process group)."""
+        return self._process.pid if self._process else None
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ, FLWR_HOME=self._home)
+        # The SuperLink starts flower-superexec and flwr-simulation by name:
+        # they must come from this interpreter's environment, not another one.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink and wait until it accepts connections."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._home = tempfile.mkdtemp(prefix="flwr-home-")
+        self.port = free_port()
+        connection = {
+            "address": f"127.0.0.1:{self.port}",
+            "insecure": True,
+            "options": {
+                "num-supernodes": self.num_supernodes,
+                "backend": {"client-resources": {"num-cpus": self.cpus_per_client}},
+            },
+        }
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        Path(self._home, "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+        log_file = open(self.log_dir / "superlink.log", "wb")  # noqa: SIM115 - owned by the child
+        self._process = subprocess.Popen(
+            [
+                _executable("flower-superlink"),
+                "--simulation",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._environment(),
+            start_new_session=True,  # its children join its group, so stop() reaches them all
+        )
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self.stop()
+                raise FlowerRunError(
+                    f"flower-superlink exited with code {self._process.returncode}; "
+                    f"see {self.log_dir / 'superlink.log'}."
+                )
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise FlowerRunError(f"flower-superlink did not listen on port {self.port} within {timeout:.0f} s.")
+
+    def run(
+        self,
+        run_config: dict[str, Any],
+        name: str,
+        on_line: Callable[[str], None] | None = None,
+        timeout: float = 3600.0,
+    ) -> None:
+        """Submit the app with ``run_config`` overrides and wait for the run to end.
+
+        Parameters
+        ----------
+        run_config : dict[str, Any]
+            Overrides of ``[tool.flwr.app.config]``.
+        name : str
+            Names the run's log file, ``<log_dir>/<name>.log``.
+        on_line : Callable[[str], None], optional
+            Called with every line the run logs, for progress output.
+        timeout : float
+            Seconds before the run is considered hung.
+        """
+        if self._process is None:
+            raise FlowerRunError("The SuperLink is not running; call start() first.")
+        overrides = Path(self._home, f"{name}-run-config.toml")
+        overrides.write_text(tomli_w.dumps(run_config), encoding="utf-8")
+        log_path = self.log_dir / f"{name}.log"
+        command = [_executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--stream"]
+        deadline = time.monotonic() + timeout
+        with open(log_path, "w", encoding="utf-8") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._environment(),
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                for line in process.stdout:
+                    log.write(line)
+                    if on_line is not None:
+                        on_line(line.rstrip("\n"))
+                    if time.monotonic() > deadline:
+                        raise FlowerRunError(f"Run '{name}' exceeded {timeout:.0f} s; see {log_path}.")
+                code = process.wait()
+            finally:
+                _stop_group(process)
+        if code != 0:
+            raise FlowerRunError(f"flwr run for '{name}' exited with code {code}; see {log_path}.")
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started; remove the private FLWR_HOME."""
+        if self._process is not None:
+            _stop_group(self._process)
+            self._process = None
+        if self._home:
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = ""
+
+
+def _executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise FlowerRunError(f"'{name}' is not installed in this environment; install flwr[simulation].")
+    return found
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after ``grace`` seconds."""
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        group = None
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
