@@ -10,7 +10,6 @@ process group when it is done, whatever happened.
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
 import tomli_w
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
@@ -90,14 +90,7 @@ class SimulationSuperLink:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._home = tempfile.mkdtemp(prefix="flwr-home-")
         self.port = free_port()
-        connection = {
-            "address": f"127.0.0.1:{self.port}",
-            "insecure": True,
-            "options": {
-                "num-supernodes": self.num_supernodes,
-                "backend": {"client-resources": {"num-cpus": self.cpus_per_client}},
-            },
-        }
+        connection = {"address": f"127.0.0.1:{self.port}", "insecure": True}
         config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
         Path(self._home, "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
         log_file = open(self.log_dir / "superlink.log", "wb")  # noqa: SIM115 - owned by the child
@@ -157,7 +150,16 @@ class SimulationSuperLink:
         overrides = Path(self._home, f"{name}-run-config.toml")
         overrides.write_text(tomli_w.dumps(run_config), encoding="utf-8")
         log_path = self.log_dir / f"{name}.log"
-        command = [_executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--stream"]
+        federation = (
+            f"num_supernodes={self.num_supernodes} "
+            f"client_resources_num_cpus={self.cpus_per_client}"
+        )
+        command = [
+            _executable("flwr"), "run", str(APP_DIR), CONNECTION,
+            "--run-config", str(overrides),
+            "--federation-config", federation,
+            "--stream",
+        ]
         deadline = time.monotonic() + timeout
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(
@@ -201,23 +203,26 @@ def _executable(name: str) -> str:
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after ``grace`` seconds."""
+    """Stop ``process`` and every descendant: SIGTERM, then SIGKILL after ``grace`` s.
+
+    Descendants are collected first because flower-superexec starts its own
+    session, so a process-group signal would miss the simulation it runs.
+    """
     try:
-        group = os.getpgid(process.pid)
-    except ProcessLookupError:
-        group = None
-    if group is not None:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
         try:
-            os.killpg(group, signal.SIGTERM)
-        except ProcessLookupError:
+            member.terminate()
+        except psutil.NoSuchProcess:
             pass
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    if group is not None:
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for member in alive:
         try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
+            member.kill()
+        except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=grace)
     process.wait()

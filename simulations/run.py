@@ -1,0 +1,161 @@
+"""Run federated methods and baselines on the same markets and compare them.
+
+    python -m simulations.run                       # generated markets, all methods
+    python -m simulations.run --data-dir ../shared/data/xmarket-electronics --out OUT
+
+Federated methods run as the real Flower app on Flower's simulation engine
+(a SuperLink this command starts and stops); ``local`` and ``pooled`` train
+in this process on the same splits. Every method reports test metrics at the
+round where each market's validation NDCG@10 was best.
+"""
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from common.markets import MarketSource
+from common.methods import BASELINES, METHODS
+from common.train import TrainConfig
+from simulations.baselines import BaselineSettings, run_local, run_pooled
+from simulations.flower_runtime import APP_DIR, SimulationSuperLink
+from simulations.results import federated_curves, method_summary, plot_rounds, write_results
+
+
+def app_defaults() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the checkout: the one place defaults live."""
+    with open(APP_DIR / "pyproject.toml", "rb") as file:
+        return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; defaults come from pyproject.toml."""
+    defaults = app_defaults()
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data-dir", default=defaults["data-dir"],
+                        help="directory with one interaction file per market (XMarket .txt, .csv or .parquet); default: generated markets")
+    parser.add_argument("--synthetic-markets", type=int, default=defaults["synthetic-markets"],
+                        help="markets to generate when no --data-dir is given (default: %(default)s)")
+    parser.add_argument("--methods", default="local,pooled,fedavg,fedper",
+                        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS))} (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=defaults["num-server-rounds"],
+                        help="federated rounds; baselines train as many epochs (default: %(default)s)")
+    parser.add_argument("--local-epochs", type=int, default=defaults["local-epochs"],
+                        help="local epochs per round (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=defaults["learning-rate"],
+                        help="Adam step size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch-size"],
+                        help="interactions per step (default: %(default)s)")
+    parser.add_argument("--negatives", type=int, default=defaults["negatives"],
+                        help="sampled negatives per positive while training (default: %(default)s)")
+    parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
+                        help="width of item and user vectors (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"],
+                        help="seeds data generation, negatives, models and training (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/run"),
+                        help="output directory for results.json, results.csv, results.md, rounds.png and logs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(BASELINES) - set(METHODS))
+    if unknown or not methods:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS))}")
+    if args.rounds < 1 or args.local_epochs < 1:
+        parser.error("--rounds and --local-epochs must be at least 1")
+    args.methods = methods
+    return args
+
+
+def say(message: str) -> None:
+    """Progress on stdout, flushed so that it shows up while a long run goes on."""
+    print(message, flush=True)
+
+
+def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets: int) -> dict[str, Any]:
+    """Overrides of the app config for one federated method."""
+    return {
+        "method": method,
+        "num-server-rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "learning-rate": args.learning_rate,
+        "batch-size": args.batch_size,
+        "negatives": args.negatives,
+        "embedding-dim": args.embedding_dim,
+        "data-dir": str(Path(args.data_dir).resolve()) if args.data_dir else "",
+        "synthetic-markets": args.synthetic_markets,
+        "seed": args.seed,
+        "min-nodes": markets,
+        "out-dir": str(out_dir.resolve()),
+    }
+
+
+def show_flower_progress(line: str) -> None:
+    """Pass on the app's per-round and per-market lines, not Flower's chatter."""
+    if "[ROUND" in line or " market " in line or "ERROR" in line:
+        say("    " + line.split(":", 1)[-1].strip())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every requested method and write the results; returns results.json's content."""
+    args = parse_args(argv)
+    source = MarketSource(args.data_dir, args.synthetic_markets, args.seed)
+    started = time.perf_counter()
+    markets = source.markets
+    catalog = source.catalog()  # reads every market once: bad files fail here, before training
+    say(f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
+        f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s")
+    train = TrainConfig(
+        epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        negatives=args.negatives,
+        score_penalty=app_defaults()["score-penalty"],
+    )
+    settings = BaselineSettings(args.rounds, train, args.embedding_dim, app_defaults()["history-length"], args.seed)
+    results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
+    curves_by_method = {}
+    for method in args.methods:
+        say(f"== {method} ==")
+        started = time.perf_counter()
+        if method == "local":
+            curves = run_local(source, catalog, settings, say)
+        elif method == "pooled":
+            curves = run_pooled(source, catalog, settings, say)
+        else:
+            curves, rounds = run_federated(args, method, len(markets))
+            results["rounds"].extend({"method": method, **entry} for entry in rounds)
+        results["methods"][method] = method_summary(curves, time.perf_counter() - started)
+        curves_by_method[method] = curves
+        say(f"{method}: macro test NDCG@10 {results['methods'][method]['macro']['ndcg@10']:.4f} "
+            f"in {results['methods'][method]['seconds']:.1f} s")
+    table = write_results(results, args.out)
+    plot_rounds(curves_by_method, args.out / "rounds.png")
+    say("\n" + table)
+    say(f"\nWrote {args.out / 'results.json'}, results.csv, results.md and rounds.png")
+    return results
+
+
+def run_federated(args: argparse.Namespace, method: str, markets: int) -> tuple[dict, list]:
+    """One federated method on a SuperLink of this process; its curves and round log."""
+    out_dir = args.out / method
+    with SimulationSuperLink(markets, args.out / "logs") as superlink:
+        superlink.run(run_config_for(args, method, out_dir, markets), method, on_line=show_flower_progress)
+    history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
+    completed = max(entry["round"] for entry in history["rounds"])
+    if completed < args.rounds:
+        raise RuntimeError(f"{method} stopped after round {completed} of {args.rounds}; see {args.out / 'logs' / method}.log.")
+    rounds = [entry for entry in history["rounds"] if entry["round"] >= 1]
+    return federated_curves(history), rounds
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,128 @@
+"""What leaves a market: the ClientApp's replies, inspected message by message."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import LOCAL_STATE_KEY, app
+from common.catalog import Catalog
+from common.markets import MarketSource
+from common.synthetic import SyntheticConfig, write_markets
+from server.server_app import ServerConfig, initial_arrays
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity():
+    # Flower stamps messages with the sending task's identity; here the test plays the ServerApp.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _run_config(**overrides) -> dict:
+    with open(REPO / "pyproject.toml", "rb") as file:
+        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
+    return {**defaults, "synthetic-markets": 3, "embedding-dim": 8, "local-epochs": 1, **overrides}
+
+
+def _train_message(run_config: dict, server_round: int = 1) -> Message:
+    server = ServerConfig.from_run_config(run_config)
+    config = server.train_config()
+    config["server-round"] = server_round
+    content = RecordDict({"arrays": initial_arrays(server), "config": config})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def _context(run_config: dict, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _user_ids(market: str) -> set[str]:
+    return set(MarketSource("", 3, 0).interactions(market)["user"])
+
+
+def _strings_in(reply: Message) -> list[str]:
+    strings = []
+    for record in reply.content.config_records.values():
+        for value in record.values():
+            strings.extend(value if isinstance(value, list) else [value])
+    return [value for value in strings if isinstance(value, str)]
+
+
+@pytest.mark.parametrize("method", ["fedper", "fedavg"])
+def test_a_train_reply_holds_shared_arrays_and_numbers_only(method):
+    # Prepare
+    run_config = _run_config(method=method)
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
+
+    # Execute
+    reply = app(_train_message(run_config), context)
+
+    # Assert: one ArrayRecord of shareable arrays, numbers, and the market's name.
+    content = reply.content
+    assert list(content.array_records) == ["arrays"]
+    names = list(content["arrays"])
+    if method == "fedper":
+        assert names and all(name.startswith("encoder.") for name in names)
+    assert not any(name.startswith("head.user_embedding") for name in names)
+    metrics = content["metrics"]
+    assert set(metrics) == {"num-examples", "train-loss", "val-ndcg", "val-hr"}
+    assert all(isinstance(value, (int, float)) for value in metrics.values())
+    assert _strings_in(reply) == ["m01"]
+    assert not set(_strings_in(reply)) & _user_ids("m01")
+    # The head stayed behind, in the market's own state.
+    assert "head.user_embedding.weight" in context.state[LOCAL_STATE_KEY]
+
+
+def test_an_evaluate_reply_holds_numbers_only():
+    run_config = _run_config()
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 3})
+    message = _train_message(run_config)
+    evaluate = Message(content=RecordDict({"arrays": message.content["arrays"], "config": ConfigRecord()}),
+                       dst_node_id=7, message_type=MessageType.EVALUATE)
+
+    reply = app(evaluate, context)
+
+    assert not reply.content.array_records
+    assert set(reply.content["metrics"]) == {"num-examples", "val-ndcg", "val-hr", "test-ndcg", "test-hr"}
+    assert _strings_in(reply) == ["m00"]
+
+
+def test_the_head_persists_between_rounds_in_context_state():
+    run_config = _run_config()
+    context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
+
+    app(_train_message(run_config, 1), context)
+    first = context.state[LOCAL_STATE_KEY]["head.user_embedding.weight"].numpy().copy()
+    app(_train_message(run_config, 2), context)
+    second = context.state[LOCAL_STATE_KEY]["head.user_embedding.weight"].numpy()
+
+    assert first.shape == second.shape
+    assert (first != second).any()
+
+
+def test_a_deployed_market_reads_its_own_file_through_the_company_catalog(tmp_path):
+    # Prepare: a region's file and the catalog, as a SuperNode's node config names them.
+    paths = write_markets(SyntheticConfig(markets=2, seed=0), tmp_path)
+    catalog_path = tmp_path / "catalog.txt"
+    MarketSource("", 2, 0).catalog().save(catalog_path)
+    run_config = _run_config(**{"catalog-path": str(catalog_path)})
+    node = {"market": "m01", "data-path": str(paths["m01"])}
+
+    reply = app(_train_message(run_config), _context(run_config, node))
+
+    assert _strings_in(reply) == ["m01"]
+    assert reply.content["metrics"]["num-examples"] > 0
+    assert Catalog.load(catalog_path).size == next(iter(reply.content["arrays"].values())).shape[0]
+
+
+def test_a_deployed_market_without_a_catalog_is_told_so(tmp_path):
+    paths = write_markets(SyntheticConfig(markets=1, seed=0), tmp_path)
+    run_config = _run_config()
+    node = {"market": "m00", "data-path": str(paths["m00"])}
+
+    with pytest.raises(ValueError, match="needs the company catalog"):
+        app(_train_message(run_config), _context(run_config, node))

@@ -1,0 +1,52 @@
+"""The synthetic federation: deterministic, uneven, and shaped like XMarket."""
+
+import pandas as pd
+import pytest
+
+from common.data import read_interactions
+from common.synthetic import SyntheticConfig, generate_markets, market_names, write_markets
+
+
+def test_generation_is_deterministic_under_a_seed():
+    config = SyntheticConfig(markets=3, seed=5)
+
+    first, again = generate_markets(config), generate_markets(config)
+    other = generate_markets(SyntheticConfig(markets=3, seed=6))
+
+    for market in first:
+        pd.testing.assert_frame_equal(first[market], again[market])
+    assert not first["m00"].equals(other["m00"])
+
+
+def test_market_sizes_are_uneven_and_users_have_five_interactions():
+    tables = generate_markets(SyntheticConfig(markets=8, seed=0))
+
+    users = [table["userId"].nunique() for table in tables.values()]
+    per_user = pd.concat(tables.values()).groupby("userId").size()
+
+    assert users == sorted(users, reverse=True)
+    assert users[0] >= 10 * users[-1]
+    assert per_user.min() >= 5
+
+
+def test_markets_share_part_of_their_catalogs():
+    tables = generate_markets(SyntheticConfig(markets=3, seed=0))
+
+    items = [set(table["itemId"]) for table in tables.values()]
+
+    shared = items[0] & items[1]
+    assert 0.3 * len(items[0]) < len(shared) < len(items[0])
+
+
+def test_written_markets_load_through_the_ordinary_reader(tmp_path):
+    paths = write_markets(SyntheticConfig(markets=2, seed=0), tmp_path)
+
+    frames = {market: read_interactions(path) for market, path in paths.items()}
+
+    assert list(frames) == market_names(2)
+    assert all(len(frame) > 0 for frame in frames.values())
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="at least one market"):
+        SyntheticConfig(markets=0)
