@@ -83,6 +83,11 @@ class SimulationSuperLink:
         # The SuperLink starts flower-superexec and flwr-simulation by name:
         # they must come from this interpreter's environment, not another one.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # The simulation engine forks Ray's processes while the ServerApp thread
+        # may be inside a BLAS call; OpenBLAS's fork handler then deadlocks both
+        # (seen here about one start in four). Single-threaded BLAS has no pool
+        # to deadlock, and markets get one core each from Ray anyway.
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         return env
 
     def start(self, timeout: float = 60.0) -> None:
@@ -213,16 +218,25 @@ def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    for member in tree:
-        try:
-            member.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    for signal_all in (psutil.Process.terminate, psutil.Process.kill):
+        for member in tree:
+            try:
+                signal_all(member)
+            except psutil.NoSuchProcess:
+                pass
+        process.poll()  # reap our own child so that it can count as gone
+        deadline = time.monotonic() + grace
+        while not all(map(_gone, tree)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = [member for member in tree if not _gone(member)]
+        if not tree:
+            break
     process.wait()
+
+
+def _gone(member: psutil.Process) -> bool:
+    # Orphans that exit stay zombies until init reaps them: they no longer run.
+    try:
+        return member.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -11,6 +11,7 @@ round where each market's validation NDCG@10 was best.
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import tomllib
@@ -144,12 +145,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run_federated(args: argparse.Namespace, method: str, markets: int) -> tuple[dict, list]:
     """One federated method on a SuperLink of this process; its curves and round log."""
     out_dir = args.out / method
+    shutil.rmtree(out_dir, ignore_errors=True)  # a stale history must not pass for this run's
     with SimulationSuperLink(markets, args.out / "logs") as superlink:
         superlink.run(run_config_for(args, method, out_dir, markets), method, on_line=show_flower_progress)
-    history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
-    completed = max(entry["round"] for entry in history["rounds"])
+    history_path = out_dir / "history.json"
+    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.exists() else {"rounds": []}
+    completed = max((entry["round"] for entry in history["rounds"]), default=0)
     if completed < args.rounds:
-        raise RuntimeError(f"{method} stopped after round {completed} of {args.rounds}; see {args.out / 'logs' / method}.log.")
+        raise RuntimeError(
+            f"{method} stopped after round {completed} of {args.rounds}; "
+            f"see {args.out / 'logs' / method}.log and superlink.log beside it."
+        )
     rounds = [entry for entry in history["rounds"] if entry["round"] >= 1]
     return federated_curves(history), rounds
 
