@@ -31,6 +31,7 @@ class ClientConfig:
     method: str  # federated method; decides which parameters are shared
     embedding_dim: int  # must match the server's encoder
     history_length: int  # training items pooled into a user's vector
+    user_embeddings: bool  # a free vector per user besides the pooled history
     data_dir: str  # simulation: directory of market files, empty for synthetic
     synthetic_markets: int  # simulation without data-dir: markets to generate
     catalog_path: str  # the company catalog; simulation builds one when empty
@@ -44,6 +45,7 @@ class ClientConfig:
             method=str(run["method"]),
             embedding_dim=int(run["embedding-dim"]),
             history_length=int(run["history-length"]),
+            user_embeddings=bool(run["user-embeddings"]),
             data_dir=str(run["data-dir"]),
             synthetic_markets=int(run["synthetic-markets"]),
             catalog_path=str(context.node_config.get("catalog-path", run["catalog-path"])),
@@ -102,7 +104,11 @@ def build_local_model(
     split, catalog = resolve_market(context, config)
     data = _market_tensors(split, config.history_length)
     torch.manual_seed(market_seed(split.market, config.seed))
-    model = SplitRecommender(ModelConfig(catalog.size, split.num_users, config.embedding_dim, config.history_length))
+    model = SplitRecommender(
+        ModelConfig(
+            catalog.size, split.num_users, config.embedding_dim, config.history_length, config.user_embeddings
+        )
+    )
     shared = shared_parameter_names(model, get_method(config.method).share_head)
     if LOCAL_STATE_KEY in context.state:
         set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())
@@ -143,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     loss = train_epochs(model, [data], train_config, seed=market_seed(market, config.seed) + server_round)
     local = [name for name in model.state_dict() if name not in shared]
     context.state[LOCAL_STATE_KEY] = ArrayRecord(get_arrays(model, local))
-    valid = evaluate(model, data, data.split.valid)
+    valid = evaluate(model, data)
     metrics = {
         "num-examples": data.split.num_train,
         "train-loss": loss,
@@ -157,8 +163,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_market(msg: Message, context: Context) -> Message:
     """Validation and test ranking metrics with the received encoder and the local head."""
     model, data, _, _ = build_local_model(msg, context)
-    valid = evaluate(model, data, data.split.valid)
-    test = evaluate(model, data, data.split.test)
+    valid = evaluate(model, data)
+    test = evaluate(model, data, on_test=True)
     metrics = {
         "num-examples": test.users,
         "val-ndcg": valid.ndcg,

@@ -9,7 +9,7 @@ from torch import nn
 
 from common.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
 from common.model import SplitRecommender
-from common.split import EvalSet, MarketSplit
+from common.split import MarketSplit
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class MarketTensors:
     market_items: torch.Tensor
     history: torch.Tensor  # (users, history_length) most recent training items
     history_mask: torch.Tensor  # (users, history_length) 1.0 where history holds an item
+    test_history: torch.Tensor  # history plus the validation item, which precedes the test item
+    test_history_mask: torch.Tensor
 
     @classmethod
     def from_split(
@@ -57,10 +59,18 @@ class MarketTensors:
         # train_users is grouped by user in date order (see split_market).
         starts = np.searchsorted(split.train_users, np.arange(split.num_users))
         ends = np.searchsorted(split.train_users, np.arange(split.num_users), "right")
-        for user, (start, end) in enumerate(zip(starts, ends, strict=True)):
-            recent = split.train_items[max(start, end - history_length) : end]
-            history[user, : len(recent)] = recent
-            mask[user, : len(recent)] = 1.0
+        histories = [split.train_items[start:end] for start, end in zip(starts, ends, strict=True)]
+        test_history = np.zeros_like(history)
+        test_mask = np.zeros_like(mask)
+        validation_item = dict(zip(split.valid.users.tolist(), split.valid.candidates[:, 0].tolist()))
+        for user, items in enumerate(histories):
+            for rows, row_mask, sequence in (
+                (history, mask, items),
+                (test_history, test_mask, np.append(items, validation_item.get(user, []))),
+            ):
+                recent = sequence[-history_length:] if history_length else sequence[:0]
+                rows[user, : len(recent)] = recent
+                row_mask[user, : len(recent)] = 1.0
         return cls(
             split=split,
             user_offset=user_offset,
@@ -69,11 +79,21 @@ class MarketTensors:
             market_items=torch.as_tensor(split.market_items),
             history=torch.as_tensor(history),
             history_mask=torch.as_tensor(mask),
+            test_history=torch.as_tensor(test_history),
+            test_history_mask=torch.as_tensor(test_mask),
         )
 
-    def user_history(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """History rows of global user indices ``users``."""
+    def user_history(
+        self, users: torch.Tensor, for_test: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """History rows of global user indices ``users``.
+
+        At test time the validation interaction is part of the user's past, as
+        it would be in production; it is never trained on.
+        """
         local = users - self.user_offset
+        if for_test:
+            return self.test_history[local], self.test_history_mask[local]
         return self.history[local], self.history_mask[local]
 
 
@@ -179,9 +199,10 @@ class RankingMetrics:
 
 @torch.no_grad()
 def evaluate(
-    model: SplitRecommender, data: MarketTensors, eval_set: EvalSet, k: int = 10
+    model: SplitRecommender, data: MarketTensors, on_test: bool = False, k: int = 10
 ) -> RankingMetrics:
-    """Rank each held-out item against its sampled negatives."""
+    """Rank each held-out validation (or test) item against its sampled negatives."""
+    eval_set = data.split.test if on_test else data.split.valid
     if len(eval_set.users) == 0:
         raise ValueError(f"Market '{data.split.market}' has no users to evaluate.")
     model.eval()
@@ -189,7 +210,7 @@ def evaluate(
     users = torch.as_tensor(eval_set.users) + data.user_offset
     candidates = torch.as_tensor(eval_set.candidates)
     for chunk in torch.arange(len(users)).split(1024):
-        history, mask = data.user_history(users[chunk])
+        history, mask = data.user_history(users[chunk], for_test=on_test)
         scores = model(users[chunk], history, mask, candidates[chunk])
         ranks.append(rank_of_positive(scores.numpy()))
     all_ranks = np.concatenate(ranks)

@@ -29,6 +29,7 @@ class ServerConfig:
     score_penalty: float  # local regulariser on squared scores
     embedding_dim: int  # width of the shared item vectors
     history_length: int  # training items pooled into a user's vector
+    user_embeddings: bool  # a free vector per user; always local, so only the shape matters here
     data_dir: str  # simulation: market files; empty for generated markets
     synthetic_markets: int  # generated markets when data-dir is empty
     catalog_path: str  # the company catalog; simulation builds one when empty
@@ -75,7 +76,9 @@ def initial_arrays(config: ServerConfig) -> ArrayRecord:
         catalog = MarketSource(config.data_dir, config.synthetic_markets, config.seed).catalog()
     torch.manual_seed(config.seed)
     # The head's user table is never shared, so one placeholder user suffices here.
-    model = SplitRecommender(ModelConfig(catalog.size, 1, config.embedding_dim, config.history_length))
+    model = SplitRecommender(
+        ModelConfig(catalog.size, 1, config.embedding_dim, config.history_length, config.user_embeddings)
+    )
     names = shared_parameter_names(model, get_method(config.method).share_head)
     return ArrayRecord(get_arrays(model, names))
 

@@ -22,6 +22,7 @@ class BaselineSettings:
     train: TrainConfig  # epochs per evaluation point and optimiser settings
     embedding_dim: int  # same model size as the federated methods
     history_length: int  # same user representation as the federated methods
+    user_embeddings: bool  # same user representation as the federated methods
     seed: int  # seeds model initialisation and training
 
 
@@ -29,8 +30,8 @@ def market_curve(
     model: SplitRecommender, data: MarketTensors, server_round: int
 ) -> dict[str, float]:
     """Validation and test metrics of one market at one evaluation point."""
-    valid = evaluate(model, data, data.split.valid)
-    test = evaluate(model, data, data.split.test)
+    valid = evaluate(model, data)
+    test = evaluate(model, data, on_test=True)
     return {
         "round": server_round,
         "val-ndcg": valid.ndcg,
@@ -51,7 +52,13 @@ def run_local(
         data = MarketTensors.from_split(load_split(source, market, catalog), settings.history_length)
         torch.manual_seed(market_seed(market, settings.seed))
         model = SplitRecommender(
-            ModelConfig(catalog.size, data.split.num_users, settings.embedding_dim, settings.history_length)
+            ModelConfig(
+                catalog.size,
+                data.split.num_users,
+                settings.embedding_dim,
+                settings.history_length,
+                settings.user_embeddings,
+            )
         )
         curve = [market_curve(model, data, 0)]
         for server_round in range(1, settings.rounds + 1):
@@ -78,7 +85,7 @@ def run_pooled(
         offset += split.num_users
     torch.manual_seed(settings.seed)
     model = SplitRecommender(
-        ModelConfig(catalog.size, offset, settings.embedding_dim, settings.history_length)
+        ModelConfig(catalog.size, offset, settings.embedding_dim, settings.history_length, settings.user_embeddings)
     )
     curves = {data.split.market: [market_curve(model, data, 0)] for data in markets}
     for server_round in range(1, settings.rounds + 1):

@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         negatives=args.negatives,
         score_penalty=app_defaults()["score-penalty"],
     )
-    settings = BaselineSettings(args.rounds, train, args.embedding_dim, app_defaults()["history-length"], args.seed)
+    defaults = app_defaults()
+    settings = BaselineSettings(
+        args.rounds, train, args.embedding_dim, defaults["history-length"], defaults["user-embeddings"], args.seed
+    )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
     curves_by_method = {}
     for method in args.methods:

@@ -52,10 +52,13 @@ def _strings_in(reply: Message) -> list[str]:
     return [value for value in strings if isinstance(value, str)]
 
 
-@pytest.mark.parametrize("method", ["fedper", "fedavg"])
-def test_a_train_reply_holds_shared_arrays_and_numbers_only(method):
+@pytest.mark.parametrize(
+    ("method", "user_embeddings", "kept_local"),
+    [("fedper", False, "head.item_bias.weight"), ("fedavg", True, "head.user_embedding.weight")],
+)
+def test_a_train_reply_holds_shared_arrays_and_numbers_only(method, user_embeddings, kept_local):
     # Prepare
-    run_config = _run_config(method=method)
+    run_config = _run_config(method=method, **{"user-embeddings": user_embeddings})
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
 
     # Execute
@@ -74,7 +77,8 @@ def test_a_train_reply_holds_shared_arrays_and_numbers_only(method):
     assert _strings_in(reply) == ["m01"]
     assert not set(_strings_in(reply)) & _user_ids("m01")
     # The head stayed behind, in the market's own state.
-    assert "head.user_embedding.weight" in context.state[LOCAL_STATE_KEY]
+    assert kept_local not in names
+    assert kept_local in context.state[LOCAL_STATE_KEY]
 
 
 def test_an_evaluate_reply_holds_numbers_only():
@@ -96,9 +100,9 @@ def test_the_head_persists_between_rounds_in_context_state():
     context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
 
     app(_train_message(run_config, 1), context)
-    first = context.state[LOCAL_STATE_KEY]["head.user_embedding.weight"].numpy().copy()
+    first = context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy().copy()
     app(_train_message(run_config, 2), context)
-    second = context.state[LOCAL_STATE_KEY]["head.user_embedding.weight"].numpy()
+    second = context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy()
 
     assert first.shape == second.shape
     assert (first != second).any()

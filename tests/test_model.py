@@ -11,9 +11,9 @@ from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, 
 from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
 
 
-def _model() -> SplitRecommender:
+def _model(user_embeddings: bool = True) -> SplitRecommender:
     torch.manual_seed(0)
-    return SplitRecommender(ModelConfig(num_items=30, num_users=5, dim=4, history_length=3))
+    return SplitRecommender(ModelConfig(30, 5, dim=4, history_length=3, user_embeddings=user_embeddings))
 
 
 def test_fedper_shares_only_the_encoder():
@@ -30,6 +30,15 @@ def test_fedavg_shares_the_head_but_never_user_embeddings():
     assert any(name.startswith("head.") for name in names)
     assert not any(name.startswith("head.user_embedding") for name in names)
     assert set(model.state_dict()) - set(names) == {"head.user_embedding.weight"}
+
+
+def test_without_user_embeddings_no_parameter_is_indexed_by_user():
+    model = _model(user_embeddings=False)
+
+    shapes = [tuple(value.shape) for value in model.state_dict().values()]
+
+    assert not any(name.startswith("head.user_embedding") for name in model.state_dict())
+    assert all(5 not in shape[:1] for shape in shapes)
 
 
 def test_unknown_method_is_refused():
@@ -68,11 +77,11 @@ def test_local_training_beats_the_untrained_model():
     data = MarketTensors.from_split(load_split(source, "m00", catalog), history_length=20)
     torch.manual_seed(0)
     model = SplitRecommender(ModelConfig(catalog.size, data.split.num_users, 16, 20))
-    before = evaluate(model, data, data.split.valid)
+    before = evaluate(model, data)
 
     # Execute
     loss = train_epochs(model, [data], TrainConfig(epochs=2), seed=0)
-    after = evaluate(model, data, data.split.valid)
+    after = evaluate(model, data)
 
     # Assert
     assert np.isfinite(loss)
@@ -90,3 +99,21 @@ def test_training_can_freeze_everything_but_the_given_parameters():
 
     for name, value in model.encoder.state_dict().items():
         torch.testing.assert_close(value, encoder_before[name])
+
+
+def test_test_time_history_adds_the_validation_item_to_the_training_history():
+    # Prepare
+    source = MarketSource("", synthetic_markets=2, seed=0)
+    split = load_split(source, "m01", source.catalog())
+    user = int(split.valid.users[0])
+    valid_item = int(split.valid.candidates[0, 0])
+    train_items = split.train_items[split.train_users == user]
+
+    # Execute
+    data = MarketTensors.from_split(split, history_length=len(train_items) + 1)
+    history, mask = data.user_history(torch.tensor([user]))
+    test_history, test_mask = data.user_history(torch.tensor([user]), for_test=True)
+
+    # Assert
+    assert history[0, mask[0] > 0].tolist() == train_items.tolist()
+    assert test_history[0, test_mask[0] > 0].tolist() == [*train_items.tolist(), valid_item]
