@@ -15,10 +15,10 @@ from flwr.clientapp import ClientApp
 
 from common.catalog import Catalog
 from common.markets import MarketSource, load_file_split, load_split, market_seed
-from common.methods import get_method
+from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
 from common.split import MarketSplit
-from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
+from common.train import MarketTensors, TrainConfig, evaluate
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
@@ -132,21 +132,27 @@ def _reply(msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayReco
 app = ClientApp()
 
 
+def train_config_from(record: ConfigRecord) -> TrainConfig:
+    """The round's local training settings as the server sent them."""
+    return TrainConfig(
+        epochs=int(record["local-epochs"]),
+        head_epochs=int(record["head-epochs"]),
+        batch_size=int(record["batch-size"]),
+        learning_rate=float(record["learning-rate"]),
+        negatives=int(record["negatives"]),
+        score_penalty=float(record["score-penalty"]),
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the shared arrays and metrics only."""
     model, data, config, shared = build_local_model(msg, context)
     round_config = msg.content["config"]
-    server_round = int(round_config["server-round"])
-    train_config = TrainConfig(
-        epochs=int(round_config["local-epochs"]),
-        batch_size=int(round_config["batch-size"]),
-        learning_rate=float(round_config["learning-rate"]),
-        negatives=int(round_config["negatives"]),
-        score_penalty=float(round_config["score-penalty"]),
-    )
     market = data.split.market
-    loss = train_epochs(model, [data], train_config, seed=market_seed(market, config.seed) + server_round)
+    seed = market_seed(market, config.seed) + 1000 * int(round_config["server-round"])
+    method = get_method(config.method)
+    loss = local_round(model, data, method, train_config_from(round_config), seed)
     local = [name for name in model.state_dict() if name not in shared]
     context.state[LOCAL_STATE_KEY] = ArrayRecord(get_arrays(model, local))
     valid = evaluate(model, data)
@@ -161,8 +167,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_market(msg: Message, context: Context) -> Message:
-    """Validation and test ranking metrics with the received encoder and the local head."""
-    model, data, _, _ = build_local_model(msg, context)
+    """Validation and test metrics with the received encoder and the local head.
+
+    When the server asks for it (``fine-tune-epochs`` > 0, after the last
+    round of fedper-ft), the market also fine-tunes a private fork and reports
+    the fork's metrics at its best epoch on validation.
+    """
+    model, data, config, _ = build_local_model(msg, context)
     valid = evaluate(model, data)
     test = evaluate(model, data, on_test=True)
     metrics = {
@@ -172,4 +183,19 @@ def evaluate_market(msg: Message, context: Context) -> Message:
         "test-ndcg": test.ndcg,
         "test-hr": test.hit_rate,
     }
+    round_config = msg.content["config"]
+    if int(round_config.get("fine-tune-epochs", 0)) > 0:
+        seed = market_seed(data.split.market, config.seed) + 999_999
+        tuned = fine_tune(
+            model, data, train_config_from(round_config), int(round_config["fine-tune-epochs"]), seed
+        )
+        metrics.update(
+            {
+                "ft-epochs": tuned.epochs,
+                "ft-val-ndcg": tuned.valid.ndcg,
+                "ft-val-hr": tuned.valid.hit_rate,
+                "ft-test-ndcg": tuned.test.ndcg,
+                "ft-test-hr": tuned.test.hit_rate,
+            }
+        )
     return _reply(msg, data.split.market, metrics)

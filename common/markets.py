@@ -46,14 +46,20 @@ class MarketSource:
 
     def catalog(self) -> Catalog:
         """Catalog of every market's items: for simulation, where one process may see them all."""
-        return Catalog.from_items(
-            item for market in self.markets for item in self.interactions(market)["item"]
-        )
+        return _catalog(self)
 
 
 @cache
 def _files(data_dir: str) -> dict[str, Path]:
     return discover_market_files(data_dir)
+
+
+@cache
+def _catalog(source: MarketSource) -> Catalog:
+    # Cached per process: every ClientApp call in a simulation asks for it.
+    return Catalog.from_items(
+        item for market in source.markets for item in source.interactions(market)["item"]
+    )
 
 
 @cache

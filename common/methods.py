@@ -1,22 +1,30 @@
-"""Registry of the federated personalization methods and what each one shares."""
+"""Registry of the federated personalization methods and what each one does locally."""
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
+
+from common.model import SplitRecommender
+from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 
 
 @dataclass(frozen=True)
 class Method:
-    """How a federated method splits the model between server and market."""
+    """How a federated method splits the model and trains its part each round."""
 
     name: str
-    share_head: bool  # True: the head's non-user parameters are averaged too (FedAvg)
+    share_head: bool  # the head's non-user parameters are averaged too (FedAvg)
+    alternating: bool  # FedRep: head first with the encoder frozen, then the encoder
+    fine_tune: bool  # after the last round each market fine-tunes a private copy
     description: str
 
 
 METHODS = {
     method.name: method
     for method in (
-        Method("fedavg", True, "everything but user embeddings is averaged"),
-        Method("fedper", False, "encoder averaged, head kept and trained locally"),
+        Method("fedavg", True, False, False, "everything but user embeddings is averaged"),
+        Method("fedper", False, False, False, "encoder averaged; head local, trained jointly with it"),
+        Method("fedrep", False, True, False, "encoder averaged; each round the head, then the encoder"),
+        Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork"),
     )
 }
 BASELINES = ("local", "pooled")
@@ -25,7 +33,44 @@ BASELINES = ("local", "pooled")
 def get_method(name: str) -> Method:
     """The federated method called ``name``; raises on unknown names."""
     if name not in METHODS:
-        raise ValueError(
-            f"Unknown federated method '{name}'; choose one of {sorted(METHODS)}."
-        )
+        raise ValueError(f"Unknown federated method '{name}'; choose one of {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def local_round(
+    model: SplitRecommender, data: MarketTensors, method: Method, config: TrainConfig, seed: int
+) -> float:
+    """A market's local work in one round; returns the last epoch's mean loss."""
+    if method.alternating:
+        head_phase = replace(config, epochs=config.head_epochs)
+        train_epochs(model, [data], head_phase, seed, parameters=model.head.parameters())
+        return train_epochs(model, [data], config, seed + 1, parameters=model.encoder.parameters())
+    return train_epochs(model, [data], config, seed)
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """The fine-tuned fork of a market at its best epoch on validation."""
+
+    epochs: int  # 0 when no fine-tuning epoch beat the federated model
+    valid: RankingMetrics
+    test: RankingMetrics
+
+
+def fine_tune(
+    model: SplitRecommender, data: MarketTensors, config: TrainConfig, epochs: int, seed: int
+) -> FineTuned:
+    """Fine-tune a copy of ``model`` on the market alone, keeping the best epoch on validation.
+
+    The copy is the market's private fork: ``model`` (and so the global
+    encoder it holds) is left untouched.
+    """
+    fork = copy.deepcopy(model)
+    best = FineTuned(0, evaluate(fork, data), evaluate(fork, data, on_test=True))
+    one_epoch = replace(config, epochs=1)
+    for epoch in range(1, epochs + 1):
+        train_epochs(fork, [data], one_epoch, seed + epoch)
+        valid = evaluate(fork, data)
+        if valid.ndcg > best.valid.ndcg:
+            best = FineTuned(epoch, valid, evaluate(fork, data, on_test=True))
+    return best

@@ -35,7 +35,7 @@ class ModelConfig:
 
     num_items: int  # rows of the shared item table (catalog plus overflow)
     num_users: int  # users of this market (of all markets, for the pooled baseline)
-    dim: int = 64  # embedding width; the published tables use 8, which underfits
+    dim: int = 128  # embedding width; the published tables use 8, which underfits
     history_length: int = 50  # most recent training items pooled into the user vector
     user_embeddings: bool = False  # add a free vector per user (overfits sparse markets)
 

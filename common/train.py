@@ -17,16 +17,17 @@ class TrainConfig:
     """Local optimisation settings; one instance describes a round's local work."""
 
     epochs: int = 1  # local epochs per round; more drifts markets apart under FedAvg
+    head_epochs: int = 1  # FedRep only: epochs on the head, encoder frozen, before the encoder epochs
     batch_size: int = 256  # interactions per step
     learning_rate: float = 0.005  # Adam step size, reset every round like the optimizer
     negatives: int = 8  # sampled negatives per positive in the sampled-softmax loss
     score_penalty: float = 1e-4  # penalty on squared scores: keeps logits small, a cheap regulariser
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.negatives < 1:
+        if self.epochs < 0 or self.head_epochs < 0 or self.batch_size < 1 or self.negatives < 1:
             raise ValueError(
-                "Training needs epochs >= 0, batch_size >= 1 and negatives >= 1, got "
-                f"{self.epochs}, {self.batch_size} and {self.negatives}."
+                "Training needs epochs >= 0, head_epochs >= 0, batch_size >= 1 and negatives >= 1, "
+                f"got {self.epochs}, {self.head_epochs}, {self.batch_size} and {self.negatives}."
             )
         if self.learning_rate <= 0 or self.score_penalty < 0:
             raise ValueError(

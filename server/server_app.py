@@ -23,6 +23,8 @@ class ServerConfig:
     method: str  # fedavg shares the head's non-user parameters too; fedper only the encoder
     num_server_rounds: int  # federated rounds
     local_epochs: int  # passes over its data a market makes per round
+    head_epochs: int  # fedrep: epochs on the head (encoder frozen) before the encoder epochs
+    fine_tune_epochs: int  # fedper-ft: epochs each market may fine-tune its fork after the last round
     batch_size: int  # interactions per local step
     learning_rate: float  # local Adam step size
     negatives: int  # sampled negatives per positive in the local loss
@@ -60,12 +62,22 @@ class ServerConfig:
         return ConfigRecord(
             {
                 "local-epochs": self.local_epochs,
+                "head-epochs": self.head_epochs,
                 "batch-size": self.batch_size,
                 "learning-rate": self.learning_rate,
                 "negatives": self.negatives,
                 "score-penalty": self.score_penalty,
             }
         )
+
+
+def final_evaluate_config(config: ServerConfig) -> ConfigRecord:
+    """Extra evaluate settings of the last round: fedper-ft's fine-tuning."""
+    if not get_method(config.method).fine_tune:
+        return ConfigRecord()
+    final = config.train_config()
+    final["fine-tune-epochs"] = config.fine_tune_epochs
+    return final
 
 
 def initial_arrays(config: ServerConfig) -> ArrayRecord:
@@ -94,6 +106,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = MarketFedAvg(
         out_dir=Path(config.out_dir),
         run_config=asdict(config),
+        num_rounds=config.num_server_rounds,
+        final_evaluate_config=final_evaluate_config(config),
         min_train_nodes=config.min_nodes,
         min_evaluate_nodes=config.min_nodes,
         min_available_nodes=config.min_nodes,

@@ -31,12 +31,25 @@ class MarketFedAvg(FedAvg):
         Where ``history.json`` and ``checkpoint.pt`` are written.
     run_config : dict[str, Any]
         Stored in the history so a run can be reproduced from its output.
+    num_rounds : int
+        The run's last round, whose evaluation gets ``final_evaluate_config``.
+    final_evaluate_config : ConfigRecord
+        Added to the evaluate config of the last round (fedper-ft fine-tuning).
     **kwargs
         Passed to :class:`FedAvg`.
     """
 
-    def __init__(self, out_dir: Path, run_config: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        run_config: dict[str, Any],
+        num_rounds: int,
+        final_evaluate_config: ConfigRecord,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.num_rounds = num_rounds
+        self.final_evaluate_config = final_evaluate_config
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.run_config = dict(run_config)
@@ -49,6 +62,14 @@ class MarketFedAvg(FedAvg):
         """Sample markets as FedAvg does and start the round's clock."""
         self._round_started[server_round] = time.perf_counter()
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluate on every market; the last round also carries the final settings."""
+        if server_round == self.num_rounds:
+            config = ConfigRecord({**config, **self.final_evaluate_config})
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

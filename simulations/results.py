@@ -14,23 +14,35 @@ Curve = list[dict[str, float]]  # one market's metrics per round, round 0 first
 
 
 def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
-    """Per-market curves from a ServerApp ``history.json``."""
+    """Per-market curves from a ServerApp ``history.json`` (fine-tuning metrics kept aside)."""
     curves: dict[str, Curve] = {}
     for entry in history["rounds"]:
         for market, metrics in entry["per_market"].items():
             if "test-ndcg" not in metrics:
                 continue
-            curves.setdefault(market, []).append(
-                {
-                    "round": entry["round"],
-                    "val-ndcg": metrics["val-ndcg"],
-                    "val-hr": metrics["val-hr"],
-                    "test-ndcg": metrics["test-ndcg"],
-                    "test-hr": metrics["test-hr"],
-                    "users": int(metrics["num-examples"]),
-                }
-            )
+            point = {
+                "round": entry["round"],
+                "val-ndcg": metrics["val-ndcg"],
+                "val-hr": metrics["val-hr"],
+                "test-ndcg": metrics["test-ndcg"],
+                "test-hr": metrics["test-hr"],
+                "users": int(metrics["num-examples"]),
+            }
+            if "ft-test-ndcg" in metrics:
+                point["fine-tuned"] = {key[3:]: value for key, value in metrics.items() if key.startswith("ft-")}
+            curves.setdefault(market, []).append(point)
     return curves
+
+
+def fine_tuned_curves(curves: dict[str, Curve]) -> dict[str, Curve]:
+    """fedper-ft as a method of its own: each market's fork after the last round."""
+    tuned = {}
+    for market, curve in curves.items():
+        final = curve[-1]
+        if "fine-tuned" not in final:
+            raise ValueError(f"Market '{market}' reported no fine-tuned metrics after the last round.")
+        tuned[market] = [{"round": final["round"], "users": final["users"], **final["fine-tuned"]}]
+    return tuned
 
 
 def select_on_validation(curve: Curve) -> dict[str, float]:
@@ -52,13 +64,35 @@ def method_summary(curves: dict[str, Curve], seconds: float) -> dict[str, Any]:
             "users": int(best["users"]),
             "epsilon": None,
             "round": int(best["round"]),
+            "val-ndcg@10": best["val-ndcg"],
         }
+    return {"per_market": per_market, "macro": _macro(per_market), "seconds": seconds}
+
+
+def _macro(per_market: dict[str, dict[str, Any]]) -> dict[str, float]:
     count = len(per_market)
-    macro = {
+    return {
         "ndcg@10": sum(m["ndcg@10"] for m in per_market.values()) / count,
         "hr@10": sum(m["hr@10"] for m in per_market.values()) / count,
     }
-    return {"per_market": per_market, "macro": macro, "seconds": seconds}
+
+
+def selection_summary(methods: dict[str, dict[str, Any]], candidates: list[str]) -> dict[str, Any]:
+    """Each market keeps the candidate that is best on its own validation split.
+
+    With ``local`` among the candidates no market ends up with a model it
+    judges worse than training alone; ``chosen`` says which one it kept.
+    """
+    per_market = {}
+    for market in methods[candidates[0]]["per_market"]:
+        chosen = max(candidates, key=lambda name: methods[name]["per_market"][market]["val-ndcg@10"])
+        per_market[market] = {**methods[chosen]["per_market"][market], "chosen": chosen}
+    return {
+        "per_market": per_market,
+        "macro": _macro(per_market),
+        "seconds": sum(methods[name]["seconds"] for name in candidates),
+        "candidates": candidates,
+    }
 
 
 def results_frame(results: dict[str, Any]) -> pd.DataFrame:

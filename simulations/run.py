@@ -23,7 +23,14 @@ from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
 from simulations.baselines import BaselineSettings, run_local, run_pooled
 from simulations.flower_runtime import APP_DIR, SimulationSuperLink
-from simulations.results import federated_curves, method_summary, plot_rounds, write_results
+from simulations.results import (
+    federated_curves,
+    fine_tuned_curves,
+    method_summary,
+    plot_rounds,
+    selection_summary,
+    write_results,
+)
 
 
 def app_defaults() -> dict[str, Any]:
@@ -124,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
     curves_by_method = {}
-    for method in args.methods:
+    # fedper-ft trains exactly as fedper and only adds a final fine-tuning
+    # step, so when both are asked for, one run yields both.
+    runs = [m for m in args.methods if not (m == "fedper" and "fedper-ft" in args.methods)]
+    for method in runs:
         say(f"== {method} ==")
         started = time.perf_counter()
         if method == "local":
@@ -134,15 +144,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             curves, rounds = run_federated(args, method, len(markets))
             results["rounds"].extend({"method": method, **entry} for entry in rounds)
-        results["methods"][method] = method_summary(curves, time.perf_counter() - started)
-        curves_by_method[method] = curves
-        say(f"{method}: macro test NDCG@10 {results['methods'][method]['macro']['ndcg@10']:.4f} "
-            f"in {results['methods'][method]['seconds']:.1f} s")
+        seconds = time.perf_counter() - started
+        if method == "fedper-ft":
+            if "fedper" in args.methods:
+                record_method(results, curves_by_method, "fedper", curves, seconds)
+            curves = fine_tuned_curves(curves)
+        record_method(results, curves_by_method, method, curves, seconds)
+    federated = [m for m in results["methods"] if m in METHODS]
+    if "local" in results["methods"] and federated:
+        results["methods"]["selection"] = selection_summary(results["methods"], ["local", *federated])
+        chosen = {m: v["chosen"] for m, v in results["methods"]["selection"]["per_market"].items()}
+        say(f"selection (best on each market's validation): {chosen}")
     table = write_results(results, args.out)
     plot_rounds(curves_by_method, args.out / "rounds.png")
     say("\n" + table)
     say(f"\nWrote {args.out / 'results.json'}, results.csv, results.md and rounds.png")
     return results
+
+
+def record_method(
+    results: dict[str, Any], curves_by_method: dict[str, dict], method: str, curves: dict, seconds: float
+) -> None:
+    """Summarise one method into ``results`` and say its macro score."""
+    results["methods"][method] = method_summary(curves, seconds)
+    curves_by_method[method] = curves
+    say(f"{method}: macro test NDCG@10 {results['methods'][method]['macro']['ndcg@10']:.4f} in {seconds:.1f} s")
 
 
 def run_federated(args: argparse.Namespace, method: str, markets: int) -> tuple[dict, list]:

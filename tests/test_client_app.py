@@ -11,7 +11,7 @@ from clients.client_app import LOCAL_STATE_KEY, app
 from common.catalog import Catalog
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
-from server.server_app import ServerConfig, initial_arrays
+from server.server_app import ServerConfig, final_evaluate_config, initial_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,3 +130,22 @@ def test_a_deployed_market_without_a_catalog_is_told_so(tmp_path):
 
     with pytest.raises(ValueError, match="needs the company catalog"):
         app(_train_message(run_config), _context(run_config, node))
+
+
+def test_the_last_fedper_ft_evaluation_fine_tunes_a_private_fork():
+    run_config = _run_config(method="fedper-ft", **{"fine-tune-epochs": 2})
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 3})
+    app(_train_message(run_config), context)
+    head_before = context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy().copy()
+    final = final_evaluate_config(ServerConfig.from_run_config(run_config))
+    message = _train_message(run_config)
+    evaluate = Message(content=RecordDict({"arrays": message.content["arrays"], "config": final}),
+                       dst_node_id=7, message_type=MessageType.EVALUATE)
+
+    reply = app(evaluate, context)
+
+    metrics = reply.content["metrics"]
+    assert {"ft-epochs", "ft-val-ndcg", "ft-test-ndcg", "ft-val-hr", "ft-test-hr"} <= set(metrics)
+    assert metrics["ft-val-ndcg"] >= metrics["val-ndcg"]
+    assert not reply.content.array_records
+    assert (context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy() == head_before).all()

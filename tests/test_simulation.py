@@ -16,7 +16,7 @@ def small_run(tmp_path_factory):
     before = {p.pid for p in psutil.process_iter()}
     results = harness.main(
         ["--synthetic-markets", "3", "--rounds", "2", "--local-epochs", "1", "--embedding-dim", "16",
-         "--methods", "local,pooled,fedavg,fedper", "--out", str(out)]
+         "--methods", "local,pooled,fedavg,fedper,fedrep,fedper-ft", "--out", str(out)]
     )
     leftovers = [
         p for p in psutil.process_iter(["pid", "cmdline", "status"])
@@ -32,7 +32,7 @@ def test_results_have_the_documented_shape(small_run):
     written = json.loads((out / "results.json").read_text())
 
     assert written == json.loads(json.dumps(results))
-    assert set(written["methods"]) == {"local", "pooled", "fedavg", "fedper"}
+    assert set(written["methods"]) == {"local", "pooled", "fedavg", "fedper", "fedrep", "fedper-ft", "selection"}
     for summary in written["methods"].values():
         assert set(summary["per_market"]) == {"m00", "m01", "m02"}
         assert set(summary["macro"]) == {"ndcg@10", "hr@10"}
@@ -40,7 +40,8 @@ def test_results_have_the_documented_shape(small_run):
             assert 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
             assert metrics["users"] > 0
             assert metrics["epsilon"] is None
-    assert {entry["method"] for entry in written["rounds"]} == {"fedavg", "fedper"}
+    # fedper comes from the fedper-ft run: same training, fine-tuning only at the end.
+    assert {entry["method"] for entry in written["rounds"]} == {"fedavg", "fedrep", "fedper-ft"}
     assert all(entry["seconds"] > 0 for entry in written["rounds"])
     for name in ("results.csv", "results.md", "rounds.png"):
         assert (out / name).stat().st_size > 0
@@ -49,16 +50,29 @@ def test_results_have_the_documented_shape(small_run):
 def test_federated_training_improves_on_round_zero(small_run):
     out, _, _ = small_run
 
-    history = json.loads((out / "fedper" / "history.json").read_text())
+    history = json.loads((out / "fedper-ft" / "history.json").read_text())
 
     by_round = {entry["round"]: entry["per_market"] for entry in history["rounds"]}
     assert set(by_round) == {0, 1, 2}
     for market, start in by_round[0].items():
         assert by_round[2][market]["val-ndcg"] > start["val-ndcg"] + 0.05
-    assert (out / "fedper" / "checkpoint.pt").exists()
+    assert (out / "fedper-ft" / "checkpoint.pt").exists()
 
 
 def test_the_harness_stops_every_process_it_started(small_run):
     _, _, leftovers = small_run
 
     assert leftovers == []
+
+
+def test_selection_keeps_each_markets_best_model_on_validation(small_run):
+    _, results, _ = small_run
+
+    selection = results["methods"]["selection"]
+
+    for market, chosen in selection["per_market"].items():
+        candidates = {name: results["methods"][name]["per_market"][market] for name in selection["candidates"]}
+        best_validation = max(entry["val-ndcg@10"] for entry in candidates.values())
+        assert chosen["val-ndcg@10"] == best_validation
+        assert chosen["ndcg@10"] == candidates[chosen["chosen"]]["ndcg@10"]
+    assert "pooled" not in selection["candidates"]
