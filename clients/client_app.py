@@ -7,6 +7,7 @@ head (user embeddings, history projection, popularity bias) lives in
 """
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -57,6 +58,8 @@ def resolve_market(context: Context, config: ClientConfig) -> tuple[MarketSplit,
     """This node's market split and the catalog it maps items through."""
     node = context.node_config
     if "market" in node:
+        if "data-path" not in node:
+            raise ValueError(f"The node config names market '{node['market']}' but gives no data-path.")
         if not config.catalog_path:
             raise ValueError(
                 "A deployed market needs the company catalog: set catalog-path in the "
@@ -77,13 +80,9 @@ def resolve_market(context: Context, config: ClientConfig) -> tuple[MarketSplit,
     return load_split(source, markets[partition], catalog), catalog
 
 
-_catalogs: dict[str, Catalog] = {}
-
-
+@cache
 def _load_catalog(path: str) -> Catalog:
-    if path not in _catalogs:
-        _catalogs[path] = Catalog.load(path)
-    return _catalogs[path]
+    return Catalog.load(path)
 
 
 _tensors: dict[tuple[str, int], MarketTensors] = {}

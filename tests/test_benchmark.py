@@ -1,0 +1,29 @@
+"""A small quality benchmark on generated markets: the report's shape and its sums."""
+
+import json
+import statistics
+
+import pytest
+
+from simulations import benchmark
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
+    # Execute: two seeds, three generated markets, one federated method.
+    benchmark.main(["quality", "--synthetic-markets", "3", "--rounds", "2", "--seeds", "2",
+                    "--methods", "local,pooled,fedper", "--out", str(tmp_path)])
+
+    # Assert: the summary is the mean and std of the per-seed results.
+    report = json.loads((tmp_path / "results.json").read_text())
+    runs = report["runs"]
+    per_seed = [run["methods"]["fedper"]["per_market"]["m00"]["ndcg@10"] for run in runs]
+    summary = report["summary"]["fedper"]["per_market"]["m00"]["ndcg@10"]
+    assert summary["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert summary["std"] == pytest.approx(statistics.stdev(per_seed))
+    assert set(report["summary"]) == {"local", "pooled", "fedper", "selection"}
+    assert report["acceptance"]["best_federated_method"] in {"fedper", "selection"}
+    assert report["overhead"]["ratio"] > 0
+    table = (tmp_path / "quality.md").read_text()
+    assert "published best" in table and "0.379" in table
