@@ -1,0 +1,167 @@
+"""Differential-privacy bookkeeping for one market: budget, calibrated noise, ledger.
+
+The maths is Opacus's (its accountants and noise calibration); this module
+keeps the state a market must carry across rounds and processes. A fresh
+accountant each round would forget earlier rounds and under-report epsilon,
+so the ledger holds the accountant's whole history, restores it every round
+and serialises it with the market's state.
+
+Neighbouring relation: one training interaction together with the negatives
+sampled for it (example-level DP over a market's interactions).
+"""
+
+from dataclasses import dataclass, field
+from math import ceil
+from typing import Any
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = ("prv", "rdp")  # prv is Opacus 1.6's default and tightest; rdp is fast and conservative
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """Taking the requested steps would spend more epsilon than the market's budget."""
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A market's (epsilon, delta) for the whole run and how it is accounted."""
+
+    epsilon: float  # total for all rounds
+    delta: float  # below 1 / training examples of the market
+    max_grad_norm: float = 1.0  # per-example gradient clipping bound of DP-SGD
+    accountant: str = "prv"  # one of ACCOUNTANTS
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0:
+            raise ValueError(f"The privacy budget needs epsilon > 0, got {self.epsilon}.")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"The privacy budget needs 0 < delta < 1, got {self.delta}.")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"DP-SGD needs a clipping norm > 0, got {self.max_grad_norm}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"Unknown accountant '{self.accountant}'; choose one of {ACCOUNTANTS}.")
+
+
+def default_delta(num_examples: int) -> float:
+    """A delta well below ``1 / num_examples``, the usual ceiling for meaningful DP."""
+    if num_examples < 1:
+        raise ValueError(f"A market needs training examples to set delta, got {num_examples}.")
+    return 0.1 / num_examples
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate as Opacus derives it: one over the batches per epoch."""
+    return 1.0 / ceil(num_examples / batch_size)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Expected DP-SGD steps per epoch (the batches of a non-private epoch)."""
+    return ceil(num_examples / batch_size)
+
+
+def calibrate_noise(budget: PrivacyBudget, rate: float, total_steps: int) -> float:
+    """The noise multiplier that spends exactly the budget over ``total_steps``.
+
+    Calibrated once for the whole run (rounds x local epochs x steps per
+    epoch), never per round.
+    """
+    if total_steps < 1:
+        raise ValueError(f"Noise calibration needs at least one step, got {total_steps}.")
+    return get_noise_multiplier(
+        target_epsilon=budget.epsilon,
+        target_delta=budget.delta,
+        sample_rate=rate,
+        steps=total_steps,
+        accountant=budget.accountant,
+    )
+
+
+@dataclass
+class PrivacyLedger:
+    """Everything a market has spent, in the accountant's own history format.
+
+    Parameters
+    ----------
+    budget : PrivacyBudget
+        What the market may spend over the run.
+    noise_multiplier : float
+        Calibrated once for the run.
+    rate : float
+        Poisson sampling rate of every step.
+    history : list
+        ``(noise_multiplier, sample_rate, steps)`` entries, Opacus's format.
+    """
+
+    budget: PrivacyBudget
+    noise_multiplier: float
+    rate: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
+        accountant = create_accountant(self.budget.accountant)
+        accountant.history = list(history)
+        return float(accountant.get_epsilon(delta=self.budget.delta))
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps recorded so far."""
+        return sum(steps for _, _, steps in self.history)
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the budget's delta."""
+        return self._epsilon_of(self.history)
+
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon that would be spent after ``steps`` more steps."""
+        return self._epsilon_of(self._with(steps))
+
+    def can_afford(self, steps: int) -> bool:
+        """Whether ``steps`` more steps stay within the budget."""
+        return self.epsilon_after(steps) <= self.budget.epsilon
+
+    def record(self, steps: int) -> None:
+        """Record ``steps`` taken steps; refuses any that would exceed the budget."""
+        if not self.can_afford(steps):
+            raise PrivacyBudgetExceeded(
+                f"{steps} more steps would spend epsilon {self.epsilon_after(steps):.4f} "
+                f"of a budget of {self.budget.epsilon}."
+            )
+        self.history = self._with(steps)
+
+    def _with(self, steps: int) -> list[tuple[float, float, int]]:
+        if steps < 0:
+            raise ValueError(f"Steps cannot be negative, got {steps}.")
+        history = list(self.history)
+        if history and history[-1][:2] == (self.noise_multiplier, self.rate):
+            history[-1] = (self.noise_multiplier, self.rate, history[-1][2] + steps)
+        elif steps:
+            history.append((self.noise_multiplier, self.rate, steps))
+        return history
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-able snapshot to persist with the market's state."""
+        return {
+            "budget": {
+                "epsilon": self.budget.epsilon,
+                "delta": self.budget.delta,
+                "max_grad_norm": self.budget.max_grad_norm,
+                "accountant": self.budget.accountant,
+            },
+            "noise_multiplier": self.noise_multiplier,
+            "rate": self.rate,
+            "history": [list(entry) for entry in self.history],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "PrivacyLedger":
+        """Restore a ledger saved by :meth:`state`."""
+        return cls(
+            budget=PrivacyBudget(**state["budget"]),
+            noise_multiplier=float(state["noise_multiplier"]),
+            rate=float(state["rate"]),
+            history=[(float(n), float(q), int(s)) for n, q, s in state["history"]],
+        )
