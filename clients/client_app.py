@@ -6,22 +6,28 @@ head (user embeddings, history projection, popularity bias) lives in
 ``context.state`` between rounds and never enters a reply.
 """
 
+import json
 from dataclasses import dataclass
 from functools import cache
+from logging import WARNING
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from common.catalog import Catalog
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
+from common.privacy import PrivacyBudget, PrivacyLedger, calibrate_noise, default_delta, sample_rate
+from common.private_train import private_steps, train_epochs_private
 from common.split import MarketSplit
 from common.train import MarketTensors, TrainConfig, evaluate
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
+PRIVACY_KEY = "privacy-ledger"  # the market's DP ledger kept in context.state
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
 
 
@@ -37,6 +43,11 @@ class ClientConfig:
     synthetic_markets: int  # simulation without data-dir: markets to generate
     catalog_path: str  # the company catalog; simulation builds one when empty
     seed: int  # seeds splits, negatives, initial heads and local shuffling
+    num_server_rounds: int  # the run's length, over which the DP budget is spread
+    dp_epsilon: float  # 0 trains without DP; otherwise the market's budget for the whole run
+    dp_delta: float  # 0 picks 0.1 / training examples of the market
+    dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
+    dp_accountant: str  # prv (tightest) or rdp
 
     @classmethod
     def from_context(cls, context: Context) -> "ClientConfig":
@@ -51,6 +62,11 @@ class ClientConfig:
             synthetic_markets=int(run["synthetic-markets"]),
             catalog_path=str(context.node_config.get("catalog-path", run["catalog-path"])),
             seed=int(run["seed"]),
+            num_server_rounds=int(run["num-server-rounds"]),
+            dp_epsilon=float(run["dp-epsilon"]),
+            dp_delta=float(run["dp-delta"]),
+            dp_max_grad_norm=float(run["dp-max-grad-norm"]),
+            dp_accountant=str(run["dp-accountant"]),
         )
 
 
@@ -151,17 +167,46 @@ def train(msg: Message, context: Context) -> Message:
     market = data.split.market
     seed = market_seed(market, config.seed) + 1000 * int(round_config["server-round"])
     method = get_method(config.method)
-    loss = local_round(model, data, method, train_config_from(round_config), seed)
+    train_config = train_config_from(round_config)
+    examples = data.split.num_train
+    metrics: dict[str, Any] = {}
+    if config.dp_epsilon > 0:
+        ledger = _ledger(context, config, data, train_config)
+        if ledger.can_afford(private_steps(data, train_config)):
+            loss = train_epochs_private(model, data, train_config, ledger, seed)
+        else:
+            # Out of budget: the market stops training but still evaluates, and
+            # its unchanged arrays carry no weight in the average.
+            log(WARNING, "Market %s is out of privacy budget (epsilon %.3f): it stops training.",
+                market, ledger.epsilon())
+            loss, examples = float("nan"), 0
+        context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(ledger.state())})
+        metrics["epsilon"] = ledger.epsilon()
+    else:
+        loss = local_round(model, data, method, train_config, seed)
     local = [name for name in model.state_dict() if name not in shared]
     context.state[LOCAL_STATE_KEY] = ArrayRecord(get_arrays(model, local))
     valid = evaluate(model, data)
-    metrics = {
-        "num-examples": data.split.num_train,
-        "train-loss": loss,
-        "val-ndcg": valid.ndcg,
-        "val-hr": valid.hit_rate,
-    }
+    metrics.update({"num-examples": examples, "train-loss": loss, "val-ndcg": valid.ndcg, "val-hr": valid.hit_rate})
     return _reply(msg, market, metrics, ArrayRecord(get_arrays(model, shared)))
+
+
+def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: TrainConfig) -> PrivacyLedger:
+    """The market's ledger from its state; on the first round, calibrated for the whole run."""
+    if PRIVACY_KEY in context.state:
+        return PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+    if get_method(config.method).alternating or get_method(config.method).fine_tune:
+        raise ValueError(f"DP-SGD is not supported for method '{config.method}' yet; use fedper or fedavg.")
+    examples = len(data.train_users)
+    budget = PrivacyBudget(
+        epsilon=config.dp_epsilon,
+        delta=config.dp_delta or default_delta(examples),
+        max_grad_norm=config.dp_max_grad_norm,
+        accountant=config.dp_accountant,
+    )
+    rate = sample_rate(examples, train.batch_size)
+    total_steps = config.num_server_rounds * private_steps(data, train)
+    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps), rate)
 
 
 @app.evaluate()
@@ -175,7 +220,12 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     model, data, config, _ = build_local_model(msg, context)
     valid = evaluate(model, data)
     test = evaluate(model, data, on_test=True)
-    metrics = {
+    metrics: dict[str, Any] = {}
+    if config.dp_epsilon > 0:
+        spent = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"]))).epsilon() \
+            if PRIVACY_KEY in context.state else 0.0
+        metrics["epsilon"] = spent
+    metrics |= {
         "num-examples": test.users,
         "val-ndcg": valid.ndcg,
         "val-hr": valid.hit_rate,

@@ -74,10 +74,21 @@ class MarketFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the encoder and keep each market's training metrics."""
+        """Average the encoder and keep each market's training metrics.
+
+        A market out of privacy budget replies with ``num-examples`` 0: it
+        carries no weight, and when no market trained the encoder stays as it was.
+        """
         replies = list(replies)
         self._record(server_round, replies, prefix="local/")
-        return super().aggregate_train(server_round, replies)
+        trained = [
+            reply for reply in replies
+            if reply.has_error() or next(iter(reply.content.metric_records.values()))[self.weighted_by_key] > 0
+        ]
+        if not trained:
+            log(INFO, "round %d: no market trained; the encoder is unchanged", server_round)
+            return None, None
+        return super().aggregate_train(server_round, trained)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

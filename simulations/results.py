@@ -27,6 +27,7 @@ def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
                 "test-ndcg": metrics["test-ndcg"],
                 "test-hr": metrics["test-hr"],
                 "users": int(metrics["num-examples"]),
+                "epsilon": metrics.get("epsilon"),
             }
             if "ft-test-ndcg" in metrics:
                 point["fine-tuned"] = {key[3:]: value for key, value in metrics.items() if key.startswith("ft-")}
@@ -41,7 +42,9 @@ def fine_tuned_curves(curves: dict[str, Curve]) -> dict[str, Curve]:
         final = curve[-1]
         if "fine-tuned" not in final:
             raise ValueError(f"Market '{market}' reported no fine-tuned metrics after the last round.")
-        tuned[market] = [{"round": final["round"], "users": final["users"], **final["fine-tuned"]}]
+        tuned[market] = [
+            {"round": final["round"], "users": final["users"], "epsilon": final["epsilon"], **final["fine-tuned"]}
+        ]
     return tuned
 
 
@@ -62,7 +65,7 @@ def method_summary(curves: dict[str, Curve], seconds: float) -> dict[str, Any]:
             "ndcg@10": best["test-ndcg"],
             "hr@10": best["test-hr"],
             "users": int(best["users"]),
-            "epsilon": None,
+            "epsilon": best.get("epsilon"),
             "round": int(best["round"]),
             "val-ndcg@10": best["val-ndcg"],
         }

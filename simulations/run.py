@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sampled negatives per positive while training (default: %(default)s)")
     parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
                         help="width of item and user vectors (default: %(default)s)")
+    parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
+                        help="per-market DP budget for the whole run (DP-SGD with Opacus); 0 trains without DP (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults["seed"],
                         help="seeds data generation, negatives, models and training (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/run"),
@@ -98,6 +100,7 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "data-dir": str(Path(args.data_dir).resolve()) if args.data_dir else "",
         "synthetic-markets": args.synthetic_markets,
         "seed": args.seed,
+        "dp-epsilon": args.dp_epsilon,
         "min-nodes": markets,
         "out-dir": str(out_dir.resolve()),
     }

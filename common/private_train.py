@@ -1,0 +1,111 @@
+"""DP-SGD local training with Opacus (ghost clipping) under a market's privacy ledger.
+
+Everything a market trains on its private data goes through DP-SGD, head
+included: a head trained without DP would leak into later encoder gradients.
+The unit of privacy is one training interaction together with the negatives
+sampled for it: Poisson sampling picks interactions, each contributes one
+clipped gradient.
+"""
+
+import warnings
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.model import SplitRecommender
+from common.privacy import PrivacyBudgetExceeded, PrivacyLedger, steps_per_epoch
+from common.train import MarketTensors, TrainConfig, batch_inputs
+
+
+def private_steps(data: MarketTensors, config: TrainConfig) -> int:
+    """DP-SGD steps one call of :func:`train_epochs_private` records."""
+    return config.epochs * steps_per_epoch(len(data.train_users), config.batch_size)
+
+
+def train_epochs_private(
+    model: SplitRecommender,
+    data: MarketTensors,
+    config: TrainConfig,
+    ledger: PrivacyLedger,
+    seed: int,
+) -> float:
+    """Train ``model`` in place with DP-SGD for ``config.epochs``; record the steps.
+
+    Parameters
+    ----------
+    model : SplitRecommender
+        Trained in place; Opacus's hooks are removed before returning.
+    data : MarketTensors
+        The market's training data.
+    config : TrainConfig
+        Local settings; the score penalty is not used (it is not per-example).
+    ledger : PrivacyLedger
+        The market's ledger: its noise multiplier and clipping norm drive
+        DP-SGD, and every step (empty Poisson batches included) is recorded.
+    seed : int
+        Seeds Poisson sampling, negatives and the DP noise.
+
+    Returns
+    -------
+    float
+        Mean training loss over the last epoch.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If the round's steps would spend more than the budget; nothing is trained then.
+    """
+    steps = private_steps(data, config)
+    if not ledger.can_afford(steps):
+        raise PrivacyBudgetExceeded(
+            f"Market '{data.split.market}' cannot afford {steps} more DP-SGD steps: "
+            f"epsilon would reach {ledger.epsilon_after(steps):.3f} of {ledger.budget.epsilon}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(torch.arange(len(data.train_users))),
+        batch_size=config.batch_size,
+        generator=generator,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    model.train()  # Opacus refuses a module in eval mode
+    engine = PrivacyEngine(accountant=ledger.budget.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off: its noise is seeded for reproducibility.
+        warnings.simplefilter("ignore")
+        private_model, private_optimizer, criterion, private_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=ledger.budget.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="ghost",
+            noise_generator=torch.Generator().manual_seed(seed + 1),
+        )
+    private_model.train()
+    mean_loss = float("nan")
+    try:
+        for _ in range(config.epochs):
+            total, batches = 0.0, 0
+            for (batch,) in private_loader:
+                # Ghost clipping cannot take an empty Poisson batch; skipping it
+                # releases nothing, and the ledger still counts the step.
+                if len(batch) == 0:
+                    continue
+                users, history, mask, candidates = batch_inputs(data, batch, config.negatives, generator)
+                scores = private_model(users, history, mask, candidates)
+                loss = criterion(scores, torch.zeros(len(batch), dtype=torch.long))
+                private_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                private_optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+            mean_loss = total / max(batches, 1)
+    finally:
+        private_model._close()  # removes Opacus's hooks from ``model``
+    ledger.record(steps)
+    return mean_loss

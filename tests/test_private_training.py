@@ -1,0 +1,87 @@
+"""DP-SGD in a market: what it reports, what it keeps, and when it stops."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import PRIVACY_KEY, app
+from common.privacy import PrivacyLedger
+from server.server_app import ServerConfig, initial_arrays
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+BUDGET = 4.0
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _run_config(dp_epsilon: float) -> dict:
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as file:
+        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
+    return {**defaults, "synthetic-markets": 3, "embedding-dim": 8, "num-server-rounds": 2,
+            "dp-epsilon": dp_epsilon, "dp-accountant": "rdp"}
+
+
+def _train(run_config: dict, context: Context, server_round: int) -> Message:
+    server = ServerConfig.from_run_config(run_config)
+    config = server.train_config()
+    config["server-round"] = server_round
+    message = Message(RecordDict({"arrays": initial_arrays(server), "config": config}),
+                      dst_node_id=7, message_type=MessageType.TRAIN)
+    return app(message, context)
+
+
+def _context(run_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
+                   state=RecordDict(), run_config=run_config)
+
+
+def test_a_private_round_reports_epsilon_and_differs_from_the_non_private_one():
+    # Prepare
+    private, public = _context(_run_config(BUDGET)), _context(_run_config(0.0))
+
+    # Execute: the same seed, with and without DP-SGD.
+    private_reply = _train(_run_config(BUDGET), private, 1)
+    public_reply = _train(_run_config(0.0), public, 1)
+
+    # Assert
+    epsilon = private_reply.content["metrics"]["epsilon"]
+    assert 0 < epsilon <= BUDGET
+    assert "epsilon" not in public_reply.content["metrics"]
+    private_table = private_reply.content["arrays"]["encoder.item_embedding.weight"].numpy()
+    public_table = public_reply.content["arrays"]["encoder.item_embedding.weight"].numpy()
+    assert not np.allclose(private_table, public_table)
+    assert PRIVACY_KEY in private.state
+
+
+def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
+    run_config = _run_config(BUDGET)
+    context = _context(run_config)
+
+    first = _train(run_config, context, 1).content["metrics"]["epsilon"]
+    second = _train(run_config, context, 2).content["metrics"]["epsilon"]
+    ledger = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+
+    assert first < second <= BUDGET
+    assert second == pytest.approx(ledger.epsilon())
+    assert len(ledger.history) == 1  # one noise level for the whole run, calibrated once
+
+
+def test_a_market_out_of_budget_stops_training_and_carries_no_weight():
+    run_config = _run_config(BUDGET)
+    context = _context(run_config)
+    _train(run_config, context, 1)
+    _train(run_config, context, 2)
+
+    third = _train(run_config, context, 3)  # beyond the two rounds the budget was calibrated for
+
+    metrics = third.content["metrics"]
+    assert metrics["num-examples"] == 0
+    assert metrics["epsilon"] <= BUDGET
