@@ -1,0 +1,23 @@
+"""The privacy sweep end to end on generated markets, through Flower."""
+
+import json
+
+import pytest
+
+from simulations import privacy_sweep
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
+    privacy_sweep.main(["--epsilons", "inf,2", "--synthetic-markets", "3", "--rounds", "2", "--out", str(tmp_path)])
+
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["runs"]) == {"inf", "2"}
+    for metrics in report["runs"]["2"]["per_market"].values():
+        assert 0 < metrics["epsilon"] <= 2.0
+    for metrics in report["runs"]["inf"]["per_market"].values():
+        assert metrics["epsilon"] is None
+    assert (tmp_path / "eps-2" / "results.csv").exists()
+    assert (tmp_path / "sweep.csv").stat().st_size > 0
+    assert (tmp_path / "privacy.png").stat().st_size > 0
