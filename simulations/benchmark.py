@@ -2,6 +2,7 @@
 
     python -m simulations.benchmark quality --data-dir DIR --seeds 3 --out OUT
     python -m simulations.benchmark scale --markets 100 --rounds 3 --out OUT
+    python -m simulations.benchmark dp-step --data-dir DIR --market uk
 
 ``quality`` runs every method on the same splits for several seeds and
 writes the mean and standard deviation of test NDCG@10 and HR@10 per market
@@ -19,11 +20,20 @@ import argparse
 import json
 import statistics
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from common.markets import MarketSource, load_split
+from common.model import ModelConfig, SplitRecommender
+from common.train import MarketTensors, batch_inputs
 from simulations import run as harness
 
 
@@ -192,6 +202,69 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def dp_step(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds of a DP-SGD step (Opacus, ghost clipping) against a non-private step.
+
+    Same model, same batch, same optimiser; the two are timed in alternating
+    blocks so that machine noise hits both alike, and the median ratio is kept.
+    """
+    source = MarketSource(args.data_dir, args.synthetic_markets, 0)
+    catalog = source.catalog()
+    market = args.market or source.markets[0]
+    data = MarketTensors.from_split(load_split(source, market, catalog), 50)
+    batch = torch.arange(min(args.batch_size, len(data.train_users)))
+    inputs = batch_inputs(data, batch, 8, torch.Generator().manual_seed(0))
+    target = torch.zeros(len(batch), dtype=torch.long)
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = SplitRecommender(ModelConfig(catalog.size, data.split.num_users, args.embedding_dim, 50))
+        return model, torch.optim.Adam(model.parameters(), lr=0.005)
+
+    plain_model, plain_optimizer = build()
+    plain_loss = nn.CrossEntropyLoss()
+    model, optimizer = build()
+    model.train()
+    loader = DataLoader(TensorDataset(batch), batch_size=len(batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private_model, private_optimizer, private_loss, _ = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost",
+        )
+
+    def timed(step_model: nn.Module, step_optimizer: torch.optim.Optimizer, loss_fn: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            loss = loss_fn(step_model(*inputs), target)
+            step_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step_optimizer.step()
+        return (time.perf_counter() - started) / args.steps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timed(plain_model, plain_optimizer, plain_loss)  # warm-up
+        timed(private_model, private_optimizer, private_loss)
+        ratios, plain_seconds, private_seconds = [], [], []
+        for _ in range(args.repeats):
+            plain_seconds.append(timed(plain_model, plain_optimizer, plain_loss))
+            private_seconds.append(timed(private_model, private_optimizer, private_loss))
+            ratios.append(private_seconds[-1] / plain_seconds[-1])
+    report = {
+        "market": market,
+        "batch_size": len(batch),
+        "embedding_dim": args.embedding_dim,
+        "catalog_rows": catalog.size,
+        "non_private_step_seconds": statistics.median(plain_seconds),
+        "dp_sgd_step_seconds": statistics.median(private_seconds),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+    }
+    print(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the benchmark's sub-command and run it."""
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__,
@@ -210,8 +283,16 @@ def main(argv: list[str] | None = None) -> None:
     scale_parser.add_argument("--method", default="fedper", help="federated method (default: %(default)s)")
     scale_parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     scale_parser.add_argument("--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)")
+    dp_parser = commands.add_parser("dp-step", help="seconds of a DP-SGD step against a non-private step")
+    dp_parser.add_argument("--data-dir", default="", help="market files (default: generated markets)")
+    dp_parser.add_argument("--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)")
+    dp_parser.add_argument("--market", default="", help="market whose data forms the batch (default: the first)")
+    dp_parser.add_argument("--batch-size", type=int, default=256, help="interactions in the batch (default: %(default)s)")
+    dp_parser.add_argument("--embedding-dim", type=int, default=128, help="model width (default: %(default)s)")
+    dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
+    dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
     args = parser.parse_args(argv)
-    {"quality": quality, "scale": scale}[args.command](args)
+    {"quality": quality, "scale": scale, "dp-step": dp_step}[args.command](args)
 
 
 if __name__ == "__main__":
