@@ -185,14 +185,14 @@ class SimulationSuperLink:
                         raise FlowerRunError(f"Run '{name}' exceeded {timeout:.0f} s; see {log_path}.")
                 code = process.wait()
             finally:
-                _stop_group(process)
+                stop_process_tree(process)
         if code != 0:
             raise FlowerRunError(f"flwr run for '{name}' exited with code {code}; see {log_path}.")
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started; remove the private FLWR_HOME."""
         if self._process is not None:
-            _stop_group(self._process)
+            stop_process_tree(self._process)
             self._process = None
         if self._home:
             shutil.rmtree(self._home, ignore_errors=True)
@@ -207,7 +207,7 @@ def _executable(name: str) -> str:
     return found
 
 
-def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
     """Stop ``process`` and every descendant: SIGTERM, then SIGKILL after ``grace`` s.
 
     Descendants are collected first because flower-superexec starts its own
