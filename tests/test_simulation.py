@@ -1,6 +1,7 @@
 """The harness end to end: real SuperLink, real simulation engine, every method."""
 
 import json
+from pathlib import Path
 
 import psutil
 import pytest
@@ -10,19 +11,25 @@ from simulations import run as harness
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+def _orphaned_by_a_stopped_superlink(process: psutil.Process) -> bool:
+    # Every process the harness starts inherits its private FLWR_HOME, which it
+    # deletes on stop: one still running with a deleted home was left behind.
+    # (Processes of another harness running at the same time keep their home.)
+    try:
+        home = process.environ().get("FLWR_HOME")
+        return process.status() != psutil.STATUS_ZOMBIE and home is not None and not Path(home).exists()
+    except psutil.Error:
+        return False
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    before = {p.pid for p in psutil.process_iter()}
     results = harness.main(
         ["--synthetic-markets", "3", "--rounds", "2", "--local-epochs", "1", "--embedding-dim", "16",
          "--methods", "local,pooled,fedavg,fedper,fedrep,fedper-ft", "--out", str(out)]
     )
-    leftovers = [
-        p for p in psutil.process_iter(["pid", "cmdline", "status"])
-        if p.pid not in before and p.info["status"] != psutil.STATUS_ZOMBIE
-        and any(word in " ".join(p.info["cmdline"] or []) for word in ("flower", "flwr", "ray"))
-    ]
+    leftovers = [p for p in psutil.process_iter() if _orphaned_by_a_stopped_superlink(p)]
     return out, results, leftovers
 
 
