@@ -191,10 +191,17 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, market, metrics, ArrayRecord(get_arrays(model, shared)))
 
 
+def _stored_ledger(context: Context) -> PrivacyLedger | None:
+    if PRIVACY_KEY not in context.state:
+        return None
+    return PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+
+
 def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: TrainConfig) -> PrivacyLedger:
     """The market's ledger from its state; on the first round, calibrated for the whole run."""
-    if PRIVACY_KEY in context.state:
-        return PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+    stored = _stored_ledger(context)
+    if stored is not None:
+        return stored
     if get_method(config.method).alternating or get_method(config.method).fine_tune:
         raise ValueError(f"DP-SGD is not supported for method '{config.method}' yet; use fedper or fedavg.")
     examples = len(data.train_users)
@@ -222,9 +229,8 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     test = evaluate(model, data, on_test=True)
     metrics: dict[str, Any] = {}
     if config.dp_epsilon > 0:
-        spent = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"]))).epsilon() \
-            if PRIVACY_KEY in context.state else 0.0
-        metrics["epsilon"] = spent
+        ledger = _stored_ledger(context)
+        metrics["epsilon"] = ledger.epsilon() if ledger is not None else 0.0
     metrics |= {
         "num-examples": test.users,
         "val-ndcg": valid.ndcg,
