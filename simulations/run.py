@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     catalog = source.catalog()  # reads every market once: bad files fail here, before training
     say(f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
         f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s")
+    defaults = app_defaults()
     train = TrainConfig(
         epochs=args.local_epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         negatives=args.negatives,
-        score_penalty=app_defaults()["score-penalty"],
+        score_penalty=defaults["score-penalty"],
     )
-    defaults = app_defaults()
     settings = BaselineSettings(
         args.rounds, train, args.embedding_dim, defaults["history-length"], defaults["user-embeddings"], args.seed
     )
