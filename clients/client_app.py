@@ -3,13 +3,15 @@
 The market learns which data is its own from node config: ``market`` and
 ``data-path`` on a deployed SuperNode, ``partition-id`` in simulation. Its
 head (user embeddings, history projection, popularity bias) lives in
-``context.state`` between rounds and never enters a reply.
+``context.state`` between rounds and never enters a reply; with
+``state-dir`` in node config, the head, the privacy ledger and the last
+round are also saved there after every round (see ``clients.state_store``).
 """
 
 import json
 from dataclasses import dataclass
 from functools import cache
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -26,9 +28,12 @@ from common.private_train import private_steps, train_epochs_private
 from common.split import MarketSplit
 from common.train import MarketTensors, TrainConfig, evaluate
 
+from clients.state_store import MarketState, MarketStateStore
+
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 PRIVACY_KEY = "privacy-ledger"  # the market's DP ledger kept in context.state
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
+RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ def build_local_model(
         )
     )
     shared = shared_parameter_names(model, get_method(config.method).share_head)
+    if LOCAL_STATE_KEY not in context.state:
+        _restore_saved_state(context, model, split.market, str(msg.content["config"].get("training-id", "")))
     if LOCAL_STATE_KEY in context.state:
         set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())
     received = msg.content["arrays"].to_torch_state_dict()
@@ -135,6 +142,39 @@ def build_local_model(
         )
     set_arrays(model, received)
     return model, data, config, shared
+
+
+def state_store(context: Context, market: str) -> MarketStateStore | None:
+    """The market's durable store when node config names a ``state-dir``."""
+    state_dir = context.node_config.get("state-dir")
+    return MarketStateStore(str(state_dir), market) if state_dir else None
+
+
+def _restore_saved_state(context: Context, model: SplitRecommender, market: str, training_id: str) -> None:
+    """Put the saved head (and, within the same training, the ledger) into a fresh ``context.state``."""
+    store = state_store(context, market)
+    saved = store.load() if store is not None else None
+    if saved is None:
+        return
+    expected = model.state_dict()
+    misfits = sorted(
+        name for name, value in saved.head.items() if name not in expected or value.shape != expected[name].shape
+    )
+    if misfits:
+        log(WARNING, "Market %s: the head saved in %s does not fit this model (%s); starting with a new head.",
+            market, store.path, ", ".join(misfits))
+        return
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(saved.head)
+    if saved.training_id == training_id:
+        if saved.ledger is not None:
+            context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(saved.ledger)})
+        log(INFO, "Market %s rejoins training %s with its head and ledger from round %d.",
+            market, training_id, saved.last_round)
+    else:
+        # A new training calibrates a new ledger; the head carries only what
+        # earlier trainings released (see the README on composing budgets).
+        log(INFO, "Market %s starts training %s from the head it saved in training %s (round %d).",
+            market, training_id, saved.training_id, saved.last_round)
 
 
 def _reply(msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
@@ -170,6 +210,11 @@ def train(msg: Message, context: Context) -> Message:
     train_config = train_config_from(round_config)
     examples = data.split.num_train
     metrics: dict[str, Any] = {}
+    if bool(round_config.get("evaluate-received", False)):
+        # The previous round's evaluation, folded into this message: the
+        # received encoder with the head as the previous round left it.
+        received = _evaluation_metrics(model, data, _spent_epsilon(context, config))
+        metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
     if config.dp_epsilon > 0:
         ledger = _ledger(context, config, data, train_config)
         if ledger.can_afford(private_steps(data, train_config)):
@@ -185,16 +230,57 @@ def train(msg: Message, context: Context) -> Message:
     else:
         loss = local_round(model, data, method, train_config, seed)
     local = [name for name in model.state_dict() if name not in shared]
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(get_arrays(model, local))
+    head = get_arrays(model, local)
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(head)
+    if (store := state_store(context, market)) is not None:
+        ledger = _stored_ledger(context)
+        store.save(
+            MarketState(
+                training_id=str(round_config.get("training-id", "")),
+                last_round=int(round_config["server-round"]),
+                head=head,
+                ledger=ledger.state() if ledger is not None else None,
+            )
+        )
     valid = evaluate(model, data)
-    metrics.update({"num-examples": examples, "train-loss": loss, "val-ndcg": valid.ndcg, "val-hr": valid.hit_rate})
+    metrics.update(
+        {
+            "num-examples": examples,
+            "trained": int(examples > 0),
+            "train-loss": loss,
+            "val-ndcg": valid.ndcg,
+            "val-hr": valid.hit_rate,
+        }
+    )
     return _reply(msg, market, metrics, ArrayRecord(get_arrays(model, shared)))
+
+
+def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, epsilon: float | None) -> dict[str, Any]:
+    """Validation and test metrics of the model as it stands, with the epsilon spent under DP."""
+    valid = evaluate(model, data)
+    test = evaluate(model, data, on_test=True)
+    metrics: dict[str, Any] = {} if epsilon is None else {"epsilon": epsilon}
+    return metrics | {
+        "num-examples": test.users,
+        "val-ndcg": valid.ndcg,
+        "val-hr": valid.hit_rate,
+        "test-ndcg": test.ndcg,
+        "test-hr": test.hit_rate,
+    }
 
 
 def _stored_ledger(context: Context) -> PrivacyLedger | None:
     if PRIVACY_KEY not in context.state:
         return None
     return PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+
+
+def _spent_epsilon(context: Context, config: ClientConfig) -> float | None:
+    """The epsilon the market has spent in this training so far; None when it trains without DP."""
+    if config.dp_epsilon <= 0:
+        return None
+    ledger = _stored_ledger(context)
+    return ledger.epsilon() if ledger is not None else 0.0
 
 
 def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: TrainConfig) -> PrivacyLedger:
@@ -225,19 +311,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     the fork's metrics at its best epoch on validation.
     """
     model, data, config, _ = build_local_model(msg, context)
-    valid = evaluate(model, data)
-    test = evaluate(model, data, on_test=True)
-    metrics: dict[str, Any] = {}
-    if config.dp_epsilon > 0:
-        ledger = _stored_ledger(context)
-        metrics["epsilon"] = ledger.epsilon() if ledger is not None else 0.0
-    metrics |= {
-        "num-examples": test.users,
-        "val-ndcg": valid.ndcg,
-        "val-hr": valid.hit_rate,
-        "test-ndcg": test.ndcg,
-        "test-hr": test.hit_rate,
-    }
+    metrics = _evaluation_metrics(model, data, _spent_epsilon(context, config))
     round_config = msg.content["config"]
     if int(round_config.get("fine-tune-epochs", 0)) > 0:
         seed = market_seed(data.split.market, config.seed) + 999_999

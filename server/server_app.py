@@ -1,4 +1,4 @@
-"""ServerApp: FedAvg over the shared encoder, per-market metrics, checkpoints."""
+"""ServerApp: FedAvg over the shared encoder, per-market metrics, checkpoints, resume."""
 
 from dataclasses import asdict, dataclass
 from logging import INFO
@@ -13,7 +13,9 @@ from common.catalog import Catalog
 from common.markets import MarketSource
 from common.methods import get_method
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
-from server.strategy import MarketFedAvg
+from server.history import RunHistory
+from server.rounds import RoundSettings, restore_strategy_state, run_rounds
+from server.strategy import MarketDPConfig, build_strategy
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,15 @@ class ServerConfig:
     catalog_path: str  # the company catalog; simulation builds one when empty
     seed: int  # seeds the initial encoder (and, in clients, everything local)
     min_nodes: int  # markets that must be connected before a round starts
+    round_timeout: float  # seconds to wait for replies; a market that died is left out of the round
+    poll_interval: float  # seconds between checks for replies (Flower's own loop waits 3 s)
+    fold_evaluation: bool  # evaluate each round's model in the next training message: one round trip per round
+    resume: bool  # continue from out-dir's checkpoint instead of starting afresh
+    market_dp_noise_multiplier: float  # 0 turns market-level DP off; else noise std over the clipping norm
+    market_dp_clipping_norm: float  # L2 bound on one market's update of the shared arrays
+    market_dp_markets: int  # markets per round under market-level DP (all must reply)
+    market_dp_delta: float  # delta at which the market-level epsilon is reported
+    market_dp_max_epsilon: float  # 0 for no limit; rounds beyond it are refused
     out_dir: str  # history.json and checkpoint.pt go here
 
     def __post_init__(self) -> None:
@@ -45,6 +56,22 @@ class ServerConfig:
             raise ValueError(f"num-server-rounds must be at least 1, got {self.num_server_rounds}.")
         if self.min_nodes < 1:
             raise ValueError(f"min-nodes must be at least 1, got {self.min_nodes}.")
+        if self.round_timeout <= 0 or self.poll_interval <= 0:
+            raise ValueError(
+                f"round-timeout and poll-interval must be positive, got {self.round_timeout} and {self.poll_interval}."
+            )
+
+    def market_dp(self) -> MarketDPConfig | None:
+        """The market-level DP settings, or None when it is off."""
+        if self.market_dp_noise_multiplier == 0:
+            return None
+        return MarketDPConfig(
+            noise_multiplier=self.market_dp_noise_multiplier,
+            clipping_norm=self.market_dp_clipping_norm,
+            num_markets=self.market_dp_markets,
+            delta=self.market_dp_delta,
+            max_epsilon=self.market_dp_max_epsilon,
+        )
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ServerConfig":
@@ -100,32 +127,34 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Evaluate the starting point, then run the configured rounds of FedAvg."""
+    """Run the configured rounds of FedAvg, from a checkpoint when resuming."""
     config = ServerConfig.from_run_config(context.run_config)
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
-    strategy = MarketFedAvg(
-        out_dir=Path(config.out_dir),
-        run_config=asdict(config),
+    strategy = build_strategy(config.min_nodes, config.market_dp())
+    history = RunHistory(Path(config.out_dir), asdict(config))
+    arrays, first_round, training_id = initial_arrays(config), 1, str(context.run_id)
+    checkpoint = history.load_checkpoint() if config.resume else None
+    if checkpoint is not None:
+        if set(checkpoint.arrays) != set(arrays.keys()):
+            raise ValueError(
+                f"The checkpoint in {config.out_dir} holds {sorted(checkpoint.arrays)}, but method "
+                f"'{config.method}' shares {sorted(arrays.keys())}: resume with the run config it was made with."
+            )
+        arrays = ArrayRecord(checkpoint.arrays)
+        first_round, training_id = checkpoint.server_round + 1, checkpoint.training_id
+        restore_strategy_state(strategy, checkpoint.strategy_state)
+    elif config.resume:
+        log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
+    if first_round > config.num_server_rounds:
+        log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
+        return
+    settings = RoundSettings(
         num_rounds=config.num_server_rounds,
-        final_evaluate_config=final_evaluate_config(config),
-        min_train_nodes=config.min_nodes,
-        min_evaluate_nodes=config.min_nodes,
-        min_available_nodes=config.min_nodes,
+        timeout=config.round_timeout,
+        poll_interval=config.poll_interval,
+        fold_evaluation=config.fold_evaluation,
+        training_id=training_id,
     )
-    arrays = initial_arrays(config)
-    # Round 0: every market evaluates the untrained starting point, the
-    # reference that later rounds must improve on.
-    replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid))
-    strategy.aggregate_evaluate(0, replies)
-
-    def checkpoint(server_round: int, round_arrays: ArrayRecord) -> None:
-        if server_round > 0:
-            strategy.checkpoint(server_round, round_arrays)
-
-    strategy.start(
-        grid=grid,
-        initial_arrays=arrays,
-        num_rounds=config.num_server_rounds,
-        train_config=config.train_config(),
-        evaluate_fn=checkpoint,
+    run_rounds(
+        grid, strategy, history, settings, arrays, config.train_config(), final_evaluate_config(config), first_round
     )

@@ -1,143 +1,89 @@
-"""FedAvg over the shared encoder that keeps per-market metrics and a checkpoint."""
+"""The aggregation strategy: Flower's FedAvg, optionally with market-level DP on the server.
 
-import json
-import os
-import time
-from collections.abc import Iterable
+Market-level DP wraps FedAvg in Flower's ``DifferentialPrivacyServerSideFixedClipping``:
+each market's update of the shared arrays is clipped to an L2 norm, the
+average gets Gaussian noise, and Flower's RDP accountant composes one release
+per round. It protects whole markets (any one market's participation), not
+individual users, and its accountant requires every market to weigh the same
+in the average and exactly ``num-markets`` of them to reply each round.
+"""
+
+from dataclasses import dataclass
 from logging import INFO
-from pathlib import Path
-from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-MARKET_KEY = "market"  # ConfigRecord in each reply naming the market (see clients.client_app)
+TRAINED_KEY = "trained"  # 1 when the market trained this round: an equal weight per market
 
 
-class MarketFedAvg(FedAvg):
-    """Plain FedAvg weighted by ``num-examples`` that also records each market.
+@dataclass(frozen=True)
+class MarketDPConfig:
+    """Market-level DP on the server: clip each market's update, noise the average."""
 
-    Markets reply with their encoder arrays and a few numbers; this strategy
-    averages the arrays exactly as :class:`flwr.serverapp.strategy.FedAvg`
-    does and, beside it, keeps every market's own metrics per round, logs
-    them, and rewrites ``history.json`` in ``out_dir`` after each round.
+    noise_multiplier: float  # Gaussian noise std in units of the clipping norm
+    clipping_norm: float  # L2 bound on one market's update of the shared arrays
+    num_markets: int  # markets per round; every one must reply for a round to count
+    delta: float  # the delta at which epsilon is reported
+    max_epsilon: float  # 0 for no limit; otherwise a round that would exceed it is refused
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier <= 0:
+            raise ValueError(f"Market-level DP needs a positive noise multiplier, got {self.noise_multiplier}.")
+        if self.clipping_norm <= 0:
+            raise ValueError(f"Market-level DP needs a positive clipping norm, got {self.clipping_norm}.")
+        if self.num_markets < 1:
+            raise ValueError(f"Market-level DP needs at least one market per round, got {self.num_markets}.")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"The market-level delta must lie strictly between 0 and 1, got {self.delta}.")
+        if self.max_epsilon < 0:
+            raise ValueError(f"The market-level epsilon budget must not be negative, got {self.max_epsilon}.")
+
+
+def build_strategy(min_nodes: int, market_dp: MarketDPConfig | None) -> Strategy:
+    """FedAvg over all connected markets, wrapped in market-level DP when configured.
 
     Parameters
     ----------
-    out_dir : Path
-        Where ``history.json`` and ``checkpoint.pt`` are written.
-    run_config : dict[str, Any]
-        Stored in the history so a run can be reproduced from its output.
-    num_rounds : int
-        The run's last round, whose evaluation gets ``final_evaluate_config``.
-    final_evaluate_config : ConfigRecord
-        Added to the evaluate config of the last round (fedper-ft fine-tuning).
-    **kwargs
-        Passed to :class:`FedAvg`.
+    min_nodes : int
+        Markets that must be connected before a round starts.
+    market_dp : MarketDPConfig or None
+        Market-level DP settings, or None for plain FedAvg weighted by ``num-examples``.
     """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        run_config: dict[str, Any],
-        num_rounds: int,
-        final_evaluate_config: ConfigRecord,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.num_rounds = num_rounds
-        self.final_evaluate_config = final_evaluate_config
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.run_config = dict(run_config)
-        self.rounds: dict[int, dict[str, Any]] = {}
-        self._round_started: dict[int, float] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Sample markets as FedAvg does and start the round's clock."""
-        self._round_started[server_round] = time.perf_counter()
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluate on every market; the last round also carries the final settings."""
-        if server_round == self.num_rounds:
-            config = ConfigRecord({**config, **self.final_evaluate_config})
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the encoder and keep each market's training metrics.
-
-        A market out of privacy budget replies with ``num-examples`` 0: it
-        carries no weight, and when no market trained the encoder stays as it was.
-        """
-        replies = list(replies)
-        self._record(server_round, replies, prefix="local/")
-        trained = [
-            reply for reply in replies
-            if reply.has_error() or next(iter(reply.content.metric_records.values()))[self.weighted_by_key] > 0
-        ]
-        if not trained:
-            log(INFO, "round %d: no market trained; the encoder is unchanged", server_round)
-            return None, None
-        return super().aggregate_train(server_round, trained)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Average the metrics, keep each market's, log them and write the history."""
-        replies = list(replies)
-        self._record(server_round, replies, prefix="")
-        started = self._round_started.get(server_round)
-        if started is not None:
-            self.rounds[server_round]["seconds"] = time.perf_counter() - started
-        for market, metrics in sorted(self.rounds.get(server_round, {}).get("per_market", {}).items()):
-            log(
-                INFO,
-                "round %d market %s: val NDCG@10 %.4f HR@10 %.4f | test NDCG@10 %.4f HR@10 %.4f",
-                server_round,
-                market,
-                metrics.get("val-ndcg", float("nan")),
-                metrics.get("val-hr", float("nan")),
-                metrics.get("test-ndcg", float("nan")),
-                metrics.get("test-hr", float("nan")),
-            )
-        self.write_history()
-        return super().aggregate_evaluate(server_round, replies)
-
-    def _record(self, server_round: int, replies: list[Message], prefix: str) -> None:
-        entry = self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}})
-        for reply in replies:
-            if reply.has_error() or MARKET_KEY not in reply.content.config_records:
-                continue
-            market = str(reply.content.config_records[MARKET_KEY]["name"])
-            metrics = next(iter(reply.content.metric_records.values()))
-            slot = entry["per_market"].setdefault(market, {})
-            for key, value in metrics.items():
-                slot[prefix + key] = value
-
-    def write_history(self) -> None:
-        """Rewrite ``history.json`` atomically: a reader never sees half a file."""
-        history = {"config": self.run_config, "rounds": [self.rounds[r] for r in sorted(self.rounds)]}
-        _atomic_write(self.out_dir / "history.json", json.dumps(history, indent=1).encode())
-
-    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Save the aggregated arrays of ``server_round`` as ``checkpoint.pt``."""
-        path = self.out_dir / "checkpoint.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"round": server_round, "arrays": arrays.to_torch_state_dict()}, tmp)
-        os.replace(tmp, path)
+    if market_dp is None:
+        return FedAvg(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+    nodes = max(min_nodes, market_dp.num_markets)
+    fedavg = FedAvg(
+        weighted_by_key=TRAINED_KEY, min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes
+    )
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=market_dp.delta,
+            population_size=market_dp.num_markets,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=market_dp.max_epsilon or None,
+        )
+    )
+    log(
+        INFO,
+        "Market-level DP: clipping norm %s, noise multiplier %s, %d markets per round",
+        market_dp.clipping_norm,
+        market_dp.noise_multiplier,
+        market_dp.num_markets,
+    )
+    return DifferentialPrivacyServerSideFixedClipping(
+        fedavg,
+        noise_multiplier=market_dp.noise_multiplier,
+        clipping_norm=market_dp.clipping_norm,
+        num_sampled_clients=market_dp.num_markets,
+        accountant=accountant,
+    )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def market_dp_epsilon(strategy: Strategy) -> float | None:
+    """The market-level epsilon spent so far, or None without market-level DP."""
+    if not isinstance(strategy, DifferentialPrivacyServerSideFixedClipping) or strategy.accountant is None:
+        return None
+    return strategy.privacy_spent().epsilon

@@ -207,8 +207,10 @@ def _executable(name: str) -> str:
     return found
 
 
-def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process_tree(process: subprocess.Popen, grace: float = 10.0, crash: bool = False) -> None:
     """Stop ``process`` and every descendant: SIGTERM, then SIGKILL after ``grace`` s.
+
+    With ``crash``, SIGKILL at once: what a power cut or an OOM kill leaves behind.
 
     Descendants are collected first because flower-superexec starts its own
     session, so a process-group signal would miss the simulation it runs.
@@ -218,7 +220,8 @@ def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    for signal_all in (psutil.Process.terminate, psutil.Process.kill):
+    signals = (psutil.Process.kill,) if crash else (psutil.Process.terminate, psutil.Process.kill)
+    for signal_all in signals:
         for member in tree:
             try:
                 signal_all(member)

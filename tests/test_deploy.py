@@ -1,120 +1,150 @@
-"""Per-region processes for real: a TLS SuperLink with node authentication and three SuperNodes.
+"""Per-region processes for real: a TLS SuperLink with node authentication and one SuperNode per region.
 
-Every process is started here on loopback and stopped by PID afterwards.
+Every process is started here on loopback and stopped by PID afterwards
+(``LoopbackFederation.close``). Crashes are SIGKILLs of a process tree.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
-from deploy.make_credentials import make_credentials
-from simulations.flower_runtime import APP_DIR, free_port, stop_process_tree
+from deploy.loopback import LoopbackFederation
 
 REGIONS = ["m00", "m01", "m02"]
-BIN = Path(sys.executable).parent
 
 
-def _environment(home: Path) -> dict[str, str]:
-    return dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                OPENBLAS_NUM_THREADS="1")
+def _regions(root: Path, state: bool = True) -> dict[str, dict[str, str]]:
+    """Three generated markets, each with its own data file and state directory, and the shared catalog."""
+    data = root / "data"
+    paths = write_markets(SyntheticConfig(markets=3, seed=0), data)
+    MarketSource("", 3, 0).catalog().save(data / "catalog.txt")
+    return {
+        region: {
+            "data-path": str(paths[region]),
+            "catalog-path": str(data / "catalog.txt"),
+            **({"state-dir": str(root / "state" / region)} if state else {}),
+        }
+        for region in REGIONS
+    }
 
 
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+def _history(out: Path) -> dict[int, dict]:
+    path = out / "history.json"
+    if not path.exists():
+        return {}
+    return {entry["round"]: entry for entry in json.loads(path.read_text())["rounds"]}
+
+
+def _checkpointed_round(out: Path) -> int:
+    path = out / "checkpoint.pt"
+    try:
+        return int(torch.load(path, weights_only=True)["round"]) if path.exists() else 0
+    except (RuntimeError, EOFError):  # caught between write and rename
+        return 0
+
+
+def _wait_for(condition, what: str, timeout: float, federation: LoopbackFederation) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+    while not condition():
+        assert time.monotonic() < deadline, f"Timed out waiting for {what}:\n{federation.log('run')[-3000:]}"
         time.sleep(0.2)
-    raise TimeoutError(f"Nothing listens on port {port} after {timeout} s.")
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    credentials, home, data = root / "credentials", root / "home", root / "data"
-    make_credentials(credentials, [*REGIONS, "intruder"], [])
-    paths = write_markets(SyntheticConfig(markets=3, seed=0), data)
-    MarketSource("", 3, 0).catalog().save(data / "catalog.txt")
-    port = free_port()
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{credentials / "ca.crt"}"\n'
-    )
-    env = _environment(home)
-    processes = []
-
-    def start(command: list[str], log: str) -> subprocess.Popen:
-        process = subprocess.Popen(command, stdout=open(root / log, "wb"), stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        processes.append(process)
-        return process
-
-    try:
-        start([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(credentials / "ca.crt"),
-               "--ssl-certfile", str(credentials / "server.pem"), "--ssl-keyfile", str(credentials / "server.key"),
-               "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-               "--host", "127.0.0.1", "--port", str(port)], "superlink.log")
-        _wait_for_port(port)
-        for region in REGIONS:
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(credentials / f"{region}.pub"), "deploy"],
-                           env=env, check=True, capture_output=True, stdin=subprocess.DEVNULL)
-        for region in REGIONS:
-            node_config = (f'market="{region}" data-path="{paths[region]}" '
-                           f'catalog-path="{data / "catalog.txt"}"')
-            start([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                   "--root-certificates", str(credentials / "ca.crt"),
-                   "--auth-supernode-private-key", str(credentials / region),
-                   "--port", str(free_port()), "--node-config", node_config], f"{region}.log")
-        yield {"root": root, "credentials": credentials, "port": port, "env": env, "data": data,
-               "paths": paths, "processes": processes}
-    finally:
-        for process in processes:
-            stop_process_tree(process)
+    regions = _regions(root)
+    malformed = root / "data" / "bad.txt"
+    malformed.write_text("userId itemId rating date\nu1 i1 5.0 2020-01-01\nu1 i2 lots 2020-01-02\n")
+    regions["bad"] = {"data-path": str(malformed), "catalog-path": regions["m00"]["catalog-path"]}
+    with LoopbackFederation(root, regions) as running:
+        running.start_all()
+        yield running
 
 
-def test_three_regions_complete_a_run_over_tls_with_authenticated_nodes(federation):
-    out = federation["root"] / "out"
-    run_config = (f"min-nodes=3 num-server-rounds=2 embedding-dim=8 "
-                  f"catalog-path='{federation['data'] / 'catalog.txt'}' out-dir='{out}'")
+def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_its_error(federation):
+    # Prepare: three good regions and one whose file has a bad rating on line 3.
+    out = federation.root / "out"
 
-    finished = subprocess.run([str(BIN / "flwr"), "run", str(APP_DIR), "deploy", "--run-config", run_config,
-                               "--stream"], env=federation["env"], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=600)
+    # Execute
+    log = federation.run(f"min-nodes=4 num-server-rounds=2 embedding-dim=8 out-dir='{out}'")
 
-    assert finished.returncode == 0, finished.stdout[-2000:]
-    history = json.loads((out / "history.json").read_text())
-    final = {entry["round"]: entry for entry in history["rounds"]}[2]
-    assert set(final["per_market"]) == set(REGIONS)
-    assert all(metrics["test-ndcg"] > 0 for metrics in final["per_market"].values())
+    # Assert: the good markets trained and evaluated every round; the bad one named its file and line.
+    history = _history(out)
+    assert set(history) == {0, 1, 2}
+    assert all(set(history[r]["per_market"]) == set(REGIONS) for r in history)
+    assert all(m["test-ndcg"] > 0 for m in history[2]["per_market"].values())
+    assert "bad.txt line 3: rating 'lots' is not a number" in log
+    assert "bad.txt line 3: rating 'lots' is not a number" in federation.log("bad")
+    saved = torch.load(federation.root / "state" / "m00" / "m00.pt", weights_only=True)
+    assert saved["last-round"] == 2 and all(name.startswith("head.") for name in saved["head"])
 
 
 def test_an_unregistered_node_is_refused(federation):
-    credentials = federation["credentials"]
-    log = federation["root"] / "intruder.log"
-    intruder = subprocess.Popen(
-        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{federation['port']}",
-         "--root-certificates", str(credentials / "ca.crt"),
-         "--auth-supernode-private-key", str(credentials / "intruder"), "--port", str(free_port()),
-         "--node-config", f'market="m00" data-path="{federation["paths"]["m00"]}"'],
-        env=federation["env"], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while "Failed to activate SuperNode" not in log.read_text(errors="replace"):
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
-            time.sleep(0.5)
-    finally:
-        stop_process_tree(intruder)
+    federation.start_supernode("m00", key="intruder")
 
-    assert "Failed to activate SuperNode" in log.read_text(errors="replace")
+    _wait_for(lambda: "Failed to activate SuperNode" in federation.log("intruder"), "the refusal", 120, federation)
+
+    assert "Failed to activate SuperNode" in federation.log("intruder")
+
+
+def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
+    # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger.
+    out = tmp_path / "out"
+    with LoopbackFederation(tmp_path, _regions(tmp_path)) as federation:
+        federation.start_all()
+        run = federation.start_run(
+            f"min-nodes=2 num-server-rounds=6 embedding-dim=8 dp-epsilon=8.0 round-timeout=15.0 out-dir='{out}'"
+        )
+
+        # Execute: kill m02 as round 3 starts; bring it back a few seconds later.
+        _wait_for(lambda: _checkpointed_round(out) >= 2, "round 2", 300, federation)
+        federation.kill_supernode("m02")
+        time.sleep(3)
+        federation.start_supernode("m02")
+        code = run.wait(timeout=600)
+
+        # Assert: the run finished; m02 rejoined with its head and its ledger counting every round it trained.
+        assert code == 0, federation.log("run")[-3000:]
+        history = _history(out)
+        assert max(history) == 6
+        assert all({"m00", "m01"} <= set(history[r]["per_market"]) for r in range(1, 7))
+        assert "Market m02 rejoins training" in federation.log("m02")
+        trained = [r for r in range(1, 7) if history[r]["per_market"].get("m02", {}).get("local/trained") == 1]
+        saved = torch.load(tmp_path / "state" / "m02" / "m02.pt", weights_only=True)
+        assert saved["last-round"] == max(trained) > 2
+        steps_per_round = len(saved["ledger"]["history"]) // len(trained)
+        assert len(saved["ledger"]["history"]) == steps_per_round * len(trained) > 0
+        epsilons = [history[r]["per_market"]["m02"]["local/epsilon"] for r in trained]
+        assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
+
+
+def test_a_killed_server_resumes_from_its_last_completed_round(tmp_path):
+    # Prepare: a run of 5 rounds.
+    out = tmp_path / "out"
+    run_config = f"min-nodes=3 num-server-rounds=5 embedding-dim=8 out-dir='{out}'"
+    with LoopbackFederation(tmp_path, _regions(tmp_path)) as federation:
+        federation.start_all()
+        federation.start_run(run_config, log="first-run")
+
+        # Execute: kill the SuperLink with its ServerApp after round 2, restart it, run again with resume.
+        _wait_for(lambda: _checkpointed_round(out) >= 2, "round 2", 300, federation)
+        federation.kill_superlink()
+        before = _history(out)
+        done = _checkpointed_round(out)
+        federation.start_superlink()
+        log = federation.run(run_config + " resume=true")
+
+        # Assert: the second run continued after the last completed round and kept the earlier ones.
+        assert f"after round {done}" in log
+        history = _history(out)
+        assert sorted(history) == [0, 1, 2, 3, 4, 5]
+        for r in range(1, done + 1):
+            assert history[r]["seconds"] == before[r]["seconds"]
+        assert f"[ROUND {done}/5]" not in log and f"[ROUND {done + 1}/5]" in log
+        assert set(history[5]["per_market"]) == set(REGIONS)

@@ -8,7 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("package", ["common", "server", "clients", "simulations"])
+@pytest.mark.parametrize("package", ["common", "server", "clients", "simulations", "deploy"])
 def test_imported_packages_are_this_repositorys(package):
     module = importlib.import_module(package)
 

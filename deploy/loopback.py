@@ -1,0 +1,190 @@
+"""A real deployment on loopback: one TLS SuperLink with node authentication and one SuperNode per region.
+
+The deployment tests and the round-latency benchmark run the README's deploy
+commands through this class; every process it starts is stopped by PID
+(with its descendants) in :meth:`LoopbackFederation.close`.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from deploy.make_credentials import make_credentials
+from simulations.flower_runtime import APP_DIR, free_port, stop_process_tree
+
+BIN = Path(sys.executable).parent
+CONNECTION = "loopback"  # the named connection in the private FLWR_HOME
+
+
+class LoopbackFederation:
+    """SuperLink and SuperNodes as separate processes, the way regions run them.
+
+    Parameters
+    ----------
+    root : Path
+        Holds credentials, the private FLWR_HOME, the SuperLink database and every log.
+    regions : dict[str, dict[str, Any]]
+        Node config per region, e.g. ``{"de": {"data-path": ..., "state-dir": ...}}``;
+        ``market`` is set to the region's name.
+    environment : dict[str, str] or None
+        Extra variables for every process, e.g. Flower's poll intervals.
+    """
+
+    def __init__(self, root: Path, regions: dict[str, dict[str, Any]], environment: dict[str, str] | None = None):
+        self.root = Path(root)
+        self.regions = regions
+        self.credentials = self.root / "credentials"
+        self.home = self.root / "flwr-home"
+        self.port = free_port()
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[str, subprocess.Popen] = {}
+        self.others: list[subprocess.Popen] = []
+        self.home.mkdir(parents=True, exist_ok=True)
+        make_credentials(self.credentials, [*regions, "intruder"], [])
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials / "ca.crt"}"\n'
+        )
+        # One BLAS thread: OpenBLAS's fork handler can deadlock a process that forks while it computes.
+        self.env = dict(
+            os.environ,
+            FLWR_HOME=str(self.home),
+            PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            OPENBLAS_NUM_THREADS="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            **(environment or {}),
+        )
+
+    def __enter__(self) -> "LoopbackFederation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log(self, name: str) -> str:
+        """The text a process has logged so far (``superlink``, a region, or a run)."""
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _start(self, command: list[str], log: str) -> subprocess.Popen:
+        with open(self.root / f"{log}.log", "ab") as out:
+            return subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                start_new_session=True,
+            )
+
+    def start_superlink(self) -> None:
+        """Start (or restart) the SuperLink: TLS, node authentication, state in a database file."""
+        self.superlink = self._start(
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(self.credentials / "ca.crt"),
+                "--ssl-certfile", str(self.credentials / "server.pem"),
+                "--ssl-keyfile", str(self.credentials / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                # Registered node keys survive a SuperLink restart.
+                "--database", str(self.root / "superlink.db"),
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+            "superlink",
+        )
+        wait_for_port(self.port)
+
+    def kill_superlink(self) -> None:
+        """Kill the SuperLink and the ServerApp it runs, as a crash would."""
+        if self.superlink is not None:
+            # The tree includes the SuperExec and the ServerApp, which run in sessions of their own.
+            stop_process_tree(self.superlink, crash=True)
+            self.superlink = None
+
+    def register(self, region: str) -> None:
+        """Register a region's public key with the SuperLink (``flwr supernode register``)."""
+        self.flwr(["supernode", "register", str(self.credentials / f"{region}.pub"), CONNECTION])
+
+    def start_supernode(self, region: str, key: str | None = None) -> subprocess.Popen:
+        """Start the region's SuperNode, authenticated with its own key (or another one, to test refusal)."""
+        node_config = " ".join(f'{name}="{value}"' for name, value in {"market": region, **self.regions[region]}.items())
+        process = self._start(
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.credentials / "ca.crt"),
+                "--auth-supernode-private-key", str(self.credentials / (key or region)),
+                "--port", str(free_port()),
+                "--node-config", node_config,
+            ],
+            region if key is None else key,
+        )
+        if key is None:
+            self.supernodes[region] = process
+        else:
+            self.others.append(process)
+        return process
+
+    def kill_supernode(self, region: str) -> None:
+        """Kill a region's SuperNode and its ClientApp processes, as a crash would."""
+        stop_process_tree(self.supernodes.pop(region), crash=True)
+
+    def start_all(self) -> None:
+        """SuperLink, registrations and one SuperNode per region."""
+        self.start_superlink()
+        for region in self.regions:
+            self.register(region)
+        for region in self.regions:
+            self.start_supernode(region)
+
+    def flwr(self, arguments: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this federation; a failure raises with its output."""
+        finished = subprocess.run(
+            [str(BIN / "flwr"), *arguments], env=self.env, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=timeout,
+        )
+        if finished.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(arguments)} failed:\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}")
+        return finished
+
+    def start_run(self, run_config: str, log: str = "run") -> subprocess.Popen:
+        """``flwr run <app> loopback --stream`` in the background; its output goes to ``<log>.log``."""
+        process = self._start(
+            [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--stream"], log
+        )
+        self.others.append(process)
+        return process
+
+    def run(self, run_config: str, log: str = "run", timeout: float = 600) -> str:
+        """Run the app to the end; its streamed log, or an error with the log's tail."""
+        process = self.start_run(run_config, log)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process_tree(process)
+            raise TimeoutError(f"The run did not finish in {timeout} s:\n{self.log(log)[-3000:]}") from None
+        if code != 0:
+            raise RuntimeError(f"The run exited with {code}:\n{self.log(log)[-3000:]}")
+        return self.log(log)
+
+    def close(self) -> None:
+        """Stop every process this federation started, descendants included."""
+        for process in [*self.others, *self.supernodes.values()]:
+            stop_process_tree(process)
+        self.others.clear()
+        self.supernodes.clear()
+        self.kill_superlink()
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Return once something listens on ``port`` on loopback."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"Nothing listens on port {port} after {timeout} s.")
