@@ -9,7 +9,8 @@ round are also saved there after every round (see ``clients.state_store``).
 """
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from functools import cache
 from logging import INFO, WARNING
 from typing import Any
@@ -24,7 +25,7 @@ from common.markets import MarketSource, load_file_split, load_split, market_see
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
 from common.privacy import PrivacyBudget, PrivacyLedger, calibrate_noise, default_delta, sample_rate
-from common.private_train import private_steps, train_epochs_private
+from common.private_train import private_round, private_round_steps, private_steps, train_epochs_private
 from common.split import MarketSplit
 from common.train import MarketTensors, TrainConfig, evaluate
 
@@ -49,6 +50,7 @@ class ClientConfig:
     catalog_path: str  # the company catalog; simulation builds one when empty
     seed: int  # seeds splits, negatives, initial heads and local shuffling
     num_server_rounds: int  # the run's length, over which the DP budget is spread
+    fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
     dp_epsilon: float  # 0 trains without DP; otherwise the market's budget for the whole run
     dp_delta: float  # 0 picks 0.1 / training examples of the market
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
@@ -68,6 +70,7 @@ class ClientConfig:
             catalog_path=str(context.node_config.get("catalog-path", run["catalog-path"])),
             seed=int(run["seed"]),
             num_server_rounds=int(run["num-server-rounds"]),
+            fine_tune_epochs=int(run["fine-tune-epochs"]),
             dp_epsilon=float(run["dp-epsilon"]),
             dp_delta=float(run["dp-delta"]),
             dp_max_grad_norm=float(run["dp-max-grad-norm"]),
@@ -139,6 +142,14 @@ def build_local_model(
         raise ValueError(
             f"Market '{split.market}' expected the arrays {sorted(shared)} from the server "
             f"but received {sorted(received)}; do server and client use the same method?"
+        )
+    expected = model.state_dict()
+    misfits = [f"{name} {tuple(value.shape)} vs {tuple(expected[name].shape)}"
+               for name, value in received.items() if value.shape != expected[name].shape]
+    if misfits:
+        raise ValueError(
+            f"Market '{split.market}': the server's arrays do not fit its model ({'; '.join(misfits)}); "
+            "server and regions must use the same catalog (catalog-path) and embedding-dim."
         )
     set_arrays(model, received)
     return model, data, config, shared
@@ -215,10 +226,11 @@ def train(msg: Message, context: Context) -> Message:
         # received encoder with the head as the previous round left it.
         received = _evaluation_metrics(model, data, _spent_epsilon(context, config))
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
+    started = time.perf_counter()
     if config.dp_epsilon > 0:
         ledger = _ledger(context, config, data, train_config)
-        if ledger.can_afford(private_steps(data, train_config)):
-            loss = train_epochs_private(model, data, train_config, ledger, seed)
+        if ledger.can_afford(private_round_steps(data, method, train_config)):
+            loss = private_round(model, data, method, train_config, ledger, seed)
         else:
             # Out of budget: the market stops training but still evaluates, and
             # its unchanged arrays carry no weight in the average.
@@ -229,30 +241,39 @@ def train(msg: Message, context: Context) -> Message:
         metrics["epsilon"] = ledger.epsilon()
     else:
         loss = local_round(model, data, method, train_config, seed)
+    train_seconds = time.perf_counter() - started
     local = [name for name in model.state_dict() if name not in shared]
     head = get_arrays(model, local)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(head)
-    if (store := state_store(context, market)) is not None:
-        ledger = _stored_ledger(context)
-        store.save(
-            MarketState(
-                training_id=str(round_config.get("training-id", "")),
-                last_round=int(round_config["server-round"]),
-                head=head,
-                ledger=ledger.state() if ledger is not None else None,
-            )
-        )
+    _persist(context, market, round_config)
     valid = evaluate(model, data)
     metrics.update(
         {
             "num-examples": examples,
             "trained": int(examples > 0),
             "train-loss": loss,
+            "train-seconds": train_seconds,
             "val-ndcg": valid.ndcg,
             "val-hr": valid.hit_rate,
         }
     )
     return _reply(msg, market, metrics, ArrayRecord(get_arrays(model, shared)))
+
+
+def _persist(context: Context, market: str, round_config: ConfigRecord) -> None:
+    """Save the head and the ledger of ``context.state`` to the market's state directory, if it has one."""
+    store = state_store(context, market)
+    if store is None:
+        return
+    ledger = _stored_ledger(context)
+    store.save(
+        MarketState(
+            training_id=str(round_config.get("training-id", "")),
+            last_round=int(round_config["server-round"]),
+            head=context.state[LOCAL_STATE_KEY].to_torch_state_dict(),
+            ledger=ledger.state() if ledger is not None else None,
+        )
+    )
 
 
 def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, epsilon: float | None) -> dict[str, Any]:
@@ -288,8 +309,7 @@ def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: 
     stored = _stored_ledger(context)
     if stored is not None:
         return stored
-    if get_method(config.method).alternating or get_method(config.method).fine_tune:
-        raise ValueError(f"DP-SGD is not supported for method '{config.method}' yet; use fedper or fedavg.")
+    method = get_method(config.method)
     examples = len(data.train_users)
     budget = PrivacyBudget(
         epsilon=config.dp_epsilon,
@@ -298,7 +318,10 @@ def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: 
         accountant=config.dp_accountant,
     )
     rate = sample_rate(examples, train.batch_size)
-    total_steps = config.num_server_rounds * private_steps(data, train)
+    total_steps = config.num_server_rounds * private_round_steps(data, method, train)
+    if method.fine_tune:
+        # The fork is trained on private data too: its epochs are part of the budget.
+        total_steps += private_steps(data, replace(train, epochs=config.fine_tune_epochs))
     return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps), rate)
 
 
@@ -315,9 +338,21 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     if int(round_config.get("fine-tune-epochs", 0)) > 0:
         seed = market_seed(data.split.market, config.seed) + 999_999
+        train_epoch = None
+        if config.dp_epsilon > 0:
+            ledger = _ledger(context, config, data, train_config_from(round_config))
+
+            def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
+                loss = train_epochs_private(fork, data, one_epoch, ledger, epoch_seed)
+                context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(ledger.state())})
+                return loss
+
         tuned = fine_tune(
-            model, data, train_config_from(round_config), int(round_config["fine-tune-epochs"]), seed
+            model, data, train_config_from(round_config), int(round_config["fine-tune-epochs"]), seed, train_epoch
         )
+        if config.dp_epsilon > 0:
+            metrics["epsilon"] = _spent_epsilon(context, config)
+            _persist(context, data.split.market, round_config)
         metrics.update(
             {
                 "ft-epochs": tuned.epochs,

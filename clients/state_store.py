@@ -7,6 +7,7 @@ saved head.
 """
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class MarketStateStore:
                 head=dict(saved["head"]),
                 ledger=saved["ledger"],
             )
-        except (KeyError, RuntimeError, OSError, EOFError) as error:
+        except (KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(
                 f"{self.path}: the saved market state cannot be read ({error}); move it away to start the "
                 "market afresh (its privacy ledger goes with it)."

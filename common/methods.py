@@ -1,6 +1,7 @@
 """Registry of the federated personalization methods and what each one does locally."""
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from common.model import SplitRecommender
@@ -57,19 +58,29 @@ class FineTuned:
     test: RankingMetrics
 
 
+EpochTrainer = Callable[[SplitRecommender, TrainConfig, int], float]  # (model, one-epoch config, seed) -> loss
+
+
 def fine_tune(
-    model: SplitRecommender, data: MarketTensors, config: TrainConfig, epochs: int, seed: int
+    model: SplitRecommender,
+    data: MarketTensors,
+    config: TrainConfig,
+    epochs: int,
+    seed: int,
+    train_epoch: EpochTrainer | None = None,
 ) -> FineTuned:
     """Fine-tune a copy of ``model`` on the market alone, keeping the best epoch on validation.
 
     The copy is the market's private fork: ``model`` (and so the global
-    encoder it holds) is left untouched.
+    encoder it holds) is left untouched. ``train_epoch`` trains the fork for
+    one epoch (DP-SGD under a privacy budget); by default plain training.
     """
+    trainer = train_epoch or (lambda fork, one_epoch, epoch_seed: train_epochs(fork, [data], one_epoch, epoch_seed))
     fork = copy.deepcopy(model)
     best = FineTuned(0, evaluate(fork, data), evaluate(fork, data, on_test=True))
     one_epoch = replace(config, epochs=1)
     for epoch in range(1, epochs + 1):
-        train_epochs(fork, [data], one_epoch, seed + epoch)
+        trainer(fork, one_epoch, seed + epoch)
         valid = evaluate(fork, data)
         if valid.ndcg > best.valid.ndcg:
             best = FineTuned(epoch, valid, evaluate(fork, data, on_test=True))

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from math import ceil
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("prv", "rdp")  # prv is Opacus 1.6's default and tightest; rdp is fast and conservative
 
@@ -69,6 +67,10 @@ def calibrate_noise(budget: PrivacyBudget, rate: float, total_steps: int) -> flo
     """
     if total_steps < 1:
         raise ValueError(f"Noise calibration needs at least one step, got {total_steps}.")
+    # Opacus is imported where it is used: importing it costs seconds, and a
+    # deployed market pays imports on every message (a fresh process each).
+    from opacus.accountants.utils import get_noise_multiplier
+
     return get_noise_multiplier(
         target_epsilon=budget.epsilon,
         target_delta=budget.delta,
@@ -102,6 +104,8 @@ class PrivacyLedger:
     def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
         if not history:
             return 0.0
+        from opacus.accountants import create_accountant  # lazily: see calibrate_noise
+
         accountant = create_accountant(self.budget.accountant)
         accountant.history = list(history)
         return float(accountant.get_epsilon(delta=self.budget.delta))

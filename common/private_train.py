@@ -8,12 +8,13 @@ clipped gradient.
 """
 
 import warnings
+from dataclasses import replace
 
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.methods import Method
 from common.model import SplitRecommender
 from common.privacy import PrivacyBudgetExceeded, PrivacyLedger, steps_per_epoch
 from common.train import MarketTensors, TrainConfig, batch_inputs
@@ -24,12 +25,32 @@ def private_steps(data: MarketTensors, config: TrainConfig) -> int:
     return config.epochs * steps_per_epoch(len(data.train_users), config.batch_size)
 
 
+def private_round_steps(data: MarketTensors, method: Method, config: TrainConfig) -> int:
+    """DP-SGD steps one round of ``method`` records (FedRep's head epochs included)."""
+    epochs = config.epochs + (config.head_epochs if method.alternating else 0)
+    return epochs * steps_per_epoch(len(data.train_users), config.batch_size)
+
+
+def private_round(
+    model: SplitRecommender, data: MarketTensors, method: Method, config: TrainConfig, ledger: PrivacyLedger, seed: int
+) -> float:
+    """:func:`common.methods.local_round` under DP-SGD; returns the last epoch's mean loss."""
+    if not ledger.can_afford(private_round_steps(data, method, config)):
+        raise PrivacyBudgetExceeded(f"Market '{data.split.market}' cannot afford another round of {method.name}.")
+    if method.alternating:
+        head_phase = replace(config, epochs=config.head_epochs)
+        train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head)
+        return train_epochs_private(model, data, config, ledger, seed + 1, trainable=model.encoder)
+    return train_epochs_private(model, data, config, ledger, seed)
+
+
 def train_epochs_private(
     model: SplitRecommender,
     data: MarketTensors,
     config: TrainConfig,
     ledger: PrivacyLedger,
     seed: int,
+    trainable: nn.Module | None = None,
 ) -> float:
     """Train ``model`` in place with DP-SGD for ``config.epochs``; record the steps.
 
@@ -46,6 +67,9 @@ def train_epochs_private(
         DP-SGD, and every step (empty Poisson batches included) is recorded.
     seed : int
         Seeds Poisson sampling, negatives and the DP noise.
+    trainable : nn.Module, optional
+        Only this part of ``model`` is trained (FedRep's phases); the rest is
+        frozen for the call. Default: the whole model.
 
     Returns
     -------
@@ -69,8 +93,14 @@ def train_epochs_private(
         batch_size=config.batch_size,
         generator=generator,
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    kept = {id(parameter) for parameter in (trainable or model).parameters()}
+    frozen = [parameter for parameter in model.parameters() if id(parameter) not in kept]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    optimizer = torch.optim.Adam((trainable or model).parameters(), lr=config.learning_rate)
     model.train()  # Opacus refuses a module in eval mode
+    from opacus import PrivacyEngine  # lazily: see common.privacy.calibrate_noise
+
     engine = PrivacyEngine(accountant=ledger.budget.accountant)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: its noise is seeded for reproducibility.
@@ -107,5 +137,7 @@ def train_epochs_private(
             mean_loss = total / max(batches, 1)
     finally:
         private_model._close()  # removes Opacus's hooks from ``model``
+        for parameter in frozen:
+            parameter.requires_grad_(True)
     ledger.record(steps)
     return mean_loss

@@ -128,6 +128,24 @@ class LoopbackFederation:
             self.others.append(process)
         return process
 
+    def restart_supernode(self, region: str, timeout: float = 180.0) -> None:
+        """Start the region's SuperNode again until the SuperLink lets it in.
+
+        After a crash the SuperLink refuses the node's key until it has missed
+        two heartbeats (about a minute in Flower 1.41); a supervisor such as
+        systemd retries the same way.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            activations = self.log(region).count("SuperNode ID:")
+            process = self.start_supernode(region)
+            while process.poll() is None and self.log(region).count("SuperNode ID:") == activations:
+                time.sleep(0.5)
+            if process.poll() is None:
+                return
+            time.sleep(5)
+        raise TimeoutError(f"The SuperLink did not let {region} back in within {timeout} s:\n{self.log(region)[-2000:]}")
+
     def kill_supernode(self, region: str) -> None:
         """Kill a region's SuperNode and its ClientApp processes, as a crash would."""
         stop_process_tree(self.supernodes.pop(region), crash=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -116,7 +117,7 @@ class RunHistory:
                 arrays=dict(saved["arrays"]),
                 strategy_state=dict(saved["strategy-state"]),
             )
-        except (KeyError, RuntimeError, OSError) as error:
+        except (KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(f"{path}: not a checkpoint this version can resume from ({error}).") from error
         history_path = self.out_dir / HISTORY_FILE
         if history_path.exists():

@@ -3,6 +3,7 @@
     python -m simulations.benchmark quality --data-dir DIR --seeds 3 --out OUT
     python -m simulations.benchmark scale --markets 100 --rounds 3 --out OUT
     python -m simulations.benchmark dp-step --data-dir DIR --market uk
+    python -m simulations.benchmark latency --regions 3 --rounds 4 --out OUT
 
 ``quality`` runs every method on the same splits for several seeds and
 writes the mean and standard deviation of test NDCG@10 and HR@10 per market
@@ -14,6 +15,10 @@ memory of this process and every process under it (SuperLink, simulation
 engine, Ray workers), and reports seconds per federated round and the peak
 resident memory of the whole tree, beside the time of the same local training
 done in this process without Flower (the orchestration overhead, as a ratio).
+
+``latency`` runs a real deployment on loopback (see ``simulations.latency``)
+with Flower's default round loop and with this project's, and reports the
+seconds per round and the part of them that is not training, as a ratio.
 """
 
 import argparse
@@ -34,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.markets import MarketSource, load_split
 from common.model import ModelConfig, SplitRecommender
 from common.train import MarketTensors, batch_inputs
+from simulations import latency
 from simulations import run as harness
 
 
@@ -291,8 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     dp_parser.add_argument("--embedding-dim", type=int, default=128, help="model width (default: %(default)s)")
     dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
+    latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
     args = parser.parse_args(argv)
-    {"quality": quality, "scale": scale, "dp-step": dp_step}[args.command](args)
+    {"quality": quality, "scale": scale, "dp-step": dp_step, "latency": latency.latency}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="width of item and user vectors (default: %(default)s)")
     parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
                         help="per-market DP budget for the whole run (DP-SGD with Opacus); 0 trains without DP (default: %(default)s)")
+    parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
+                        help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
+                             "every market then weighs the same in the average (default: %(default)s)")
+    parser.add_argument("--market-dp-clip", type=float, default=defaults["market-dp-clipping-norm"],
+                        help="market-level DP: L2 bound on each market's update of the shared arrays (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults["seed"],
                         help="seeds data generation, negatives, models and training (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/run"),
@@ -78,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS))}")
     if args.rounds < 1 or args.local_epochs < 1:
         parser.error("--rounds and --local-epochs must be at least 1")
+    if args.market_dp_noise < 0 or args.market_dp_clip <= 0:
+        parser.error("--market-dp-noise must not be negative and --market-dp-clip must be positive")
     args.methods = methods
     return args
 
@@ -101,6 +108,9 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "synthetic-markets": args.synthetic_markets,
         "seed": args.seed,
         "dp-epsilon": args.dp_epsilon,
+        "market-dp-noise-multiplier": args.market_dp_noise,
+        "market-dp-clipping-norm": args.market_dp_clip,
+        "market-dp-markets": markets,
         "min-nodes": markets,
         "out-dir": str(out_dir.resolve()),
     }

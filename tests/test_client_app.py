@@ -72,7 +72,7 @@ def test_a_train_reply_holds_shared_arrays_and_numbers_only(method, user_embeddi
         assert names and all(name.startswith("encoder.") for name in names)
     assert not any(name.startswith("head.user_embedding") for name in names)
     metrics = content["metrics"]
-    assert set(metrics) == {"num-examples", "trained", "train-loss", "val-ndcg", "val-hr"}
+    assert set(metrics) == {"num-examples", "trained", "train-loss", "train-seconds", "val-ndcg", "val-hr"}
     assert all(isinstance(value, (int, float)) for value in metrics.values())
     assert _strings_in(reply) == ["m01"]
     assert not set(_strings_in(reply)) & _user_ids("m01")

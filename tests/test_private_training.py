@@ -10,7 +10,8 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import PRIVACY_KEY, app
-from common.privacy import PrivacyLedger
+from common.markets import MarketSource, load_split
+from common.privacy import PrivacyLedger, steps_per_epoch
 from server.server_app import ServerConfig, initial_arrays
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -85,3 +86,41 @@ def test_a_market_out_of_budget_stops_training_and_carries_no_weight():
     metrics = third.content["metrics"]
     assert metrics["num-examples"] == 0
     assert metrics["epsilon"] <= BUDGET
+
+
+def _evaluate(run_config: dict, context: Context, server_round: int, fine_tune_epochs: int) -> Message:
+    server = ServerConfig.from_run_config(run_config)
+    config = server.train_config()
+    config["server-round"] = server_round
+    config["fine-tune-epochs"] = fine_tune_epochs
+    message = Message(RecordDict({"arrays": initial_arrays(server), "config": config}),
+                      dst_node_id=7, message_type=MessageType.EVALUATE)
+    return app(message, context)
+
+
+def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
+    run_config = {**_run_config(BUDGET), "method": "fedrep", "head-epochs": 1, "local-epochs": 1}
+    context = _context(run_config)
+
+    first = _train(run_config, context, 1).content["metrics"]
+    second = _train(run_config, context, 2).content["metrics"]
+    ledger = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+
+    # Two phases of one epoch each per round: twice the steps of one epoch, every round.
+    source = MarketSource("", 3, 0)
+    examples = load_split(source, "m02", source.catalog()).num_train
+    assert ledger.history[0][2] == 2 * 2 * steps_per_epoch(examples, run_config["batch-size"])
+    assert first["epsilon"] < second["epsilon"] <= BUDGET
+    assert second["num-examples"] > 0
+
+
+def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
+    run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 2}
+    context = _context(run_config)
+    _train(run_config, context, 1)
+    trained = _train(run_config, context, 2).content["metrics"]["epsilon"]
+
+    final = _evaluate(run_config, context, 2, fine_tune_epochs=2).content["metrics"]
+
+    assert trained < final["epsilon"] <= BUDGET
+    assert "ft-test-ndcg" in final
