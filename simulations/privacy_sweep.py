@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from common.methods import METHODS
 from simulations import run as harness
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated per-market budgets, inf for no DP (default: inf,8,4,2,1)")
     parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
     parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
-    parser.add_argument("--method", default="fedper", choices=["fedper", "fedavg"], help="federated method (default: %(default)s)")
+    parser.add_argument("--method", default="fedper", choices=sorted(METHODS), help="federated method (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the app's)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/privacy"), help="output directory (default: %(default)s)")
