@@ -1,0 +1,46 @@
+"""The server's reply handling: failed markets are logged and left out; all failing stops the run."""
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.rounds import AllMarketsFailedError, check_replies
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _sent(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                   message_type=MessageType.TRAIN)
+
+
+def _ok(node: int) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=_sent(node))
+
+
+def _failed(node: int, reason: str) -> Message:
+    return Message(Error(code=2, reason=reason), reply_to=_sent(node))
+
+
+def test_failed_markets_are_left_out_and_the_rest_go_on():
+    replies = [_ok(1), _failed(2, "bad.txt line 3: rating 'lots' is not a number"), _ok(3)]
+
+    kept = check_replies(1, asked=3, replies=replies)
+
+    assert kept == [replies[0], replies[2]]
+
+
+def test_every_market_failing_stops_the_run_with_every_reason():
+    replies = [_failed(1, "catalog mismatch"), _failed(2, "bad.txt line 3")]
+
+    with pytest.raises(AllMarketsFailedError, match="catalog mismatch; bad.txt line 3|bad.txt line 3; catalog mismatch"):
+        check_replies(4, asked=2, replies=replies)
+
+
+def test_markets_that_did_not_reply_in_time_are_not_failures():
+    reply = _ok(1)
+
+    assert check_replies(2, asked=3, replies=[reply]) == [reply]
