@@ -49,21 +49,27 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         argv = [*common, "--methods", args.method, "--out", str(args.out / f"eps-{label}"),
                 "--dp-epsilon", "0" if math.isinf(epsilon) else str(epsilon)]
         runs[label] = harness.main(argv)["methods"][args.method]
-    rows = [
-        {"epsilon": label, "market": market, **{k: metrics[k] for k in ("ndcg@10", "hr@10", "epsilon")}}
-        for label, summary in runs.items()
-        for market, metrics in summary["per_market"].items()
-    ]
-    rows += [{"epsilon": label, "market": "macro", **summary["macro"]} for label, summary in runs.items()]
-    frame = pd.DataFrame(rows).rename(columns={"epsilon": "budget"})
+    frame = sweep_frame(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "sweep.csv", index=False)
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "local": local, "runs": runs}
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     plot(report, args.out / "privacy.png")
-    print(frame.pivot(index="market", columns="budget", values="ndcg@10").to_string(float_format="%.4f"))
+    print(frame.pivot(index="market", columns="budget", values="ndcg@10")[list(runs)].to_string(float_format="%.4f"))
     return report
+
+
+def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per budget and market (macro included): NDCG@10, HR@10 and the epsilon actually spent."""
+    rows = [
+        {"budget": label, "market": market, "ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],
+         "epsilon_spent": metrics["epsilon"]}
+        for label, summary in runs.items()
+        for market, metrics in summary["per_market"].items()
+    ]
+    rows += [{"budget": label, "market": "macro", **summary["macro"]} for label, summary in runs.items()]
+    return pd.DataFrame(rows)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
