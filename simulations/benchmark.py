@@ -41,6 +41,7 @@ from common.model import ModelConfig, SplitRecommender
 from common.train import MarketTensors, batch_inputs
 from simulations import latency
 from simulations import run as harness
+from simulations.flower_runtime import exit_cleanly_on_sigterm
 
 
 class TreeMemorySampler:
@@ -303,4 +304,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_cleanly_on_sigterm()
     main()

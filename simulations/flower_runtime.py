@@ -11,6 +11,7 @@ process group when it is done, whatever happened.
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -243,3 +244,12 @@ def _gone(member: psutil.Process) -> bool:
         return member.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, ``timeout``, a scheduler) into SystemExit.
+
+    Python's default for SIGTERM ends the process at once, skipping the
+    ``with`` blocks that stop the SuperLink and every process under it.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -24,6 +24,7 @@ import pandas as pd
 
 from common.methods import METHODS
 from simulations import run as harness
+from simulations.flower_runtime import exit_cleanly_on_sigterm
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -117,4 +118,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    exit_cleanly_on_sigterm()
     main()

@@ -22,7 +22,7 @@ from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
 from simulations.baselines import BaselineSettings, run_local, run_pooled
-from simulations.flower_runtime import APP_DIR, SimulationSuperLink
+from simulations.flower_runtime import APP_DIR, SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.results import (
     federated_curves,
     fine_tuned_curves,
@@ -203,6 +203,7 @@ def run_federated(args: argparse.Namespace, method: str, markets: int) -> tuple[
 
 
 if __name__ == "__main__":
+    exit_cleanly_on_sigterm()
     try:
         main()
     except KeyboardInterrupt:

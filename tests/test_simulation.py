@@ -1,6 +1,9 @@
 """The harness end to end: real SuperLink, real simulation engine, every method."""
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -83,3 +86,24 @@ def test_selection_keeps_each_markets_best_model_on_validation(small_run):
         assert chosen["val-ndcg@10"] == best_validation
         assert chosen["ndcg@10"] == candidates[chosen["chosen"]]["ndcg@10"]
     assert "pooled" not in selection["candidates"]
+
+
+def test_sigterm_stops_the_harness_and_every_process_it_started(tmp_path):
+    # Prepare: a long run, interrupted once its first round has begun.
+    command = [sys.executable, "-m", "simulations.run", "--synthetic-markets", "2", "--rounds", "50",
+               "--methods", "fedper", "--embedding-dim", "8", "--out", str(tmp_path)]
+    harness_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    for line in harness_process.stdout:
+        if "[ROUND 1/50]" in line:
+            break
+    started = psutil.Process(harness_process.pid).children(recursive=True)
+
+    # Execute
+    harness_process.send_signal(signal.SIGTERM)
+    code = harness_process.wait(timeout=120)
+
+    # Assert: it exited as terminated, and took everything it had started with it.
+    running = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert code == 128 + signal.SIGTERM
+    assert started and running == []
