@@ -54,6 +54,8 @@ class ClientConfig:
     dp_epsilon: float  # 0 trains without DP; otherwise the market's budget for the whole run
     dp_delta: float  # 0 picks 0.1 / training examples of the market
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
+    dp_batch_size: int  # expected Poisson batch under DP: the noise on a step is sigma * clip / batch
+    dp_learning_rate: float  # Adam step size under DP: fewer, less noisy steps than without DP
     dp_accountant: str  # prv (tightest) or rdp
 
     @classmethod
@@ -74,6 +76,8 @@ class ClientConfig:
             dp_epsilon=float(run["dp-epsilon"]),
             dp_delta=float(run["dp-delta"]),
             dp_max_grad_norm=float(run["dp-max-grad-norm"]),
+            dp_batch_size=int(run["dp-batch-size"]),
+            dp_learning_rate=float(run["dp-learning-rate"]),
             dp_accountant=str(run["dp-accountant"]),
         )
 
@@ -210,6 +214,14 @@ def train_config_from(record: ConfigRecord) -> TrainConfig:
     )
 
 
+def local_train_config(record: ConfigRecord, config: ClientConfig) -> TrainConfig:
+    """The server's settings for the round, with DP-SGD's own batch size and step size under DP."""
+    train = train_config_from(record)
+    if config.dp_epsilon > 0:
+        return replace(train, batch_size=config.dp_batch_size, learning_rate=config.dp_learning_rate)
+    return train
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the shared arrays and metrics only."""
@@ -218,7 +230,7 @@ def train(msg: Message, context: Context) -> Message:
     market = data.split.market
     seed = market_seed(market, config.seed) + 1000 * int(round_config["server-round"])
     method = get_method(config.method)
-    train_config = train_config_from(round_config)
+    train_config = local_train_config(round_config, config)
     examples = data.split.num_train
     metrics: dict[str, Any] = {}
     if bool(round_config.get("evaluate-received", False)):
@@ -340,7 +352,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
         seed = market_seed(data.split.market, config.seed) + 999_999
         train_epoch = None
         if config.dp_epsilon > 0:
-            ledger = _ledger(context, config, data, train_config_from(round_config))
+            ledger = _ledger(context, config, data, local_train_config(round_config, config))
 
             def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
                 loss = train_epochs_private(fork, data, one_epoch, ledger, epoch_seed)
@@ -348,7 +360,8 @@ def evaluate_market(msg: Message, context: Context) -> Message:
                 return loss
 
         tuned = fine_tune(
-            model, data, train_config_from(round_config), int(round_config["fine-tune-epochs"]), seed, train_epoch
+            model, data, local_train_config(round_config, config), int(round_config["fine-tune-epochs"]), seed,
+            train_epoch,
         )
         if config.dp_epsilon > 0:
             metrics["epsilon"] = _spent_epsilon(context, config)

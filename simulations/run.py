@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sampled negatives per positive while training (default: %(default)s)")
     parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
                         help="width of item and user vectors (default: %(default)s)")
+    parser.add_argument("--history-length", type=int, default=defaults["history-length"],
+                        help="training items pooled into a user's vector (default: %(default)s)")
     parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
                         help="per-market DP budget for the whole run (DP-SGD with Opacus); 0 trains without DP (default: %(default)s)")
     parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
@@ -104,6 +106,7 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "batch-size": args.batch_size,
         "negatives": args.negatives,
         "embedding-dim": args.embedding_dim,
+        "history-length": args.history_length,
         "data-dir": str(Path(args.data_dir).resolve()) if args.data_dir else "",
         "synthetic-markets": args.synthetic_markets,
         "seed": args.seed,
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         score_penalty=defaults["score-penalty"],
     )
     settings = BaselineSettings(
-        args.rounds, train, args.embedding_dim, defaults["history-length"], defaults["user-embeddings"], args.seed
+        args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed
     )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
     curves_by_method = {}

@@ -109,7 +109,7 @@ def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
     # Two phases of one epoch each per round: twice the steps of one epoch, every round.
     source = MarketSource("", 3, 0)
     examples = load_split(source, "m02", source.catalog()).num_train
-    assert ledger.history[0][2] == 2 * 2 * steps_per_epoch(examples, run_config["batch-size"])
+    assert ledger.history[0][2] == 2 * 2 * steps_per_epoch(examples, run_config["dp-batch-size"])
     assert first["epsilon"] < second["epsilon"] <= BUDGET
     assert second["num-examples"] > 0
 
