@@ -106,7 +106,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_seconds_not_training": after["mean_seconds_not_training"] / before["mean_seconds_not_training"],
     }
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
-    print(f"| setting | s/round | s/round not training |\n|---|---:|---:|")
+    print("| setting | s/round | s/round not training |\n|---|---:|---:|")
     for name, result in results.items():
         print(f"| {name} | {result['mean_seconds_per_round']:.2f} | {result['mean_seconds_not_training']:.2f} |")
     print(f"tuned / flower-defaults: {report['ratio_seconds_per_round']:.2f} per round, "
