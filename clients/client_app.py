@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from common.catalog import Catalog
+from common.config import from_kebab_case
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
@@ -62,24 +63,9 @@ class ClientConfig:
     def from_context(cls, context: Context) -> "ClientConfig":
         """Read the run config, letting node config name the catalog of a region."""
         run = context.run_config
-        return cls(
-            method=str(run["method"]),
-            embedding_dim=int(run["embedding-dim"]),
-            history_length=int(run["history-length"]),
-            user_embeddings=bool(run["user-embeddings"]),
-            data_dir=str(run["data-dir"]),
-            synthetic_markets=int(run["synthetic-markets"]),
-            catalog_path=str(context.node_config.get("catalog-path", run["catalog-path"])),
-            seed=int(run["seed"]),
-            num_server_rounds=int(run["num-server-rounds"]),
-            fine_tune_epochs=int(run["fine-tune-epochs"]),
-            dp_epsilon=float(run["dp-epsilon"]),
-            dp_delta=float(run["dp-delta"]),
-            dp_max_grad_norm=float(run["dp-max-grad-norm"]),
-            dp_batch_size=int(run["dp-batch-size"]),
-            dp_learning_rate=float(run["dp-learning-rate"]),
-            dp_accountant=str(run["dp-accountant"]),
-        )
+        # A deployed region may keep the catalog at its own path.
+        catalog_path = context.node_config.get("catalog-path", run["catalog-path"])
+        return from_kebab_case(cls, {**run, "catalog-path": catalog_path}, "ClientApp")
 
 
 def resolve_market(context: Context, config: ClientConfig) -> tuple[MarketSplit, Catalog]:
@@ -147,9 +133,7 @@ def build_local_model(
             f"Market '{split.market}' expected the arrays {sorted(shared)} from the server "
             f"but received {sorted(received)}; do server and client use the same method?"
         )
-    expected = model.state_dict()
-    misfits = [f"{name} {tuple(value.shape)} vs {tuple(expected[name].shape)}"
-               for name, value in received.items() if value.shape != expected[name].shape]
+    misfits = _misfits(model, received)
     if misfits:
         raise ValueError(
             f"Market '{split.market}': the server's arrays do not fit its model ({'; '.join(misfits)}); "
@@ -157,6 +141,16 @@ def build_local_model(
         )
     set_arrays(model, received)
     return model, data, config, shared
+
+
+def _misfits(model: SplitRecommender, arrays: dict[str, torch.Tensor]) -> list[str]:
+    """The arrays the model has no place of that shape for, each with the shape it has and wants."""
+    expected = model.state_dict()
+    return [
+        f"{name} {tuple(value.shape)} vs {tuple(expected[name].shape) if name in expected else 'none'}"
+        for name, value in arrays.items()
+        if name not in expected or value.shape != expected[name].shape
+    ]
 
 
 def state_store(context: Context, market: str) -> MarketStateStore | None:
@@ -171,10 +165,7 @@ def _restore_saved_state(context: Context, model: SplitRecommender, market: str,
     saved = store.load() if store is not None else None
     if saved is None:
         return
-    expected = model.state_dict()
-    misfits = sorted(
-        name for name, value in saved.head.items() if name not in expected or value.shape != expected[name].shape
-    )
+    misfits = _misfits(model, saved.head)
     if misfits:
         log(WARNING, "Market %s: the head saved in %s does not fit this model (%s); starting with a new head.",
             market, store.path, ", ".join(misfits))
@@ -182,7 +173,7 @@ def _restore_saved_state(context: Context, model: SplitRecommender, market: str,
     context.state[LOCAL_STATE_KEY] = ArrayRecord(saved.head)
     if saved.training_id == training_id:
         if saved.ledger is not None:
-            context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(saved.ledger)})
+            _store_ledger(context, saved.ledger)
         log(INFO, "Market %s rejoins training %s with its head and ledger from round %d.",
             market, training_id, saved.last_round)
     else:
@@ -249,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
             log(WARNING, "Market %s is out of privacy budget (epsilon %.3f): it stops training.",
                 market, ledger.epsilon())
             loss, examples = float("nan"), 0
-        context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(ledger.state())})
+        _store_ledger(context, ledger.state())
         metrics["epsilon"] = ledger.epsilon()
     else:
         loss = local_round(model, data, method, train_config, seed)
@@ -300,6 +291,10 @@ def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, epsilon: f
         "test-ndcg": test.ndcg,
         "test-hr": test.hit_rate,
     }
+
+
+def _store_ledger(context: Context, state: dict[str, Any]) -> None:
+    context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(state)})
 
 
 def _stored_ledger(context: Context) -> PrivacyLedger | None:
@@ -356,7 +351,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
 
             def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
                 loss = train_epochs_private(fork, data, one_epoch, ledger, epoch_seed)
-                context.state[PRIVACY_KEY] = ConfigRecord({"ledger": json.dumps(ledger.state())})
+                _store_ledger(context, ledger.state())
                 return loss
 
         tuned = fine_tune(

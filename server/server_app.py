@@ -10,6 +10,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.catalog import Catalog
+from common.config import from_kebab_case
 from common.markets import MarketSource
 from common.methods import get_method
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
@@ -76,13 +77,7 @@ class ServerConfig:
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ServerConfig":
         """Map the kebab-case run config keys onto the dataclass fields."""
-        values = {}
-        for name, field in cls.__dataclass_fields__.items():
-            key = name.replace("_", "-")
-            if key not in run_config:
-                raise KeyError(f"The run config has no '{key}' (needed by the ServerApp).")
-            values[name] = field.type(run_config[key])
-        return cls(**values)
+        return from_kebab_case(cls, run_config, "ServerApp")
 
     def train_config(self) -> ConfigRecord:
         """Per-round local training settings sent to every market."""
