@@ -40,12 +40,17 @@ class ModelConfig:
     user_embeddings: bool = False  # add a free vector per user (overfits sparse markets)
 
 
+class CatalogEmbedding(nn.Embedding):
+    """An embedding over catalog rows; a type of its own so that DP-SGD can give it a
+    faster exact per-example norm (see :mod:`common.embedding_norms`)."""
+
+
 class ItemEncoder(nn.Module):
     """Shared item side: catalog embeddings refined by a residual tower."""
 
     def __init__(self, num_items: int, dim: int) -> None:
         super().__init__()
-        self.item_embedding = nn.Embedding(num_items, dim)
+        self.item_embedding = CatalogEmbedding(num_items, dim)
         self.tower = nn.Linear(dim, dim)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         # Start the tower as the identity so early rounds behave like plain MF.
@@ -64,7 +69,7 @@ class MarketHead(nn.Module):
         super().__init__()
         self.user_embedding = nn.Embedding(num_users, dim) if user_embeddings else None
         self.history_projection = nn.Linear(dim, dim, bias=False)
-        self.item_bias = nn.Embedding(num_items, 1)
+        self.item_bias = CatalogEmbedding(num_items, 1)
         if self.user_embedding is not None:
             nn.init.normal_(self.user_embedding.weight, std=0.1)
         nn.init.eye_(self.history_projection.weight)

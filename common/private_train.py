@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.embedding_norms import register_embedding_norm_sampler
 from common.methods import Method
 from common.model import SplitRecommender
 from common.privacy import PrivacyBudgetExceeded, PrivacyLedger, steps_per_epoch
@@ -101,6 +102,7 @@ def train_epochs_private(
     model.train()  # Opacus refuses a module in eval mode
     from opacus import PrivacyEngine  # lazily: see common.privacy.calibrate_noise
 
+    register_embedding_norm_sampler()
     engine = PrivacyEngine(accountant=ledger.budget.accountant)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: its noise is seeded for reproducibility.
