@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.embedding_norms import register_embedding_norm_sampler
 from common.methods import Method
-from common.model import SplitRecommender
+from common.model import CatalogEmbedding, SplitRecommender
 from common.privacy import PrivacyBudgetExceeded, PrivacyLedger, steps_per_epoch
 from common.train import MarketTensors, TrainConfig, batch_inputs
 
@@ -43,6 +43,23 @@ def private_round(
         train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head)
         return train_epochs_private(model, data, config, ledger, seed + 1, trainable=model.encoder)
     return train_epochs_private(model, data, config, ledger, seed)
+
+
+def _foreign_rows(trained: nn.Module, data: MarketTensors) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Each trained catalog table with a mask of the rows of items the market does not sell.
+
+    No example of the market looks such a row up (histories, positives and
+    negatives all come from the market's items), so its noisy gradient is pure
+    noise: Adam would turn it into full-size random steps, which FedAvg then
+    carries into the markets that do sell the item. Zeroing it after the noise
+    is post-processing and costs no privacy.
+    """
+    tables = [module.weight for module in trained.modules() if isinstance(module, CatalogEmbedding)]
+    if not tables:
+        return []
+    outside = torch.ones(tables[0].shape[0], dtype=torch.bool)
+    outside[data.market_items] = False
+    return [(weight, outside) for weight in tables]
 
 
 def train_epochs_private(
@@ -99,6 +116,7 @@ def train_epochs_private(
     for parameter in frozen:
         parameter.requires_grad_(False)
     optimizer = torch.optim.Adam((trainable or model).parameters(), lr=config.learning_rate)
+    foreign_rows = _foreign_rows(trainable or model, data)
     model.train()  # Opacus refuses a module in eval mode
     from opacus import PrivacyEngine  # lazily: see common.privacy.calibrate_noise
 
@@ -133,7 +151,10 @@ def train_epochs_private(
                 loss = criterion(scores, torch.zeros(len(batch), dtype=torch.long))
                 private_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                private_optimizer.step()
+                if private_optimizer.pre_step():  # clips, sums and adds the noise
+                    for weight, outside in foreign_rows:
+                        weight.grad[outside] = 0.0
+                    private_optimizer.original_optimizer.step()
                 total += float(loss.detach())
                 batches += 1
             mean_loss = total / max(batches, 1)

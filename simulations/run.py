@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "every market then weighs the same in the average (default: %(default)s)")
     parser.add_argument("--market-dp-clip", type=float, default=defaults["market-dp-clipping-norm"],
                         help="market-level DP: L2 bound on each market's update of the shared arrays (default: %(default)s)")
+    parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other key of the app config ([tool.flwr.app.config] in pyproject.toml) for the "
+                             "federated methods, e.g. --set dp-learning-rate=0.02; repeatable")
     parser.add_argument("--seed", type=int, default=defaults["seed"],
                         help="seeds data generation, negatives, models and training (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/run"),
@@ -88,7 +91,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.market_dp_noise < 0 or args.market_dp_clip <= 0:
         parser.error("--market-dp-noise must not be negative and --market-dp-clip must be positive")
     args.methods = methods
+    assignments, args.app_config = args.app_config, {}
+    try:
+        args.app_config = parse_app_config(assignments, defaults, reserved=set(run_config_for(args, "", Path(), 0)))
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved: set[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as app config entries, each converted to its default's type.
+
+    Parameters
+    ----------
+    assignments : list[str]
+        The ``--set`` values.
+    defaults : dict
+        The app config of pyproject.toml: its keys are the known ones.
+    reserved : set[str]
+        Keys the harness sets from its own options, so that baselines and
+        federated methods always see the same value.
+
+    Raises
+    ------
+    ValueError
+        If an assignment has no ``=``, names an unknown or reserved key, or has a
+        value of the wrong type.
+    """
+    parsed: dict[str, Any] = {}
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator:
+            raise ValueError(f"--set takes KEY=VALUE, got '{assignment}'.")
+        if key not in defaults:
+            raise ValueError(f"--set {key}: the app config has no key '{key}'; see [tool.flwr.app.config] in pyproject.toml.")
+        if key in reserved:
+            raise ValueError(f"--set {key}: the harness sets '{key}' from its own option; see --help.")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if text not in ("true", "false"):
+                raise ValueError(f"--set {key}: expected true or false, got '{text}'.")
+            parsed[key] = text == "true"
+        else:
+            try:
+                parsed[key] = type(default)(text)
+            except ValueError:
+                raise ValueError(f"--set {key}: expected a value of type {type(default).__name__}, got '{text}'.") from None
+    return parsed
 
 
 def say(message: str) -> None:
@@ -99,6 +148,7 @@ def say(message: str) -> None:
 def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets: int) -> dict[str, Any]:
     """Overrides of the app config for one federated method."""
     return {
+        **args.app_config,
         "method": method,
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,

@@ -62,6 +62,24 @@ def test_a_private_round_reports_epsilon_and_differs_from_the_non_private_one():
     assert PRIVACY_KEY in private.state
 
 
+def test_dp_sgd_moves_only_the_rows_of_items_the_market_sells():
+    # Prepare
+    run_config = _run_config(BUDGET)
+    source = MarketSource("", 3, 0)
+    market_items = load_split(source, source.markets[2], source.catalog()).market_items
+    sent = initial_arrays(ServerConfig.from_run_config(run_config))["encoder.item_embedding.weight"].numpy()
+
+    # Execute
+    reply = _train(run_config, _context(run_config), 1)
+
+    # Assert: a row no example can look up would only carry noise, so it comes back as sent.
+    returned = reply.content["arrays"]["encoder.item_embedding.weight"].numpy()
+    changed = np.flatnonzero(np.any(returned != sent, axis=1))
+    assert set(changed) <= set(market_items.tolist())
+    assert len(changed) > 0.9 * len(market_items)
+    assert len(market_items) < len(sent)
+
+
 def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
     run_config = _run_config(BUDGET)
     context = _context(run_config)

@@ -1,0 +1,34 @@
+"""The harness's --set: any other app config key, typed like its default."""
+
+import pytest
+
+from simulations import run as harness
+
+
+def test_set_converts_each_value_to_the_type_of_its_default():
+    args = harness.parse_args(
+        ["--set", "dp-batch-size=512", "--set", "dp-learning-rate=0.02", "--set", "fold-evaluation=false",
+         "--set", "dp-accountant=rdp"]
+    )
+
+    assert args.app_config == {
+        "dp-batch-size": 512, "dp-learning-rate": 0.02, "fold-evaluation": False, "dp-accountant": "rdp"
+    }
+    assert harness.run_config_for(args, "fedper", harness.Path("out"), 3)["dp-batch-size"] == 512
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("dp-batch-size", "takes KEY=VALUE"),
+        ("no-such-key=1", "has no key 'no-such-key'"),
+        ("dp-batch-size=lots", "expected a value of type int, got 'lots'"),
+        ("fold-evaluation=yes", "expected true or false"),
+        ("seed=3", "sets 'seed' from its own option"),
+    ],
+)
+def test_set_refuses_what_it_cannot_apply(assignment, message, capsys):
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--set", assignment])
+
+    assert message in capsys.readouterr().err
