@@ -25,7 +25,7 @@ from common.config import from_kebab_case
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
-from common.privacy import PrivacyBudget, PrivacyLedger, calibrate_noise, default_delta, sample_rate
+from common.privacy import PrivacyBudget, PrivacyLedger, calibrated_ledger, default_delta
 from common.private_train import private_round, private_round_steps, private_steps, train_epochs_private
 from common.split import MarketSplit
 from common.train import MarketTensors, TrainConfig, evaluate
@@ -324,12 +324,11 @@ def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: 
         max_grad_norm=config.dp_max_grad_norm,
         accountant=config.dp_accountant,
     )
-    rate = sample_rate(examples, train.batch_size)
     total_steps = config.num_server_rounds * private_round_steps(data, method, train)
     if method.fine_tune:
         # The fork is trained on private data too: its epochs are part of the budget.
         total_steps += private_steps(data, replace(train, epochs=config.fine_tune_epochs))
-    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps), rate)
+    return calibrated_ledger(budget, examples, train.batch_size, total_steps)
 
 
 @app.evaluate()

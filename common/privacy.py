@@ -80,6 +80,12 @@ def calibrate_noise(budget: PrivacyBudget, rate: float, total_steps: int) -> flo
     )
 
 
+def calibrated_ledger(budget: PrivacyBudget, examples: int, batch_size: int, total_steps: int) -> "PrivacyLedger":
+    """A fresh ledger whose noise spends exactly ``budget`` over ``total_steps`` Poisson batches."""
+    rate = sample_rate(examples, batch_size)
+    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps), rate)
+
+
 @dataclass
 class PrivacyLedger:
     """Everything a market has spent, in the accountant's own history format.

@@ -1,4 +1,9 @@
-"""Non-federated references trained on the same splits: each market alone, and all pooled."""
+"""Non-federated references trained on the same splits: each market alone, and all pooled.
+
+``local`` can train under DP-SGD with the budget a federated market gets, which
+answers whether federating pays for itself under DP; ``pooled`` puts all
+markets' data in one place, so it stays the non-private ceiling.
+"""
 
 import time
 from collections.abc import Callable
@@ -9,6 +14,8 @@ import torch
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
+from common.privacy import PrivacyBudget, calibrated_ledger, default_delta, steps_per_epoch
+from common.private_train import train_epochs_private
 from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
 
 Progress = Callable[[str], None]
@@ -24,6 +31,18 @@ class BaselineSettings:
     history_length: int  # same user representation as the federated methods
     user_embeddings: bool  # same user representation as the federated methods
     seed: int  # seeds model initialisation and training
+    privacy: "LocalPrivacy | None" = None  # DP-SGD for the local baseline; None trains without DP
+
+
+@dataclass(frozen=True)
+class LocalPrivacy:
+    """The budget and DP-SGD settings a federated market would get, for the local baseline."""
+
+    epsilon: float  # each market's budget over all rounds
+    delta: float  # 0 picks 0.1 / training examples of the market, as the ClientApp does
+    max_grad_norm: float  # per-example clipping bound
+    accountant: str  # prv or rdp
+    train: TrainConfig  # DP-SGD's batch size and step size (dp-batch-size, dp-learning-rate)
 
 
 def market_curve(
@@ -61,9 +80,22 @@ def run_local(
             )
         )
         curve = [market_curve(model, data, 0)]
+        ledger = None
+        if settings.privacy is not None:
+            privacy, examples = settings.privacy, len(data.train_users)
+            budget = PrivacyBudget(
+                privacy.epsilon, privacy.delta or default_delta(examples), privacy.max_grad_norm, privacy.accountant
+            )
+            total_steps = settings.rounds * privacy.train.epochs * steps_per_epoch(examples, privacy.train.batch_size)
+            ledger = calibrated_ledger(budget, examples, privacy.train.batch_size, total_steps)
         for server_round in range(1, settings.rounds + 1):
-            train_epochs(model, [data], settings.train, market_seed(market, settings.seed) + server_round)
-            curve.append(market_curve(model, data, server_round))
+            seed = market_seed(market, settings.seed) + server_round
+            if ledger is None:
+                train_epochs(model, [data], settings.train, seed)
+                curve.append(market_curve(model, data, server_round))
+            else:
+                train_epochs_private(model, data, settings.privacy.train, ledger, seed)
+                curve.append(market_curve(model, data, server_round) | {"epsilon": ledger.epsilon()})
         curves[market] = curve
         best = max(curve[1:], key=lambda point: point["val-ndcg"])
         progress(

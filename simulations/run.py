@@ -15,13 +15,14 @@ import shutil
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
-from simulations.baselines import BaselineSettings, run_local, run_pooled
+from simulations.baselines import BaselineSettings, LocalPrivacy, run_local, run_pooled
 from simulations.flower_runtime import APP_DIR, SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.results import (
     federated_curves,
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--history-length", type=int, default=defaults["history-length"],
                         help="training items pooled into a user's vector (default: %(default)s)")
     parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
-                        help="per-market DP budget for the whole run (DP-SGD with Opacus); 0 trains without DP (default: %(default)s)")
+                        help="per-market DP budget for the whole run (DP-SGD with Opacus), for the federated methods and local; "
+                             "pooled stays non-private; 0 trains without DP (default: %(default)s)")
     parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
                         help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
                              "every market then weighs the same in the average (default: %(default)s)")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     catalog = source.catalog()  # reads every market once: bad files fail here, before training
     say(f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
         f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s")
-    defaults = app_defaults()
+    defaults = {**app_defaults(), **args.app_config}
     train = TrainConfig(
         epochs=args.local_epochs,
         batch_size=args.batch_size,
@@ -192,8 +194,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         negatives=args.negatives,
         score_penalty=defaults["score-penalty"],
     )
+    privacy = None
+    if args.dp_epsilon > 0:
+        private_train = replace(train, batch_size=defaults["dp-batch-size"], learning_rate=defaults["dp-learning-rate"])
+        privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
+                               defaults["dp-accountant"], private_train)
+        if "pooled" in args.methods:
+            say("pooled pools every market's data in one place: it trains without DP, as the non-private ceiling")
     settings = BaselineSettings(
-        args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed
+        args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy
     )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
     curves_by_method = {}

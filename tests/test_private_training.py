@@ -13,6 +13,7 @@ from clients.client_app import PRIVACY_KEY, app
 from common.markets import MarketSource, load_split
 from common.privacy import PrivacyLedger, steps_per_epoch
 from server.server_app import ServerConfig, initial_arrays
+from simulations import run as harness
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BUDGET = 4.0
@@ -72,7 +73,7 @@ def test_dp_sgd_moves_only_the_rows_of_items_the_market_sells():
     # Execute
     reply = _train(run_config, _context(run_config), 1)
 
-    # Assert: a row no example can look up would only carry noise, so it comes back as sent.
+    # Assert: no example looks up another row, so its noisy gradient was pure noise and is zeroed.
     returned = reply.content["arrays"]["encoder.item_embedding.weight"].numpy()
     changed = np.flatnonzero(np.any(returned != sent, axis=1))
     assert set(changed) <= set(market_items.tolist())
@@ -142,3 +143,14 @@ def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
 
     assert trained < final["epsilon"] <= BUDGET
     assert "ft-test-ndcg" in final
+
+
+def test_the_local_baseline_under_dp_spends_each_markets_budget_and_no_more(tmp_path):
+    # Execute: each market alone, with the budget a federated market would get.
+    results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8",
+                            "--methods", "local", "--dp-epsilon", str(BUDGET), "--out", str(tmp_path)])
+
+    # Assert: the budget is calibrated over both rounds, so round 2 spends nearly all of it.
+    per_market = results["methods"]["local"]["per_market"].values()
+    assert all(0 < market["epsilon"] <= BUDGET for market in per_market)
+    assert all(market["epsilon"] > 0.95 * BUDGET for market in per_market if market["round"] == 2)
