@@ -34,6 +34,7 @@ from clients.state_store import MarketState, MarketStateStore
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 PRIVACY_KEY = "privacy-ledger"  # the market's DP ledger kept in context.state
+OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
 
@@ -58,6 +59,17 @@ class ClientConfig:
     dp_batch_size: int  # expected Poisson batch under DP: the noise on a step is sigma * clip / batch
     dp_learning_rate: float  # Adam step size under DP: fewer, less noisy steps than without DP
     dp_accountant: str  # prv (tightest) or rdp
+    global_weight: float  # share of the received arrays in a market's model; the rest is its own last trained copy
+    dp_global_weight: float  # the same under DP, where the others' updates carry their noise
+
+    def __post_init__(self) -> None:
+        for key, weight in (("global-weight", self.global_weight), ("dp-global-weight", self.dp_global_weight)):
+            if not 0 <= weight <= 1:
+                raise ValueError(f"{key} must lie between 0 and 1, got {weight}.")
+
+    def starting_weight(self) -> float:
+        """The received arrays' share in the market's model: dp-global-weight under DP."""
+        return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
 
     @classmethod
     def from_context(cls, context: Context) -> "ClientConfig":
@@ -139,8 +151,27 @@ def build_local_model(
             f"Market '{split.market}': the server's arrays do not fit its model ({'; '.join(misfits)}); "
             "server and regions must use the same catalog (catalog-path) and embedding-dim."
         )
-    set_arrays(model, received)
+    set_arrays(model, blend_with_own(received, context, config))
     return model, data, config, shared
+
+
+def blend_with_own(
+    received: dict[str, torch.Tensor], context: Context, config: ClientConfig
+) -> dict[str, torch.Tensor]:
+    """The shared arrays a market starts from: ``w * received + (1 - w) * its own last copy``.
+
+    With ``w`` = 1 (the default without DP) this is plain FedAvg/FedPer. Under
+    DP every market's update carries its DP noise, and the average of seven
+    such updates moved small markets away from what their own data had taught
+    them; keeping part of their own copy keeps that. The own copy is the
+    market's own DP output, so blending costs no privacy. Before a market has
+    trained, it starts from the received arrays alone.
+    """
+    weight = config.starting_weight()
+    if weight == 1 or OWN_ARRAYS_KEY not in context.state:
+        return received
+    own = context.state[OWN_ARRAYS_KEY].to_torch_state_dict()
+    return {name: weight * value + (1 - weight) * own[name] for name, value in received.items()}
 
 
 def _misfits(model: SplitRecommender, arrays: dict[str, torch.Tensor]) -> list[str]:
@@ -171,6 +202,8 @@ def _restore_saved_state(context: Context, model: SplitRecommender, market: str,
             market, store.path, ", ".join(misfits))
         return
     context.state[LOCAL_STATE_KEY] = ArrayRecord(saved.head)
+    if saved.own_arrays is not None and not _misfits(model, saved.own_arrays):
+        context.state[OWN_ARRAYS_KEY] = ArrayRecord(saved.own_arrays)
     if saved.training_id == training_id:
         if saved.ledger is not None:
             _store_ledger(context, saved.ledger)
@@ -248,6 +281,8 @@ def train(msg: Message, context: Context) -> Message:
     local = [name for name in model.state_dict() if name not in shared]
     head = get_arrays(model, local)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(head)
+    if config.starting_weight() < 1:
+        context.state[OWN_ARRAYS_KEY] = ArrayRecord(get_arrays(model, shared))
     _persist(context, market, round_config)
     valid = evaluate(model, data)
     metrics.update(
@@ -264,17 +299,19 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _persist(context: Context, market: str, round_config: ConfigRecord) -> None:
-    """Save the head and the ledger of ``context.state`` to the market's state directory, if it has one."""
+    """Save the head, the ledger and the own arrays of ``context.state`` to the market's state directory, if any."""
     store = state_store(context, market)
     if store is None:
         return
     ledger = _stored_ledger(context)
+    own_arrays = context.state[OWN_ARRAYS_KEY] if OWN_ARRAYS_KEY in context.state else None
     store.save(
         MarketState(
             training_id=str(round_config.get("training-id", "")),
             last_round=int(round_config["server-round"]),
             head=context.state[LOCAL_STATE_KEY].to_torch_state_dict(),
             ledger=ledger.state() if ledger is not None else None,
+            own_arrays=own_arrays.to_torch_state_dict() if own_arrays is not None else None,
         )
     )
 

@@ -1,4 +1,5 @@
-"""A market's durable state: its head, its privacy ledger and its last round, in the region's state directory.
+"""A market's durable state: its head, its privacy ledger, its last round (and, when
+it keeps one, its own copy of the shared arrays), in the region's state directory.
 
 ``context.state`` lives only as long as one run on one SuperNode process. A
 deployed region sets ``state-dir`` in its node config so that a restarted
@@ -23,6 +24,7 @@ class MarketState:
     last_round: int  # the last round the market trained in
     head: dict[str, torch.Tensor]  # local parameters, never shared
     ledger: dict[str, Any] | None  # PrivacyLedger.state() of this training, None without DP
+    own_arrays: dict[str, torch.Tensor] | None = None  # its last trained shared arrays, when global weight < 1
 
 
 class MarketStateStore:
@@ -42,6 +44,7 @@ class MarketStateStore:
                 last_round=int(saved["last-round"]),
                 head=dict(saved["head"]),
                 ledger=saved["ledger"],
+                own_arrays=saved.get("own-arrays"),
             )
         except (KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(
@@ -59,6 +62,7 @@ class MarketStateStore:
                 "last-round": state.last_round,
                 "head": state.head,
                 "ledger": state.ledger,
+                "own-arrays": state.own_arrays,
             },
             tmp,
         )

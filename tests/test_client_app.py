@@ -4,10 +4,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import LOCAL_STATE_KEY, app
+from clients.client_app import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, ClientConfig, app, blend_with_own
 from common.catalog import Catalog
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
@@ -106,6 +107,42 @@ def test_the_head_persists_between_rounds_in_context_state():
 
     assert first.shape == second.shape
     assert (first != second).any()
+
+
+def test_a_market_starts_from_the_global_weight_blend_of_received_and_own_arrays():
+    # Prepare: the market trained once, so it holds its own copy of the shared arrays.
+    run_config = _run_config(**{"global-weight": 0.25})
+    context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
+    reply = app(_train_message(run_config, 1), context)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    own = context.state[OWN_ARRAYS_KEY].to_torch_state_dict()
+    received = {name: value + 1.0 for name, value in sent.items()}
+
+    # Execute
+    blended = blend_with_own(received, context, ClientConfig.from_context(context))
+
+    # Assert: the own copy is exactly what the market sent; a quarter of the received arrays is mixed in.
+    for name in sent:
+        assert torch.equal(own[name], sent[name])
+        torch.testing.assert_close(blended[name], 0.25 * received[name] + 0.75 * own[name])
+
+
+def test_with_global_weight_one_a_market_keeps_no_copy_and_takes_the_received_arrays():
+    run_config = _run_config()
+    context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
+    app(_train_message(run_config, 1), context)
+    received = {"encoder.tower.bias": torch.ones(8)}
+
+    assert OWN_ARRAYS_KEY not in context.state
+    assert blend_with_own(received, context, ClientConfig.from_context(context)) is received
+
+
+@pytest.mark.parametrize("key", ["global-weight", "dp-global-weight"])
+def test_a_global_weight_outside_zero_to_one_is_refused(key):
+    context = _context(_run_config(**{key: 1.5}), {"partition-id": 2, "num-partitions": 3})
+
+    with pytest.raises(ValueError, match=f"{key} must lie between 0 and 1, got 1.5"):
+        ClientConfig.from_context(context)
 
 
 def test_a_deployed_market_reads_its_own_file_through_the_company_catalog(tmp_path):

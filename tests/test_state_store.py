@@ -8,7 +8,8 @@ from clients.state_store import MarketState, MarketStateStore
 
 def test_a_saved_state_comes_back_unchanged(tmp_path):
     store = MarketStateStore(tmp_path / "state", "de")
-    state = MarketState("run-1", 3, {"head.item_bias.weight": torch.arange(4.0)}, {"history": [[1.0, 0.1, 12]]})
+    state = MarketState("run-1", 3, {"head.item_bias.weight": torch.arange(4.0)}, {"history": [[1.0, 0.1, 12]]},
+                        own_arrays={"encoder.tower.bias": torch.ones(2)})
 
     store.save(state)
     restored = store.load()
@@ -16,6 +17,7 @@ def test_a_saved_state_comes_back_unchanged(tmp_path):
     assert restored.training_id == "run-1" and restored.last_round == 3
     assert torch.equal(restored.head["head.item_bias.weight"], torch.arange(4.0))
     assert restored.ledger == {"history": [[1.0, 0.1, 12]]}
+    assert torch.equal(restored.own_arrays["encoder.tower.bias"], torch.ones(2))
     assert [path.name for path in (tmp_path / "state").iterdir()] == ["de.pt"]
 
 
