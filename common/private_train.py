@@ -138,29 +138,34 @@ def train_epochs_private(
         )
     private_model.train()
     mean_loss = float("nan")
-    try:
-        for _ in range(config.epochs):
-            total, batches = 0.0, 0
-            for (batch,) in private_loader:
-                # Ghost clipping cannot take an empty Poisson batch; skipping it
-                # releases nothing, and the ledger still counts the step.
-                if len(batch) == 0:
-                    continue
-                users, history, mask, candidates = batch_inputs(data, batch, config.negatives, generator)
-                scores = private_model(users, history, mask, candidates)
-                loss = criterion(scores, torch.zeros(len(batch), dtype=torch.long))
-                private_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if private_optimizer.pre_step():  # clips, sums and adds the noise
-                    for weight, outside in foreign_rows:
-                        weight.grad[outside] = 0.0
-                    private_optimizer.original_optimizer.step()
-                total += float(loss.detach())
-                batches += 1
-            mean_loss = total / max(batches, 1)
-    finally:
-        private_model._close()  # removes Opacus's hooks from ``model``
-        for parameter in frozen:
-            parameter.requires_grad_(True)
+    with warnings.catch_warnings():
+        # Ghost clipping's backward passes start at the loss, and the first
+        # layer's inputs are item indices, which have no gradient: torch warns
+        # about that on every step although nothing is wrong.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        try:
+            for _ in range(config.epochs):
+                total, batches = 0.0, 0
+                for (batch,) in private_loader:
+                    # Ghost clipping cannot take an empty Poisson batch; skipping it
+                    # releases nothing, and the ledger still counts the step.
+                    if len(batch) == 0:
+                        continue
+                    users, history, mask, candidates = batch_inputs(data, batch, config.negatives, generator)
+                    scores = private_model(users, history, mask, candidates)
+                    loss = criterion(scores, torch.zeros(len(batch), dtype=torch.long))
+                    private_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if private_optimizer.pre_step():  # clips, sums and adds the noise
+                        for weight, outside in foreign_rows:
+                            weight.grad[outside] = 0.0
+                        private_optimizer.original_optimizer.step()
+                    total += float(loss.detach())
+                    batches += 1
+                mean_loss = total / max(batches, 1)
+        finally:
+            private_model._close()  # removes Opacus's hooks from ``model``
+            for parameter in frozen:
+                parameter.requires_grad_(True)
     ledger.record(steps)
     return mean_loss
