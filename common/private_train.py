@@ -121,10 +121,10 @@ def train_epochs_private(
     from opacus import PrivacyEngine  # lazily: see common.privacy.calibrate_noise
 
     register_embedding_norm_sampler()
-    engine = PrivacyEngine(accountant=ledger.budget.accountant)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: its noise is seeded for reproducibility.
         warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant=ledger.budget.accountant)
         private_model, private_optimizer, criterion, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
