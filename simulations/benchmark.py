@@ -301,8 +301,8 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the benchmark's sub-command and run it."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The sub-command and its options."""
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -328,7 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
     latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the benchmark's sub-command and run it."""
+    args = parse_args(argv)
     {"quality": quality, "scale": scale, "dp-step": dp_step, "latency": latency.latency}[args.command](args)
 
 
