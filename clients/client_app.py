@@ -25,8 +25,15 @@ from common.config import from_kebab_case
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
-from common.privacy import PrivacyBudget, PrivacyLedger, calibrated_ledger, default_delta
-from common.private_train import private_round, private_round_steps, private_steps, train_epochs_private
+from common.privacy import PrivacyBudget, PrivacyLedger, default_delta
+from common.private_train import (
+    private_round,
+    private_round_steps,
+    private_steps,
+    privacy_units,
+    start_private_training,
+    train_epochs_private,
+)
 from common.split import MarketSplit
 from common.train import MarketTensors, TrainConfig, evaluate
 
@@ -54,10 +61,12 @@ class ClientConfig:
     num_server_rounds: int  # the run's length, over which the DP budget is spread
     fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
     dp_epsilon: float  # 0 trains without DP; otherwise the market's budget for the whole run
-    dp_delta: float  # 0 picks 0.1 / training examples of the market
+    dp_delta: float  # 0 picks 0.1 / users of the market (the units of privacy)
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
     dp_batch_size: int  # expected Poisson batch under DP: the noise on a step is sigma * clip / batch
     dp_learning_rate: float  # Adam step size under DP: fewer, less noisy steps than without DP
+    dp_user_positives: int  # training items of a sampled user per DP-SGD step (one user is one example)
+    dp_popularity_share: float  # share of the budget the released item popularity alone would spend; 0 releases none
     dp_accountant: str  # prv (tightest) or rdp
     global_weight: float  # share of the received arrays in a market's model; the rest is its own last trained copy
     dp_global_weight: float  # the same under DP, where the others' updates carry their noise
@@ -242,7 +251,12 @@ def local_train_config(record: ConfigRecord, config: ClientConfig) -> TrainConfi
     """The server's settings for the round, with DP-SGD's own batch size and step size under DP."""
     train = train_config_from(record)
     if config.dp_epsilon > 0:
-        return replace(train, batch_size=config.dp_batch_size, learning_rate=config.dp_learning_rate)
+        return replace(
+            train,
+            batch_size=config.dp_batch_size,
+            learning_rate=config.dp_learning_rate,
+            user_positives=config.dp_user_positives,
+        )
     return train
 
 
@@ -264,7 +278,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
     started = time.perf_counter()
     if config.dp_epsilon > 0:
-        ledger = _ledger(context, config, data, train_config)
+        ledger = _ledger(context, config, model, data, train_config)
         if ledger.can_afford(private_round_steps(data, method, train_config)):
             loss = private_round(model, data, method, train_config, ledger, seed)
         else:
@@ -348,16 +362,20 @@ def _spent_epsilon(context: Context, config: ClientConfig) -> float | None:
     return ledger.epsilon() if ledger is not None else 0.0
 
 
-def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: TrainConfig) -> PrivacyLedger:
-    """The market's ledger from its state; on the first round, calibrated for the whole run."""
+def _ledger(
+    context: Context, config: ClientConfig, model: SplitRecommender, data: MarketTensors, train: TrainConfig
+) -> PrivacyLedger:
+    """The market's ledger from its state; on the first round, a new one for the whole run.
+
+    A new ledger pays for the popularity prior, which goes into ``model``'s head.
+    """
     stored = _stored_ledger(context)
     if stored is not None:
         return stored
     method = get_method(config.method)
-    examples = len(data.train_users)
     budget = PrivacyBudget(
         epsilon=config.dp_epsilon,
-        delta=config.dp_delta or default_delta(examples),
+        delta=config.dp_delta or default_delta(privacy_units(data)),
         max_grad_norm=config.dp_max_grad_norm,
         accountant=config.dp_accountant,
     )
@@ -365,7 +383,8 @@ def _ledger(context: Context, config: ClientConfig, data: MarketTensors, train: 
     if method.fine_tune:
         # The fork is trained on private data too: its epochs are part of the budget.
         total_steps += private_steps(data, replace(train, epochs=config.fine_tune_epochs))
-    return calibrated_ledger(budget, examples, train.batch_size, total_steps)
+    seed = market_seed(data.split.market, config.seed) + 777
+    return start_private_training(model, data, budget, train, total_steps, config.dp_popularity_share, seed)
 
 
 @app.evaluate()
@@ -383,7 +402,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
         seed = market_seed(data.split.market, config.seed) + 999_999
         train_epoch = None
         if config.dp_epsilon > 0:
-            ledger = _ledger(context, config, data, local_train_config(round_config, config))
+            ledger = _ledger(context, config, model, data, local_train_config(round_config, config))
 
             def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
                 loss = train_epochs_private(fork, data, one_epoch, ledger, epoch_seed)

@@ -78,12 +78,19 @@ class MarketHead(nn.Module):
     def user_vectors(
         self, users: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor
     ) -> torch.Tensor:
-        counts = history_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        pooled = (history * history_mask.unsqueeze(-1)).sum(dim=1) / counts
+        """User vectors from encoded ``history`` ``(batch, length, dim)``.
+
+        ``history_mask`` is ``(batch, length)``, or ``(batch, positives, length)``
+        for one vector per positive of a user (each leaves its own positive out).
+        """
+        per_positive = history_mask.dim() == 3
+        mask = history_mask if per_positive else history_mask.unsqueeze(1)
+        counts = mask.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        pooled = torch.einsum("bpl,bld->bpd", mask, history) / counts
         vectors = self.history_projection(pooled)
         if self.user_embedding is not None:
-            vectors = vectors + self.user_embedding(users)
-        return vectors
+            vectors = vectors + self.user_embedding(users).unsqueeze(1)
+        return vectors if per_positive else vectors.squeeze(1)
 
 
 class SplitRecommender(nn.Module):
@@ -102,19 +109,20 @@ class SplitRecommender(nn.Module):
         history_mask: torch.Tensor,
         candidates: torch.Tensor,
     ) -> torch.Tensor:
-        """Scores of shape ``(batch, candidates)``.
+        """Scores of shape ``(batch, candidates)``, or ``(batch, positives, candidates)``.
 
-        History and candidates go through the item table in one lookup: DP-SGD
-        with ghost clipping needs each embedding table called once per forward.
+        Candidates of shape ``(batch, positives, candidates)`` score several
+        positives of each user at once, with a history mask per positive: a
+        user is then one example, as user-level DP-SGD needs. History and
+        candidates go through the item table in one lookup, because ghost
+        clipping needs each embedding table called once per forward.
         """
-        batch, width = candidates.shape
-        items = torch.cat([history, candidates], dim=1)
-        encoded = self.encoder(items)
-        history_vectors = encoded[:, : history.shape[1]]
-        candidate_vectors = encoded[:, history.shape[1] :]
-        user_vectors = self.head.user_vectors(users, history_vectors, history_mask)
-        bias = self.head.item_bias(candidates).view(batch, width)
-        return torch.einsum("bd,bcd->bc", user_vectors, candidate_vectors) + bias
+        grouped = candidates.reshape(len(candidates), -1)
+        encoded = self.encoder(torch.cat([history, grouped], dim=1))
+        candidate_vectors = encoded[:, history.shape[1] :].reshape(*candidates.shape, -1)
+        user_vectors = self.head.user_vectors(users, encoded[:, : history.shape[1]], history_mask)
+        bias = self.head.item_bias(grouped).view(candidates.shape)
+        return torch.einsum("b...d,b...cd->b...c", user_vectors, candidate_vectors) + bias
 
 
 def shared_parameter_names(model: nn.Module, share_head: bool) -> list[str]:

@@ -10,7 +10,7 @@ Neighbouring relation: one training interaction together with the negatives
 sampled for it (example-level DP over a market's interactions).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil
 from typing import Any
 
@@ -59,11 +59,15 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return ceil(num_examples / batch_size)
 
 
-def calibrate_noise(budget: PrivacyBudget, rate: float, total_steps: int) -> float:
+def calibrate_noise(
+    budget: PrivacyBudget, rate: float, total_steps: int, releases: tuple[float, ...] = ()
+) -> float:
     """The noise multiplier that spends exactly the budget over ``total_steps``.
 
     Calibrated once for the whole run (rounds x local epochs x steps per
-    epoch), never per round.
+    epoch), never per round. ``releases`` are the noise multipliers of
+    Gaussian releases of the whole data made besides the steps (the
+    popularity prior); the steps get what they leave of the budget.
     """
     if total_steps < 1:
         raise ValueError(f"Noise calibration needs at least one step, got {total_steps}.")
@@ -71,19 +75,67 @@ def calibrate_noise(budget: PrivacyBudget, rate: float, total_steps: int) -> flo
     # deployed market pays imports on every message (a fresh process each).
     from opacus.accountants.utils import get_noise_multiplier
 
-    return get_noise_multiplier(
-        target_epsilon=budget.epsilon,
-        target_delta=budget.delta,
-        sample_rate=rate,
-        steps=total_steps,
-        accountant=budget.accountant,
-    )
+    if not releases:
+        return get_noise_multiplier(
+            target_epsilon=budget.epsilon,
+            target_delta=budget.delta,
+            sample_rate=rate,
+            steps=total_steps,
+            accountant=budget.accountant,
+        )
+    if epsilon_of(budget, [(sigma, 1.0, 1) for sigma in releases]) >= budget.epsilon:
+        raise ValueError(
+            f"The releases with noise multipliers {releases} alone spend the budget of epsilon {budget.epsilon}."
+        )
+    low, high = 0.0, 10.0
+    while epsilon_of(budget, _release_history(releases) + [(high, rate, total_steps)]) > budget.epsilon:
+        low, high = high, 2 * high
+    while high - low > 0.005:  # Opacus's own tolerance is 0.01 in epsilon; this is finer
+        middle = (low + high) / 2
+        spent = epsilon_of(budget, _release_history(releases) + [(middle, rate, total_steps)])
+        low, high = (middle, high) if spent > budget.epsilon else (low, middle)
+    return high
 
 
-def calibrated_ledger(budget: PrivacyBudget, examples: int, batch_size: int, total_steps: int) -> "PrivacyLedger":
-    """A fresh ledger whose noise spends exactly ``budget`` over ``total_steps`` Poisson batches."""
+def release_noise(budget: PrivacyBudget, share: float) -> float:
+    """The noise multiplier of a Gaussian release of the whole data that alone spends ``share`` of the budget.
+
+    Composed with the DP-SGD steps it costs less than that share; the steps
+    are then calibrated to what it leaves (:func:`calibrated_ledger`).
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"A release's share of the budget must lie strictly between 0 and 1, got {share}.")
+    return calibrate_noise(replace(budget, epsilon=share * budget.epsilon), rate=1.0, total_steps=1)
+
+
+def _release_history(releases: tuple[float, ...] | list[float]) -> list[tuple[float, float, int]]:
+    """Gaussian releases of the whole data in the accountant's format: sample rate 1, one step each."""
+    return [(sigma, 1.0, 1) for sigma in releases]
+
+
+def epsilon_of(budget: PrivacyBudget, history: list[tuple[float, float, int]]) -> float:
+    """Epsilon of an accountant history ``(noise multiplier, sample rate, steps)`` at the budget's delta."""
+    if not history:
+        return 0.0
+    from opacus.accountants import create_accountant  # lazily: see calibrate_noise
+
+    accountant = create_accountant(budget.accountant)
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=budget.delta))
+
+
+def calibrated_ledger(
+    budget: PrivacyBudget, examples: int, batch_size: int, total_steps: int, release_noise: float = 0.0
+) -> "PrivacyLedger":
+    """A fresh ledger whose noise spends exactly ``budget`` over ``total_steps`` Poisson batches.
+
+    With ``release_noise`` > 0 the ledger starts with one Gaussian release of
+    that noise multiplier already recorded (the caller makes it at once), and
+    the steps are calibrated to what it leaves.
+    """
     rate = sample_rate(examples, batch_size)
-    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps), rate)
+    releases = [release_noise] if release_noise > 0 else []
+    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps, tuple(releases)), rate, releases=releases)
 
 
 @dataclass
@@ -99,22 +151,20 @@ class PrivacyLedger:
     rate : float
         Poisson sampling rate of every step.
     history : list
-        ``(noise_multiplier, sample_rate, steps)`` entries, Opacus's format.
+        ``(noise_multiplier, sample_rate, steps)`` entries of DP-SGD, Opacus's format.
+    releases : list
+        Noise multipliers of Gaussian releases of the whole data (sensitivity
+        1, no sampling), composed with the steps.
     """
 
     budget: PrivacyBudget
     noise_multiplier: float
     rate: float
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    releases: list[float] = field(default_factory=list)  # noise multipliers of whole-data Gaussian releases
 
     def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
-        if not history:
-            return 0.0
-        from opacus.accountants import create_accountant  # lazily: see calibrate_noise
-
-        accountant = create_accountant(self.budget.accountant)
-        accountant.history = list(history)
-        return float(accountant.get_epsilon(delta=self.budget.delta))
+        return epsilon_of(self.budget, _release_history(self.releases) + history)
 
     @property
     def steps(self) -> int:
@@ -164,6 +214,7 @@ class PrivacyLedger:
             "noise_multiplier": self.noise_multiplier,
             "rate": self.rate,
             "history": [list(entry) for entry in self.history],
+            "releases": list(self.releases),
         }
 
     @classmethod
@@ -174,4 +225,5 @@ class PrivacyLedger:
             noise_multiplier=float(state["noise_multiplier"]),
             rate=float(state["rate"]),
             history=[(float(n), float(q), int(s)) for n, q, s in state["history"]],
+            releases=[float(sigma) for sigma in state.get("releases", [])],
         )

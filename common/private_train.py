@@ -2,9 +2,13 @@
 
 Everything a market trains on its private data goes through DP-SGD, head
 included: a head trained without DP would leak into later encoder gradients.
-The unit of privacy is one training interaction together with the negatives
-sampled for it: Poisson sampling picks interactions, each contributes one
-clipped gradient.
+
+The unit of privacy is the user, with all their interactions. A user's
+history is an input of every one of their examples, so one interaction
+reaches the gradients of all the user's other interactions: clipping one
+interaction's gradient would not bound its influence. Poisson sampling
+therefore picks users; each sampled user contributes one clipped gradient,
+that of their mean loss over up to ``user_positives`` of their training items.
 """
 
 import warnings
@@ -17,19 +21,50 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.embedding_norms import register_embedding_norm_sampler
 from common.methods import Method
 from common.model import CatalogEmbedding, SplitRecommender
-from common.privacy import PrivacyBudgetExceeded, PrivacyLedger, steps_per_epoch
-from common.train import MarketTensors, TrainConfig, batch_inputs
+from common.privacy import (
+    PrivacyBudget,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    calibrated_ledger,
+    release_noise,
+    steps_per_epoch,
+)
+from common.train import MarketTensors, TrainConfig, user_batch_inputs
+
+
+def privacy_units(data: MarketTensors) -> int:
+    """The market's units of privacy: its users (see the module docstring)."""
+    return data.split.num_users
 
 
 def private_steps(data: MarketTensors, config: TrainConfig) -> int:
     """DP-SGD steps one call of :func:`train_epochs_private` records."""
-    return config.epochs * steps_per_epoch(len(data.train_users), config.batch_size)
+    return config.epochs * steps_per_epoch(privacy_units(data), config.batch_size)
+
+
+class UserSoftmaxLoss(nn.Module):
+    """Sampled-softmax loss of each user: the mean over their real positives.
+
+    Opacus's ghost clipping calls it with ``reduction="none"`` and needs one
+    loss per example, here per user.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = "mean"
+
+    def forward(self, scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        per_positive = nn.functional.cross_entropy(
+            scores.flatten(0, 1), torch.zeros(real.numel(), dtype=torch.long), reduction="none"
+        ).view(real.shape)
+        per_user = (per_positive * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+        return per_user.mean() if self.reduction == "mean" else per_user
 
 
 def private_round_steps(data: MarketTensors, method: Method, config: TrainConfig) -> int:
     """DP-SGD steps one round of ``method`` records (FedRep's head epochs included)."""
     epochs = config.epochs + (config.head_epochs if method.alternating else 0)
-    return epochs * steps_per_epoch(len(data.train_users), config.batch_size)
+    return epochs * steps_per_epoch(privacy_units(data), config.batch_size)
 
 
 def private_round(
@@ -43,6 +78,58 @@ def private_round(
         train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head)
         return train_epochs_private(model, data, config, ledger, seed + 1, trainable=model.encoder)
     return train_epochs_private(model, data, config, ledger, seed)
+
+
+def private_popularity(data: MarketTensors, rows: int, noise_multiplier: float, seed: int) -> torch.Tensor:
+    """The log of the market's item counts, released with the Gaussian mechanism.
+
+    Every user adds ``1 / sqrt(n)`` to each of their ``n`` training items, so
+    one user moves the counts by at most 1 in L2 norm: the release has the
+    privacy cost of one Gaussian step of ``noise_multiplier`` at sample rate
+    1, which the ledger records. Noise is drawn for the market's items only
+    (the assortment is public, see :func:`_foreign_rows`); other rows get 0.
+
+    Returns
+    -------
+    torch.Tensor
+        ``log(1 + max(noisy count, 0))`` per catalog row, of length ``rows``.
+    """
+    items = data.user_items
+    real = items >= 0
+    weights = real / real.sum(dim=1, keepdim=True).clamp(min=1).sqrt()
+    counts = torch.zeros(rows).index_add_(0, items[real], weights[real])
+    noise = torch.randn(len(data.market_items), generator=torch.Generator().manual_seed(seed))
+    noisy = torch.zeros(rows)
+    noisy[data.market_items] = counts[data.market_items] + noise_multiplier * noise
+    return torch.log1p(noisy.clamp(min=0))
+
+
+def start_private_training(
+    model: SplitRecommender,
+    data: MarketTensors,
+    budget: PrivacyBudget,
+    config: TrainConfig,
+    total_steps: int,
+    popularity_share: float,
+    seed: int,
+) -> PrivacyLedger:
+    """The ledger of a new training, calibrated once for all its DP-SGD steps.
+
+    With ``popularity_share`` > 0 the market first releases its item
+    popularity (:func:`private_popularity`) into the head's item bias, with
+    noise that alone would spend that share of the budget; the ledger records
+    the release, and the steps get what it leaves. Popularity ranks most of
+    what a small market's users buy, and a direct release learns it for far
+    less than DP-SGD does (macro test NDCG@10 on XMarket at epsilon 8: see
+    the README).
+    """
+    noise = release_noise(budget, popularity_share) if popularity_share > 0 else 0.0
+    ledger = calibrated_ledger(budget, privacy_units(data), config.batch_size, total_steps, noise)
+    if noise > 0:
+        prior = private_popularity(data, model.head.item_bias.num_embeddings, noise, seed)
+        with torch.no_grad():
+            model.head.item_bias.weight[:, 0] = prior
+    return ledger
 
 
 def _foreign_rows(trained: nn.Module, data: MarketTensors) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -107,7 +194,7 @@ def train_epochs_private(
         )
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        TensorDataset(torch.arange(len(data.train_users))),
+        TensorDataset(torch.arange(privacy_units(data))),
         batch_size=config.batch_size,
         generator=generator,
     )
@@ -129,7 +216,7 @@ def train_epochs_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            criterion=nn.CrossEntropyLoss(),
+            criterion=UserSoftmaxLoss(),
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=ledger.budget.max_grad_norm,
             poisson_sampling=True,
@@ -151,9 +238,10 @@ def train_epochs_private(
                     # releases nothing, and the ledger still counts the step.
                     if len(batch) == 0:
                         continue
-                    users, history, mask, candidates = batch_inputs(data, batch, config.negatives, generator)
-                    scores = private_model(users, history, mask, candidates)
-                    loss = criterion(scores, torch.zeros(len(batch), dtype=torch.long))
+                    inputs, real = user_batch_inputs(
+                        data, batch, config.user_positives, config.negatives, generator
+                    )
+                    loss = criterion(private_model(*inputs), real)
                     private_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if private_optimizer.pre_step():  # clips, sums and adds the noise

@@ -22,6 +22,7 @@ class TrainConfig:
     learning_rate: float = 0.005  # Adam step size, reset every round like the optimizer
     negatives: int = 8  # sampled negatives per positive in the sampled-softmax loss
     score_penalty: float = 1e-4  # penalty on squared scores: keeps logits small, a cheap regulariser
+    user_positives: int = 16  # DP-SGD (one user, one example): training items of a sampled user per step
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.head_epochs < 0 or self.batch_size < 1 or self.negatives < 1:
@@ -29,6 +30,8 @@ class TrainConfig:
                 "Training needs epochs >= 0, head_epochs >= 0, batch_size >= 1 and negatives >= 1, "
                 f"got {self.epochs}, {self.head_epochs}, {self.batch_size} and {self.negatives}."
             )
+        if self.user_positives < 1:
+            raise ValueError(f"DP-SGD needs at least one positive per sampled user, got {self.user_positives}.")
         if self.learning_rate <= 0 or self.score_penalty < 0:
             raise ValueError(
                 f"Training needs learning_rate > 0 and score_penalty >= 0, got "
@@ -49,6 +52,7 @@ class MarketTensors:
     history_mask: torch.Tensor  # (users, history_length) 1.0 where history holds an item
     test_history: torch.Tensor  # history plus the validation item, which precedes the test item
     test_history_mask: torch.Tensor
+    user_items: torch.Tensor  # (users, most training items of a user) each user's training items, -1 padded
 
     @classmethod
     def from_split(
@@ -61,10 +65,12 @@ class MarketTensors:
         starts = np.searchsorted(split.train_users, np.arange(split.num_users))
         ends = np.searchsorted(split.train_users, np.arange(split.num_users), "right")
         histories = [split.train_items[start:end] for start, end in zip(starts, ends, strict=True)]
+        user_items = np.full((split.num_users, max(map(len, histories), default=0)), -1, dtype=np.int64)
         test_history = np.zeros_like(history)
         test_mask = np.zeros_like(mask)
         validation_item = dict(zip(split.valid.users.tolist(), split.valid.candidates[:, 0].tolist()))
         for user, items in enumerate(histories):
+            user_items[user, : len(items)] = items
             for rows, row_mask, sequence in (
                 (history, mask, items),
                 (test_history, test_mask, np.append(items, validation_item.get(user, []))),
@@ -82,6 +88,7 @@ class MarketTensors:
             history_mask=torch.as_tensor(mask),
             test_history=torch.as_tensor(test_history),
             test_history_mask=torch.as_tensor(test_mask),
+            user_items=torch.as_tensor(user_items),
         )
 
     def user_history(
@@ -115,6 +122,29 @@ def batch_inputs(
     history, mask = data.user_history(users)
     mask = mask * (history != positives.unsqueeze(1))
     return users, history, mask, candidates
+
+
+def user_batch_inputs(
+    data: MarketTensors, users: torch.Tensor, positives: int, negatives: int, generator: torch.Generator
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Model inputs for the market's users ``users`` (local indices), one user per example.
+
+    Each user contributes up to ``positives`` of their training items, drawn
+    without replacement, each with its own negatives and with itself masked
+    out of the history. Returns the inputs (candidates of shape ``(users,
+    positives, 1 + negatives)``) and a ``(users, positives)`` mask of the real
+    positives (users with fewer items are padded).
+    """
+    items = data.user_items[users]
+    keys = torch.rand(items.shape, generator=generator).masked_fill(items < 0, -1.0)
+    drawn_keys, drawn = keys.topk(min(positives, items.shape[1]), dim=1)
+    real = drawn_keys >= 0
+    chosen = items.gather(1, drawn).clamp(min=0)  # padding points at row 0 and carries no loss
+    sampled = torch.randint(len(data.market_items), (*chosen.shape, negatives), generator=generator)
+    candidates = torch.cat([chosen.unsqueeze(-1), data.market_items[sampled]], dim=-1)
+    history, mask = data.user_history(users + data.user_offset)
+    per_positive_mask = mask.unsqueeze(1) * (history.unsqueeze(1) != chosen.unsqueeze(-1))
+    return (users + data.user_offset, history, per_positive_mask, candidates), real.float()
 
 
 def sampled_softmax_loss(

@@ -14,8 +14,8 @@ import torch
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
-from common.privacy import PrivacyBudget, calibrated_ledger, default_delta, steps_per_epoch
-from common.private_train import train_epochs_private
+from common.privacy import PrivacyBudget, default_delta
+from common.private_train import privacy_units, private_steps, start_private_training, train_epochs_private
 from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
 
 Progress = Callable[[str], None]
@@ -42,7 +42,8 @@ class LocalPrivacy:
     delta: float  # 0 picks 0.1 / training examples of the market, as the ClientApp does
     max_grad_norm: float  # per-example clipping bound
     accountant: str  # prv or rdp
-    train: TrainConfig  # DP-SGD's batch size and step size (dp-batch-size, dp-learning-rate)
+    train: TrainConfig  # DP-SGD's users per step, step size and items per user (dp-batch-size, ...)
+    popularity_share: float  # share of the budget the popularity release alone would spend; 0: none
 
 
 def market_curve(
@@ -82,12 +83,15 @@ def run_local(
         curve = [market_curve(model, data, 0)]
         ledger = None
         if settings.privacy is not None:
-            privacy, examples = settings.privacy, len(data.train_users)
+            privacy, units = settings.privacy, privacy_units(data)
             budget = PrivacyBudget(
-                privacy.epsilon, privacy.delta or default_delta(examples), privacy.max_grad_norm, privacy.accountant
+                privacy.epsilon, privacy.delta or default_delta(units), privacy.max_grad_norm, privacy.accountant
             )
-            total_steps = settings.rounds * privacy.train.epochs * steps_per_epoch(examples, privacy.train.batch_size)
-            ledger = calibrated_ledger(budget, examples, privacy.train.batch_size, total_steps)
+            total_steps = settings.rounds * private_steps(data, privacy.train)
+            ledger = start_private_training(
+                model, data, budget, privacy.train, total_steps, privacy.popularity_share,
+                market_seed(market, settings.seed) + 777,
+            )
         for server_round in range(1, settings.rounds + 1):
             seed = market_seed(market, settings.seed) + server_round
             if ledger is None:

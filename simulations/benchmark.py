@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.embedding_norms import register_embedding_norm_sampler
 from common.markets import MarketSource, load_split
 from common.model import CatalogEmbedding, ModelConfig, SplitRecommender
-from common.train import MarketTensors, batch_inputs
+from common.private_train import UserSoftmaxLoss, privacy_units
+from common.train import MarketTensors, user_batch_inputs
 from simulations import latency
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
@@ -225,9 +226,9 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     catalog = source.catalog()
     market = args.market or source.markets[0]
     data = MarketTensors.from_split(load_split(source, market, catalog), 50)
-    batch = torch.arange(min(args.batch_size, len(data.train_users)))
-    inputs = batch_inputs(data, batch, 8, torch.Generator().manual_seed(0))
-    target = torch.zeros(len(batch), dtype=torch.long)
+    # One example is one user with up to user-positives of their items (user-level DP-SGD).
+    batch = torch.arange(min(args.batch_size, privacy_units(data)))
+    inputs, target = user_batch_inputs(data, batch, args.user_positives, 8, torch.Generator().manual_seed(0))
 
     def build() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
@@ -235,7 +236,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
         return model, torch.optim.Adam(model.parameters(), lr=0.005)
 
     plain_model, plain_optimizer = build()
-    plain_loss = nn.CrossEntropyLoss()
+    plain_loss = UserSoftmaxLoss()
     model, optimizer = build()
     model.train()
     loader = DataLoader(TensorDataset(batch), batch_size=len(batch))
@@ -243,7 +244,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private_model, private_optimizer, private_loss, _ = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+            module=model, optimizer=optimizer, data_loader=loader, criterion=UserSoftmaxLoss(),
             noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost",
         )
     # Opacus looks the norm sampler up on every backward pass, so swapping the
@@ -282,7 +283,8 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     ]
     report = {
         "market": market,
-        "batch_size": len(batch),
+        "batch_users": len(batch),
+        "batch_interactions": int(target.sum()),
         "embedding_dim": args.embedding_dim,
         "catalog_rows": catalog.size,
         "non_private_step_seconds": statistics.median(seconds["non-private"]),
@@ -323,7 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dp_parser.add_argument("--data-dir", default="", help="market files (default: generated markets)")
     dp_parser.add_argument("--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)")
     dp_parser.add_argument("--market", default="", help="market whose data forms the batch (default: the first)")
-    dp_parser.add_argument("--batch-size", type=int, default=256, help="interactions in the batch (default: %(default)s)")
+    dp_parser.add_argument("--batch-size", type=int, default=256, help="users in the batch (default: %(default)s)")
+    dp_parser.add_argument("--user-positives", type=int, default=16, help="training items per user (default: %(default)s)")
     dp_parser.add_argument("--embedding-dim", type=int, default=128, help="model width (default: %(default)s)")
     dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")

@@ -196,9 +196,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     privacy = None
     if args.dp_epsilon > 0:
-        private_train = replace(train, batch_size=defaults["dp-batch-size"], learning_rate=defaults["dp-learning-rate"])
+        private_train = replace(
+            train,
+            batch_size=defaults["dp-batch-size"],
+            learning_rate=defaults["dp-learning-rate"],
+            user_positives=defaults["dp-user-positives"],
+        )
         privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
-                               defaults["dp-accountant"], private_train)
+                               defaults["dp-accountant"], private_train, defaults["dp-popularity-share"])
         if "pooled" in args.methods:
             say("pooled pools every market's data in one place: it trains without DP, as the non-private ceiling")
     settings = BaselineSettings(

@@ -130,7 +130,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         assert saved["last-round"] == max(trained) > 2
         regions = federation.regions["m02"]
         split = load_file_split(regions["data-path"], "m02", Catalog.load(regions["catalog-path"]), seed=0)
-        steps_per_round = steps_per_epoch(split.num_train, batch_size=app_defaults()["dp-batch-size"])
+        steps_per_round = steps_per_epoch(split.num_users, batch_size=app_defaults()["dp-batch-size"])
         assert [entry[2] for entry in saved["ledger"]["history"]] == [steps_per_round * len(trained)]
         epsilons = [history[r]["per_market"]["m02"]["local/epsilon"] for r in trained]
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]

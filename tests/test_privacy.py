@@ -6,7 +6,7 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from common.privacy import (
@@ -14,6 +14,8 @@ from common.privacy import (
     PrivacyBudgetExceeded,
     PrivacyLedger,
     calibrate_noise,
+    calibrated_ledger,
+    epsilon_of,
     default_delta,
     sample_rate,
     steps_per_epoch,
@@ -44,11 +46,50 @@ def test_epsilon_agrees_with_dp_accounting_within_one_percent(accountant, sigma,
     assert ledger.epsilon() == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize(("release", "sigma", "rate", "steps"), [(2.0, 1.0, 0.05, 300), (4.0, 0.9, 0.02, 1500)])
+def test_a_release_composed_with_steps_agrees_with_dp_accounting(accountant, release, sigma, rate, steps):
+    # Prepare: the popularity release (a Gaussian step on all the data) followed by DP-SGD.
+    ledger = PrivacyLedger(PrivacyBudget(epsilon=100.0, delta=1e-5, accountant=accountant), sigma, rate,
+                           releases=[release])
+
+    # Execute
+    ledger.record(steps)
+
+    # Assert
+    event = dp_accounting.ComposedDpEvent([
+        dp_accounting.GaussianDpEvent(release),
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps),
+    ])
+    independent = (pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4) if accountant == "prv"
+                   else rdp_privacy_accountant.RdpAccountant())
+    assert ledger.epsilon() == pytest.approx(independent.compose(event).get_epsilon(1e-5), rel=0.01)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_steps_calibrated_after_a_release_spend_what_it_leaves(accountant):
+    budget = PrivacyBudget(epsilon=4.0, delta=1e-5, accountant=accountant)
+
+    without = calibrate_noise(budget, 0.05, 300)
+    after_release = calibrate_noise(budget, 0.05, 300, releases=(2.0,))
+    ledger = PrivacyLedger(budget, after_release, 0.05, releases=[2.0])
+    ledger.record(300)
+
+    assert after_release > without  # the release took part of the budget
+    assert budget.epsilon - 0.05 <= ledger.epsilon() <= budget.epsilon
+
+
+def test_a_release_that_alone_spends_the_budget_is_refused():
+    with pytest.raises(ValueError, match="alone spend the budget"):
+        calibrate_noise(PrivacyBudget(epsilon=0.5, delta=1e-5), 0.05, 300, releases=(0.5,))
+
+
 def test_a_ledger_restored_every_round_equals_one_continuous_ledger():
     # Prepare: 5 rounds of 120 steps, the ledger saved to JSON and restored between rounds.
     budget = PrivacyBudget(epsilon=8.0, delta=1e-5)
-    continuous = PrivacyLedger(budget, noise_multiplier=1.1, rate=0.02)
-    restored = PrivacyLedger(budget, noise_multiplier=1.1, rate=0.02)
+    continuous = PrivacyLedger(budget, noise_multiplier=1.1, rate=0.02, releases=[3.0])
+    restored = PrivacyLedger(budget, noise_multiplier=1.1, rate=0.02, releases=[3.0])
 
     # Execute
     for _ in range(5):
@@ -58,6 +99,7 @@ def test_a_ledger_restored_every_round_equals_one_continuous_ledger():
 
     # Assert
     assert restored.history == continuous.history == [(1.1, 0.02, 600)]
+    assert restored.releases == [3.0]
     assert restored.epsilon() == continuous.epsilon()
 
 
@@ -109,14 +151,16 @@ def test_bad_budgets_are_refused(kwargs, message):
     batch_size=st.sampled_from([64, 128, 256]),
     rounds=st.integers(1, 12),
     planned_rounds=st.integers(1, 12),
+    release=st.sampled_from([0.0, 2.0, 4.0]),
 )
-def test_no_market_ever_exceeds_its_budget(epsilon, examples, batch_size, rounds, planned_rounds):
-    # A market calibrated for planned_rounds keeps training while it can afford a round;
-    # asked for more rounds than planned, it must stop before overspending.
+def test_no_market_ever_exceeds_its_budget(epsilon, examples, batch_size, rounds, planned_rounds, release):
+    # A market calibrated for planned_rounds (after its popularity release, if any) keeps
+    # training while it can afford a round; asked for more rounds than planned, it must
+    # stop before overspending.
     budget = PrivacyBudget(epsilon=epsilon, delta=default_delta(examples), accountant="rdp")
-    rate = sample_rate(examples, batch_size)
+    assume(epsilon_of(budget, [(release, 1.0, 1)] if release else []) < epsilon)
     per_round = steps_per_epoch(examples, batch_size)
-    ledger = PrivacyLedger(budget, calibrate_noise(budget, rate, planned_rounds * per_round), rate)
+    ledger = calibrated_ledger(budget, examples, batch_size, planned_rounds * per_round, release)
 
     for _ in range(rounds):
         if ledger.can_afford(per_round):

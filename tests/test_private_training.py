@@ -92,6 +92,7 @@ def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
     assert first < second <= BUDGET
     assert second == pytest.approx(ledger.epsilon())
     assert len(ledger.history) == 1  # one noise level for the whole run, calibrated once
+    assert len(ledger.releases) == 1  # the popularity prior, paid once
 
 
 def test_a_market_out_of_budget_stops_training_and_carries_no_weight():
@@ -127,8 +128,8 @@ def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
 
     # Two phases of one epoch each per round: twice the steps of one epoch, every round.
     source = MarketSource("", 3, 0)
-    examples = load_split(source, "m02", source.catalog()).num_train
-    assert ledger.history[0][2] == 2 * 2 * steps_per_epoch(examples, run_config["dp-batch-size"])
+    users = load_split(source, "m02", source.catalog()).num_users
+    assert ledger.history[0][2] == 2 * 2 * steps_per_epoch(users, run_config["dp-batch-size"])
     assert first["epsilon"] < second["epsilon"] <= BUDGET
     assert second["num-examples"] > 0
 
