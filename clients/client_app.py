@@ -63,7 +63,7 @@ class ClientConfig:
     dp_epsilon: float  # 0 trains without DP; otherwise the market's budget for the whole run
     dp_delta: float  # 0 picks 0.1 / users of the market (the units of privacy)
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
-    dp_batch_size: int  # expected Poisson batch under DP: the noise on a step is sigma * clip / batch
+    dp_batch_size: int  # expected users per DP-SGD step (Poisson): the noise on a step is sigma * clip / batch
     dp_learning_rate: float  # Adam step size under DP: fewer, less noisy steps than without DP
     dp_user_positives: int  # training items of a sampled user per DP-SGD step (one user is one example)
     dp_popularity_share: float  # share of the budget the released item popularity alone would spend; 0 releases none
