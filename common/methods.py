@@ -28,7 +28,7 @@ METHODS = {
         Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork"),
     )
 }
-BASELINES = ("local", "pooled")
+BASELINES = ("local", "pooled", "popular")
 
 
 def get_method(name: str) -> Method:

@@ -1,8 +1,10 @@
-"""Non-federated references trained on the same splits: each market alone, and all pooled.
+"""Non-federated references on the same splits: each market alone, all pooled, and popularity.
 
 ``local`` can train under DP-SGD with the budget a federated market gets, which
 answers whether federating pays for itself under DP; ``pooled`` puts all
-markets' data in one place, so it stays the non-private ceiling.
+markets' data in one place, so it stays the non-private ceiling; ``popular``
+ranks by each market's item popularity, under DP released with the whole
+budget: the simplest private recommender, which DP-SGD has to beat.
 """
 
 import time
@@ -14,8 +16,14 @@ import torch
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
-from common.privacy import PrivacyBudget, default_delta
-from common.private_train import privacy_units, private_steps, start_private_training, train_epochs_private
+from common.privacy import PrivacyBudget, calibrate_noise, default_delta, epsilon_of
+from common.private_train import (
+    privacy_units,
+    private_popularity,
+    private_steps,
+    start_private_training,
+    train_epochs_private,
+)
 from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
 
 Progress = Callable[[str], None]
@@ -106,6 +114,38 @@ def run_local(
             f"local {market}: best val NDCG@10 {best['val-ndcg']:.4f} at round {best['round']}, "
             f"test {best['test-ndcg']:.4f} ({time.perf_counter() - started:.1f} s)"
         )
+    return curves
+
+
+def run_popular(
+    source: MarketSource, catalog: Catalog, settings: BaselineSettings, progress: Progress
+) -> dict[str, list[dict[str, float]]]:
+    """Each market ranks items by its own popularity; under DP, released with the whole budget.
+
+    The release is :func:`common.private_train.private_popularity` (one user
+    moves the counts by at most 1 in L2) with the noise of one Gaussian
+    release that spends each market's epsilon at its delta.
+    """
+    curves = {}
+    for market in source.markets:
+        data = MarketTensors.from_split(load_split(source, market, catalog), settings.history_length)
+        model = SplitRecommender(ModelConfig(catalog.size, data.split.num_users, 1, settings.history_length))
+        with torch.no_grad():
+            model.encoder.item_embedding.weight.zero_()  # scores are the item bias alone
+        noise, epsilon = 0.0, None
+        if settings.privacy is not None:
+            privacy, units = settings.privacy, privacy_units(data)
+            budget = PrivacyBudget(privacy.epsilon, privacy.delta or default_delta(units), privacy.max_grad_norm,
+                                   privacy.accountant)
+            noise = calibrate_noise(budget, rate=1.0, total_steps=1)
+            epsilon = epsilon_of(budget, [(noise, 1.0, 1)])
+        seed = market_seed(market, settings.seed) + 777
+        with torch.no_grad():
+            model.head.item_bias.weight[:, 0] = private_popularity(data, catalog.size, noise, seed)
+        point = market_curve(model, data, 1)
+        curves[market] = [point if epsilon is None else point | {"epsilon": epsilon}]
+        progress(f"popular {market}: test NDCG@10 {point['test-ndcg']:.4f}"
+                 + ("" if epsilon is None else f" (popularity released at epsilon {epsilon:.3f})"))
     return curves
 
 

@@ -3,8 +3,10 @@
     python -m simulations.privacy_sweep --epsilons inf,8,4,2,1 --data-dir DIR --out OUT
 
 For every epsilon the federated method runs with DP-SGD (``inf`` runs it
-without DP: the non-private reference), beside the local-only baseline on
-the same splits. Writes ``OUT/results.json``, one CSV per epsilon
+without DP: the non-private reference), and each market's item popularity
+is released with the same budget (``popular``: the simplest private
+recommender, which DP-SGD has to beat), beside the local-only baseline on the
+same splits. Writes ``OUT/results.json``, one CSV per epsilon
 (``OUT/eps-<e>/results.csv``), ``OUT/sweep.csv`` and ``OUT/privacy.png``:
 test NDCG@10 against epsilon per market and macro, with the non-private
 federated and the local-only results as reference lines.
@@ -43,21 +45,23 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         common += ["--rounds", str(args.rounds)]
     print("== local reference ==", flush=True)
     local = harness.main([*common, "--methods", "local", "--out", str(args.out / "local")])["methods"]["local"]
-    runs = {}
+    runs, popular = {}, {}
     for epsilon in args.epsilons:
         label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
         print(f"== {args.method} at epsilon {label} ==", flush=True)
-        argv = [*common, "--methods", args.method, "--out", str(args.out / f"eps-{label}"),
+        argv = [*common, "--methods", f"popular,{args.method}", "--out", str(args.out / f"eps-{label}"),
                 "--dp-epsilon", "0" if math.isinf(epsilon) else str(epsilon)]
-        runs[label] = harness.main(argv)["methods"][args.method]
-    frame = sweep_frame(runs)
+        methods = harness.main(argv)["methods"]
+        runs[label], popular[label] = methods[args.method], methods["popular"]
+    frame = pd.concat([sweep_frame(runs).assign(method=args.method), sweep_frame(popular).assign(method="popular")])
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "sweep.csv", index=False)
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "local": local, "runs": runs}
+              "local": local, "runs": runs, "popular": popular}
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     plot(report, args.out / "privacy.png")
-    print(frame.pivot(index="market", columns="budget", values="ndcg@10")[list(runs)].to_string(float_format="%.4f"))
+    table = frame.pivot(index=["method", "market"], columns="budget", values="ndcg@10")[list(runs)]
+    print(table.to_string(float_format="%.4f"))
     return report
 
 
@@ -75,7 +79,7 @@ def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """NDCG@10 against epsilon, one panel per market plus macro, reference lines dashed."""
-    runs, local = report["runs"], report["local"]
+    runs, local, popular = report["runs"], report["local"], report["popular"]
     finite = [label for label in runs if label != "inf"]
     markets = [*local["per_market"], "macro"]
     columns = min(4, len(markets))
@@ -87,6 +91,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
         axis.plot([float(label) for label in finite], [score(runs[label]) for label in finite], marker="o",
                   label="federated, DP")
+        axis.plot([float(label) for label in finite], [score(popular[label]) for label in finite], marker="x",
+                  color="tab:orange", label="popularity, DP")
         if "inf" in runs:
             axis.axhline(score(runs["inf"]), linestyle="--", color="tab:green", label="federated, no DP")
         axis.axhline(score(local), linestyle=":", color="tab:gray", label="local only")

@@ -22,7 +22,7 @@ from typing import Any
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
-from simulations.baselines import BaselineSettings, LocalPrivacy, run_local, run_pooled
+from simulations.baselines import BaselineSettings, LocalPrivacy, run_local, run_pooled, run_popular
 from simulations.flower_runtime import APP_DIR, SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.results import (
     federated_curves,
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curves = run_local(source, catalog, settings, say)
         elif method == "pooled":
             curves = run_pooled(source, catalog, settings, say)
+        elif method == "popular":
+            curves = run_popular(source, catalog, settings, say)
         else:
             curves, rounds = run_federated(args, method, len(markets))
             results["rounds"].extend({"method": method, **entry} for entry in rounds)

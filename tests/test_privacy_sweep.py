@@ -18,6 +18,8 @@ def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
         assert 0 < metrics["epsilon"] <= 2.0
     for metrics in report["runs"]["inf"]["per_market"].values():
         assert metrics["epsilon"] is None
+    for metrics in report["popular"]["2"]["per_market"].values():  # popularity released with the whole budget
+        assert metrics["epsilon"] == pytest.approx(2.0, rel=0.01) and metrics["epsilon"] <= 2.0
     assert (tmp_path / "eps-2" / "results.csv").exists()
     assert (tmp_path / "sweep.csv").stat().st_size > 0
     assert (tmp_path / "privacy.png").stat().st_size > 0
