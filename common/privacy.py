@@ -6,8 +6,10 @@ accountant each round would forget earlier rounds and under-report epsilon,
 so the ledger holds the accountant's whole history, restores it every round
 and serialises it with the market's state.
 
-Neighbouring relation: one training interaction together with the negatives
-sampled for it (example-level DP over a market's interactions).
+Neighbouring relation: one user of the market with all their interactions
+(user-level DP; see :mod:`common.private_train` for why not one interaction).
+A market's units of privacy, and so its sample rate and default delta, are
+its users.
 """
 
 from dataclasses import dataclass, field, replace

@@ -58,7 +58,10 @@ class UserSoftmaxLoss(nn.Module):
             scores.flatten(0, 1), torch.zeros(real.numel(), dtype=torch.long), reduction="none"
         ).view(real.shape)
         per_user = (per_positive * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
-        return per_user.mean() if self.reduction == "mean" else per_user
+        reductions = {"none": lambda: per_user, "mean": per_user.mean, "sum": per_user.sum}
+        if self.reduction not in reductions:
+            raise ValueError(f"Unknown reduction '{self.reduction}'; choose one of {sorted(reductions)}.")
+        return reductions[self.reduction]()
 
 
 def private_round_steps(data: MarketTensors, method: Method, config: TrainConfig) -> int:
