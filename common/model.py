@@ -42,7 +42,12 @@ class ModelConfig:
 
 class CatalogEmbedding(nn.Embedding):
     """An embedding over catalog rows; a type of its own so that DP-SGD can give it a
-    faster exact per-example norm (see :mod:`common.embedding_norms`)."""
+    faster exact per-example norm (see :mod:`common.ghost_norms`)."""
+
+
+class PositionwiseLinear(nn.Linear):
+    """A linear layer applied at every item position of an example; a type of its own so
+    that DP-SGD can give it a faster exact per-example norm (see :mod:`common.ghost_norms`)."""
 
 
 class ItemEncoder(nn.Module):
@@ -51,7 +56,7 @@ class ItemEncoder(nn.Module):
     def __init__(self, num_items: int, dim: int) -> None:
         super().__init__()
         self.item_embedding = CatalogEmbedding(num_items, dim)
-        self.tower = nn.Linear(dim, dim)
+        self.tower = PositionwiseLinear(dim, dim)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         # Start the tower as the identity so early rounds behave like plain MF.
         nn.init.zeros_(self.tower.weight)
@@ -68,7 +73,7 @@ class MarketHead(nn.Module):
     def __init__(self, num_users: int, num_items: int, dim: int, user_embeddings: bool) -> None:
         super().__init__()
         self.user_embedding = nn.Embedding(num_users, dim) if user_embeddings else None
-        self.history_projection = nn.Linear(dim, dim, bias=False)
+        self.history_projection = PositionwiseLinear(dim, dim, bias=False)
         self.item_bias = CatalogEmbedding(num_items, 1)
         if self.user_embedding is not None:
             nn.init.normal_(self.user_embedding.weight, std=0.1)

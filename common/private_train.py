@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.embedding_norms import register_embedding_norm_sampler
+from common.ghost_norms import register_norm_samplers
 from common.methods import Method
 from common.model import CatalogEmbedding, SplitRecommender
 from common.privacy import (
@@ -210,7 +210,7 @@ def train_epochs_private(
     model.train()  # Opacus refuses a module in eval mode
     from opacus import PrivacyEngine  # lazily: see common.privacy.calibrate_noise
 
-    register_embedding_norm_sampler()
+    register_norm_samplers()
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: its noise is seeded for reproducibility.
         warnings.simplefilter("ignore")

@@ -35,12 +35,13 @@ import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.grad_sample.embedding import compute_embedding_norm_sample
+from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.embedding_norms import register_embedding_norm_sampler
+from common.ghost_norms import register_norm_samplers
 from common.markets import MarketSource, load_split
-from common.model import CatalogEmbedding, ModelConfig, SplitRecommender
+from common.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
 from common.private_train import UserSoftmaxLoss, privacy_units
 from common.train import MarketTensors, user_batch_inputs
 from simulations import latency
@@ -217,7 +218,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds of a DP-SGD step (Opacus, ghost clipping) against a non-private step.
 
     Same model, same batch, same optimiser. The DP-SGD step is timed twice: with
-    the project's embedding norms (:mod:`common.embedding_norms`) and with
+    the project's norm samplers (:mod:`common.ghost_norms`) and with
     Opacus's own, as the baseline they replace. The three are timed in
     alternating blocks so that machine noise hits them alike, and the median
     ratios are kept.
@@ -240,7 +241,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     model, optimizer = build()
     model.train()
     loader = DataLoader(TensorDataset(batch), batch_size=len(batch))
-    register_embedding_norm_sampler()
+    register_norm_samplers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private_model, private_optimizer, private_loss, _ = PrivacyEngine().make_private(
@@ -250,7 +251,11 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     # Opacus looks the norm sampler up on every backward pass, so swapping the
     # registry entry switches the private step between the two implementations.
     norm_samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
-    samplers = {"project": norm_samplers[CatalogEmbedding], "opacus": compute_embedding_norm_sample}
+    samplers = {
+        "project": {CatalogEmbedding: norm_samplers[CatalogEmbedding],
+                    PositionwiseLinear: norm_samplers[PositionwiseLinear]},
+        "opacus": {CatalogEmbedding: compute_embedding_norm_sample, PositionwiseLinear: compute_linear_norm_sample},
+    }
 
     def timed(step_model: nn.Module, step_optimizer: torch.optim.Optimizer, loss_fn: Any) -> float:
         started = time.perf_counter()
@@ -262,7 +267,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
         return (time.perf_counter() - started) / args.steps
 
     def timed_private(norms: str) -> float:
-        norm_samplers[CatalogEmbedding] = samplers[norms]
+        norm_samplers.update(samplers[norms])
         return timed(private_model, private_optimizer, private_loss)
 
     seconds: dict[str, list[float]] = {"non-private": [], "dp-sgd": [], "dp-sgd-opacus-norms": []}
@@ -276,7 +281,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
             seconds["non-private"].append(timed(plain_model, plain_optimizer, plain_loss))
             seconds["dp-sgd"].append(timed_private("project"))
             seconds["dp-sgd-opacus-norms"].append(timed_private("opacus"))
-    norm_samplers[CatalogEmbedding] = samplers["project"]
+    norm_samplers.update(samplers["project"])
     ratios = [private / plain for private, plain in zip(seconds["dp-sgd"], seconds["non-private"], strict=True)]
     opacus_ratios = [
         private / plain for private, plain in zip(seconds["dp-sgd-opacus-norms"], seconds["non-private"], strict=True)
@@ -298,7 +303,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps(report, indent=1))
     print(
         f"\nDP-SGD step / non-private step: {report['ratio_median']:.2f}x "
-        f"(with Opacus's own embedding norms: {report['opacus_norms_ratio_median']:.2f}x)"
+        f"(with Opacus's own norm samplers: {report['opacus_norms_ratio_median']:.2f}x)"
     )
     return report
 

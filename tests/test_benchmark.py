@@ -6,8 +6,8 @@ import statistics
 import pytest
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 
-from common.embedding_norms import embedding_norm_sample
-from common.model import CatalogEmbedding
+from common.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
+from common.model import CatalogEmbedding, PositionwiseLinear
 from simulations import benchmark
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -32,7 +32,7 @@ def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
     assert "published best" in table and "0.379" in table
 
 
-def test_dp_step_benchmark_times_both_embedding_norms_and_restores_the_projects():
+def test_dp_step_benchmark_times_both_norm_samplers_and_restores_the_projects():
     # Execute: a tiny batch, so that the timing itself is quick.
     report = benchmark.dp_step(benchmark.parse_args(["dp-step", "--synthetic-markets", "2", "--batch-size", "32",
                                                "--embedding-dim", "8", "--steps", "2", "--repeats", "2"]))
@@ -42,3 +42,4 @@ def test_dp_step_benchmark_times_both_embedding_norms_and_restores_the_projects(
     assert len(report["ratios"]) == len(report["opacus_norms_ratios"]) == 2
     assert all(ratio > 0 for ratio in report["ratios"] + report["opacus_norms_ratios"])
     assert GradSampleHooksFastGradientClipping.NORM_SAMPLERS[CatalogEmbedding] is embedding_norm_sample
+    assert GradSampleHooksFastGradientClipping.NORM_SAMPLERS[PositionwiseLinear] is positionwise_linear_norm_sample

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.embedding_norms import register_embedding_norm_sampler
+from common.ghost_norms import register_norm_samplers
 from common.markets import MarketSource, load_split
 from common.model import ModelConfig, SplitRecommender
 from common.private_train import UserSoftmaxLoss, private_popularity
@@ -71,7 +71,7 @@ def test_ghost_clipping_norms_are_the_norms_of_each_users_whole_gradient():
     # Execute: Opacus's ghost clipping with the project's embedding norms, same batch.
     from opacus import PrivacyEngine
 
-    register_embedding_norm_sampler()
+    register_norm_samplers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private_model, _, criterion, _ = PrivacyEngine().make_private(
