@@ -25,12 +25,13 @@ from common.config import from_kebab_case
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
-from common.privacy import PrivacyBudget, PrivacyLedger, default_delta
+from common.privacy import PrivacyLedger
 from common.private_train import (
+    market_budget,
+    popularity_seed,
     private_round,
     private_round_steps,
     private_steps,
-    privacy_units,
     start_private_training,
     train_epochs_private,
 )
@@ -373,17 +374,12 @@ def _ledger(
     if stored is not None:
         return stored
     method = get_method(config.method)
-    budget = PrivacyBudget(
-        epsilon=config.dp_epsilon,
-        delta=config.dp_delta or default_delta(privacy_units(data)),
-        max_grad_norm=config.dp_max_grad_norm,
-        accountant=config.dp_accountant,
-    )
+    budget = market_budget(data, config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm, config.dp_accountant)
     total_steps = config.num_server_rounds * private_round_steps(data, method, train)
     if method.fine_tune:
         # The fork is trained on private data too: its epochs are part of the budget.
         total_steps += private_steps(data, replace(train, epochs=config.fine_tune_epochs))
-    seed = market_seed(data.split.market, config.seed) + 777
+    seed = popularity_seed(data.split.market, config.seed)
     return start_private_training(model, data, budget, train, total_steps, config.dp_popularity_share, seed)
 
 

@@ -85,16 +85,17 @@ def calibrate_noise(
             steps=total_steps,
             accountant=budget.accountant,
         )
-    if epsilon_of(budget, [(sigma, 1.0, 1) for sigma in releases]) >= budget.epsilon:
+    released = release_history(releases)
+    if epsilon_of(budget, released) >= budget.epsilon:
         raise ValueError(
             f"The releases with noise multipliers {releases} alone spend the budget of epsilon {budget.epsilon}."
         )
     low, high = 0.0, 10.0
-    while epsilon_of(budget, _release_history(releases) + [(high, rate, total_steps)]) > budget.epsilon:
+    while epsilon_of(budget, released + [(high, rate, total_steps)]) > budget.epsilon:
         low, high = high, 2 * high
     while high - low > 0.005:  # Opacus's own tolerance is 0.01 in epsilon; this is finer
         middle = (low + high) / 2
-        spent = epsilon_of(budget, _release_history(releases) + [(middle, rate, total_steps)])
+        spent = epsilon_of(budget, released + [(middle, rate, total_steps)])
         low, high = (middle, high) if spent > budget.epsilon else (low, middle)
     return high
 
@@ -103,14 +104,15 @@ def release_noise(budget: PrivacyBudget, share: float) -> float:
     """The noise multiplier of a Gaussian release of the whole data that alone spends ``share`` of the budget.
 
     Composed with the DP-SGD steps it costs less than that share; the steps
-    are then calibrated to what it leaves (:func:`calibrated_ledger`).
+    are then calibrated to what it leaves (:func:`calibrated_ledger`). A
+    share of 1 spends the whole budget on the release.
     """
-    if not 0 < share < 1:
-        raise ValueError(f"A release's share of the budget must lie strictly between 0 and 1, got {share}.")
+    if not 0 < share <= 1:
+        raise ValueError(f"A release's share of the budget must lie in (0, 1], got {share}.")
     return calibrate_noise(replace(budget, epsilon=share * budget.epsilon), rate=1.0, total_steps=1)
 
 
-def _release_history(releases: tuple[float, ...] | list[float]) -> list[tuple[float, float, int]]:
+def release_history(releases: tuple[float, ...] | list[float]) -> list[tuple[float, float, int]]:
     """Gaussian releases of the whole data in the accountant's format: sample rate 1, one step each."""
     return [(sigma, 1.0, 1) for sigma in releases]
 
@@ -166,7 +168,7 @@ class PrivacyLedger:
     releases: list[float] = field(default_factory=list)  # noise multipliers of whole-data Gaussian releases
 
     def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
-        return epsilon_of(self.budget, _release_history(self.releases) + history)
+        return epsilon_of(self.budget, release_history(self.releases) + history)
 
     @property
     def steps(self) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.ghost_norms import register_norm_samplers
+from common.markets import market_seed
 from common.methods import Method
 from common.model import CatalogEmbedding, SplitRecommender
 from common.privacy import (
@@ -26,6 +27,7 @@ from common.privacy import (
     PrivacyBudgetExceeded,
     PrivacyLedger,
     calibrated_ledger,
+    default_delta,
     release_noise,
     steps_per_epoch,
 )
@@ -35,6 +37,18 @@ from common.train import MarketTensors, TrainConfig, user_batch_inputs
 def privacy_units(data: MarketTensors) -> int:
     """The market's units of privacy: its users (see the module docstring)."""
     return data.split.num_users
+
+
+def market_budget(
+    data: MarketTensors, epsilon: float, delta: float, max_grad_norm: float, accountant: str
+) -> PrivacyBudget:
+    """The market's budget for a training; ``delta`` 0 picks :func:`default_delta` of its users."""
+    return PrivacyBudget(epsilon, delta or default_delta(privacy_units(data)), max_grad_norm, accountant)
+
+
+def popularity_seed(market: str, seed: int) -> int:
+    """Seeds the noise of a market's popularity release, apart from its training seeds."""
+    return market_seed(market, seed) + 777
 
 
 def private_steps(data: MarketTensors, config: TrainConfig) -> int:

@@ -16,9 +16,10 @@ import torch
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
-from common.privacy import PrivacyBudget, calibrate_noise, default_delta, epsilon_of
+from common.privacy import epsilon_of, release_history, release_noise
 from common.private_train import (
-    privacy_units,
+    market_budget,
+    popularity_seed,
     private_popularity,
     private_steps,
     start_private_training,
@@ -47,7 +48,7 @@ class LocalPrivacy:
     """The budget and DP-SGD settings a federated market would get, for the local baseline."""
 
     epsilon: float  # each market's budget over all rounds
-    delta: float  # 0 picks 0.1 / training examples of the market, as the ClientApp does
+    delta: float  # 0 picks 0.1 / users of the market, as the ClientApp does
     max_grad_norm: float  # per-example clipping bound
     accountant: str  # prv or rdp
     train: TrainConfig  # DP-SGD's users per step, step size and items per user (dp-batch-size, ...)
@@ -91,14 +92,12 @@ def run_local(
         curve = [market_curve(model, data, 0)]
         ledger = None
         if settings.privacy is not None:
-            privacy, units = settings.privacy, privacy_units(data)
-            budget = PrivacyBudget(
-                privacy.epsilon, privacy.delta or default_delta(units), privacy.max_grad_norm, privacy.accountant
-            )
+            privacy = settings.privacy
+            budget = market_budget(data, privacy.epsilon, privacy.delta, privacy.max_grad_norm, privacy.accountant)
             total_steps = settings.rounds * private_steps(data, privacy.train)
             ledger = start_private_training(
                 model, data, budget, privacy.train, total_steps, privacy.popularity_share,
-                market_seed(market, settings.seed) + 777,
+                popularity_seed(market, settings.seed),
             )
         for server_round in range(1, settings.rounds + 1):
             seed = market_seed(market, settings.seed) + server_round
@@ -134,14 +133,14 @@ def run_popular(
             model.encoder.item_embedding.weight.zero_()  # scores are the item bias alone
         noise, epsilon = 0.0, None
         if settings.privacy is not None:
-            privacy, units = settings.privacy, privacy_units(data)
-            budget = PrivacyBudget(privacy.epsilon, privacy.delta or default_delta(units), privacy.max_grad_norm,
-                                   privacy.accountant)
-            noise = calibrate_noise(budget, rate=1.0, total_steps=1)
-            epsilon = epsilon_of(budget, [(noise, 1.0, 1)])
-        seed = market_seed(market, settings.seed) + 777
+            privacy = settings.privacy
+            budget = market_budget(data, privacy.epsilon, privacy.delta, privacy.max_grad_norm, privacy.accountant)
+            noise = release_noise(budget, share=1.0)
+            epsilon = epsilon_of(budget, release_history([noise]))
         with torch.no_grad():
-            model.head.item_bias.weight[:, 0] = private_popularity(data, catalog.size, noise, seed)
+            model.head.item_bias.weight[:, 0] = private_popularity(
+                data, catalog.size, noise, popularity_seed(market, settings.seed)
+            )
         point = market_curve(model, data, 1)
         curves[market] = [point if epsilon is None else point | {"epsilon": epsilon}]
         progress(f"popular {market}: test NDCG@10 {point['test-ndcg']:.4f}"
