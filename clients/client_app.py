@@ -10,6 +10,7 @@ round are also saved there after every round (see ``clients.state_store``).
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from logging import INFO, WARNING
@@ -25,7 +26,7 @@ from common.config import from_kebab_case
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
-from common.privacy import PrivacyLedger
+from common.privacy import ACCOUNTANTS, PrivacyLedger
 from common.private_train import (
     market_budget,
     popularity_seed,
@@ -76,10 +77,30 @@ class ClientConfig:
         for key, weight in (("global-weight", self.global_weight), ("dp-global-weight", self.dp_global_weight)):
             if not 0 <= weight <= 1:
                 raise ValueError(f"{key} must lie between 0 and 1, got {weight}.")
+        if self.dp_epsilon < 0:
+            raise ValueError(f"dp-epsilon must be 0 (no DP) or a positive budget, got {self.dp_epsilon}.")
+        if not 0 <= self.dp_delta < 1:
+            raise ValueError(f"dp-delta must be 0 (0.1 / the market's users) or lie in (0, 1), got {self.dp_delta}.")
+        for key, value in (("dp-max-grad-norm", self.dp_max_grad_norm), ("dp-learning-rate", self.dp_learning_rate),
+                           ("dp-batch-size", self.dp_batch_size), ("dp-user-positives", self.dp_user_positives)):
+            if not value > 0:
+                raise ValueError(f"{key} must be positive, got {value}.")
+        if not 0 <= self.dp_popularity_share < 1:
+            raise ValueError(
+                f"dp-popularity-share must lie in [0, 1): what the release leaves pays for DP-SGD, "
+                f"got {self.dp_popularity_share}."
+            )
+        if self.dp_accountant not in ACCOUNTANTS:
+            raise ValueError(f"Unknown dp-accountant '{self.dp_accountant}'; choose one of {ACCOUNTANTS}.")
 
     def starting_weight(self) -> float:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
         return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "ClientConfig":
+        """Read the run config alone; raises ``ValueError`` on a bad setting."""
+        return from_kebab_case(cls, run_config, "ClientApp")
 
     @classmethod
     def from_context(cls, context: Context) -> "ClientConfig":
@@ -87,7 +108,7 @@ class ClientConfig:
         run = context.run_config
         # A deployed region may keep the catalog at its own path.
         catalog_path = context.node_config.get("catalog-path", run["catalog-path"])
-        return from_kebab_case(cls, {**run, "catalog-path": catalog_path}, "ClientApp")
+        return cls.from_run_config({**run, "catalog-path": catalog_path})
 
 
 def resolve_market(context: Context, config: ClientConfig) -> tuple[MarketSplit, Catalog]:

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from clients.client_app import ClientConfig
 from common.catalog import Catalog
 from common.config import from_kebab_case
 from common.markets import MarketSource
@@ -124,6 +125,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds of FedAvg, from a checkpoint when resuming."""
     config = ServerConfig.from_run_config(context.run_config)
+    # A bad market setting would otherwise only show as every market failing round 1.
+    ClientConfig.from_run_config(context.run_config)
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
     strategy = build_strategy(config.min_nodes, config.market_dp())
     history = RunHistory(Path(config.out_dir), asdict(config))

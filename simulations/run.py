@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from clients.client_app import ClientConfig
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     assignments, args.app_config = args.app_config, {}
     try:
         args.app_config = parse_app_config(assignments, defaults, reserved=set(run_config_for(args, "", Path(), 0)))
+        # Checked here, before anything starts: inside a run a bad market setting
+        # only shows as every market failing its first round.
+        ClientConfig.from_run_config({**defaults, **run_config_for(args, defaults["method"], Path(), 0)})
     except ValueError as err:
         parser.error(str(err))
     return args

@@ -1,5 +1,6 @@
 """What leaves a market: the ClientApp's replies, inspected message by message."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from common.catalog import Catalog
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
 from server.server_app import ServerConfig, final_evaluate_config, initial_arrays
+from server.server_app import main as server_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,6 +145,34 @@ def test_a_global_weight_outside_zero_to_one_is_refused(key):
 
     with pytest.raises(ValueError, match=f"{key} must lie between 0 and 1, got 1.5"):
         ClientConfig.from_context(context)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dp-epsilon", -1.0, "dp-epsilon must be 0 (no DP) or a positive budget"),
+        ("dp-delta", 1.0, "dp-delta must be 0"),
+        ("dp-max-grad-norm", 0.0, "dp-max-grad-norm must be positive"),
+        ("dp-learning-rate", -0.01, "dp-learning-rate must be positive"),
+        ("dp-batch-size", 0, "dp-batch-size must be positive"),
+        ("dp-user-positives", 0, "dp-user-positives must be positive"),
+        ("dp-popularity-share", 1.0, "dp-popularity-share must lie in [0, 1)"),
+        ("dp-accountant", "gdp", "Unknown dp-accountant 'gdp'"),
+    ],
+)
+def test_a_bad_privacy_setting_is_refused_by_name(key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClientConfig.from_run_config(_run_config(**{key: value}))
+
+
+def test_the_server_refuses_a_bad_market_setting_before_any_round(tmp_path):
+    run_config = _run_config(**{"dp-popularity-share": 1.5, "out-dir": str(tmp_path)})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+    with pytest.raises(ValueError, match=re.escape("dp-popularity-share must lie in [0, 1)")):
+        server_main(grid=None, context=context)
+
+    assert not any(tmp_path.iterdir())  # nothing written, nothing started
 
 
 def test_a_deployed_market_reads_its_own_file_through_the_company_catalog(tmp_path):

@@ -32,3 +32,10 @@ def test_set_refuses_what_it_cannot_apply(assignment, message, capsys):
         harness.parse_args(["--set", assignment])
 
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_market_setting_stops_the_harness_before_anything_starts(capsys):
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--dp-epsilon", "-1"])
+
+    assert "dp-epsilon must be 0 (no DP) or a positive budget, got -1.0" in capsys.readouterr().err
