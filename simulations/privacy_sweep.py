@@ -10,11 +10,17 @@ same splits. Writes ``OUT/results.json``, one CSV per epsilon
 (``OUT/eps-<e>/results.csv``), ``OUT/sweep.csv`` and ``OUT/privacy.png``:
 test NDCG@10 against epsilon per market and macro, with the non-private
 federated and the local-only results as reference lines.
+
+DP results move with the seed (the noise, the sampled users), so ``--seeds
+3`` repeats the whole sweep for three seeds and reports means with their
+standard deviations (``ndcg@10 std`` beside ``ndcg@10``, error bars in the
+plot); ``epsilon`` is then the most any seed spent.
 """
 
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,8 @@ from common.methods import METHODS
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 
+METRICS = ("ndcg@10", "hr@10")
+
 
 def parse_epsilons(text: str) -> list[float]:
     """``"inf,8,4"`` -> ``[inf, 8.0, 4.0]``; every value must be positive."""
@@ -38,37 +46,80 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the federated method once per epsilon, and local once."""
-    common = ["--data-dir", args.data_dir, "--synthetic-markets", str(args.synthetic_markets),
-              "--seed", str(args.seed)]
-    if args.rounds is not None:
-        common += ["--rounds", str(args.rounds)]
-    print("== local reference ==", flush=True)
-    local = harness.main([*common, "--methods", "local", "--out", str(args.out / "local")])["methods"]["local"]
-    runs, popular = {}, {}
-    for epsilon in args.epsilons:
-        label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
-        print(f"== {args.method} at epsilon {label} ==", flush=True)
-        argv = [*common, "--methods", f"popular,{args.method}", "--out", str(args.out / f"eps-{label}"),
-                "--dp-epsilon", "0" if math.isinf(epsilon) else str(epsilon)]
-        methods = harness.main(argv)["methods"]
-        runs[label], popular[label] = methods[args.method], methods["popular"]
-    frame = pd.concat([sweep_frame(runs).assign(method=args.method), sweep_frame(popular).assign(method="popular")])
+    """Run the sweep for every seed; with several, report their means and standard deviations."""
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed = {
+        seed: sweep_seed(args, seed, args.out if len(seeds) == 1 else args.out / f"seed-{seed}") for seed in seeds
+    }
+    labels = list(per_seed[seeds[0]]["runs"])
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "local": mean_over_seeds([run["local"] for run in per_seed.values()]),
+        **{
+            key: {label: mean_over_seeds([run[key][label] for run in per_seed.values()]) for label in labels}
+            for key in ("runs", "popular")
+        },
+        "seeds": per_seed,
+    }
+    frame = pd.concat([sweep_frame(report["runs"]).assign(method=args.method),
+                       sweep_frame(report["popular"]).assign(method="popular")])
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "sweep.csv", index=False)
-    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "local": local, "runs": runs, "popular": popular}
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     plot(report, args.out / "privacy.png")
-    table = frame.pivot(index=["method", "market"], columns="budget", values="ndcg@10")[list(runs)]
+    table = frame.pivot(index=["method", "market"], columns="budget", values="ndcg@10")[labels]
+    print(f"test NDCG@10{f', mean of {len(seeds)} seeds' if len(seeds) > 1 else ''}:")
     print(table.to_string(float_format="%.4f"))
     return report
 
 
+def sweep_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
+    """Local once, then the federated method and ``popular`` at every epsilon, for one seed."""
+    common = ["--data-dir", args.data_dir, "--synthetic-markets", str(args.synthetic_markets), "--seed", str(seed)]
+    if args.rounds is not None:
+        common += ["--rounds", str(args.rounds)]
+    print(f"== seed {seed}: local reference ==", flush=True)
+    local = harness.main([*common, "--methods", "local", "--out", str(out / "local")])["methods"]["local"]
+    runs, popular = {}, {}
+    for epsilon in args.epsilons:
+        label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+        print(f"== seed {seed}: {args.method} at epsilon {label} ==", flush=True)
+        argv = [*common, "--methods", f"popular,{args.method}", "--out", str(out / f"eps-{label}"),
+                "--dp-epsilon", "0" if math.isinf(epsilon) else str(epsilon)]
+        methods = harness.main(argv)["methods"]
+        runs[label], popular[label] = methods[args.method], methods["popular"]
+    return {"local": local, "runs": runs, "popular": popular}
+
+
+def mean_over_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method summary whose NDCG@10 and HR@10 are the seeds' means.
+
+    Their standard deviations sit beside them (``ndcg@10 std``, 0 for one
+    seed), and ``epsilon`` is the most any seed spent, so a budget check on
+    the summary holds for every seed.
+    """
+    def mean_std(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        entry: dict[str, Any] = {}
+        for metric in METRICS:
+            values = [m[metric] for m in metrics]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        return entry
+
+    markets = summaries[0]["per_market"]
+    per_market = {}
+    for market in markets:
+        metrics = [summary["per_market"][market] for summary in summaries]
+        spent = [m["epsilon"] for m in metrics if m.get("epsilon") is not None]
+        per_market[market] = {**mean_std(metrics), "epsilon": max(spent) if spent else None}
+    return {"per_market": per_market, "macro": mean_std([summary["macro"] for summary in summaries])}
+
+
 def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per budget and market (macro included): NDCG@10, HR@10 and the epsilon actually spent."""
+    """One row per budget and market (macro included): NDCG@10, HR@10 (mean and std over seeds) and the epsilon spent."""
+    columns = [key for metric in METRICS for key in (metric, f"{metric} std")]
     rows = [
-        {"budget": label, "market": market, "ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],
+        {"budget": label, "market": market, **{key: metrics[key] for key in columns},
          "epsilon_spent": metrics["epsilon"]}
         for label, summary in runs.items()
         for market, metrics in summary["per_market"].items()
@@ -86,13 +137,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rows = math.ceil(len(markets) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
     for axis, market in zip(axes.flat, markets, strict=False):
-        def score(summary: dict[str, Any]) -> float:
-            return summary["macro"]["ndcg@10"] if market == "macro" else summary["per_market"][market]["ndcg@10"]
+        def score(summary: dict[str, Any], key: str = "ndcg@10") -> float:
+            return summary["macro"][key] if market == "macro" else summary["per_market"][market][key]
 
-        axis.plot([float(label) for label in finite], [score(runs[label]) for label in finite], marker="o",
-                  label="federated, DP")
-        axis.plot([float(label) for label in finite], [score(popular[label]) for label in finite], marker="x",
-                  color="tab:orange", label="popularity, DP")
+        budgets = [float(label) for label in finite]
+        for summary, marker, color, label in ((runs, "o", "tab:blue", "federated, DP"),
+                                              (popular, "x", "tab:orange", "popularity, DP")):
+            # Error bars: one standard deviation over seeds (none for one seed).
+            axis.errorbar(budgets, [score(summary[b]) for b in finite],
+                          yerr=[score(summary[b], "ndcg@10 std") for b in finite],
+                          marker=marker, color=color, capsize=3, label=label)
         if "inf" in runs:
             axis.axhline(score(runs["inf"]), linestyle="--", color="tab:green", label="federated, no DP")
         axis.axhline(score(local), linestyle=":", color="tab:gray", label="local only")
@@ -118,9 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
     parser.add_argument("--method", default="fedper", choices=sorted(METHODS), help="federated method (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the app's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds from --seed on; with more than one, every number is the mean over them, with its "
+                             "standard deviation beside it and as error bars, and each seed's runs go to OUT/seed-<s> "
+                             "(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/privacy"), help="output directory (default: %(default)s)")
-    return sweep(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    return sweep(args)
 
 
 if __name__ == "__main__":

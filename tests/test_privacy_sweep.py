@@ -23,3 +23,18 @@ def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
     assert (tmp_path / "eps-2" / "results.csv").exists()
     assert (tmp_path / "sweep.csv").stat().st_size > 0
     assert (tmp_path / "privacy.png").stat().st_size > 0
+
+
+def test_several_seeds_report_means_with_their_spread_and_keep_each_seeds_runs(tmp_path):
+    report = privacy_sweep.main(["--epsilons", "2", "--synthetic-markets", "2", "--rounds", "1", "--seeds", "2",
+                                 "--out", str(tmp_path)])
+
+    seeds = report["seeds"]
+    assert sorted(seeds) == [0, 1]
+    for market, metrics in report["runs"]["2"]["per_market"].items():
+        values = [seeds[seed]["runs"]["2"]["per_market"][market]["ndcg@10"] for seed in (0, 1)]
+        assert metrics["ndcg@10"] == pytest.approx(sum(values) / 2)
+        assert metrics["ndcg@10 std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+        assert metrics["epsilon"] == max(seeds[seed]["runs"]["2"]["per_market"][market]["epsilon"] for seed in (0, 1))
+    assert (tmp_path / "seed-1" / "eps-2" / "results.csv").exists()
+    assert "ndcg@10 std" in (tmp_path / "sweep.csv").read_text().splitlines()[0]
