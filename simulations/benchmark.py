@@ -47,6 +47,7 @@ from common.train import MarketTensors, user_batch_inputs
 from simulations import latency
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
+from simulations.results import mean_and_std
 
 
 class TreeMemorySampler:
@@ -117,10 +118,6 @@ PUBLISHED_BEST_MACRO = 0.379
 PUBLISHED_SINGLE_MARKET_NMF_MACRO = 0.357
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation over seeds, per method, market and metric."""
     summary: dict[str, Any] = {}
@@ -130,8 +127,8 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for metric in ("ndcg@10", "hr@10"):
             for market in markets:
                 values = [run["methods"][method]["per_market"][market][metric] for run in runs]
-                entry["per_market"].setdefault(market, {})[metric] = _mean_std(values)
-            entry["macro"][metric] = _mean_std([run["methods"][method]["macro"][metric] for run in runs])
+                entry["per_market"].setdefault(market, {})[metric] = mean_and_std(values)
+            entry["macro"][metric] = mean_and_std([run["methods"][method]["macro"][metric] for run in runs])
         if method == "selection":
             entry["chosen"] = {
                 market: [run["methods"][method]["per_market"][market]["chosen"] for run in runs] for market in markets

@@ -20,7 +20,6 @@ plot); ``epsilon`` is then the most any seed spent.
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import pandas as pd
 from common.methods import METHODS
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
+from simulations.results import mean_and_std
 
 METRICS = ("ndcg@10", "hr@10")
 
@@ -101,9 +101,8 @@ def mean_over_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     def mean_std(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for metric in METRICS:
-            values = [m[metric] for m in metrics]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            spread = mean_and_std([m[metric] for m in metrics])
+            entry[metric], entry[f"{metric} std"] = spread["mean"], spread["std"]
         return entry
 
     markets = summaries[0]["per_market"]

@@ -1,6 +1,7 @@
 """Results in the shape DESIGN.md fixes: results.json, a CSV and a readable table."""
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 Curve = list[dict[str, float]]  # one market's metrics per round, round 0 first
+
+
+def mean_and_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
