@@ -16,7 +16,7 @@ import torch
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
-from common.privacy import epsilon_of, release_history, release_noise
+from common.privacy import PrivacyBudget, epsilon_of, release_history, release_noise
 from common.private_train import (
     market_budget,
     popularity_seed,
@@ -53,6 +53,10 @@ class LocalPrivacy:
     accountant: str  # prv or rdp
     train: TrainConfig  # DP-SGD's users per step, step size and items per user (dp-batch-size, ...)
     popularity_share: float  # share of the budget the popularity release alone would spend; 0: none
+
+    def budget(self, data: MarketTensors) -> PrivacyBudget:
+        """The budget of one market, its default delta from its own users."""
+        return market_budget(data, self.epsilon, self.delta, self.max_grad_norm, self.accountant)
 
 
 def market_curve(
@@ -93,10 +97,9 @@ def run_local(
         ledger = None
         if settings.privacy is not None:
             privacy = settings.privacy
-            budget = market_budget(data, privacy.epsilon, privacy.delta, privacy.max_grad_norm, privacy.accountant)
             total_steps = settings.rounds * private_steps(data, privacy.train)
             ledger = start_private_training(
-                model, data, budget, privacy.train, total_steps, privacy.popularity_share,
+                model, data, privacy.budget(data), privacy.train, total_steps, privacy.popularity_share,
                 popularity_seed(market, settings.seed),
             )
         for server_round in range(1, settings.rounds + 1):
@@ -133,8 +136,7 @@ def run_popular(
             model.encoder.item_embedding.weight.zero_()  # scores are the item bias alone
         noise, epsilon = 0.0, None
         if settings.privacy is not None:
-            privacy = settings.privacy
-            budget = market_budget(data, privacy.epsilon, privacy.delta, privacy.max_grad_norm, privacy.accountant)
+            budget = settings.privacy.budget(data)
             noise = release_noise(budget, share=1.0)
             epsilon = epsilon_of(budget, release_history([noise]))
         with torch.no_grad():
