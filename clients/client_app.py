@@ -30,6 +30,7 @@ from common.privacy import ACCOUNTANTS, PrivacyLedger
 from common.private_train import (
     market_budget,
     popularity_seed,
+    privacy_units,
     private_round,
     private_round_steps,
     private_steps,
@@ -300,6 +301,11 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
     started = time.perf_counter()
     if config.dp_epsilon > 0:
+        # The average's weight must not be a private count: the number of
+        # interactions moves with one user's history, and every market
+        # receives the average. The number of users is public already (it
+        # sets the sample rate, the steps and the default delta).
+        examples = privacy_units(data)
         ledger = _ledger(context, config, model, data, train_config)
         if ledger.can_afford(private_round_steps(data, method, train_config)):
             loss = private_round(model, data, method, train_config, ledger, seed)

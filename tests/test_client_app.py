@@ -84,6 +84,22 @@ def test_a_train_reply_holds_shared_arrays_and_numbers_only(method, user_embeddi
     assert kept_local in context.state[LOCAL_STATE_KEY]
 
 
+def test_under_dp_a_train_reply_weights_the_market_by_its_users_not_its_interactions():
+    # Prepare: every market receives the average, so its weights must not be private counts.
+    run_config = _run_config(**{"dp-epsilon": 8.0, "dp-accountant": "rdp"})
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
+    interactions = MarketSource("", 3, 0).interactions("m01")
+
+    # Execute
+    reply = app(_train_message(run_config), context)
+
+    # Assert
+    metrics = reply.content["metrics"]
+    assert metrics["trained"] == 1 and 0 < metrics["epsilon"] <= 8.0
+    assert metrics["num-examples"] == interactions["user"].nunique()
+    assert metrics["num-examples"] < len(interactions)
+
+
 def test_an_evaluate_reply_holds_numbers_only():
     run_config = _run_config()
     context = _context(run_config, {"partition-id": 0, "num-partitions": 3})
