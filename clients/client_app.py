@@ -9,6 +9,7 @@ round are also saved there after every round (see ``clients.state_store``).
 """
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -63,7 +64,8 @@ class ClientConfig:
     seed: int  # seeds splits, negatives, initial heads and local shuffling
     num_server_rounds: int  # the run's length, over which the DP budget is spread
     fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
-    dp_epsilon: float  # 0 trains without DP; otherwise the market's budget for the whole run
+    dp_epsilon: float  # 0 trains without DP; otherwise each market's budget for the whole run
+    dp_market_epsilons: str  # "de=4,jp=2": named markets' own budgets in place of dp-epsilon
     dp_delta: float  # 0 picks 0.1 / users of the market (the units of privacy)
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
     dp_batch_size: int  # expected users per DP-SGD step (Poisson): the noise on a step is sigma * clip / batch
@@ -80,6 +82,12 @@ class ClientConfig:
                 raise ValueError(f"{key} must lie between 0 and 1, got {weight}.")
         if self.dp_epsilon < 0:
             raise ValueError(f"dp-epsilon must be 0 (no DP) or a positive budget, got {self.dp_epsilon}.")
+        if parse_market_epsilons(self.dp_market_epsilons) and self.dp_epsilon == 0:
+            # Under DP the average weighs a market by its users, without DP by
+            # its interactions: the two cannot share one average.
+            raise ValueError(
+                "dp-market-epsilons needs dp-epsilon > 0: either every market trains under DP or none does."
+            )
         if not 0 <= self.dp_delta < 1:
             raise ValueError(f"dp-delta must be 0 (0.1 / the market's users) or lie in (0, 1), got {self.dp_delta}.")
         for key, value in (("dp-max-grad-norm", self.dp_max_grad_norm), ("dp-learning-rate", self.dp_learning_rate),
@@ -98,6 +106,35 @@ class ClientConfig:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
         return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
 
+    def for_market(self, market: str, ceiling: float | None = None) -> "ClientConfig":
+        """The config with ``market``'s own budget as ``dp_epsilon``.
+
+        Parameters
+        ----------
+        market : str
+            The market's name; its ``dp-market-epsilons`` entry, if any, replaces ``dp-epsilon``.
+        ceiling : float, optional
+            The region's own ``dp-epsilon`` from its node config: the most it lets any
+            run spend. The run's budget is lowered to it, never raised.
+
+        Raises
+        ------
+        ValueError
+            If the ceiling is not positive, or the run trains the market without DP
+            although its region demands DP.
+        """
+        epsilon = parse_market_epsilons(self.dp_market_epsilons).get(market, self.dp_epsilon)
+        if ceiling is not None:
+            if not ceiling > 0:
+                raise ValueError(f"Market '{market}': the node config's dp-epsilon must be positive, got {ceiling}.")
+            if epsilon == 0:
+                raise ValueError(
+                    f"Market '{market}' trains only under DP with epsilon at most {ceiling} (dp-epsilon in its "
+                    "node config), but this run trains without DP: set dp-epsilon in the run config."
+                )
+            epsilon = min(epsilon, ceiling)
+        return replace(self, dp_epsilon=epsilon)
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "ClientConfig":
         """Read the run config alone; raises ``ValueError`` on a bad setting."""
@@ -110,6 +147,31 @@ class ClientConfig:
         # A deployed region may keep the catalog at its own path.
         catalog_path = context.node_config.get("catalog-path", run["catalog-path"])
         return cls.from_run_config({**run, "catalog-path": catalog_path})
+
+
+def parse_market_epsilons(text: str) -> dict[str, float]:
+    """``"de=4, jp=2"`` -> ``{"de": 4.0, "jp": 2.0}``; an empty text names no market.
+
+    Raises
+    ------
+    ValueError
+        If an entry is not ``market=epsilon`` with epsilon > 0, or names a market twice.
+    """
+    budgets: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        market, _, value = (part.strip() for part in entry.partition("="))
+        try:
+            epsilon = float(value)
+        except ValueError:
+            epsilon = math.nan
+        if not market or not epsilon > 0:
+            raise ValueError(f"dp-market-epsilons takes market=epsilon pairs with epsilon > 0, got '{entry}'.")
+        if market in budgets:
+            raise ValueError(f"dp-market-epsilons gives market '{market}' two budgets.")
+        budgets[market] = epsilon
+    return budgets
 
 
 def resolve_market(context: Context, config: ClientConfig) -> tuple[MarketSplit, Catalog]:
@@ -159,6 +221,8 @@ def build_local_model(
     """The market's model: received arrays over its saved (or freshly seeded) head."""
     config = ClientConfig.from_context(context)
     split, catalog = resolve_market(context, config)
+    ceiling = context.node_config.get("dp-epsilon")
+    config = config.for_market(split.market, None if ceiling is None else float(ceiling))
     data = _market_tensors(split, config.history_length)
     torch.manual_seed(market_seed(split.market, config.seed))
     model = SplitRecommender(
@@ -399,6 +463,12 @@ def _ledger(
     """
     stored = _stored_ledger(context)
     if stored is not None:
+        if config.dp_epsilon < stored.budget.epsilon:
+            # The region lowered its ceiling during the training: the noise
+            # stays as calibrated, so the market stops sooner.
+            log(WARNING, "Market %s: its budget is now epsilon %.3g instead of %.3g.",
+                data.split.market, config.dp_epsilon, stored.budget.epsilon)
+            stored.budget = replace(stored.budget, epsilon=config.dp_epsilon)
         return stored
     method = get_method(config.method)
     budget = market_budget(data, config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm, config.dp_accountant)

@@ -9,7 +9,7 @@ budget: the simplest private recommender, which DP-SGD has to beat.
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,10 +53,12 @@ class LocalPrivacy:
     accountant: str  # prv or rdp
     train: TrainConfig  # DP-SGD's users per step, step size and items per user (dp-batch-size, ...)
     popularity_share: float  # share of the budget the popularity release alone would spend; 0: none
+    market_epsilons: dict[str, float] = field(default_factory=dict)  # named markets' own budgets (dp-market-epsilons)
 
     def budget(self, data: MarketTensors) -> PrivacyBudget:
-        """The budget of one market, its default delta from its own users."""
-        return market_budget(data, self.epsilon, self.delta, self.max_grad_norm, self.accountant)
+        """The budget of one market: its own epsilon if named, its default delta from its own users."""
+        epsilon = self.market_epsilons.get(data.split.market, self.epsilon)
+        return market_budget(data, epsilon, self.delta, self.max_grad_norm, self.accountant)
 
 
 def market_curve(

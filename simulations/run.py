@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from clients.client_app import ClientConfig
+from clients.client_app import ClientConfig, parse_market_epsilons
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
                         help="per-market DP budget for the whole run (DP-SGD with Opacus), for the federated methods and local; "
                              "pooled stays non-private; 0 trains without DP (default: %(default)s)")
+    parser.add_argument("--market-epsilons", default=defaults["dp-market-epsilons"], metavar="MARKET=EPS,...",
+                        help="named markets' own budgets in place of --dp-epsilon, e.g. de=4,jp=2 "
+                             "(needs --dp-epsilon > 0 for the others)")
     parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
                         help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
                              "every market then weighs the same in the average (default: %(default)s)")
@@ -167,6 +170,7 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "synthetic-markets": args.synthetic_markets,
         "seed": args.seed,
         "dp-epsilon": args.dp_epsilon,
+        "dp-market-epsilons": args.market_epsilons,
         "market-dp-noise-multiplier": args.market_dp_noise,
         "market-dp-clipping-norm": args.market_dp_clip,
         "market-dp-markets": markets,
@@ -187,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = MarketSource(args.data_dir, args.synthetic_markets, args.seed)
     started = time.perf_counter()
     markets = source.markets
+    unknown = sorted(set(parse_market_epsilons(args.market_epsilons)) - set(markets))
+    if unknown:
+        # A misspelt market would quietly get the run's budget instead of its own.
+        sys.exit(f"--market-epsilons names {unknown}, which are not markets of this run: {', '.join(markets)}.")
     catalog = source.catalog()  # reads every market once: bad files fail here, before training
     say(f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
         f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s")
@@ -207,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             user_positives=defaults["dp-user-positives"],
         )
         privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
-                               defaults["dp-accountant"], private_train, defaults["dp-popularity-share"])
+                               defaults["dp-accountant"], private_train, defaults["dp-popularity-share"],
+                               parse_market_epsilons(args.market_epsilons))
         if "pooled" in args.methods:
             say("pooled pools every market's data in one place: it trains without DP, as the non-private ceiling")
     settings = BaselineSettings(

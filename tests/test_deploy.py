@@ -104,9 +104,11 @@ def test_an_unregistered_node_is_refused(federation):
 
 
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
-    # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger.
+    # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2.
     out = tmp_path / "out"
-    with LoopbackFederation(tmp_path, _regions(tmp_path)) as federation:
+    nodes = _regions(tmp_path)
+    nodes["m01"]["dp-epsilon"] = "2.0"
+    with LoopbackFederation(tmp_path, nodes) as federation:
         federation.start_all()
         run = federation.start_run(
             _run_config(out, min_nodes=2, num_server_rounds=7, dp_epsilon=8.0, dp_accountant="'rdp'",
@@ -134,6 +136,8 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         assert [entry[2] for entry in saved["ledger"]["history"]] == [steps_per_round * len(trained)]
         epsilons = [history[r]["per_market"]["m02"]["local/epsilon"] for r in trained]
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
+        final = history[7]["per_market"]
+        assert 1.5 < final["m01"]["epsilon"] <= 2.0 < final["m00"]["epsilon"] <= 8.0
 
 
 def test_a_killed_server_resumes_from_its_last_completed_round(tmp_path):

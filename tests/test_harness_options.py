@@ -39,3 +39,20 @@ def test_a_bad_market_setting_stops_the_harness_before_anything_starts(capsys):
         harness.parse_args(["--dp-epsilon", "-1"])
 
     assert "dp-epsilon must be 0 (no DP) or a positive budget, got -1.0" in capsys.readouterr().err
+
+
+def test_market_epsilons_reach_the_run_config_and_cannot_be_set_twice(capsys):
+    args = harness.parse_args(["--dp-epsilon", "8", "--market-epsilons", "de=4,jp=2"])
+
+    assert harness.run_config_for(args, "fedper", harness.Path("out"), 7)["dp-market-epsilons"] == "de=4,jp=2"
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--dp-epsilon", "8", "--set", "dp-market-epsilons=de=4"])
+    assert "sets 'dp-market-epsilons' from its own option" in capsys.readouterr().err
+
+
+def test_a_market_epsilon_for_a_market_the_run_does_not_have_stops_the_harness(tmp_path):
+    with pytest.raises(SystemExit, match=r"--market-epsilons names \['m9'\], which are not markets of this run"):
+        harness.main(["--synthetic-markets", "2", "--dp-epsilon", "8", "--market-epsilons", "m9=2",
+                      "--out", str(tmp_path)])
+
+    assert not any(tmp_path.iterdir())

@@ -148,10 +148,14 @@ def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
 
 def test_the_local_baseline_under_dp_spends_each_markets_budget_and_no_more(tmp_path):
     # Execute: each market alone, with the budget a federated market would get.
+    # m01 has a budget of its own.
     results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8",
-                            "--methods", "local", "--dp-epsilon", str(BUDGET), "--out", str(tmp_path)])
+                            "--methods", "local", "--dp-epsilon", str(BUDGET), "--market-epsilons", "m01=1.5",
+                            "--out", str(tmp_path)])
 
     # Assert: the budget is calibrated over both rounds, so round 2 spends nearly all of it.
-    per_market = results["methods"]["local"]["per_market"].values()
-    assert all(0 < market["epsilon"] <= BUDGET for market in per_market)
-    assert all(market["epsilon"] > 0.95 * BUDGET for market in per_market if market["round"] == 2)
+    per_market = results["methods"]["local"]["per_market"]
+    budgets = {market: 1.5 if market == "m01" else BUDGET for market in per_market}
+    assert all(0 < result["epsilon"] <= budgets[market] for market, result in per_market.items())
+    assert all(result["epsilon"] > 0.95 * budgets[market] for market, result in per_market.items()
+               if result["round"] == 2)
