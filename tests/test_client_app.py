@@ -9,7 +9,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, ClientConfig, app, blend_with_own
+from clients.client_app import (
+    LOCAL_STATE_KEY,
+    OWN_ARRAYS_KEY,
+    ClientConfig,
+    app,
+    blend_with_own,
+    parse_market_epsilons,
+)
 from common.catalog import Catalog
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
@@ -232,3 +239,92 @@ def test_the_last_fedper_ft_evaluation_fine_tunes_a_private_fork():
     assert metrics["ft-val-ndcg"] >= metrics["val-ndcg"]
     assert not reply.content.array_records
     assert (context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy() == head_before).all()
+
+
+# Per-market budgets: set by the run for named markets, capped by each region's node config.
+
+PRIVATE_RUN = {"dp-epsilon": 8.0, "dp-accountant": "rdp", "num-server-rounds": 1}  # one round spends it all
+
+
+def _trained(run_config: dict, context: Context, server_round: int = 1) -> dict:
+    """The metrics of the market's reply to one train message."""
+    return dict(app(_train_message(run_config, server_round), context).content["metrics"])
+
+
+def test_market_epsilons_parse_into_one_budget_per_named_market():
+    assert parse_market_epsilons("de=4, jp=0.5") == {"de": 4.0, "jp": 0.5}
+    assert parse_market_epsilons("") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("de", "market=epsilon pairs with epsilon > 0, got 'de'"),
+        ("de=four", "got 'de=four'"),
+        ("de=0", "got 'de=0'"),
+        ("=4", "got '=4'"),
+        ("de=nan", "got 'de=nan'"),
+        ("de=4,de=2", "gives market 'de' two budgets"),
+    ],
+)
+def test_a_bad_market_epsilon_is_refused_with_the_entry(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClientConfig.from_run_config(_run_config(**PRIVATE_RUN, **{"dp-market-epsilons": text}))
+
+
+def test_market_epsilons_without_dp_for_the_others_are_refused():
+    with pytest.raises(ValueError, match="dp-market-epsilons needs dp-epsilon > 0"):
+        ClientConfig.from_run_config(_run_config(**{"dp-epsilon": 0.0, "dp-market-epsilons": "m01=2"}))
+
+
+def test_a_named_market_spends_its_own_budget_and_the_others_the_run_budget():
+    # Prepare
+    run_config = _run_config(**PRIVATE_RUN, **{"dp-market-epsilons": "m01=2"})
+
+    # Execute
+    named = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3}))
+    other = _trained(run_config, _context(run_config, {"partition-id": 0, "num-partitions": 3}))
+
+    # Assert
+    assert 1.9 < named["epsilon"] <= 2.0
+    assert 7.6 < other["epsilon"] <= 8.0
+
+
+def test_a_region_caps_the_run_budget_with_its_node_config():
+    run_config = _run_config(**PRIVATE_RUN)
+
+    capped = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-epsilon": 1}))
+
+    assert 0.95 < capped["epsilon"] <= 1.0
+
+
+def test_a_regions_cap_never_raises_the_run_budget():
+    run_config = _run_config(**PRIVATE_RUN, **{"dp-market-epsilons": "m01=2"})
+
+    metrics = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-epsilon": 5.0}))
+
+    assert 1.9 < metrics["epsilon"] <= 2.0
+
+
+def test_a_region_that_demands_dp_refuses_a_run_without_it():
+    run_config = _run_config()
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-epsilon": 1.0})
+
+    with pytest.raises(ValueError, match=re.escape("Market 'm01' trains only under DP with epsilon at most 1.0")):
+        _trained(run_config, context)
+
+
+def test_a_cap_lowered_during_the_training_stops_the_market():
+    # Prepare: round 1 of 2 under the run's budget alone.
+    run_config = _run_config(**{**PRIVATE_RUN, "num-server-rounds": 2})
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
+    first = _trained(run_config, context, server_round=1)
+
+    # Execute: the region now allows no more than it already spent.
+    context.node_config["dp-epsilon"] = first["epsilon"]
+    second = _trained(run_config, context, server_round=2)
+
+    # Assert
+    assert first["trained"] == 1 and second["trained"] == 0
+    assert second["epsilon"] == pytest.approx(first["epsilon"])
+    assert second["num-examples"] == 0
