@@ -19,7 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.history import RunHistory
+from server.history import MARKET_KEY, RunHistory
 from server.strategy import market_dp_epsilon
 
 EVALUATE_RECEIVED_KEY = "evaluate-received"  # train config: evaluate the received model before training
@@ -40,6 +40,7 @@ class RoundSettings:
     poll_interval: float  # seconds between checks for replies
     fold_evaluation: bool  # evaluate each round's model inside the next round's training message
     training_id: str  # sent with every message; markets key their privacy ledgers on it
+    budgeted_markets: frozenset[str] = frozenset()  # markets dp-market-epsilons names; checked against the replies
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, poll_interval: float) -> list[Message]:
@@ -68,6 +69,29 @@ def check_replies(server_round: int, asked: int, replies: list[Message]) -> list
         reasons = "; ".join(sorted({reply.error.reason for reply in failed}))
         raise AllMarketsFailedError(f"Round {server_round}: every market replied with an error: {reasons}")
     return [reply for reply in replies if not reply.has_error()]
+
+
+def warn_unanswered_budgets(budgeted_markets: frozenset[str], replies: list[Message]) -> None:
+    """Log the markets ``dp-market-epsilons`` names that none of ``replies`` came from.
+
+    The server learns the market names only from the replies, so this is a
+    warning: such a market may just be offline, or its name misspelt, in which
+    case the market it was meant for trains with ``dp-epsilon``.
+    """
+    replied = {
+        str(reply.content.config_records[MARKET_KEY]["name"])
+        for reply in replies
+        if MARKET_KEY in reply.content.config_records
+    }
+    unanswered = sorted(budgeted_markets - replied)
+    if unanswered:
+        log(
+            WARNING,
+            "dp-market-epsilons names %s, but no such market replied (replied: %s); "
+            "a misspelt name leaves its market on dp-epsilon.",
+            unanswered,
+            sorted(replied),
+        )
 
 
 def run_rounds(
@@ -100,6 +124,8 @@ def run_rounds(
             history.record(server_round - 1, replies, strip=RECEIVED_PREFIX)
             history.log_round(server_round - 1)
         history.record(server_round, replies, prefix="local/")
+        if server_round == first_round:
+            warn_unanswered_budgets(settings.budgeted_markets, replies)
         # A market out of privacy budget replies with weight 0: it did not
         # train, and when no market trained the encoder stays as it was.
         trained = [reply for reply in replies if next(iter(reply.content.metric_records.values()))[WEIGHT_KEY] > 0]

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from clients.client_app import ClientConfig
+from clients.client_app import ClientConfig, parse_market_epsilons
 from common.catalog import Catalog
 from common.config import from_kebab_case
 from common.markets import MarketSource
@@ -126,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds of FedAvg, from a checkpoint when resuming."""
     config = ServerConfig.from_run_config(context.run_config)
     # A bad market setting would otherwise only show as every market failing round 1.
-    ClientConfig.from_run_config(context.run_config)
+    market_config = ClientConfig.from_run_config(context.run_config)
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
     strategy = build_strategy(config.min_nodes, config.market_dp())
     history = RunHistory(Path(config.out_dir), asdict(config))
@@ -152,6 +152,7 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=config.poll_interval,
         fold_evaluation=config.fold_evaluation,
         training_id=training_id,
+        budgeted_markets=frozenset(parse_market_epsilons(market_config.dp_market_epsilons)),
     )
     run_rounds(
         grid, strategy, history, settings, arrays, config.train_config(), final_evaluate_config(config), first_round

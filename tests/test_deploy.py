@@ -104,7 +104,8 @@ def test_an_unregistered_node_is_refused(federation):
 
 
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
-    # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2.
+    # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2;
+    # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon.
     out = tmp_path / "out"
     nodes = _regions(tmp_path)
     nodes["m01"]["dp-epsilon"] = "2.0"
@@ -112,7 +113,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         federation.start_all()
         run = federation.start_run(
             _run_config(out, min_nodes=2, num_server_rounds=7, dp_epsilon=8.0, dp_accountant="'rdp'",
-                        round_timeout=120.0)
+                        dp_market_epsilons="'m0O=4'", round_timeout=120.0)
         )
 
         # Execute: kill m02 as round 3 starts; restart it until the SuperLink lets it back in.
@@ -138,6 +139,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
         final = history[7]["per_market"]
         assert 1.5 < final["m01"]["epsilon"] <= 2.0 < final["m00"]["epsilon"] <= 8.0
+        assert "dp-market-epsilons names ['m0O'], but no such market replied" in federation.log("run")
 
 
 def test_a_killed_server_resumes_from_its_last_completed_round(tmp_path):

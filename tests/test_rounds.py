@@ -1,10 +1,12 @@
 """The server's reply handling: failed markets are logged and left out; all failing stops the run."""
 
+import logging
+
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.rounds import AllMarketsFailedError, check_replies
+from server.rounds import AllMarketsFailedError, check_replies, warn_unanswered_budgets
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +21,11 @@ def _sent(node: int) -> Message:
 
 def _ok(node: int) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=_sent(node))
+
+
+def _from_market(node: int, market: str) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 5}), "market": ConfigRecord({"name": market})})
+    return Message(content, reply_to=_sent(node))
 
 
 def _failed(node: int, reason: str) -> Message:
@@ -44,3 +51,30 @@ def test_markets_that_did_not_reply_in_time_are_not_failures():
     reply = _ok(1)
 
     assert check_replies(2, asked=3, replies=[reply]) == [reply]
+
+
+@pytest.fixture
+def flower_warnings():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_a_budgeted_market_no_reply_came_from_is_named_in_a_warning(flower_warnings):
+    replies = [_from_market(1, "de"), _from_market(2, "jp")]
+
+    warn_unanswered_budgets(frozenset({"de", "jpn"}), replies)
+
+    assert len(flower_warnings) == 1
+    message = flower_warnings[0].getMessage()
+    assert "['jpn']" in message and "['de', 'jp']" in message
+
+
+def test_budgeted_markets_that_all_replied_raise_no_warning(flower_warnings):
+    warn_unanswered_budgets(frozenset({"de"}), [_from_market(1, "de"), _from_market(2, "jp")])
+
+    assert flower_warnings == []
