@@ -27,7 +27,7 @@ from common.config import from_kebab_case
 from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import fine_tune, get_method, local_round
 from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
-from common.privacy import ACCOUNTANTS, PrivacyLedger
+from common.privacy import ACCOUNTANTS, PrivacyLedger, default_delta
 from common.private_train import (
     market_budget,
     popularity_seed,
@@ -47,6 +47,7 @@ LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 PRIVACY_KEY = "privacy-ledger"  # the market's DP ledger kept in context.state
 OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
+NODE_CEILINGS = ("dp-delta", "dp-epsilon")  # node config keys by which a region caps every run's DP budget
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
 
 
@@ -106,34 +107,41 @@ class ClientConfig:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
         return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
 
-    def for_market(self, market: str, ceiling: float | None = None) -> "ClientConfig":
-        """The config with ``market``'s own budget as ``dp_epsilon``.
+    def for_market(self, market: str, num_users: int, node_config: Mapping[str, Any]) -> "ClientConfig":
+        """The config with ``market``'s own budget as ``dp_epsilon`` and ``dp_delta``.
 
         Parameters
         ----------
         market : str
             The market's name; its ``dp-market-epsilons`` entry, if any, replaces ``dp-epsilon``.
-        ceiling : float, optional
-            The region's own ``dp-epsilon`` from its node config: the most it lets any
-            run spend. The run's budget is lowered to it, never raised.
+        num_users : int
+            The market's users: ``dp-delta`` 0 becomes 0.1 / ``num_users``.
+        node_config : Mapping[str, Any]
+            The region's node config. Its ``dp-epsilon`` and ``dp-delta``, if set, are
+            ceilings the region puts on every run: the run's budget is lowered to them,
+            never raised.
 
         Raises
         ------
         ValueError
-            If the ceiling is not positive, or the run trains the market without DP
-            although its region demands DP.
+            If a ceiling is not a number in its range, or the run trains the market
+            without DP although its region demands DP.
         """
         epsilon = parse_market_epsilons(self.dp_market_epsilons).get(market, self.dp_epsilon)
-        if ceiling is not None:
-            if not ceiling > 0:
-                raise ValueError(f"Market '{market}': the node config's dp-epsilon must be positive, got {ceiling}.")
-            if epsilon == 0:
+        if epsilon == 0:
+            demanded = [f"{key}={node_config[key]}" for key in NODE_CEILINGS if key in node_config]
+            if demanded:
                 raise ValueError(
-                    f"Market '{market}' trains only under DP with epsilon at most {ceiling} (dp-epsilon in its "
-                    "node config), but this run trains without DP: set dp-epsilon in the run config."
+                    f"Market '{market}' trains only under DP ({', '.join(demanded)} in its node config), "
+                    "but this run trains without DP: set dp-epsilon in the run config."
                 )
-            epsilon = min(epsilon, ceiling)
-        return replace(self, dp_epsilon=epsilon)
+            return self
+        delta = self.dp_delta or default_delta(num_users)
+        if "dp-epsilon" in node_config:
+            epsilon = min(epsilon, _node_ceiling(node_config, "dp-epsilon", market))
+        if "dp-delta" in node_config:
+            delta = min(delta, _node_ceiling(node_config, "dp-delta", market))
+        return replace(self, dp_epsilon=epsilon, dp_delta=delta)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "ClientConfig":
@@ -147,6 +155,18 @@ class ClientConfig:
         # A deployed region may keep the catalog at its own path.
         catalog_path = context.node_config.get("catalog-path", run["catalog-path"])
         return cls.from_run_config({**run, "catalog-path": catalog_path})
+
+
+def _node_ceiling(node_config: Mapping[str, Any], key: str, market: str) -> float:
+    """A region's DP ceiling from its node config: ``dp-epsilon`` > 0 or ``dp-delta`` in (0, 1)."""
+    try:
+        value = float(node_config[key])
+    except ValueError:
+        value = math.nan
+    if not (value > 0 if key == "dp-epsilon" else 0 < value < 1):
+        expected = "a positive number" if key == "dp-epsilon" else "a number between 0 and 1"
+        raise ValueError(f"Market '{market}': the node config's {key} must be {expected}, got '{node_config[key]}'.")
+    return value
 
 
 def parse_market_epsilons(text: str) -> dict[str, float]:
@@ -221,8 +241,7 @@ def build_local_model(
     """The market's model: received arrays over its saved (or freshly seeded) head."""
     config = ClientConfig.from_context(context)
     split, catalog = resolve_market(context, config)
-    ceiling = context.node_config.get("dp-epsilon")
-    config = config.for_market(split.market, None if ceiling is None else float(ceiling))
+    config = config.for_market(split.market, split.num_users, context.node_config)
     data = _market_tensors(split, config.history_length)
     torch.manual_seed(market_seed(split.market, config.seed))
     model = SplitRecommender(
@@ -361,7 +380,7 @@ def train(msg: Message, context: Context) -> Message:
     if bool(round_config.get("evaluate-received", False)):
         # The previous round's evaluation, folded into this message: the
         # received encoder with the head as the previous round left it.
-        received = _evaluation_metrics(model, data, _spent_epsilon(context, config))
+        received = _evaluation_metrics(model, data, _privacy_spent(context, config))
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
     started = time.perf_counter()
     if config.dp_epsilon > 0:
@@ -380,7 +399,7 @@ def train(msg: Message, context: Context) -> Message:
                 market, ledger.epsilon())
             loss, examples = float("nan"), 0
         _store_ledger(context, ledger.state())
-        metrics["epsilon"] = ledger.epsilon()
+        metrics.update(epsilon=ledger.epsilon(), delta=ledger.budget.delta)
     else:
         loss = local_round(model, data, method, train_config, seed)
     train_seconds = time.perf_counter() - started
@@ -422,12 +441,11 @@ def _persist(context: Context, market: str, round_config: ConfigRecord) -> None:
     )
 
 
-def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, epsilon: float | None) -> dict[str, Any]:
-    """Validation and test metrics of the model as it stands, with the epsilon spent under DP."""
+def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, privacy: dict[str, float]) -> dict[str, Any]:
+    """Validation and test metrics of the model as it stands, with the privacy spent under DP."""
     valid = evaluate(model, data)
     test = evaluate(model, data, on_test=True)
-    metrics: dict[str, Any] = {} if epsilon is None else {"epsilon": epsilon}
-    return metrics | {
+    return privacy | {
         "num-examples": test.users,
         "val-ndcg": valid.ndcg,
         "val-hr": valid.hit_rate,
@@ -446,12 +464,14 @@ def _stored_ledger(context: Context) -> PrivacyLedger | None:
     return PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
 
 
-def _spent_epsilon(context: Context, config: ClientConfig) -> float | None:
-    """The epsilon the market has spent in this training so far; None when it trains without DP."""
+def _privacy_spent(context: Context, config: ClientConfig) -> dict[str, float]:
+    """``epsilon`` spent in this training so far and the ``delta`` it holds at; empty without DP."""
     if config.dp_epsilon <= 0:
-        return None
+        return {}
     ledger = _stored_ledger(context)
-    return ledger.epsilon() if ledger is not None else 0.0
+    if ledger is None:
+        return {"epsilon": 0.0, "delta": config.dp_delta}
+    return {"epsilon": ledger.epsilon(), "delta": ledger.budget.delta}
 
 
 def _ledger(
@@ -463,12 +483,21 @@ def _ledger(
     """
     stored = _stored_ledger(context)
     if stored is not None:
-        if config.dp_epsilon < stored.budget.epsilon:
-            # The region lowered its ceiling during the training: the noise
+        tightened = replace(
+            stored.budget,
+            epsilon=min(stored.budget.epsilon, config.dp_epsilon),
+            delta=min(stored.budget.delta, config.dp_delta),
+        )
+        if tightened != stored.budget:
+            # The region lowered a ceiling during the training: the noise
             # stays as calibrated, so the market stops sooner.
-            log(WARNING, "Market %s: its budget is now epsilon %.3g instead of %.3g.",
-                data.split.market, config.dp_epsilon, stored.budget.epsilon)
-            stored.budget = replace(stored.budget, epsilon=config.dp_epsilon)
+            log(WARNING, "Market %s: its budget is now (epsilon %.3g, delta %.3g) instead of (%.3g, %.3g).",
+                data.split.market, tightened.epsilon, tightened.delta, stored.budget.epsilon, stored.budget.delta)
+            stored.budget = tightened
+            if stored.epsilon() > tightened.epsilon:
+                # Earlier rounds cannot be undone; the reply reports what they spent.
+                log(WARNING, "Market %s has already spent epsilon %.3f at delta %.3g, over its new budget.",
+                    data.split.market, stored.epsilon(), tightened.delta)
         return stored
     method = get_method(config.method)
     budget = market_budget(data, config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm, config.dp_accountant)
@@ -489,7 +518,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     the fork's metrics at its best epoch on validation.
     """
     model, data, config, _ = build_local_model(msg, context)
-    metrics = _evaluation_metrics(model, data, _spent_epsilon(context, config))
+    metrics = _evaluation_metrics(model, data, _privacy_spent(context, config))
     round_config = msg.content["config"]
     if int(round_config.get("fine-tune-epochs", 0)) > 0:
         seed = market_seed(data.split.market, config.seed) + 999_999
@@ -507,7 +536,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
             train_epoch,
         )
         if config.dp_epsilon > 0:
-            metrics["epsilon"] = _spent_epsilon(context, config)
+            metrics.update(_privacy_spent(context, config))
             _persist(context, data.split.market, round_config)
         metrics.update(
             {

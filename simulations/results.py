@@ -34,6 +34,7 @@ def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
                 "test-hr": metrics["test-hr"],
                 "users": int(metrics["num-examples"]),
                 "epsilon": metrics.get("epsilon"),
+                "delta": metrics.get("delta"),
             }
             if "ft-test-ndcg" in metrics:
                 point["fine-tuned"] = {key[3:]: value for key, value in metrics.items() if key.startswith("ft-")}
@@ -49,7 +50,8 @@ def fine_tuned_curves(curves: dict[str, Curve]) -> dict[str, Curve]:
         if "fine-tuned" not in final:
             raise ValueError(f"Market '{market}' reported no fine-tuned metrics after the last round.")
         tuned[market] = [
-            {"round": final["round"], "users": final["users"], "epsilon": final["epsilon"], **final["fine-tuned"]}
+            {"round": final["round"], "users": final["users"], "epsilon": final["epsilon"], "delta": final["delta"],
+             **final["fine-tuned"]}
         ]
     return tuned
 
@@ -72,6 +74,7 @@ def method_summary(curves: dict[str, Curve], seconds: float) -> dict[str, Any]:
             "hr@10": best["test-hr"],
             "users": int(best["users"]),
             "epsilon": best.get("epsilon"),
+            "delta": best.get("delta"),
             "round": int(best["round"]),
             "val-ndcg@10": best["val-ndcg"],
         }

@@ -306,11 +306,50 @@ def test_a_regions_cap_never_raises_the_run_budget():
     assert 1.9 < metrics["epsilon"] <= 2.0
 
 
-def test_a_region_that_demands_dp_refuses_a_run_without_it():
-    run_config = _run_config()
-    context = _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-epsilon": 1.0})
+def test_a_region_caps_the_run_delta_with_its_node_config():
+    run_config = _run_config(**PRIVATE_RUN)
 
-    with pytest.raises(ValueError, match=re.escape("Market 'm01' trains only under DP with epsilon at most 1.0")):
+    capped = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-delta": "1e-6"}))
+
+    assert capped["delta"] == 1e-6
+    assert 7.6 < capped["epsilon"] <= 8.0
+
+
+def test_a_regions_delta_cap_never_raises_the_default_delta():
+    # Prepare: the run leaves delta at its default, 0.1 / the market's users.
+    run_config = _run_config(**PRIVATE_RUN)
+    users = MarketSource("", 3, 0).interactions("m01")["user"].nunique()
+
+    # Execute
+    metrics = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-delta": 0.5}))
+
+    # Assert
+    assert metrics["delta"] == pytest.approx(0.1 / users)
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "message"),
+    [
+        ({"dp-delta": "tiny"}, "the node config's dp-delta must be a number between 0 and 1, got 'tiny'"),
+        ({"dp-delta": 1.0}, "dp-delta must be a number between 0 and 1, got '1.0'"),
+        ({"dp-epsilon": "-2"}, "the node config's dp-epsilon must be a positive number, got '-2'"),
+    ],
+)
+def test_a_bad_ceiling_in_the_node_config_is_refused_by_its_key(ceiling, message):
+    run_config = _run_config(**PRIVATE_RUN)
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
+
+    with pytest.raises(ValueError, match=re.escape(f"Market 'm01': {message}" if "node" in message else message)):
+        _trained(run_config, context)
+
+
+@pytest.mark.parametrize("ceiling", [{"dp-epsilon": 1.0}, {"dp-delta": "1e-6"}])
+def test_a_region_that_demands_dp_refuses_a_run_without_it(ceiling):
+    run_config = _run_config()
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
+    (key, value), = ceiling.items()
+
+    with pytest.raises(ValueError, match=re.escape(f"Market 'm01' trains only under DP ({key}={value} in its node")):
         _trained(run_config, context)
 
 
@@ -328,3 +367,19 @@ def test_a_cap_lowered_during_the_training_stops_the_market():
     assert first["trained"] == 1 and second["trained"] == 0
     assert second["epsilon"] == pytest.approx(first["epsilon"])
     assert second["num-examples"] == 0
+
+
+def test_a_delta_cap_lowered_during_the_training_stops_the_market_and_reports_at_the_new_delta():
+    # Prepare: round 1 of 2 at the default delta.
+    run_config = _run_config(**{**PRIVATE_RUN, "num-server-rounds": 2})
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
+    first = _trained(run_config, context, server_round=1)
+
+    # Execute: the region now allows a far smaller delta.
+    context.node_config["dp-delta"] = 1e-12
+    second = _trained(run_config, context, server_round=2)
+
+    # Assert: the market stops; round 1's steps, counted at the new delta, are reported as they are.
+    assert second["trained"] == 0
+    assert second["delta"] == 1e-12 < first["delta"]
+    assert second["epsilon"] > 8.0 >= first["epsilon"]
