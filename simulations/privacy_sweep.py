@@ -95,8 +95,8 @@ def mean_over_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One method summary whose NDCG@10 and HR@10 are the seeds' means.
 
     Their standard deviations sit beside them (``ndcg@10 std``, 0 for one
-    seed), and ``epsilon`` is the most any seed spent, so a budget check on
-    the summary holds for every seed.
+    seed), and ``epsilon`` is the most any seed spent (``delta`` the largest
+    it was spent at), so a budget check on the summary holds for every seed.
     """
     def mean_std(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
@@ -110,16 +110,19 @@ def mean_over_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     for market in markets:
         metrics = [summary["per_market"][market] for summary in summaries]
         spent = [m["epsilon"] for m in metrics if m.get("epsilon") is not None]
-        per_market[market] = {**mean_std(metrics), "epsilon": max(spent) if spent else None}
+        deltas = [m["delta"] for m in metrics if m.get("delta") is not None]
+        per_market[market] = {
+            **mean_std(metrics), "epsilon": max(spent) if spent else None, "delta": max(deltas) if deltas else None
+        }
     return {"per_market": per_market, "macro": mean_std([summary["macro"] for summary in summaries])}
 
 
 def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per budget and market (macro included): NDCG@10, HR@10 (mean and std over seeds) and the epsilon spent."""
+    """One row per budget and market (macro included): NDCG@10, HR@10 (mean and std over seeds), the epsilon spent and its delta."""
     columns = [key for metric in METRICS for key in (metric, f"{metric} std")]
     rows = [
         {"budget": label, "market": market, **{key: metrics[key] for key in columns},
-         "epsilon_spent": metrics["epsilon"]}
+         "epsilon_spent": metrics["epsilon"], "delta": metrics["delta"]}
         for label, summary in runs.items()
         for market, metrics in summary["per_market"].items()
     ]

@@ -4,9 +4,14 @@ import json
 
 import pytest
 
+from common.markets import MarketSource
 from simulations import privacy_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _users(market: str) -> int:
+    return MarketSource("", 3, 0).interactions(market)["user"].nunique()
 
 
 def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
@@ -14,12 +19,15 @@ def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
 
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["runs"]) == {"inf", "2"}
-    for metrics in report["runs"]["2"]["per_market"].values():
+    for market, metrics in report["runs"]["2"]["per_market"].items():
         assert 0 < metrics["epsilon"] <= 2.0
+        assert metrics["delta"] == pytest.approx(0.1 / _users(market))  # the default delta
     for metrics in report["runs"]["inf"]["per_market"].values():
-        assert metrics["epsilon"] is None
-    for metrics in report["popular"]["2"]["per_market"].values():  # popularity released with the whole budget
+        assert metrics["epsilon"] is None and metrics["delta"] is None
+    for market, metrics in report["popular"]["2"]["per_market"].items():  # popularity released with the whole budget
         assert metrics["epsilon"] == pytest.approx(2.0, rel=0.01) and metrics["epsilon"] <= 2.0
+        assert metrics["delta"] == pytest.approx(0.1 / _users(market))
+    assert "delta" in (tmp_path / "sweep.csv").read_text().splitlines()[0]
     assert (tmp_path / "eps-2" / "results.csv").exists()
     assert (tmp_path / "sweep.csv").stat().st_size > 0
     assert (tmp_path / "privacy.png").stat().st_size > 0
