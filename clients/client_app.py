@@ -47,7 +47,8 @@ LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 PRIVACY_KEY = "privacy-ledger"  # the market's DP ledger kept in context.state
 OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
-NODE_CEILINGS = ("dp-delta", "dp-epsilon")  # node config keys by which a region caps every run's DP budget
+# Node config keys by which a region caps every run's DP budget: (exclusive upper bound, what is expected).
+NODE_CEILINGS = {"dp-delta": (1.0, "a number between 0 and 1"), "dp-epsilon": (math.inf, "a positive number")}
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
 
 
@@ -157,14 +158,19 @@ class ClientConfig:
         return cls.from_run_config({**run, "catalog-path": catalog_path})
 
 
-def _node_ceiling(node_config: Mapping[str, Any], key: str, market: str) -> float:
-    """A region's DP ceiling from its node config: ``dp-epsilon`` > 0 or ``dp-delta`` in (0, 1)."""
+def _number(text: object) -> float:
+    """``text`` as a float, NaN (which fails every range check) if it is not a number."""
     try:
-        value = float(node_config[key])
+        return float(text)
     except ValueError:
-        value = math.nan
-    if not (value > 0 if key == "dp-epsilon" else 0 < value < 1):
-        expected = "a positive number" if key == "dp-epsilon" else "a number between 0 and 1"
+        return math.nan
+
+
+def _node_ceiling(node_config: Mapping[str, Any], key: str, market: str) -> float:
+    """A region's DP ceiling ``key`` (one of :data:`NODE_CEILINGS`) from its node config."""
+    upper, expected = NODE_CEILINGS[key]
+    value = _number(node_config[key])
+    if not 0 < value < upper:
         raise ValueError(f"Market '{market}': the node config's {key} must be {expected}, got '{node_config[key]}'.")
     return value
 
@@ -182,10 +188,7 @@ def parse_market_epsilons(text: str) -> dict[str, float]:
         if not entry:
             continue
         market, _, value = (part.strip() for part in entry.partition("="))
-        try:
-            epsilon = float(value)
-        except ValueError:
-            epsilon = math.nan
+        epsilon = _number(value)
         if not market or not epsilon > 0:
             raise ValueError(f"dp-market-epsilons takes market=epsilon pairs with epsilon > 0, got '{entry}'.")
         if market in budgets:
@@ -399,7 +402,7 @@ def train(msg: Message, context: Context) -> Message:
                 market, ledger.epsilon())
             loss, examples = float("nan"), 0
         _store_ledger(context, ledger.state())
-        metrics.update(epsilon=ledger.epsilon(), delta=ledger.budget.delta)
+        metrics.update(ledger.spent())
     else:
         loss = local_round(model, data, method, train_config, seed)
     train_seconds = time.perf_counter() - started
@@ -469,9 +472,7 @@ def _privacy_spent(context: Context, config: ClientConfig) -> dict[str, float]:
     if config.dp_epsilon <= 0:
         return {}
     ledger = _stored_ledger(context)
-    if ledger is None:
-        return {"epsilon": 0.0, "delta": config.dp_delta}
-    return {"epsilon": ledger.epsilon(), "delta": ledger.budget.delta}
+    return ledger.spent() if ledger is not None else {"epsilon": 0.0, "delta": config.dp_delta}
 
 
 def _ledger(
@@ -494,10 +495,10 @@ def _ledger(
             log(WARNING, "Market %s: its budget is now (epsilon %.3g, delta %.3g) instead of (%.3g, %.3g).",
                 data.split.market, tightened.epsilon, tightened.delta, stored.budget.epsilon, stored.budget.delta)
             stored.budget = tightened
-            if stored.epsilon() > tightened.epsilon:
+            if (spent := stored.epsilon()) > tightened.epsilon:
                 # Earlier rounds cannot be undone; the reply reports what they spent.
                 log(WARNING, "Market %s has already spent epsilon %.3f at delta %.3g, over its new budget.",
-                    data.split.market, stored.epsilon(), tightened.delta)
+                    data.split.market, spent, tightened.delta)
         return stored
     method = get_method(config.method)
     budget = market_budget(data, config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm, config.dp_accountant)

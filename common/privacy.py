@@ -179,6 +179,10 @@ class PrivacyLedger:
         """Epsilon spent so far at the budget's delta."""
         return self._epsilon_of(self.history)
 
+    def spent(self) -> dict[str, float]:
+        """``epsilon`` spent so far and the ``delta`` it holds at, as markets report them."""
+        return {"epsilon": self.epsilon(), "delta": self.budget.delta}
+
     def epsilon_after(self, steps: int) -> float:
         """Epsilon that would be spent after ``steps`` more steps."""
         return self._epsilon_of(self._with(steps))

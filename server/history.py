@@ -53,9 +53,9 @@ class RunHistory:
         """
         entry = self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}})
         for reply in replies:
-            if reply.has_error() or MARKET_KEY not in reply.content.config_records:
+            market = market_of(reply)
+            if market is None:
                 continue
-            market = str(reply.content.config_records[MARKET_KEY]["name"])
             metrics = next(iter(reply.content.metric_records.values()))
             slot = entry["per_market"].setdefault(market, {})
             for key, value in metrics.items():
@@ -127,6 +127,13 @@ class RunHistory:
             self.rounds = {r["round"]: r for r in saved_rounds if r["round"] <= checkpoint.server_round}
         log(INFO, "Resuming training %s after round %d from %s", checkpoint.training_id, checkpoint.server_round, path)
         return checkpoint
+
+
+def market_of(reply: Message) -> str | None:
+    """The market a reply names, or None for an error or a reply without one."""
+    if reply.has_error() or MARKET_KEY not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records[MARKET_KEY]["name"])
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.history import MARKET_KEY, RunHistory
+from server.history import RunHistory, market_of
 from server.strategy import market_dp_epsilon
 
 EVALUATE_RECEIVED_KEY = "evaluate-received"  # train config: evaluate the received model before training
@@ -78,11 +78,7 @@ def warn_unanswered_budgets(budgeted_markets: frozenset[str], replies: list[Mess
     warning: such a market may just be offline, or its name misspelt, in which
     case the market it was meant for trains with ``dp-epsilon``.
     """
-    replied = {
-        str(reply.content.config_records[MARKET_KEY]["name"])
-        for reply in replies
-        if MARKET_KEY in reply.content.config_records
-    }
+    replied = {market for market in map(market_of, replies) if market is not None}
     unanswered = sorted(budgeted_markets - replied)
     if unanswered:
         log(

@@ -111,8 +111,7 @@ def run_local(
                 curve.append(market_curve(model, data, server_round))
             else:
                 train_epochs_private(model, data, settings.privacy.train, ledger, seed)
-                spent = {"epsilon": ledger.epsilon(), "delta": ledger.budget.delta}
-                curve.append(market_curve(model, data, server_round) | spent)
+                curve.append(market_curve(model, data, server_round) | ledger.spent())
         curves[market] = curve
         best = max(curve[1:], key=lambda point: point["val-ndcg"])
         progress(
@@ -137,12 +136,11 @@ def run_popular(
         model = SplitRecommender(ModelConfig(catalog.size, data.split.num_users, 1, settings.history_length))
         with torch.no_grad():
             model.encoder.item_embedding.weight.zero_()  # scores are the item bias alone
-        noise, epsilon, spent = 0.0, None, {}
+        noise, spent = 0.0, {}
         if settings.privacy is not None:
             budget = settings.privacy.budget(data)
             noise = release_noise(budget, share=1.0)
-            epsilon = epsilon_of(budget, release_history([noise]))
-            spent = {"epsilon": epsilon, "delta": budget.delta}
+            spent = {"epsilon": epsilon_of(budget, release_history([noise])), "delta": budget.delta}
         with torch.no_grad():
             model.head.item_bias.weight[:, 0] = private_popularity(
                 data, catalog.size, noise, popularity_seed(market, settings.seed)
@@ -150,7 +148,7 @@ def run_popular(
         point = market_curve(model, data, 1)
         curves[market] = [point | spent]
         progress(f"popular {market}: test NDCG@10 {point['test-ndcg']:.4f}"
-                 + ("" if epsilon is None else f" (popularity released at epsilon {epsilon:.3f})"))
+                 + (f" (popularity released at epsilon {spent['epsilon']:.3f})" if spent else ""))
     return curves
 
 

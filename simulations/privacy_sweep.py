@@ -109,16 +109,18 @@ def mean_over_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     per_market = {}
     for market in markets:
         metrics = [summary["per_market"][market] for summary in summaries]
-        spent = [m["epsilon"] for m in metrics if m.get("epsilon") is not None]
-        deltas = [m["delta"] for m in metrics if m.get("delta") is not None]
-        per_market[market] = {
-            **mean_std(metrics), "epsilon": max(spent) if spent else None, "delta": max(deltas) if deltas else None
+        worst = {
+            key: max((m[key] for m in metrics if m.get(key) is not None), default=None) for key in ("epsilon", "delta")
         }
+        per_market[market] = {**mean_std(metrics), **worst}
     return {"per_market": per_market, "macro": mean_std([summary["macro"] for summary in summaries])}
 
 
 def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per budget and market (macro included): NDCG@10, HR@10 (mean and std over seeds), the epsilon spent and its delta."""
+    """One row per budget and market (macro included).
+
+    NDCG@10 and HR@10 (mean and std over seeds), the epsilon spent and its delta.
+    """
     columns = [key for metric in METRICS for key in (metric, f"{metric} std")]
     rows = [
         {"budget": label, "market": market, **{key: metrics[key] for key in columns},
