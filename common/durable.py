@@ -1,0 +1,85 @@
+"""Durable, private file writes: a crash leaves the old file or the new one, never half of one.
+
+A region's state file holds its head (possibly per-user embeddings) and its
+privacy ledger; the server's checkpoint and history say which round a training
+reached. Each is replaced by writing a uniquely named temporary file in the
+same directory (created 0600, never readable by others), flushing it to disk,
+renaming it over the target and flushing the directory, so that the rename
+itself survives a power cut. Two writers of one file never share a temporary
+name; :func:`locked` serialises them where the order matters.
+"""
+
+import fcntl
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRIVATE_MODE = 0o600  # owner read/write only: state files can hold per-user embeddings
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = PRIVATE_MODE) -> None:
+    """Replace ``path`` by ``data`` atomically and durably, with permissions ``mode``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to replace; its directory is created if missing.
+    data : bytes
+        The whole new content.
+    mode : int
+        Permissions of the new file, set when it is created (not after).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file 0600 with a name no other writer gets.
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if mode != PRIVATE_MODE:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_torch_save(path: str | Path, obj: Any, mode: int = PRIVATE_MODE) -> None:
+    """:func:`torch.save` of ``obj`` to ``path`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), mode)
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (through ``<path>.lock``) for the block.
+
+    Advisory (``flock``): it orders the writers of this package, which all take it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
