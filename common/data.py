@@ -13,7 +13,10 @@ the first offending line (or Parquet row) and what is wrong with it.
 """
 
 import csv
+import errno
 import io
+import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from common.names import check_name
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -140,8 +145,8 @@ def discover_market_files(data_dir: str | Path) -> dict[str, Path]:
     Parameters
     ----------
     data_dir : str or Path
-        Directory holding one file per market; not searched recursively. Files
-        with other suffixes (e.g. ``README.md``) and hidden files are ignored.
+        Directory holding one file per market; not searched recursively. Entries
+        with other suffixes (e.g. ``README.md``) and hidden ones are ignored.
 
     Returns
     -------
@@ -156,8 +161,11 @@ def discover_market_files(data_dir: str | Path) -> dict[str, Path]:
     NotADirectoryError
         If ``data_dir`` is not a directory.
     InteractionFileError
-        If no market file is found, a name yields no market name, or two files
-        yield the same market name.
+        If no market file is found; an entry named like a market file is not a
+        regular file (a directory, a dangling symbolic link, a link loop); a
+        name yields no market name or one that :func:`common.names.check_name`
+        refuses; or two files yield market names that are equal or differ only
+        by case.
     """
     directory = Path(data_dir)
     if not directory.exists():
@@ -165,18 +173,33 @@ def discover_market_files(data_dir: str | Path) -> dict[str, Path]:
     if not directory.is_dir():
         raise NotADirectoryError(f"market data directory {directory} is not a directory")
     markets: dict[str, Path] = {}
+    by_folded_name: dict[str, str] = {}
     for file in sorted(directory.iterdir()):
-        hidden = file.name.startswith(".")
-        if hidden or file.suffix.lower() not in SUPPORTED_SUFFIXES or not file.is_file():
+        if file.name.startswith(".") or file.suffix.lower() not in SUPPORTED_SUFFIXES:
             continue
+        # Named like a market file, so it must be one: skipping it would drop a market unseen.
+        _check_regular_file(file)
         market = file.stem.split("_", 1)[0]
         if not market:
             raise InteractionFileError(file, None, "file name does not start with a market name")
+        try:
+            check_name(market)
+        except ValueError as err:
+            raise InteractionFileError(file, None, str(err).rstrip(".")) from err
         if market in markets:
             raise InteractionFileError(
                 file, None, f"market {market!r} is also provided by {markets[market]}"
             )
+        # 'DE' and 'de' would share state files on a case-insensitive filesystem.
+        if (other := by_folded_name.get(market.casefold())) is not None:
+            raise InteractionFileError(
+                file,
+                None,
+                f"market {market!r} and market {other!r} of {markets[other]} "
+                "differ only by case",
+            )
         markets[market] = file
+        by_folded_name[market.casefold()] = market
     if not markets:
         raise InteractionFileError(
             directory,
@@ -184,6 +207,24 @@ def discover_market_files(data_dir: str | Path) -> dict[str, Path]:
             f"no market files ({', '.join(sorted(SUPPORTED_SUFFIXES))}) in directory",
         )
     return dict(sorted(markets.items()))
+
+
+def _check_regular_file(file: Path) -> None:
+    """Raise :class:`InteractionFileError` unless ``file`` is (a link to) a regular file."""
+    try:
+        mode = file.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            problem = "is a symbolic link loop"
+        elif err.errno == errno.ENOENT and file.is_symlink():
+            problem = f"is a symbolic link to nothing (target {os.readlink(file)} does not exist)"
+        else:
+            problem = f"cannot be examined ({err.strerror or err})"
+        raise InteractionFileError(file, None, problem) from err
+    if stat.S_ISDIR(mode):
+        raise InteractionFileError(file, None, "is a directory, not a market file")
+    if not stat.S_ISREG(mode):
+        raise InteractionFileError(file, None, "is not a regular file")
 
 
 def _no_interactions(path: Path) -> InteractionFileError:

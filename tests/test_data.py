@@ -347,7 +347,7 @@ def test_discover_market_files_names_markets_by_stem_prefix(tmp_path):
     for name in ["fr.csv", "de_5core.txt", "jp_x_y.parquet", "us.TSV", "README.md", "notes.json"]:
         _write(tmp_path / name, "")
     _write(tmp_path / ".hidden_5core.txt", "")
-    (tmp_path / "uk_5core.txt").mkdir()
+    (tmp_path / "notes").mkdir()  # a directory without a market suffix is not a market
 
     # Execute
     markets = discover_market_files(str(tmp_path))
@@ -386,6 +386,75 @@ def test_discover_market_files_errors(tmp_path, names, error, message):
 
     # Assert
     assert message in str(caught.value)
+
+
+def _make_entry(directory: Path, name: str, kind: str) -> Path:
+    """Create ``name`` in ``directory`` as something that is not a readable file."""
+    entry = directory / name
+    if kind == "directory":
+        entry.mkdir()
+    elif kind == "dangling symlink":
+        entry.symlink_to(directory / "missing.txt")
+    elif kind == "symlink loop":
+        entry.symlink_to(entry)
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("directory", "is a directory, not a market file"),
+        ("dangling symlink", "is a symbolic link to nothing"),
+        ("symlink loop", "is a symbolic link loop"),
+    ],
+)
+def test_discover_market_files_refuses_an_unreadable_entry_named_like_a_market(
+    tmp_path, kind, problem
+):
+    # Prepare: an entry named like a market file that cannot be read. Skipping it
+    # would silently drop market 'de' from the federation, so it must be refused.
+    _write(tmp_path / "fr_5core.txt", "")
+    entry = _make_entry(tmp_path, "de_5core.txt", kind)
+
+    # Execute
+    with pytest.raises(InteractionFileError) as caught:
+        discover_market_files(tmp_path)
+
+    # Assert: the error names the entry and says what is wrong with it.
+    assert caught.value.path == entry
+    assert problem in caught.value.problem
+
+
+def test_discover_market_files_refuses_market_names_differing_only_by_case(tmp_path):
+    # Prepare: 'DE' and 'de' would share state files and model directories on a
+    # case-insensitive filesystem, so they must not become two markets.
+    upper = _write(tmp_path / "DE_x.txt", "")
+    lower = _write(tmp_path / "de_y.txt", "")
+
+    # Execute
+    with pytest.raises(InteractionFileError) as caught:
+        discover_market_files(tmp_path)
+
+    # Assert: both files are named, so the user knows which two collide.
+    message = str(caught.value)
+    assert str(upper) in message
+    assert str(lower) in message
+    assert "differ only by case" in message
+
+
+@pytest.mark.parametrize("name", ["a..b_5core.txt", "-de_5core.txt", "dé_5core.txt"])
+def test_discover_market_files_refuses_market_names_unsafe_as_path_component(tmp_path, name):
+    # Prepare: a market name becomes part of file paths (state, model, credentials),
+    # so names check_name refuses must be refused here, naming the file.
+    path = _write(tmp_path / name, "")
+
+    # Execute
+    with pytest.raises(InteractionFileError) as caught:
+        discover_market_files(tmp_path)
+
+    # Assert
+    assert caught.value.path == path
+    assert "is not allowed" in caught.value.problem
 
 
 def test_discover_market_files_rejects_a_file(tmp_path):
