@@ -14,6 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+# Every region allocates one embedding row per overflow row. A million rows is far
+# more than new products between two catalog refreshes, and still a bounded table
+# (512 MB at the default 128 float32 dimensions); more is a typo, not a catalog.
+MAX_OVERFLOW_ROWS = 1_000_000
+
+# The first line save() writes; only a first line starting like this is not an item.
+_HEADER = "# overflow-rows"
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -32,9 +40,10 @@ class Catalog:
     _row_of: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.overflow_rows < 1:
+        if not 1 <= self.overflow_rows <= MAX_OVERFLOW_ROWS:
             raise ValueError(
-                f"The catalog needs at least one overflow row, got {self.overflow_rows}."
+                f"The catalog needs 1 to {MAX_OVERFLOW_ROWS:,} overflow rows, "
+                f"got {self.overflow_rows:,}."
             )
         row_of = {item: row for row, item in enumerate(self.item_ids)}
         if len(row_of) != len(self.item_ids):
@@ -67,26 +76,73 @@ class Catalog:
         return cls(tuple(sorted(set(items))), overflow_rows)
 
     def save(self, path: str | Path) -> None:
-        """Write one item ID per line, the overflow size in a header comment."""
-        lines = [f"# overflow-rows {self.overflow_rows}", *self.item_ids]
+        """Write the header ``# overflow-rows N``, then one item ID per line."""
+        lines = [f"{_HEADER} {self.overflow_rows}", *self.item_ids]
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Catalog":
-        """Read a catalog written by :meth:`save` (or a plain list of item IDs)."""
+        """Read a catalog written by :meth:`save` (or a plain list of item IDs).
+
+        Only a first line starting with ``# overflow-rows`` is a header; every other
+        non-blank line is an item ID, even one starting with ``#``. Without a
+        header the catalog has 64 overflow rows. A UTF-8 byte-order mark is ignored.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the file cannot be read.
+        ValueError
+            If it is not UTF-8, its header is malformed or asks for fewer than 1 or
+            more than ``MAX_OVERFLOW_ROWS`` overflow rows, or it lists no item or
+            one item twice. Every message names the file.
+        """
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            data = path.read_bytes()
         except OSError as err:
-            raise FileNotFoundError(f"{path}: cannot read the catalog ({err}).") from err
+            raise FileNotFoundError(
+                f"The catalog {path} cannot be read ({err.strerror or err})."
+            ) from err
+        try:
+            # utf-8-sig: a byte-order mark would otherwise stick to the first line.
+            lines = data.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"The catalog {path} is not UTF-8 text (bad byte at offset {err.start})."
+            ) from err
         overflow_rows = 64
-        items: list[str] = []
-        for line in lines:
-            line = line.strip()
-            if line.startswith("# overflow-rows"):
-                overflow_rows = int(line.split()[-1])
-            elif line and not line.startswith("#"):
-                items.append(line)
-        if not items:
-            raise ValueError(f"{path}: the catalog lists no items.")
-        return cls(tuple(items), overflow_rows)
+        first_item_line = 1
+        if lines and lines[0].strip().startswith(_HEADER):
+            overflow_rows = _parse_header(path, lines[0].strip())
+            first_item_line = 2
+        line_of: dict[str, int] = {}  # item ID -> 1-based line, in file order
+        for number, line in enumerate(lines[first_item_line - 1 :], start=first_item_line):
+            if not (item := line.strip()):
+                continue
+            if item in line_of:
+                raise ValueError(
+                    f"The catalog {path} lists item ID {item!r} more than once "
+                    f"(lines {line_of[item]} and {number})."
+                )
+            line_of[item] = number
+        if not line_of:
+            raise ValueError(f"The catalog {path} lists no items.")
+        return cls(tuple(line_of), overflow_rows)
+
+
+def _parse_header(path: Path, header: str) -> int:
+    """Overflow rows from the header line ``# overflow-rows N`` of the catalog at ``path``."""
+    count = header.removeprefix(_HEADER).strip()
+    if not header.startswith(f"{_HEADER} ") or not count.isascii() or not count.isdigit():
+        raise ValueError(
+            f"The catalog {path} has the malformed header {header!r} on line 1; "
+            f"expected '{_HEADER} N' with N a whole number."
+        )
+    overflow_rows = int(count)
+    if not 1 <= overflow_rows <= MAX_OVERFLOW_ROWS:
+        raise ValueError(
+            f"The catalog {path} asks for {overflow_rows:,} overflow rows; "
+            f"it may have 1 to {MAX_OVERFLOW_ROWS:,}."
+        )
+    return overflow_rows
