@@ -1,13 +1,23 @@
-"""A market's durable state: its head, its privacy ledger, its last round (and, when
-it keeps one, its own copy of the shared arrays), in the region's state directory.
+"""A market's durable state in its region's ``state-dir``: its model state and its privacy ledger.
 
 ``context.state`` lives only as long as one run on one SuperNode process. A
-deployed region sets ``state-dir`` in its node config so that a restarted
-SuperNode rejoins with its head and ledger, and a new run starts from the
-saved head.
+deployed region sets ``state-dir`` in its node config; two files per market
+live there:
+
+* ``<market>.pt``: the head, the market's own copy of the shared arrays, the
+  training and round they come from (:class:`MarketStateStore`). Losing it
+  loses a trained head, nothing more.
+* ``<market>.ledger.json``: the region's lifetime privacy ledger
+  (:class:`LedgerStore`): every DP release the market ever made, whatever
+  training or server it was for. It is keyed by the region's market alone,
+  never by anything the server sends, and it is never reset by the code: an
+  operator starts a new budget period on purpose (``python -m clients.ledger``).
+
+Both are written through :mod:`common.durable` (a unique 0600 temp file,
+fsync, rename, fsync of the directory) under a lock per file.
 """
 
-import os
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,55 +25,161 @@ from typing import Any
 
 import torch
 
+from common.durable import atomic_torch_save, atomic_write_bytes, locked
+from common.names import check_name
+from common.privacy import PrivacyLedger
+
+LEDGER_FORMAT = 1  # version of <market>.ledger.json
+
 
 @dataclass(frozen=True)
 class MarketState:
-    """What a market keeps after each round."""
+    """What a market keeps of its model after each round."""
 
-    training_id: str  # the server's training the ledger belongs to (stable across server resumes)
+    training_id: str  # the server's training the head was last trained in
     last_round: int  # the last round the market trained in
     head: dict[str, torch.Tensor]  # local parameters, never shared
-    ledger: dict[str, Any] | None  # PrivacyLedger.state() of this training, None without DP
     own_arrays: dict[str, torch.Tensor] | None = None  # its last trained shared arrays, when global weight < 1
+    private: bool = False  # trained under DP: a ledger must exist beside it
+
+
+@dataclass
+class LedgerEntry:
+    """The lifetime ledger and the training whose calibration it currently holds."""
+
+    ledger: PrivacyLedger  # history and releases over the region's lifetime; noise and rate of the current training
+    training_id: str  # the training the calibration was made for
+    calibration: dict[str, Any]  # the settings the calibration depends on; another value means recalibrate
+    periods: list[dict[str, Any]]  # earlier budget periods an operator closed (see clients.ledger)
+
+
+class CorruptStateError(ValueError):
+    """A file in ``state-dir`` exists but cannot be used; the message names it and what is lost."""
 
 
 class MarketStateStore:
-    """One file per market, ``<state-dir>/<market>.pt``, replaced atomically after every round."""
+    """``<state-dir>/<market>.pt``, replaced atomically after every round."""
 
     def __init__(self, state_dir: str | Path, market: str) -> None:
-        self.path = Path(state_dir) / f"{market}.pt"
+        self.path = Path(state_dir) / f"{check_name(market)}.pt"
 
     def load(self) -> MarketState | None:
-        """The saved state, or None when the market has none yet."""
+        """The saved state, or None when the market has none yet.
+
+        Raises
+        ------
+        CorruptStateError
+            If the file cannot be read or does not hold a market state.
+        """
         if not self.path.exists():
             return None
         try:
             saved = torch.load(self.path, weights_only=True)
-            return MarketState(
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            raise self._corrupt(f"cannot be read ({error})") from error
+        if not isinstance(saved, dict):
+            raise self._corrupt(f"holds a {type(saved).__name__}, not a market state")
+        try:
+            state = MarketState(
                 training_id=str(saved["training-id"]),
                 last_round=int(saved["last-round"]),
-                head=dict(saved["head"]),
-                ledger=saved["ledger"],
-                own_arrays=saved.get("own-arrays"),
+                head=_tensors(saved["head"]),
+                own_arrays=_tensors(saved["own-arrays"]) if saved.get("own-arrays") is not None else None,
+                private=bool(saved.get("private", saved.get("ledger") is not None)),
             )
-        except (KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
-            raise ValueError(
-                f"{self.path}: the saved market state cannot be read ({error}); move it away to start the "
-                "market afresh (its privacy ledger goes with it)."
-            ) from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise self._corrupt(f"is not a market state ({type(error).__name__}: {error})") from error
+        return state
+
+    def legacy_ledger(self) -> dict[str, Any] | None:
+        """The ledger an earlier version kept inside ``<market>.pt``, if any (read once, to migrate it)."""
+        if not self.path.exists():
+            return None
+        saved = torch.load(self.path, weights_only=True)
+        return saved.get("ledger") if isinstance(saved, dict) else None
 
     def save(self, state: MarketState) -> None:
         """Write the state so that a crash leaves either the old or the new file, never half of one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(
-            {
-                "training-id": state.training_id,
-                "last-round": state.last_round,
-                "head": state.head,
-                "ledger": state.ledger,
-                "own-arrays": state.own_arrays,
-            },
-            tmp,
+        payload = {
+            "training-id": state.training_id,
+            "last-round": state.last_round,
+            "head": state.head,
+            "own-arrays": state.own_arrays,
+            "private": state.private,
+        }
+        with locked(self.path):
+            atomic_torch_save(self.path, payload)
+
+    def _corrupt(self, problem: str) -> CorruptStateError:
+        return CorruptStateError(
+            f"{self.path}: the saved market state {problem}. Move it away to start the market with a new head; "
+            "its privacy ledger is kept apart and is not affected."
         )
-        os.replace(tmp, self.path)
+
+
+class LedgerStore:
+    """``<state-dir>/<market>.ledger.json``: the market's lifetime privacy ledger."""
+
+    def __init__(self, state_dir: str | Path, market: str) -> None:
+        self.market = check_name(market)
+        self.path = Path(state_dir) / f"{self.market}.ledger.json"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def lock(self):
+        """Hold the ledger for a read, spend and write: one market's trainings never interleave."""
+        return locked(self.path)
+
+    def load(self) -> LedgerEntry | None:
+        """The ledger, or None when the market never trained under DP with this state-dir.
+
+        Raises
+        ------
+        CorruptStateError
+            If the file exists but cannot be read: its spending is then unknown,
+            and the market must not train under DP until an operator acts.
+        """
+        if not self.path.exists():
+            return None
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("format") != LEDGER_FORMAT or saved.get("market") != self.market:
+                raise ValueError(f"format {saved.get('format')!r} of market {saved.get('market')!r}")
+            return LedgerEntry(
+                ledger=PrivacyLedger.from_state(saved["ledger"]),
+                training_id=str(saved["training-id"]),
+                calibration=dict(saved["calibration"]),
+                periods=list(saved.get("periods", [])),
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise self.unusable(f"cannot be read ({type(error).__name__}: {error})") from error
+
+    def save(self, entry: LedgerEntry) -> None:
+        """Replace the ledger atomically and durably (the caller holds :meth:`lock`)."""
+        saved = {
+            "format": LEDGER_FORMAT,
+            "market": self.market,
+            "ledger": entry.ledger.state(),
+            "training-id": entry.training_id,
+            "calibration": entry.calibration,
+            "periods": entry.periods,
+        }
+        atomic_write_bytes(self.path, json.dumps(saved, indent=1).encode())
+
+    def unusable(self, problem: str) -> CorruptStateError:
+        """The error that stops DP training when the ledger is missing or unreadable."""
+        return CorruptStateError(
+            f"{self.path}: the market's privacy ledger {problem}. Everything the market spent before is "
+            "unknown, so it does not train under DP: restore the file from a backup, or start a new budget "
+            f"period on purpose with `python -m clients.ledger new-period --state-dir {self.path.parent} "
+            f"--market {self.market}`, which records that the earlier spending is no longer counted."
+        )
+
+
+def _tensors(value: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()
+    ):
+        raise TypeError("expected a mapping of parameter names to tensors")
+    return dict(value)

@@ -17,12 +17,15 @@ def rank_of_positive(scores: np.ndarray) -> np.ndarray:
     np.ndarray
         Integer rank per row. A negative scoring equal to the positive counts as
         ranked above it, so a model that scores everything alike earns nothing.
+        A NaN score ranks last: a broken model (NaN everywhere) earns nothing
+        rather than a perfect score.
     """
     if scores.ndim != 2 or scores.shape[1] < 2:
         raise ValueError(
             f"Scores must have shape (users, candidates) with at least 2 candidates, "
             f"got {scores.shape}."
         )
+    scores = np.where(np.isnan(scores), -np.inf, scores)
     return (scores[:, 1:] >= scores[:, :1]).sum(axis=1)
 
 

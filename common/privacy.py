@@ -18,6 +18,8 @@ from typing import Any
 
 
 ACCOUNTANTS = ("prv", "rdp")  # prv is Opacus 1.6's default and tightest; rdp is fast and conservative
+# Past this noise multiplier what is left of a budget is treated as spent: the steps would learn nothing.
+MAX_NOISE_MULTIPLIER = 1e4
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -62,14 +64,20 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def calibrate_noise(
-    budget: PrivacyBudget, rate: float, total_steps: int, releases: tuple[float, ...] = ()
+    budget: PrivacyBudget, rate: float, total_steps: int, prior: list[tuple[float, float, int]] | None = None
 ) -> float:
     """The noise multiplier that spends exactly the budget over ``total_steps``.
 
-    Calibrated once for the whole run (rounds x local epochs x steps per
-    epoch), never per round. ``releases`` are the noise multipliers of
-    Gaussian releases of the whole data made besides the steps (the
-    popularity prior); the steps get what they leave of the budget.
+    Calibrated once for a training (rounds x local epochs x steps per epoch),
+    never per round. ``prior`` is what the market spent before, in the
+    accountant's history format (earlier trainings, Gaussian releases of the
+    whole data such as the popularity prior); the steps get what it leaves.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If ``prior`` alone spends the budget, or what it leaves cannot pay for
+        ``total_steps`` at any reasonable noise.
     """
     if total_steps < 1:
         raise ValueError(f"Noise calibration needs at least one step, got {total_steps}.")
@@ -77,7 +85,7 @@ def calibrate_noise(
     # deployed market pays imports on every message (a fresh process each).
     from opacus.accountants.utils import get_noise_multiplier
 
-    if not releases:
+    if not prior:
         return get_noise_multiplier(
             target_epsilon=budget.epsilon,
             target_delta=budget.delta,
@@ -85,31 +93,38 @@ def calibrate_noise(
             steps=total_steps,
             accountant=budget.accountant,
         )
-    released = release_history(releases)
-    if epsilon_of(budget, released) >= budget.epsilon:
-        raise ValueError(
-            f"The releases with noise multipliers {releases} alone spend the budget of epsilon {budget.epsilon}."
+    if (spent := epsilon_of(budget, prior)) >= budget.epsilon:
+        raise PrivacyBudgetExceeded(
+            f"What was spent before (epsilon {spent:.3f}) leaves nothing of the budget of epsilon {budget.epsilon}."
         )
     low, high = 0.0, 10.0
-    while epsilon_of(budget, released + [(high, rate, total_steps)]) > budget.epsilon:
+    while epsilon_of(budget, prior + [(high, rate, total_steps)]) > budget.epsilon:
+        if high > MAX_NOISE_MULTIPLIER:
+            raise PrivacyBudgetExceeded(
+                f"What is left of the budget of epsilon {budget.epsilon} after epsilon {spent:.3f} spent before "
+                f"cannot pay for {total_steps} steps at a noise multiplier up to {MAX_NOISE_MULTIPLIER}."
+            )
         low, high = high, 2 * high
     while high - low > 0.005:  # Opacus's own tolerance is 0.01 in epsilon; this is finer
         middle = (low + high) / 2
-        spent = epsilon_of(budget, released + [(middle, rate, total_steps)])
-        low, high = (middle, high) if spent > budget.epsilon else (low, middle)
+        spent_after = epsilon_of(budget, prior + [(middle, rate, total_steps)])
+        low, high = (middle, high) if spent_after > budget.epsilon else (low, middle)
     return high
 
 
-def release_noise(budget: PrivacyBudget, share: float) -> float:
-    """The noise multiplier of a Gaussian release of the whole data that alone spends ``share`` of the budget.
+def release_noise(budget: PrivacyBudget, share: float, prior: list[tuple[float, float, int]] | None = None) -> float:
+    """The noise multiplier of a Gaussian release of the whole data that spends ``share`` of what is left.
 
-    Composed with the DP-SGD steps it costs less than that share; the steps
-    are then calibrated to what it leaves (:func:`calibrated_ledger`). A
-    share of 1 spends the whole budget on the release.
+    What is left is the budget minus what ``prior`` spent; composed with the
+    DP-SGD steps the release costs less than that share, and the steps are
+    then calibrated to what it leaves (:func:`calibrated_ledger`). A share of
+    1 spends all that is left on the release.
     """
     if not 0 < share <= 1:
         raise ValueError(f"A release's share of the budget must lie in (0, 1], got {share}.")
-    return calibrate_noise(replace(budget, epsilon=share * budget.epsilon), rate=1.0, total_steps=1)
+    spent = epsilon_of(budget, prior or [])
+    target = replace(budget, epsilon=spent + share * (budget.epsilon - spent))
+    return calibrate_noise(target, rate=1.0, total_steps=1, prior=prior)
 
 
 def release_history(releases: tuple[float, ...] | list[float]) -> list[tuple[float, float, int]]:
@@ -129,17 +144,27 @@ def epsilon_of(budget: PrivacyBudget, history: list[tuple[float, float, int]]) -
 
 
 def calibrated_ledger(
-    budget: PrivacyBudget, examples: int, batch_size: int, total_steps: int, release_noise: float = 0.0
+    budget: PrivacyBudget,
+    examples: int,
+    batch_size: int,
+    total_steps: int,
+    release_noise: float = 0.0,
+    spent_before: "PrivacyLedger | None" = None,
 ) -> "PrivacyLedger":
-    """A fresh ledger whose noise spends exactly ``budget`` over ``total_steps`` Poisson batches.
+    """A ledger whose noise spends exactly ``budget`` over ``total_steps`` Poisson batches.
 
     With ``release_noise`` > 0 the ledger starts with one Gaussian release of
-    that noise multiplier already recorded (the caller makes it at once), and
-    the steps are calibrated to what it leaves.
+    that noise multiplier already recorded (the caller makes it at once);
+    ``spent_before`` carries the history of the market's earlier trainings,
+    which the new steps compose with. The steps are calibrated to what both leave.
     """
     rate = sample_rate(examples, batch_size)
-    releases = [release_noise] if release_noise > 0 else []
-    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps, tuple(releases)), rate, releases=releases)
+    history = list(spent_before.history) if spent_before is not None else []
+    releases = list(spent_before.releases) if spent_before is not None else []
+    if release_noise > 0:
+        releases.append(release_noise)
+    prior = release_history(releases) + history
+    return PrivacyLedger(budget, calibrate_noise(budget, rate, total_steps, prior), rate, history, releases)
 
 
 @dataclass
@@ -183,31 +208,37 @@ class PrivacyLedger:
         """``epsilon`` spent so far and the ``delta`` it holds at, as markets report them."""
         return {"epsilon": self.epsilon(), "delta": self.budget.delta}
 
-    def epsilon_after(self, steps: int) -> float:
-        """Epsilon that would be spent after ``steps`` more steps."""
-        return self._epsilon_of(self._with(steps))
+    def epsilon_after(self, steps: int, rate: float | None = None) -> float:
+        """Epsilon that would be spent after ``steps`` more steps at sample rate ``rate`` (default: the planned one)."""
+        return self._epsilon_of(self._with(steps, self.noise_multiplier, rate or self.rate))
 
-    def can_afford(self, steps: int) -> bool:
-        """Whether ``steps`` more steps stay within the budget."""
-        return self.epsilon_after(steps) <= self.budget.epsilon
+    def can_afford(self, steps: int, rate: float | None = None) -> bool:
+        """Whether ``steps`` more steps at sample rate ``rate`` (default: the planned one) stay within the budget."""
+        return self.epsilon_after(steps, rate) <= self.budget.epsilon
 
-    def record(self, steps: int) -> None:
-        """Record ``steps`` taken steps; refuses any that would exceed the budget."""
-        if not self.can_afford(steps):
+    def record(self, steps: int, noise_multiplier: float | None = None, rate: float | None = None) -> None:
+        """Record ``steps`` taken steps at the noise and sample rate they ran at; refuses any over the budget.
+
+        The defaults are the calibrated ones. A caller that ran the steps passes
+        what it actually used, so that a setting changed since the calibration
+        (a resumed training with another batch size) is accounted as it ran.
+        """
+        noise_multiplier = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        history = self._with(steps, noise_multiplier, rate or self.rate)
+        if (after := self._epsilon_of(history)) > self.budget.epsilon:
             raise PrivacyBudgetExceeded(
-                f"{steps} more steps would spend epsilon {self.epsilon_after(steps):.4f} "
-                f"of a budget of {self.budget.epsilon}."
+                f"{steps} more steps would spend epsilon {after:.4f} of a budget of {self.budget.epsilon}."
             )
-        self.history = self._with(steps)
+        self.history = history
 
-    def _with(self, steps: int) -> list[tuple[float, float, int]]:
+    def _with(self, steps: int, noise_multiplier: float, rate: float) -> list[tuple[float, float, int]]:
         if steps < 0:
             raise ValueError(f"Steps cannot be negative, got {steps}.")
         history = list(self.history)
-        if history and history[-1][:2] == (self.noise_multiplier, self.rate):
-            history[-1] = (self.noise_multiplier, self.rate, history[-1][2] + steps)
+        if history and history[-1][:2] == (noise_multiplier, rate):
+            history[-1] = (noise_multiplier, rate, history[-1][2] + steps)
         elif steps:
-            history.append((self.noise_multiplier, self.rate, steps))
+            history.append((noise_multiplier, rate, steps))
         return history
 
     def state(self) -> dict[str, Any]:

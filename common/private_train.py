@@ -11,6 +11,7 @@ therefore picks users; each sampled user contributes one clipped gradient,
 that of their mean loss over up to ``user_positives`` of their training items.
 """
 
+import os
 import warnings
 from dataclasses import replace
 
@@ -28,7 +29,10 @@ from common.privacy import (
     PrivacyLedger,
     calibrated_ledger,
     default_delta,
+    epsilon_of,
+    release_history,
     release_noise,
+    sample_rate,
     steps_per_epoch,
 )
 from common.train import MarketTensors, TrainConfig, user_batch_inputs
@@ -46,8 +50,23 @@ def market_budget(
     return PrivacyBudget(epsilon, delta or default_delta(privacy_units(data)), max_grad_norm, accountant)
 
 
+def dp_generator(insecure_seed: int | None = None) -> torch.Generator:
+    """A generator for DP noise or Poisson sampling, seeded from the operating system's secure source.
+
+    DP holds only if whoever sees a market's output cannot predict its noise,
+    so the noise never comes from a configured seed: the server, or whoever
+    submits the run, knows every seed in the run config. Each generator gets 64
+    fresh bits of ``os.urandom``, and :func:`train_epochs_private` reseeds its
+    noise generator so before every step. ``insecure_seed`` (only with the run's
+    ``dp-insecure-seeded-noise``) makes the noise reproducible, and removable
+    by anyone who knows the seed.
+    """
+    seed = int.from_bytes(os.urandom(8), "little") if insecure_seed is None else insecure_seed
+    return torch.Generator().manual_seed(seed)
+
+
 def popularity_seed(market: str, seed: int) -> int:
-    """Seeds the noise of a market's popularity release, apart from its training seeds."""
+    """Seeds the noise of a market's popularity release in an insecure, reproducible run."""
     return market_seed(market, seed) + 777
 
 
@@ -84,20 +103,41 @@ def private_round_steps(data: MarketTensors, method: Method, config: TrainConfig
     return epochs * steps_per_epoch(privacy_units(data), config.batch_size)
 
 
+def can_afford_round(data: MarketTensors, method: Method, config: TrainConfig, ledger: PrivacyLedger) -> bool:
+    """Whether ``ledger`` can pay for one round of ``method`` at the sample rate ``config`` makes the loader use."""
+    rate = sample_rate(privacy_units(data), config.batch_size)
+    return ledger.can_afford(private_round_steps(data, method, config), rate)
+
+
 def private_round(
-    model: SplitRecommender, data: MarketTensors, method: Method, config: TrainConfig, ledger: PrivacyLedger, seed: int
+    model: SplitRecommender,
+    data: MarketTensors,
+    method: Method,
+    config: TrainConfig,
+    ledger: PrivacyLedger,
+    seed: int,
+    noise_seed: int | None = None,
 ) -> float:
-    """:func:`common.methods.local_round` under DP-SGD; returns the last epoch's mean loss."""
-    if not ledger.can_afford(private_round_steps(data, method, config)):
+    """:func:`common.methods.local_round` under DP-SGD; returns the last epoch's mean loss.
+
+    ``seed`` drives what is not private (negatives, positives); ``noise_seed``
+    is for insecure reproducible runs only (see :func:`dp_generator`).
+    """
+    if not can_afford_round(data, method, config, ledger):
         raise PrivacyBudgetExceeded(f"Market '{data.split.market}' cannot afford another round of {method.name}.")
+    second = None if noise_seed is None else noise_seed + 1
     if method.alternating:
         head_phase = replace(config, epochs=config.head_epochs)
-        train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head)
-        return train_epochs_private(model, data, config, ledger, seed + 1, trainable=model.encoder)
-    return train_epochs_private(model, data, config, ledger, seed)
+        train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head, noise_seed=noise_seed)
+        return train_epochs_private(
+            model, data, config, ledger, seed + 1, trainable=model.encoder, noise_seed=second
+        )
+    return train_epochs_private(model, data, config, ledger, seed, noise_seed=noise_seed)
 
 
-def private_popularity(data: MarketTensors, rows: int, noise_multiplier: float, seed: int) -> torch.Tensor:
+def private_popularity(
+    data: MarketTensors, rows: int, noise_multiplier: float, generator: torch.Generator
+) -> torch.Tensor:
     """The log of the market's item counts, released with the Gaussian mechanism.
 
     Every user adds ``1 / sqrt(n)`` to each of their ``n`` training items, so
@@ -105,6 +145,8 @@ def private_popularity(data: MarketTensors, rows: int, noise_multiplier: float, 
     privacy cost of one Gaussian step of ``noise_multiplier`` at sample rate
     1, which the ledger records. Noise is drawn for the market's items only
     (the assortment is public, see :func:`_foreign_rows`); other rows get 0.
+
+    ``generator`` draws the noise: :func:`dp_generator`, never a configured seed.
 
     Returns
     -------
@@ -115,7 +157,7 @@ def private_popularity(data: MarketTensors, rows: int, noise_multiplier: float, 
     real = items >= 0
     weights = real / real.sum(dim=1, keepdim=True).clamp(min=1).sqrt()
     counts = torch.zeros(rows).index_add_(0, items[real], weights[real])
-    noise = torch.randn(len(data.market_items), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(len(data.market_items), generator=generator)
     noisy = torch.zeros(rows)
     noisy[data.market_items] = counts[data.market_items] + noise_multiplier * noise
     return torch.log1p(noisy.clamp(min=0))
@@ -128,9 +170,14 @@ def start_private_training(
     config: TrainConfig,
     total_steps: int,
     popularity_share: float,
-    seed: int,
+    spent_before: PrivacyLedger | None = None,
+    noise_seed: int | None = None,
 ) -> PrivacyLedger:
     """The ledger of a new training, calibrated once for all its DP-SGD steps.
+
+    ``spent_before`` is the market's ledger of earlier trainings: the new
+    release and steps compose with it and get what it leaves of ``budget``.
+    ``noise_seed`` is for insecure reproducible runs only (:func:`dp_generator`).
 
     With ``popularity_share`` > 0 the market first releases its item
     popularity (:func:`private_popularity`) into the head's item bias, with
@@ -140,10 +187,17 @@ def start_private_training(
     less than DP-SGD does (macro test NDCG@10 on XMarket at epsilon 8: see
     the README).
     """
-    noise = release_noise(budget, popularity_share) if popularity_share > 0 else 0.0
-    ledger = calibrated_ledger(budget, privacy_units(data), config.batch_size, total_steps, noise)
+    prior = release_history(spent_before.releases) + spent_before.history if spent_before is not None else []
+    if (spent := epsilon_of(budget, prior)) >= budget.epsilon:
+        raise PrivacyBudgetExceeded(
+            f"Market '{data.split.market}' has spent epsilon {spent:.3f} of its budget of {budget.epsilon}: "
+            "nothing is left for a new training."
+        )
+    noise = release_noise(budget, popularity_share, prior) if popularity_share > 0 else 0.0
+    ledger = calibrated_ledger(budget, privacy_units(data), config.batch_size, total_steps, noise, spent_before)
     if noise > 0:
-        prior = private_popularity(data, model.head.item_bias.num_embeddings, noise, seed)
+        generator = dp_generator(noise_seed)
+        prior = private_popularity(data, model.head.item_bias.num_embeddings, noise, generator)
         with torch.no_grad():
             model.head.item_bias.weight[:, 0] = prior
     return ledger
@@ -173,6 +227,7 @@ def train_epochs_private(
     ledger: PrivacyLedger,
     seed: int,
     trainable: nn.Module | None = None,
+    noise_seed: int | None = None,
 ) -> float:
     """Train ``model`` in place with DP-SGD for ``config.epochs``; record the steps.
 
@@ -188,10 +243,13 @@ def train_epochs_private(
         The market's ledger: its noise multiplier and clipping norm drive
         DP-SGD, and every step (empty Poisson batches included) is recorded.
     seed : int
-        Seeds Poisson sampling, negatives and the DP noise.
+        Seeds what is not private: which positives and negatives a sampled user trains on.
     trainable : nn.Module, optional
         Only this part of ``model`` is trained (FedRep's phases); the rest is
         frozen for the call. Default: the whole model.
+    noise_seed : int, optional
+        Seeds Poisson sampling and the DP noise in an insecure, reproducible
+        run; without it both come from :func:`dp_generator`'s secure source.
 
     Returns
     -------
@@ -204,12 +262,15 @@ def train_epochs_private(
         If the round's steps would spend more than the budget; nothing is trained then.
     """
     steps = private_steps(data, config)
-    if not ledger.can_afford(steps):
+    rate = sample_rate(privacy_units(data), config.batch_size)
+    if not ledger.can_afford(steps, rate):
         raise PrivacyBudgetExceeded(
             f"Market '{data.split.market}' cannot afford {steps} more DP-SGD steps: "
-            f"epsilon would reach {ledger.epsilon_after(steps):.3f} of {ledger.budget.epsilon}."
+            f"epsilon would reach {ledger.epsilon_after(steps, rate):.3f} of {ledger.budget.epsilon}."
         )
     generator = torch.Generator().manual_seed(seed)
+    sampling = dp_generator(noise_seed)
+    noise = dp_generator(None if noise_seed is None else noise_seed + 1)
     loader = DataLoader(
         TensorDataset(torch.arange(privacy_units(data))),
         batch_size=config.batch_size,
@@ -226,9 +287,11 @@ def train_epochs_private(
 
     register_norm_samplers()
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off: its noise is seeded for reproducibility.
-        warnings.simplefilter("ignore")
+        # Opacus warns that its secure_mode is off: that mode needs torchcsprng,
+        # which is not published for torch 2; the generators above replace it.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=ledger.budget.accountant)
+        engine.secure_rng = sampling  # Opacus draws Poisson sampling from it, whatever its mode
         private_model, private_optimizer, criterion, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -238,8 +301,12 @@ def train_epochs_private(
             max_grad_norm=ledger.budget.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="ghost",
-            noise_generator=torch.Generator().manual_seed(seed + 1),
+            noise_generator=noise,
         )
+    # Opacus's secure-mode noise: each draw sums four Gaussians, against the
+    # floating-point attacks on the Gaussian mechanism (see its _generate_noise).
+    private_optimizer.secure_mode = noise_seed is None
+    actual_rate = private_loader.sample_rate
     private_model.train()
     mean_loss = float("nan")
     with warnings.catch_warnings():
@@ -261,6 +328,8 @@ def train_epochs_private(
                     loss = criterion(private_model(*inputs), real)
                     private_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if noise_seed is None:
+                        noise.manual_seed(int.from_bytes(os.urandom(8), "little"))
                     if private_optimizer.pre_step():  # clips, sums and adds the noise
                         for weight, outside in foreign_rows:
                             weight.grad[outside] = 0.0
@@ -272,5 +341,7 @@ def train_epochs_private(
             private_model._close()  # removes Opacus's hooks from ``model``
             for parameter in frozen:
                 parameter.requires_grad_(True)
-    ledger.record(steps)
+    # What the steps ran at, not what the ledger planned: the two differ if a
+    # setting changed since the calibration.
+    ledger.record(steps, private_optimizer.noise_multiplier, actual_rate)
     return mean_loss

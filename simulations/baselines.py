@@ -18,6 +18,7 @@ from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
 from common.privacy import PrivacyBudget, epsilon_of, release_history, release_noise
 from common.private_train import (
+    dp_generator,
     market_budget,
     popularity_seed,
     private_popularity,
@@ -54,6 +55,11 @@ class LocalPrivacy:
     train: TrainConfig  # DP-SGD's users per step, step size and items per user (dp-batch-size, ...)
     popularity_share: float  # share of the budget the popularity release alone would spend; 0: none
     market_epsilons: dict[str, float] = field(default_factory=dict)  # named markets' own budgets (dp-market-epsilons)
+    insecure_seeded_noise: bool = False  # INSECURE: DP noise from the seed, to reproduce an experiment only
+
+    def noise_seed(self, seed: int) -> int | None:
+        """``seed`` in an insecure reproducible run; None (secure noise) otherwise."""
+        return seed if self.insecure_seeded_noise else None
 
     def budget(self, data: MarketTensors) -> PrivacyBudget:
         """The budget of one market: its own epsilon if named, its default delta from its own users."""
@@ -102,7 +108,7 @@ def run_local(
             total_steps = settings.rounds * private_steps(data, privacy.train)
             ledger = start_private_training(
                 model, data, privacy.budget(data), privacy.train, total_steps, privacy.popularity_share,
-                popularity_seed(market, settings.seed),
+                noise_seed=privacy.noise_seed(popularity_seed(market, settings.seed)),
             )
         for server_round in range(1, settings.rounds + 1):
             seed = market_seed(market, settings.seed) + server_round
@@ -110,7 +116,9 @@ def run_local(
                 train_epochs(model, [data], settings.train, seed)
                 curve.append(market_curve(model, data, server_round))
             else:
-                train_epochs_private(model, data, settings.privacy.train, ledger, seed)
+                train_epochs_private(
+                    model, data, settings.privacy.train, ledger, seed, noise_seed=privacy.noise_seed(seed + 500)
+                )
                 curve.append(market_curve(model, data, server_round) | ledger.spent())
         curves[market] = curve
         best = max(curve[1:], key=lambda point: point["val-ndcg"])
@@ -136,15 +144,14 @@ def run_popular(
         model = SplitRecommender(ModelConfig(catalog.size, data.split.num_users, 1, settings.history_length))
         with torch.no_grad():
             model.encoder.item_embedding.weight.zero_()  # scores are the item bias alone
-        noise, spent = 0.0, {}
+        noise, spent, noise_seed = 0.0, {}, popularity_seed(market, settings.seed)
         if settings.privacy is not None:
+            noise_seed = settings.privacy.noise_seed(noise_seed)
             budget = settings.privacy.budget(data)
             noise = release_noise(budget, share=1.0)
             spent = {"epsilon": epsilon_of(budget, release_history([noise])), "delta": budget.delta}
         with torch.no_grad():
-            model.head.item_bias.weight[:, 0] = private_popularity(
-                data, catalog.size, noise, popularity_seed(market, settings.seed)
-            )
+            model.head.item_bias.weight[:, 0] = private_popularity(data, catalog.size, noise, dp_generator(noise_seed))
         point = market_curve(model, data, 1)
         curves[market] = [point | spent]
         progress(f"popular {market}: test NDCG@10 {point['test-ndcg']:.4f}"

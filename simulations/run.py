@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from clients.client_app import ClientConfig, parse_market_epsilons
+from common.market_config import MarketConfig, parse_market_epsilons
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
@@ -33,6 +33,10 @@ from simulations.results import (
     selection_summary,
     write_results,
 )
+
+
+DP_NOISE_SECURE = "secure: os.urandom, never derived from the config"
+DP_NOISE_INSECURE = "INSECURE: seeded from the run config (--insecure-seeded-dp-noise); the noise can be removed"
 
 
 def app_defaults() -> dict[str, Any]:
@@ -75,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--market-epsilons", default=defaults["dp-market-epsilons"], metavar="MARKET=EPS,...",
                         help="named markets' own budgets in place of --dp-epsilon, e.g. de=4,jp=2 "
                              "(needs --dp-epsilon > 0 for the others)")
+    parser.add_argument("--insecure-seeded-dp-noise", action="store_true",
+                        help="INSECURE, to reproduce an experiment only: draw DP noise and sampling from --seed, so "
+                             "that whoever knows the config can remove the noise; results.json marks such a run "
+                             "(default: noise from the operating system's secure source)")
     parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
                         help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
                              "every market then weighs the same in the average (default: %(default)s)")
@@ -102,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.app_config = parse_app_config(assignments, defaults, reserved=set(run_config_for(args, "", Path(), 0)))
         # Checked here, before anything starts: inside a run a bad market setting
         # only shows as every market failing its first round.
-        ClientConfig.from_run_config({**defaults, **run_config_for(args, defaults["method"], Path(), 0)})
+        MarketConfig.from_run_config({**defaults, **run_config_for(args, defaults["method"], Path(), 0)})
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -171,6 +179,7 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "seed": args.seed,
         "dp-epsilon": args.dp_epsilon,
         "dp-market-epsilons": args.market_epsilons,
+        "dp-insecure-seeded-noise": args.insecure_seeded_dp_noise,
         "market-dp-noise-multiplier": args.market_dp_noise,
         "market-dp-clipping-norm": args.market_dp_clip,
         "market-dp-markets": markets,
@@ -216,13 +225,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
                                defaults["dp-accountant"], private_train, defaults["dp-popularity-share"],
-                               parse_market_epsilons(args.market_epsilons))
+                               parse_market_epsilons(args.market_epsilons), args.insecure_seeded_dp_noise)
         if "pooled" in args.methods:
             say("pooled pools every market's data in one place: it trains without DP, as the non-private ceiling")
     settings = BaselineSettings(
         args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy
     )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
+    if args.dp_epsilon > 0:
+        results["dp-noise"] = DP_NOISE_INSECURE if args.insecure_seeded_dp_noise else DP_NOISE_SECURE
+        if args.insecure_seeded_dp_noise:
+            say("INSECURE: DP noise and sampling are seeded from --seed; whoever knows the config can remove the noise")
     curves_by_method = {}
     # fedper-ft trains exactly as fedper and only adds a final fine-tuning
     # step, so when both are asked for, one run yields both.

@@ -9,14 +9,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import (
-    LOCAL_STATE_KEY,
-    OWN_ARRAYS_KEY,
-    ClientConfig,
-    app,
-    blend_with_own,
-    parse_market_epsilons,
-)
+from clients.client_app import app
+from clients.messages import RegionError
+from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, blend_with_own, config_from_context
+from common.market_config import MarketConfig, parse_market_epsilons
 from common.catalog import Catalog
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
@@ -144,7 +140,7 @@ def test_a_market_starts_from_the_global_weight_blend_of_received_and_own_arrays
     received = {name: value + 1.0 for name, value in sent.items()}
 
     # Execute
-    blended = blend_with_own(received, context, ClientConfig.from_context(context))
+    blended = blend_with_own(received, context, config_from_context(context))
 
     # Assert: the own copy is exactly what the market sent; a quarter of the received arrays is mixed in.
     for name in sent:
@@ -159,7 +155,7 @@ def test_with_global_weight_one_a_market_keeps_no_copy_and_takes_the_received_ar
     received = {"encoder.tower.bias": torch.ones(8)}
 
     assert OWN_ARRAYS_KEY not in context.state
-    assert blend_with_own(received, context, ClientConfig.from_context(context)) is received
+    assert blend_with_own(received, context, config_from_context(context)) is received
 
 
 @pytest.mark.parametrize("key", ["global-weight", "dp-global-weight"])
@@ -167,7 +163,7 @@ def test_a_global_weight_outside_zero_to_one_is_refused(key):
     context = _context(_run_config(**{key: 1.5}), {"partition-id": 2, "num-partitions": 3})
 
     with pytest.raises(ValueError, match=f"{key} must lie between 0 and 1, got 1.5"):
-        ClientConfig.from_context(context)
+        config_from_context(context)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +181,7 @@ def test_a_global_weight_outside_zero_to_one_is_refused(key):
 )
 def test_a_bad_privacy_setting_is_refused_by_name(key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        ClientConfig.from_run_config(_run_config(**{key: value}))
+        MarketConfig.from_run_config(_run_config(**{key: value}))
 
 
 def test_the_server_refuses_a_bad_market_setting_before_any_round(tmp_path):
@@ -203,8 +199,8 @@ def test_a_deployed_market_reads_its_own_file_through_the_company_catalog(tmp_pa
     paths = write_markets(SyntheticConfig(markets=2, seed=0), tmp_path)
     catalog_path = tmp_path / "catalog.txt"
     MarketSource("", 2, 0).catalog().save(catalog_path)
-    run_config = _run_config(**{"catalog-path": str(catalog_path)})
-    node = {"market": "m01", "data-path": str(paths["m01"])}
+    run_config = _run_config(**{"catalog-path": str(catalog_path)})  # the server's copy, for its initial arrays
+    node = {"market": "m01", "data-path": str(paths["m01"]), "catalog-path": str(catalog_path)}
 
     reply = app(_train_message(run_config), _context(run_config, node))
 
@@ -218,8 +214,50 @@ def test_a_deployed_market_without_a_catalog_is_told_so(tmp_path):
     run_config = _run_config()
     node = {"market": "m00", "data-path": str(paths["m00"])}
 
-    with pytest.raises(ValueError, match="needs the company catalog"):
+    with pytest.raises(RegionError, match="needs the company catalog"):
         app(_train_message(run_config), _context(run_config, node))
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_deployed_market_never_reads_a_path_the_server_sends(tmp_path, exists):
+    # Prepare: the run config names a catalog path on the region's host; the
+    # region's answer must not reveal whether that file exists there.
+    paths = write_markets(SyntheticConfig(markets=1, seed=0), tmp_path)
+    probe = tmp_path / "probe.txt"
+    if exists:
+        MarketSource("", 1, 0).catalog().save(probe)
+    run_config = _run_config(**{"catalog-path": str(probe), "synthetic-markets": 1})
+    node = {"market": "m00", "data-path": str(paths["m00"])}
+    message = _train_message(_run_config(**{"synthetic-markets": 1}))
+
+    # Execute
+    with pytest.raises(RegionError) as raised:
+        app(message, _context(run_config, node))
+
+    # Assert: the same answer either way, naming the node config.
+    assert "set catalog-path in its node config" in str(raised.value)
+    assert str(tmp_path) not in str(raised.value)
+
+
+def test_an_error_reply_names_the_file_and_line_but_no_value_of_it(tmp_path):
+    # Prepare: a bad rating on line 3 of a region's file, next to a user ID.
+    catalog_path = tmp_path / "catalog.txt"
+    MarketSource("", 1, 0).catalog().save(catalog_path)
+    data = tmp_path / "regions" / "m00_5core.txt"
+    data.parent.mkdir()
+    data.write_text("userId itemId rating date\nU1 i1 5 2020-01-01\nSECRETUSER42 i2 notanumber 2020-01-02\n")
+    run_config = _run_config(**{"catalog-path": str(catalog_path), "synthetic-markets": 1})
+    node = {"market": "m00", "data-path": str(data), "catalog-path": str(catalog_path)}
+
+    # Execute
+    with pytest.raises(RegionError) as raised:
+        app(_train_message(run_config), _context(run_config, node))
+
+    # Assert: what the server gets names the file and the line, not the value or the user.
+    reason = str(raised.value)
+    assert "m00_5core.txt line 3" in reason
+    assert "SECRETUSER42" not in reason and "notanumber" not in reason
+    assert str(data.parent) not in reason
 
 
 def test_the_last_fedper_ft_evaluation_fine_tunes_a_private_fork():
@@ -269,12 +307,12 @@ def test_market_epsilons_parse_into_one_budget_per_named_market():
 )
 def test_a_bad_market_epsilon_is_refused_with_the_entry(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        ClientConfig.from_run_config(_run_config(**PRIVATE_RUN, **{"dp-market-epsilons": text}))
+        MarketConfig.from_run_config(_run_config(**PRIVATE_RUN, **{"dp-market-epsilons": text}))
 
 
 def test_market_epsilons_without_dp_for_the_others_are_refused():
     with pytest.raises(ValueError, match="dp-market-epsilons needs dp-epsilon > 0"):
-        ClientConfig.from_run_config(_run_config(**{"dp-epsilon": 0.0, "dp-market-epsilons": "m01=2"}))
+        MarketConfig.from_run_config(_run_config(**{"dp-epsilon": 0.0, "dp-market-epsilons": "m01=2"}))
 
 
 def test_a_named_market_spends_its_own_budget_and_the_others_the_run_budget():
@@ -339,7 +377,7 @@ def test_a_bad_ceiling_in_the_node_config_is_refused_by_its_key(ceiling, message
     run_config = _run_config(**PRIVATE_RUN)
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
 
-    with pytest.raises(ValueError, match=re.escape(f"Market 'm01': {message}")):
+    with pytest.raises(RegionError, match=re.escape(f"Market 'm01': {message}")):
         _trained(run_config, context)
 
 
@@ -349,7 +387,7 @@ def test_a_region_that_demands_dp_refuses_a_run_without_it(ceiling):
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
     (key, value), = ceiling.items()
 
-    with pytest.raises(ValueError, match=re.escape(f"Market 'm01' trains only under DP ({key}={value} in its node")):
+    with pytest.raises(RegionError, match=re.escape(f"Market 'm01' trains only under DP ({key}={value} in its node")):
         _trained(run_config, context)
 
 

@@ -22,6 +22,18 @@ def test_rank_counts_negatives_scoring_at_least_the_positive():
     assert ranks.tolist() == [0, 2, 2]
 
 
+def test_a_nan_score_ranks_last():
+    # Prepare: a NaN positive must not win (a model broken by NaN arrays once
+    # scored validation NDCG 1.0); a NaN negative must not beat a real positive.
+    scores = np.array([[np.nan, 0.1, 0.2], [0.5, np.nan, 0.7], [np.nan, np.nan, np.nan]])
+
+    # Execute
+    ranks = rank_of_positive(scores)
+
+    # Assert
+    assert ranks.tolist() == [2, 1, 2]
+
+
 def test_ndcg_and_hit_rate_of_hand_computed_ranks():
     # Prepare: ranks 0, 1, 9 are in the top 10; rank 10 is not.
     ranks = np.array([0, 1, 9, 10])

@@ -1,0 +1,196 @@
+"""A market's privacy bookkeeping across rounds, restarts and trainings.
+
+Under DP a deployed region keeps one lifetime ledger in its ``state-dir``
+(:class:`clients.state_store.LedgerStore`): every release it ever made is
+composed there, whatever training the server names. A training calibrates its
+noise once, to what the ledger leaves of the market's budget; the server's
+``training-id`` only says whether the current calibration may be reused. In
+simulation (no ``state-dir``) the ledger lives in ``context.state`` for the run.
+"""
+
+import json
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
+from logging import WARNING
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.common import log
+
+from common.market_config import MarketConfig
+from common.markets import market_seed
+from common.methods import get_method
+from common.model import SplitRecommender
+from common.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from common.private_train import market_budget, popularity_seed, private_round_steps, private_steps, start_private_training
+from common.train import MarketTensors, TrainConfig
+
+from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
+
+PRIVACY_KEY = "privacy-ledger"  # the market's ledger kept in context.state when it has no state-dir
+
+
+def state_dir(context: Context) -> str | None:
+    """The region's ``state-dir`` from its node config, if any."""
+    value = context.node_config.get("state-dir")
+    return str(value) if value else None
+
+
+def require_durable_ledger(context: Context, config: MarketConfig, market: str) -> None:
+    """Refuse DP in a deployed region that would forget its spending on a restart.
+
+    Raises
+    ------
+    ValueError
+        If the node config names a market (a deployed region), the run trains it
+        under DP, and the node config has no ``state-dir``.
+    """
+    if "market" in context.node_config and config.dp_epsilon > 0 and state_dir(context) is None:
+        raise ValueError(
+            f"Market '{market}' trains under DP but its node config has no state-dir: a restarted "
+            "SuperNode would forget what it spent. Set state-dir in the node config."
+        )
+
+
+class MarketPrivacy:
+    """Where the market's ledger lives: its ``state-dir``, or ``context.state`` in simulation."""
+
+    def __init__(self, context: Context, market: str) -> None:
+        self.context = context
+        directory = state_dir(context)
+        self.store = LedgerStore(directory, market) if directory else None
+        self.state_store = MarketStateStore(directory, market) if directory else None
+
+    def hold(self) -> AbstractContextManager:
+        """Hold the ledger from reading it to saving what a round spent."""
+        return self.store.lock() if self.store is not None else nullcontext()
+
+    def load(self) -> LedgerEntry | None:
+        """The market's ledger, or None if it never trained under DP.
+
+        Raises
+        ------
+        CorruptStateError
+            If the ledger is unreadable, or missing although the market's saved
+            state shows it trained under DP before.
+        """
+        if self.store is None:
+            if PRIVACY_KEY not in self.context.state:
+                return None
+            return _entry_from_json(str(self.context.state[PRIVACY_KEY]["ledger"]))
+        entry = self.store.load()
+        if entry is None:
+            saved = self.state_store.load()
+            legacy = self.state_store.legacy_ledger()
+            if legacy is not None:
+                # An earlier version kept the ledger inside <market>.pt: adopt it once.
+                return LedgerEntry(PrivacyLedger.from_state(legacy), saved.training_id if saved else "", {}, [])
+            if saved is not None and saved.private:
+                raise self.store.unusable("is missing although the market's saved state shows it trained under DP")
+        return entry
+
+    def save(self, entry: LedgerEntry) -> None:
+        """Keep ``entry``: in the state-dir (durably) or in ``context.state``."""
+        if self.store is not None:
+            self.store.save(entry)
+        else:
+            self.context.state[PRIVACY_KEY] = ConfigRecord({"ledger": _entry_to_json(entry)})
+
+    def spent(self, config: MarketConfig) -> dict[str, float]:
+        """``epsilon`` spent over the market's lifetime and the ``delta`` it holds at; empty without DP."""
+        if config.dp_epsilon <= 0:
+            return {}
+        entry = self.load()
+        return entry.ledger.spent() if entry is not None else {"epsilon": 0.0, "delta": config.dp_delta}
+
+
+def round_ledger(
+    privacy: MarketPrivacy,
+    config: MarketConfig,
+    model: SplitRecommender,
+    data: MarketTensors,
+    train: TrainConfig,
+    training_id: str,
+) -> LedgerEntry:
+    """The ledger this round spends from: the training's calibration, or a new one.
+
+    A new calibration (a new training, or settings the old one depended on
+    changed) composes with everything the market spent before and pays for the
+    popularity prior, which goes into ``model``'s head.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If what the market spent before leaves nothing of its budget.
+    """
+    entry = privacy.load()
+    method = get_method(config.method)
+    total_steps = config.num_server_rounds * private_round_steps(data, method, train)
+    if method.fine_tune:
+        # The fork is trained on private data too: its epochs are part of the budget.
+        total_steps += private_steps(data, replace(train, epochs=config.fine_tune_epochs))
+    calibration = {
+        "users": data.split.num_users,
+        "batch-size": train.batch_size,
+        "steps": total_steps,
+        "max-grad-norm": config.dp_max_grad_norm,
+        "accountant": config.dp_accountant,
+        "popularity-share": config.dp_popularity_share,
+    }
+    if entry is not None and entry.training_id == training_id and entry.calibration == calibration:
+        _tighten(entry.ledger, config, data.split.market)
+        return entry
+    budget = market_budget(data, config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm, config.dp_accountant)
+    noise_seed = popularity_seed(data.split.market, config.seed) if config.dp_insecure_seeded_noise else None
+    ledger = start_private_training(
+        model, data, budget, train, total_steps, config.dp_popularity_share,
+        entry.ledger if entry is not None else None, noise_seed,
+    )
+    return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])
+
+
+def training_noise_seed(config: MarketConfig, market: str, server_round: int) -> int | None:
+    """The DP noise seed of an insecure reproducible run; None (secure noise) otherwise."""
+    if not config.dp_insecure_seeded_noise:
+        return None
+    return market_seed(market, config.seed) + 1000 * server_round + 500
+
+
+def out_of_budget(entry: LedgerEntry | None, error: PrivacyBudgetExceeded, market: str) -> None:
+    """Log that the market stops training for want of budget."""
+    spent = entry.ledger.epsilon() if entry is not None else float("nan")
+    log(WARNING, "Market %s is out of privacy budget (lifetime epsilon %.3f): it stops training (%s).",
+        market, spent, error)
+
+
+def _tighten(ledger: PrivacyLedger, config: MarketConfig, market: str) -> None:
+    """Lower the ledger's budget to the config's, if a region lowered a ceiling during the training."""
+    tightened = replace(
+        ledger.budget,
+        epsilon=min(ledger.budget.epsilon, config.dp_epsilon),
+        delta=min(ledger.budget.delta, config.dp_delta),
+    )
+    if tightened == ledger.budget:
+        return
+    # The noise stays as calibrated, so the market stops sooner.
+    log(WARNING, "Market %s: its budget is now (epsilon %.3g, delta %.3g) instead of (%.3g, %.3g).",
+        market, tightened.epsilon, tightened.delta, ledger.budget.epsilon, ledger.budget.delta)
+    ledger.budget = tightened
+    if (spent := ledger.epsilon()) > tightened.epsilon:
+        # Earlier rounds cannot be undone; the reply reports what they spent.
+        log(WARNING, "Market %s has already spent epsilon %.3f at delta %.3g, over its new budget.",
+            market, spent, tightened.delta)
+
+
+def _entry_to_json(entry: LedgerEntry) -> str:
+    return json.dumps(
+        {"ledger": entry.ledger.state(), "training-id": entry.training_id,
+         "calibration": entry.calibration, "periods": entry.periods}
+    )
+
+
+def _entry_from_json(text: str) -> LedgerEntry:
+    saved: dict[str, Any] = json.loads(text)
+    return LedgerEntry(
+        PrivacyLedger.from_state(saved["ledger"]), saved["training-id"], saved["calibration"], saved["periods"]
+    )

@@ -1,0 +1,161 @@
+"""The run settings every market trains with, and the DP ceilings a region puts on them.
+
+Pure settings and their validation: the ClientApp builds a market's config from
+them, and the ServerApp and the simulation harness check them up front, so that
+a bad setting is refused by its key before any market trains.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from common.config import from_kebab_case
+from common.privacy import ACCOUNTANTS, default_delta
+
+# Node config keys by which a region caps every run's DP budget: (exclusive upper bound, what is expected).
+NODE_CEILINGS = {"dp-delta": (1.0, "a number between 0 and 1"), "dp-epsilon": (math.inf, "a positive number")}
+
+
+@dataclass(frozen=True)
+class MarketConfig:
+    """Run settings a market needs before it sees any message.
+
+    The ServerApp and the harness read it too, to refuse a bad setting before
+    any market trains; so it lives in ``common`` and neither side imports the other.
+    """
+
+    method: str  # federated method; decides which parameters are shared
+    embedding_dim: int  # must match the server's encoder
+    history_length: int  # training items pooled into a user's vector
+    user_embeddings: bool  # a free vector per user besides the pooled history
+    data_dir: str  # simulation: directory of market files, empty for synthetic
+    synthetic_markets: int  # simulation without data-dir: markets to generate
+    catalog_path: str  # the company catalog; simulation builds one when empty
+    seed: int  # seeds splits, negatives, initial heads and local shuffling
+    num_server_rounds: int  # the run's length, over which the DP budget is spread
+    fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
+    dp_epsilon: float  # 0 trains without DP; otherwise each market's budget for the whole run
+    dp_market_epsilons: str  # "de=4,jp=2": named markets' own budgets in place of dp-epsilon
+    dp_delta: float  # 0 picks 0.1 / users of the market (the units of privacy)
+    dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
+    dp_batch_size: int  # expected users per DP-SGD step (Poisson): the noise on a step is sigma * clip / batch
+    dp_learning_rate: float  # Adam step size under DP: fewer, less noisy steps than without DP
+    dp_user_positives: int  # training items of a sampled user per DP-SGD step (one user is one example)
+    dp_popularity_share: float  # share of the budget the released item popularity alone would spend; 0 releases none
+    dp_accountant: str  # prv (tightest) or rdp
+    global_weight: float  # share of the received arrays in a market's model; the rest is its own last trained copy
+    dp_global_weight: float  # the same under DP, where the others' updates carry their noise
+    # INSECURE, for reproducing experiments only: DP noise and sampling drawn from `seed`,
+    # so whoever knows the run config can remove the noise. Off: a secure source.
+    dp_insecure_seeded_noise: bool
+
+    def __post_init__(self) -> None:
+        for key, weight in (("global-weight", self.global_weight), ("dp-global-weight", self.dp_global_weight)):
+            if not 0 <= weight <= 1:
+                raise ValueError(f"{key} must lie between 0 and 1, got {weight}.")
+        if self.dp_epsilon < 0:
+            raise ValueError(f"dp-epsilon must be 0 (no DP) or a positive budget, got {self.dp_epsilon}.")
+        if parse_market_epsilons(self.dp_market_epsilons) and self.dp_epsilon == 0:
+            # Under DP the average weighs a market by its users, without DP by
+            # its interactions: the two cannot share one average.
+            raise ValueError(
+                "dp-market-epsilons needs dp-epsilon > 0: either every market trains under DP or none does."
+            )
+        if not 0 <= self.dp_delta < 1:
+            raise ValueError(f"dp-delta must be 0 (0.1 / the market's users) or lie in (0, 1), got {self.dp_delta}.")
+        for key, value in (("dp-max-grad-norm", self.dp_max_grad_norm), ("dp-learning-rate", self.dp_learning_rate),
+                           ("dp-batch-size", self.dp_batch_size), ("dp-user-positives", self.dp_user_positives)):
+            if not value > 0:
+                raise ValueError(f"{key} must be positive, got {value}.")
+        if not 0 <= self.dp_popularity_share < 1:
+            raise ValueError(
+                f"dp-popularity-share must lie in [0, 1): what the release leaves pays for DP-SGD, "
+                f"got {self.dp_popularity_share}."
+            )
+        if self.dp_accountant not in ACCOUNTANTS:
+            raise ValueError(f"Unknown dp-accountant '{self.dp_accountant}'; choose one of {ACCOUNTANTS}.")
+
+    def starting_weight(self) -> float:
+        """The received arrays' share in the market's model: dp-global-weight under DP."""
+        return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
+
+    def for_market(self, market: str, num_users: int, node_config: Mapping[str, Any]) -> "MarketConfig":
+        """The config with ``market``'s own budget as ``dp_epsilon`` and ``dp_delta``.
+
+        Parameters
+        ----------
+        market : str
+            The market's name; its ``dp-market-epsilons`` entry, if any, replaces ``dp-epsilon``.
+        num_users : int
+            The market's users: ``dp-delta`` 0 becomes 0.1 / ``num_users``.
+        node_config : Mapping[str, Any]
+            The region's node config. Its ``dp-epsilon`` and ``dp-delta``, if set, are
+            ceilings the region puts on every run: the run's budget is lowered to them,
+            never raised.
+
+        Raises
+        ------
+        ValueError
+            If a ceiling is not a number in its range, or the run trains the market
+            without DP although its region demands DP.
+        """
+        epsilon = parse_market_epsilons(self.dp_market_epsilons).get(market, self.dp_epsilon)
+        if epsilon == 0:
+            demanded = [f"{key}={node_config[key]}" for key in NODE_CEILINGS if key in node_config]
+            if demanded:
+                raise ValueError(
+                    f"Market '{market}' trains only under DP ({', '.join(demanded)} in its node config), "
+                    "but this run trains without DP: set dp-epsilon in the run config."
+                )
+            return self
+        delta = self.dp_delta or default_delta(num_users)
+        if "dp-epsilon" in node_config:
+            epsilon = min(epsilon, _node_ceiling(node_config, "dp-epsilon", market))
+        if "dp-delta" in node_config:
+            delta = min(delta, _node_ceiling(node_config, "dp-delta", market))
+        return replace(self, dp_epsilon=epsilon, dp_delta=delta)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "MarketConfig":
+        """Read the run config alone; raises ``ValueError`` on a bad setting."""
+        return from_kebab_case(cls, run_config, "markets")
+
+
+def _number(text: object) -> float:
+    """``text`` as a float, NaN (which fails every range check) if it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _node_ceiling(node_config: Mapping[str, Any], key: str, market: str) -> float:
+    """A region's DP ceiling ``key`` (one of :data:`NODE_CEILINGS`) from its node config."""
+    upper, expected = NODE_CEILINGS[key]
+    value = _number(node_config[key])
+    if not 0 < value < upper:
+        raise ValueError(f"Market '{market}': the node config's {key} must be {expected}, got '{node_config[key]}'.")
+    return value
+
+
+def parse_market_epsilons(text: str) -> dict[str, float]:
+    """``"de=4, jp=2"`` -> ``{"de": 4.0, "jp": 2.0}``; an empty text names no market.
+
+    Raises
+    ------
+    ValueError
+        If an entry is not ``market=epsilon`` with epsilon > 0, or names a market twice.
+    """
+    budgets: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        market, _, value = (part.strip() for part in entry.partition("="))
+        epsilon = _number(value)
+        if not market or not epsilon > 0:
+            raise ValueError(f"dp-market-epsilons takes market=epsilon pairs with epsilon > 0, got '{entry}'.")
+        if market in budgets:
+            raise ValueError(f"dp-market-epsilons gives market '{market}' two budgets.")
+        budgets[market] = epsilon
+    return budgets
