@@ -1,16 +1,25 @@
-"""What a federated run keeps on disk: per-market metrics per round and a checkpoint to resume from."""
+"""What a federated run keeps on disk: per-market metrics per round and a checkpoint to resume from.
+
+Both files are replaced through :mod:`common.durable`: a uniquely named 0600
+temporary file, flushed to disk and renamed over the old one, so a crash
+leaves the previous round's file or the new one. Loading checks their
+structure and names the file and what is wrong instead of failing on a
+missing key deep inside the resume.
+"""
 
 import json
-import os
+import math
 import pickle
-from dataclasses import dataclass
-from logging import INFO
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message
 from flwr.common import log
+
+from common.durable import atomic_torch_save, atomic_write_bytes
 
 MARKET_KEY = "market"  # ConfigRecord in each reply naming the market (see clients.client_app)
 HISTORY_FILE = "history.json"
@@ -24,7 +33,20 @@ class Checkpoint:
     server_round: int  # the last completed round
     training_id: str  # names the training across server restarts; markets key their ledgers on it
     arrays: dict[str, torch.Tensor]  # the aggregated shared parameters after that round
-    strategy_state: dict[str, Any]  # e.g. the market-level DP accountant
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # e.g. the market-level DP accountant
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # settings a resume must not change (server.resume)
+    markets: dict[int, str] = field(default_factory=dict)  # node id -> the market it speaks for
+
+
+# Key in checkpoint.pt -> (the Checkpoint field, the type it must have, what it is)
+_CHECKPOINT_ENTRIES = {
+    "round": ("server_round", int, "the last completed round"),
+    "training-id": ("training_id", str, "the training's id"),
+    "arrays": ("arrays", dict, "the shared arrays"),
+    "strategy-state": ("strategy_state", dict, "the strategy's state"),
+    "fingerprint": ("fingerprint", dict, "the settings fingerprint"),
+    "markets": ("markets", dict, "the node-to-market binding"),
+}
 
 
 class RunHistory:
@@ -50,6 +72,8 @@ class RunHistory:
         Metric names starting with ``strip`` are kept without it; with
         ``strip`` set, other metrics are ignored. ``prefix`` is put in front
         of every kept name (``local/`` for metrics measured before averaging).
+        A non-finite value is left out, with a WARNING naming the node and
+        market: JSON has no NaN, and a reader would take it for a number.
         """
         entry = self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}})
         for reply in replies:
@@ -58,9 +82,23 @@ class RunHistory:
                 continue
             metrics = next(iter(reply.content.metric_records.values()))
             slot = entry["per_market"].setdefault(market, {})
+            non_finite = []
             for key, value in metrics.items():
-                if key.startswith(strip):
-                    slot[prefix + key.removeprefix(strip)] = value
+                if not key.startswith(strip):
+                    continue
+                if not _finite(value):
+                    non_finite.append(f"{key!r}={value}")
+                    continue
+                slot[prefix + key.removeprefix(strip)] = value
+            if non_finite:
+                log(
+                    WARNING,
+                    "round %d: node %d (market %s) sent non-finite metrics, left out of the history: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    market,
+                    ", ".join(non_finite),
+                )
 
     def annotate(self, server_round: int, **values: Any) -> None:
         """Round-level values: ``seconds`` (from sending the round to having aggregated it) and the like."""
@@ -69,7 +107,7 @@ class RunHistory:
     def log_round(self, server_round: int) -> None:
         """One line per market with the round's evaluation."""
         for market, metrics in sorted(self.rounds.get(server_round, {}).get("per_market", {}).items()):
-            if "test-ndcg" not in metrics:
+            if not {"val-ndcg", "val-hr", "test-ndcg", "test-hr"} <= set(metrics):
                 continue
             log(
                 INFO,
@@ -83,47 +121,46 @@ class RunHistory:
             )
 
     def write(self) -> None:
-        """Rewrite ``history.json`` atomically: a reader never sees half a file."""
+        """Rewrite ``history.json`` atomically and durably: a reader never sees half a file."""
         history = {"config": self.run_config, "rounds": [self.rounds[r] for r in sorted(self.rounds)]}
-        _atomic_write(self.out_dir / HISTORY_FILE, json.dumps(history, indent=1).encode())
+        atomic_write_bytes(self.out_dir / HISTORY_FILE, json.dumps(history, indent=1).encode())
 
-    def save_checkpoint(
-        self, server_round: int, training_id: str, arrays: ArrayRecord, strategy_state: dict[str, Any]
-    ) -> None:
-        """Save a completed round's arrays and strategy state as ``checkpoint.pt``, atomically."""
-        path = self.out_dir / CHECKPOINT_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Save a completed round as ``checkpoint.pt``, atomically and durably."""
+        atomic_torch_save(
+            self.out_dir / CHECKPOINT_FILE,
             {
-                "round": server_round,
-                "training-id": training_id,
-                "arrays": arrays.to_torch_state_dict(),
-                "strategy-state": strategy_state,
+                "round": checkpoint.server_round,
+                "training-id": checkpoint.training_id,
+                "arrays": dict(checkpoint.arrays),
+                "strategy-state": dict(checkpoint.strategy_state),
+                "fingerprint": dict(checkpoint.fingerprint),
+                "markets": {int(node): str(market) for node, market in checkpoint.markets.items()},
             },
-            tmp,
         )
-        os.replace(tmp, path)
 
     def load_checkpoint(self) -> Checkpoint | None:
-        """The last completed round saved in ``out_dir`` with its history, or None if there is none."""
+        """The last completed round saved in ``out_dir`` with its history, or None if there is none.
+
+        Raises
+        ------
+        ValueError
+            If ``checkpoint.pt`` or ``history.json`` cannot be read or is not
+            shaped as this version writes it, naming the file and the problem.
+        """
         path = self.out_dir / CHECKPOINT_FILE
         if not path.exists():
             return None
         try:
             saved = torch.load(path, weights_only=True)
-            checkpoint = Checkpoint(
-                server_round=int(saved["round"]),
-                training_id=str(saved["training-id"]),
-                arrays=dict(saved["arrays"]),
-                strategy_state=dict(saved["strategy-state"]),
-            )
-        except (KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
             raise ValueError(f"{path}: not a checkpoint this version can resume from ({error}).") from error
+        checkpoint = _checkpoint_from(saved, path)
         history_path = self.out_dir / HISTORY_FILE
         if history_path.exists():
-            saved_rounds = json.loads(history_path.read_text())["rounds"]
             # Rounds after the checkpoint were never completed: drop them so
             # that the resumed run writes them afresh.
+            saved_rounds = _rounds_from(history_path)
             self.rounds = {r["round"]: r for r in saved_rounds if r["round"] <= checkpoint.server_round}
         log(INFO, "Resuming training %s after round %d from %s", checkpoint.training_id, checkpoint.server_round, path)
         return checkpoint
@@ -136,7 +173,68 @@ def market_of(reply: Message) -> str | None:
     return str(reply.content.config_records[MARKET_KEY]["name"])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _finite(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(not isinstance(v, float) or math.isfinite(v) for v in values)
+
+
+def _checkpoint_from(saved: Any, path: Path) -> Checkpoint:
+    """``saved`` (what ``torch.load`` returned) as a Checkpoint, or a ValueError naming ``path``."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a checkpoint: it holds a {type(saved).__name__}, not a dict.")
+    missing = [key for key in _CHECKPOINT_ENTRIES if key not in saved]
+    if missing:
+        raise ValueError(
+            f"{path}: not a checkpoint this version can resume from: it lacks {missing} "
+            "(written by an older version, or not by this server); start a new training with resume=false."
+        )
+    values = {}
+    for key, (name, kind, what) in _CHECKPOINT_ENTRIES.items():
+        value = saved[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{path}: '{key}' ({what}) is a {type(value).__name__}, not a {kind.__name__}.")
+        values[name] = value
+    if values["server_round"] < 0 or not values["training_id"]:
+        raise ValueError(
+            f"{path}: round {values['server_round']} and training id {values['training_id']!r} "
+            "are not a completed round of a named training."
+        )
+    bad = [name for name, array in values["arrays"].items() if not isinstance(name, str) or not torch.is_tensor(array)]
+    if not values["arrays"] or bad:
+        raise ValueError(f"{path}: 'arrays' must map array names to tensors; wrong entries: {bad or 'none at all'}.")
+    markets = values["markets"]
+    if not all(isinstance(n, int) and isinstance(m, str) for n, m in markets.items()) or len(
+        set(markets.values())
+    ) != len(markets):
+        raise ValueError(f"{path}: 'markets' must map node ids to distinct market names, got {markets!r}.")
+    if not all(isinstance(key, str) for key in values["fingerprint"]):
+        raise ValueError(f"{path}: 'fingerprint' must map setting names to values.")
+    return Checkpoint(**values)
+
+
+def _rounds_from(path: Path) -> list[dict[str, Any]]:
+    """The rounds of ``history.json``, or a ValueError naming ``path`` and what is wrong."""
+    try:
+        history = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+            "was it cut short or edited? Restore it, or delete it to resume without the earlier rounds' metrics."
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot be read ({error}).") from error
+    rounds = history.get("rounds") if isinstance(history, dict) else None
+    if not isinstance(rounds, list):
+        raise ValueError(f"{path}: not a run history: no list of 'rounds' at the top level.")
+    for index, entry in enumerate(rounds):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("round"), int)
+            or isinstance(entry.get("round"), bool)
+            or not isinstance(entry.get("per_market"), dict)
+        ):
+            raise ValueError(
+                f"{path}: rounds[{index}] is not a round entry "
+                "(an object with an integer 'round' and a 'per_market' object)."
+            )
+    return rounds

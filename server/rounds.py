@@ -7,28 +7,35 @@ round, polls as often as asked, and folds the evaluation of the previous
 round's model into the next training message: a market evaluates the
 received encoder with its stored head before training on it, which is
 exactly what a separate evaluation of that round would have computed.
+
+Every reply passes :class:`server.replies.ReplyScreen` before it is recorded
+or averaged, and the strategy waits for nodes through a
+:class:`server.node_wait.DeadlineGrid`, so neither a bad reply nor a missing
+node can stall or crash the ServerApp.
 """
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.history import RunHistory, market_of
-from server.strategy import market_dp_epsilon
+from server.history import Checkpoint, RunHistory, market_of
+from server.node_wait import DeadlineGrid
+from server.replies import WEIGHT_KEY, MarketBinding, ReplyScreen, weight_of
+from server.strategy import aggregation_weight_key, market_dp_epsilon, required_nodes
 
 EVALUATE_RECEIVED_KEY = "evaluate-received"  # train config: evaluate the received model before training
 RECEIVED_PREFIX = "received-"  # train reply metrics measured on the received model
-WEIGHT_KEY = "num-examples"  # a market out of privacy budget replies with 0
 
 
 class AllMarketsFailedError(RuntimeError):
-    """Every market that was asked replied with an error: the run cannot go on."""
+    """Every market that was asked replied with an error or a refused reply: the run cannot go on."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class RoundSettings:
     fold_evaluation: bool  # evaluate each round's model inside the next round's training message
     training_id: str  # sent with every message; markets key their privacy ledgers on it
     budgeted_markets: frozenset[str] = frozenset()  # markets dp-market-epsilons names; checked against the replies
+    node_timeout: float = 600.0  # seconds a round waits for the strategy's minimum of nodes to connect
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)  # stored in each checkpoint (server.resume)
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, poll_interval: float) -> list[Message]:
@@ -56,18 +65,29 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, po
         if pending:
             time.sleep(poll_interval)
     if pending:
-        log(WARNING, "%d of %d markets did not reply within %.0f s; going on without them.", len(pending), asked, timeout)
+        log(WARNING, "%d of %d markets did not reply within %.0f s; going on without them.",
+            len(pending), asked, timeout)
     return replies
 
 
-def check_replies(server_round: int, asked: int, replies: list[Message]) -> list[Message]:
-    """The replies without errors; each error is logged, and all of them failing is fatal."""
+def check_replies(
+    server_round: int, asked: int, replies: list[Message], refused: Iterable[str] = ()
+) -> list[Message]:
+    """The replies without errors; each error is logged, and all of them failing is fatal.
+
+    ``refused`` names the replies :class:`server.replies.ReplyScreen` dropped:
+    they count as failures, so a round in which every market failed or was
+    refused stops the run with every reason.
+    """
     failed = [reply for reply in replies if reply.has_error()]
+    refused = list(refused)
     for reply in failed:
         log(WARNING, "round %d: node %d failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
-    if asked and len(failed) == asked:
-        reasons = "; ".join(sorted({reply.error.reason for reply in failed}))
-        raise AllMarketsFailedError(f"Round {server_round}: every market replied with an error: {reasons}")
+    if asked and len(failed) + len(refused) == asked:
+        reasons = "; ".join(sorted({reply.error.reason for reply in failed} | set(refused)))
+        raise AllMarketsFailedError(
+            f"Round {server_round}: every market replied with an error or a refused reply: {reasons}"
+        )
     return [reply for reply in replies if not reply.has_error()]
 
 
@@ -99,23 +119,26 @@ def run_rounds(
     train_config: ConfigRecord,
     final_evaluate_config: ConfigRecord,
     first_round: int = 1,
+    binding: MarketBinding | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round``..``num_rounds``; return the final shared arrays.
 
     Round ``first_round - 1``'s model (the starting point when 1) is evaluated
-    too: folded into the first training message, or separately.
+    too: folded into the first training message, or separately. ``binding``
+    ties nodes to the markets they speak for (from the checkpoint when
+    resuming); it is saved with every checkpoint.
     """
+    weight_key = aggregation_weight_key(strategy)
+    screen = ReplyScreen(binding if binding is not None else MarketBinding(), (WEIGHT_KEY, weight_key))
     base_config = {"training-id": settings.training_id}
     if not settings.fold_evaluation:
-        _evaluate(grid, strategy, history, settings, first_round - 1, arrays, ConfigRecord(base_config))
+        _evaluate(grid, strategy, history, settings, screen, first_round - 1, arrays, ConfigRecord(base_config))
     for server_round in range(first_round, settings.num_rounds + 1):
         started = time.perf_counter()
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
         config = ConfigRecord({**train_config, **base_config, EVALUATE_RECEIVED_KEY: settings.fold_evaluation})
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        replies = check_replies(
-            server_round, len(messages), send_and_receive(grid, messages, settings.timeout, settings.poll_interval)
-        )
+        messages = list(strategy.configure_train(server_round, arrays, config, _waiting(grid, strategy, settings)))
+        replies = _receive(grid, settings, screen, server_round, messages, sent=arrays)
         if settings.fold_evaluation:
             history.record(server_round - 1, replies, strip=RECEIVED_PREFIX)
             history.log_round(server_round - 1)
@@ -124,8 +147,10 @@ def run_rounds(
             warn_unanswered_budgets(settings.budgeted_markets, replies)
         # A market out of privacy budget replies with weight 0: it did not
         # train, and when no market trained the encoder stays as it was.
-        trained = [reply for reply in replies if next(iter(reply.content.metric_records.values()))[WEIGHT_KEY] > 0]
-        aggregated = strategy.aggregate_train(server_round, trained)[0] if trained else None
+        trained = [reply for reply in replies if weight_of(reply) > 0 and weight_of(reply, weight_key) > 0]
+        aggregated = None
+        if trained:
+            aggregated = strategy.aggregate_train(server_round, _for_aggregation(trained, weight_key))[0]
         if aggregated is None:
             log(INFO, "round %d: nothing was aggregated; the shared arrays are unchanged", server_round)
         else:
@@ -133,13 +158,58 @@ def run_rounds(
         last = server_round == settings.num_rounds
         if last or not settings.fold_evaluation:
             final = final_evaluate_config if last else ConfigRecord()
-            _evaluate(grid, strategy, history, settings, server_round, arrays, ConfigRecord({**base_config, **final}))
+            evaluate_config = ConfigRecord({**base_config, **final})
+            _evaluate(grid, strategy, history, settings, screen, server_round, arrays, evaluate_config)
         history.annotate(server_round, seconds=time.perf_counter() - started)
         if (epsilon := market_dp_epsilon(strategy)) is not None:
             history.annotate(server_round, **{"market-dp-epsilon": epsilon})
         history.write()
-        history.save_checkpoint(server_round, settings.training_id, arrays, strategy_state(strategy))
+        history.save_checkpoint(
+            Checkpoint(
+                server_round=server_round,
+                training_id=settings.training_id,
+                arrays=arrays.to_torch_state_dict(),
+                strategy_state=strategy_state(strategy),
+                fingerprint=dict(settings.fingerprint),
+                markets=screen.binding.state(),
+            )
+        )
     return arrays
+
+
+def _waiting(grid: Grid, strategy: Strategy, settings: RoundSettings) -> Grid:
+    """``grid`` with a deadline on the strategy's wait for its minimum of nodes."""
+    return DeadlineGrid(grid, required_nodes(strategy), settings.node_timeout)
+
+
+def _receive(
+    grid: Grid,
+    settings: RoundSettings,
+    screen: ReplyScreen,
+    server_round: int,
+    messages: list[Message],
+    sent: ArrayRecord | None,
+) -> list[Message]:
+    """Send ``messages``; the replies that neither failed nor were refused."""
+    replies = send_and_receive(grid, messages, settings.timeout, settings.poll_interval)
+    without_errors = [reply for reply in replies if not reply.has_error()]
+    accepted, refused = screen.screen(server_round, without_errors, sent)
+    check_replies(server_round, len(messages), replies, refused)
+    return accepted
+
+
+def _for_aggregation(replies: list[Message], weight_key: str) -> list[Message]:
+    """The replies as aggregation needs them: their arrays and the weight only.
+
+    FedAvg refuses (raises on) replies whose metric names differ; the
+    metrics were recorded already, and only the arrays and the weight enter
+    the average, so every other metric is dropped from the content here.
+    """
+    for reply in replies:
+        arrays = next(iter(reply.content.array_records.values()))
+        weight = MetricRecord({weight_key: weight_of(reply, weight_key)})
+        reply.content = RecordDict({"arrays": arrays, "metrics": weight})
+    return replies
 
 
 def _evaluate(
@@ -147,14 +217,13 @@ def _evaluate(
     strategy: Strategy,
     history: RunHistory,
     settings: RoundSettings,
+    screen: ReplyScreen,
     server_round: int,
     arrays: ArrayRecord,
     config: ConfigRecord,
 ) -> None:
-    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
-    replies = check_replies(
-        server_round, len(messages), send_and_receive(grid, messages, settings.timeout, settings.poll_interval)
-    )
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, _waiting(grid, strategy, settings)))
+    replies = _receive(grid, settings, screen, server_round, messages, sent=None)
     history.record(server_round, replies)
     history.log_round(server_round)
     history.write()
@@ -167,7 +236,20 @@ def strategy_state(strategy: Strategy) -> dict:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict) -> None:
-    """Put a checkpoint's strategy state back."""
+    """Put a checkpoint's strategy state back.
+
+    Raises
+    ------
+    ValueError
+        If the strategy keeps a market-level DP accountant and ``state`` has
+        none: resuming would restart epsilon from 0.
+    """
     accountant = getattr(strategy, "accountant", None)
-    if accountant is not None and "accountant" in state:
-        accountant.load_state_dict(state["accountant"])
+    if accountant is None:
+        return
+    if "accountant" not in state:
+        raise ValueError(
+            "The checkpoint holds no market-level DP accountant, but this run accounts market-level DP: "
+            "resuming would restart epsilon from 0."
+        )
+    accountant.load_state_dict(state["accountant"])

@@ -9,13 +9,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from clients.client_app import ClientConfig, parse_market_epsilons
+from common.market_config import MarketConfig, parse_market_epsilons
 from common.catalog import Catalog
 from common.config import from_kebab_case
 from common.markets import MarketSource
 from common.methods import get_method
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
-from server.history import RunHistory
+from server.history import CHECKPOINT_FILE, RunHistory
+from server.replies import MarketBinding
+from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
 from server.strategy import MarketDPConfig, build_strategy
 
@@ -42,6 +44,7 @@ class ServerConfig:
     seed: int  # seeds the initial encoder (and, in clients, everything local)
     min_nodes: int  # markets that must be connected before a round starts
     round_timeout: float  # seconds to wait for replies; a market that died is left out of the round
+    node_timeout: float  # seconds a round waits for min-nodes markets to connect; then the run fails
     poll_interval: float  # seconds between checks for replies (Flower's own loop waits 3 s)
     fold_evaluation: bool  # evaluate each round's model in the next training message: one round trip per round
     resume: bool  # continue from out-dir's checkpoint instead of starting afresh
@@ -62,6 +65,8 @@ class ServerConfig:
             raise ValueError(
                 f"round-timeout and poll-interval must be positive, got {self.round_timeout} and {self.poll_interval}."
             )
+        if not 0 < self.node_timeout < float("inf"):
+            raise ValueError(f"node-timeout must be a positive number of seconds, got {self.node_timeout}.")
 
     def market_dp(self) -> MarketDPConfig | None:
         """The market-level DP settings, or None when it is off."""
@@ -103,12 +108,16 @@ def final_evaluate_config(config: ServerConfig) -> ConfigRecord:
     return final
 
 
-def initial_arrays(config: ServerConfig) -> ArrayRecord:
-    """The seeded starting point of everything the method shares."""
+def load_catalog(config: ServerConfig) -> Catalog:
+    """The company catalog; in simulation without one, the catalog of every market's items."""
     if config.catalog_path:
-        catalog = Catalog.load(config.catalog_path)
-    else:
-        catalog = MarketSource(config.data_dir, config.synthetic_markets, config.seed).catalog()
+        return Catalog.load(config.catalog_path)
+    return MarketSource(config.data_dir, config.synthetic_markets, config.seed).catalog()
+
+
+def initial_arrays(config: ServerConfig, catalog: Catalog | None = None) -> ArrayRecord:
+    """The seeded starting point of everything the method shares (over ``catalog``, loaded when None)."""
+    catalog = catalog if catalog is not None else load_catalog(config)
     torch.manual_seed(config.seed)
     # The head's user table is never shared, so one placeholder user suffices here.
     model = SplitRecommender(
@@ -126,21 +135,24 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds of FedAvg, from a checkpoint when resuming."""
     config = ServerConfig.from_run_config(context.run_config)
     # A bad market setting would otherwise only show as every market failing round 1.
-    market_config = ClientConfig.from_run_config(context.run_config)
+    market_config = MarketConfig.from_run_config(context.run_config)
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
     strategy = build_strategy(config.min_nodes, config.market_dp())
     history = RunHistory(Path(config.out_dir), asdict(config))
-    arrays, first_round, training_id = initial_arrays(config), 1, str(context.run_id)
+    catalog = load_catalog(config)
+    fingerprint = run_fingerprint(context.run_config, catalog)
+    arrays, first_round, training_id = initial_arrays(config, catalog), 1, str(context.run_id)
+    binding = MarketBinding()
     checkpoint = history.load_checkpoint() if config.resume else None
     if checkpoint is not None:
-        if set(checkpoint.arrays) != set(arrays.keys()):
-            raise ValueError(
-                f"The checkpoint in {config.out_dir} holds {sorted(checkpoint.arrays)}, but method "
-                f"'{config.method}' shares {sorted(arrays.keys())}: resume with the run config it was made with."
-            )
+        where = str(Path(config.out_dir) / CHECKPOINT_FILE)
+        check_resumable(checkpoint.fingerprint, fingerprint, where)
+        check_same_arrays(checkpoint.arrays, arrays, where)
         arrays = ArrayRecord(checkpoint.arrays)
         first_round, training_id = checkpoint.server_round + 1, checkpoint.training_id
         restore_strategy_state(strategy, checkpoint.strategy_state)
+        # The binding survives the resume: a registered SuperNode keeps its node id.
+        binding = MarketBinding(checkpoint.markets)
     elif config.resume:
         log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
     if first_round > config.num_server_rounds:
@@ -152,8 +164,23 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=config.poll_interval,
         fold_evaluation=config.fold_evaluation,
         training_id=training_id,
+        node_timeout=config.node_timeout,
+        fingerprint=fingerprint,
         budgeted_markets=frozenset(parse_market_epsilons(market_config.dp_market_epsilons)),
     )
-    run_rounds(
-        grid, strategy, history, settings, arrays, config.train_config(), final_evaluate_config(config), first_round
-    )
+    final = final_evaluate_config(config)
+    run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding)
+
+
+def check_same_arrays(saved: dict[str, torch.Tensor], arrays: ArrayRecord, checkpoint: str) -> None:
+    """Refuse a checkpoint whose arrays differ in names, shapes or dtypes from what this run shares."""
+    expected = arrays.to_torch_state_dict()
+    described = {name: (tuple(t.shape), str(t.dtype)) for name, t in saved.items()}
+    wanted = {name: (tuple(t.shape), str(t.dtype)) for name, t in expected.items()}
+    if described != wanted:
+        differ = sorted(name for name in described.keys() | wanted.keys() if described.get(name) != wanted.get(name))
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its arrays differ from what this run shares in {differ} "
+            f"(checkpoint: {[described.get(n) for n in differ]}, this run: {[wanted.get(n) for n in differ]}); "
+            "resume with the run config it was made with."
+        )

@@ -87,3 +87,24 @@ def market_dp_epsilon(strategy: Strategy) -> float | None:
     if not isinstance(strategy, DifferentialPrivacyServerSideFixedClipping) or strategy.accountant is None:
         return None
     return strategy.privacy_spent().epsilon
+
+
+def _fedavg(strategy: Strategy) -> FedAvg | None:
+    """The FedAvg inside ``strategy`` (itself, or the one a DP wrapper wraps)."""
+    while not isinstance(strategy, FedAvg) and hasattr(strategy, "strategy"):
+        strategy = strategy.strategy
+    return strategy if isinstance(strategy, FedAvg) else None
+
+
+def aggregation_weight_key(strategy: Strategy) -> str:
+    """The metric the strategy weights the average by: ``num-examples``, or ``trained`` under market-level DP."""
+    fedavg = _fedavg(strategy)
+    return fedavg.weighted_by_key if fedavg is not None else "num-examples"
+
+
+def required_nodes(strategy: Strategy) -> int:
+    """How many connected nodes the strategy waits for before it configures a round."""
+    fedavg = _fedavg(strategy)
+    if fedavg is None:
+        return 1
+    return max(fedavg.min_available_nodes, fedavg.min_train_nodes, fedavg.min_evaluate_nodes)

@@ -1,10 +1,23 @@
-"""The server's history and checkpoint: what a resumed server starts from."""
+"""The server's history and checkpoint: what a resumed server starts from, and how it is written."""
+
+import json
+import stat
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
 
-from server.history import RunHistory
+from server.history import Checkpoint, RunHistory
+
+
+def _checkpoint(server_round: int = 2) -> Checkpoint:
+    return Checkpoint(
+        server_round=server_round,
+        training_id="training-7",
+        arrays={"encoder.w": torch.ones(2)},
+        strategy_state={"accountant": {"n": 2}},
+        fingerprint={"method": "fedper", "dp-epsilon": 8.0},
+        markets={11: "de", 12: "jp"},
+    )
 
 
 def test_resuming_keeps_the_completed_rounds_and_drops_the_unfinished_one(tmp_path):
@@ -13,7 +26,7 @@ def test_resuming_keeps_the_completed_rounds_and_drops_the_unfinished_one(tmp_pa
     for server_round in range(4):
         history.annotate(server_round, seconds=float(server_round))
     history.write()
-    history.save_checkpoint(2, "training-7", ArrayRecord({"encoder.w": torch.ones(2)}), {"accountant": {"n": 2}})
+    history.save_checkpoint(_checkpoint(2))
 
     # Execute: a new server process reads the directory.
     resumed = RunHistory(tmp_path, {"seed": 0})
@@ -23,6 +36,8 @@ def test_resuming_keeps_the_completed_rounds_and_drops_the_unfinished_one(tmp_pa
     assert (checkpoint.server_round, checkpoint.training_id) == (2, "training-7")
     assert torch.equal(checkpoint.arrays["encoder.w"], torch.ones(2))
     assert checkpoint.strategy_state == {"accountant": {"n": 2}}
+    assert checkpoint.fingerprint == {"method": "fedper", "dp-epsilon": 8.0}
+    assert checkpoint.markets == {11: "de", 12: "jp"}
     assert sorted(resumed.rounds) == [0, 1, 2]
 
 
@@ -35,3 +50,67 @@ def test_a_broken_checkpoint_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="checkpoint.pt: not a checkpoint"):
         RunHistory(tmp_path, {}).load_checkpoint()
+
+
+def _saved(**changes) -> dict:
+    saved = {"round": 2, "training-id": "t", "arrays": {"encoder.w": torch.ones(2)}, "strategy-state": {},
+             "fingerprint": {}, "markets": {}}
+    return {key: value for key, value in {**saved, **changes}.items() if value is not None}
+
+
+@pytest.mark.parametrize(
+    ("saved", "problem"),
+    [
+        ([1, 2], "holds a list, not a dict"),
+        (_saved(round="two"), "'round' .* is a str, not a int"),
+        (_saved(arrays=[torch.ones(2)]), "'arrays' .* is a list, not a dict"),
+        (_saved(arrays={"encoder.w": [1.0, 2.0]}), "'arrays' must map array names to tensors"),
+        (_saved(**{"strategy-state": "rdp"}), "'strategy-state' .* is a str"),
+        (_saved(markets=None), r"lacks \['markets'\]"),
+        (_saved(markets={1: "de", 2: "de"}), "distinct market names"),
+        (_saved(round=-1), "not a completed round"),
+    ],
+)
+def test_a_loadable_but_wrongly_shaped_checkpoint_is_named_with_its_problem(tmp_path, saved, problem):
+    torch.save(saved, tmp_path / "checkpoint.pt")
+
+    with pytest.raises(ValueError, match=f"checkpoint.pt: .*{problem}"):
+        RunHistory(tmp_path, {}).load_checkpoint()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"config": {}, "rounds": [{"round": 0, "per_m', "not valid JSON .* line 1 column"),
+        ('{"config": {}}', "not a run history: no list of 'rounds'"),
+        ('[]', "not a run history: no list of 'rounds'"),
+        ('{"rounds": [{"round": "0", "per_market": {}}]}', r"rounds\[0\] is not a round entry"),
+        ('{"rounds": [{"round": 0}]}', r"rounds\[0\] is not a round entry"),
+    ],
+)
+def test_a_truncated_or_misshapen_history_is_named_with_its_problem(tmp_path, text, problem):
+    torch.save(_saved(), tmp_path / "checkpoint.pt")
+    (tmp_path / "history.json").write_text(text)
+
+    with pytest.raises(ValueError, match=f"history.json: {problem}"):
+        RunHistory(tmp_path, {}).load_checkpoint()
+
+
+def test_history_and_checkpoint_are_private_and_written_through_unique_temporary_files(tmp_path):
+    # Prepare: what the old shared temporary names would collide with (another writer's, or a stale one).
+    (tmp_path / "history.json.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp").mkdir()
+    history = RunHistory(tmp_path, {"seed": 0})
+    history.annotate(0, seconds=1.0)
+
+    # Execute
+    history.write()
+    history.save_checkpoint(_checkpoint(0))
+
+    # Assert: both files complete, readable by the owner only, no temporary file left behind.
+    for name in ("history.json", "checkpoint.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert json.loads((tmp_path / "history.json").read_text())["rounds"][0]["seconds"] == 1.0
+    assert RunHistory(tmp_path, {}).load_checkpoint().server_round == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.tmp", "history.json",
+                                                           "history.json.tmp"]

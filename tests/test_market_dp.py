@@ -5,6 +5,9 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
+from flwr.serverapp import GaussianPrivacyEvent
+
+from server.rounds import restore_strategy_state, strategy_state
 from server.strategy import MarketDPConfig, build_strategy, market_dp_epsilon
 from simulations import run as harness
 
@@ -24,6 +27,34 @@ def test_market_dp_settings_are_checked_up_front(field, value):
 
 def test_without_market_dp_nothing_is_accounted():
     assert market_dp_epsilon(build_strategy(2, None)) is None
+
+
+def _market_dp(noise: float = 2.0) -> MarketDPConfig:
+    return MarketDPConfig(noise_multiplier=noise, clipping_norm=0.5, num_markets=3, delta=1e-5, max_epsilon=0.0)
+
+
+def test_a_restored_accountant_goes_on_from_the_epsilon_it_had_spent():
+    # Prepare: two releases accounted by the first server process.
+    before = build_strategy(3, _market_dp())
+    for _ in range(2):
+        before.accountant.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=3, population_size=3))
+
+    # Execute: a new process restores the state and accounts one more release.
+    after = build_strategy(3, _market_dp())
+    restore_strategy_state(after, strategy_state(before))
+    restored = market_dp_epsilon(after)
+    after.accountant.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=3, population_size=3))
+
+    # Assert: three releases in all, as one uninterrupted account would have.
+    reference = RDPAccountant()
+    reference.history = [(2.0, 1.0, 3)]
+    assert restored == market_dp_epsilon(before) > 0
+    assert market_dp_epsilon(after) == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
+
+
+def test_resuming_market_level_dp_without_an_accountant_state_is_refused():
+    with pytest.raises(ValueError, match="restart epsilon from 0"):
+        restore_strategy_state(build_strategy(3, _market_dp()), {})
 
 
 def test_a_simulated_run_composes_one_gaussian_release_per_round(tmp_path):

@@ -3,9 +3,11 @@
 import logging
 
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.replies import MarketBinding, ReplyScreen
 from server.rounds import AllMarketsFailedError, check_replies, warn_unanswered_budgets
 
 
@@ -78,3 +80,50 @@ def test_budgeted_markets_that_all_replied_raise_no_warning(flower_warnings):
     warn_unanswered_budgets(frozenset({"de"}), [_from_market(1, "de"), _from_market(2, "jp")])
 
     assert flower_warnings == []
+
+
+SENT = ArrayRecord({"encoder.w": Array(np.zeros(2, dtype=np.float32))})
+
+
+def _train_reply(node: int, market: ConfigRecord | None) -> Message:
+    content = RecordDict({"arrays": SENT, "metrics": MetricRecord({"num-examples": 5})})
+    if market is not None:
+        content["market"] = market
+    return Message(content, reply_to=_sent(node))
+
+
+@pytest.mark.parametrize(
+    ("market", "reason"),
+    [
+        (None, "names no market"),
+        (ConfigRecord({"name": 7}), "names no market"),
+        (ConfigRecord({"name": "../../etc"}), "is not allowed"),
+    ],
+)
+def test_a_reply_without_a_usable_market_name_is_refused(market, reason):
+    screen = ReplyScreen(MarketBinding())
+
+    accepted, refused = screen.screen(1, [_train_reply(3, market)], SENT)
+
+    assert accepted == [] and len(refused) == 1 and "node 3" in refused[0] and reason in refused[0]
+
+
+def test_a_binding_restored_from_a_checkpoint_keeps_a_market_with_its_node():
+    screen = ReplyScreen(MarketBinding({1: "de"}))
+    replies = [_train_reply(2, ConfigRecord({"name": "de"})), _train_reply(1, ConfigRecord({"name": "de"}))]
+
+    accepted, refused = screen.screen(4, replies, SENT)
+
+    assert accepted == [replies[1]]
+    assert refused == ["node 2 (market 'de'): market 'de' is bound to node 1, not node 2"]
+    assert screen.binding.state() == {1: "de"}
+
+
+def test_a_binding_with_one_market_on_two_nodes_is_refused():
+    with pytest.raises(ValueError, match="Market 'de' is bound to two nodes, 1 and 2"):
+        MarketBinding({1: "de", 2: "de"})
+
+
+def test_replies_refused_by_the_screen_count_as_failures_when_none_is_left():
+    with pytest.raises(AllMarketsFailedError, match="node 2 .*non-finite"):
+        check_replies(3, asked=2, replies=[_failed(1, "crashed")], refused=["node 2 (market 'jp'): non-finite"])

@@ -1,0 +1,184 @@
+"""What the server accepts from a market's reply before it reaches the average or the history.
+
+A reply comes from a node the server does not control, so nothing in it is
+trusted: the arrays must be the ones the server sent (same names, dtypes and
+shapes) and finite, the aggregation weights must be bounded whole numbers, and
+the market name it declares must be the one its node declared first. A reply
+that breaks any of these is dropped from the round with a WARNING naming its
+node and market; it never crashes the ServerApp or skews the average.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+
+from common.names import check_name
+from server.history import MARKET_KEY
+
+WEIGHT_KEY = "num-examples"  # the aggregation weight; a market out of privacy budget replies with 0
+MAX_WEIGHT = 1e9  # no market holds a billion users or interactions: a larger weight is an attempt to dominate
+MAX_NAME = 64  # the longest market name common.names.check_name accepts; longer ones are cut in the log
+
+
+class MarketBinding:
+    """Which node speaks for which market: fixed by a node's first accepted reply in the training.
+
+    Parameters
+    ----------
+    bound : Mapping[int, str] or None
+        Node id to market name, as :meth:`state` returned it (from a checkpoint).
+    """
+
+    def __init__(self, bound: Mapping[int, str] | None = None) -> None:
+        self._market_of: dict[int, str] = {}
+        self._node_of: dict[str, int] = {}
+        for node, market in (bound or {}).items():
+            if market in self._node_of:
+                raise ValueError(f"Market {market!r} is bound to two nodes, {self._node_of[market]} and {node}.")
+            self._market_of[int(node)], self._node_of[market] = market, int(node)
+
+    def conflict(self, node: int, market: str) -> str | None:
+        """Why ``node`` may not speak for ``market``, or None if it may (the first time, or as before)."""
+        reasons = []
+        if (bound := self._market_of.get(node)) is not None and bound != market:
+            reasons.append(f"node {node} named itself market {bound!r} before, now {market!r}")
+        if (owner := self._node_of.get(market)) is not None and owner != node:
+            reasons.append(f"market {market!r} is bound to node {owner}, not node {node}")
+        return "; ".join(reasons) or None
+
+    def bind(self, node: int, market: str) -> None:
+        """Tie ``node`` and ``market`` together (a no-op when they already are)."""
+        if (reason := self.conflict(node, market)) is not None:
+            raise ValueError(f"Cannot bind node {node} to market {market!r}: {reason}.")
+        self._market_of[node], self._node_of[market] = market, node
+
+    def state(self) -> dict[int, str]:
+        """Node id to market name, for the checkpoint."""
+        return dict(self._market_of)
+
+
+class ReplyScreen:
+    """Drops the replies a round must not use, with a WARNING each.
+
+    Parameters
+    ----------
+    binding : MarketBinding
+        The node-to-market binding of the training; accepted replies extend it.
+    weight_keys : Iterable[str]
+        Metrics the average is weighted by (``num-examples``, and the strategy's own key).
+    """
+
+    def __init__(self, binding: MarketBinding, weight_keys: Iterable[str] = (WEIGHT_KEY,)) -> None:
+        self.binding = binding
+        self.weight_keys = tuple(dict.fromkeys((WEIGHT_KEY, *weight_keys)))
+
+    def screen(
+        self, server_round: int, replies: list[Message], sent: ArrayRecord | None
+    ) -> tuple[list[Message], list[str]]:
+        """The acceptable ``replies`` and the reasons the others were refused.
+
+        Parameters
+        ----------
+        server_round : int
+            For the log.
+        replies : list[Message]
+            Replies without errors.
+        sent : ArrayRecord or None
+            The arrays the server sent (a train round): each reply must return
+            the same names, dtypes and shapes, finite. None for evaluation
+            replies, which carry no arrays and no aggregation weight.
+        """
+        accepted: list[Message] = []
+        refused: list[str] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            market = _declared_market(reply.content)
+            reason = _content_problem(reply.content, market, sent, self.weight_keys)
+            if reason is None:
+                reason = self.binding.conflict(node, market)
+            if reason is not None:
+                shown = repr(market) if market is None or len(market) <= MAX_NAME else repr(market[:MAX_NAME] + "...")
+                refused.append(f"node {node} (market {shown}): {reason}")
+                log(WARNING, "round %d: refused the reply of node %d (market %s): %s",
+                    server_round, node, shown, reason)
+                continue
+            self.binding.bind(node, market)
+            accepted.append(reply)
+        return accepted, refused
+
+
+def metrics_of(content: RecordDict) -> MetricRecord:
+    """The one MetricRecord of an accepted reply."""
+    return next(iter(content.metric_records.values()))
+
+
+def weight_of(reply: Message, key: str = WEIGHT_KEY) -> float:
+    """The aggregation weight ``key`` of an accepted reply."""
+    return float(metrics_of(reply.content)[key])
+
+
+def _declared_market(content: RecordDict) -> str | None:
+    record = content.config_records.get(MARKET_KEY)
+    name = record.get("name") if record is not None else None
+    return name if isinstance(name, str) else None
+
+
+def _content_problem(
+    content: RecordDict, market: str | None, sent: ArrayRecord | None, weight_keys: tuple[str, ...]
+) -> str | None:
+    """What is wrong with a reply's content, or None."""
+    if market is None:
+        return f"it names no market (a ConfigRecord {MARKET_KEY!r} with a string 'name')"
+    if len(market) > MAX_NAME:
+        return f"its market name is longer than {MAX_NAME} characters"
+    try:
+        check_name(market)
+    except ValueError as error:
+        return str(error)
+    if len(content.metric_records) != 1:
+        return f"it holds {len(content.metric_records)} MetricRecords, not one"
+    if sent is None:
+        return None
+    metrics = metrics_of(content)
+    for key in weight_keys:
+        if (problem := _weight_problem(metrics.get(key))) is not None:
+            return f"its aggregation weight {key!r} {problem}"
+    if len(content.array_records) != 1:
+        return f"it holds {len(content.array_records)} ArrayRecords, not one"
+    return _arrays_problem(next(iter(content.array_records.values())), sent)
+
+
+def _weight_problem(weight: object) -> str | None:
+    if weight is None:
+        return "is missing"
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return f"is not a number ({weight!r})"
+    if not math.isfinite(weight) or weight != int(weight) or not 0 <= weight <= MAX_WEIGHT:
+        return f"is {weight!r}, not a whole number from 0 to {MAX_WEIGHT:.0e}"
+    return None
+
+
+def _arrays_problem(arrays: ArrayRecord, sent: ArrayRecord) -> str | None:
+    if set(arrays.keys()) != set(sent.keys()):
+        missing, extra = sorted(set(sent.keys()) - set(arrays.keys())), sorted(set(arrays.keys()) - set(sent.keys()))
+        return f"its arrays differ from those sent: missing {missing}, unexpected {extra}"
+    for name, array in arrays.items():
+        expected = sent[name]
+        if array.dtype != expected.dtype or tuple(array.shape) != tuple(expected.shape):
+            return (
+                f"array {name!r} is {array.dtype} {tuple(array.shape)}, "
+                f"but the server sent {expected.dtype} {tuple(expected.shape)}"
+            )
+        try:
+            values = array.numpy()
+        except Exception as error:  # noqa: BLE001 - any undecodable payload is the sender's fault
+            return f"array {name!r} cannot be decoded ({type(error).__name__}: {error})"
+        if str(values.dtype) != expected.dtype or values.shape != tuple(expected.shape):
+            return f"array {name!r} decodes to {values.dtype} {values.shape}, not what it declares"
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            return f"array {name!r} holds {int((~np.isfinite(values)).sum())} non-finite values"
+    return None

@@ -1,0 +1,95 @@
+"""What a resumed training must share with the training it continues.
+
+A checkpoint stores a fingerprint of every run setting that fixes what the
+markets' privacy guarantees mean or what shape the shared arrays have.
+Resuming with one of them changed would silently mix two trainings under one
+training id, and so under one privacy ledger per market: refused, naming each
+changed key with its old and new value.
+"""
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from common.catalog import Catalog
+
+# Run-config keys a resume must not change. Privacy: the user-level DP-SGD
+# settings every market calibrates its noise and ledger with (dp-*), and the
+# market-level DP on the server (market-dp-*, on when the noise multiplier is
+# not 0). Shapes and meaning of the shared arrays: the method (what is
+# shared), user-embeddings, embedding-dim and history-length. The catalog is
+# fingerprinted by content under CATALOG_KEY, wherever its file lies.
+FINGERPRINT_KEYS = (
+    "method",
+    "user-embeddings",
+    "embedding-dim",
+    "history-length",
+    "dp-epsilon",
+    "dp-market-epsilons",
+    "dp-delta",
+    "dp-max-grad-norm",
+    "dp-batch-size",
+    "dp-learning-rate",
+    "dp-user-positives",
+    "dp-popularity-share",
+    "dp-accountant",
+    "dp-insecure-seeded-noise",
+    "dp-global-weight",
+    "market-dp-noise-multiplier",
+    "market-dp-clipping-norm",
+    "market-dp-markets",
+    "market-dp-delta",
+    "market-dp-max-epsilon",
+)
+CATALOG_KEY = "catalog"  # the fingerprint's entry for the catalog's content
+
+
+def catalog_digest(catalog: Catalog) -> str:
+    """The catalog's rows and a hash of its item ids in order: equal iff row r means the same item."""
+    digest = hashlib.sha256()
+    for item in catalog.item_ids:
+        digest.update(item.encode("utf-8") + b"\n")
+    return f"{len(catalog.item_ids)} items + {catalog.overflow_rows} overflow rows, sha256 {digest.hexdigest()[:16]}"
+
+
+def run_fingerprint(run_config: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:
+    """The values of :data:`FINGERPRINT_KEYS` in ``run_config`` (None when absent) and the catalog's digest."""
+    fingerprint = {key: _normalised(run_config.get(key)) for key in FINGERPRINT_KEYS}
+    fingerprint[CATALOG_KEY] = catalog_digest(catalog)
+    return fingerprint
+
+
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str) -> None:
+    """Refuse to resume when a fingerprinted setting changed.
+
+    Parameters
+    ----------
+    saved : Mapping[str, Any]
+        The fingerprint stored in the checkpoint.
+    current : Mapping[str, Any]
+        :func:`run_fingerprint` of this run.
+    checkpoint : str
+        The checkpoint's path, for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming every changed key with its value in the checkpoint and now.
+    """
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if changed:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: the run config changes settings the training was made with "
+            f"({'; '.join(changed)}). Resume with the checkpoint's values, or start a new training (resume=false)."
+        )
+
+
+def _normalised(value: Any) -> Any:
+    # A TOML default 8.0 and an override "dp-epsilon=8" mean the same budget.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value.strip() if isinstance(value, str) else value
+    return float(value)
