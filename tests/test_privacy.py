@@ -17,6 +17,7 @@ from common.privacy import (
     calibrated_ledger,
     epsilon_of,
     default_delta,
+    release_history,
     sample_rate,
     steps_per_epoch,
 )
@@ -72,7 +73,7 @@ def test_steps_calibrated_after_a_release_spend_what_it_leaves(accountant):
     budget = PrivacyBudget(epsilon=4.0, delta=1e-5, accountant=accountant)
 
     without = calibrate_noise(budget, 0.05, 300)
-    after_release = calibrate_noise(budget, 0.05, 300, releases=(2.0,))
+    after_release = calibrate_noise(budget, 0.05, 300, prior=release_history([2.0]))
     ledger = PrivacyLedger(budget, after_release, 0.05, releases=[2.0])
     ledger.record(300)
 
@@ -81,8 +82,8 @@ def test_steps_calibrated_after_a_release_spend_what_it_leaves(accountant):
 
 
 def test_a_release_that_alone_spends_the_budget_is_refused():
-    with pytest.raises(ValueError, match="alone spend the budget"):
-        calibrate_noise(PrivacyBudget(epsilon=0.5, delta=1e-5), 0.05, 300, releases=(0.5,))
+    with pytest.raises(PrivacyBudgetExceeded, match="leaves nothing of the budget"):
+        calibrate_noise(PrivacyBudget(epsilon=0.5, delta=1e-5), 0.05, 300, prior=release_history([0.5]))
 
 
 def test_a_ledger_restored_every_round_equals_one_continuous_ledger():

@@ -9,7 +9,8 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import PRIVACY_KEY, app
+from clients.client_app import app
+from clients.privacy_state import PRIVACY_KEY
 from common.markets import MarketSource, load_split
 from common.privacy import PrivacyLedger, steps_per_epoch
 from server.server_app import ServerConfig, initial_arrays
@@ -87,7 +88,7 @@ def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
 
     first = _train(run_config, context, 1).content["metrics"]["epsilon"]
     second = _train(run_config, context, 2).content["metrics"]["epsilon"]
-    ledger = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+    ledger = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"]))["ledger"])
 
     assert first < second <= BUDGET
     assert second == pytest.approx(ledger.epsilon())
@@ -124,7 +125,7 @@ def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
 
     first = _train(run_config, context, 1).content["metrics"]
     second = _train(run_config, context, 2).content["metrics"]
-    ledger = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"])))
+    ledger = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"]))["ledger"])
 
     # Two phases of one epoch each per round: twice the steps of one epoch, every round.
     source = MarketSource("", 3, 0)

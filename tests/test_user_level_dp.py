@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.ghost_norms import register_norm_samplers
 from common.markets import MarketSource, load_split
 from common.model import ModelConfig, SplitRecommender
-from common.private_train import UserSoftmaxLoss, private_popularity
+from common.private_train import UserSoftmaxLoss, dp_generator, private_popularity
 from common.train import MarketTensors, user_batch_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -92,7 +92,7 @@ def test_popularity_release_counts_each_user_at_most_once_in_l2():
     rows = int(data.market_items.max()) + 1
 
     # Execute: without noise the release is log(1 + counts), each user adding 1/sqrt(n) to each of n items.
-    released = private_popularity(data, rows, noise_multiplier=0.0, seed=0)
+    released = private_popularity(data, rows, noise_multiplier=0.0, generator=dp_generator())
 
     # Assert
     items, real = data.user_items, data.user_items >= 0
