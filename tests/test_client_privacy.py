@@ -302,3 +302,23 @@ def test_a_market_name_cannot_escape_the_state_dir(tmp_path):
     with pytest.raises(RegionError, match="is not allowed"):
         _train(run_config, context)
     assert not (tmp_path.parent / "escaped.pt").exists()
+
+
+def test_an_operator_starts_a_new_budget_period_on_purpose_and_it_stays_on_record(tmp_path, capsys):
+    # Prepare: a training that spent, then a lost ledger that stops DP training.
+    from clients.ledger import main as ledger_command
+
+    run_config = _run_config(**{"num-server-rounds": 3})
+    first = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1))
+    arguments = ["--state-dir", str(tmp_path), "--market", MARKET]
+
+    # Execute
+    assert ledger_command(["new-period", *arguments]) == 0
+    resumed = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1, "t2"))
+    assert ledger_command(["show", *arguments]) == 0
+
+    # Assert: the new period starts from nothing; the closed one is archived and listed.
+    shown = capsys.readouterr().out
+    assert resumed["epsilon"] == pytest.approx(first["epsilon"])  # the same first round, not composed with it
+    assert f"epsilon {first['epsilon']:.4f}" in shown and "current period" in shown
+    assert len(list(tmp_path.glob(f"{MARKET}.ledger.*.json"))) == 1
