@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import dp_accounting
+import opacus
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -234,7 +235,7 @@ def test_an_unreadable_ledger_stops_dp_training(tmp_path):
 # Enforcement through the ClientApp, not beside it.
 
 
-def test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained():
+def test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained(monkeypatch):
     # Prepare: one round's budget, spent in round 1; no blending with the market's own copy.
     run_config = _run_config(**{"num-server-rounds": 1, "dp-global-weight": 1.0})
     context = _context(run_config)
@@ -242,11 +243,19 @@ def test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained():
     steps_before = _ledger(context).steps
     message = _message(run_config, 2)
     sent = message.content["arrays"].to_torch_state_dict()
+    # Count DP-SGD set-ups (the real method runs): a step taken and then refused
+    # by the ledger would already have trained on the data.
+    started = []
+    make_private = opacus.PrivacyEngine.make_private
+    monkeypatch.setattr(
+        opacus.PrivacyEngine, "make_private", lambda *args, **kwargs: started.append(1) or make_private(*args, **kwargs)
+    )
 
     # Execute
     reply = app(message, context)
 
     # Assert: no step taken, no weight, the arrays as received, epsilon within budget.
+    assert started == []
     metrics = _metrics(reply)
     assert metrics["num-examples"] == 0 and metrics["trained"] == 0
     assert metrics["train-loss"] != metrics["train-loss"]  # NaN: nothing was trained
