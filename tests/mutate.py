@@ -68,18 +68,23 @@ MUTATIONS = [
     # The client app: covered by tests/test_client_app.py; its owner adjusts these two. In
     # build_local_model, a market's saved head is no longer restored (the lines moved from
     # clients/client_app.py to clients/local_model.py unchanged).
+    # The head a market trained is put back into its model from context.state every round.
     Mutation("restore removed", "clients/local_model.py",
              "    if LOCAL_STATE_KEY in context.state:\n"
              "        set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())\n",
              "    if LOCAL_STATE_KEY in context.state:\n"
              "        pass  # mutation: the market's saved head is not restored\n",
-             ["tests/test_client_app.py"]),
-    # In train(), the budget check before a private round. Since 5744ac3 clients/client_app.py has
-    # no such line (private_round checks can_afford_round and raises PrivacyBudgetExceeded), so
-    # this target is reported as not found until it is updated.
-    Mutation("enforcement removed", "clients/client_app.py",
-             "if ledger.can_afford(private_round_steps(data, method, train_config)):", "if True:",
-             ["tests/test_client_app.py"]),
+             ["tests/test_client_privacy.py::test_the_head_a_market_trained_is_the_head_it_evaluates_next_round"]),
+    # The one decision every budget check goes through (the client's round, DP-SGD's epochs).
+    Mutation("enforcement removed", "common/privacy.py",
+             "        return self.epsilon_after(steps, rate) <= self.budget.epsilon",
+             "        return True  # mutation: every step is affordable",
+             ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"]),
+    # An out-of-budget market keeps its weight in the average.
+    Mutation("out-of-budget weight kept", "clients/client_app.py",
+             "                loss, examples = float(\"nan\"), 0",
+             "                loss = float(\"nan\")  # mutation: the weight stays",
+             ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"]),
 ]
 
 IMPORT_CHECK = (

@@ -56,3 +56,24 @@ def test_a_market_epsilon_for_a_market_the_run_does_not_have_stops_the_harness(t
                       "--out", str(tmp_path)])
 
     assert not any(tmp_path.iterdir())
+
+
+def _local_dp(tmp_path, name: str, *flags: str) -> dict:
+    return harness.main(["--methods", "local", "--synthetic-markets", "1", "--rounds", "1", "--embedding-dim", "8",
+                         "--dp-epsilon", "8", "--out", str(tmp_path / name), *flags])
+
+
+def test_dp_noise_is_secure_unless_an_insecure_run_is_asked_for_and_marked(tmp_path):
+    # Execute: the local DP baseline twice with one seed, then twice seeded on purpose.
+    secure = [_local_dp(tmp_path, f"secure{run}") for run in range(2)]
+    seeded = [_local_dp(tmp_path, f"seeded{run}", "--insecure-seeded-dp-noise") for run in range(2)]
+
+    # Assert: the seed alone does not reproduce the noise; the flag does, and results.json says so.
+    def macro(results: dict) -> float:
+        return results["methods"]["local"]["macro"]["ndcg@10"]
+
+    assert macro(secure[0]) != macro(secure[1])
+    assert macro(seeded[0]) == macro(seeded[1])
+    assert secure[0]["dp-noise"] == harness.DP_NOISE_SECURE
+    assert seeded[0]["dp-noise"].startswith("INSECURE")
+    assert seeded[0]["config"]["insecure_seeded_dp_noise"] is True
