@@ -2,20 +2,23 @@
 
 The deployment tests and the round-latency benchmark run the README's deploy
 commands through this class; every process it starts is stopped by PID
-(with its descendants) in :meth:`LoopbackFederation.close`.
+(with its descendants) in :meth:`LoopbackFederation.close`. Regions run only
+the app signed with the federation's app-signing key, served by an
+:class:`~deploy.app_index.AppIndex` in this process (see ``deploy/app_index.py``).
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from common.processes import free_port, stop_process_tree, wait_for_port
+from deploy.app_index import AppIndex, sign_app
 from deploy.make_credentials import make_credentials
-from simulations.flower_runtime import APP_DIR, free_port, stop_process_tree
 
+APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml: the app `flwr run` submits
 BIN = Path(sys.executable).parent
 CONNECTION = "loopback"  # the named connection in the private FLWR_HOME
 
@@ -32,6 +35,14 @@ class LoopbackFederation:
         ``market`` is set to the region's name.
     environment : dict[str, str] or None
         Extra variables for every process, e.g. Flower's poll intervals.
+
+    Attributes
+    ----------
+    app : SignedApp
+        The checkout's app, signed with ``credentials/app-signing``: the one app
+        every SuperNode accepts (``--trusted-entities``) and :meth:`start_run` submits.
+    index : AppIndex
+        Hands signed apps to the SuperLink in place of Flower Hub.
     """
 
     def __init__(self, root: Path, regions: dict[str, dict[str, Any]], environment: dict[str, str] | None = None):
@@ -45,6 +56,8 @@ class LoopbackFederation:
         self.others: list[subprocess.Popen] = []
         self.home.mkdir(parents=True, exist_ok=True)
         make_credentials(self.credentials, [*regions, "intruder"], [])
+        self.app = sign_app(APP_DIR, self.credentials / "app-signing")
+        self.index = AppIndex([self.app])
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials / "ca.crt"}"\n'
@@ -57,6 +70,8 @@ class LoopbackFederation:
             OPENBLAS_NUM_THREADS="1",
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
+            # The SuperLink fetches `@publisher/app==version` apps, with their signatures, from here.
+            FLWR_SUPERGRID_API_URL=self.index.url,
             **(environment or {}),
         )
 
@@ -95,7 +110,10 @@ class LoopbackFederation:
             ],
             "superlink",
         )
-        wait_for_port(self.port)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error} The SuperLink's log ends:\n{self.log('superlink')[-2000:]}") from None
 
     def kill_superlink(self) -> None:
         """Kill the SuperLink and the ServerApp it runs, as a crash would."""
@@ -117,6 +135,8 @@ class LoopbackFederation:
                 "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(self.credentials / "ca.crt"),
                 "--auth-supernode-private-key", str(self.credentials / (key or region)),
+                # Run only apps signed with the app-signing key; refuse anything else.
+                "--trusted-entities", str(self.credentials / "trusted-entities.yaml"),
                 "--port", str(free_port()),
                 "--node-config", node_config,
             ],
@@ -128,23 +148,38 @@ class LoopbackFederation:
             self.others.append(process)
         return process
 
-    def restart_supernode(self, region: str, timeout: float = 180.0) -> None:
-        """Start the region's SuperNode again until the SuperLink lets it in.
+    def restart_supernode(self, region: str, timeout: float = 180.0, pause: float = 5.0) -> None:
+        """Start the region's SuperNode again until the SuperLink lets it in, for at most ``timeout`` s.
 
         After a crash the SuperLink refuses the node's key until it has missed
         two heartbeats (about a minute in Flower 1.41); a supervisor such as
-        systemd retries the same way.
+        systemd retries the same way, ``pause`` s after each refusal.
+
+        Raises
+        ------
+        TimeoutError
+            If no attempt was let in within ``timeout`` s; the last attempt is stopped.
         """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             activations = self.log(region).count("SuperNode ID:")
             process = self.start_supernode(region)
-            while process.poll() is None and self.log(region).count("SuperNode ID:") == activations:
+            while (
+                process.poll() is None
+                and self.log(region).count("SuperNode ID:") == activations
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
-            if process.poll() is None:
+            if process.poll() is None and self.log(region).count("SuperNode ID:") > activations:
                 return
-            time.sleep(5)
-        raise TimeoutError(f"The SuperLink did not let {region} back in within {timeout} s:\n{self.log(region)[-2000:]}")
+            if process.poll() is None or time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)  # refused: try again, as a supervisor would
+        stop_process_tree(self.supernodes.pop(region))
+        raise TimeoutError(
+            f"The SuperLink did not let {region} back in within {timeout:.0f} s; its log ends:\n"
+            f"{self.log(region)[-2000:]}"
+        )
 
     def kill_supernode(self, region: str) -> None:
         """Kill a region's SuperNode and its ClientApp processes, as a crash would."""
@@ -168,17 +203,21 @@ class LoopbackFederation:
             raise RuntimeError(f"flwr {' '.join(arguments)} failed:\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}")
         return finished
 
-    def start_run(self, run_config: str, log: str = "run") -> subprocess.Popen:
-        """``flwr run <app> loopback --stream`` in the background; its output goes to ``<log>.log``."""
+    def start_run(self, run_config: str, log: str = "run", app: str | None = None) -> subprocess.Popen:
+        """``flwr run <app> loopback --stream`` in the background; its output goes to ``<log>.log``.
+
+        ``app`` defaults to the signed app (``@xmarket-fl/xmarket-fl==<version>``, fetched from
+        :attr:`index`); a directory submits that checkout unsigned, which the SuperNodes refuse.
+        """
         process = self._start(
-            [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--stream"], log
+            [str(BIN / "flwr"), "run", app or self.app.spec, CONNECTION, "--run-config", run_config, "--stream"], log
         )
         self.others.append(process)
         return process
 
-    def run(self, run_config: str, log: str = "run", timeout: float = 600) -> str:
-        """Run the app to the end; its streamed log, or an error with the log's tail."""
-        process = self.start_run(run_config, log)
+    def run(self, run_config: str, log: str = "run", timeout: float = 600, app: str | None = None) -> str:
+        """Run the app (see :meth:`start_run`) to the end; its streamed log, or an error with the log's tail."""
+        process = self.start_run(run_config, log, app)
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -195,14 +234,5 @@ class LoopbackFederation:
         self.others.clear()
         self.supernodes.clear()
         self.kill_superlink()
+        self.index.close()
 
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    """Return once something listens on ``port`` on loopback."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"Nothing listens on port {port} after {timeout} s.")

@@ -21,8 +21,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import psutil
 import tomli_w
+
+from common.processes import free_port, output_lines, stop_process_tree
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
 APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml
@@ -30,13 +31,6 @@ APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.
 
 class FlowerRunError(RuntimeError):
     """The SuperLink or a run on it failed; the message points at its log."""
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class SimulationSuperLink:
@@ -166,7 +160,6 @@ class SimulationSuperLink:
             "--federation-config", federation,
             "--stream",
         ]
-        deadline = time.monotonic() + timeout
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(
                 command,
@@ -178,13 +171,14 @@ class SimulationSuperLink:
                 start_new_session=True,
             )
             try:
-                for line in process.stdout:
+                # Bounded also while the run logs nothing: a hung run is stopped, not waited on forever.
+                for line in output_lines(process, timeout):
                     log.write(line)
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
-                    if time.monotonic() > deadline:
-                        raise FlowerRunError(f"Run '{name}' exceeded {timeout:.0f} s; see {log_path}.")
                 code = process.wait()
+            except TimeoutError:
+                raise FlowerRunError(f"Run '{name}' exceeded {timeout:.0f} s; see {log_path}.") from None
             finally:
                 stop_process_tree(process)
         if code != 0:
@@ -206,44 +200,6 @@ def _executable(name: str) -> str:
     if found is None:
         raise FlowerRunError(f"'{name}' is not installed in this environment; install flwr[simulation].")
     return found
-
-
-def stop_process_tree(process: subprocess.Popen, grace: float = 10.0, crash: bool = False) -> None:
-    """Stop ``process`` and every descendant: SIGTERM, then SIGKILL after ``grace`` s.
-
-    With ``crash``, SIGKILL at once: what a power cut or an OOM kill leaves behind.
-
-    Descendants are collected first because flower-superexec starts its own
-    session, so a process-group signal would miss the simulation it runs.
-    """
-    try:
-        root = psutil.Process(process.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    signals = (psutil.Process.kill,) if crash else (psutil.Process.terminate, psutil.Process.kill)
-    for signal_all in signals:
-        for member in tree:
-            try:
-                signal_all(member)
-            except psutil.NoSuchProcess:
-                pass
-        process.poll()  # reap our own child so that it can count as gone
-        deadline = time.monotonic() + grace
-        while not all(map(_gone, tree)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        tree = [member for member in tree if not _gone(member)]
-        if not tree:
-            break
-    process.wait()
-
-
-def _gone(member: psutil.Process) -> bool:
-    # Orphans that exit stay zombies until init reaps them: they no longer run.
-    try:
-        return member.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def exit_cleanly_on_sigterm() -> None:

@@ -2,20 +2,31 @@
 
 Every process is started here on loopback and stopped by PID afterwards
 (``LoopbackFederation.close``). Crashes are SIGKILLs of a process tree.
+SuperNodes run only the app signed with the federation's app-signing key.
 """
 
+import ast
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from common.catalog import Catalog
 from common.markets import MarketSource, load_file_split
 from common.privacy import steps_per_epoch
 from common.synthetic import SyntheticConfig, write_markets
-from deploy.loopback import LoopbackFederation
+from deploy.app_index import sign_app
+from deploy.loopback import APP_DIR, LoopbackFederation
+from deploy.make_credentials import make_credentials
 from simulations.run import app_defaults
 
 REGIONS = ["m00", "m01", "m02"]
@@ -89,7 +100,8 @@ def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_
     assert set(history) == {0, 1, 2}
     assert all(set(history[r]["per_market"]) == set(REGIONS) for r in history)
     assert all(m["test-ndcg"] > 0 for m in history[2]["per_market"].values())
-    assert "bad.txt line 3: rating 'lots' is not a number" in log
+    # The server learns the file, line and kind of problem, never the raw value; the region's own log has it.
+    assert "bad.txt line 3: rating '…' is not a number" in log and "lots" not in log
     assert "bad.txt line 3: rating 'lots' is not a number" in federation.log("bad")
     saved = torch.load(federation.root / "state" / "m00" / "m00.pt", weights_only=True)
     assert saved["last-round"] == 2 and all(name.startswith("head.") for name in saved["head"])
@@ -101,6 +113,41 @@ def test_an_unregistered_node_is_refused(federation):
     _wait_for(lambda: "Failed to activate SuperNode" in federation.log("intruder"), "the refusal", 120, federation)
 
     assert "Failed to activate SuperNode" in federation.log("intruder")
+
+
+def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
+    # Prepare: the same app sent from the checkout (unsigned), and signed by a key no region trusts.
+    untrusted = tmp_path / "untrusted"
+    untrusted.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    forged = sign_app(APP_DIR, untrusted)
+    regions = [*REGIONS, "bad"]
+    before = {region: federation.log(region) for region in regions}
+
+    # Execute: one round each with every region connected: the checkout unsigned, then the forged signature.
+    federation.start_run(_run_config(federation.root / "out-unsigned", min_nodes=4, num_server_rounds=1),
+                         log="unsigned", app=str(APP_DIR)).wait(timeout=300)
+    federation.index.publish(forged)
+    try:
+        federation.start_run(_run_config(federation.root / "out-forged", min_nodes=4, num_server_rounds=1),
+                             log="forged").wait(timeout=300)
+    finally:
+        federation.index.publish(federation.app)
+
+    # Assert: every region refused both runs before running any of their code, so no round completed.
+    for run in ("unsigned", "forged"):
+        assert "every market replied with an error or a refused reply: The FAB could not be verified." in (
+            federation.log(run)
+        )
+        assert _history(federation.root / f"out-{run}").keys() <= {0}
+    for region in regions:
+        new = federation.log(region)[len(before[region]):]
+        assert "App verification is not supported by the connected SuperLink" in new  # the unsigned app
+        assert "the provided trusted entities could not verify the FAB" in new  # the forged signature
+        assert "Receiving: train message" in new and "Start `flwr-clientapp`" not in new
 
 
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
@@ -134,7 +181,8 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         regions = federation.regions["m02"]
         split = load_file_split(regions["data-path"], "m02", Catalog.load(regions["catalog-path"]), seed=0)
         steps_per_round = steps_per_epoch(split.num_users, batch_size=app_defaults()["dp-batch-size"])
-        assert [entry[2] for entry in saved["ledger"]["history"]] == [steps_per_round * len(trained)]
+        ledger = json.loads((tmp_path / "state" / "m02" / "m02.ledger.json").read_text())["ledger"]
+        assert [entry[2] for entry in ledger["history"]] == [steps_per_round * len(trained)]
         epsilons = [history[r]["per_market"]["m02"]["local/epsilon"] for r in trained]
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
         final = history[7]["per_market"]
@@ -143,9 +191,9 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
 
 
 def test_a_killed_server_resumes_from_its_last_completed_round(tmp_path):
-    # Prepare: a run of 5 rounds.
+    # Prepare: a run of 4 rounds.
     out = tmp_path / "out"
-    run_config = _run_config(out, min_nodes=3, num_server_rounds=5)
+    run_config = _run_config(out, min_nodes=3, num_server_rounds=4)
     with LoopbackFederation(tmp_path, _regions(tmp_path)) as federation:
         federation.start_all()
         federation.start_run(run_config, log="first-run")
@@ -161,8 +209,98 @@ def test_a_killed_server_resumes_from_its_last_completed_round(tmp_path):
         # Assert: the second run continued after the last completed round and kept the earlier ones.
         assert f"after round {done}" in log
         history = _history(out)
-        assert sorted(history) == [0, 1, 2, 3, 4, 5]
+        assert sorted(history) == [0, 1, 2, 3, 4]
         for r in range(1, done + 1):
             assert history[r]["seconds"] == before[r]["seconds"]
-        assert f"[ROUND {done}/5]" not in log and f"[ROUND {done + 1}/5]" in log
-        assert set(history[5]["per_market"]) == set(REGIONS)
+        assert f"[ROUND {done}/4]" not in log and f"[ROUND {done + 1}/4]" in log
+        assert set(history[4]["per_market"]) == set(REGIONS)
+
+
+@pytest.mark.parametrize(
+    ("regions", "problem"),
+    [
+        (["de", "../escaped"], "region name '../escaped' is not allowed"),
+        (["de", "{tmp}/absolute"], "/absolute' is not allowed"),
+        (["de", "server.key"], "it would replace the file server.key"),
+        (["de", "DE"], "'de' and 'DE' are given twice"),
+    ],
+)
+def test_make_credentials_refuses_unsafe_region_names_in_one_line_before_writing_anything(tmp_path, regions, problem):
+    out = tmp_path / "credentials"
+    regions = [region.format(tmp=tmp_path) for region in regions]
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "deploy.make_credentials", "--out", str(out), "--regions", *regions],
+        cwd=APP_DIR, capture_output=True, text=True, timeout=60,
+    )
+
+    assert finished.returncode != 0
+    assert problem in finished.stderr and len(finished.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in finished.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_development_certificates_pass_strict_x509_verification(tmp_path):
+    make_credentials(tmp_path, ["de"], ["superlink.example"])
+
+    verified = subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile", str(tmp_path / "ca.crt"),
+         str(tmp_path / "server.pem")],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_private_keys_are_created_owner_only_whatever_the_umask(tmp_path, monkeypatch, umask):
+    # Prepare: note a file's permissions whenever they are about to be changed after its creation.
+    before_chmod: dict[str, int] = {}
+    chmod = os.chmod
+
+    def noting_chmod(path, mode, *args, **kwargs):
+        before_chmod[Path(path).name] = stat.S_IMODE(os.stat(path).st_mode)
+        return chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", noting_chmod)
+    previous = os.umask(umask)
+
+    # Execute: twice, the second time over the first one's files.
+    try:
+        make_credentials(tmp_path, ["de"], [])
+        (tmp_path / "de").chmod(0o644)
+        make_credentials(tmp_path, ["de"], [])
+    finally:
+        os.umask(previous)
+
+    # Assert: private keys are 0600, also the rewritten one, and were never readable by others on the way.
+    private = ["ca.key", "server.key", "de", "app-signing"]
+    assert {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in private} == dict.fromkeys(private, 0o600)
+    assert all(mode & 0o077 == 0 for name, mode in before_chmod.items() if name in private)
+    assert all(stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644 for name in ["ca.crt", "server.pem", "de.pub"])
+
+
+def test_restarting_a_region_gives_up_with_a_clear_error_when_it_is_never_let_in(tmp_path):
+    # Prepare: no SuperLink, so the restarted SuperNode keeps trying to connect and is never let in.
+    with LoopbackFederation(tmp_path, {"m00": {"data-path": str(tmp_path / "unused.txt")}}) as federation:
+        started = time.monotonic()
+
+        # Execute and assert: a timeout naming the region, well within the test's own limit, nothing left running.
+        with pytest.raises(TimeoutError, match="did not let m00 back in within 2 s"):
+            federation.restart_supernode("m00", timeout=2)
+        assert time.monotonic() - started < 30
+        assert federation.supernodes == {}
+
+
+def test_deploy_does_not_import_simulations():
+    # The dependency runs one way: simulations.latency uses deploy.loopback; both use common.processes.
+    imported = set()
+    for path in (APP_DIR / "deploy").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update((path.name, alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add((path.name, node.module or ""))
+
+    assert [(name, module) for name, module in imported if module.split(".")[0] == "simulations"] == []

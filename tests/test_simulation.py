@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.processes import output_lines, stop_process_tree
 from simulations import run as harness
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -23,6 +24,19 @@ def _orphaned_by_a_stopped_superlink(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE and home is not None and not Path(home).exists()
     except psutil.Error:
         return False
+
+
+def _wait_for_line(process: subprocess.Popen, text: str, timeout: float) -> None:
+    """Read ``process``'s output until a line holds ``text``; fail if it ends first or ``timeout`` s pass."""
+    seen: list[str] = []
+    try:
+        for line in output_lines(process, timeout):
+            seen.append(line)
+            if text in line:
+                return
+    except TimeoutError:
+        pytest.fail(f"No line with {text!r} within {timeout:.0f} s; the output ends:\n{''.join(seen[-30:])}")
+    pytest.fail(f"The process exited with {process.wait()} before a line with {text!r}:\n{''.join(seen[-30:])}")
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +108,16 @@ def test_sigterm_stops_the_harness_and_every_process_it_started(tmp_path):
                "--methods", "fedper", "--embedding-dim", "8", "--out", str(tmp_path)]
     harness_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
-    for line in harness_process.stdout:
-        if "[ROUND 1/50]" in line:
-            break
-    started = psutil.Process(harness_process.pid).children(recursive=True)
+    try:
+        _wait_for_line(harness_process, "[ROUND 1/50]", timeout=300)
+        started = psutil.Process(harness_process.pid).children(recursive=True)
 
-    # Execute
-    harness_process.send_signal(signal.SIGTERM)
-    code = harness_process.wait(timeout=120)
+        # Execute
+        harness_process.send_signal(signal.SIGTERM)
+        code = harness_process.wait(timeout=120)
+    finally:
+        if harness_process.poll() is None:  # the test failed before the harness ended: leave nothing behind
+            stop_process_tree(harness_process)
 
     # Assert: it exited as terminated, and took everything it had started with it.
     running = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
