@@ -7,6 +7,7 @@ item embedding means the same product everywhere. Items outside the catalog
 hashed overflow range instead of failing.
 """
 
+import hashlib
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,17 @@ class Catalog:
     def size(self) -> int:
         """Rows of the shared item table, overflow included."""
         return len(self.item_ids) + self.overflow_rows
+
+    def fingerprint(self) -> str:
+        """Its size and a hash of its item IDs in order: equal iff row ``r`` means the same item.
+
+        The same string server checkpoints have always stored for the catalog, so a
+        checkpoint written before this method existed still resumes.
+        """
+        digest = hashlib.sha256()
+        for item in self.item_ids:
+            digest.update(item.encode("utf-8") + b"\n")
+        return f"{len(self.item_ids)} items + {self.overflow_rows} overflow rows, sha256 {digest.hexdigest()[:16]}"
 
     def rows(self, item_ids: Iterable[str]) -> np.ndarray:
         """Table rows of ``item_ids``; unknown items hash into the overflow range."""

@@ -7,7 +7,6 @@ training id, and so under one privacy ledger per market: refused, naming each
 changed key with its old and new value.
 """
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,11 +44,8 @@ CATALOG_KEY = "catalog"  # the fingerprint's entry for the catalog's content
 
 
 def catalog_digest(catalog: Catalog) -> str:
-    """The catalog's rows and a hash of its item ids in order: equal iff row r means the same item."""
-    digest = hashlib.sha256()
-    for item in catalog.item_ids:
-        digest.update(item.encode("utf-8") + b"\n")
-    return f"{len(catalog.item_ids)} items + {catalog.overflow_rows} overflow rows, sha256 {digest.hexdigest()[:16]}"
+    """The catalog's rows and a hash of its item ids in order: :meth:`Catalog.fingerprint`."""
+    return catalog.fingerprint()
 
 
 def run_fingerprint(run_config: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:

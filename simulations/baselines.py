@@ -7,9 +7,11 @@ ranks by each market's item popularity, under DP released with the whole
 budget: the simplest private recommender, which DP-SGD has to beat.
 """
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,7 +28,9 @@ from common.private_train import (
     start_private_training,
     train_epochs_private,
 )
+from common.serving import market_user_ids, write_served_model
 from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
+from simulations.results import select_on_validation
 
 Progress = Callable[[str], None]
 
@@ -42,6 +46,7 @@ class BaselineSettings:
     user_embeddings: bool  # same user representation as the federated methods
     seed: int  # seeds model initialisation and training
     privacy: "LocalPrivacy | None" = None  # DP-SGD for the local baseline; None trains without DP
+    models_dir: Path | None = None  # writes <models_dir>/<method>/<market>/, the served models; None: none
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ def run_local(
                 model, data, privacy.budget(data), privacy.train, total_steps, privacy.popularity_share,
                 noise_seed=privacy.noise_seed(popularity_seed(market, settings.seed)),
             )
+        best_state = BestState()
         for server_round in range(1, settings.rounds + 1):
             seed = market_seed(market, settings.seed) + server_round
             if ledger is None:
@@ -120,8 +126,11 @@ def run_local(
                     model, data, settings.privacy.train, ledger, seed, noise_seed=privacy.noise_seed(seed + 500)
                 )
                 curve.append(market_curve(model, data, server_round) | ledger.spent())
+            best_state.offer(model, curve[-1])
         curves[market] = curve
-        best = max(curve[1:], key=lambda point: point["val-ndcg"])
+        best = select_on_validation(curve)
+        if settings.models_dir is not None:
+            best_state.write(settings.models_dir / "local" / market, "local", data, source, catalog, best)
         progress(
             f"local {market}: best val NDCG@10 {best['val-ndcg']:.4f} at round {best['round']}, "
             f"test {best['test-ndcg']:.4f} ({time.perf_counter() - started:.1f} s)"
@@ -174,14 +183,64 @@ def run_pooled(
         ModelConfig(catalog.size, offset, settings.embedding_dim, settings.history_length, settings.user_embeddings)
     )
     curves = {data.split.market: [market_curve(model, data, 0)] for data in markets}
+    best_states = {data.split.market: BestState() for data in markets}
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
         loss = train_epochs(model, markets, settings.train, settings.seed + server_round)
         for data in markets:
             curves[data.split.market].append(market_curve(model, data, server_round))
+            best_states[data.split.market].offer(model, curves[data.split.market][-1])
         macro = sum(curve[-1]["val-ndcg"] for curve in curves.values()) / len(curves)
         progress(
             f"pooled round {server_round}/{settings.rounds}: loss {loss:.4f}, "
             f"macro val NDCG@10 {macro:.4f} ({time.perf_counter() - started:.1f} s)"
         )
+    if settings.models_dir is not None:
+        # Each market serves the one pooled model at its own best round, with its own users only.
+        for data in markets:
+            market = data.split.market
+            best = select_on_validation(curves[market])
+            best_states[market].write(settings.models_dir / "pooled" / market, "pooled", data, source, catalog, best)
     return curves
+
+
+class BestState:
+    """A copy of the model at the best validation NDCG@10 seen so far, to serve it.
+
+    Offered every trained round; the first of equal points wins, as in
+    :func:`simulations.results.select_on_validation`, so the served model is
+    the one whose metrics results.json reports.
+    """
+
+    def __init__(self) -> None:
+        self.point: dict[str, float] | None = None
+        self.model: SplitRecommender | None = None
+
+    def offer(self, model: SplitRecommender, point: dict[str, float]) -> None:
+        """Keep a copy of ``model`` if ``point`` (its metrics this round) beats the kept one."""
+        if self.point is None or point["val-ndcg"] > self.point["val-ndcg"]:
+            self.point = point
+            self.model = copy.deepcopy(model)
+
+    def write(
+        self, directory: Path, method: str, data: MarketTensors, source: MarketSource, catalog: Catalog,
+        selected: dict[str, float],
+    ) -> None:
+        """Write the kept model as ``data``'s served model; ``selected`` is the point results.json reports."""
+        if self.model is None or self.point is None or self.point["round"] != selected["round"]:
+            raise RuntimeError(
+                f"{method} {data.split.market}: the kept model is of round "
+                f"{None if self.point is None else self.point['round']}, results report round {selected['round']}."
+            )
+        # Every metric of the point results.json reports (sampled and full ranking, users).
+        metrics = {key: value for key, value in selected.items() if key not in ("round", "epsilon", "delta")}
+        manifest = {
+            "method": method,
+            "market": data.split.market,
+            "round": int(selected["round"]),
+            "metrics": metrics,
+            "epsilon": selected.get("epsilon"),
+            "delta": selected.get("delta"),
+        }
+        user_ids = market_user_ids(source.interactions(data.split.market))
+        write_served_model(directory, self.model, data, catalog, manifest, user_ids=user_ids)

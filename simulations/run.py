@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "pooled" in args.methods:
             say("pooled pools every market's data in one place: it trains without DP, as the non-private ceiling")
     settings = BaselineSettings(
-        args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy
+        args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy,
+        models_dir=args.out / "models",  # served models: OUT/models/<method>/<market>/
     )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
     if args.dp_epsilon > 0:
