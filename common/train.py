@@ -1,13 +1,13 @@
 """Local training and evaluation of the split recommender on one or more markets."""
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
+from common.metrics import full_rank_of_positive, hit_rate_at_k, ndcg_at_k, rank_of_positive
 from common.model import SplitRecommender
 from common.split import MarketSplit
 
@@ -221,30 +221,84 @@ def train_epochs(
 
 @dataclass(frozen=True)
 class RankingMetrics:
-    """NDCG@10 and HR@10 of one market on one evaluation set."""
+    """NDCG@10 and HR@10 of one market on one evaluation set, sampled and full.
+
+    ``ndcg`` and ``hit_rate`` rank the held-out item against its 99 sampled
+    negatives (the published protocol); ``full_ndcg`` and ``full_recall``
+    rank it against the market's whole assortment minus the user's own items
+    (NaN when not measured). With one relevant item, recall@k is hit rate@k.
+    """
 
     ndcg: float
     hit_rate: float
     users: int
+    full_ndcg: float = float("nan")
+    full_recall: float = float("nan")
+
+
+EVAL_CHUNK = 1024  # users scored at once: (chunk, market items) floats, 32 MB for 8k items
 
 
 @torch.no_grad()
 def evaluate(
-    model: SplitRecommender, data: MarketTensors, on_test: bool = False, k: int = 10
+    model: SplitRecommender, data: MarketTensors, on_test: bool = False, k: int = 10, full: bool = True
 ) -> RankingMetrics:
-    """Rank each held-out validation (or test) item against its sampled negatives."""
+    """Rank each held-out validation (or test) item against its sampled negatives and, with
+    ``full``, against every item the market sells.
+
+    The full ranking leaves out each user's training items and, on test, the
+    validation item, which precedes the test item in the user's history (see
+    :func:`common.metrics.full_rank_of_positive`). On validation the test item
+    stays a candidate: it lies in the user's future. The market's items are
+    encoded once; users are scored in chunks of :data:`EVAL_CHUNK` against all
+    of them with one matrix product, their history vectors looked up among the
+    encoded items (the same scores as the model's forward pass, which a test checks).
+    """
     eval_set = data.split.test if on_test else data.split.valid
     if len(eval_set.users) == 0:
         raise ValueError(f"Market '{data.split.market}' has no users to evaluate.")
     model.eval()
-    ranks = []
+    ranks, full_ranks = [], []
     users = torch.as_tensor(eval_set.users) + data.user_offset
     candidates = torch.as_tensor(eval_set.candidates)
-    for chunk in torch.arange(len(users)).split(1024):
+    if full:
+        item_vectors = model.encoder(data.market_items)
+        item_bias = model.head.item_bias(data.market_items).squeeze(-1)
+        positives, excluded = _full_ranking_columns(data, on_test)
+    for chunk in torch.arange(len(users)).split(EVAL_CHUNK):
         history, mask = data.user_history(users[chunk], for_test=on_test)
         scores = model(users[chunk], history, mask, candidates[chunk])
         ranks.append(rank_of_positive(scores.numpy()))
+        if full:
+            # History items are the market's own: their encodings are rows of item_vectors.
+            columns = torch.searchsorted(data.market_items, history).clamp(max=len(data.market_items) - 1)
+            user_vectors = model.head.user_vectors(users[chunk], item_vectors[columns], mask)
+            all_scores = torch.addmm(item_bias, user_vectors, item_vectors.T)
+            rows = chunk.numpy()  # a one-element tensor would index numpy as a scalar
+            full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
     all_ranks = np.concatenate(ranks)
-    return RankingMetrics(
+    metrics = RankingMetrics(
         ndcg=ndcg_at_k(all_ranks, k), hit_rate=hit_rate_at_k(all_ranks, k), users=len(all_ranks)
     )
+    if not full:
+        return metrics
+    all_full_ranks = np.concatenate(full_ranks)
+    return replace(metrics, full_ndcg=ndcg_at_k(all_full_ranks, k), full_recall=hit_rate_at_k(all_full_ranks, k))
+
+
+def _full_ranking_columns(data: MarketTensors, on_test: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of ``data.market_items`` for each evaluated user: the held-out item, and the
+    items to leave out of its ranking (training items, plus the validation item on test; -1 pads)."""
+    split = data.split
+    eval_set = split.test if on_test else split.valid
+    market_items = split.market_items  # sorted: a catalog row's column is its searchsorted position
+    positives = np.searchsorted(market_items, eval_set.candidates[:, 0])
+    if np.any(market_items[np.minimum(positives, len(market_items) - 1)] != eval_set.candidates[:, 0]):
+        raise ValueError(f"Market '{split.market}' holds out items outside its own assortment.")
+    seen = data.user_items[torch.as_tensor(eval_set.users)].numpy()
+    if on_test:
+        validation_item = np.full(split.num_users, -1, dtype=np.int64)
+        validation_item[split.valid.users] = split.valid.candidates[:, 0]
+        seen = np.concatenate([seen, validation_item[eval_set.users][:, None]], axis=1)
+    excluded = np.where(seen >= 0, np.searchsorted(market_items, seen), -1)
+    return positives, excluded

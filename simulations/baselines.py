@@ -75,7 +75,8 @@ class LocalPrivacy:
 def market_curve(
     model: SplitRecommender, data: MarketTensors, server_round: int
 ) -> dict[str, float]:
-    """Validation and test metrics of one market at one evaluation point."""
+    """Validation and test metrics of one market at one evaluation point: sampled, and
+    against the market's whole assortment (``*-full-*``), keyed as a ClientApp replies."""
     valid = evaluate(model, data)
     test = evaluate(model, data, on_test=True)
     return {
@@ -84,6 +85,10 @@ def market_curve(
         "val-hr": valid.hit_rate,
         "test-ndcg": test.ndcg,
         "test-hr": test.hit_rate,
+        "val-full-ndcg": valid.full_ndcg,
+        "val-full-recall": valid.full_recall,
+        "test-full-ndcg": test.full_ndcg,
+        "test-full-recall": test.full_recall,
         "users": test.users,
     }
 

@@ -1,4 +1,12 @@
-"""Results in the shape DESIGN.md fixes: results.json, a CSV and a readable table."""
+"""Results in the shape DESIGN.md fixes: results.json, a CSV and a readable table.
+
+Beside the sampled metrics (``ndcg@10``, ``hr@10``: 99 sampled negatives, the
+published protocol) each market reports ``full-ndcg@10`` and ``full-recall@10``
+(the held-out item ranked against the market's whole assortment minus the
+user's own items) when its evaluation measured them, from the same
+best-validation round. Every method reports the macro mean over markets and,
+for fairness across markets, the ``worst`` market's value of each metric.
+"""
 
 import json
 import statistics
@@ -12,6 +20,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 Curve = list[dict[str, float]]  # one market's metrics per round, round 0 first
+
+SAMPLED_METRICS = ("ndcg@10", "hr@10")  # every market reports these
+# Full-assortment metrics in results.json -> the curve point (and reply metric) they come from.
+FULL_METRICS = {"full-ndcg@10": "test-full-ndcg", "full-recall@10": "test-full-recall"}
+# Reply metrics a market may send beside the sampled ones (``ft-`` prefixed for fedper-ft's fork).
+FULL_REPLY_KEYS = ("val-full-ndcg", "val-full-recall", "test-full-ndcg", "test-full-recall")
 
 
 def mean_and_std(values: list[float]) -> dict[str, float]:
@@ -35,6 +49,7 @@ def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
                 "users": int(metrics["num-examples"]),
                 "epsilon": metrics.get("epsilon"),
                 "delta": metrics.get("delta"),
+                **{key: metrics[key] for key in FULL_REPLY_KEYS if key in metrics},
             }
             if "ft-test-ndcg" in metrics:
                 point["fine-tuned"] = {key[3:]: value for key, value in metrics.items() if key.startswith("ft-")}
@@ -72,21 +87,38 @@ def method_summary(curves: dict[str, Curve], seconds: float) -> dict[str, Any]:
         per_market[market] = {
             "ndcg@10": best["test-ndcg"],
             "hr@10": best["test-hr"],
+            **{name: best[key] for name, key in FULL_METRICS.items() if key in best},
             "users": int(best["users"]),
             "epsilon": best.get("epsilon"),
             "delta": best.get("delta"),
             "round": int(best["round"]),
             "val-ndcg@10": best["val-ndcg"],
         }
-    return {"per_market": per_market, "macro": _macro(per_market), "seconds": seconds}
+    return {"per_market": per_market, "macro": _macro(per_market), "worst": _worst(per_market), "seconds": seconds}
+
+
+def _reported(per_market: dict[str, dict[str, Any]]) -> list[str]:
+    """The metrics every market reports: the sampled ones, and the full ones if all markets measured them."""
+    return [*SAMPLED_METRICS, *(name for name in FULL_METRICS if all(name in m for m in per_market.values()))]
 
 
 def _macro(per_market: dict[str, dict[str, Any]]) -> dict[str, float]:
     count = len(per_market)
-    return {
-        "ndcg@10": sum(m["ndcg@10"] for m in per_market.values()) / count,
-        "hr@10": sum(m["hr@10"] for m in per_market.values()) / count,
-    }
+    return {metric: sum(m[metric] for m in per_market.values()) / count for metric in _reported(per_market)}
+
+
+def _worst(per_market: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The lowest value of each metric over markets, and under ``market`` which market has it.
+
+    Each metric names its own market (the worst on NDCG@10 need not be the worst
+    on full recall); on a tie, the first market in name order.
+    """
+    worst: dict[str, Any] = {"market": {}}
+    for metric in _reported(per_market):
+        market = min(per_market, key=lambda name: per_market[name][metric])
+        worst[metric] = per_market[market][metric]
+        worst["market"][metric] = market
+    return worst
 
 
 def selection_summary(methods: dict[str, dict[str, Any]], candidates: list[str]) -> dict[str, Any]:
@@ -102,25 +134,43 @@ def selection_summary(methods: dict[str, dict[str, Any]], candidates: list[str])
     return {
         "per_market": per_market,
         "macro": _macro(per_market),
+        "worst": _worst(per_market),
         "seconds": sum(methods[name]["seconds"] for name in candidates),
         "candidates": candidates,
     }
 
 
 def results_frame(results: dict[str, Any]) -> pd.DataFrame:
-    """One row per (method, market) plus a ``macro`` row per method."""
+    """One row per (method, market) plus a ``macro`` and a ``worst`` row per method.
+
+    The ``worst`` row holds each metric's lowest value over markets and, in
+    ``<metric> market`` columns, the market it comes from.
+    """
     rows = []
     for method, summary in results["methods"].items():
         for market, metrics in summary["per_market"].items():
             rows.append({"method": method, "market": market, **metrics})
         rows.append({"method": method, "market": "macro", **summary["macro"]})
+        if "worst" in summary:
+            worst = summary["worst"]
+            rows.append(
+                {"method": method, "market": "worst", **{k: v for k, v in worst.items() if k != "market"},
+                 **{f"{metric} market": name for metric, name in worst["market"].items()}}
+            )
     return pd.DataFrame(rows)
 
 
 def format_table(results: dict[str, Any], metric: str = "ndcg@10") -> str:
-    """Markdown table: markets as rows, methods as columns, best method in bold."""
-    frame = results_frame(results).pivot(index="market", columns="method", values=metric)
-    markets = [m for m in frame.index if m != "macro"] + ["macro"]
+    """Markdown table: markets as rows, then macro and the worst market; methods as columns, best in bold.
+
+    A method that did not measure ``metric`` shows ``n/a``.
+    """
+    frame = results_frame(results)
+    if metric not in frame:
+        frame = frame.assign(**{metric: float("nan")})
+    frame = frame.pivot(index="market", columns="method", values=metric)
+    summaries = ("macro", "worst")
+    markets = [m for m in frame.index if m not in summaries] + [m for m in summaries if m in frame.index]
     methods = list(results["methods"])
     frame = frame.loc[markets, methods]
     lines = [
@@ -129,17 +179,31 @@ def format_table(results: dict[str, Any], metric: str = "ndcg@10") -> str:
     ]
     for market, row in frame.iterrows():
         best = row.max()
-        cells = [f"**{value:.4f}**" if value == best else f"{value:.4f}" for value in row]
+        cells = []
+        for method, value in row.items():
+            if pd.isna(value):
+                cells.append("n/a")
+                continue
+            cell = f"{value:.4f}"
+            if market == "worst":
+                cell += f" ({results['methods'][method]['worst']['market'][metric]})"
+            cells.append(f"**{cell}**" if value == best else cell)
         lines.append(f"| {market} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_results(results: dict[str, Any], out: Path) -> str:
-    """Write results.json, results.csv and results.md; return the printed table."""
+    """Write results.json, results.csv and results.md; return the printed table.
+
+    The table holds the sampled NDCG@10 and HR@10 and, when any method
+    measured them, the full-assortment NDCG@10 and recall@10.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    results_frame(results).to_csv(out / "results.csv", index=False)
-    table = format_table(results, "ndcg@10") + "\n\n" + format_table(results, "hr@10")
+    frame = results_frame(results)
+    frame.to_csv(out / "results.csv", index=False)
+    metrics = [*SAMPLED_METRICS, *(name for name in FULL_METRICS if name in frame and frame[name].notna().any())]
+    table = "\n\n".join(format_table(results, metric) for metric in metrics)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
     return table
 

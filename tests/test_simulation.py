@@ -57,11 +57,23 @@ def test_results_have_the_documented_shape(small_run):
 
     assert written == json.loads(json.dumps(results))
     assert set(written["methods"]) == {"local", "pooled", "fedavg", "fedper", "fedrep", "fedper-ft", "selection"}
-    for summary in written["methods"].values():
+    sampled, full = {"ndcg@10", "hr@10"}, {"full-ndcg@10", "full-recall@10"}
+    for name, summary in written["methods"].items():
         assert set(summary["per_market"]) == {"m00", "m01", "m02"}
-        assert set(summary["macro"]) == {"ndcg@10", "hr@10"}
+        # Full-assortment metrics: always for the in-process baselines; for the
+        # federated methods once their ClientApp replies carry them.
+        assert set(summary["macro"]) in ({*sampled, *full}, sampled)
+        assert name not in ("local", "pooled") or set(summary["macro"]) == {*sampled, *full}
+        assert set(summary["worst"]) == {*summary["macro"], "market"}
+        for metric, market in summary["worst"]["market"].items():
+            assert summary["worst"][metric] == min(m[metric] for m in summary["per_market"].values())
+            assert summary["per_market"][market][metric] == summary["worst"][metric]
         for metrics in summary["per_market"].values():
             assert 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
+            if "full-ndcg@10" in metrics:
+                # The sampled negatives are among the full ranking's candidates: full ranks are no better.
+                assert 0.0 <= metrics["full-ndcg@10"] <= metrics["full-recall@10"] <= metrics["hr@10"]
+                assert metrics["full-ndcg@10"] <= metrics["ndcg@10"]
             assert metrics["users"] > 0
             assert metrics["epsilon"] is None
     # fedper comes from the fedper-ft run: same training, fine-tuning only at the end.
