@@ -18,7 +18,7 @@ from flwr.common import log
 
 from common.market_config import MarketConfig
 from common.markets import market_seed
-from common.methods import fine_tune, get_method, local_round
+from common.methods import FineTuned, fine_tune, get_method, local_round
 from common.model import SplitRecommender, get_arrays
 from common.privacy import PrivacyBudgetExceeded
 from common.private_train import privacy_units, private_round, train_epochs_private
@@ -27,6 +27,7 @@ from common.train import MarketTensors, TrainConfig, evaluate
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, build_local_model, persist
 from clients.messages import RECEIVED_PREFIX, errors_stay_in_region, reply
 from clients.privacy_state import MarketPrivacy, out_of_budget, round_ledger, training_noise_seed
+from clients.served import FINAL_KEY, remember_if_best, write_best_model
 
 INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 
@@ -78,7 +79,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    model, data, config, shared = build_local_model(msg, context)
+    model, data, config, shared, _ = build_local_model(msg, context)
     round_config = msg.content["config"]
     market = data.split.market
     server_round = int(round_config["server-round"])
@@ -94,6 +95,7 @@ def _train(msg: Message, context: Context) -> Message:
         # received encoder with the head as the previous round left it.
         received = _evaluation_metrics(model, data, privacy.spent(config))
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
+        remember_if_best(context, model, server_round - 1, received, training_id)
     before = get_arrays(model, shared)
     started = time.perf_counter()
     if config.dp_epsilon > 0:
@@ -129,7 +131,7 @@ def _train(msg: Message, context: Context) -> Message:
         if config.starting_weight() < 1:
             context.state[OWN_ARRAYS_KEY] = ArrayRecord(sent)
         persist(context, market, training_id, server_round)
-    valid = evaluate(model, data)
+    valid = evaluate(model, data, full=False)  # the server reads only the sampled metrics of a training reply
     metrics.update(
         {
             "num-examples": examples,
@@ -144,13 +146,26 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    model, data, config, _ = build_local_model(msg, context)
+    model, data, config, _, catalog = build_local_model(msg, context)
     market = data.split.market
     privacy = MarketPrivacy(context, market)
     metrics = _evaluation_metrics(model, data, privacy.spent(config))
     round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    remember_if_best(context, model, server_round, metrics, str(round_config.get("training-id", "")))
+    fork = None
     if int(round_config.get("fine-tune-epochs", 0)) > 0:
-        metrics.update(_fine_tune(msg, context, model, data, config, privacy))
+        tuned_metrics, tuned = _fine_tune(msg, context, model, data, config, privacy)
+        metrics.update(tuned_metrics)
+        fork = {
+            "state": tuned.state or model.state_dict(),
+            "round": server_round,
+            "metrics": {key.removeprefix("ft-"): value for key, value in tuned_metrics.items()
+                        if key.startswith(("ft-val", "ft-test"))},
+            "spent": privacy.spent(config),
+        }
+    if bool(round_config.get(FINAL_KEY, False)):
+        write_best_model(context, model, data, catalog, get_method(config.method), fork)
     return reply(msg, market, metrics)
 
 
@@ -161,8 +176,8 @@ def _fine_tune(
     data: MarketTensors,
     config: MarketConfig,
     privacy: MarketPrivacy,
-) -> dict[str, Any]:
-    """fedper-ft's private fork, trained after the last round; its metrics at the best validation epoch."""
+) -> tuple[dict[str, Any], FineTuned]:
+    """fedper-ft's private fork, trained after the last round; its metrics and itself at the best validation epoch."""
     round_config = msg.content["config"]
     market = data.split.market
     seed = market_seed(market, config.seed) + 999_999
@@ -170,7 +185,7 @@ def _fine_tune(
     epochs = int(round_config["fine-tune-epochs"])
     if config.dp_epsilon <= 0:
         tuned = fine_tune(model, data, train_config, epochs, seed)
-        return _fine_tune_metrics(tuned)
+        return _fine_tune_metrics(tuned), tuned
     training_id = str(round_config.get("training-id", ""))
     noise_seed = training_noise_seed(config, market, 999_999)
     with privacy.hold():
@@ -187,16 +202,20 @@ def _fine_tune(
         tuned = fine_tune(model, data, train_config, epochs, seed, train_epoch)
         privacy.save(entry)
     persist(context, market, training_id, int(round_config.get("server-round", 0)))
-    return _fine_tune_metrics(tuned) | entry.ledger.spent() | _insecure_marker(config, market)
+    return _fine_tune_metrics(tuned) | entry.ledger.spent() | _insecure_marker(config, market), tuned
 
 
-def _fine_tune_metrics(tuned: Any) -> dict[str, Any]:
+def _fine_tune_metrics(tuned: FineTuned) -> dict[str, Any]:
     return {
         "ft-epochs": tuned.epochs,
         "ft-val-ndcg": tuned.valid.ndcg,
         "ft-val-hr": tuned.valid.hit_rate,
+        "ft-val-full-ndcg": tuned.valid.full_ndcg,
+        "ft-val-full-recall": tuned.valid.full_recall,
         "ft-test-ndcg": tuned.test.ndcg,
         "ft-test-hr": tuned.test.hit_rate,
+        "ft-test-full-ndcg": tuned.test.full_ndcg,
+        "ft-test-full-recall": tuned.test.full_recall,
     }
 
 
@@ -217,6 +236,10 @@ def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, privacy: d
         "num-examples": test.users,
         "val-ndcg": valid.ndcg,
         "val-hr": valid.hit_rate,
+        "val-full-ndcg": valid.full_ndcg,
+        "val-full-recall": valid.full_recall,
         "test-ndcg": test.ndcg,
         "test-hr": test.hit_rate,
+        "test-full-ndcg": test.full_ndcg,
+        "test-full-recall": test.full_recall,
     }

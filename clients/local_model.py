@@ -81,8 +81,8 @@ def _market_tensors(split: MarketSplit, history_length: int) -> MarketTensors:
 
 def build_local_model(
     msg: Message, context: Context
-) -> tuple[SplitRecommender, MarketTensors, MarketConfig, list[str]]:
-    """The market's model: received arrays over its saved (or freshly seeded) head.
+) -> tuple[SplitRecommender, MarketTensors, MarketConfig, list[str], Catalog]:
+    """The market's model: received arrays over its saved (or freshly seeded) head; also its catalog.
 
     Raises
     ------
@@ -110,7 +110,7 @@ def build_local_model(
     received = msg.content["arrays"].to_torch_state_dict()
     check_received(model, received, shared, split.market)
     set_arrays(model, blend_with_own(received, context, config))
-    return model, data, config, shared
+    return model, data, config, shared, catalog
 
 
 def check_received(model: SplitRecommender, received: dict[str, torch.Tensor], shared: list[str], market: str) -> None:

@@ -4,6 +4,8 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
+
 from common.model import SplitRecommender
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 
@@ -17,6 +19,7 @@ class Method:
     alternating: bool  # FedRep: head first with the encoder frozen, then the encoder
     fine_tune: bool  # after the last round each market fine-tunes a private copy
     description: str
+    base: str = ""  # the method whose training this one runs before its own last step (fedper-ft: fedper)
 
 
 METHODS = {
@@ -25,7 +28,7 @@ METHODS = {
         Method("fedavg", True, False, False, "everything but user embeddings is averaged"),
         Method("fedper", False, False, False, "encoder averaged; head local, trained jointly with it"),
         Method("fedrep", False, True, False, "encoder averaged; each round the head, then the encoder"),
-        Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork"),
+        Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork", base="fedper"),
     )
 }
 BASELINES = ("local", "pooled", "popular")
@@ -56,6 +59,7 @@ class FineTuned:
     epochs: int  # 0 when no fine-tuning epoch beat the federated model
     valid: RankingMetrics
     test: RankingMetrics
+    state: dict[str, torch.Tensor] | None = None  # the fork's parameters at that epoch (None: the model as given)
 
 
 EpochTrainer = Callable[[SplitRecommender, TrainConfig, int], float]  # (model, one-epoch config, seed) -> loss
@@ -83,5 +87,6 @@ def fine_tune(
         trainer(fork, one_epoch, seed + epoch)
         valid = evaluate(fork, data)
         if valid.ndcg > best.valid.ndcg:
-            best = FineTuned(epoch, valid, evaluate(fork, data, on_test=True))
+            state = {name: value.detach().clone() for name, value in fork.state_dict().items()}
+            best = FineTuned(epoch, valid, evaluate(fork, data, on_test=True), state)
     return best

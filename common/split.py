@@ -37,6 +37,7 @@ class MarketSplit:
     market_items: np.ndarray  # sorted catalog rows the market has seen; negatives come from here
     valid: EvalSet
     test: EvalSet
+    user_ids: tuple[str, ...] = ()  # the user ID of each local index; never leaves the market (the served model's map)
 
     @property
     def num_train(self) -> int:
@@ -72,7 +73,7 @@ def split_market(
     frame = frame.sort_values(["date", "position"], kind="stable", na_position="first")
     # Sorting by user last with a stable sort keeps each user's date order.
     frame = frame.sort_values("user", kind="stable")
-    user_codes, _ = pd.factorize(frame["user"], sort=True)
+    user_codes, user_ids = pd.factorize(frame["user"], sort=True)
     frame = frame.assign(uid=user_codes)
     counts = frame.groupby("uid", sort=True)["uid"].transform("size").to_numpy()
     from_end = frame.groupby("uid", sort=True).cumcount(ascending=False).to_numpy()
@@ -96,6 +97,7 @@ def split_market(
         market_items=market_items,
         valid=valid,
         test=test,
+        user_ids=tuple(str(user) for user in user_ids),
     )
 
 

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.ghost_norms import register_norm_samplers
 from common.markets import MarketSource, load_split
 from common.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
-from common.private_train import UserSoftmaxLoss, privacy_units
+from common.private_train import UserSoftmaxLoss, dp_generator, privacy_units
 from common.train import MarketTensors, user_batch_inputs
 from simulations import latency
 from simulations import run as harness
@@ -244,7 +244,9 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
         private_model, private_optimizer, private_loss, _ = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=UserSoftmaxLoss(),
             noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost",
+            noise_generator=dp_generator(),
         )
+    private_optimizer.secure_mode = True  # as common.private_train draws its noise: four Gaussians per draw
     # Opacus looks the norm sampler up on every backward pass, so swapping the
     # registry entry switches the private step between the two implementations.
     norm_samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS

@@ -185,6 +185,8 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "market-dp-markets": markets,
         "min-nodes": markets,
         "out-dir": str(out_dir.resolve()),
+        # Simulation only: markets write their served models to <models-dir>/<method>/<market>.
+        "models-dir": str((out_dir.parent / "models").resolve()),
     }
 
 

@@ -113,7 +113,10 @@ def test_an_evaluate_reply_holds_numbers_only():
     reply = app(evaluate, context)
 
     assert not reply.content.array_records
-    assert set(reply.content["metrics"]) == {"num-examples", "val-ndcg", "val-hr", "test-ndcg", "test-hr"}
+    assert set(reply.content["metrics"]) == {
+        "num-examples", "val-ndcg", "val-hr", "test-ndcg", "test-hr",
+        "val-full-ndcg", "val-full-recall", "test-full-ndcg", "test-full-recall",
+    }
     assert _strings_in(reply) == ["m00"]
 
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from common.catalog import Catalog
 from common.markets import MarketSource, load_file_split
 from common.privacy import steps_per_epoch
+from common.serving import load_served_model
 from common.synthetic import SyntheticConfig, write_markets
 from deploy.app_index import sign_app
 from deploy.loopback import APP_DIR, LoopbackFederation
@@ -105,6 +106,14 @@ def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_
     assert "bad.txt line 3: rating 'lots' is not a number" in federation.log("bad")
     saved = torch.load(federation.root / "state" / "m00" / "m00.pt", weights_only=True)
     assert saved["last-round"] == 2 and all(name.startswith("head.") for name in saved["head"])
+    # When the training ended, every good region wrote its served model into its own state-dir:
+    # the round its validation picked, checked against the company catalog.
+    catalog = Catalog.load(federation.root / "data" / "catalog.txt")
+    for region in REGIONS:
+        served = load_served_model(federation.root / "state" / region / "model", catalog)
+        best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
+        assert served.manifest["market"] == region and served.manifest["round"] == best
+        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(history[best]["per_market"][region]["test-ndcg"])
 
 
 def test_an_unregistered_node_is_refused(federation):
