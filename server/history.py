@@ -1,4 +1,5 @@
-"""What a federated run keeps on disk: per-market metrics per round and a checkpoint to resume from.
+"""What a federated run keeps on disk: per-market metrics per round, a checkpoint to resume from and,
+when the training ends, its published shared part for markets that join later (:mod:`clients.join`).
 
 Both files are replaced through :mod:`common.durable`: a uniquely named 0600
 temporary file, flushed to disk and renamed over the old one, so a crash
@@ -12,6 +13,7 @@ import math
 import pickle
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,13 @@ from common.durable import atomic_torch_save, atomic_write_bytes
 MARKET_KEY = "market"  # ConfigRecord in each reply naming the market (see clients.client_app)
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+PUBLISHED_FILE = "published.pt"  # the final shared arrays, for markets that join later (clients.join)
+PUBLISHED_FORMAT = "xmarket-fl published shared part"
+PUBLISHED_VERSION = 1
+# What a joining market checks the published arrays against, beside them in published.pt.
+PUBLISHED_KEYS = (
+    "method", "embedding-dim", "history-length", "user-embeddings", "catalog-fingerprint", "training-id", "round",
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,42 @@ class RunHistory:
                 "markets": {int(node): str(market) for node, market in checkpoint.markets.items()},
             },
         )
+
+    def publish(self, arrays: ArrayRecord, about: Mapping[str, Any], copies: Iterable[Path] = ()) -> list[Path]:
+        """Write the training's final shared arrays as ``published.pt``, for a market that joins later.
+
+        Parameters
+        ----------
+        arrays : ArrayRecord
+            The aggregated shared arrays after the last round.
+        about : Mapping[str, Any]
+            What a joining market checks them against: every key of
+            :data:`PUBLISHED_KEYS` (method, embedding-dim, history-length,
+            user-embeddings, catalog-fingerprint, training-id, round).
+        copies : Iterable[Path]
+            Further files to write the same content to (simulation:
+            ``<models-dir>/<method>/published.pt``, beside the markets' models).
+
+        Returns
+        -------
+        list[Path]
+            ``<out_dir>/published.pt`` and the copies, each written atomically and durably.
+        """
+        missing = [key for key in PUBLISHED_KEYS if key not in about]
+        if missing:
+            raise ValueError(f"The published shared part needs {list(PUBLISHED_KEYS)}; {missing} were not given.")
+        published = {
+            "format": PUBLISHED_FORMAT,
+            "format-version": PUBLISHED_VERSION,
+            **{key: about[key] for key in PUBLISHED_KEYS},
+            "arrays": arrays.to_torch_state_dict(),
+        }
+        paths = [self.out_dir / PUBLISHED_FILE, *map(Path, copies)]
+        for path in paths:
+            atomic_torch_save(path, published)
+        log(INFO, "Published the shared arrays of training %s after round %d to %s",
+            about["training-id"], about["round"], ", ".join(map(str, paths)))
+        return paths
 
     def load_checkpoint(self) -> Checkpoint | None:
         """The last completed round saved in ``out_dir`` with its history, or None if there is none.

@@ -1,8 +1,9 @@
-"""ServerApp: FedAvg over the shared encoder, per-market metrics, checkpoints, resume."""
+"""ServerApp: FedAvg over the shared encoder, per-market metrics, checkpoints, resume, the published shared part."""
 
 from dataclasses import asdict, dataclass
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -15,7 +16,7 @@ from common.config import from_kebab_case
 from common.markets import MarketSource
 from common.methods import get_method
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
-from server.history import CHECKPOINT_FILE, RunHistory
+from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory
 from server.replies import MarketBinding
 from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
@@ -157,6 +158,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
     if first_round > config.num_server_rounds:
         log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
+        # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.
+        publish(history, arrays, config, catalog, training_id, first_round - 1, context.run_config)
         return
     settings = RoundSettings(
         num_rounds=config.num_server_rounds,
@@ -169,7 +172,31 @@ def main(grid: Grid, context: Context) -> None:
         budgeted_markets=frozenset(parse_market_epsilons(market_config.dp_market_epsilons)),
     )
     final = final_evaluate_config(config)
-    run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding)
+    arrays = run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding)
+    publish(history, arrays, config, catalog, training_id, config.num_server_rounds, context.run_config)
+
+
+def publish(
+    history: RunHistory, arrays: ArrayRecord, config: ServerConfig, catalog: Catalog, training_id: str,
+    server_round: int, run_config: dict[str, Any],
+) -> None:
+    """Publish ``arrays``, the shared arrays after ``server_round``, the last round, for markets that join later.
+
+    In ``out-dir``; in simulation also as ``<models-dir>/<method>/published.pt``,
+    beside the markets' served models (see :mod:`clients.join`).
+    """
+    models_dir = str(run_config.get("models-dir", ""))
+    about = {
+        "method": config.method,
+        "embedding-dim": config.embedding_dim,
+        "history-length": config.history_length,
+        "user-embeddings": config.user_embeddings,
+        "catalog-fingerprint": catalog.fingerprint(),
+        "training-id": training_id,
+        "round": server_round,
+    }
+    copies = [Path(models_dir) / config.method / PUBLISHED_FILE] if models_dir else []
+    history.publish(arrays, about, copies)
 
 
 def check_same_arrays(saved: dict[str, torch.Tensor], arrays: ArrayRecord, checkpoint: str) -> None:
