@@ -22,6 +22,8 @@ from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
 from server.strategy import MarketDPConfig, build_strategy
 
+FINAL_ROUND_KEY = "final-round"  # evaluate config of the last round: each market writes its served model
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -101,11 +103,12 @@ class ServerConfig:
 
 
 def final_evaluate_config(config: ServerConfig) -> ConfigRecord:
-    """Extra evaluate settings of the last round: fedper-ft's fine-tuning."""
+    """Extra evaluate settings of the last round: the markets write their served models; fedper-ft fine-tunes."""
     if not get_method(config.method).fine_tune:
-        return ConfigRecord()
+        return ConfigRecord({FINAL_ROUND_KEY: True})
     final = config.train_config()
     final["fine-tune-epochs"] = config.fine_tune_epochs
+    final[FINAL_ROUND_KEY] = True
     return final
 
 

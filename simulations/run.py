@@ -266,11 +266,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["methods"]["selection"] = selection_summary(results["methods"], ["local", *federated])
         chosen = {m: v["chosen"] for m, v in results["methods"]["selection"]["per_market"].items()}
         say(f"selection (best on each market's validation): {chosen}")
+        serve_selection(args.out / "models", chosen)
     table = write_results(results, args.out)
     plot_rounds(curves_by_method, args.out / "rounds.png")
     say("\n" + table)
     say(f"\nWrote {args.out / 'results.json'}, results.csv, results.md and rounds.png")
     return results
+
+
+def serve_selection(models_dir: Path, chosen: dict[str, str]) -> None:
+    """``models/selection/<market>``: a copy of the served model of the method chosen for each market."""
+    for market, method in chosen.items():
+        target = models_dir / "selection" / market
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(models_dir / method / market, target)
 
 
 def record_method(

@@ -145,7 +145,7 @@ def test_every_method_serves_each_market_the_model_it_reports(small_run):
     source = MarketSource("", 3, 0)
     catalog = source.catalog()
 
-    for method in ("local", "pooled", "fedavg", "fedper", "fedrep", "fedper-ft"):
+    for method in ("local", "pooled", "fedavg", "fedper", "fedrep", "fedper-ft", "selection"):
         for market, reported in results["methods"][method]["per_market"].items():
             # Execute
             served = load_served_model(out / "models" / method / market, catalog)
