@@ -130,7 +130,7 @@ def _train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_STATE_KEY] = ArrayRecord(get_arrays(model, local))
         if config.starting_weight() < 1:
             context.state[OWN_ARRAYS_KEY] = ArrayRecord(sent)
-        persist(context, market, training_id, server_round)
+        persist(context, market, training_id, server_round, private=config.dp_epsilon > 0)
     valid = evaluate(model, data, full=False)  # the server reads only the sampled metrics of a training reply
     metrics.update(
         {
@@ -201,7 +201,7 @@ def _fine_tune(
 
         tuned = fine_tune(model, data, train_config, epochs, seed, train_epoch)
         privacy.save(entry)
-    persist(context, market, training_id, int(round_config.get("server-round", 0)))
+    persist(context, market, training_id, int(round_config.get("server-round", 0)), private=True)
     return _fine_tune_metrics(tuned) | entry.ledger.spent() | _insecure_marker(config, market), tuned
 
 

@@ -104,7 +104,8 @@ def build_local_model(
     )
     shared = shared_parameter_names(model, get_method(config.method).share_head)
     if LOCAL_STATE_KEY not in context.state:
-        _restore_saved_state(context, model, split.market, str(msg.content["config"].get("training-id", "")))
+        training_id = str(msg.content["config"].get("training-id", ""))
+        _restore_saved_state(context, model, split.market, training_id, private=config.dp_epsilon > 0)
     if LOCAL_STATE_KEY in context.state:
         set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())
     received = msg.content["arrays"].to_torch_state_dict()
@@ -170,15 +171,25 @@ def state_store(context: Context, market: str) -> MarketStateStore | None:
     return MarketStateStore(directory, market) if directory else None
 
 
-def _restore_saved_state(context: Context, model: SplitRecommender, market: str, training_id: str) -> None:
+def _restore_saved_state(
+    context: Context, model: SplitRecommender, market: str, training_id: str, private: bool
+) -> None:
     """Put the saved head (and own arrays) into a fresh ``context.state``, if they fit the model.
 
-    The privacy ledger is not restored here: it lives apart and is read
-    whatever happens to the head (see :mod:`clients.privacy_state`).
+    Under DP (``private``) only a head trained under DP alone is restored:
+    everything that shapes what a market sends must be trained with DP, and a
+    head fitted without it (a non-private training, ``clients.join``) would
+    leak into the encoder's gradients. The privacy ledger is not restored
+    here: it lives apart and is read whatever happens to the head (see
+    :mod:`clients.privacy_state`).
     """
     store = state_store(context, market)
     saved = store.load() if store is not None else None
     if saved is None:
+        return
+    if private and not saved.private:
+        log(WARNING, "Market %s: the head saved in %s was trained without DP; under DP it starts with a new head.",
+            market, store.path)
         return
     misfits = _misfits(model, saved.head)
     if misfits:
@@ -195,8 +206,11 @@ def _restore_saved_state(context: Context, model: SplitRecommender, market: str,
             market, training_id, saved.training_id, saved.last_round)
 
 
-def persist(context: Context, market: str, training_id: str, server_round: int) -> None:
+def persist(context: Context, market: str, training_id: str, server_round: int, private: bool) -> None:
     """Save the head and own arrays of ``context.state`` to the market's state directory, if any.
+
+    ``private`` says the round trained under DP; then the head was trained
+    under DP alone (a DP training never starts from any other head).
 
     Raises
     ------
@@ -217,7 +231,8 @@ def persist(context: Context, market: str, training_id: str, server_round: int) 
             last_round=server_round,
             head=head,
             own_arrays=own_arrays.to_torch_state_dict() if own_arrays is not None else None,
+            private=private,
             # Once the market keeps a ledger, its state says so: a ledger lost later is noticed.
-            private=LedgerStore(store.path.parent, market).exists(),
+            ledger=LedgerStore(store.path.parent, market).exists(),
         )
     )

@@ -85,7 +85,7 @@ class MarketPrivacy:
             if legacy is not None:
                 # An earlier version kept the ledger inside <market>.pt: adopt it once.
                 return LedgerEntry(PrivacyLedger.from_state(legacy), saved.training_id if saved else "", {}, [])
-            if saved is not None and saved.private:
+            if saved is not None and saved.ledger:
                 raise self.store.unusable("is missing although the market's saved state shows it trained under DP")
         return entry
 

@@ -40,7 +40,8 @@ class MarketState:
     last_round: int  # the last round the market trained in
     head: dict[str, torch.Tensor]  # local parameters, never shared
     own_arrays: dict[str, torch.Tensor] | None = None  # its last trained shared arrays, when global weight < 1
-    private: bool = False  # trained under DP: a ledger must exist beside it
+    private: bool = False  # the head and own arrays were trained under DP only: a DP training may start from them
+    ledger: bool = False  # the market kept a DP ledger when this was saved: a ledger must exist beside it
 
 
 @dataclass
@@ -85,7 +86,8 @@ class MarketStateStore:
                 last_round=int(saved["last-round"]),
                 head=_tensors(saved["head"]),
                 own_arrays=_tensors(saved["own-arrays"]) if saved.get("own-arrays") is not None else None,
-                private=bool(saved.get("private", saved.get("ledger") is not None)),
+                private=bool(saved.get("private", False)),
+                ledger=bool(saved.get("has-ledger", saved.get("private", False) or saved.get("ledger") is not None)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise self._corrupt(f"is not a market state ({type(error).__name__}: {error})") from error
@@ -106,6 +108,7 @@ class MarketStateStore:
             "head": state.head,
             "own-arrays": state.own_arrays,
             "private": state.private,
+            "has-ledger": state.ledger,
         }
         with locked(self.path):
             atomic_torch_save(self.path, payload)

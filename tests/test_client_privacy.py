@@ -331,3 +331,22 @@ def test_an_operator_starts_a_new_budget_period_on_purpose_and_it_stays_on_recor
     assert resumed["epsilon"] == pytest.approx(first["epsilon"])  # the same first round, not composed with it
     assert f"epsilon {first['epsilon']:.4f}" in shown and "current period" in shown
     assert len(list(tmp_path.glob(f"{MARKET}.ledger.*.json"))) == 1
+
+
+@pytest.mark.parametrize(("dp_epsilon", "restored"), [(0.0, True), (4.0, False)])
+def test_under_dp_a_head_trained_without_dp_is_not_restored(tmp_path, dp_epsilon, restored):
+    # Prepare: a head saved by a training without DP (or by clients.join, which also fits without DP).
+    from clients.local_model import build_local_model
+    from clients.state_store import MarketStateStore
+
+    plain = _run_config(**{"dp-epsilon": 0.0})
+    _train(plain, _context(plain, **{"state-dir": str(tmp_path)}))
+    saved = MarketStateStore(tmp_path, MARKET).load().head["head.item_bias.weight"]
+    run_config = _run_config(**{"dp-epsilon": dp_epsilon})
+
+    # Execute: a restarted SuperNode builds its model for the next training.
+    model = build_local_model(_message(run_config, 1, "t2"), _context(run_config, **{"state-dir": str(tmp_path)}))[0]
+
+    # Assert: without DP it continues from the saved head; under DP it starts a new one,
+    # since a head fitted without DP would shape what the market sends.
+    assert torch.equal(model.head.item_bias.weight.detach(), saved) == restored
