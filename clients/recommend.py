@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from common.catalog import Catalog
-from common.serving import load_served_model, read_history, read_user_list, write_table
+from common.serving import load_served_model
+from common.tables import read_history, read_user_list, write_table
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from clients.recommend import OneLineParser, model_options, run_cli
 from common.catalog import Catalog
-from common.serving import load_served_model, read_history, read_pairs, write_table
+from common.serving import load_served_model
+from common.tables import read_history, read_pairs, write_table
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -89,8 +89,12 @@ class Catalog:
 
     def save(self, path: str | Path) -> None:
         """Write the header ``# overflow-rows N``, then one item ID per line."""
+        Path(path).write_bytes(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The file :meth:`save` writes, as bytes."""
         lines = [f"{_HEADER} {self.overflow_rows}", *self.item_ids]
-        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return ("\n".join(lines) + "\n").encode("utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Catalog":

@@ -12,6 +12,8 @@ name; :func:`locked` serialises them where the order matters.
 import fcntl
 import io
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +77,62 @@ def locked(path: str | Path) -> Iterator[None]:
     finally:
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
+
+
+def atomic_replace_directory(directory: str | Path, files: dict[str, bytes], marker: str, kind: str) -> None:
+    """Replace ``directory`` by one holding exactly ``files``, atomically and durably.
+
+    The files are written 0600 into a temporary sibling (0700), flushed, and
+    the sibling is renamed over ``directory``; a crash leaves the old directory
+    or the new one. Writers of one directory are ordered by a hidden lock
+    beside it.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The directory to replace; its parent is created if missing.
+    files : dict[str, bytes]
+        File name -> content.
+    marker : str
+        A file an existing ``directory`` must hold to be replaced: anything
+        else there is refused, never overwritten.
+    kind : str
+        What such a directory is, for the error message.
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` exists without ``marker``.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with locked(parent / f".{directory.name}"):
+        if directory.exists() and not (directory / marker).is_file():
+            raise ValueError(f"{directory} exists and is not a {kind} (no {marker}); refusing to replace it.")
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))  # 0700
+        aside = None
+        try:
+            for name, data in files.items():
+                descriptor = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+                with os.fdopen(descriptor, "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+            _fsync_directory(staging)
+            if directory.exists():
+                aside = parent / f".{directory.name}.old-{secrets.token_hex(4)}"
+                os.rename(directory, aside)
+            os.rename(staging, directory)
+            _fsync_directory(parent)
+        except BaseException:
+            if aside is not None and not directory.exists():
+                os.rename(aside, directory)
+                aside = None
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_directory(directory: Path) -> None:

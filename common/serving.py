@@ -22,14 +22,9 @@ the catalog's hashed overflow rows have no ID to give back (the manifest counts
 them); they still count in histories, as they did in training.
 """
 
-import csv
 import importlib.metadata
 import io
 import json
-import os
-import secrets
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -41,7 +36,7 @@ import pandas as pd
 import torch
 
 from common.catalog import Catalog
-from common.durable import PRIVATE_MODE, atomic_write_bytes, locked
+from common.durable import atomic_replace_directory
 from common.model import ModelConfig, SplitRecommender
 from common.train import MarketTensors
 
@@ -192,8 +187,9 @@ def write_served_model(
         MANIFEST: manifest_text.encode("utf-8"),
         MODEL_FILE: _torch_bytes(state),
         MARKET_FILE: _torch_bytes(market),
+        CATALOG_FILE: catalog.to_bytes(),
     }
-    _replace_directory(directory, files, catalog)
+    atomic_replace_directory(directory, files, marker=MANIFEST, kind="served model")
 
 
 def _plain_number(value: Any) -> Any:
@@ -256,58 +252,6 @@ def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _replace_directory(directory: Path, files: dict[str, bytes], catalog: Catalog) -> None:
-    """Write ``files`` and the catalog into a temporary sibling, then rename it over ``directory``."""
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    # A hidden lock beside the directory orders two writers of the same model.
-    with locked(parent / f".{directory.name}"):
-        if directory.exists() and not (directory / MANIFEST).is_file():
-            raise ValueError(
-                f"{directory} exists and is not a served model (no {MANIFEST}); refusing to replace it."
-            )
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))  # 0700
-        aside = None
-        try:
-            for name, data in files.items():
-                _write_private(staging / name, data)
-            catalog_path = staging / CATALOG_FILE
-            catalog_path.touch(mode=PRIVATE_MODE, exist_ok=False)
-            catalog.save(catalog_path)
-            with open(catalog_path, "rb") as file:
-                os.fsync(file.fileno())
-            _fsync_directory(staging)
-            if directory.exists():
-                aside = parent / f".{directory.name}.old-{secrets.token_hex(4)}"
-                os.rename(directory, aside)
-            os.rename(staging, directory)
-            _fsync_directory(parent)
-        except BaseException:
-            if aside is not None and not directory.exists():
-                os.rename(aside, directory)
-                aside = None
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> "ServedModel":
@@ -665,109 +609,3 @@ class ServedModel:
 
 
 # --- Files a region serves from: user lists, candidate pairs, recent histories, results.
-
-
-class ServingInputError(ValueError):
-    """An input file of serving cannot be used; the message names the file, the line and the problem."""
-
-
-def read_table(path: str | Path, required: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
-    """The ``required`` and present ``optional`` columns of a text, CSV or Parquet table, as text.
-
-    ``.csv`` is comma-separated, ``.parquet`` a Parquet table, anything else
-    text with fields separated by tabs or spaces (the XMarket format, TSV),
-    header first. Other columns are kept; blank lines are skipped.
-
-    Raises
-    ------
-    ServingInputError
-        If the file cannot be read, lacks a header or a required column, a line
-        has the wrong number of fields, or a required value is empty.
-    """
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".parquet":
-            frame = pd.read_parquet(path)
-            frame = frame.astype(str).where(frame.notna(), "")
-            lines = np.arange(1, len(frame) + 1)
-            unit = "row"
-        else:
-            frame, lines = _read_text_table(path)
-            unit = "line"
-    except ServingInputError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, ImportError) as err:
-        raise ServingInputError(f"{path} cannot be read ({err}).") from err
-    missing = [column for column in required if column not in frame.columns]
-    if missing:
-        raise ServingInputError(
-            f"{path} lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"(its header: {' '.join(map(str, frame.columns)) or 'none'})."
-        )
-    for column in required:
-        empty = frame[column].str.strip().eq("").to_numpy()
-        if empty.any():
-            raise ServingInputError(f"{path} {unit} {lines[int(np.argmax(empty))]}: {column} is empty.")
-        frame[column] = frame[column].str.strip()
-    if "date" in optional and "date" in frame.columns:
-        dates = pd.to_datetime(frame["date"], format="ISO8601", errors="coerce", utc=True)
-        bad = (dates.isna() & frame["date"].str.strip().ne("")).to_numpy()
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ServingInputError(
-                f"{path} {unit} {lines[row]}: date {frame['date'].iat[row]!r} is not an ISO 8601 date."
-            )
-        frame["date"] = dates.dt.tz_localize(None)
-    return frame
-
-
-def _read_text_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    text = path.read_bytes().decode("utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        reader = csv.reader(io.StringIO(text, newline=""))
-        records = (([field.strip() for field in fields], reader.line_num) for fields in reader)
-    else:
-        records = ((line.split(), number) for number, line in enumerate(text.splitlines(), start=1))
-    header: list[str] | None = None
-    rows, lines = [], []
-    for fields, number in records:
-        if not "".join(fields).strip():
-            continue
-        if header is None:
-            header = fields
-            if len(set(header)) != len(header):
-                raise ServingInputError(f"{path} line {number}: the header names a column twice.")
-            continue
-        if len(fields) != len(header):
-            raise ServingInputError(
-                f"{path} line {number}: found {len(fields)} fields, expected {len(header)} ({' '.join(header)})."
-            )
-        rows.append(fields)
-        lines.append(number)
-    if header is None:
-        raise ServingInputError(f"{path} is empty: it has no header line.")
-    return pd.DataFrame(rows, columns=header, dtype=object), np.asarray(lines, dtype=np.int64)
-
-
-def read_user_list(path: str | Path) -> list[str]:
-    """User IDs of the ``userId`` column of ``path`` (header ``userId``, one user a line), each once."""
-    users = list(dict.fromkeys(read_table(path, ["userId"])["userId"]))
-    if not users:
-        raise ServingInputError(f"{path} lists no users.")
-    return users
-
-
-def read_pairs(path: str | Path) -> pd.DataFrame:
-    """Candidate ``(userId, itemId)`` pairs of ``path``; other columns are kept."""
-    return read_table(path, ["userId", "itemId"])
-
-
-def read_history(path: str | Path) -> pd.DataFrame:
-    """Recent interactions like a market file: ``userId itemId [rating] [date]``."""
-    return read_table(path, ["userId", "itemId"], ["date"])
-
-
-def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write ``frame`` as TSV with a header, atomically and 0600 (it names users)."""
-    text = frame.to_csv(sep="\t", index=False, na_rep="NaN", float_format="%.7g", lineterminator="\n")
-    atomic_write_bytes(path, text.encode("utf-8"))

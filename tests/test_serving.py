@@ -1,5 +1,6 @@
 """A market's served model: written once, refused when it does not fit, answering every user and item."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -20,6 +21,7 @@ from common.catalog import Catalog
 from common.markets import MarketSource, load_split
 from common.metrics import ndcg_at_k, rank_of_positive
 from common.model import ModelConfig, SplitRecommender
+from common import durable
 from common.serving import (
     FORMAT_VERSION,
     SERVED_FILES,
@@ -214,7 +216,8 @@ def test_rewriting_replaces_the_model_whole_and_a_failed_write_keeps_the_old_one
     def fail(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(serving.Catalog, "save", fail)
+    # The disk fills after the new files are written, before they replace the old directory.
+    monkeypatch.setattr(durable, "_fsync_directory", fail)
     with pytest.raises(OSError, match="disk full"):
         write_served_model(target, model, data, catalog, {**_manifest(), "round": 9}, user_ids=users)
     assert json.loads((target / "manifest.json").read_text())["round"] == 7
@@ -233,8 +236,9 @@ def test_writing_refuses_a_directory_that_is_not_a_served_model_and_a_wrong_mani
         write_served_model(tmp_path / "x", model, data, catalog, _manifest(market="m02"), user_ids=users)
     with pytest.raises(ValueError, match="lacks"):
         write_served_model(tmp_path / "x", model, data, catalog, {"method": "local"}, user_ids=users)
+    anonymous = dataclasses.replace(data, split=dataclasses.replace(data.split, user_ids=()))
     with pytest.raises(ValueError, match="needs its user IDs"):
-        write_served_model(tmp_path / "x", model, data, catalog, _manifest())
+        write_served_model(tmp_path / "x", model, anonymous, catalog, _manifest())
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()
 
