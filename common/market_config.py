@@ -35,7 +35,7 @@ class MarketConfig:
     seed: int  # seeds splits, negatives, initial heads and local shuffling
     num_server_rounds: int  # the run's length, over which the DP budget is spread
     fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
-    dp_epsilon: float  # 0 trains without DP; otherwise each market's budget for the whole run
+    dp_epsilon: float  # 0 trains without DP; otherwise the most a market's lifetime spending may reach in this run
     dp_market_epsilons: str  # "de=4,jp=2": named markets' own budgets in place of dp-epsilon
     dp_delta: float  # 0 picks 0.1 / users of the market (the units of privacy)
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
