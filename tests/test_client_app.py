@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app
-from clients.messages import RegionError
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, blend_with_own, config_from_context
-from common.market_config import MarketConfig, parse_market_epsilons
+from clients.messages import RegionError
 from common.catalog import Catalog
+from common.market_config import MarketConfig, parse_market_epsilons
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
 from server.server_app import ServerConfig, final_evaluate_config, initial_arrays
@@ -21,11 +20,7 @@ from server.server_app import main as server_main
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    # Flower stamps messages with the sending task's identity; here the test plays the ServerApp.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _run_config(**overrides) -> dict:

@@ -13,7 +13,6 @@ import opacus
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import INSECURE_KEY, app
 from clients.local_model import LOCAL_STATE_KEY
@@ -28,13 +27,7 @@ from server.server_app import ServerConfig, initial_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 MARKET, PARTITION = "m01", 1  # 522 users in the generated source below
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    # Flower stamps messages with the sending task's identity; here the test plays the ServerApp.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def _run_config(**overrides) -> dict:

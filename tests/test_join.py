@@ -41,11 +41,7 @@ DIM = 8
 ROUNDS = 2
 JOINER = "m02"
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    # Flower stamps messages with the sending task's identity; here the test plays the ServerApp.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 class ClientAppGrid(Grid):

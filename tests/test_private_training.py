@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app
 from clients.privacy_state import PRIVACY_KEY
@@ -16,13 +15,8 @@ from common.privacy import PrivacyLedger, steps_per_epoch
 from server.server_app import ServerConfig, initial_arrays
 from simulations import run as harness
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore")]
 BUDGET = 4.0
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
 
 def _run_config(dp_epsilon: float) -> dict:

@@ -1,19 +1,13 @@
 """The server's reply handling: failed markets are logged and left out; all failing stops the run."""
 
-import logging
-
 import pytest
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.replies import MarketBinding, ReplyScreen
 from server.rounds import AllMarketsFailedError, check_replies, warn_unanswered_budgets
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _sent(node: int) -> Message:
@@ -53,17 +47,6 @@ def test_markets_that_did_not_reply_in_time_are_not_failures():
     reply = _ok(1)
 
     assert check_replies(2, asked=3, replies=[reply]) == [reply]
-
-
-@pytest.fixture
-def flower_warnings():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def test_a_budgeted_market_no_reply_came_from_is_named_in_a_warning(flower_warnings):

@@ -17,7 +17,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import strategy_utils
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from server.history import RunHistory
@@ -31,22 +30,7 @@ DROP = object()  # a metric override that removes the metric
 
 Responder = Callable[[Message], RecordDict | None]
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    # Flower stamps messages with the sending task's identity; here the test plays the ServerApp.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-
-
-@pytest.fixture
-def flower_warnings():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 class ScriptedGrid(Grid):
