@@ -4,6 +4,7 @@
     python -m simulations.benchmark scale --markets 100 --rounds 3 --out OUT
     python -m simulations.benchmark dp-step --data-dir DIR --market uk
     python -m simulations.benchmark latency --regions 3 --rounds 4 --out OUT
+    python -m simulations.benchmark join --data-dir DIR --fractions 0.1,0.25,0.5,1 --out OUT
 
 ``quality`` runs every method on the same splits for several seeds and
 writes the mean and standard deviation of test NDCG@10 and HR@10 per market
@@ -15,6 +16,10 @@ memory of this process and every process under it (SuperLink, simulation
 engine, Ray workers), and reports seconds per federated round and the peak
 resident memory of the whole tree, beside the time of the same local training
 done in this process without Flower (the orchestration overhead, as a ratio).
+
+``join`` holds out each market in turn, federates the others, and has the
+held-out market join with a share of its users, against training alone on the
+same users (see ``simulations.join_benchmark``).
 
 ``latency`` runs a real deployment on loopback (see ``simulations.latency``)
 with Flower's default round loop and with this project's, and reports the
@@ -44,7 +49,7 @@ from common.markets import MarketSource, load_split
 from common.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
 from common.private_train import UserSoftmaxLoss, dp_generator, privacy_units
 from common.train import MarketTensors, user_batch_inputs
-from simulations import latency
+from simulations import join_benchmark, latency
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.results import mean_and_std
@@ -334,14 +339,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dp_parser.add_argument("--embedding-dim", type=int, default=128, help="model width (default: %(default)s)")
     dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
+    join_benchmark.add_arguments(commands.add_parser(
+        "join", help="a market joining late against training alone, by the share of its users it has"))
     latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the benchmark's sub-command and run it."""
+def main(argv: list[str] | None = None) -> Any:
+    """Parse the benchmark's sub-command and run it; returns its report."""
     args = parse_args(argv)
-    {"quality": quality, "scale": scale, "dp-step": dp_step, "latency": latency.latency}[args.command](args)
+    return {"quality": quality, "scale": scale, "dp-step": dp_step, "join": join_benchmark.join,
+     "latency": latency.latency}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from common.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
 from common.model import CatalogEmbedding, PositionwiseLinear
 from simulations import benchmark
+from simulations.run import main as run_harness
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -43,3 +44,27 @@ def test_dp_step_benchmark_times_both_norm_samplers_and_restores_the_projects():
     assert all(ratio > 0 for ratio in report["ratios"] + report["opacus_norms_ratios"])
     assert GradSampleHooksFastGradientClipping.NORM_SAMPLERS[CatalogEmbedding] is embedding_norm_sample
     assert GradSampleHooksFastGradientClipping.NORM_SAMPLERS[PositionwiseLinear] is positionwise_linear_norm_sample
+
+
+def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_the_harness_baseline(tmp_path):
+    # Execute: one held-out market of three generated ones, one round, two fractions.
+    report = benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--rounds", "1",
+                             "--join-epochs", "1", "--fractions", "0.5,1", "--out", str(tmp_path)])
+
+    # Assert: join.json has the shape, the macro is the mean over the
+    # held-out markets, and the wins are counted from the numbers beside them.
+    written = json.loads((tmp_path / "join.json").read_text())
+    assert written["markets"].keys() == {"m02"} and written["macro"].keys() == {"0.5", "1.0"}
+    for fraction in ("0.5", "1.0"):
+        entry = written["markets"]["m02"][fraction]
+        assert written["macro"][fraction]["join"] == pytest.approx(entry["join"])
+        assert written["wins"][fraction]["markets"] == int(entry["join"] > entry["local"])
+    assert written["markets"]["m02"]["0.5"]["train-users"] < written["markets"]["m02"]["1.0"]["train-users"]
+    assert (tmp_path / "join.png").stat().st_size > 0 and "| m02 |" in (tmp_path / "join.md").read_text()
+    # The federation that published the shared part never saw the joining market.
+    without = json.loads((tmp_path / "without-m02" / "results.json").read_text())
+    assert without["config"]["markets"] == ["m00", "m01"]
+    # local on every user is the harness's own local baseline, trained the same way.
+    harness = run_harness(["--data-dir", str(tmp_path / "data"), "--methods", "local", "--rounds", "1",
+                           "--out", str(tmp_path / "local")])
+    assert entry["local"] == pytest.approx(harness["methods"]["local"]["per_market"]["m02"]["ndcg@10"], abs=1e-6)
