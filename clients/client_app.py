@@ -95,7 +95,7 @@ def _train(msg: Message, context: Context) -> Message:
         # received encoder with the head as the previous round left it.
         received = _evaluation_metrics(model, data, privacy.spent(config))
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
-        remember_if_best(context, model, server_round - 1, received, training_id)
+        remember_if_best(context, model, market, server_round - 1, received, training_id)
     before = get_arrays(model, shared)
     started = time.perf_counter()
     if config.dp_epsilon > 0:
@@ -152,7 +152,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     metrics = _evaluation_metrics(model, data, privacy.spent(config))
     round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
-    remember_if_best(context, model, server_round, metrics, str(round_config.get("training-id", "")))
+    remember_if_best(context, model, market, server_round, metrics, str(round_config.get("training-id", "")))
     fork = None
     if int(round_config.get("fine-tune-epochs", 0)) > 0:
         tuned_metrics, tuned = _fine_tune(msg, context, model, data, config, privacy)

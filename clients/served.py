@@ -13,17 +13,25 @@ the market writes that model as a served-model directory
   fedper-ft also writes its best federated round as its base method's model
   (``<models-dir>/fedper/<market>``), since one run yields both.
 
+A deployed region also keeps the best round so far in
+``<state-dir>/<market>.best.pt``, replaced whenever a round beats it: a
+SuperNode restarted in the middle of a training still serves the best round of
+the whole training, not the best since the restart.
+
 Nothing of it is sent: the served model stays in the region.
 """
 
-from logging import INFO
+import pickle
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 
 from common.catalog import Catalog
+from common.durable import atomic_torch_save
 from common.methods import Method
 from common.model import SplitRecommender, set_arrays
 from common.serving import write_served_model
@@ -33,6 +41,7 @@ from clients.privacy_state import state_dir
 
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
+BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
 FINAL_KEY = "final-round"  # evaluate config: the last evaluation of the training
 KEPT_METRICS = (  # the evaluation metrics a served model's manifest carries
     "val-ndcg", "val-hr", "val-full-ndcg", "val-full-recall", "test-ndcg", "test-hr", "test-full-ndcg", "test-full-recall"
@@ -40,11 +49,13 @@ KEPT_METRICS = (  # the evaluation metrics a served model's manifest carries
 
 
 def remember_if_best(
-    context: Context, model: SplitRecommender, server_round: int, metrics: dict[str, Any], training_id: str
+    context: Context, model: SplitRecommender, market: str, server_round: int, metrics: dict[str, Any],
+    training_id: str,
 ) -> None:
     """Keep ``model`` as the market's served candidate if it beats the best validation round so far."""
     if server_round < 1:
         return  # round 0 is the starting point, not a trained model
+    _restore_best(context, market)
     info = context.state[BEST_INFO_KEY] if BEST_INFO_KEY in context.state else None
     same_training = info is not None and str(info["training-id"]) == training_id
     if same_training and float(metrics["val-ndcg"]) <= float(info["val-ndcg"]):
@@ -55,6 +66,35 @@ def remember_if_best(
         | {key: float(metrics[key]) for key in KEPT_METRICS}
         | {key: float(metrics[key]) for key in ("epsilon", "delta") if key in metrics}
     )
+    path = best_file(context, market)
+    if path is not None:
+        atomic_torch_save(path, {"info": dict(context.state[BEST_INFO_KEY]), "state": model.state_dict()})
+
+
+def best_file(context: Context, market: str) -> Path | None:
+    """``<state-dir>/<market>.best.pt`` of a deployed region with a state-dir; None otherwise."""
+    if "market" not in context.node_config:
+        return None
+    directory = state_dir(context)
+    return Path(directory) / f"{market}{BEST_FILE_SUFFIX}" if directory else None
+
+
+def _restore_best(context: Context, market: str) -> None:
+    """Put the best round a restarted SuperNode saved back into a fresh ``context.state``.
+
+    An unreadable file is only a lost serving candidate, never a reason to stop
+    training: it is reported and ignored.
+    """
+    path = best_file(context, market)
+    if BEST_INFO_KEY in context.state or path is None or not path.exists():
+        return
+    try:
+        saved = torch.load(path, weights_only=True)
+        info, state = ConfigRecord(saved["info"]), ArrayRecord(saved["state"])
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as error:
+        log(WARNING, "Market %s: %s is unreadable (%s); it keeps the best round from here on.", market, path, error)
+        return
+    context.state[BEST_MODEL_KEY], context.state[BEST_INFO_KEY] = state, info
 
 
 def served_model_dir(context: Context, market: str, method: str) -> Path | None:
@@ -80,6 +120,7 @@ def write_best_model(
         simulation the best round is then written as ``method.base``'s model.
     """
     market = data.split.market
+    _restore_best(context, market)
     best = _best_round(context)
     if fork is not None:
         _write(served_model_dir(context, market, method.name), model, data, catalog, method.name, fork)

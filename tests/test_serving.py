@@ -14,11 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
+from flwr.app import Context, RecordDict
+
 from clients import recommend as recommend_cli
+from clients.served import BEST_FILE_SUFFIX, BEST_INFO_KEY, KEPT_METRICS, remember_if_best, write_best_model
 from clients import score as score_cli
 from common import serving
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split
+from common.methods import get_method
 from common.metrics import ndcg_at_k, rank_of_positive
 from common.model import ModelConfig, SplitRecommender
 from common import durable
@@ -527,3 +531,46 @@ def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_take_unde
     assert recommended.returncode == 0 and scored.returncode == 0, recommended.stderr + scored.stderr
     assert f"{split.num_users} users, of which 0 unknown" in recommended.stdout
     assert recommend_seconds < 10 and score_seconds < 10
+
+
+def _region_context(state_dir: Path) -> Context:
+    """A deployed region's context as a fresh SuperNode process starts it: empty state."""
+    return Context(run_id=1, node_id=7, node_config={"market": MARKET, "state-dir": str(state_dir)},
+                   state=RecordDict(), run_config={})
+
+
+def test_a_restarted_region_still_serves_the_best_round_of_the_whole_training(tmp_path):
+    # Prepare: before the restart, round 2 is the best so far (validation 0.5).
+    model, data, catalog = _trained()
+    best_state = {name: value.clone() for name, value in model.state_dict().items()}
+    metrics = {key: 0.1 for key in KEPT_METRICS} | {"val-ndcg": 0.5}
+    remember_if_best(_region_context(tmp_path), model, MARKET, 2, metrics, "training-1")
+    with torch.no_grad():
+        for value in model.parameters():
+            value.add_(1.0)  # the model after the restart differs from the kept one
+
+    # Execute: the restarted SuperNode evaluates a worse round 3 and then writes its served model.
+    restarted = _region_context(tmp_path)
+    remember_if_best(restarted, model, MARKET, 3, metrics | {"val-ndcg": 0.4}, "training-1")
+    write_best_model(restarted, model, data, catalog, get_method("fedper"))
+
+    # Assert: the served model is round 2's, parameters and manifest both.
+    served = load_served_model(tmp_path / "model", catalog)
+    assert served.manifest["round"] == 2 and served.manifest["metrics"]["val-ndcg"] == 0.5
+    for name, value in best_state.items():
+        assert torch.equal(served.model.state_dict()[name], value), name
+
+
+def test_an_unreadable_best_round_file_is_reported_and_the_region_keeps_training(tmp_path, caplog):
+    # Prepare: the saved best round is damaged.
+    model, _, _ = _trained()
+    (tmp_path / f"{MARKET}{BEST_FILE_SUFFIX}").write_bytes(b"not a torch file")
+
+    # Execute
+    context = _region_context(tmp_path)
+    remember_if_best(context, model, MARKET, 1, {key: 0.2 for key in KEPT_METRICS}, "training-1")
+
+    # Assert: the warning names the file, and this round becomes the best, saved again.
+    assert "unreadable" in caplog.text and BEST_FILE_SUFFIX in caplog.text
+    assert int(context.state[BEST_INFO_KEY]["round"]) == 1
+    assert torch.load(tmp_path / f"{MARKET}{BEST_FILE_SUFFIX}", weights_only=True)["info"]["round"] == 1
