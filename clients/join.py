@@ -48,13 +48,11 @@ privacy ledger for the market, and a market state from an earlier training
 
 import argparse
 import math
-import pickle
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +63,7 @@ from common.markets import market_seed
 from common.methods import get_method
 from common.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
 from common.names import check_name
+from common.published import PUBLISHED_FILE, Published, check_catalog, load_published
 from common.serving import market_user_ids, write_served_model
 from common.split import MarketSplit, split_market
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
@@ -72,88 +71,8 @@ from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, t
 from clients.recommend import OneLineParser, run_cli
 from clients.state_store import LedgerStore, MarketState, MarketStateStore
 
-PUBLISHED_FILE = "published.pt"  # as server.history writes it
-PUBLISHED_FORMAT = "xmarket-fl published shared part"
-PUBLISHED_VERSION = 1
 JOIN_TRAINING_PREFIX = "join-"  # training id of a market state written here: join-<the published training's id>
 PROG = "python -m clients.join"
-
-
-@dataclass(frozen=True)
-class Published:
-    """The shared part a training published, and what it must match."""
-
-    path: Path
-    method: str
-    embedding_dim: int
-    history_length: int
-    user_embeddings: bool
-    catalog_fingerprint: str
-    training_id: str
-    round: int
-    arrays: dict[str, torch.Tensor]
-
-
-# Key in published.pt -> (the Published field, the type it must have)
-_PUBLISHED_ENTRIES = {
-    "method": ("method", str),
-    "embedding-dim": ("embedding_dim", int),
-    "history-length": ("history_length", int),
-    "user-embeddings": ("user_embeddings", bool),
-    "catalog-fingerprint": ("catalog_fingerprint", str),
-    "training-id": ("training_id", str),
-    "round": ("round", int),
-    "arrays": ("arrays", dict),
-}
-
-
-def load_published(path: str | Path) -> Published:
-    """Read a ``published.pt`` the ServerApp wrote at the end of a training.
-
-    Raises
-    ------
-    ValueError
-        If the file cannot be read or is not a published shared part of this
-        format version, naming the file and what is wrong.
-    """
-    path = Path(path)
-    try:
-        saved = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist: a training publishes {PUBLISHED_FILE} in its out-dir "
-                         "(and in simulation in OUT/models/<method>/) when it ends.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} is not a published shared part this version can read ({error}).") from error
-    if not isinstance(saved, dict) or saved.get("format") != PUBLISHED_FORMAT:
-        raise ValueError(f"{path} is not a published shared part (written by the ServerApp at the end of a training).")
-    if saved.get("format-version") != PUBLISHED_VERSION:
-        raise ValueError(f"{path} has format version {saved.get('format-version')!r}; this version reads "
-                         f"{PUBLISHED_VERSION} only.")
-    values: dict[str, Any] = {}
-    for key, (name, kind) in _PUBLISHED_ENTRIES.items():
-        value = saved.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueError(f"{path}: '{key}' is {type(value).__name__ if key in saved else 'missing'}, "
-                             f"not a {kind.__name__}.")
-        values[name] = value
-    arrays = values["arrays"]
-    if not arrays or not all(isinstance(n, str) and torch.is_tensor(a) for n, a in arrays.items()):
-        raise ValueError(f"{path}: 'arrays' must map array names to tensors.")
-    non_finite = sorted(name for name, array in arrays.items() if not torch.isfinite(array).all())
-    if non_finite:
-        raise ValueError(f"{path}: the published arrays {non_finite} hold NaN or infinite values.")
-    get_method(values["method"])
-    return Published(path=path, **values)
-
-
-def check_catalog(published: Published, catalog: Catalog, catalog_path: str | Path) -> None:
-    """Refuse a catalog other than the one the published arrays were trained over."""
-    if catalog.fingerprint() != published.catalog_fingerprint:
-        raise ValueError(
-            f"{catalog_path} is not the catalog training {published.training_id} was trained with: its fingerprint "
-            f"is '{catalog.fingerprint()}', {published.path} needs '{published.catalog_fingerprint}'. "
-            "Join with the company catalog the federation uses."
-        )
 
 
 def subsample_training_users(split: MarketSplit, fraction: float, seed: int) -> MarketSplit:

@@ -1,5 +1,6 @@
 """What a federated run keeps on disk: per-market metrics per round, a checkpoint to resume from and,
-when the training ends, its published shared part for markets that join later (:mod:`clients.join`).
+when the training ends, its published shared part (:mod:`common.published`) for markets that join later
+and trainings that continue.
 
 Both files are replaced through :mod:`common.durable`: a uniquely named 0600
 temporary file, flushed to disk and renamed over the old one, so a crash
@@ -22,17 +23,11 @@ from flwr.app import ArrayRecord, Message
 from flwr.common import log
 
 from common.durable import atomic_torch_save, atomic_write_bytes
+from common.published import PUBLISHED_FILE, PUBLISHED_FORMAT, PUBLISHED_KEYS, PUBLISHED_VERSION
 
 MARKET_KEY = "market"  # ConfigRecord in each reply naming the market (see clients.client_app)
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-PUBLISHED_FILE = "published.pt"  # the final shared arrays, for markets that join later (clients.join)
-PUBLISHED_FORMAT = "xmarket-fl published shared part"
-PUBLISHED_VERSION = 1
-# What a joining market checks the published arrays against, beside them in published.pt.
-PUBLISHED_KEYS = (
-    "method", "embedding-dim", "history-length", "user-embeddings", "catalog-fingerprint", "training-id", "round",
-)
 
 
 @dataclass(frozen=True)
