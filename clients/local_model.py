@@ -3,7 +3,9 @@
 The market learns which data is its own from node config: ``market`` and
 ``data-path`` on a deployed SuperNode, ``partition-id`` in simulation. Its
 head lives in ``context.state`` between rounds and, with ``state-dir`` in node
-config, in the region's state directory across restarts.
+config, in the region's state directory across restarts. A simulated market
+starts a training whose run config names ``init-from`` with the head of its
+served model there (:mod:`clients.continued`).
 """
 
 from functools import cache
@@ -22,6 +24,7 @@ from common.names import check_name
 from common.split import MarketSplit
 from common.train import MarketTensors
 
+from clients.continued import published_head
 from clients.privacy_state import require_durable_ledger, state_dir
 from clients.state_store import LedgerStore, MarketState, MarketStateStore
 
@@ -82,7 +85,7 @@ def _market_tensors(split: MarketSplit, history_length: int) -> MarketTensors:
 def build_local_model(
     msg: Message, context: Context
 ) -> tuple[SplitRecommender, MarketTensors, MarketConfig, list[str], Catalog]:
-    """The market's model: received arrays over its saved (or freshly seeded) head; also its catalog.
+    """The market's model: received arrays over its head (saved, init-from's or freshly seeded); also its catalog.
 
     Raises
     ------
@@ -106,6 +109,10 @@ def build_local_model(
     if LOCAL_STATE_KEY not in context.state:
         training_id = str(msg.content["config"].get("training-id", ""))
         _restore_saved_state(context, model, split.market, training_id, private=config.dp_epsilon > 0)
+    if LOCAL_STATE_KEY not in context.state:
+        head = published_head(context, model, split, catalog, shared, private=config.dp_epsilon > 0)
+        if head is not None:
+            context.state[LOCAL_STATE_KEY] = ArrayRecord(head)
     if LOCAL_STATE_KEY in context.state:
         set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())
     received = msg.content["arrays"].to_torch_state_dict()

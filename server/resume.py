@@ -18,6 +18,9 @@ from common.catalog import Catalog
 # not 0). Shapes and meaning of the shared arrays: the method (what is
 # shared), user-embeddings, embedding-dim and history-length. The catalog is
 # fingerprinted by content under CATALOG_KEY, wherever its file lies.
+# init-from is not: a resume starts from the checkpoint and never reads it (the checkpoint's
+# arrays already descend from where the training started), so changing or clearing it cannot
+# change the resumed shared arrays, and what they must match is fingerprinted above.
 FINGERPRINT_KEYS = (
     "method",
     "user-embeddings",

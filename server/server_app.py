@@ -1,4 +1,10 @@
-"""ServerApp: FedAvg over the shared encoder, per-market metrics, checkpoints, resume, the published shared part."""
+"""ServerApp: FedAvg over the shared encoder, per-market metrics, checkpoints, resume, the published shared part.
+
+A training starts from seeded shared arrays, or with ``init-from`` from the
+shared part an earlier training published (``published.pt``, or a directory
+holding one): a region whose data grew continues from it. A checkpoint to
+resume from wins over both.
+"""
 
 from dataclasses import asdict, dataclass
 from logging import INFO
@@ -15,6 +21,7 @@ from common.catalog import Catalog
 from common.config import from_kebab_case
 from common.markets import MarketSource
 from common.methods import get_method
+from common.published import load_published, published_path
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
 from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory
 from server.replies import MarketBinding
@@ -51,6 +58,7 @@ class ServerConfig:
     poll_interval: float  # seconds between checks for replies (Flower's own loop waits 3 s)
     fold_evaluation: bool  # evaluate each round's model in the next training message: one round trip per round
     resume: bool  # continue from out-dir's checkpoint instead of starting afresh
+    init_from: str  # a published.pt (or a directory holding one) to start from; empty: seeded arrays
     market_dp_noise_multiplier: float  # 0 turns market-level DP off; else noise std over the clipping norm
     market_dp_clipping_norm: float  # L2 bound on one market's update of the shared arrays
     market_dp_markets: int  # markets per round under market-level DP (all must reply)
@@ -131,6 +139,55 @@ def initial_arrays(config: ServerConfig, catalog: Catalog | None = None) -> Arra
     return ArrayRecord(get_arrays(model, names))
 
 
+def published_arrays(config: ServerConfig, catalog: Catalog, seeded: ArrayRecord) -> ArrayRecord:
+    """The shared arrays of the published file ``init-from`` names, where this training starts.
+
+    Parameters
+    ----------
+    config : ServerConfig
+        The run's settings; ``init_from`` names a ``published.pt`` or a directory holding one.
+    catalog : Catalog
+        The run's catalog.
+    seeded : ArrayRecord
+        :func:`initial_arrays` of the run: the names, shapes and dtypes the published arrays must have.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read, or its training shared other arrays than
+        this run does: another kind of method (fedavg shares the head's
+        non-user arrays too), embedding-dim, history-length, user-embeddings
+        or catalog. Every mismatch is named with both values.
+    """
+    published = load_published(published_path(config.init_from))
+    differences = []
+    if get_method(published.method).share_head != get_method(config.method).share_head:
+        differences.append(f"method: {published.method} shares other arrays than {config.method} of this run")
+    for key, theirs, ours in (
+        ("embedding-dim", published.embedding_dim, config.embedding_dim),
+        ("history-length", published.history_length, config.history_length),
+        ("user-embeddings", published.user_embeddings, config.user_embeddings),
+        ("catalog fingerprint", published.catalog_fingerprint, catalog.fingerprint()),
+    ):
+        if theirs != ours:
+            differences.append(f"{key}: {theirs!r} there, {ours!r} in this run")
+    if not differences:
+        described = {name: (tuple(a.shape), a.dtype) for name, a in published.arrays.items()}
+        wanted = {name: (tuple(a.shape), a.dtype) for name, a in seeded.to_torch_state_dict().items()}
+        differ = sorted(name for name in described.keys() | wanted.keys() if described.get(name) != wanted.get(name))
+        if differ:
+            differences.append(f"arrays: {differ} have other names, shapes or dtypes than this run's")
+    if differences:
+        raise ValueError(
+            f"Cannot start from {published.path} (init-from): training {published.training_id} shared other arrays "
+            f"than this run does ({'; '.join(differences)}). Run with the settings it was trained with, or leave "
+            "init-from empty."
+        )
+    log(INFO, "Starting from the shared arrays training %s published after round %d (%s)",
+        published.training_id, published.round, published.path)
+    return ArrayRecord(published.arrays)
+
+
 app = ServerApp()
 
 
@@ -149,6 +206,7 @@ def main(grid: Grid, context: Context) -> None:
     binding = MarketBinding()
     checkpoint = history.load_checkpoint() if config.resume else None
     if checkpoint is not None:
+        # The checkpoint wins over init-from: its arrays already descend from wherever the training started.
         where = str(Path(config.out_dir) / CHECKPOINT_FILE)
         check_resumable(checkpoint.fingerprint, fingerprint, where)
         check_same_arrays(checkpoint.arrays, arrays, where)
@@ -157,8 +215,11 @@ def main(grid: Grid, context: Context) -> None:
         restore_strategy_state(strategy, checkpoint.strategy_state)
         # The binding survives the resume: a registered SuperNode keeps its node id.
         binding = MarketBinding(checkpoint.markets)
-    elif config.resume:
-        log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
+    else:
+        if config.resume:
+            log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
+        if config.init_from:
+            arrays = published_arrays(config, catalog, arrays)
     if first_round > config.num_server_rounds:
         log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
         # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.
