@@ -5,6 +5,7 @@
     python -m simulations.benchmark dp-step --data-dir DIR --market uk
     python -m simulations.benchmark latency --regions 3 --rounds 4 --out OUT
     python -m simulations.benchmark join --data-dir DIR --fractions 0.1,0.25,0.5,1 --out OUT
+    python -m simulations.benchmark continue --data-dir DIR --holdout 0.2 --out OUT
 
 ``quality`` runs every method on the same splits for several seeds and
 writes the mean and standard deviation of test NDCG@10 and HR@10 per market
@@ -20,6 +21,10 @@ done in this process without Flower (the orchestration overhead, as a ratio).
 ``join`` holds out each market in turn, federates the others, and has the
 held-out market join with a share of its users, against training alone on the
 same users (see ``simulations.join_benchmark``).
+
+``continue`` holds out each market's newest interactions, trains, then
+continues on the whole data from the saved models, against a training from
+scratch (see ``simulations.continue_benchmark``).
 
 ``latency`` runs a real deployment on loopback (see ``simulations.latency``)
 with Flower's default round loop and with this project's, and reports the
@@ -49,7 +54,7 @@ from common.markets import MarketSource, load_split
 from common.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
 from common.private_train import UserSoftmaxLoss, dp_generator, privacy_units
 from common.train import MarketTensors, user_batch_inputs
-from simulations import join_benchmark, latency
+from simulations import continue_benchmark, join_benchmark, latency
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.results import mean_and_std
@@ -341,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
     join_benchmark.add_arguments(commands.add_parser(
         "join", help="a market joining late against training alone, by the share of its users it has"))
+    continue_benchmark.add_arguments(commands.add_parser(
+        "continue", help="continuing on grown data from the saved models against a training from scratch"))
     latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
     return parser.parse_args(argv)
 
@@ -349,6 +356,7 @@ def main(argv: list[str] | None = None) -> Any:
     """Parse the benchmark's sub-command and run it; returns its report."""
     args = parse_args(argv)
     return {"quality": quality, "scale": scale, "dp-step": dp_step, "join": join_benchmark.join,
+     "continue": continue_benchmark.run,
      "latency": latency.latency}[args.command](args)
 
 
