@@ -5,8 +5,8 @@
 For each market in turn: a federated training (``--method``, fedrep by
 default) on the other markets, through the same harness and Flower apps as
 ``simulations.run``; then the held-out market joins it
-(:func:`clients.join.join_market`: the published shared part, frozen, and a
-head of its own) using only a fraction of its users' training interactions,
+(:func:`clients.join.join_market`: a head of its own on the published
+shared part, then the whole model fine-tuned) using only a fraction of its users' training interactions,
 against ``local`` (a whole model trained on that market alone) on the same
 users. Validation and test users stay the whole market's, and both sides keep
 their best validation point (test NDCG@10 there), so the two columns differ
@@ -72,8 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=defaults["num-server-rounds"],
                         help="federated rounds, and local's evaluation points (default: %(default)s)")
     parser.add_argument("--join-epochs", type=int, default=10,
-                        help="epochs of head training when joining; the best on validation is kept "
-                             "(default: %(default)s)")
+                        help="epochs of head training when joining, the encoder frozen (default: %(default)s)")
+    parser.add_argument("--fine-tune-epochs", type=int, default=15,
+                        help="then epochs of training the whole joined model; the best epoch on validation is "
+                             "kept (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/join"), help="output directory (default: %(default)s)")
 
@@ -134,7 +136,18 @@ def market_files(args: argparse.Namespace) -> dict[str, Path]:
 def federate_without(
     held_out: str, files: dict[str, Path], catalog_path: Path, args: argparse.Namespace, out: Path
 ) -> Path:
-    """A federated training of every market but ``held_out``; the published shared part it wrote."""
+    """A federated training of every market but ``held_out``; the published shared part it wrote.
+
+    A training this benchmark finished before in ``out`` with the same method,
+    rounds and seed is reused, so that an interrupted benchmark resumes.
+    """
+    published = out / "models" / args.method / PUBLISHED
+    results = out / "results.json"
+    if published.exists() and results.exists():
+        config = json.loads(results.read_text(encoding="utf-8"))["config"]
+        if (config["methods"], config["rounds"], config["seed"]) == ([args.method], args.rounds, args.seed):
+            harness.say(f"reusing the training without {held_out} in {out}")
+            return published
     with tempfile.TemporaryDirectory(prefix=f"without-{held_out}-") as directory:
         for market, path in files.items():
             if market != held_out:
@@ -143,7 +156,7 @@ def federate_without(
             "--data-dir", directory, "--methods", args.method, "--rounds", str(args.rounds),
             "--seed", str(args.seed), "--set", f"catalog-path={catalog_path.resolve()}", "--out", str(out),
         ])
-    return out / "models" / args.method / PUBLISHED
+    return published
 
 
 def macro(markets: dict[str, dict[float, dict[str, float]]], fractions: list[float]) -> dict[float, dict[str, float]]:
@@ -234,7 +247,8 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
         markets[market] = {}
         for fraction in fractions:
             clock = time.perf_counter()
-            joined = join_market(published, split, catalog, args.join_epochs, args.seed, fraction, train)
+            joined = join_market(published, split, catalog, args.join_epochs, args.seed, fraction, train,
+                                 args.fine_tune_epochs)
             join_seconds = time.perf_counter() - clock
             clock = time.perf_counter()
             local = local_on_fraction(split, catalog, fraction, args.rounds, train, args.seed,
@@ -252,7 +266,8 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
     summary = macro(markets, fractions)
     report = {
         "config": {"data_dir": args.data_dir, "method": args.method, "rounds": args.rounds,
-                   "join_epochs": args.join_epochs, "seed": args.seed, "fractions": fractions},
+                   "join_epochs": args.join_epochs,
+                   "fine_tune_epochs": args.fine_tune_epochs, "seed": args.seed, "fractions": fractions},
         "fractions": fractions,
         # JSON keys are strings: "0.1", "1.0".
         "markets": {m: {str(f): v for f, v in by_fraction.items()} for m, by_fraction in markets.items()},

@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from clients.join import (
-    PROG, build_model, check_state_dir, load_published, main as join_main, subsample_training_users,
+    PROG, build_model, check_state_dir, join_market, load_published, main as join_main, subsample_training_users,
 )
 from clients.local_model import LOCAL_STATE_KEY
 from clients.state_store import MarketState, MarketStateStore
@@ -175,8 +175,8 @@ def test_a_file_that_is_not_a_published_shared_part_is_refused_by_name(tmp_path)
 
 
 def test_a_market_absent_from_the_training_joins_with_a_head_of_its_own(federation, tmp_path):
-    # Execute
-    summary = _join(federation, tmp_path / "joined")
+    # Execute: the head alone, the encoder frozen throughout.
+    summary = _join(federation, tmp_path / "joined", "--fine-tune-epochs", "0")
 
     # Assert: a served model of the joining market, its metrics those of the model it holds.
     served = load_served_model(tmp_path / "joined", federation["catalog"])
@@ -227,7 +227,7 @@ def test_another_catalog_is_refused_in_one_line_without_a_traceback(federation, 
 
 def test_a_fraction_of_the_users_trains_and_every_user_is_evaluated(federation, tmp_path):
     # Execute
-    _join(federation, tmp_path / "joined", "--fraction", "0.25")
+    _join(federation, tmp_path / "joined", "--fraction", "0.25", "--fine-tune-epochs", "1")
 
     # Assert
     served = load_served_model(tmp_path / "joined")
@@ -237,6 +237,23 @@ def test_a_fraction_of_the_users_trains_and_every_user_is_evaluated(federation, 
     data = MarketTensors.from_split(split, served.history_length)
     assert served.manifest["metrics"]["test-ndcg"] == evaluate(served.model, data, on_test=True).ndcg
     assert len(served.user_ids) == split.num_users
+
+
+def test_fine_tuning_after_the_head_never_keeps_a_model_worse_on_validation(federation):
+    # Prepare: the head phase is seeded per epoch, so both joins share its first two epochs.
+    published = load_published(federation["models"] / PUBLISHED_FILE)
+    split = _split(federation)
+
+    # Execute
+    head_only = join_market(published, split, federation["catalog"], epochs=2, fine_tune_epochs=0)
+    fine_tuned = join_market(published, split, federation["catalog"], epochs=2, fine_tune_epochs=2)
+
+    # Assert: the best of four epochs is at least the best of their first two; an
+    # encoder kept from the fine-tuning is the market's own, the published one otherwise.
+    assert fine_tuned.valid.ndcg >= head_only.valid.ndcg and fine_tuned.epochs == 4
+    encoder_untouched = all(torch.equal(fine_tuned.model.state_dict()[name], array)
+                            for name, array in published.arrays.items())
+    assert encoder_untouched == (fine_tuned.best_epoch <= 2)
 
 
 def test_subsampling_keeps_the_evaluation_and_whole_users(federation):
@@ -266,9 +283,11 @@ def test_subsampling_keeps_the_evaluation_and_whole_users(federation):
 
 
 def test_the_clientapp_of_the_region_restores_the_joined_head_in_the_next_training(federation, tmp_path):
-    # Prepare: the region joins into its state-dir and serves the joined model from there.
+    # Prepare: the region joins into its state-dir and serves the joined model from there. Without
+    # fine-tuning the served encoder is the published one, so the next training must evaluate exactly as it.
     state_dir = tmp_path / "state"
-    summary = _join(federation, state_dir / "model", "--state-dir", str(state_dir), "--market", JOINER)
+    summary = _join(federation, state_dir / "model", "--state-dir", str(state_dir), "--market", JOINER,
+                    "--fine-tune-epochs", "0")
     saved = MarketStateStore(state_dir, JOINER).load()
     served = load_served_model(state_dir / "model")
 
