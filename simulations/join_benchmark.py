@@ -49,10 +49,8 @@ from common.methods import METHODS  # noqa: E402
 from common.model import ModelConfig, SplitRecommender  # noqa: E402
 from common.split import MarketSplit, split_market  # noqa: E402
 from common.synthetic import SyntheticConfig, write_markets  # noqa: E402
-from common.train import MarketTensors, TrainConfig, train_epochs  # noqa: E402
+from common.train import MarketTensors, TrainConfig, evaluate, train_epochs  # noqa: E402
 from simulations import run as harness  # noqa: E402
-from simulations.baselines import market_curve  # noqa: E402
-from simulations.results import select_on_validation  # noqa: E402
 
 PUBLISHED = "published.pt"
 
@@ -106,12 +104,14 @@ def local_on_fraction(
     split: MarketSplit, catalog: Catalog, fraction: float, rounds: int, train: TrainConfig, seed: int,
     embedding_dim: int, history_length: int, user_embeddings: bool,
 ) -> dict[str, float]:
-    """``local`` trained on ``fraction`` of the market's users: its best validation point.
+    """``local`` trained on ``fraction`` of the market's users: val and test NDCG@10 at its best validation round.
 
     The same model, seeds and epochs per evaluation point as
     :func:`simulations.baselines.run_local`; the training interactions are those
     of the users :func:`clients.join.subsample_training_users` draws for the
-    joining market, so both sides see the same data.
+    joining market, so both sides see the same data. Only the sampled
+    validation NDCG@10 is computed every round (the full-ranking metrics of
+    ``run_local`` choose nothing and cost most of the time on a large market).
     """
     local_seed = market_seed(split.market, seed)
     data = MarketTensors.from_split(split, history_length)
@@ -119,11 +119,16 @@ def local_on_fraction(
     train_data = data if train_split is split else MarketTensors.from_split(train_split, history_length)
     torch.manual_seed(local_seed)
     model = SplitRecommender(ModelConfig(catalog.size, split.num_users, embedding_dim, history_length, user_embeddings))
-    curve = []
+    best_round, best_ndcg, best_state = 0, -math.inf, None
     for server_round in range(1, rounds + 1):
         train_epochs(model, [train_data], train, local_seed + server_round)
-        curve.append(market_curve(model, data, server_round))
-    return select_on_validation(curve)
+        ndcg = evaluate(model, data, full=False).ndcg
+        if ndcg > best_ndcg:  # the first best round, as simulations.results.select_on_validation
+            best_round, best_ndcg = server_round, ndcg
+            best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return {"round": best_round, "val-ndcg": best_ndcg,
+            "test-ndcg": evaluate(model, data, on_test=True, full=False).ndcg}
 
 
 def market_files(args: argparse.Namespace) -> dict[str, Path]:
@@ -157,6 +162,12 @@ def federate_without(
             "--seed", str(args.seed), "--set", f"catalog-path={catalog_path.resolve()}", "--out", str(out),
         ])
     return published
+
+
+def market_config(args: argparse.Namespace, fractions: list[float]) -> dict[str, Any]:
+    """What one market's scores depend on: a market done before with these settings is reused."""
+    return {"method": args.method, "rounds": args.rounds, "seed": args.seed, "join_epochs": args.join_epochs,
+            "fine_tune_epochs": args.fine_tune_epochs, "fractions": fractions}
 
 
 def macro(markets: dict[str, dict[float, dict[str, float]]], fractions: list[float]) -> dict[float, dict[str, float]]:
@@ -235,11 +246,19 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
                         learning_rate=defaults["learning-rate"], negatives=defaults["negatives"],
                         score_penalty=defaults["score-penalty"])
     markets: dict[str, dict[float, dict[str, float]]] = {}
-    seconds: dict[str, dict[str, float]] = {}
+    seconds: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for position, market in enumerate(held_out):
         harness.say(f"=== {market} joins ({position + 1} of {len(held_out)}), "
                     f"{time.perf_counter() - started:.0f} s so far ===")
+        done = args.out / f"without-{market}" / "join-scores.json"
+        if done.exists():
+            saved = json.loads(done.read_text(encoding="utf-8"))
+            if saved["config"] == market_config(args, fractions):
+                markets[market] = {float(f): v for f, v in saved["scores"].items()}
+                seconds[market] = saved["seconds"]
+                harness.say(f"reusing the scores of {market} in {done}")
+                continue
         clock = time.perf_counter()
         published = load_published(federate_without(market, files, catalog_path, args, args.out / f"without-{market}"))
         federated_seconds = time.perf_counter() - clock
@@ -258,11 +277,13 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
             markets[market][fraction] = {"join": joined.test.ndcg, "local": local["test-ndcg"],
                                          "join-val": joined.valid.ndcg, "local-val": local["val-ndcg"],
                                          "train-users": joined.train_users}
-            seconds[f"{market}@{fraction:g}"] = {"join": join_seconds, "local": local_seconds}
+            seconds.setdefault(market, {})[f"{fraction:g}"] = {"join": join_seconds, "local": local_seconds}
             harness.say(f"{market} at {fraction:g} ({joined.train_users} users): join {joined.test.ndcg:.4f} "
                         f"(epoch {joined.best_epoch}, {join_seconds:.1f} s), local {local['test-ndcg']:.4f} "
                         f"(round {local['round']}, {local_seconds:.1f} s)")
-        seconds[market] = {"federated-training": federated_seconds}
+        seconds[market]["federated-training"] = federated_seconds
+        done.write_text(json.dumps({"config": market_config(args, fractions), "scores": markets[market],
+                                    "seconds": seconds[market]}), encoding="utf-8")
     summary = macro(markets, fractions)
     report = {
         "config": {"data_dir": args.data_dir, "method": args.method, "rounds": args.rounds,
