@@ -9,7 +9,9 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from common.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
 from common.model import CatalogEmbedding, PositionwiseLinear
 from simulations import benchmark
+from simulations import run as harness_module
 from simulations.run import main as run_harness
+from tests.in_process import in_process_federated
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -46,7 +48,13 @@ def test_dp_step_benchmark_times_both_norm_samplers_and_restores_the_projects():
     assert GradSampleHooksFastGradientClipping.NORM_SAMPLERS[PositionwiseLinear] is positionwise_linear_norm_sample
 
 
-def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_the_harness_baseline(tmp_path):
+@pytest.mark.usefixtures("server_task_identity")
+def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_the_harness_baseline(
+    tmp_path, monkeypatch
+):
+    # Prepare: the federated training in this process (a SuperLink and Ray cost ~30 s; test_simulation covers them).
+    monkeypatch.setattr(harness_module, "run_federated", in_process_federated)
+
     # Execute: one held-out market of three generated ones, one round, two fractions.
     report = benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--rounds", "1",
                              "--join-epochs", "1", "--fine-tune-epochs", "1", "--fractions", "0.5,1",

@@ -11,19 +11,15 @@ import argparse
 import json
 import shutil
 import tomllib
-from itertools import count
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import app as client_app
 from clients.join import PUBLISHED_FILE, load_published
 from clients.local_model import LOCAL_STATE_KEY, build_local_model
 from common.catalog import Catalog
@@ -32,10 +28,9 @@ from common.serving import load_served_model
 from common.split import split_market
 from common.synthetic import SyntheticConfig, write_markets
 from server.server_app import ServerConfig, initial_arrays, published_arrays
-from server.server_app import main as server_main
 from simulations import continue_benchmark
 from simulations import run as harness
-from simulations.results import federated_curves
+from tests.in_process import in_process_federated, serve
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -45,57 +40,6 @@ LATE_USERS = 5  # users of each market that are not in the first training's file
 USER_TABLE = "head.user_embedding.weight"
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
-_run_ids = count(1)
-
-
-class ClientAppGrid(Grid):
-    """A grid whose nodes are the real ClientApp in this process, one simulation partition each."""
-
-    def __init__(self, run_config: dict, partitions: int) -> None:
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                          node_config={"partition-id": node - 1, "num-partitions": partitions})
-            for node in range(1, partitions + 1)
-        }
-        self.sent: list[Message] = []
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
-            self.sent.append(message)
-            context = self.contexts[message.metadata.dst_node_id]
-            self._replies[message.metadata.message_id] = client_app(message, context)
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
-
-
-def _serve(run_config: dict, markets: int = 2) -> ClientAppGrid:
-    """One training of the real ServerApp over ``markets`` in-process ClientApps; the grid it used."""
-    grid = ClientAppGrid(run_config, markets)
-    server_main(grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(),
-                              run_config=run_config))
-    return grid
 
 
 def _run_config(**overrides) -> dict:
@@ -123,7 +67,7 @@ def trained(tmp_path_factory) -> dict:
     first = _run_config(**{"data-dir": str(before), "catalog-path": str(catalog_path),
                            "out-dir": str(root / "out" / "server"), "models-dir": str(models)})
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # module scope: before the fixture
-    _serve(first)
+    serve(first)
     grown = _run_config(**{"data-dir": str(root / "full"), "catalog-path": str(catalog_path),
                            "init-from": str(models / "fedper")})
     return {"root": root, "catalog": catalog, "models": models / "fedper", "grown": grown}
@@ -151,7 +95,7 @@ def test_the_server_starts_from_the_published_shared_arrays(trained, tmp_path):
                   "out-dir": str(tmp_path / "server"), "models-dir": str(tmp_path / "models")}
 
     # Execute
-    grid = _serve(run_config)
+    grid = serve(run_config)
 
     # Assert: the first message (round 1's training, which evaluates round 0 too) carries the published arrays.
     published = load_published(trained["models"] / PUBLISHED_FILE).arrays
@@ -260,22 +204,12 @@ def test_a_deployed_region_does_not_read_init_from(trained, tmp_path):
 # --- the benchmark ----------------------------------------------------------------------------------------
 
 
-def _in_process_federated(args, method: str, markets: int) -> tuple[dict, list]:
-    """The harness's federated run with the real apps in this process instead of a SuperLink and Ray."""
-    out_dir = args.out / method
-    run_config = {**harness.app_defaults(), **harness.run_config_for(args, method, out_dir, markets),
-                  "poll-interval": 0.001}
-    _serve(run_config, markets)
-    history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
-    return federated_curves(history), [entry for entry in history["rounds"] if entry["round"] >= 1]
-
-
 def test_the_benchmark_continues_on_data_that_excludes_what_is_evaluated(tmp_path, monkeypatch):
     # Prepare: three small generated markets; the federated runs in this process (a SuperLink costs ~30 s each).
     data = tmp_path / "data"
     write_markets(SyntheticConfig(markets=3, items=400, largest_market_users=200, smallest_market_users=60,
                                   seed=SEED), data)
-    monkeypatch.setattr(harness, "run_federated", _in_process_federated)
+    monkeypatch.setattr(harness, "run_federated", in_process_federated)
     out = tmp_path / "out"
 
     # Execute

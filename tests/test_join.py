@@ -11,13 +11,11 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
@@ -33,7 +31,7 @@ from common.split import split_market
 from common.synthetic import SyntheticConfig, write_markets
 from common.train import MarketTensors, evaluate
 from server.history import PUBLISHED_FILE
-from server.server_app import main as server_main
+from tests.in_process import serve
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -42,45 +40,6 @@ ROUNDS = 2
 JOINER = "m02"
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
-
-
-class ClientAppGrid(Grid):
-    """A grid whose nodes are the real ClientApp in this process, one simulation partition each."""
-
-    def __init__(self, run_config: dict, partitions: int) -> None:
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                          node_config={"partition-id": node - 1, "num-partitions": partitions})
-            for node in range(1, partitions + 1)
-        }
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
-            self._replies[message.metadata.message_id] = client_app(message, self.contexts[message.metadata.dst_node_id])
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
 
 
 def _run_config(**overrides) -> dict:
@@ -108,8 +67,7 @@ def federation(tmp_path_factory) -> dict:
         shutil.copy(paths[market], trained / paths[market].name)
     run_config = _run_config(**{"data-dir": str(trained), "catalog-path": str(catalog_path),
                                 "out-dir": str(root / "out" / "server"), "models-dir": str(root / "out" / "models")})
-    server_main(ClientAppGrid(run_config, 2),
-                Context(run_id=41, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    serve(run_config, 2, run_id=41)
     return {"root": root, "paths": paths, "catalog": catalog, "catalog_path": catalog_path,
             "run_config": run_config, "models": root / "out" / "models" / "fedper",
             "server_out": root / "out" / "server"}
@@ -154,8 +112,7 @@ def test_a_server_stopped_before_publishing_publishes_when_resumed_after_the_las
     run_config = {**federation["run_config"], "out-dir": str(out), "models-dir": "", "resume": True}
 
     # Execute: nothing is left to train, so no market is asked anything.
-    server_main(ClientAppGrid(run_config, 2),
-                Context(run_id=42, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    serve(run_config, 2, run_id=42)
 
     # Assert
     assert (out / PUBLISHED_FILE).read_bytes() == (federation["server_out"] / PUBLISHED_FILE).read_bytes()

@@ -1,0 +1,80 @@
+"""The real ServerApp and ClientApp in this process: a grid whose nodes are ClientApp calls.
+
+A SuperLink with the simulation engine costs ~30 s per training on these
+machines; tests that need a training's outputs, not the transport, run the
+same apps here (the transport has its own tests: test_simulation, test_deploy).
+"""
+
+import json
+from itertools import count
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients.client_app import app as client_app
+from server.server_app import main as server_main
+from simulations import run as harness
+from simulations.results import federated_curves
+
+_run_ids = count(1000)
+
+
+class ClientAppGrid(Grid):
+    """A grid whose nodes are the real ClientApp in this process, one simulation partition each."""
+
+    def __init__(self, run_config: dict, partitions: int) -> None:
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
+                          node_config={"partition-id": node - 1, "num-partitions": partitions})
+            for node in range(1, partitions + 1)
+        }
+        self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
+            self.sent.append(message)
+            context = self.contexts[message.metadata.dst_node_id]
+            self._replies[message.metadata.message_id] = client_app(message, context)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+def serve(run_config: dict, markets: int = 2, run_id: int | None = None) -> ClientAppGrid:
+    """One training of the real ServerApp over ``markets`` in-process ClientApps; the grid it used."""
+    grid = ClientAppGrid(run_config, markets)
+    server_main(grid, Context(run_id=next(_run_ids) if run_id is None else run_id, node_id=0, node_config={},
+                              state=RecordDict(), run_config=run_config))
+    return grid
+
+
+def in_process_federated(args, method: str, markets: int) -> tuple[dict, list]:
+    """``simulations.run.run_federated`` with the real apps in this process instead of a SuperLink and Ray."""
+    out_dir = args.out / method
+    run_config = {**harness.app_defaults(), **harness.run_config_for(args, method, out_dir, markets),
+                  "poll-interval": 0.001}
+    serve(run_config, markets)
+    history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
+    return federated_curves(history), [entry for entry in history["rounds"] if entry["round"] >= 1]
