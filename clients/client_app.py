@@ -4,7 +4,8 @@ The handlers are thin: :mod:`clients.local_model` builds the market's model
 from the message and its state, :mod:`clients.privacy_state` keeps its DP
 ledger, :mod:`clients.messages` decides what a reply or an error may carry.
 Its head (user embeddings, history projection, popularity bias) never enters
-a reply.
+a reply. fedals (federated implicit ALS) is handled by :mod:`clients.fedals`:
+its markets send item-side statistics summed over their users instead.
 """
 
 import time
@@ -24,8 +25,9 @@ from common.privacy import PrivacyBudgetExceeded
 from common.private_train import privacy_units, private_round, train_epochs_private
 from common.train import MarketTensors, TrainConfig, evaluate
 
+from clients import fedals
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, build_local_model, persist
-from clients.messages import RECEIVED_PREFIX, errors_stay_in_region, reply
+from clients.messages import RECEIVED_PREFIX, errors_stay_in_region, evaluation_metrics, reply
 from clients.privacy_state import MarketPrivacy, out_of_budget, round_ledger, training_noise_seed
 from clients.served import FINAL_KEY, remember_if_best, write_best_model
 
@@ -63,7 +65,7 @@ def local_train_config(record: ConfigRecord, config: MarketConfig) -> TrainConfi
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the shared arrays and metrics only."""
     with errors_stay_in_region("training"):
-        return _train(msg, context)
+        return fedals.train(msg, context) if _solved_by_als(context) else _train(msg, context)
 
 
 @app.evaluate()
@@ -75,7 +77,11 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     the fork's metrics at its best epoch on validation.
     """
     with errors_stay_in_region("evaluation"):
-        return _evaluate(msg, context)
+        return fedals.evaluate(msg, context) if _solved_by_als(context) else _evaluate(msg, context)
+
+
+def _solved_by_als(context: Context) -> bool:
+    return get_method(str(context.run_config["method"])).solver == "als"
 
 
 def _train(msg: Message, context: Context) -> Message:
@@ -230,16 +236,4 @@ def _insecure_marker(config: MarketConfig, market: str) -> dict[str, int]:
 
 def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, privacy: dict[str, float]) -> dict[str, Any]:
     """Validation and test metrics of the model as it stands, with the privacy spent under DP."""
-    valid = evaluate(model, data)
-    test = evaluate(model, data, on_test=True)
-    return privacy | {
-        "num-examples": test.users,
-        "val-ndcg": valid.ndcg,
-        "val-hr": valid.hit_rate,
-        "val-full-ndcg": valid.full_ndcg,
-        "val-full-recall": valid.full_recall,
-        "test-ndcg": test.ndcg,
-        "test-hr": test.hit_rate,
-        "test-full-ndcg": test.full_ndcg,
-        "test-full-recall": test.full_recall,
-    }
+    return privacy | evaluation_metrics(evaluate(model, data), evaluate(model, data, on_test=True))

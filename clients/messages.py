@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 
 from common.data import InteractionFileError
+from common.train import RankingMetrics
 
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
@@ -35,6 +36,21 @@ def reply(msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayRecor
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
+
+
+def evaluation_metrics(valid: RankingMetrics, test: RankingMetrics) -> dict[str, Any]:
+    """The metrics of an evaluation reply: sampled and full-ranking, on validation and test."""
+    return {
+        "num-examples": test.users,
+        "val-ndcg": valid.ndcg,
+        "val-hr": valid.hit_rate,
+        "val-full-ndcg": valid.full_ndcg,
+        "val-full-recall": valid.full_recall,
+        "test-ndcg": test.ndcg,
+        "test-hr": test.hit_rate,
+        "test-full-ndcg": test.full_ndcg,
+        "test-full-recall": test.full_recall,
+    }
 
 
 def public_reason(error: BaseException) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from common.config import from_kebab_case
+from common.ials import CONFIDENCES, IALSConfig
+from common.methods import get_method
 from common.privacy import ACCOUNTANTS, default_delta
 
 # Node config keys by which a region caps every run's DP budget: (exclusive upper bound, what is expected).
@@ -49,8 +51,19 @@ class MarketConfig:
     # INSECURE, for reproducing experiments only: DP noise and sampling drawn from `seed`,
     # so whoever knows the run config can remove the noise. Off: a secure source.
     dp_insecure_seeded_noise: bool
+    als_factors: int  # fedals: dimension d of the user and item factors
+    als_regularization: float  # fedals: λ, the L2 weight on every factor
+    als_alpha: float  # fedals: α, a positive's confidence is 1 + α·w
+    als_nu: float  # fedals: ν, frequency-scaled regularisation λ·(count + rows/α)^ν; 0 is plain iALS
+    als_confidence: str  # fedals: w from the rating, binary (1), rating (r) or log (log(1 + r))
 
     def __post_init__(self) -> None:
+        check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
+        if get_method(self.method).solver == "als" and self.dp_epsilon > 0:
+            raise ValueError(
+                f"{self.method} trains without DP for now: set dp-epsilon to 0 (got {self.dp_epsilon}), "
+                "or choose an SGD method (fedavg, fedper, fedrep, fedper-ft) for a private training."
+            )
         for key, weight in (("global-weight", self.global_weight), ("dp-global-weight", self.dp_global_weight)):
             if not 0 <= weight <= 1:
                 raise ValueError(f"{key} must lie between 0 and 1, got {weight}.")
@@ -75,6 +88,11 @@ class MarketConfig:
             )
         if self.dp_accountant not in ACCOUNTANTS:
             raise ValueError(f"Unknown dp-accountant '{self.dp_accountant}'; choose one of {ACCOUNTANTS}.")
+
+    def ials_config(self) -> IALSConfig:
+        """fedals' iALS settings: one iteration per round, initial factors seeded by ``seed``."""
+        return ials_config(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu,
+                           self.als_confidence, self.num_server_rounds, self.seed)
 
     def starting_weight(self) -> float:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
@@ -120,6 +138,34 @@ class MarketConfig:
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "MarketConfig":
         """Read the run config alone; raises ``ValueError`` on a bad setting."""
         return from_kebab_case(cls, run_config, "markets")
+
+
+def check_als_settings(factors: int, regularization: float, alpha: float, nu: float, confidence: str) -> None:
+    """Refuse a bad ``als-*`` setting by its key (the ServerApp and every market read them).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, what it must be and the value it has.
+    """
+    if factors < 1:
+        raise ValueError(f"als-factors must be a positive whole number, got {factors}.")
+    for key, value in (("als-regularization", regularization), ("als-alpha", alpha)):
+        if not value > 0:
+            raise ValueError(f"{key} must be a positive number, got {value}.")
+    if not nu >= 0:
+        raise ValueError(f"als-nu must be 0 (plain iALS) or a positive exponent, got {nu}.")
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"als-confidence must be one of {', '.join(CONFIDENCES)}, got '{confidence}'.")
+
+
+def ials_config(
+    factors: int, regularization: float, alpha: float, nu: float, confidence: str, iterations: int, seed: int
+) -> IALSConfig:
+    """The :class:`common.ials.IALSConfig` of the ``als-*`` settings, ``iterations`` rounds and ``seed``."""
+    check_als_settings(factors, regularization, alpha, nu, confidence)
+    return IALSConfig(factors=factors, regularization=regularization, alpha=alpha, nu=nu, iterations=iterations,
+                      confidence=confidence, seed=seed)
 
 
 def _number(text: object) -> float:

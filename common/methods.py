@@ -3,6 +3,7 @@
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -20,6 +21,9 @@ class Method:
     fine_tune: bool  # after the last round each market fine-tunes a private copy
     description: str
     base: str = ""  # the method whose training this one runs before its own last step (fedper-ft: fedper)
+    # "sgd": markets train the split model by gradient steps; "als": implicit ALS, users solved
+    # in closed form inside each market and item factors on the server (clients.fedals, server.fedals).
+    solver: Literal["sgd", "als"] = "sgd"
 
 
 METHODS = {
@@ -29,9 +33,11 @@ METHODS = {
         Method("fedper", False, False, False, "encoder averaged; head local, trained jointly with it"),
         Method("fedrep", False, True, False, "encoder averaged; each round the head, then the encoder"),
         Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork", base="fedper"),
+        Method("fedals", False, False, False, "implicit ALS: users solved in each market, items on the server "
+               "from the markets' summed item statistics", solver="als"),
     )
 }
-BASELINES = ("local", "pooled", "popular")
+BASELINES = ("local", "pooled", "popular", "pooled-ials")
 
 
 def get_method(name: str) -> Method:

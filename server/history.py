@@ -104,6 +104,11 @@ class RunHistory:
                     ", ".join(non_finite),
                 )
 
+    def note(self, server_round: int, market: str, **values: Any) -> None:
+        """Values the server measured itself about ``market`` in ``server_round`` (its traffic, say)."""
+        entry = self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}})
+        entry["per_market"].setdefault(market, {}).update(values)
+
     def annotate(self, server_round: int, **values: Any) -> None:
         """Round-level values: ``seconds`` (from sending the round to having aggregated it) and the like."""
         self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}}).update(values)

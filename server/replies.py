@@ -2,14 +2,16 @@
 
 A reply comes from a node the server does not control, so nothing in it is
 trusted: the arrays must be the ones the server sent (same names, dtypes and
-shapes) and finite, the aggregation weights must be bounded whole numbers, and
-the market name it declares must be the one its node declared first. A reply
-that breaks any of these is dropped from the round with a WARNING naming its
-node and market; it never crashes the ServerApp or skews the average.
+shapes) and finite, or pass the method's own check when its markets reply with
+something else (fedals' item statistics: :meth:`server.fedals.FedALS.reply_problem`);
+the aggregation weights must be bounded whole numbers, and the market name it
+declares must be the one its node declared first. A reply that breaks any of
+these is dropped from the round with a WARNING naming its node and market; it
+never crashes the ServerApp or skews the aggregate.
 """
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
@@ -22,6 +24,9 @@ from server.history import MARKET_KEY
 WEIGHT_KEY = "num-examples"  # the aggregation weight; a market out of privacy budget replies with 0
 MAX_WEIGHT = 1e9  # no market holds a billion users or interactions: a larger weight is an attempt to dominate
 MAX_NAME = 64  # the longest market name common.names.check_name accepts; longer ones are cut in the log
+
+# (a train reply's arrays, the arrays the server sent) -> what is wrong with the reply's, or None
+ArraysProblem = Callable[[ArrayRecord, ArrayRecord], str | None]
 
 
 class MarketBinding:
@@ -70,11 +75,18 @@ class ReplyScreen:
         The node-to-market binding of the training; accepted replies extend it.
     weight_keys : Iterable[str]
         Metrics the average is weighted by (``num-examples``, and the strategy's own key).
+    arrays_problem : ArraysProblem, optional
+        The check of a train reply's arrays; by default :func:`same_arrays_problem`, the
+        arrays the server sent, changed in value only.
     """
 
-    def __init__(self, binding: MarketBinding, weight_keys: Iterable[str] = (WEIGHT_KEY,)) -> None:
+    def __init__(
+        self, binding: MarketBinding, weight_keys: Iterable[str] = (WEIGHT_KEY,),
+        arrays_problem: ArraysProblem | None = None,
+    ) -> None:
         self.binding = binding
         self.weight_keys = tuple(dict.fromkeys((WEIGHT_KEY, *weight_keys)))
+        self.arrays_problem = arrays_problem or same_arrays_problem
 
     def screen(
         self, server_round: int, replies: list[Message], sent: ArrayRecord | None
@@ -88,16 +100,16 @@ class ReplyScreen:
         replies : list[Message]
             Replies without errors.
         sent : ArrayRecord or None
-            The arrays the server sent (a train round): each reply must return
-            the same names, dtypes and shapes, finite. None for evaluation
-            replies, which carry no arrays and no aggregation weight.
+            The arrays the server sent (a train round): each reply's arrays must
+            pass the screen's ``arrays_problem`` check against them. None for
+            evaluation replies, which carry no arrays and no aggregation weight.
         """
         accepted: list[Message] = []
         refused: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             market = _declared_market(reply.content)
-            reason = _content_problem(reply.content, market, sent, self.weight_keys)
+            reason = _content_problem(reply.content, market, sent, self.weight_keys, self.arrays_problem)
             if reason is None:
                 reason = self.binding.conflict(node, market)
             if reason is not None:
@@ -128,7 +140,8 @@ def _declared_market(content: RecordDict) -> str | None:
 
 
 def _content_problem(
-    content: RecordDict, market: str | None, sent: ArrayRecord | None, weight_keys: tuple[str, ...]
+    content: RecordDict, market: str | None, sent: ArrayRecord | None, weight_keys: tuple[str, ...],
+    arrays_problem: ArraysProblem,
 ) -> str | None:
     """What is wrong with a reply's content, or None."""
     if market is None:
@@ -149,7 +162,7 @@ def _content_problem(
             return f"its aggregation weight {key!r} {problem}"
     if len(content.array_records) != 1:
         return f"it holds {len(content.array_records)} ArrayRecords, not one"
-    return _arrays_problem(next(iter(content.array_records.values())), sent)
+    return arrays_problem(next(iter(content.array_records.values())), sent)
 
 
 def _weight_problem(weight: object) -> str | None:
@@ -162,7 +175,8 @@ def _weight_problem(weight: object) -> str | None:
     return None
 
 
-def _arrays_problem(arrays: ArrayRecord, sent: ArrayRecord) -> str | None:
+def same_arrays_problem(arrays: ArrayRecord, sent: ArrayRecord) -> str | None:
+    """What is wrong with ``arrays``, or None: they must be those ``sent``, same names, dtypes and shapes, finite."""
     if set(arrays.keys()) != set(sent.keys()):
         missing, extra = sorted(set(sent.keys()) - set(arrays.keys())), sorted(set(arrays.keys()) - set(sent.keys()))
         return f"its arrays differ from those sent: missing {missing}, unexpected {extra}"

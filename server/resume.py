@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.catalog import Catalog
+from common.methods import METHODS
 
 # Run-config keys a resume must not change. Privacy: the user-level DP-SGD
 # settings every market calibrates its noise and ledger with (dp-*), and the
@@ -43,6 +44,9 @@ FINGERPRINT_KEYS = (
     "market-dp-delta",
     "market-dp-max-epsilon",
 )
+# fedals' settings (shape and meaning of its item factors), fingerprinted when the method is fedals
+# only: a checkpoint of another method, made before these keys existed, stays resumable.
+ALS_FINGERPRINT_KEYS = ("als-factors", "als-regularization", "als-alpha", "als-nu", "als-confidence")
 CATALOG_KEY = "catalog"  # the fingerprint's entry for the catalog's content
 
 
@@ -52,8 +56,11 @@ def catalog_digest(catalog: Catalog) -> str:
 
 
 def run_fingerprint(run_config: Mapping[str, Any], catalog: Catalog) -> dict[str, Any]:
-    """The values of :data:`FINGERPRINT_KEYS` in ``run_config`` (None when absent) and the catalog's digest."""
-    fingerprint = {key: _normalised(run_config.get(key)) for key in FINGERPRINT_KEYS}
+    """The values of :data:`FINGERPRINT_KEYS` in ``run_config`` (None when absent) and the catalog's digest;
+    for fedals also those of :data:`ALS_FINGERPRINT_KEYS`."""
+    method = METHODS.get(str(run_config.get("method")))
+    keys = FINGERPRINT_KEYS + (ALS_FINGERPRINT_KEYS if method is not None and method.solver == "als" else ())
+    fingerprint = {key: _normalised(run_config.get(key)) for key in keys}
     fingerprint[CATALOG_KEY] = catalog_digest(catalog)
     return fingerprint
 

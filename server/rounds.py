@@ -11,7 +11,9 @@ exactly what a separate evaluation of that round would have computed.
 Every reply passes :class:`server.replies.ReplyScreen` before it is recorded
 or averaged, and the strategy waits for nodes through a
 :class:`server.node_wait.DeadlineGrid`, so neither a bad reply nor a missing
-node can stall or crash the ServerApp.
+node can stall or crash the ServerApp. Each round's entry in the history
+records, per market, the bytes of the arrays its training message carried
+(``download-bytes``) and of its reply (``upload-bytes``).
 """
 
 import time
@@ -27,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.history import Checkpoint, RunHistory, market_of
 from server.node_wait import DeadlineGrid
-from server.replies import WEIGHT_KEY, MarketBinding, ReplyScreen, weight_of
+from server.replies import WEIGHT_KEY, ArraysProblem, MarketBinding, ReplyScreen, weight_of
 from server.strategy import aggregation_weight_key, market_dp_epsilon, required_nodes
 
 EVALUATE_RECEIVED_KEY = "evaluate-received"  # train config: evaluate the received model before training
@@ -120,16 +122,20 @@ def run_rounds(
     final_evaluate_config: ConfigRecord,
     first_round: int = 1,
     binding: MarketBinding | None = None,
+    arrays_problem: ArraysProblem | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round``..``num_rounds``; return the final shared arrays.
 
     Round ``first_round - 1``'s model (the starting point when 1) is evaluated
     too: folded into the first training message, or separately. ``binding``
     ties nodes to the markets they speak for (from the checkpoint when
-    resuming); it is saved with every checkpoint.
+    resuming); it is saved with every checkpoint. ``arrays_problem`` checks
+    train replies' arrays when the markets do not return the arrays they were
+    sent (:class:`server.replies.ReplyScreen`).
     """
     weight_key = aggregation_weight_key(strategy)
-    screen = ReplyScreen(binding if binding is not None else MarketBinding(), (WEIGHT_KEY, weight_key))
+    binding = binding if binding is not None else MarketBinding()
+    screen = ReplyScreen(binding, (WEIGHT_KEY, weight_key), arrays_problem)
     base_config = {"training-id": settings.training_id}
     if not settings.fold_evaluation:
         _evaluate(grid, strategy, history, settings, screen, first_round - 1, arrays, ConfigRecord(base_config))
@@ -139,6 +145,7 @@ def run_rounds(
         config = ConfigRecord({**train_config, **base_config, EVALUATE_RECEIVED_KEY: settings.fold_evaluation})
         messages = list(strategy.configure_train(server_round, arrays, config, _waiting(grid, strategy, settings)))
         replies = _receive(grid, settings, screen, server_round, messages, sent=arrays)
+        _record_traffic(history, server_round, messages, replies)
         if settings.fold_evaluation:
             history.record(server_round - 1, replies, strip=RECEIVED_PREFIX)
             history.log_round(server_round - 1)
@@ -196,6 +203,25 @@ def _receive(
     accepted, refused = screen.screen(server_round, without_errors, sent)
     check_replies(server_round, len(messages), replies, refused)
     return accepted
+
+
+def _array_bytes(content: RecordDict) -> int:
+    """Bytes of the serialised arrays a message carries (what its ArrayRecords put on the wire)."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+
+
+def _record_traffic(history: RunHistory, server_round: int, messages: list[Message], replies: list[Message]) -> None:
+    """Note and log each replying market's bytes down (its training message) and up (its reply)."""
+    sent = {message.metadata.dst_node_id: _array_bytes(message.content) for message in messages}
+    traffic = {}
+    for reply in replies:
+        market = market_of(reply)
+        if market is not None:
+            traffic[market] = {"download-bytes": sent.get(reply.metadata.src_node_id, 0),
+                               "upload-bytes": _array_bytes(reply.content)}
+            history.note(server_round, market, **traffic[market])
+    log(INFO, "round %d: bytes down/up per market: %s", server_round,
+        ", ".join(f"{market} {t['download-bytes']}/{t['upload-bytes']}" for market, t in sorted(traffic.items())))
 
 
 def _for_aggregation(replies: list[Message], weight_key: str) -> list[Message]:

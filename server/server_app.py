@@ -3,7 +3,9 @@
 A training starts from seeded shared arrays, or with ``init-from`` from the
 shared part an earlier training published (``published.pt``, or a directory
 holding one): a region whose data grew continues from it. A checkpoint to
-resume from wins over both.
+resume from wins over both. ``fedals`` (federated implicit ALS) runs the same
+loop with its own strategy (:mod:`server.fedals`), its shared arrays the
+encoder's item table of iALS factors.
 """
 
 from dataclasses import asdict, dataclass
@@ -16,13 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.market_config import MarketConfig, parse_market_epsilons
+from common.market_config import MarketConfig, check_als_settings, ials_config, parse_market_epsilons
 from common.catalog import Catalog
 from common.config import from_kebab_case
+from common.ials import IALSConfig
+from common.ials_model import initial_encoder_state
 from common.markets import MarketSource
 from common.methods import get_method
 from common.published import load_published, published_path
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
+from server.fedals import FedALS
 from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory
 from server.replies import MarketBinding
 from server.resume import check_resumable, run_fingerprint
@@ -64,10 +69,21 @@ class ServerConfig:
     market_dp_markets: int  # markets per round under market-level DP (all must reply)
     market_dp_delta: float  # delta at which the market-level epsilon is reported
     market_dp_max_epsilon: float  # 0 for no limit; rounds beyond it are refused
+    als_factors: int  # fedals: dimension d of the item factors, the width of its shared item table
+    als_regularization: float  # fedals: λ of the item step
+    als_alpha: float  # fedals: α, a positive's confidence is 1 + α·w
+    als_nu: float  # fedals: ν of the frequency-scaled regularisation
+    als_confidence: str  # fedals: how markets weigh a positive (binary, rating, log)
     out_dir: str  # history.json and checkpoint.pt go here
 
     def __post_init__(self) -> None:
-        get_method(self.method)
+        check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
+        if self.solved_by_als and self.market_dp_noise_multiplier != 0:
+            raise ValueError(
+                f"{self.method} trains without DP for now: set market-dp-noise-multiplier to 0 (got "
+                f"{self.market_dp_noise_multiplier}), or choose an SGD method (fedavg, fedper, fedrep, fedper-ft) "
+                "for market-level DP."
+            )
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be at least 1, got {self.num_server_rounds}.")
         if self.min_nodes < 1:
@@ -78,6 +94,21 @@ class ServerConfig:
             )
         if not 0 < self.node_timeout < float("inf"):
             raise ValueError(f"node-timeout must be a positive number of seconds, got {self.node_timeout}.")
+
+    @property
+    def solved_by_als(self) -> bool:
+        """The method is solved by ALS (fedals), not trained by SGD."""
+        return get_method(self.method).solver == "als"
+
+    @property
+    def shared_dim(self) -> int:
+        """Width of the shared item table: als-factors for fedals, embedding-dim otherwise."""
+        return self.als_factors if self.solved_by_als else self.embedding_dim
+
+    def ials_config(self) -> IALSConfig:
+        """fedals' iALS settings: one iteration per round, initial factors seeded by ``seed``."""
+        return ials_config(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu,
+                           self.als_confidence, self.num_server_rounds, self.seed)
 
     def market_dp(self) -> MarketDPConfig | None:
         """The market-level DP settings, or None when it is off."""
@@ -128,8 +159,14 @@ def load_catalog(config: ServerConfig) -> Catalog:
 
 
 def initial_arrays(config: ServerConfig, catalog: Catalog | None = None) -> ArrayRecord:
-    """The seeded starting point of everything the method shares (over ``catalog``, loaded when None)."""
+    """The seeded starting point of everything the method shares (over ``catalog``, loaded when None).
+
+    fedals shares the encoder holding its seeded initial item factors, which markets draw
+    for their own rows in round 1 (:func:`common.ials_model.initial_rows`).
+    """
     catalog = catalog if catalog is not None else load_catalog(config)
+    if config.solved_by_als:
+        return ArrayRecord(initial_encoder_state(catalog.size, config.ials_config()))
     torch.manual_seed(config.seed)
     # The head's user table is never shared, so one placeholder user suffices here.
     model = SplitRecommender(
@@ -164,7 +201,7 @@ def published_arrays(config: ServerConfig, catalog: Catalog, seeded: ArrayRecord
     if get_method(published.method).share_head != get_method(config.method).share_head:
         differences.append(f"method: {published.method} shares other arrays than {config.method} of this run")
     for key, theirs, ours in (
-        ("embedding-dim", published.embedding_dim, config.embedding_dim),
+        ("embedding-dim", published.embedding_dim, config.shared_dim),
         ("history-length", published.history_length, config.history_length),
         ("user-embeddings", published.user_embeddings, config.user_embeddings),
         ("catalog fingerprint", published.catalog_fingerprint, catalog.fingerprint()),
@@ -198,9 +235,13 @@ def main(grid: Grid, context: Context) -> None:
     # A bad market setting would otherwise only show as every market failing round 1.
     market_config = MarketConfig.from_run_config(context.run_config)
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
-    strategy = build_strategy(config.min_nodes, config.market_dp())
     history = RunHistory(Path(config.out_dir), asdict(config))
     catalog = load_catalog(config)
+    if config.solved_by_als:
+        strategy = FedALS(config.ials_config(), catalog.size, seeded_start=not config.init_from,
+                          min_nodes=config.min_nodes)
+    else:
+        strategy = build_strategy(config.min_nodes, config.market_dp())
     fingerprint = run_fingerprint(context.run_config, catalog)
     arrays, first_round, training_id = initial_arrays(config, catalog), 1, str(context.run_id)
     binding = MarketBinding()
@@ -236,7 +277,9 @@ def main(grid: Grid, context: Context) -> None:
         budgeted_markets=frozenset(parse_market_epsilons(market_config.dp_market_epsilons)),
     )
     final = final_evaluate_config(config)
-    arrays = run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding)
+    arrays_problem = strategy.reply_problem if isinstance(strategy, FedALS) else None
+    arrays = run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding,
+                        arrays_problem)
     publish(history, arrays, config, catalog, training_id, config.num_server_rounds, context.run_config)
 
 
@@ -252,7 +295,7 @@ def publish(
     models_dir = str(run_config.get("models-dir", ""))
     about = {
         "method": config.method,
-        "embedding-dim": config.embedding_dim,
+        "embedding-dim": config.shared_dim,
         "history-length": config.history_length,
         "user-embeddings": config.user_embeddings,
         "catalog-fingerprint": catalog.fingerprint(),

@@ -4,7 +4,9 @@
 answers whether federating pays for itself under DP; ``pooled`` puts all
 markets' data in one place, so it stays the non-private ceiling; ``popular``
 ranks by each market's item popularity, under DP released with the whole
-budget: the simplest private recommender, which DP-SGD has to beat.
+budget: the simplest private recommender, which DP-SGD has to beat;
+``pooled-ials`` is iALS on all markets' data in one place, the reference
+``fedals`` equals, evaluated and served per market as fedals is.
 """
 
 import copy
@@ -13,9 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.catalog import Catalog
+from common.ials import IALSConfig, ItemFactors, pooled_ials
+from common.ials_model import IALSMarket, evaluate_market, interaction_ratings
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
 from common.privacy import PrivacyBudget, epsilon_of, release_history, release_noise
@@ -29,7 +34,7 @@ from common.private_train import (
     train_epochs_private,
 )
 from common.serving import market_user_ids, write_served_model
-from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
+from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 from simulations.results import select_on_validation
 
 Progress = Callable[[str], None]
@@ -77,8 +82,11 @@ def market_curve(
 ) -> dict[str, float]:
     """Validation and test metrics of one market at one evaluation point: sampled, and
     against the market's whole assortment (``*-full-*``), keyed as a ClientApp replies."""
-    valid = evaluate(model, data)
-    test = evaluate(model, data, on_test=True)
+    return curve_point(evaluate(model, data), evaluate(model, data, on_test=True), server_round)
+
+
+def curve_point(valid: RankingMetrics, test: RankingMetrics, server_round: int) -> dict[str, float]:
+    """One evaluation point of a market's curve from its validation and test metrics."""
     return {
         "round": server_round,
         "val-ndcg": valid.ndcg,
@@ -206,6 +214,48 @@ def run_pooled(
             market = data.split.market
             best = select_on_validation(curves[market])
             best_states[market].write(settings.models_dir / "pooled" / market, "pooled", data, source, catalog, best)
+    return curves
+
+
+def run_pooled_ials(
+    source: MarketSource, catalog: Catalog, settings: BaselineSettings, config: IALSConfig, progress: Progress
+) -> dict[str, list[dict[str, float]]]:
+    """iALS on all markets' training data in one process (:func:`common.ials.pooled_ials`), never private.
+
+    After each iteration every market is evaluated as fedals evaluates it: its own users solved
+    against the pooled item factors, through the same split recommender
+    (:func:`common.ials_model.evaluate_market`); its served model is its best validation iteration.
+    """
+    markets = []
+    for market in source.markets:
+        split = load_split(source, market, catalog)
+        ratings = None
+        if config.confidence != "binary":
+            ratings = interaction_ratings(split, source.interactions(market), catalog)
+        markets.append(IALSMarket.from_split(split, settings.history_length, ratings))
+    curves: dict[str, list[dict[str, float]]] = {market.split.market: [] for market in markets}
+    best_states = {market.split.market: BestState() for market in markets}
+    started = time.perf_counter()
+
+    def evaluate_iteration(step: int, users: list[np.ndarray], items: ItemFactors) -> None:
+        nonlocal started
+        gram = items.gram()
+        for market, user_factors in zip(markets, users, strict=True):
+            valid, test, model = evaluate_market(market, items, gram, catalog.size, config, user_factors)
+            curves[market.split.market].append(curve_point(valid, test, step))
+            best_states[market.split.market].offer(model, curves[market.split.market][-1])
+        macro = sum(curve[-1]["val-ndcg"] for curve in curves.values()) / len(curves)
+        progress(f"pooled-ials iteration {step}/{config.iterations}: macro val NDCG@10 {macro:.4f} "
+                 f"({time.perf_counter() - started:.1f} s)")
+        started = time.perf_counter()
+
+    pooled_ials([market.train for market in markets], catalog.size, config, evaluate_iteration)
+    if settings.models_dir is not None:
+        for market in markets:
+            name = market.split.market
+            best = select_on_validation(curves[name])
+            best_states[name].write(settings.models_dir / "pooled-ials" / name, "pooled-ials", market.tensors, source,
+                                    catalog, best)
     return curves
 
 

@@ -4,9 +4,11 @@
     python -m simulations.run --data-dir ../shared/data/xmarket-electronics --out OUT
 
 Federated methods run as the real Flower app on Flower's simulation engine
-(a SuperLink this command starts and stops); ``local`` and ``pooled`` train
-in this process on the same splits. Every method reports test metrics at the
-round where each market's validation NDCG@10 was best.
+(a SuperLink this command starts and stops); ``local``, ``pooled``,
+``popular`` and ``pooled-ials`` (iALS on all markets' data, the reference
+``fedals`` equals) run in this process on the same splits. Every method
+reports test metrics at the round where each market's validation NDCG@10 was
+best (for ``fedals`` and ``pooled-ials`` a round is one ALS iteration).
 """
 
 import argparse
@@ -19,11 +21,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.market_config import MarketConfig, parse_market_epsilons
+from common.market_config import MarketConfig, ials_config, parse_market_epsilons
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
 from common.train import TrainConfig
-from simulations.baselines import BaselineSettings, LocalPrivacy, run_local, run_pooled, run_popular
+from server.server_app import ServerConfig
+from simulations.baselines import (
+    BaselineSettings,
+    LocalPrivacy,
+    run_local,
+    run_pooled,
+    run_pooled_ials,
+    run_popular,
+)
 from simulations.flower_runtime import APP_DIR, SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.results import (
     federated_curves,
@@ -108,9 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     assignments, args.app_config = args.app_config, {}
     try:
         args.app_config = parse_app_config(assignments, defaults, reserved=set(run_config_for(args, "", Path(), 0)))
-        # Checked here, before anything starts: inside a run a bad market setting
-        # only shows as every market failing its first round.
-        MarketConfig.from_run_config({**defaults, **run_config_for(args, defaults["method"], Path(), 0)})
+        # Checked here, before anything starts, for every federated method asked for: inside a
+        # run a bad setting only shows as every market failing its first round.
+        for method in [m for m in methods if m in METHODS] or [defaults["method"]]:
+            run_config = {**defaults, **run_config_for(args, method, Path(), 1)}
+            MarketConfig.from_run_config(run_config)
+            ServerConfig.from_run_config(run_config)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -228,8 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
                                defaults["dp-accountant"], private_train, defaults["dp-popularity-share"],
                                parse_market_epsilons(args.market_epsilons), args.insecure_seeded_dp_noise)
-        if "pooled" in args.methods:
-            say("pooled pools every market's data in one place: it trains without DP, as the non-private ceiling")
+        for pooled in ("pooled", "pooled-ials"):
+            if pooled in args.methods:
+                say(f"{pooled} pools every market's data in one place: it trains without DP, "
+                    "as the non-private ceiling")
     settings = BaselineSettings(
         args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy,
         models_dir=args.out / "models",  # served models: OUT/models/<method>/<market>/
@@ -252,6 +267,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curves = run_pooled(source, catalog, settings, say)
         elif method == "popular":
             curves = run_popular(source, catalog, settings, say)
+        elif method == "pooled-ials":
+            ials = ials_config(defaults["als-factors"], defaults["als-regularization"], defaults["als-alpha"],
+                               defaults["als-nu"], defaults["als-confidence"], args.rounds, args.seed)
+            curves = run_pooled_ials(source, catalog, settings, ials, say)
         else:
             curves, rounds = run_federated(args, method, len(markets))
             results["rounds"].extend({"method": method, **entry} for entry in rounds)

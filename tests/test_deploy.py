@@ -159,6 +159,27 @@ def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
         assert "Receiving: train message" in new and "Start `flwr-clientapp`" not in new
 
 
+def test_three_regions_complete_a_fedals_run_over_tls(federation):
+    # Prepare: federated implicit ALS on the same regions (the malformed one fails every round).
+    out = federation.root / "out-fedals"
+
+    # Execute
+    federation.run(_run_config(out, method="'fedals'", als_factors=8, min_nodes=4, num_server_rounds=2))
+
+    # Assert: every good region took part in every round, sending item statistics, and serves
+    # fedals' model of the round its validation picked from its own state-dir.
+    history = _history(out)
+    assert set(history) == {0, 1, 2}
+    assert all(history[r]["per_market"][region]["upload-bytes"] > 0 for r in (1, 2) for region in REGIONS)
+    catalog = Catalog.load(federation.root / "data" / "catalog.txt")
+    for region in REGIONS:
+        served = load_served_model(federation.root / "state" / region / "model", catalog)
+        best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
+        assert served.manifest["method"] == "fedals" and served.manifest["round"] == best
+        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(history[best]["per_market"][region]["test-ndcg"])
+    assert torch.load(out / "published.pt", weights_only=True)["method"] == "fedals"
+
+
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
     # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2;
     # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon.

@@ -1,0 +1,325 @@
+"""fedals' iALS factors as the project's split recommender, and what fedals' messages carry.
+
+iALS (:mod:`common.ials`) scores user ``u`` and item ``i`` with ``x_u · y_i``. Written as a
+:class:`common.model.SplitRecommender` (``ModelConfig(rows, users, d, history_length,
+user_embeddings=True)``), evaluation, served models, ``recommend``, ``score``, ``join`` and the
+full-ranking metrics work on it unchanged:
+
+* ``encoder.item_embedding.weight`` = ``Y`` (zero for rows the market was not sent) and
+  ``encoder.tower`` = 0, so the encoder is the identity on ``Y``;
+* ``head.history_projection.weight`` = ``P``, a ridge fit of ``x_u − x̄ ≈ P·h̄_u`` over the
+  market's users, where ``x̄`` is the mean user factor and ``h̄_u`` the mean item factor of the
+  user's history as the model pools it (:class:`common.train.MarketTensors`);
+* ``head.item_bias.weight[i]`` = ``x̄ · y_i``;
+* ``head.user_embedding.weight[u]`` = ``x_u − x̄ − P·h̄_u``.
+
+A known user then scores ``x_u · y_i`` whatever ``P`` is (to float32 rounding); an unknown user
+without history gets the mean user's ranking ``x̄ · y_i`` (close to popularity), and one with a
+history ``(x̄ + P·h̄) · y_i``, a linear stand-in for folding them in.
+
+Evaluation follows the project's protocol, as :mod:`simulations.ials_tuning` measures iALS:
+validation ranks with ``x_u`` solved on the training interactions; test with ``x_u`` folded in
+from the training interactions plus the validation interaction (the item factors never see it),
+just as the neural methods' test history holds the validation item. The user embeddings are
+set for each of the two, so the model is exact on both: :func:`evaluate_market` returns the
+test one, the model a market serves (``score(as_of="test")`` reproduces its test metrics).
+
+The wire format of fedals (Flower Message API, arrays of numpy): the server sends a market
+:func:`common.ials.pack_item_factors` of its assortment's rows, or in round 1 the Gram alone with
+:data:`INITIAL_ROWS_KEY` set, and the market draws its seeded initial rows itself
+(:func:`initial_rows`, equal to the server's :func:`initial_encoder_state`). A market replies
+with :func:`common.ials.pack_statistics` and its assortment's rows (:data:`ASSORTMENT_KEY`), from
+which the server learns what to send it next; :func:`reply_problem` is the server's check of it.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.catalog import Catalog
+from common.ials import (
+    STATISTICS_KEYS,
+    IALSConfig,
+    ItemFactors,
+    MarketInteractions,
+    check_item_side,
+    initial_item_factors,
+    solve_users,
+)
+from common.model import ModelConfig, SplitRecommender
+from common.split import MarketSplit
+from common.train import MarketTensors, RankingMetrics, evaluate
+
+ITEM_TABLE = "encoder.item_embedding.weight"  # the shared state's item factors Y over the catalog
+TOWER_WEIGHT, TOWER_BIAS = "encoder.tower.weight", "encoder.tower.bias"  # zero: the encoder is the identity on Y
+ASSORTMENT_KEY = "assortment"  # reply array: the market's sorted assortment rows, what the server sends it next
+INITIAL_ROWS_KEY = "fedals-initial-rows"  # config: no rows sent, draw the seeded initial factors of your assortment
+REPLY_KEYS = (*STATISTICS_KEYS, ASSORTMENT_KEY)
+HISTORY_RIDGE = 1e-2  # ridge of the fit of P, relative to the mean eigenvalue of Σ h̄_u h̄_uᵀ
+_INITIAL_CHUNK = 65536  # catalog rows drawn at once for the initial table
+
+
+@dataclass(frozen=True)
+class IALSMarket:
+    """A market's split as iALS sees it: tensors for evaluation and its interactions to solve users on."""
+
+    tensors: MarketTensors
+    train: MarketInteractions  # the training interactions
+    with_valid: MarketInteractions  # training plus validation interactions: a user's past at test time
+
+    @property
+    def split(self) -> MarketSplit:
+        """The market's split."""
+        return self.tensors.split
+
+    @classmethod
+    def from_split(
+        cls, split: MarketSplit, history_length: int, ratings: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> "IALSMarket":
+        """The market of ``split``; ``ratings`` (:func:`interaction_ratings`) for the rating and log confidences."""
+        train_ratings, valid_ratings = ratings if ratings is not None else (None, None)
+        valid_items = split.valid.candidates[:, 0]
+        return cls(
+            tensors=MarketTensors.from_split(split, history_length),
+            train=MarketInteractions(split.train_users, split.train_items, split.num_users, train_ratings),
+            with_valid=MarketInteractions(
+                np.concatenate([split.train_users, split.valid.users]),
+                np.concatenate([split.train_items, valid_items]),
+                split.num_users,
+                None if ratings is None else np.concatenate([train_ratings, valid_ratings]),
+            ),
+        )
+
+
+def interaction_ratings(
+    split: MarketSplit, interactions: pd.DataFrame, catalog: Catalog
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rating of each training and each validation interaction of ``split``.
+
+    Parameters
+    ----------
+    split : MarketSplit
+        The market's split, with its user IDs.
+    interactions : pandas.DataFrame
+        The table the split was made from (columns ``user``, ``item``, ``rating``).
+    catalog : Catalog
+        The catalog the split maps items through.
+
+    Raises
+    ------
+    ValueError
+        If an interaction of the split has no rating in the table.
+    """
+    table = pd.DataFrame(
+        {"user": interactions["user"].astype(str), "row": catalog.rows(interactions["item"]),
+         "rating": interactions["rating"].to_numpy(dtype=np.float64)}
+    ).drop_duplicates(["user", "row"], keep="last")
+    ids = np.asarray(split.user_ids, dtype=object)
+
+    def ratings(users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        keys = pd.DataFrame({"user": ids[users], "row": rows})
+        found = keys.merge(table, on=["user", "row"], how="left")["rating"].to_numpy(dtype=np.float64)
+        if np.isnan(found).any():
+            raise ValueError(f"Market '{split.market}': {int(np.isnan(found).sum())} interactions have no rating.")
+        return found
+
+    return ratings(split.train_users, split.train_items), ratings(split.valid.users, split.valid.candidates[:, 0])
+
+
+@dataclass(frozen=True)
+class HistoryHead:
+    """The head's stand-in for a user's factor from their history: ``x ≈ x̄ + P·h̄``."""
+
+    mean_user: np.ndarray  # x̄, (d,)
+    projection: np.ndarray  # P, (d, d)
+
+    @classmethod
+    def fit(cls, user_factors: np.ndarray, means: np.ndarray) -> "HistoryHead":
+        """``x̄`` and the ridge least-squares ``P`` of ``x_u − x̄ ≈ P·h̄_u`` over the market's users."""
+        mean_user = user_factors.mean(axis=0)
+        gram = means.T @ means
+        scale = np.trace(gram) / len(gram)
+        ridge = HISTORY_RIDGE * scale if scale > 0 else 1.0  # no history at all: P = 0
+        projection = np.linalg.solve(gram + ridge * np.eye(len(gram)), means.T @ (user_factors - mean_user)).T
+        return cls(mean_user, projection)
+
+    def offsets(self, user_factors: np.ndarray, means: np.ndarray) -> np.ndarray:
+        """The user embeddings that make the head give ``user_factors`` exactly: ``x_u − x̄ − P·h̄_u``."""
+        return user_factors - self.mean_user - means @ self.projection.T
+
+
+def history_means(items: ItemFactors, history: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """``h̄_u``: the mean item factor of each user's history, pooled as :class:`MarketHead` pools it.
+
+    Parameters
+    ----------
+    items : ItemFactors
+        The item factors (rows not listed are zero).
+    history, mask : torch.Tensor
+        ``(users, history_length)`` catalog rows and 1.0 where a row holds an item.
+    """
+    rows, weights = history.numpy(), mask.numpy().astype(np.float64)
+    total = np.zeros((len(rows), items.dim))
+    for position in range(rows.shape[1]):  # one history position at a time: (users, d) in memory
+        total += weights[:, position, None] * items.lookup(rows[:, position])
+    return total / np.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+
+
+def ials_recommender(
+    items: ItemFactors, num_items: int, head: HistoryHead, offsets: np.ndarray, history_length: int
+) -> SplitRecommender:
+    """The split recommender of item factors ``items``, the history ``head`` and the user ``offsets``.
+
+    Parameters
+    ----------
+    items : ItemFactors
+        The item factors the market holds; every other row of the catalog is zero.
+    num_items : int
+        Rows of the item table (catalog plus overflow).
+    head : HistoryHead
+        ``x̄`` and ``P``.
+    offsets : np.ndarray
+        ``(users, d)`` the user embeddings, :meth:`HistoryHead.offsets`.
+    history_length : int
+        Training items pooled into a user's history, as the market's tensors hold them.
+    """
+    model = SplitRecommender(ModelConfig(num_items, len(offsets), items.dim, history_length, user_embeddings=True))
+    rows = torch.as_tensor(items.rows)
+    with torch.no_grad():
+        model.encoder.item_embedding.weight.zero_()
+        model.encoder.item_embedding.weight[rows] = torch.as_tensor(items.factors, dtype=torch.float32)
+        model.encoder.tower.weight.zero_()
+        model.encoder.tower.bias.zero_()
+        model.head.history_projection.weight.copy_(torch.as_tensor(head.projection))
+        model.head.item_bias.weight.zero_()
+        model.head.item_bias.weight[rows, 0] = torch.as_tensor(items.factors @ head.mean_user, dtype=torch.float32)
+        model.head.user_embedding.weight.copy_(torch.as_tensor(offsets))
+    return model.eval()
+
+
+def evaluate_market(
+    market: IALSMarket,
+    items: ItemFactors,
+    gram: np.ndarray,
+    num_items: int,
+    config: IALSConfig,
+    user_factors: np.ndarray | None = None,
+) -> tuple[RankingMetrics, RankingMetrics, SplitRecommender]:
+    """Validation and test metrics of the item factors ``items`` in ``market``, and the model to serve.
+
+    Validation scores ``x_u · y_i`` with users solved on the training interactions, test with
+    users folded in from training and validation (module docstring), both through the split
+    recommender and :func:`common.train.evaluate`, sampled and full ranking.
+
+    Parameters
+    ----------
+    market : IALSMarket
+        The market.
+    items : ItemFactors
+        Factors of (at least) the market's assortment.
+    gram : np.ndarray
+        ``(d, d)`` ``YᵀY`` over the whole item table.
+    num_items : int
+        Rows of the item table.
+    config : IALSConfig
+        Hyper-parameters of the user solves.
+    user_factors : np.ndarray, optional
+        The users solved on the training interactions against ``items``, when already at hand.
+
+    Returns
+    -------
+    tuple[RankingMetrics, RankingMetrics, SplitRecommender]
+        Validation and test metrics, and the model as of the test evaluation.
+    """
+    if user_factors is None:
+        user_factors = solve_users(market.train, items, gram, num_items, config)
+    folded = solve_users(market.with_valid, items, gram, num_items, config)
+    tensors = market.tensors
+    means = history_means(items, tensors.history, tensors.history_mask)
+    head = HistoryHead.fit(user_factors, means)
+    model = ials_recommender(items, num_items, head, head.offsets(user_factors, means), tensors.history.shape[1])
+    valid = evaluate(model, tensors)
+    test_means = history_means(items, tensors.test_history, tensors.test_history_mask)
+    with torch.no_grad():
+        model.head.user_embedding.weight.copy_(torch.as_tensor(head.offsets(folded, test_means)))
+    return valid, evaluate(model, tensors, on_test=True), model
+
+
+# --- the shared state: the encoder's state dict holding Y ---------------------------------------
+
+
+def encoder_state(table: np.ndarray) -> dict[str, torch.Tensor]:
+    """The encoder's state dict of item table ``Y`` ``(rows, d)``: float32, the tower zero (identity)."""
+    dim = table.shape[1]
+    return {
+        ITEM_TABLE: torch.as_tensor(np.asarray(table, dtype=np.float32)),
+        TOWER_WEIGHT: torch.zeros((dim, dim)),
+        TOWER_BIAS: torch.zeros(dim),
+    }
+
+
+def initial_rows(rows: np.ndarray, config: IALSConfig) -> ItemFactors:
+    """The seeded initial factors of catalog ``rows`` as the server's float32 table holds them."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    factors = initial_item_factors(rows, config.factors, config.seed, config.init_std)
+    return ItemFactors(rows, factors.astype(np.float32).astype(np.float64))
+
+
+def initial_encoder_state(num_items: int, config: IALSConfig) -> dict[str, torch.Tensor]:
+    """The encoder state of fedals' round 1: every catalog row's seeded initial factor."""
+    table = np.empty((num_items, config.factors), dtype=np.float32)
+    for start in range(0, num_items, _INITIAL_CHUNK):
+        rows = np.arange(start, min(start + _INITIAL_CHUNK, num_items))
+        table[rows] = initial_rows(rows, config).factors
+    return encoder_state(table)
+
+
+# --- what a market replies ------------------------------------------------------------------------
+
+
+def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -> str | None:
+    """What is wrong with a fedals train reply's arrays, or None.
+
+    A reply holds exactly :data:`REPLY_KEYS`: integer item rows inside the catalog, sorted and
+    distinct, the touched ``items`` among the ``assortment``; shapes consistent with ``dim``
+    and the ranks, and nothing that may carry a user axis (:func:`common.ials.check_item_side`);
+    float, finite values.
+
+    Parameters
+    ----------
+    payload : Mapping[str, np.ndarray]
+        The reply's arrays by name.
+    num_items : int
+        Rows of the item table.
+    dim : int
+        The factor dimension d the server solves with.
+    """
+    if set(payload) != set(REPLY_KEYS):
+        missing, extra = sorted(set(REPLY_KEYS) - set(payload)), sorted(set(payload) - set(REPLY_KEYS))
+        return f"its arrays are not fedals' statistics: missing {missing}, unexpected {extra}"
+    for name in ("items", "counts", "ranks", ASSORTMENT_KEY):
+        if payload[name].ndim != 1 or not np.issubdtype(payload[name].dtype, np.integer):
+            return f"array {name!r} is {payload[name].dtype} {payload[name].shape}, not a vector of whole numbers"
+    for name in ("factor", "gram"):
+        if not np.issubdtype(payload[name].dtype, np.floating):
+            return f"array {name!r} is {payload[name].dtype}, not float"
+        if not np.isfinite(payload[name]).all():
+            return f"array {name!r} holds {int((~np.isfinite(payload[name])).sum())} non-finite values"
+    assortment, items = payload[ASSORTMENT_KEY], payload["items"]
+    for name, rows in ((ASSORTMENT_KEY, assortment), ("items", items)):
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
+            return f"array {name!r} holds rows outside the catalog's {num_items}"
+        if np.any(np.diff(rows) <= 0):
+            return f"array {name!r} is not sorted and distinct"
+    if not np.isin(items, assortment).all():
+        return "it has statistics of items outside the assortment it declares"
+    if payload["gram"].shape != (dim + 1, dim + 1):
+        return f"its Gram is {payload['gram'].shape}, not ({dim + 1}, {dim + 1}) for {dim} factors"
+    try:
+        check_item_side({name: payload[name] for name in STATISTICS_KEYS}, items, dim)
+    except ValueError as error:
+        return str(error)
+    return None

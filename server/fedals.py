@@ -1,0 +1,159 @@
+"""FedALS: federated implicit ALS, one ALS iteration per Flower round.
+
+Each round the server sends every market the item factors of its assortment and the Gram
+``YᵀY`` of the whole table; the market solves its users against them and replies with
+item-side statistics summed over its users (:func:`common.ials.pack_statistics`) and its
+assortment's rows; the server sums the statistics and solves every touched item exactly
+(:func:`common.ials.solve_items`). The item factors equal pooled iALS of the same settings
+(:func:`common.ials.pooled_ials`) up to the float32 wire. No user-indexed value is sent.
+
+The round loop (:mod:`server.rounds`) keeps the shared state as the encoder's state dict
+(:func:`common.ials_model.encoder_state`: ``Y`` dense over the catalog, the tower zero), so
+checkpoints, resumes and ``published.pt`` are those of the other methods. A node's rows come
+from its previous reply; a node the server has none for gets, in the first round of a
+seeded training, the Gram alone and draws its seeded initial rows itself, and otherwise the
+whole table (a new or restarted node, or a resumed server).
+"""
+
+from collections.abc import Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from common.ials import IALSConfig, ItemFactors, pack_item_factors, solve_items, unpack_statistics
+from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
+
+
+class FedALS(FedAvg):
+    """Federated implicit ALS over the markets' item statistics.
+
+    Parameters
+    ----------
+    config : IALSConfig
+        The iALS settings (d, λ, α, ν) every market uses too.
+    num_items : int
+        Rows of the item table (catalog plus overflow).
+    seeded_start : bool
+        True when round 1 starts from the seeded initial table
+        (:func:`common.ials_model.initial_encoder_state`), which markets draw themselves;
+        False when it starts from other arrays (``init-from``).
+    min_nodes : int
+        Markets that must be connected before a round starts.
+    """
+
+    def __init__(self, config: IALSConfig, num_items: int, seeded_start: bool, min_nodes: int = 2) -> None:
+        if num_items < 1:
+            raise ValueError(f"FedALS needs an item table of at least one row, got {num_items}.")
+        if min_nodes < 1:
+            raise ValueError(f"FedALS needs at least one market per round, got min_nodes={min_nodes}.")
+        super().__init__(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+        self.config = config
+        self.num_items = num_items
+        self.seeded_start = seeded_start
+        self._rows: dict[int, np.ndarray] = {}  # node id -> its assortment rows, from its last reply
+        self._state: tuple[ArrayRecord, np.ndarray, np.ndarray] | None = None  # arrays, their table and Gram
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send each sampled market the item factors of its rows and the Gram, for its user step."""
+        if self.fraction_train == 0.0:
+            return []
+        return self._configure(server_round, arrays, config, grid, MessageType.TRAIN,
+                               self.fraction_train, self.min_train_nodes)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send each sampled market the item factors of its rows and the Gram, to evaluate them."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE,
+                               self.fraction_evaluate, self.min_evaluate_nodes)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Sum the markets' statistics and solve the items: the new encoder state, or None without replies.
+
+        The replies passed :meth:`reply_problem` (through the round loop's reply screen);
+        each one also tells the server its node's rows for the next message.
+        """
+        statistics, received = [], 0
+        for reply in replies:
+            record = next(iter(reply.content.array_records.values()))
+            payload = {name: array.numpy() for name, array in record.items()}
+            received += sum(len(array.data) for array in record.values())
+            self._rows[reply.metadata.src_node_id] = payload.pop(ASSORTMENT_KEY).astype(np.int64)
+            statistics.append(unpack_statistics(payload))
+        if not statistics:
+            return None, None
+        solved = solve_items(statistics, self.config)
+        table = np.zeros((self.num_items, self.config.factors), dtype=np.float32)
+        table[solved.rows] = solved.factors
+        arrays = ArrayRecord(encoder_state(table))
+        self._state = (arrays, table, _gram(table))
+        log(INFO, "fedals round %d: solved %d item rows from %d markets' statistics (%d bytes received)",
+            server_round, len(solved.rows), len(statistics), received)
+        return arrays, None
+
+    def reply_problem(self, arrays: ArrayRecord, sent: ArrayRecord) -> str | None:
+        """What is wrong with a train reply's arrays, or None: the reply screen's check for fedals.
+
+        Parameters
+        ----------
+        arrays : ArrayRecord
+            The reply's arrays.
+        sent : ArrayRecord
+            The encoder state the round started from (unused: markets reply with statistics).
+        """
+        try:
+            payload = {name: array.numpy() for name, array in arrays.items()}
+        except Exception as error:  # noqa: BLE001 - any undecodable payload is the sender's fault
+            return f"its arrays cannot be decoded ({type(error).__name__}: {error})"
+        return reply_problem(payload, self.num_items, self.config.factors)
+
+    def _configure(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, message_type: str,
+        fraction: float, minimum: int,
+    ) -> list[Message]:
+        sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        table, gram = self._table(arrays)
+        messages = []
+        for node in node_ids:
+            initial = node not in self._rows and self.seeded_start and server_round <= 1
+            if initial:
+                payload = {"gram": gram.astype(np.float32)}
+            else:
+                rows = self._rows[node] if node in self._rows else np.flatnonzero(table.any(axis=1))
+                payload = pack_item_factors(ItemFactors(rows, table[rows]), gram)
+            node_config = ConfigRecord({**config, "server-round": server_round, INITIAL_ROWS_KEY: initial})
+            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                                  "config": node_config})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        log(INFO, "fedals %s round %d: item factors for %d markets", message_type, server_round, len(messages))
+        return messages
+
+    def _table(self, arrays: ArrayRecord) -> tuple[np.ndarray, np.ndarray]:
+        """The item table ``arrays`` holds and its Gram (kept from the aggregation that made them)."""
+        if self._state is None or self._state[0] is not arrays:
+            table = arrays[ITEM_TABLE].numpy()
+            if table.shape != (self.num_items, self.config.factors):
+                raise ValueError(
+                    f"FedALS solves {self.config.factors} factors of {self.num_items} rows, but the shared "
+                    f"state's {ITEM_TABLE} is {table.shape}."
+                )
+            self._state = (arrays, table, _gram(table))
+        return self._state[1], self._state[2]
+
+
+def _gram(table: np.ndarray) -> np.ndarray:
+    """``YᵀY`` in float64 over the table's non-zero rows."""
+    rows = table[table.any(axis=1)].astype(np.float64)
+    return rows.T @ rows
