@@ -1,0 +1,893 @@
+"""Implicit alternating least squares (iALS), pooled and federated across markets.
+
+The model scores user ``u`` and item ``i`` with ``x_u · y_i`` and minimises Hu, Koren and
+Volinsky's weighted loss ("Collaborative Filtering for Implicit Feedback Datasets", ICDM 2008)
+with the frequency-scaled regularisation of Rendle, Krichene, Zhang and Koren ("Revisiting the
+Performance of iALS on Item Recommendation Benchmarks", RecSys 2022)::
+
+    L(X, Y) = Σ_(u,i) observed  c_ui (1 − x_u·y_i)²  +  Σ_(u,i) unobserved (x_u·y_i)²
+              + Σ_u λ_u ‖x_u‖²  +  Σ_i λ_i ‖y_i‖²
+
+    c_ui = 1 + α·w_ui          confidence; w_ui = 1 (binary), r_ui (rating) or log(1 + r_ui/ε)
+    λ_u  = λ·(|I_u| + |I|/α)^ν  |I_u| the user's training items, |I| the items with a factor
+    λ_i  = λ·(|U_i| + |U|/α)^ν  |U_i| the item's buyers (all markets), |U| the users with one
+
+|I| counts the rows ``YᵀY`` runs over: every catalog row at initialisation, afterwards the
+items some market touched (the others are zero and add no term that depends on ``x_u``); |U|
+counts the users with a training interaction. Neither grows with unsold catalog rows.
+
+ν = 0 is plain iALS (implicit's ``AlternatingLeastSquares`` with ``alpha_implicit = 1 + α``
+on binary data, since implicit's confidence is ``alpha·r``). For binary confidence and any ν
+this loss is Rendle et al.'s ``Σ_S (ŷ−1)² + α0 Σ_all ŷ² + λ_R Σ (|I_u| + α0|I|)^ν ‖x_u‖² + …``
+with ``α0 = 1/α`` and ``λ_R = λ/(1 + α)``: divided by ``α0`` theirs is ours with the target
+``α/(1+α)`` instead of 1, which only rescales the factors (and so λ by ``(1+α)/α``).
+
+Each half-step is solved exactly. A user's normal equations are::
+
+    (YᵀY + Σ_(i∈I_u) (c_ui − 1) y_i y_iᵀ + λ_u I) x_u = Σ_(i∈I_u) c_ui y_i
+
+where ``YᵀY`` (the "every unobserved item is a zero with weight 1" term) runs over *all*
+items. A market therefore needs only the rows of the items its users touched plus the global
+Gram ``YᵀY`` (d×d), which the server sends. The item step is the mirror image::
+
+    (XᵀX + Σ_(u∈U_i) (c_ui − 1) x_u x_uᵀ + λ_i I) y_i = Σ_(u∈U_i) c_ui x_u
+
+and every term is a sum over users, so it splits across markets: ``XᵀX = Σ_m X_mᵀX_m``, and
+per item ``A_i = Σ_m A_i^m``, ``b_i = Σ_m b_i^m``. A market sends, for each item it touched,
+one matrix that holds both ``A_i^m`` and ``b_i^m``: with ``z_u = [√(c−1)·x_u, c/√(c−1)]``
+(d + 1 numbers per buyer), ``S_i^m = Σ_u z_u z_uᵀ`` carries ``A_i^m`` in its leading d×d block
+and ``b_i^m`` in its last column. ``S_i^m`` has rank ``r ≤ min(k_i, d + 1)`` for ``k_i``
+buyers, so the market sends its upper-trapezoidal factor ``R`` (r × (d+1), ``RᵀR = S``) packed
+row by row without the zeros below the diagonal: ``r(d+1) − r(r−1)/2`` numbers, which is the
+packed triangle of ``S`` when ``r = d + 1`` and ``k_i·(d+1) − k_i(k_i−1)/2`` when ``k_i ≤ d``.
+``R`` has a non-negative diagonal, which makes it *the* factor of ``S`` whenever its leading
+r×r block is regular (the generic case), so it is a function of the sum alone; otherwise (a
+zero pivot, e.g. two buyers with identical factors) it is recomputed from ``S`` itself. Nothing
+user-indexed leaves a market: item rows, buyer counts, the factors of per-item sums and the
+market's augmented Gram ``Σ_u [x_u, 1][x_u, 1]ᵀ`` (``XᵀX``, ``Σ_u x_u`` and the user count).
+
+Items nobody touched get a zero factor: with no buyer their right-hand side is zero, so zero
+is the exact solution of their least-squares problem. Pooled iALS on the same table does the
+same, and a zero row adds nothing to ``YᵀY``.
+
+Both solves use the eigenbasis of the Gram (``G = QΛQᵀ``) and the push-through identity
+``(D + FᵀF)⁻¹Fᵀt = D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹t`` with ``D = Λ + λ_s``: a row block of ``k < d`` rows
+costs a k×k solve instead of a d×d one, which is exact and keeps a pooled run at seconds.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Confidence = Literal["binary", "rating", "log"]
+CONFIDENCES: tuple[str, ...] = ("binary", "rating", "log")
+
+_CHUNK_ELEMENTS = 1 << 22  # padded rows × width per batched solve: 32 MB of float64
+_PIVOT_RTOL = 1e-10  # a pivot this small (relative to the factor's scale) is a zero pivot
+
+
+@dataclass(frozen=True)
+class IALSConfig:
+    """Hyper-parameters of iALS, named after the symbols of the module docstring.
+
+    Parameters
+    ----------
+    factors : int
+        Dimension d of the user and item factors.
+    regularization : float
+        λ, the L2 weight (scaled per row by the frequency term when ``nu`` > 0).
+    alpha : float
+        α: a positive's confidence is ``c = 1 + α·w``; must be positive.
+    nu : float
+        ν, the exponent of the frequency-scaled regularisation; 0 is plain iALS.
+    iterations : int
+        Item steps; users are solved once more against the final items.
+    confidence : {"binary", "rating", "log"}
+        How the weight ``w`` of a positive follows from its rating ``r``: 1, ``r`` or
+        ``log(1 + r/ε)``.
+    epsilon : float
+        ε of the ``log`` confidence.
+    init_std : float
+        Standard deviation of the initial item factors.
+    seed : int
+        Seeds the initial item factors (nothing else is random).
+    """
+
+    factors: int = 64
+    regularization: float = 1.0
+    alpha: float = 10.0
+    nu: float = 0.0
+    iterations: int = 15
+    confidence: Confidence = "binary"
+    epsilon: float = 1.0
+    init_std: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.factors < 1 or self.iterations < 0:
+            raise ValueError(
+                f"iALS needs factors >= 1 and iterations >= 0, got {self.factors} and {self.iterations}."
+            )
+        if not self.regularization > 0 or not self.alpha > 0 or self.nu < 0:
+            raise ValueError(
+                "iALS needs regularization > 0, alpha > 0 and nu >= 0, got "
+                f"{self.regularization}, {self.alpha} and {self.nu}."
+            )
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"Unknown confidence '{self.confidence}'; choose one of {CONFIDENCES}.")
+        if not self.epsilon > 0 or not self.init_std > 0:
+            raise ValueError(f"iALS needs epsilon > 0 and init_std > 0, got {self.epsilon} and {self.init_std}.")
+
+
+@dataclass(frozen=True)
+class MarketInteractions:
+    """One market's training interactions: local user index and catalog row per positive.
+
+    Parameters
+    ----------
+    users : np.ndarray
+        ``(m,)`` local user index of each interaction, in ``[0, num_users)``.
+    items : np.ndarray
+        ``(m,)`` catalog row of each interaction.
+    num_users : int
+        Users of the market (a user without interactions gets a zero factor).
+    ratings : np.ndarray or None
+        ``(m,)`` rating of each interaction; needed by the ``rating`` and ``log`` confidences.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    num_users: int
+    ratings: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        users, items = np.asarray(self.users, dtype=np.int64), np.asarray(self.items, dtype=np.int64)
+        if users.shape != items.shape or users.ndim != 1:
+            raise ValueError(f"Users and items must be equal-length vectors, got {users.shape} and {items.shape}.")
+        if len(users) and (users.min() < 0 or users.max() >= self.num_users):
+            raise ValueError(f"User indices must lie in [0, {self.num_users}).")
+        if len(items) and items.min() < 0:
+            raise ValueError("Catalog rows must be non-negative.")
+        object.__setattr__(self, "users", users)
+        object.__setattr__(self, "items", items)
+        if self.ratings is not None:
+            ratings = np.asarray(self.ratings, dtype=np.float64)
+            if ratings.shape != users.shape:
+                raise ValueError(f"Ratings must match the interactions, got {ratings.shape} for {users.shape}.")
+            object.__setattr__(self, "ratings", ratings)
+
+    def weights(self, config: IALSConfig) -> np.ndarray:
+        """The weight ``w`` of each interaction (confidence ``c = 1 + α·w``)."""
+        return confidence_weights(self.ratings, config, len(self.users))
+
+
+@dataclass(frozen=True)
+class ItemFactors:
+    """Factors of some rows of the item table; rows not listed are zero.
+
+    Parameters
+    ----------
+    rows : np.ndarray
+        ``(n,)`` sorted, distinct catalog rows.
+    factors : np.ndarray
+        ``(n, d)`` their factors.
+    """
+
+    rows: np.ndarray
+    factors: np.ndarray
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.rows, dtype=np.int64)
+        factors = np.asarray(self.factors, dtype=np.float64)
+        if rows.ndim != 1 or factors.ndim != 2 or len(rows) != len(factors):
+            raise ValueError(f"Item factors need (n,) rows and (n, d) factors, got {rows.shape} and {factors.shape}.")
+        if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+            raise ValueError("Item factor rows must be sorted and distinct.")
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "factors", factors)
+
+    @property
+    def dim(self) -> int:
+        """The factor dimension d."""
+        return self.factors.shape[1]
+
+    def gram(self) -> np.ndarray:
+        """``YᵀY`` over these rows (d×d); the zero rows not listed add nothing."""
+        return self.factors.T @ self.factors
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray:
+        """Factors of catalog ``rows`` (any shape), zero for rows not listed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        position = np.searchsorted(self.rows, rows).clip(max=max(len(self.rows) - 1, 0))
+        found = self.rows[position] == rows if len(self.rows) else np.zeros(rows.shape, dtype=bool)
+        out = np.zeros((*rows.shape, self.dim))
+        out[found] = self.factors[position[found]]
+        return out
+
+    def subset(self, rows: np.ndarray) -> "ItemFactors":
+        """The factors of ``rows`` (sorted and de-duplicated; missing rows come back as zeros)."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        return ItemFactors(rows, self.lookup(rows))
+
+    def to_dense(self, num_items: int) -> np.ndarray:
+        """The whole ``(num_items, d)`` table."""
+        dense = np.zeros((num_items, self.dim))
+        dense[self.rows] = self.factors
+        return dense
+
+
+@dataclass(frozen=True)
+class ItemStatistics:
+    """What one market contributes to the item step: user-summed, item-indexed statistics.
+
+    ``rows`` stacks, item after item, the upper-trapezoidal factor ``R_i`` of
+    ``S_i = Σ_u z_u z_uᵀ`` with ``z_u = [√(c_ui−1)·x_u, c_ui/√(c_ui−1)]`` over the item's
+    buyers (module docstring): ``R_iᵀR_i[:d, :d] = A_i`` and ``R_iᵀR_i[:d, d] = b_i``.
+
+    Parameters
+    ----------
+    items : np.ndarray
+        ``(n,)`` sorted catalog rows the market has interactions on.
+    counts : np.ndarray
+        ``(n,)`` buyers of each item in the market (|U_i^m|).
+    ranks : np.ndarray
+        ``(n,)`` rows of each item's factor, ``1 ≤ r ≤ min(count, d + 1)``.
+    rows : np.ndarray
+        ``(Σ ranks, d + 1)`` the factors, zero below each factor's diagonal.
+    gram : np.ndarray
+        ``(d + 1, d + 1)`` ``Σ_u [x_u, 1][x_u, 1]ᵀ`` over the market's users with a factor
+        (a training interaction): ``XᵀX`` in the leading block, their count in the corner.
+    """
+
+    items: np.ndarray
+    counts: np.ndarray
+    ranks: np.ndarray
+    rows: np.ndarray
+    gram: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        """The factor dimension d."""
+        return self.gram.shape[0] - 1
+
+    @property
+    def num_users(self) -> int:
+        """Users of the market with a training interaction (the corner of the augmented Gram)."""
+        return int(round(self.gram[-1, -1]))
+
+
+# --- confidence, regularisation, initialisation -------------------------------------------
+
+
+def confidence_weights(ratings: np.ndarray | None, config: IALSConfig, size: int | None = None) -> np.ndarray:
+    """Weights ``w`` of positives (confidence ``c = 1 + α·w``) under ``config.confidence``.
+
+    Parameters
+    ----------
+    ratings : np.ndarray or None
+        Ratings of the positives; ignored (and optional) for binary confidence.
+    config : IALSConfig
+        Chooses the form: 1, ``r`` or ``log(1 + r/ε)``.
+    size : int, optional
+        Number of positives when ``ratings`` is None.
+
+    Returns
+    -------
+    np.ndarray
+        Positive weights, float64.
+    """
+    if config.confidence == "binary":
+        count = size if ratings is None else len(ratings)
+        return np.ones(count if count is not None else 0)
+    if ratings is None:
+        raise ValueError(f"Confidence '{config.confidence}' needs the ratings of the interactions.")
+    ratings = np.asarray(ratings, dtype=np.float64)
+    if len(ratings) and not ratings.min() > 0:
+        raise ValueError(f"Confidence '{config.confidence}' needs positive ratings, got {ratings.min()}.")
+    if config.confidence == "rating":
+        return ratings
+    return np.log1p(ratings / config.epsilon)
+
+
+def user_regularization(counts: np.ndarray, num_items: int, config: IALSConfig) -> np.ndarray:
+    """``λ_u = λ·(|I_u| + |I|/α)^ν`` for users with ``counts`` training items."""
+    return config.regularization * (np.asarray(counts, dtype=np.float64) + num_items / config.alpha) ** config.nu
+
+
+def item_regularization(counts: np.ndarray, num_users: int, config: IALSConfig) -> np.ndarray:
+    """``λ_i = λ·(|U_i| + |U|/α)^ν`` for items with ``counts`` buyers over all markets."""
+    return config.regularization * (np.asarray(counts, dtype=np.float64) + num_users / config.alpha) ** config.nu
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    # A counter-based generator: output n depends on n alone, so any subset of rows can be
+    # drawn on its own and agrees with the whole table (uint64 arithmetic wraps by design).
+    z = values + np.uint64(0x9E3779B97F4A7C15)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def initial_item_factors(rows: np.ndarray, factors: int, seed: int, std: float = 0.01) -> np.ndarray:
+    """Seeded normal initial factors of catalog ``rows``, ``(len(rows), factors)``.
+
+    Entry ``(row, k)`` depends only on ``(seed, row, k)``: a market draws the rows it needs,
+    the server the Gram of the whole table (:func:`initial_item_gram`), and they agree. Each
+    entry hashes its counter once (SplitMix64) into two 32-bit uniforms for Box–Muller.
+    """
+    rows = np.asarray(rows, dtype=np.uint64)
+    key = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+    bits = _splitmix64((rows[:, None] * np.uint64(factors) + np.arange(factors, dtype=np.uint64)) ^ key)
+    radius = np.sqrt(-2.0 * np.log(1.0 - (bits >> np.uint64(32)).astype(np.float64) * 2.0**-32))  # u1 in (0, 1]
+    angle = (2.0 * np.pi * 2.0**-32) * (bits & np.uint64(0xFFFFFFFF)).astype(np.float64)
+    return std * radius * np.cos(angle)
+
+
+def initial_item_gram(num_items: int, factors: int, seed: int, std: float = 0.01, chunk: int = 65536) -> np.ndarray:
+    """``YᵀY`` of the initial factors of all ``num_items`` rows, drawn chunk by chunk."""
+    gram = np.zeros((factors, factors))
+    for start in range(0, num_items, chunk):
+        block = initial_item_factors(np.arange(start, min(start + chunk, num_items)), factors, seed, std)
+        gram += block.T @ block
+    return gram
+
+
+def initial_item_factors_table(rows: np.ndarray, config: IALSConfig) -> ItemFactors:
+    """The initial :class:`ItemFactors` of ``rows`` under ``config``."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    return ItemFactors(rows, initial_item_factors(rows, config.factors, config.seed, config.init_std))
+
+
+# --- the exact solver shared by both half-steps ----------------------------------------------
+
+
+def _segments(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Rows of each segment in a ``(segments, width, ...)`` block, zero-padded at the bottom."""
+    offsets = np.arange(width)
+    valid = offsets[None, :] < lengths[:, None]
+    index = np.where(valid, starts[:, None] + offsets[None, :], 0)
+    block = values[index] if len(values) else np.zeros((*index.shape, *values.shape[1:]))
+    block[~valid] = 0.0
+    return block
+
+
+def _buckets(lengths: np.ndarray, width: int) -> list[tuple[int, np.ndarray]]:
+    """Segments grouped by padded length (powers of two), in chunks of bounded memory."""
+    groups = []
+    nonzero = lengths > 0
+    padded = np.where(nonzero, 1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64), 0)
+    for size in np.unique(padded[nonzero]):
+        members = np.flatnonzero(padded == size)
+        per_chunk = max(1, _CHUNK_ELEMENTS // (int(size) * width))
+        groups.extend((int(size), members[i : i + per_chunk]) for i in range(0, len(members), per_chunk))
+    return groups
+
+
+def _solve_segments(
+    gram: np.ndarray, rows: np.ndarray, targets: np.ndarray, lengths: np.ndarray, regularization: np.ndarray
+) -> np.ndarray:
+    """Solve ``(G + F_sᵀF_s + λ_s I) v_s = F_sᵀ t_s`` for every segment ``s`` of consecutive rows.
+
+    Parameters
+    ----------
+    gram : np.ndarray
+        ``(d, d)`` the shared PSD Gram ``G``.
+    rows : np.ndarray
+        ``(m, d)`` rows ``F`` (segment after segment).
+    targets : np.ndarray
+        ``(m,)`` targets ``t``.
+    lengths : np.ndarray
+        ``(s,)`` rows per segment.
+    regularization : np.ndarray
+        ``(s,)`` λ per segment.
+
+    Returns
+    -------
+    np.ndarray
+        ``(s, d)`` solutions; zero for empty segments.
+    """
+    dim = gram.shape[0]
+    eigenvalues, basis = np.linalg.eigh(gram)
+    inverse = 1.0 / (np.clip(eigenvalues, 0.0, None)[None, :] + regularization[:, None])  # D⁻¹ per segment
+    rotated = rows @ basis  # F in the eigenbasis, where G + λI is the diagonal D
+    starts = _segments(lengths)
+    solution = np.zeros((len(lengths), dim))
+    for size, members in _buckets(lengths, dim):
+        block = _padded(rotated, starts[members], lengths[members], size)  # (n, k, d)
+        target = _padded(targets, starts[members], lengths[members], size)  # (n, k)
+        inv = inverse[members]
+        if size < dim:  # push-through: v = D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹t, a k×k solve; padded rows give I
+            capacitance = (block * inv[:, None, :]) @ block.transpose(0, 2, 1)
+            capacitance[:, np.arange(size), np.arange(size)] += 1.0
+            weights = np.linalg.solve(capacitance, target[..., None])[..., 0]
+            solution[members] = inv * (weights[:, None, :] @ block)[:, 0]
+        else:  # (D + FᵀF) v = Fᵀt, a d×d solve
+            matrix = block.transpose(0, 2, 1) @ block
+            matrix[:, np.arange(dim), np.arange(dim)] += 1.0 / inv
+            right = (target[:, None, :] @ block)[:, 0]
+            solution[members] = np.linalg.solve(matrix, right[..., None])[..., 0]
+    return solution @ basis.T
+
+
+def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A stable order grouping equal ``keys``, the distinct keys and each group's size."""
+    order = np.argsort(keys, kind="stable")
+    distinct, lengths = np.unique(keys[order], return_counts=True)
+    return order, distinct, lengths
+
+
+# --- the user step (inside a market) ------------------------------------------------------------
+
+
+def solve_users(
+    market: MarketInteractions, items: ItemFactors, item_gram: np.ndarray, num_items: int, config: IALSConfig
+) -> np.ndarray:
+    """A market's user step: every user's exact factor given the item factors.
+
+    Parameters
+    ----------
+    market : MarketInteractions
+        The market's training interactions.
+    items : ItemFactors
+        Factors of (at least) the items the market's users interacted with.
+    item_gram : np.ndarray
+        ``(d, d)`` ``YᵀY`` over the whole item table, as the server sends it.
+    num_items : int
+        |I| of the frequency-scaled regularisation: the rows with a factor, which ``item_gram``
+        runs over (the server sends it with the Gram).
+    config : IALSConfig
+        Hyper-parameters.
+
+    Returns
+    -------
+    np.ndarray
+        ``(num_users, d)`` user factors; zero for a user without interactions.
+    """
+    weights = market.weights(config)
+    confidence = 1.0 + config.alpha * weights
+    root = np.sqrt(config.alpha * weights)
+    order, users, lengths = _group(market.users)
+    vectors = items.lookup(market.items[order]) * root[order, None]
+    solved = _solve_segments(
+        np.asarray(item_gram, dtype=np.float64),
+        vectors,
+        confidence[order] / root[order],
+        lengths,
+        user_regularization(lengths, num_items, config),
+    )
+    factors = np.zeros((market.num_users, items.dim))
+    factors[users] = solved
+    return factors
+
+
+def fold_in(
+    history: np.ndarray,
+    items: ItemFactors,
+    item_gram: np.ndarray,
+    num_items: int,
+    config: IALSConfig,
+    ratings: np.ndarray | None = None,
+) -> np.ndarray:
+    """The factor of a user known only by a history of catalog rows (serving unknown users).
+
+    The same solve as :func:`solve_users`; items without a factor count as zero vectors, and
+    an empty history gives the zero factor (every item scores 0).
+    """
+    history = np.asarray(history, dtype=np.int64)
+    market = MarketInteractions(np.zeros(len(history), dtype=np.int64), history, 1, ratings)
+    return solve_users(market, items, item_gram, num_items, config)[0]
+
+
+# --- a market's item statistics ----------------------------------------------------------------
+
+
+def market_item_statistics(
+    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
+) -> ItemStatistics:
+    """What a market sends for the item step: per touched item, the factor of ``S_i^m``.
+
+    Parameters
+    ----------
+    market : MarketInteractions
+        The market's training interactions.
+    user_factors : np.ndarray
+        ``(num_users, d)`` the market's user factors from :func:`solve_users`.
+    config : IALSConfig
+        Hyper-parameters (α and the confidence form).
+
+    Returns
+    -------
+    ItemStatistics
+        Item-indexed sums over the market's users, and the market's augmented Gram.
+    """
+    items, counts, rows = _buyer_rows(market, user_factors, config)
+    ranks, factors = _factor_segments(rows, counts)
+    return ItemStatistics(items, counts, ranks, factors, _augmented_gram(user_factors))
+
+
+def _buyer_rows(
+    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The touched items, their buyer counts and one row ``z_u = [√(c−1)·x_u, c/√(c−1)]`` per
+    interaction, grouped by item."""
+    weights = market.weights(config)
+    root = np.sqrt(config.alpha * weights)
+    scaled = np.asarray(user_factors, dtype=np.float64)[market.users] * root[:, None]
+    rows = np.hstack([scaled, ((1.0 + config.alpha * weights) / root)[:, None]])
+    order, items, counts = _group(market.items)
+    return items, counts, rows[order]
+
+
+def _augmented_gram(user_factors: np.ndarray) -> np.ndarray:
+    """``Σ_u [x_u, 1][x_u, 1]ᵀ`` over users with a factor: ``XᵀX``, ``Σ_u x_u`` and their count."""
+    factors = np.asarray(user_factors, dtype=np.float64)
+    factors = factors[np.any(factors != 0.0, axis=1)]  # a user without interactions has none
+    with_one = np.hstack([factors, np.ones((len(factors), 1))])
+    return with_one.T @ with_one
+
+
+def _factor_segments(rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment of ``rows``, the upper-trapezoidal ``R`` with ``RᵀR = Σ z zᵀ`` (non-negative diagonal).
+
+    Returns each factor's row count and the factors stacked, ``(Σ ranks, width)``.
+    """
+    width = rows.shape[1]
+    ranks = np.minimum(lengths, width)
+    starts = _segments(lengths)
+    pieces, owners = [], []
+    for size, members in _buckets(lengths, width):
+        block = _padded(rows, starts[members], lengths[members], size)
+        # Zero padding rows stay zero under Householder QR, so the first r rows are the factor.
+        triangle = np.linalg.qr(block, mode="r")
+        height = triangle.shape[1]
+        diagonal = np.diagonal(triangle, axis1=1, axis2=2)
+        triangle *= np.where(diagonal < 0, -1.0, 1.0)[:, :, None]
+        scale = np.abs(triangle).max(axis=(1, 2))
+        within = np.arange(height)[None, :] < ranks[members, None]
+        pivots = np.abs(np.diagonal(triangle, axis1=1, axis2=2))
+        for position in np.flatnonzero(np.any(within & (pivots <= _PIVOT_RTOL * scale[:, None]), axis=1)):
+            segment = members[position]
+            summed = rows[starts[segment] : starts[segment] + lengths[segment]]
+            rank, factor = _canonical_factor(summed.T @ summed)
+            ranks[segment] = rank
+            triangle[position] = 0.0
+            triangle[position, :rank] = factor
+        within = np.arange(height)[None, :] < ranks[members, None]
+        pieces.append(triangle[within])
+        owners.append(np.repeat(members, ranks[members]))
+    if not pieces:
+        return ranks, np.zeros((0, width))
+    order = np.argsort(np.concatenate(owners), kind="stable")
+    return ranks, np.concatenate(pieces)[order]
+
+
+def _canonical_factor(summed: np.ndarray) -> tuple[int, np.ndarray]:
+    """An upper-trapezoidal factor computed from the PSD sum alone (for zero-pivot cases)."""
+    eigenvalues, vectors = np.linalg.eigh(summed)
+    keep = eigenvalues > _PIVOT_RTOL * max(eigenvalues.max(initial=0.0), 1e-300)
+    root = np.sqrt(eigenvalues[keep])[:, None] * vectors[:, keep].T
+    triangle = np.linalg.qr(root, mode="r")
+    triangle *= np.where(np.diagonal(triangle) < 0, -1.0, 1.0)[:, None]
+    return int(keep.sum()), triangle
+
+
+# --- the server's item step ----------------------------------------------------------------------
+
+
+def solve_items(statistics: Sequence[ItemStatistics], config: IALSConfig) -> ItemFactors:
+    """The server's item step: sum the markets' statistics and solve each touched item exactly.
+
+    ``(Σ_m XᵀX_m + Σ_m A_i^m + λ_i I) y_i = Σ_m b_i^m``, with the per-item sums formed from
+    the stacked factors. Items no market touched are not returned: their factor is zero.
+
+    Parameters
+    ----------
+    statistics : Sequence[ItemStatistics]
+        One per market (any order; markets without interactions may be left out).
+    config : IALSConfig
+        Hyper-parameters (λ, ν, α).
+
+    Returns
+    -------
+    ItemFactors
+        Factors of every item some market touched.
+    """
+    if not statistics:
+        raise ValueError("The item step needs the statistics of at least one market.")
+    dim = statistics[0].dim
+    if any(part.dim != dim for part in statistics):
+        raise ValueError(f"Markets sent statistics of different dimensions: {sorted({p.dim for p in statistics})}.")
+    gram = sum(part.gram for part in statistics)
+    row_items = np.concatenate([np.repeat(part.items, part.ranks) for part in statistics])
+    rows = np.concatenate([part.rows for part in statistics])
+    order, items, lengths = _group(row_items)
+    buyers = np.zeros(len(items))
+    for part in statistics:
+        buyers[np.searchsorted(items, part.items)] += part.counts
+    rows = rows[order]
+    regularization = item_regularization(buyers, int(round(gram[dim, dim])), config)
+    factors = _solve_segments(gram[:dim, :dim], rows[:, :dim], rows[:, dim], lengths, regularization)
+    return ItemFactors(items, factors)
+
+
+# --- the wire format ---------------------------------------------------------------------------
+
+STATISTICS_KEYS = ("items", "counts", "ranks", "factor", "gram")
+
+
+def _trapezoid_mask(ranks: np.ndarray, width: int) -> np.ndarray:
+    """Which entries of the stacked factor rows lie on or above their factor's diagonal."""
+    within = np.arange(len(np.repeat(ranks, ranks))) - np.repeat(_segments(ranks), ranks)
+    return np.arange(width)[None, :] >= within[:, None]
+
+
+def packed_length(ranks: np.ndarray, dim: int) -> int:
+    """Floats of the packed factors: ``Σ r(d+1) − r(r−1)/2``."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    return int(np.sum(ranks * (dim + 1) - ranks * (ranks - 1) // 2))
+
+
+WIRE_DTYPES = ("float32", "float16")
+
+
+def pack_statistics(statistics: ItemStatistics, wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """A market's statistics as a flat dict of arrays for the wire.
+
+    Parameters
+    ----------
+    statistics : ItemStatistics
+        From :func:`market_item_statistics`.
+    wire_dtype : {"float32", "float16"}
+        Precision of the packed factors. float32 keeps fedals equal to pooled iALS to ~1e-7;
+        float16 halves the bulk of the bytes at ~1e-3 relative precision of each item's sum.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        ``items`` (n,) int64 catalog rows; ``counts`` and ``ranks`` (n,) int32; ``factor``
+        the factors' entries on and above their diagonals, row after row, item after item
+        (``wire_dtype``, :func:`packed_length` long); ``gram`` (d+1, d+1) float32.
+    """
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"Unknown wire dtype '{wire_dtype}'; choose one of {WIRE_DTYPES}.")
+    mask = _trapezoid_mask(statistics.ranks, statistics.dim + 1)
+    return {
+        "items": statistics.items.astype(np.int64),
+        "counts": statistics.counts.astype(np.int32),
+        "ranks": statistics.ranks.astype(np.int32),
+        "factor": statistics.rows[mask].astype(wire_dtype),
+        "gram": statistics.gram.astype(np.float32),
+    }
+
+
+def unpack_statistics(payload: Mapping[str, np.ndarray]) -> ItemStatistics:
+    """The statistics :func:`pack_statistics` packed (in float64)."""
+    missing = [key for key in STATISTICS_KEYS if key not in payload]
+    if missing:
+        raise ValueError(f"The statistics lack the arrays {missing}.")
+    gram = np.asarray(payload["gram"], dtype=np.float64)
+    width = gram.shape[0]
+    ranks = np.asarray(payload["ranks"], dtype=np.int64)
+    values = np.asarray(payload["factor"], dtype=np.float64)
+    if values.shape != (packed_length(ranks, width - 1),):
+        expected = packed_length(ranks, width - 1)
+        raise ValueError(f"The packed factor holds {values.shape} values, its ranks need {expected}.")
+    rows = np.zeros((int(ranks.sum()), width))
+    rows[_trapezoid_mask(ranks, width)] = values
+    return ItemStatistics(
+        items=np.asarray(payload["items"], dtype=np.int64),
+        counts=np.asarray(payload["counts"], dtype=np.int64),
+        ranks=ranks,
+        rows=rows,
+        gram=gram,
+    )
+
+
+def payload_bytes(payload: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the arrays of a payload (what goes on the wire, before framing)."""
+    return int(sum(np.asarray(array).nbytes for array in payload.values()))
+
+
+def check_item_side(payload: Mapping[str, np.ndarray], touched_items: np.ndarray, d: int) -> None:
+    """Raise ValueError unless every array of ``payload`` is item-indexed or d-sized.
+
+    Allowed: ``items`` equal to the sorted ``touched_items``; arrays whose first dimension is
+    the number of touched items; arrays whose first dimension is ``d`` or ``d + 1`` (Grams
+    summed over the market's users); and ``factor``, whose length must be exactly what the
+    item-indexed ``ranks`` imply, each rank at most ``min(count, d + 1)`` (a per-item sum over
+    k buyers has rank at most k). Anything else may carry a user axis.
+
+    Parameters
+    ----------
+    payload : Mapping[str, np.ndarray]
+        What a market sends.
+    touched_items : np.ndarray
+        Catalog rows the market has training interactions on.
+    d : int
+        The factor dimension.
+    """
+    touched = np.unique(np.asarray(touched_items, dtype=np.int64))
+    n = len(touched)
+    if "items" not in payload:
+        raise ValueError("The payload has no 'items' array naming the item of each row.")
+    items = np.asarray(payload["items"])
+    if items.shape != (n,) or not np.array_equal(items, touched):
+        raise ValueError(f"Array 'items' {items.shape} is not the market's {n} touched items in order.")
+    for name, array in payload.items():
+        shape = np.shape(array)
+        if name == "items":
+            continue
+        if name == "factor":
+            ranks = np.asarray(payload.get("ranks", []))
+            counts = np.asarray(payload.get("counts", []))
+            if ranks.shape != (n,) or counts.shape != (n,):
+                raise ValueError("Array 'factor' needs item-indexed 'ranks' and 'counts' of the touched items.")
+            if np.any(ranks < 1) or np.any(ranks > np.minimum(counts, d + 1)):
+                raise ValueError("Array 'ranks' exceeds what per-item sums over the items' buyers allow.")
+            if shape != (packed_length(ranks, d),):
+                expected = packed_length(ranks, d)
+                raise ValueError(f"Array 'factor' has shape {shape}, not the {expected} values its ranks imply.")
+            continue
+        if len(shape) == 0 or shape[0] not in (n, d, d + 1):
+            raise ValueError(
+                f"Array '{name}' has shape {shape}: its first dimension is neither the {n} touched "
+                f"items nor the dimension {d} (or {d + 1}), so it may be indexed by user."
+            )
+        if shape[0] != n and any(size not in (d, d + 1) for size in shape):
+            raise ValueError(f"Array '{name}' has shape {shape}: a d-sized array must be d×d (or (d+1)×(d+1)).")
+
+
+def pack_item_factors(items: ItemFactors, gram: np.ndarray, num_items: int) -> dict[str, np.ndarray]:
+    """What the server sends a market: its rows' factors, the global Gram (float32) and |I|.
+
+    ``num_items`` is the number of rows the Gram runs over (|I| of the user regularisation).
+    """
+    return {
+        "items": items.rows.astype(np.int64),
+        "factors": items.factors.astype(np.float32),
+        "gram": gram.astype(np.float32),
+        "num_items": np.array([num_items], dtype=np.int64),
+    }
+
+
+def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors, np.ndarray, int]:
+    """The item factors, Gram and |I| :func:`pack_item_factors` packed (in float64)."""
+    return (
+        ItemFactors(np.asarray(payload["items"]), np.asarray(payload["factors"], dtype=np.float64)),
+        np.asarray(payload["gram"], dtype=np.float64),
+        int(np.asarray(payload["num_items"])[0]),
+    )
+
+
+# --- whole runs: pooled, and the federated protocol in one process -----------------------------
+
+
+@dataclass
+class IALSResult:
+    """Factors after a run: users of each market (solved against the final items) and items."""
+
+    user_factors: list[np.ndarray]
+    item_factors: ItemFactors
+    upload_bytes: list[list[int]] = field(default_factory=list)  # per item step, per market
+    download_bytes: list[list[int]] = field(default_factory=list)  # per user step, per market
+
+
+Callback = Callable[[int, list[np.ndarray], ItemFactors], None]
+
+
+def pooled_ials(
+    markets: Sequence[MarketInteractions], num_items: int, config: IALSConfig, callback: Callback | None = None
+) -> IALSResult:
+    """iALS on all markets' interactions in one place: the reference fedals must equal.
+
+    The same iterations as :func:`federated_ials` without the per-item factorisation and the
+    float32 wire: the item step stacks one row ``z_u`` per interaction.
+
+    Parameters
+    ----------
+    markets : Sequence[MarketInteractions]
+        Each market's interactions; users of different markets are different users.
+    num_items : int
+        Rows of the item table (every catalog row starts with a seeded factor).
+    config : IALSConfig
+        Hyper-parameters.
+    callback : callable, optional
+        ``callback(t, user_factors, item_factors)`` after item step ``t`` and the user step on it.
+
+    Returns
+    -------
+    IALSResult
+        User factors per market and the item factors.
+    """
+    items = initial_item_factors_table(np.arange(num_items), config)
+    gram = items.gram()
+    for step in range(config.iterations + 1):
+        users = [solve_users(market, items, gram, len(items.rows), config) for market in markets]
+        if step and callback is not None:
+            callback(step, users, items)
+        if step == config.iterations:
+            return IALSResult(users, items)
+        statistics = [_interaction_statistics(m, x, config) for m, x in zip(markets, users, strict=True)]
+        items = solve_items(statistics, config)
+        gram = items.gram()
+    raise AssertionError("unreachable")
+
+
+def _interaction_statistics(
+    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
+) -> ItemStatistics:
+    """Item statistics with one row per interaction (uncompressed): the pooled path."""
+    items, counts, rows = _buyer_rows(market, user_factors, config)
+    return ItemStatistics(items, counts, counts, rows, _augmented_gram(user_factors))
+
+
+def federated_ials(
+    markets: Sequence[MarketInteractions],
+    num_items: int,
+    config: IALSConfig,
+    callback: Callback | None = None,
+    wire_dtype: str = "float32",
+) -> IALSResult:
+    """The fedals protocol in one process, every message through its wire format.
+
+    Round t: the server sends each market its touched rows' factors and the Gram in float32
+    (round 1: the seeded initial rows and the Gram of the whole initial table); the market
+    solves its users and sends :func:`pack_statistics` of its item statistics (factors in
+    ``wire_dtype``); the server unpacks, sums and solves the items. A last download lets the
+    markets solve users on the final items.
+
+    Returns
+    -------
+    IALSResult
+        As :func:`pooled_ials`, plus the bytes each market uploaded and downloaded per round.
+    """
+    touched = [np.unique(market.items) for market in markets]
+    items = initial_item_factors_table(np.arange(0), config)
+    gram = initial_item_gram(num_items, config.factors, config.seed, config.init_std)
+    counted = num_items  # rows with a factor: all of them at initialisation
+    result = IALSResult([], items)
+    for step in range(config.iterations + 1):
+        downloads = [
+            pack_item_factors(
+                initial_item_factors_table(rows, config) if step == 0 else items.subset(rows), gram, counted
+            )
+            for rows in touched
+        ]
+        result.download_bytes.append([payload_bytes(payload) for payload in downloads])
+        users = []
+        for market, payload in zip(markets, downloads, strict=True):
+            market_items, market_gram, market_counted = unpack_item_factors(payload)
+            users.append(solve_users(market, market_items, market_gram, market_counted, config))
+        if step and callback is not None:
+            callback(step, users, items)
+        if step == config.iterations:
+            result.user_factors = users
+            result.item_factors = items
+            return result
+        uploads = [
+            pack_statistics(market_item_statistics(market, x, config), wire_dtype)
+            for market, x in zip(markets, users, strict=True)
+            if len(market.items)
+        ]
+        result.upload_bytes.append([payload_bytes(payload) for payload in uploads])
+        items = solve_items([unpack_statistics(payload) for payload in uploads], config)
+        gram, counted = items.gram(), len(items.rows)
+    raise AssertionError("unreachable")
+
+
+def score_candidates(
+    user_factors: np.ndarray, items: ItemFactors, users: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    """``x_u · y_i`` for each evaluated user's candidate rows: ``(n, candidates)``."""
+    return np.einsum("nd,ncd->nc", user_factors[users], items.lookup(candidates))
