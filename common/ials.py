@@ -9,12 +9,11 @@ Performance of iALS on Item Recommendation Benchmarks", RecSys 2022)::
               + Σ_u λ_u ‖x_u‖²  +  Σ_i λ_i ‖y_i‖²
 
     c_ui = 1 + α·w_ui          confidence; w_ui = 1 (binary), r_ui (rating) or log(1 + r_ui/ε)
-    λ_u  = λ·(|I_u| + |I|/α)^ν  |I_u| the user's training items, |I| the items with a factor
+    λ_u  = λ·(|I_u| + |I|/α)^ν  |I_u| the user's training items, |I| the rows of the item table
     λ_i  = λ·(|U_i| + |U|/α)^ν  |U_i| the item's buyers (all markets), |U| the users with one
 
-|I| counts the rows ``YᵀY`` runs over: every catalog row at initialisation, afterwards the
-items some market touched (the others are zero and add no term that depends on ``x_u``); |U|
-counts the users with a training interaction. Neither grows with unsold catalog rows.
+|I| is given by the caller (``num_items``: the catalog's rows, which every party knows); |U|
+counts the users with a training interaction (the markets' augmented Grams carry it).
 
 ν = 0 is plain iALS (implicit's ``AlternatingLeastSquares`` with ``alpha_implicit = 1 + α``
 on binary data, since implicit's confidence is ``alpha·r``). For binary confidence and any ν
@@ -444,8 +443,7 @@ def solve_users(
     item_gram : np.ndarray
         ``(d, d)`` ``YᵀY`` over the whole item table, as the server sends it.
     num_items : int
-        |I| of the frequency-scaled regularisation: the rows with a factor, which ``item_gram``
-        runs over (the server sends it with the Gram).
+        Rows of the item table, |I| of the frequency-scaled regularisation.
     config : IALSConfig
         Hyper-parameters.
 
@@ -748,25 +746,20 @@ def check_item_side(payload: Mapping[str, np.ndarray], touched_items: np.ndarray
             raise ValueError(f"Array '{name}' has shape {shape}: a d-sized array must be d×d (or (d+1)×(d+1)).")
 
 
-def pack_item_factors(items: ItemFactors, gram: np.ndarray, num_items: int) -> dict[str, np.ndarray]:
-    """What the server sends a market: its rows' factors, the global Gram (float32) and |I|.
-
-    ``num_items`` is the number of rows the Gram runs over (|I| of the user regularisation).
-    """
+def pack_item_factors(items: ItemFactors, gram: np.ndarray) -> dict[str, np.ndarray]:
+    """What the server sends a market: its rows' factors and the global Gram, float32."""
     return {
         "items": items.rows.astype(np.int64),
         "factors": items.factors.astype(np.float32),
         "gram": gram.astype(np.float32),
-        "num_items": np.array([num_items], dtype=np.int64),
     }
 
 
-def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors, np.ndarray, int]:
-    """The item factors, Gram and |I| :func:`pack_item_factors` packed (in float64)."""
+def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors, np.ndarray]:
+    """The item factors and Gram :func:`pack_item_factors` packed (in float64)."""
     return (
         ItemFactors(np.asarray(payload["items"]), np.asarray(payload["factors"], dtype=np.float64)),
         np.asarray(payload["gram"], dtype=np.float64),
-        int(np.asarray(payload["num_items"])[0]),
     )
 
 
@@ -813,7 +806,7 @@ def pooled_ials(
     items = initial_item_factors_table(np.arange(num_items), config)
     gram = items.gram()
     for step in range(config.iterations + 1):
-        users = [solve_users(market, items, gram, len(items.rows), config) for market in markets]
+        users = [solve_users(market, items, gram, num_items, config) for market in markets]
         if step and callback is not None:
             callback(step, users, items)
         if step == config.iterations:
@@ -855,20 +848,17 @@ def federated_ials(
     touched = [np.unique(market.items) for market in markets]
     items = initial_item_factors_table(np.arange(0), config)
     gram = initial_item_gram(num_items, config.factors, config.seed, config.init_std)
-    counted = num_items  # rows with a factor: all of them at initialisation
     result = IALSResult([], items)
     for step in range(config.iterations + 1):
         downloads = [
-            pack_item_factors(
-                initial_item_factors_table(rows, config) if step == 0 else items.subset(rows), gram, counted
-            )
+            pack_item_factors(initial_item_factors_table(rows, config) if step == 0 else items.subset(rows), gram)
             for rows in touched
         ]
         result.download_bytes.append([payload_bytes(payload) for payload in downloads])
         users = []
         for market, payload in zip(markets, downloads, strict=True):
-            market_items, market_gram, market_counted = unpack_item_factors(payload)
-            users.append(solve_users(market, market_items, market_gram, market_counted, config))
+            market_items, market_gram = unpack_item_factors(payload)
+            users.append(solve_users(market, market_items, market_gram, num_items, config))
         if step and callback is not None:
             callback(step, users, items)
         if step == config.iterations:
@@ -882,7 +872,7 @@ def federated_ials(
         ]
         result.upload_bytes.append([payload_bytes(payload) for payload in uploads])
         items = solve_items([unpack_statistics(payload) for payload in uploads], config)
-        gram, counted = items.gram(), len(items.rows)
+        gram = items.gram()
     raise AssertionError("unreachable")
 
 
