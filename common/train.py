@@ -250,9 +250,12 @@ def evaluate(
     validation item, which precedes the test item in the user's history (see
     :func:`common.metrics.full_rank_of_positive`). On validation the test item
     stays a candidate: it lies in the user's future. The market's items are
-    encoded once; users are scored in chunks of :data:`EVAL_CHUNK` against all
-    of them with one matrix product, their history vectors looked up among the
-    encoded items (the same scores as the model's forward pass, which a test checks).
+    encoded once (the encoder works item by item, so this is the forward
+    pass's encoding); users are scored in chunks of :data:`EVAL_CHUNK`, their
+    history and candidate vectors looked up among the encoded items (the same
+    scores as the model's forward pass, which a test checks), against their
+    sampled candidates and, with ``full``, against all items in one matrix
+    product.
     """
     eval_set = data.split.test if on_test else data.split.valid
     if len(eval_set.users) == 0:
@@ -261,18 +264,23 @@ def evaluate(
     ranks, full_ranks = [], []
     users = torch.as_tensor(eval_set.users) + data.user_offset
     candidates = torch.as_tensor(eval_set.candidates)
+    market_items = data.market_items
+    candidate_columns = torch.searchsorted(market_items, candidates).clamp(max=len(market_items) - 1)
+    if not torch.equal(market_items[candidate_columns], candidates):
+        raise ValueError(f"Market '{data.split.market}' ranks candidates outside its own assortment.")
+    item_vectors = model.encoder(market_items)
+    item_bias = model.head.item_bias(market_items).squeeze(-1)
     if full:
-        item_vectors = model.encoder(data.market_items)
-        item_bias = model.head.item_bias(data.market_items).squeeze(-1)
         positives, excluded = _full_ranking_columns(data, on_test)
     for chunk in torch.arange(len(users)).split(EVAL_CHUNK):
         history, mask = data.user_history(users[chunk], for_test=on_test)
-        scores = model(users[chunk], history, mask, candidates[chunk])
+        # History items are the market's own: their encodings are rows of item_vectors.
+        columns = torch.searchsorted(market_items, history).clamp(max=len(market_items) - 1)
+        user_vectors = model.head.user_vectors(users[chunk], item_vectors[columns], mask)
+        sampled = candidate_columns[chunk]
+        scores = torch.einsum("bd,bcd->bc", user_vectors, item_vectors[sampled]) + item_bias[sampled]
         ranks.append(rank_of_positive(scores.numpy()))
         if full:
-            # History items are the market's own: their encodings are rows of item_vectors.
-            columns = torch.searchsorted(data.market_items, history).clamp(max=len(data.market_items) - 1)
-            user_vectors = model.head.user_vectors(users[chunk], item_vectors[columns], mask)
             all_scores = torch.addmm(item_bias, user_vectors, item_vectors.T)
             rows = chunk.numpy()  # a one-element tensor would index numpy as a scalar
             full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
