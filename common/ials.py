@@ -660,11 +660,15 @@ def pack_statistics(statistics: ItemStatistics, wire_dtype: str = "float32") -> 
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"Unknown wire dtype '{wire_dtype}'; choose one of {WIRE_DTYPES}.")
     mask = _trapezoid_mask(statistics.ranks, statistics.dim + 1)
+    values = statistics.rows[mask]
+    largest = float(np.abs(values).max(initial=0.0))
+    if largest > float(np.finfo(wire_dtype).max):
+        raise ValueError(f"A factor entry of {largest:.3g} does not fit {wire_dtype}; send float32.")
     return {
         "items": statistics.items.astype(np.int64),
         "counts": statistics.counts.astype(np.int32),
         "ranks": statistics.ranks.astype(np.int32),
-        "factor": statistics.rows[mask].astype(wire_dtype),
+        "factor": values.astype(wire_dtype),
         "gram": statistics.gram.astype(np.float32),
     }
 

@@ -378,3 +378,5 @@ def test_a_float16_wire_halves_the_factor_and_stays_close_to_pooled():
     assert gap < 1e-2 * np.abs(expected).max()
     with pytest.raises(ValueError, match="wire dtype"):
         pack_statistics(market_item_statistics(markets[0], pooled.user_factors[0], config), "int8")
+    with pytest.raises(ValueError, match="float32"):
+        pack_statistics(market_item_statistics(markets[0], 1e5 * pooled.user_factors[0], config), "float16")
