@@ -170,6 +170,13 @@ def market_config(args: argparse.Namespace, fractions: list[float]) -> dict[str,
             "fine_tune_epochs": args.fine_tune_epochs, "fractions": fractions}
 
 
+def reusable(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether scores saved with ``saved`` settings answer ``wanted``: the same settings, at least its fractions."""
+    same = {key: value for key, value in saved.items() if key != "fractions"} == {
+        key: value for key, value in wanted.items() if key != "fractions"}
+    return same and set(wanted["fractions"]) <= set(saved["fractions"])
+
+
 def macro(markets: dict[str, dict[float, dict[str, float]]], fractions: list[float]) -> dict[float, dict[str, float]]:
     """Mean over markets of each side's NDCG@10, per fraction."""
     return {
@@ -254,8 +261,8 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
         done = args.out / f"without-{market}" / "join-scores.json"
         if done.exists():
             saved = json.loads(done.read_text(encoding="utf-8"))
-            if saved["config"] == market_config(args, fractions):
-                markets[market] = {float(f): v for f, v in saved["scores"].items()}
+            if reusable(saved["config"], market_config(args, fractions)):
+                markets[market] = {float(f): v for f, v in saved["scores"].items() if float(f) in fractions}
                 seconds[market] = saved["seconds"]
                 harness.say(f"reusing the scores of {market} in {done}")
                 continue
