@@ -237,6 +237,18 @@ def evaluate_market(
     if user_factors is None:
         user_factors = solve_users(market.train, items, gram, num_items, config)
     folded = solve_users(market.with_valid, items, gram, num_items, config)
+    return evaluate_factors(market, items, num_items, user_factors, folded)
+
+
+def evaluate_factors(
+    market: IALSMarket, items: ItemFactors, num_items: int, user_factors: np.ndarray, folded: np.ndarray
+) -> tuple[RankingMetrics, RankingMetrics, SplitRecommender]:
+    """Validation and test metrics of given factors in ``market``, and the model to serve.
+
+    :func:`evaluate_market` once the users are solved, for factors from elsewhere too (implicit's
+    ALS in :mod:`simulations.baselines`): validation scores ``user_factors · y_i``, test
+    ``folded · y_i``, both ``(users, d)`` over the market's users.
+    """
     tensors = market.tensors
     means = history_means(items, tensors.history, tensors.history_mask)
     head = HistoryHead.fit(user_factors, means)

@@ -37,7 +37,9 @@ METHODS = {
                "from the markets' summed item statistics", solver="als"),
     )
 }
-BASELINES = ("local", "pooled", "popular", "pooled-ials")
+# References, never candidates of the per-market selection; implicit-* are the implicit
+# library's ALS (a benchmark extra, simulations.baselines.run_implicit).
+BASELINES = ("local", "pooled", "popular", "pooled-ials", "implicit-local", "implicit-pooled")
 
 
 def get_method(name: str) -> Method:

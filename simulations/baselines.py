@@ -6,10 +6,14 @@ markets' data in one place, so it stays the non-private ceiling; ``popular``
 ranks by each market's item popularity, under DP released with the whole
 budget: the simplest private recommender, which DP-SGD has to beat;
 ``pooled-ials`` is iALS on all markets' data in one place, the reference
-``fedals`` equals, evaluated and served per market as fedals is.
+``fedals`` equals, evaluated and served per market as fedals is;
+``implicit-local`` and ``implicit-pooled`` are the ``implicit`` library's ALS
+on each market alone and on all markets pooled (a benchmark extra:
+``pip install ".[benchmark]"``), evaluated and served the same way.
 """
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ import torch
 
 from common.catalog import Catalog
 from common.ials import IALSConfig, ItemFactors, pooled_ials
-from common.ials_model import IALSMarket, evaluate_market, interaction_ratings
+from common.ials_model import IALSMarket, evaluate_factors, evaluate_market, interaction_ratings
 from common.markets import MarketSource, load_split, market_seed
 from common.model import ModelConfig, SplitRecommender
 from common.privacy import PrivacyBudget, epsilon_of, release_history, release_noise
@@ -256,6 +260,111 @@ def run_pooled_ials(
             best = select_on_validation(curves[name])
             best_states[name].write(settings.models_dir / "pooled-ials" / name, "pooled-ials", market.tensors, source,
                                     catalog, best)
+    return curves
+
+
+IMPLICIT_INSTALL = 'pip install ".[benchmark]"'
+
+
+@dataclass(frozen=True)
+class ImplicitALS:
+    """Settings of implicit's ``AlternatingLeastSquares``: a positive's confidence is ``alpha · 1``."""
+
+    factors: int
+    regularization: float
+    alpha: float
+    iterations: int
+
+
+# Chosen on validation (macro NDCG@10, seed 0) by simulations.ials_tuning's implicit grid on
+# XMarket Electronics: d ∈ {64, 128} × reg ∈ {0.05 … 3000} × alpha ∈ {10 … 3000}, 15 iterations
+# (/work/runs/ials-tuning/log.txt, "implicit" lines; docs/fedals.md).
+IMPLICIT_SETTINGS = {
+    # grid's best for each market alone: val 0.5152, test 0.4394
+    "implicit-local": ImplicitALS(factors=128, regularization=300.0, alpha=300.0, iterations=15),
+    # grid's best on all markets pooled: val 0.5305, test 0.4573
+    "implicit-pooled": ImplicitALS(factors=128, regularization=1000.0, alpha=1000.0, iterations=15),
+}
+
+
+def implicit_missing() -> str | None:
+    """Why the implicit baselines cannot run here (one line), or None when ``implicit`` imports."""
+    try:
+        import implicit.cpu.als  # noqa: F401  (a benchmark extra: imported only when asked for)
+    except ImportError as error:
+        return f"implicit-local and implicit-pooled need the implicit library ({error}): {IMPLICIT_INSTALL}"
+    return None
+
+
+def _implicit_threads() -> int:
+    """implicit's threads: OMP_NUM_THREADS when set to a positive whole number, else 1."""
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def run_implicit(
+    source: MarketSource, catalog: Catalog, settings: BaselineSettings, method: str, progress: Progress,
+    als: ImplicitALS | None = None,
+) -> dict[str, list[dict[str, float]]]:
+    """implicit's ALS on each market alone (``implicit-local``) or on all markets pooled (``implicit-pooled``).
+
+    Evaluated as ``pooled-ials`` is (:func:`common.ials_model.evaluate_factors`): validation with
+    the users implicit fitted on the training interactions, test with users folded in by
+    implicit's ``recalculate_user`` from training plus the validation interaction (the item
+    factors never see it), as :mod:`simulations.ials_tuning` tuned it. One point per market, at
+    round ``als.iterations``; ``--rounds`` does not apply. The served model holds implicit's
+    factors as a split recommender.
+    """
+    if (missing := implicit_missing()) is not None:
+        raise RuntimeError(missing)
+    import threadpoolctl  # implicit's own dependency
+    from implicit.cpu.als import AlternatingLeastSquares
+    from scipy import sparse
+
+    als = als or IMPLICIT_SETTINGS[method]
+    markets = [IALSMarket.from_split(load_split(source, market, catalog), settings.history_length)
+               for market in source.markets]
+
+    def matrix(parts: list, rows: int) -> "sparse.csr_matrix":
+        """Users × catalog rows, 1 per interaction (implicit multiplies by alpha); users stacked in order."""
+        offsets = np.cumsum([0] + [part.num_users for part in parts])
+        users = np.concatenate([part.users + offset for part, offset in zip(parts, offsets, strict=False)])
+        items = np.concatenate([part.items for part in parts])
+        ones = np.ones(len(users), dtype=np.float32)
+        return sparse.csr_matrix((ones, (users, items)), shape=(rows, catalog.size))
+
+    curves: dict[str, list[dict[str, float]]] = {}
+    groups = [markets] if method == "implicit-pooled" else [[market] for market in markets]
+    for group in groups:
+        started = time.perf_counter()
+        users_total = sum(market.split.num_users for market in group)
+        # implicit's BLAS calls run inside its own threads: one BLAS thread each (implicit warns otherwise).
+        with threadpoolctl.threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=als.factors, regularization=als.regularization, alpha=als.alpha, iterations=als.iterations,
+                random_state=settings.seed, num_threads=_implicit_threads(),
+            )
+            model.fit(matrix([market.train for market in group], users_total), show_progress=False)
+            items = ItemFactors(np.arange(catalog.size), np.asarray(model.item_factors, dtype=np.float64))
+            offset = 0
+            for market in group:
+                name, count = market.split.market, market.split.num_users
+                fitted = np.asarray(model.user_factors[offset : offset + count], dtype=np.float64)
+                offset += count
+                folded = model.recalculate_user(np.arange(count), matrix([market.with_valid], count))
+                valid, test, served = evaluate_factors(
+                    market, items, catalog.size, fitted, np.asarray(folded, dtype=np.float64)
+                )
+                curves[name] = [curve_point(valid, test, als.iterations)]
+                if settings.models_dir is not None:
+                    best = BestState()
+                    best.offer(served, curves[name][0])
+                    best.write(settings.models_dir / method / name, method, market.tensors, source, catalog,
+                               curves[name][0])
+                progress(f"{method} {name}: val NDCG@10 {valid.ndcg:.4f}, test {test.ndcg:.4f} "
+                         f"({time.perf_counter() - started:.1f} s since the fit began)")
     return curves
 
 

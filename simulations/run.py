@@ -6,9 +6,13 @@
 Federated methods run as the real Flower app on Flower's simulation engine
 (a SuperLink this command starts and stops); ``local``, ``pooled``,
 ``popular`` and ``pooled-ials`` (iALS on all markets' data, the reference
-``fedals`` equals) run in this process on the same splits. Every method
-reports test metrics at the round where each market's validation NDCG@10 was
-best (for ``fedals`` and ``pooled-ials`` a round is one ALS iteration).
+``fedals`` equals) run in this process on the same splits, as do
+``implicit-local`` and ``implicit-pooled`` (the ``implicit`` library's ALS on
+each market alone and pooled, at settings tuned on validation; a benchmark
+extra: pip install ".[benchmark]"). Every method reports test metrics at the
+round where each market's validation NDCG@10 was best (for ``fedals`` and
+``pooled-ials`` a round is one ALS iteration; the implicit references report
+their one point, after their tuned iterations, whatever ``--rounds`` says).
 """
 
 import argparse
@@ -29,6 +33,8 @@ from server.server_app import ServerConfig
 from simulations.baselines import (
     BaselineSettings,
     LocalPrivacy,
+    implicit_missing,
+    run_implicit,
     run_local,
     run_pooled,
     run_pooled_ials,
@@ -110,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(methods) - set(BASELINES) - set(METHODS))
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS))}")
+    if any(m.startswith("implicit-") for m in methods) and (missing := implicit_missing()) is not None:
+        parser.error(missing)
     if args.rounds < 1 or args.local_epochs < 1:
         parser.error("--rounds and --local-epochs must be at least 1")
     if args.market_dp_noise < 0 or args.market_dp_clip <= 0:
@@ -241,10 +249,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
                                defaults["dp-accountant"], private_train, defaults["dp-popularity-share"],
                                parse_market_epsilons(args.market_epsilons), args.insecure_seeded_dp_noise)
-        for pooled in ("pooled", "pooled-ials"):
+        for pooled in ("pooled", "pooled-ials", "implicit-pooled"):
             if pooled in args.methods:
                 say(f"{pooled} pools every market's data in one place: it trains without DP, "
                     "as the non-private ceiling")
+        if "implicit-local" in args.methods:
+            say("implicit-local is the implicit library's ALS: it trains without DP, a non-private reference")
     settings = BaselineSettings(
         args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy,
         models_dir=args.out / "models",  # served models: OUT/models/<method>/<market>/
@@ -271,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ials = ials_config(defaults["als-factors"], defaults["als-regularization"], defaults["als-alpha"],
                                defaults["als-nu"], defaults["als-confidence"], args.rounds, args.seed)
             curves = run_pooled_ials(source, catalog, settings, ials, say)
+        elif method in ("implicit-local", "implicit-pooled"):
+            curves = run_implicit(source, catalog, settings, method, say)
         else:
             curves, rounds = run_federated(args, method, len(markets))
             results["rounds"].extend({"method": method, **entry} for entry in rounds)
