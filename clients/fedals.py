@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     items, gram = _received(msg, market, catalog, ials)
     started = time.perf_counter()
     users = solve_users(market.train, items, gram, catalog.size, ials)
-    statistics = pack_statistics(market_item_statistics(market.train, users, ials))
+    statistics = pack_statistics(market_item_statistics(market.train, users, ials), config.als_wire)
     check_item_side(statistics, market.train.items, ials.factors)
     metrics: dict[str, Any] = {"num-examples": split.num_train, "trained": int(split.num_train > 0),
                                "train-seconds": time.perf_counter() - started}

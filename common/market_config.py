@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from common.config import from_kebab_case
-from common.ials import CONFIDENCES, IALSConfig
+from common.ials import CONFIDENCES, WIRE_DTYPES, IALSConfig
 from common.methods import get_method
 from common.privacy import ACCOUNTANTS, default_delta
 
@@ -56,9 +56,14 @@ class MarketConfig:
     als_alpha: float  # fedals: α, a positive's confidence is 1 + α·w
     als_nu: float  # fedals: ν, frequency-scaled regularisation λ·(count + rows/α)^ν; 0 is plain iALS
     als_confidence: str  # fedals: w from the rating, binary (1), rating (r) or log (log(1 + r))
+    # fedals: float type of the statistics a market sends: float16 halves them (within 2x fedper's
+    # upload at d=128), float32 makes fedals equal pooled iALS to 1e-5 (docs/fedals.md)
+    als_wire: str
 
     def __post_init__(self) -> None:
         check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
+        if self.als_wire not in WIRE_DTYPES:
+            raise ValueError(f"als-wire must be one of {', '.join(WIRE_DTYPES)}, got '{self.als_wire}'.")
         if get_method(self.method).solver == "als" and self.dp_epsilon > 0:
             raise ValueError(
                 f"{self.method} trains without DP for now: set dp-epsilon to 0 (got {self.dp_epsilon}), "
