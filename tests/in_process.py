@@ -6,6 +6,7 @@ same apps here (the transport has its own tests: test_simulation, test_deploy).
 """
 
 import json
+from collections.abc import Callable
 from itertools import count
 from uuid import uuid4
 
@@ -20,17 +21,20 @@ from simulations.results import federated_curves
 _run_ids = count(1000)
 
 
-class ClientAppGrid(Grid):
-    """A grid whose nodes are the real ClientApp in this process, one simulation partition each."""
+Responder = Callable[[Message], RecordDict | None]
 
-    def __init__(self, run_config: dict, partitions: int) -> None:
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                          node_config={"partition-id": node - 1, "num-partitions": partitions})
-            for node in range(1, partitions + 1)
-        }
+
+class LocalGrid(Grid):
+    """A grid whose nodes answer at once in this process; it keeps every message sent."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = list(node_ids)
         self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
+
+    def answer(self, message: Message) -> Message | None:
+        """The node's reply to ``message``, or None when it stays silent."""
+        raise NotImplementedError
 
     def set_run(self, run):
         raise NotImplementedError
@@ -43,15 +47,16 @@ class ClientAppGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return list(self.node_ids)
 
     def push_messages(self, messages):
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
             self.sent.append(message)
-            context = self.contexts[message.metadata.dst_node_id]
-            self._replies[message.metadata.message_id] = client_app(message, context)
+            reply = self.answer(message)
+            if reply is not None:
+                self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
         return ids
 
@@ -60,6 +65,33 @@ class ClientAppGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         raise NotImplementedError
+
+
+class ScriptedGrid(LocalGrid):
+    """Nodes that answer through Python functions: the content of the reply, or None for silence."""
+
+    def __init__(self, nodes: dict[int, Responder]) -> None:
+        super().__init__(list(nodes))
+        self.nodes = dict(nodes)
+
+    def answer(self, message: Message) -> Message | None:
+        content = self.nodes[message.metadata.dst_node_id](message)
+        return None if content is None else Message(content, reply_to=message)
+
+
+class ClientAppGrid(LocalGrid):
+    """Nodes that are the real ClientApp in this process, one simulation partition each."""
+
+    def __init__(self, run_config: dict, partitions: int) -> None:
+        super().__init__(list(range(1, partitions + 1)))
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
+                          node_config={"partition-id": node - 1, "num-partitions": partitions})
+            for node in self.node_ids
+        }
+
+    def answer(self, message: Message) -> Message:
+        return client_app(message, self.contexts[message.metadata.dst_node_id])
 
 
 def serve(run_config: dict, markets: int = 2, run_id: int | None = None) -> ClientAppGrid:

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from clients.client_app import app
 from common.ials import STATISTICS_KEYS, IALSConfig, check_item_side, pooled_ials, score_candidates, solve_users
@@ -41,6 +40,7 @@ from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, run_rounds
 from server.server_app import ServerConfig, initial_arrays
 from simulations import run as harness
+from tests.in_process import ScriptedGrid
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = MarketSource("", 3, 0)
@@ -72,42 +72,6 @@ def _market(name: str, history_length: int = 10) -> IALSMarket:
     catalog = SOURCE.catalog()
     split = load_split(SOURCE, name, catalog)
     return IALSMarket.from_split(split, history_length, interaction_ratings(split, SOURCE.interactions(name), catalog))
-
-
-class ScriptedGrid(Grid):
-    """A grid whose nodes answer at once through Python functions (real ClientApps here)."""
-
-    def __init__(self, nodes: dict[int, Callable[[Message], RecordDict]]) -> None:
-        self.nodes = dict(nodes)
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
-            content = self.nodes[message.metadata.dst_node_id](message)
-            self._replies[message.metadata.message_id] = Message(content, reply_to=message)
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
 
 
 def _client(partition: int, run_config: dict, node_config: dict | None = None) -> Callable[[Message], RecordDict]:

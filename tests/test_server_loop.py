@@ -10,7 +10,6 @@ import logging
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -24,52 +23,12 @@ from server.resume import FINGERPRINT_KEYS
 from server.rounds import AllMarketsFailedError, RoundSettings, run_rounds
 from server.server_app import main as server_main
 from server.strategy import build_strategy
+from tests.in_process import Responder, ScriptedGrid
 
 REPO = Path(__file__).resolve().parents[1]
 DROP = object()  # a metric override that removes the metric
 
-Responder = Callable[[Message], RecordDict | None]
-
 pytestmark = pytest.mark.usefixtures("server_task_identity")
-
-
-class ScriptedGrid(Grid):
-    """A grid whose nodes answer at once through Python functions; it keeps every message sent."""
-
-    def __init__(self, nodes: dict[int, Responder]) -> None:
-        self.nodes = dict(nodes)
-        self.sent: list[Message] = []
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
-            self.sent.append(message)
-            content = self.nodes[message.metadata.dst_node_id](message)
-            if content is not None:
-                self._replies[message.metadata.message_id] = Message(content, reply_to=message)
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
 
 
 def market(
