@@ -8,7 +8,6 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -41,6 +40,7 @@ from server.rounds import RoundSettings, run_rounds
 from server.server_app import ServerConfig, initial_arrays
 from simulations import run as harness
 from tests.in_process import ScriptedGrid
+from tests.served_check import served_test_ndcg
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = MarketSource("", 3, 0)
@@ -142,16 +142,10 @@ def test_every_served_model_reproduces_the_test_ndcg_results_report(fedals_run):
     for method in ("fedals", "pooled-ials", "selection"):
         for market, reported in results["methods"][method]["per_market"].items():
             # Execute
-            served = load_served_model(out / "models" / method / market, catalog)
-            test = load_split(SOURCE, market, catalog).test
-            pairs = pd.DataFrame({
-                "userId": np.repeat(np.asarray(served.user_ids, dtype=object)[test.users], test.candidates.shape[1]),
-                "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
-            })
-            scores = served.score(pairs, as_of="test")["score"].to_numpy().reshape(len(test.users), -1)
+            served, ndcg = served_test_ndcg(out / "models" / method / market, SOURCE, market, catalog)
 
             # Assert
-            assert ndcg_at_k(rank_of_positive(scores)) == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
+            assert ndcg == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
 
 
 # --- The split recommender holds iALS exactly.

@@ -7,17 +7,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from common.ials_model import ITEM_TABLE
-from common.markets import MarketSource, load_split
+from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
-from common.metrics import ndcg_at_k, rank_of_positive
 from common.serving import load_served_model
 from simulations import benchmark
 from simulations import run as harness
 from simulations.baselines import IMPLICIT_SETTINGS, implicit_missing
+from tests.served_check import served_test_ndcg
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = MarketSource("", 3, 0)
@@ -63,17 +62,11 @@ def test_every_served_model_reproduces_the_test_ndcg_results_report(implicit_run
     for method in IMPLICIT:
         for market, reported in results["methods"][method]["per_market"].items():
             # Execute: score the market's test candidates with its served model.
-            served = load_served_model(out / "models" / method / market, catalog)
-            test = load_split(SOURCE, market, catalog).test
-            pairs = pd.DataFrame({
-                "userId": np.repeat(np.asarray(served.user_ids, dtype=object)[test.users], test.candidates.shape[1]),
-                "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
-            })
-            scores = served.score(pairs, as_of="test")["score"].to_numpy().reshape(len(test.users), -1)
+            served, ndcg = served_test_ndcg(out / "models" / method / market, SOURCE, market, catalog)
 
             # Assert
             assert served.manifest["method"] == method
-            assert ndcg_at_k(rank_of_positive(scores)) == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
+            assert ndcg == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
 
 
 def test_pooled_shares_its_item_factors_across_markets_and_local_does_not(implicit_run):

@@ -6,16 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import psutil
 import pytest
 
-from common.markets import MarketSource, load_split
-from common.metrics import ndcg_at_k, rank_of_positive
+from common.markets import MarketSource
 from common.processes import output_lines, stop_process_tree
-from common.serving import load_served_model
 from simulations import run as harness
+from tests.served_check import served_test_ndcg
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -148,13 +145,7 @@ def test_every_method_serves_each_market_the_model_it_reports(small_run):
     for method in ("local", "pooled", "fedavg", "fedper", "fedrep", "fedper-ft", "selection"):
         for market, reported in results["methods"][method]["per_market"].items():
             # Execute
-            served = load_served_model(out / "models" / method / market, catalog)
-            test = load_split(source, market, catalog).test
-            pairs = pd.DataFrame({
-                "userId": np.repeat(np.asarray(served.user_ids, dtype=object)[test.users], test.candidates.shape[1]),
-                "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
-            })
-            scores = served.score(pairs, as_of="test")["score"].to_numpy().reshape(len(test.users), -1)
+            served, ndcg = served_test_ndcg(out / "models" / method / market, source, market, catalog)
 
             # Assert: the served model is the one whose test NDCG@10 results.json reports for the market.
-            assert ndcg_at_k(rank_of_positive(scores)) == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
+            assert ndcg == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
