@@ -3,8 +3,8 @@
 Train message: the item factors of the market's assortment and the Gram ``YᵀY`` (in round 1
 the Gram alone, and the market draws its seeded initial rows itself). The market solves its
 users (:func:`common.ials.solve_users`), evaluates the received factors when the server folds
-the evaluation into the message, and replies with :func:`common.ials.pack_statistics` of its
-item statistics (checked item-side with :func:`common.ials.check_item_side` before they leave),
+the evaluation into the message, and replies with :func:`common.ials_wire.pack_statistics` of its
+item statistics (checked item-side with :func:`common.ials_wire.check_item_side` before they leave),
 its assortment's rows and numbers. Evaluate message: the same factors, evaluated.
 
 Nothing user-indexed is sent: user factors are solved afresh from the received items every
@@ -21,15 +21,8 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from common.catalog import Catalog
 from common.data import read_interactions
-from common.ials import (
-    IALSConfig,
-    ItemFactors,
-    check_item_side,
-    market_item_statistics,
-    pack_statistics,
-    solve_users,
-    unpack_item_factors,
-)
+from common.ials import IALSConfig, ItemFactors, market_item_statistics, solve_users
+from common.ials_wire import check_item_side, pack_statistics, unpack_item_factors
 from common.ials_model import (
     ASSORTMENT_KEY,
     INITIAL_ROWS_KEY,

@@ -25,10 +25,10 @@ set for each of the two, so the model is exact on both: :func:`evaluate_market` 
 test one, the model a market serves (``score(as_of="test")`` reproduces its test metrics).
 
 The wire format of fedals (Flower Message API, arrays of numpy): the server sends a market
-:func:`common.ials.pack_item_factors` of its assortment's rows, or in round 1 the Gram alone with
+:func:`common.ials_wire.pack_item_factors` of its assortment's rows, or in round 1 the Gram alone with
 :data:`INITIAL_ROWS_KEY` set, and the market draws its seeded initial rows itself
 (:func:`initial_rows`, equal to the server's :func:`initial_encoder_state`). A market replies
-with :func:`common.ials.pack_statistics` and its assortment's rows (:data:`ASSORTMENT_KEY`), from
+with :func:`common.ials_wire.pack_statistics` and its assortment's rows (:data:`ASSORTMENT_KEY`), from
 which the server learns what to send it next; :func:`reply_problem` is the server's check of it.
 """
 
@@ -40,15 +40,8 @@ import pandas as pd
 import torch
 
 from common.catalog import Catalog
-from common.ials import (
-    STATISTICS_KEYS,
-    IALSConfig,
-    ItemFactors,
-    MarketInteractions,
-    check_item_side,
-    initial_item_factors,
-    solve_users,
-)
+from common.ials import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors, solve_users
+from common.ials_wire import STATISTICS_KEYS, check_item_side
 from common.model import ModelConfig, SplitRecommender
 from common.split import MarketSplit
 from common.train import MarketTensors, RankingMetrics, evaluate
@@ -297,7 +290,7 @@ def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -
 
     A reply holds exactly :data:`REPLY_KEYS`: integer item rows inside the catalog, sorted and
     distinct, the touched ``items`` among the ``assortment``; shapes consistent with ``dim``
-    and the ranks, and nothing that may carry a user axis (:func:`common.ials.check_item_side`);
+    and the ranks, and nothing that may carry a user axis (:func:`common.ials_wire.check_item_side`);
     float, finite values.
 
     Parameters

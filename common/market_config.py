@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from common.config import from_kebab_case
-from common.ials import CONFIDENCES, WIRE_DTYPES, IALSConfig
+from common.ials import CONFIDENCES, IALSConfig
+from common.ials_wire import WIRE_DTYPES
 from common.methods import get_method
 from common.privacy import ACCOUNTANTS, default_delta
 

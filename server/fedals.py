@@ -2,7 +2,7 @@
 
 Each round the server sends every market the item factors of its assortment and the Gram
 ``YᵀY`` of the whole table; the market solves its users against them and replies with
-item-side statistics summed over its users (:func:`common.ials.pack_statistics`) and its
+item-side statistics summed over its users (:func:`common.ials_wire.pack_statistics`) and its
 assortment's rows; the server sums the statistics and solves every touched item exactly
 (:func:`common.ials.solve_items`). The item factors equal pooled iALS of the same settings
 (:func:`common.ials.pooled_ials`) up to the float32 wire. No user-indexed value is sent.
@@ -25,7 +25,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.ials import IALSConfig, ItemFactors, pack_item_factors, solve_items, unpack_statistics
+from common.ials import IALSConfig, ItemFactors, solve_items
+from common.ials_wire import pack_item_factors, unpack_statistics
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
 
 

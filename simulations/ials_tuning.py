@@ -1,6 +1,6 @@
 """Tune iALS (fedals' maths) on validation, measure its payload, and run implicit's ALS beside it.
 
-Pooled iALS equals fedals exactly (:func:`common.ials.federated_ials` is checked against
+Pooled iALS equals fedals exactly (:func:`common.ials_wire.federated_ials` is checked against
 :func:`common.ials.pooled_ials` at the chosen point), so the grid runs pooled. Every choice is
 made on validation NDCG@10 (macro over markets, 99 sampled negatives, the project's split);
 test is scored only at the chosen points. Protocol, as for the project's neural models and as
@@ -36,16 +36,13 @@ from common.ials import (
     ItemFactors,
     MarketInteractions,
     confidence_weights,
-    federated_ials,
     market_item_statistics,
-    pack_statistics,
-    packed_length,
     pooled_ials,
     score_candidates,
     solve_items,
     solve_users,
-    unpack_statistics,
 )
+from common.ials_wire import federated_ials, pack_statistics, packed_length, unpack_statistics
 from common.markets import MarketSource
 from common.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
 from common.split import MarketSplit, split_market

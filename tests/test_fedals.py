@@ -13,7 +13,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.client_app import app
-from common.ials import STATISTICS_KEYS, IALSConfig, check_item_side, pooled_ials, score_candidates, solve_users
+from common.ials import IALSConfig, pooled_ials, score_candidates, solve_users
+from common.ials_wire import STATISTICS_KEYS, check_item_side
 from common.ials_model import (
     ASSORTMENT_KEY,
     INITIAL_ROWS_KEY,

@@ -10,19 +10,15 @@ from common.ials import (
     _factor_segments,
     ItemFactors,
     MarketInteractions,
-    check_item_side,
-    federated_ials,
     fold_in,
     initial_item_factors,
     initial_item_gram,
     market_item_statistics,
-    pack_statistics,
-    packed_length,
     pooled_ials,
     solve_items,
     solve_users,
-    unpack_statistics,
 )
+from common.ials_wire import check_item_side, federated_ials, pack_statistics, packed_length, unpack_statistics
 
 NUM_ITEMS = 30
 
