@@ -56,9 +56,9 @@ def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_th
     monkeypatch.setattr(harness_module, "run_federated", in_process_federated)
 
     # Execute: one held-out market of three generated ones, one round, two fractions.
-    report = benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--rounds", "1",
-                             "--join-epochs", "1", "--fine-tune-epochs", "1", "--fractions", "0.5,1",
-                             "--out", str(tmp_path)])
+    benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--rounds", "1",
+                    "--join-epochs", "1", "--fine-tune-epochs", "1", "--fractions", "0.5,1",
+                    "--out", str(tmp_path)])
 
     # Assert: join.json has the shape, the macro is the mean over the
     # held-out markets, and the wins are counted from the numbers beside them.

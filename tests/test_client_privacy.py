@@ -4,7 +4,6 @@ Each test plays the server against the real ClientApp, as an adversarial
 server would: it chooses the run config, the training ids and the arrays.
 """
 
-import json
 import tomllib
 from pathlib import Path
 
@@ -12,14 +11,13 @@ import dp_accounting
 import opacus
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 
 from clients.client_app import INSECURE_KEY, app
 from clients.local_model import LOCAL_STATE_KEY
 from clients.messages import RegionError
 from clients.privacy_state import MarketPrivacy
-from common.markets import MarketSource, load_split, market_seed
-from common.model import ModelConfig, SplitRecommender
+from common.markets import MarketSource, load_split
 from common.private_train import dp_generator, popularity_seed, private_popularity, release_noise
 from common.privacy import PrivacyBudget, default_delta, sample_rate
 from common.train import MarketTensors

@@ -385,7 +385,6 @@ def test_recommend_cli_writes_tsv_and_one_summary_line(served_dir, tmp_path):
 
 def test_recommend_cli_history_changes_an_unknown_users_recommendations(served_dir, tmp_path):
     directory, _, _, _ = served_dir
-    served = load_served_model(directory)
     users = tmp_path / "users.tsv"
     users.write_text("userId\nnewcomer\n")
     plain, shaped = tmp_path / "plain.tsv", tmp_path / "shaped.tsv"
