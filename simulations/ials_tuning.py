@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from common.ials import (
     IALSConfig,
@@ -42,6 +41,7 @@ from common.ials import (
     solve_items,
     solve_users,
 )
+from common.ials_model import interaction_ratings
 from common.ials_wire import federated_ials, pack_statistics, packed_length, unpack_statistics
 from common.markets import MarketSource
 from common.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
@@ -69,26 +69,14 @@ def load_markets(data_dir: str, seed: int) -> tuple[list[Market], int]:
     for name in source.markets:
         frame = source.interactions(name)
         split = split_market(name, frame, catalog, seed)
-        table = pd.DataFrame(
-            {"user": frame["user"].astype(str), "row": catalog.rows(frame["item"]), "rating": frame["rating"]}
-        ).drop_duplicates(["user", "row"], keep="last")
-        ids = np.asarray(split.user_ids)
-
-        def ratings(users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-            keys = pd.DataFrame({"user": ids[users], "row": rows})
-            found = keys.merge(table, on=["user", "row"], how="left")["rating"].to_numpy(dtype=np.float64)
-            if np.isnan(found).any():
-                raise ValueError(f"Market '{name}': a split interaction has no rating.")
-            return found
-
+        train_ratings, valid_ratings = interaction_ratings(split, frame, catalog)
         valid_items = split.valid.candidates[:, 0]
-        train_ratings = ratings(split.train_users, split.train_items)
         train = MarketInteractions(split.train_users, split.train_items, split.num_users, train_ratings)
         with_valid = MarketInteractions(
             np.concatenate([split.train_users, split.valid.users]),
             np.concatenate([split.train_items, valid_items]),
             split.num_users,
-            np.concatenate([train_ratings, ratings(split.valid.users, valid_items)]),
+            np.concatenate([train_ratings, valid_ratings]),
         )
         markets.append(Market(split, train, with_valid))
     return markets, catalog.size
