@@ -94,6 +94,11 @@ class ClientAppGrid(LocalGrid):
         return client_app(message, self.contexts[message.metadata.dst_node_id])
 
 
+def run_config(**overrides) -> dict:
+    """The app's defaults with the settings of an in-process training (no waiting, two markets), then ``overrides``."""
+    return {**harness.app_defaults(), "min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0, **overrides}
+
+
 def serve(run_config: dict, markets: int = 2, run_id: int | None = None) -> ClientAppGrid:
     """One training of the real ServerApp over ``markets`` in-process ClientApps; the grid it used."""
     grid = ClientAppGrid(run_config, markets)

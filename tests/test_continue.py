@@ -10,7 +10,6 @@ config's ``init-from``.
 import argparse
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from common.synthetic import SyntheticConfig, write_markets
 from server.server_app import ServerConfig, initial_arrays, published_arrays
 from simulations import continue_benchmark
 from simulations import run as harness
-from tests.in_process import in_process_federated, serve
+from tests.in_process import in_process_federated, run_config, serve
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -43,10 +42,8 @@ pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _run_config(**overrides) -> dict:
-    with open(REPO / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "method": "fedper", "user-embeddings": True, "embedding-dim": DIM, "num-server-rounds": 1,
-            "min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0, "seed": SEED, **overrides}
+    return run_config(**{"method": "fedper", "user-embeddings": True, "embedding-dim": DIM, "num-server-rounds": 1,
+                         "seed": SEED, **overrides})
 
 
 @pytest.fixture(scope="module")

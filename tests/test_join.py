@@ -9,7 +9,6 @@ import math
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from common.split import split_market
 from common.synthetic import SyntheticConfig, write_markets
 from common.train import MarketTensors, evaluate
 from server.history import PUBLISHED_FILE
-from tests.in_process import serve
+from tests.in_process import run_config, serve
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -43,10 +42,8 @@ pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _run_config(**overrides) -> dict:
-    with open(REPO / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "method": "fedper", "embedding-dim": DIM, "num-server-rounds": ROUNDS, "min-nodes": 2,
-            "poll-interval": 0.001, "round-timeout": 120.0, "seed": SEED, **overrides}
+    return run_config(**{"method": "fedper", "embedding-dim": DIM, "num-server-rounds": ROUNDS, "seed": SEED,
+                         **overrides})
 
 
 @pytest.fixture(scope="module")
