@@ -30,6 +30,10 @@ class SyntheticConfig:
     popularity_shift: float = 0.7  # spread of market-specific item popularity
     catalog_share: float = 0.6  # chance a non-core product is sold in a market
     sharpness: float = 2.5  # how strongly tastes, not chance, drive choices
+    # 0: each user weighs every product the market sells (exact, but users x items
+    # logits); > 0: each user weighs this many products drawn by popularity, so that
+    # catalogs of a million products generate in seconds (scale benchmarks).
+    candidates: int = 0
     seed: int = 0  # everything below is a deterministic function of this
 
     def __post_init__(self) -> None:
@@ -47,6 +51,11 @@ class SyntheticConfig:
             )
         if self.mean_interactions < 5:
             raise ValueError(f"Users need at least 5 interactions, got {self.mean_interactions}.")
+        if self.candidates and self.candidates < 4 * self.mean_interactions:
+            raise ValueError(
+                f"Each user needs several candidates per interaction; use 0 (every product) or at "
+                f"least {4 * self.mean_interactions} candidates, got {self.candidates}."
+            )
 
 
 def market_names(count: int) -> list[str]:
@@ -62,7 +71,7 @@ def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
     base_popularity = rng.normal(0.0, 1.0, config.items)
     # Popular products are sold nearly everywhere; the tail varies by market.
     core = base_popularity > np.quantile(base_popularity, 0.6)
-    item_ids = np.array([f"P{index:05d}" for index in range(config.items)])
+    item_ids = item_names(config.items)
 
     tables = {}
     for rank, market in enumerate(market_names(config.markets)):
@@ -75,11 +84,14 @@ def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
         centre = rng.normal(0.0, config.taste_shift, config.factors)
         user_factors = centre + rng.normal(0.0, 1.0, (users, config.factors))
         popularity = base_popularity[items] + rng.normal(0.0, config.popularity_shift, len(items))
-        logits = config.sharpness * user_factors @ item_factors[items].T + popularity
         counts = 5 + rng.poisson(config.mean_interactions - 5, users)
-        # Gumbel top-k draws each user's distinct items in proportion to softmax(logits).
-        perturbed = logits + rng.gumbel(size=logits.shape)
-        chosen = np.argsort(-perturbed, axis=1)[:, : counts.max()]
+        if config.candidates:
+            chosen = _choose_among_candidates(rng, config, user_factors, item_factors[items], popularity, counts.max())
+        else:
+            logits = config.sharpness * user_factors @ item_factors[items].T + popularity
+            # Gumbel top-k draws each user's distinct items in proportion to softmax(logits).
+            perturbed = logits + rng.gumbel(size=logits.shape)
+            chosen = np.argsort(-perturbed, axis=1)[:, : counts.max()]
         rows = [
             (f"{market}-u{user:05d}", item_ids[items[item]], step)
             for user in range(users)
@@ -90,6 +102,44 @@ def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
         frame["date"] = pd.Timestamp("2020-01-01") + pd.to_timedelta(frame["step"], unit="D")
         tables[market] = frame[["userId", "itemId", "rating", "date"]]
     return tables
+
+
+def item_names(count: int) -> np.ndarray:
+    """The generated catalog's item IDs ``P00000``, ``P00001``, ... in row order."""
+    return np.array([f"P{index:05d}" for index in range(count)])
+
+
+def _choose_among_candidates(
+    rng: np.random.Generator,
+    config: SyntheticConfig,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    popularity: np.ndarray,
+    most: int,
+    chunk: int = 2048,
+) -> np.ndarray:
+    """Per user, ``most`` distinct positions in ``item_factors``: taste decides among popular candidates.
+
+    Each user draws ``config.candidates`` products in proportion to ``exp(popularity)`` (with
+    repetition; a repeat never wins twice) and takes the Gumbel top-``most`` of
+    ``sharpness·taste + popularity`` among them: the dense rule's choice, restricted to the
+    products a user ever looks at.
+    """
+    weights = np.exp(popularity - popularity.max())
+    pool = rng.choice(len(popularity), size=(len(user_factors), config.candidates), p=weights / weights.sum())
+    chosen = np.empty((len(user_factors), most), dtype=np.int64)
+    for start in range(0, len(user_factors), chunk):
+        block = pool[start : start + chunk]
+        logits = config.sharpness * np.einsum("uf,ucf->uc", user_factors[start : start + chunk], item_factors[block])
+        perturbed = logits + popularity[block] + rng.gumbel(size=block.shape)
+        order = np.argsort(block, axis=1, kind="stable")
+        ordered = np.take_along_axis(block, order, axis=1)
+        repeat = np.zeros(block.shape, dtype=bool)
+        repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        np.put_along_axis(perturbed, order, np.where(repeat, -np.inf, np.take_along_axis(perturbed, order, axis=1)), axis=1)
+        best = np.argsort(-perturbed, axis=1)[:, :most]
+        chosen[start : start + chunk] = np.take_along_axis(block, best, axis=1)
+    return chosen
 
 
 def write_markets(config: SyntheticConfig, directory: str | Path) -> dict[str, Path]:

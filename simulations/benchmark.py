@@ -1,7 +1,7 @@
 """Benchmarks that take longer than a test.
 
     python -m simulations.benchmark quality --data-dir DIR --seeds 3 --out OUT
-    python -m simulations.benchmark scale --markets 100 --rounds 3 --out OUT
+    python -m simulations.benchmark scale --markets 20 --items 1000000 --methods fedals,fedper --out OUT
     python -m simulations.benchmark dp-step --data-dir DIR --market uk
     python -m simulations.benchmark latency --regions 3 --rounds 4 --out OUT
     python -m simulations.benchmark join --data-dir DIR --fractions 0.1,0.25,0.5,1 --out OUT
@@ -12,11 +12,10 @@ writes the mean and standard deviation of test NDCG@10 and HR@10 per market
 and macro, beside the published XMarket Electronics numbers, and the
 seconds per federated round against the same local training without Flower.
 
-``scale`` runs the harness on many generated markets while sampling the
-memory of this process and every process under it (SuperLink, simulation
-engine, Ray workers), and reports seconds per federated round and the peak
-resident memory of the whole tree, beside the time of the same local training
-done in this process without Flower (the orchestration overhead, as a ratio).
+``scale`` generates many markets over a large catalog and runs each federated method
+through the harness, reporting seconds per round, bytes per market per round against the
+items each market touches, and the peak memory of the whole process tree (see
+``simulations.scale_benchmark``).
 
 ``join`` holds out each market in turn, federates the others, and has the
 held-out market join with a share of its users, against training alone on the
@@ -34,13 +33,11 @@ seconds per round and the part of them that is not training, as a ratio.
 import argparse
 import json
 import statistics
-import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
@@ -55,69 +52,10 @@ from common.methods import BASELINES
 from common.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
 from common.private_train import UserSoftmaxLoss, dp_generator, privacy_units
 from common.train import MarketTensors, user_batch_inputs
-from simulations import continue_benchmark, join_benchmark, latency
+from simulations import continue_benchmark, join_benchmark, latency, scale_benchmark
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.results import mean_and_std
-
-
-class TreeMemorySampler:
-    """Samples the summed RSS of this process and its descendants in a thread."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval = interval
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> "TreeMemorySampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    continue  # exited between listing and reading
-            self.peak_bytes = max(self.peak_bytes, total)
-            self._stop.wait(self.interval)
-
-
-def scale(args: argparse.Namespace) -> dict[str, Any]:
-    """Run local and one federated method on ``args.markets`` generated markets."""
-    argv = [
-        "--synthetic-markets", str(args.markets),
-        "--rounds", str(args.rounds),
-        "--methods", f"local,{args.method}",
-        "--out", str(args.out),
-        "--seed", str(args.seed),
-    ]
-    with TreeMemorySampler() as sampler:
-        results = harness.main(argv)
-    rounds = [entry["seconds"] for entry in results["rounds"]]
-    local_seconds_per_round = results["methods"]["local"]["seconds"] / args.rounds
-    report = {
-        "markets": args.markets,
-        "rounds": args.rounds,
-        "method": args.method,
-        "seconds_per_round": rounds,
-        "mean_seconds_per_round": sum(rounds) / len(rounds),
-        "local_training_seconds_per_round_without_flower": local_seconds_per_round,
-        "overhead_ratio": (sum(rounds) / len(rounds)) / local_seconds_per_round,
-        "peak_tree_rss_mib": sampler.peak_bytes / 2**20,
-        "macro_ndcg@10": {m: s["macro"]["ndcg@10"] for m, s in results["methods"].items()},
-    }
-    (args.out / "scale.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    print(json.dumps(report, indent=1))
-    return report
 
 
 ALL_METHODS = "local,pooled,fedavg,fedper,fedrep,fedper-ft"
@@ -333,12 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quality_parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
     quality_parser.add_argument("--methods", default=ALL_METHODS, help="comma-separated (default: %(default)s)")
     quality_parser.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output directory (default: %(default)s)")
-    scale_parser = commands.add_parser("scale", help="many generated markets: seconds per round and peak memory")
-    scale_parser.add_argument("--markets", type=int, default=100, help="generated markets (default: %(default)s)")
-    scale_parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
-    scale_parser.add_argument("--method", default="fedper", help="federated method (default: %(default)s)")
-    scale_parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    scale_parser.add_argument("--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)")
+    scale_benchmark.add_arguments(commands.add_parser(
+        "scale", help="many generated markets over a large catalog: seconds and bytes per round, peak memory"))
     dp_parser = commands.add_parser("dp-step", help="seconds of a DP-SGD step against a non-private step")
     dp_parser.add_argument("--data-dir", default="", help="market files (default: generated markets)")
     dp_parser.add_argument("--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)")
@@ -359,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Any:
     """Parse the benchmark's sub-command and run it; returns its report."""
     args = parse_args(argv)
-    return {"quality": quality, "scale": scale, "dp-step": dp_step, "join": join_benchmark.join,
+    return {"quality": quality, "scale": scale_benchmark.scale, "dp-step": dp_step, "join": join_benchmark.join,
      "continue": continue_benchmark.run,
      "latency": latency.latency}[args.command](args)
 

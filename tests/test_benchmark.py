@@ -8,7 +8,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 
 from common.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
 from common.model import CatalogEmbedding, PositionwiseLinear
-from simulations import benchmark
+from simulations import benchmark, scale_benchmark
 from simulations import run as harness_module
 from simulations.run import main as run_harness
 from tests.in_process import in_process_federated
@@ -77,3 +77,21 @@ def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_th
     harness = run_harness(["--data-dir", str(tmp_path / "data"), "--methods", "local", "--rounds", "1",
                            "--out", str(tmp_path / "local")])
     assert entry["local"] == pytest.approx(harness["methods"]["local"]["per_market"]["m02"]["ndcg@10"], abs=1e-6)
+
+
+def test_scale_proportionality_tells_bytes_per_touched_item_from_a_catalog_sized_payload():
+    # Prepare: markets touching 10, 20 and 40 items; one payload of 8 bytes per touched item,
+    # one of 1,000 bytes whatever the market touches (a catalog-sized message).
+    traffic = {market: {"touched-items": items, "upload-bytes": 8.0 * items, "download-bytes": 1000.0}
+               for market, items in {"a": 10, "b": 20, "c": 40}.items()}
+
+    # Execute
+    per_item = scale_benchmark.proportionality(traffic, "upload")
+    per_catalog = scale_benchmark.proportionality(traffic, "download")
+
+    # Assert: exact proportionality has slope 8, r² 1 and one cost per item; the flat payload
+    # costs 4x more per item in the smallest market than in the largest.
+    assert per_item == {"bytes-per-touched-item": pytest.approx(8.0), "r2": pytest.approx(1.0),
+                        "max-over-min-bytes-per-item": pytest.approx(1.0)}
+    assert per_catalog["max-over-min-bytes-per-item"] == pytest.approx(4.0)
+    assert per_catalog["r2"] < 0.5

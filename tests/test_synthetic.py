@@ -50,3 +50,24 @@ def test_written_markets_load_through_the_ordinary_reader(tmp_path):
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="at least one market"):
         SyntheticConfig(markets=0)
+
+
+def test_a_large_catalog_generates_from_candidates_with_distinct_items_per_user():
+    # 200,000 products: scoring every product for every user would need gigabytes of logits.
+    config = SyntheticConfig(markets=3, items=200_000, largest_market_users=500, candidates=256, seed=0)
+
+    tables = generate_markets(config)
+    again = generate_markets(config)
+
+    for market, table in tables.items():
+        pd.testing.assert_frame_equal(table, again[market])
+        assert not table.duplicated(["userId", "itemId"]).any()
+        assert table.groupby("userId").size().min() >= 5
+    touched = [table["itemId"].nunique() for table in tables.values()]
+    assert touched == sorted(touched, reverse=True)  # bigger markets touch more of the catalog
+    assert max(touched) < config.items / 10
+
+
+def test_too_few_candidates_per_interaction_are_refused():
+    with pytest.raises(ValueError, match="candidates"):
+        SyntheticConfig(mean_interactions=10, candidates=20)

@@ -1,0 +1,225 @@
+"""Scale: many generated markets over a large catalog, through the real harness.
+
+    python -m simulations.benchmark scale --markets 20 --items 1000000 --methods fedals,fedper --out OUT
+
+The federation is generated (:mod:`common.synthetic`, popularity-drawn candidates when the
+catalog is large) and written as one file per market plus the company catalog of every
+product, sold or not, so that the shared item table has ``--items`` rows while each market
+touches only the products its users bought. Each federated method then runs alone through
+:func:`simulations.run.main` (real SuperLink and simulation engine) while a thread samples the
+resident memory of this process and every process under it.
+
+The report gives, per method, the seconds of each round, the peak memory of the process tree,
+and per market the bytes of its training message (down) and of its reply (up) beside the
+items it touches, so that whether traffic grows with the catalog or with what a market sells
+can be read off (``bytes per touched item`` constant across markets, or not). ``--local``
+adds the local baseline, the same training without Flower, for the orchestration overhead.
+A method that fails (out of memory, a message too large) is reported with its error instead
+of stopping the others.
+"""
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from common.catalog import Catalog
+from common.synthetic import SyntheticConfig, item_names, write_markets
+from simulations import run as harness
+
+# Above this many catalog items the generator draws candidates instead of scoring every product.
+DENSE_GENERATION_LIMIT = 20_000
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS of this process and its descendants in a thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    continue  # exited between listing and reading
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scale benchmark's options."""
+    parser.add_argument("--markets", type=int, default=20, help="generated markets (default: %(default)s)")
+    parser.add_argument("--items", type=int, default=1_000_000, help="products in the company catalog (default: %(default)s)")
+    parser.add_argument("--largest-market-users", type=int, default=20_000,
+                        help="users of the biggest market; sizes decay as a power law (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
+    parser.add_argument("--methods", default="fedals,fedper", help="comma-separated federated methods (default: %(default)s)")
+    parser.add_argument("--local", action="store_true", help="also run the local baseline (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)")
+
+
+def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, dict[str, int]]:
+    """Generate the markets into ``directory``; the catalog's path and the items each market touches."""
+    config = SyntheticConfig(
+        markets=args.markets,
+        items=args.items,
+        largest_market_users=args.largest_market_users,
+        smallest_market_users=min(200, args.largest_market_users),
+        candidates=0 if args.items <= DENSE_GENERATION_LIMIT else 512,
+        seed=args.seed,
+    )
+    paths = write_markets(config, directory / "markets")
+    catalog_path = directory / "catalog.txt"
+    Catalog.from_items(item_names(args.items).tolist()).save(catalog_path)
+    touched = {}
+    for market, path in paths.items():
+        with open(path, encoding="utf-8") as file:
+            next(file)
+            touched[market] = len({line.split(",", 2)[1] for line in file})
+    return catalog_path, touched
+
+
+def interactions_per_market(data_dir: Path) -> dict[str, int]:
+    """Interactions (lines) of each generated market file."""
+    counts = {}
+    for path in sorted(data_dir.glob("*.csv")):
+        with open(path, encoding="utf-8") as file:
+            counts[path.stem] = sum(1 for _ in file) - 1
+    return counts
+
+
+def method_traffic(rounds: list[dict[str, Any]], touched: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Per market: touched items and mean bytes down and up per round, also per touched item."""
+    traffic = {}
+    for market, items in touched.items():
+        down = [entry["per_market"][market]["download-bytes"] for entry in rounds if market in entry["per_market"]]
+        up = [entry["per_market"][market]["upload-bytes"] for entry in rounds if market in entry["per_market"]]
+        if not up:
+            continue
+        traffic[market] = {
+            "touched-items": items,
+            "download-bytes": float(np.mean(down)),
+            "upload-bytes": float(np.mean(up)),
+            "download-bytes-per-touched-item": float(np.mean(down)) / items,
+            "upload-bytes-per-touched-item": float(np.mean(up)) / items,
+        }
+    return traffic
+
+
+def proportionality(traffic: dict[str, dict[str, float]], direction: str) -> dict[str, float]:
+    """How bytes follow touched items across markets: the slope's fit and the spread of bytes per item.
+
+    ``r2`` of bytes against touched items through the origin (1: bytes ∝ touched items) and
+    the ratio of the largest to the smallest bytes per touched item (1: the same cost per item
+    in every market; a catalog-sized payload makes it as large as the spread of market sizes).
+    """
+    items = np.array([entry["touched-items"] for entry in traffic.values()], dtype=np.float64)
+    sent = np.array([entry[f"{direction}-bytes"] for entry in traffic.values()], dtype=np.float64)
+    slope = float(items @ sent / (items @ items))
+    residual = sent - slope * items
+    r2 = 1.0 - float(residual @ residual) / float(((sent - sent.mean()) ** 2).sum() or 1.0)
+    per_item = sent / items
+    return {"bytes-per-touched-item": slope, "r2": r2, "max-over-min-bytes-per-item": float(per_item.max() / per_item.min())}
+
+
+def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_path: Path,
+               touched: dict[str, int]) -> dict[str, Any]:
+    """One federated method through the harness: rounds, traffic and the process tree's peak memory."""
+    methods = f"local,{method}" if args.local else method
+    argv = [
+        "--data-dir", str(data_dir),
+        "--rounds", str(args.rounds),
+        "--methods", methods,
+        "--out", str(args.out / method),
+        "--seed", str(args.seed),
+        "--set", f"catalog-path={catalog_path}",
+    ]
+    started = time.perf_counter()
+    with TreeMemorySampler() as sampler:
+        try:
+            results = harness.main(argv)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - reported, and the next method still runs
+            return {"error": f"{type(error).__name__}: {error}", "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
+                    "seconds": time.perf_counter() - started}
+    rounds = [entry for entry in results["rounds"] if entry["method"] == method]
+    seconds = [entry["seconds"] for entry in rounds]
+    traffic = method_traffic(rounds, touched)
+    report = {
+        "seconds-per-round": seconds,
+        "mean-seconds-per-round": float(np.mean(seconds)),
+        "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
+        "macro-ndcg@10": results["methods"][method]["macro"]["ndcg@10"],
+        "traffic": traffic,
+        "upload": proportionality(traffic, "upload"),
+        "download": proportionality(traffic, "download"),
+    }
+    if args.local:
+        local = results["methods"]["local"]["seconds"] / args.rounds
+        report["local-seconds-per-round-without-flower"] = local
+        report["overhead-ratio"] = report["mean-seconds-per-round"] / local
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a markdown table, one row per method."""
+    lines = [
+        f"{report['markets']} markets, catalog of {report['items']:,} items, {report['rounds']} rounds; "
+        f"markets touch {min(report['touched-items'].values()):,} to {max(report['touched-items'].values()):,} items",
+        "",
+        "| method | s/round | peak tree RSS (GiB) | up MB/round (largest market) | up bytes/touched item | up r² vs touched | down MB/round (largest) | down r² |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    largest = max(report["touched-items"], key=report["touched-items"].get)
+    for method, entry in report["methods"].items():
+        if "error" in entry:
+            lines.append(f"| {method} | failed: {entry['error'][:120]} | {entry['peak-tree-rss-mib'] / 1024:.2f} | | | | | |")
+            continue
+        big = entry["traffic"].get(largest, {})
+        lines.append(
+            f"| {method} | {entry['mean-seconds-per-round']:.1f} | {entry['peak-tree-rss-mib'] / 1024:.2f} | "
+            f"{big.get('upload-bytes', float('nan')) / 1e6:.1f} | {entry['upload']['bytes-per-touched-item']:.0f} | "
+            f"{entry['upload']['r2']:.3f} | {big.get('download-bytes', float('nan')) / 1e6:.1f} | {entry['download']['r2']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Generate the federation, run each method, write ``scale.json`` and ``scale.md``."""
+    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    if not methods:
+        raise ValueError("The scale benchmark needs at least one method in --methods.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    catalog_path, touched = write_federation(args, args.out / "data")
+    print(f"generated {args.markets} markets over {args.items:,} items in {time.perf_counter() - started:.1f} s; "
+          f"they touch {min(touched.values()):,} to {max(touched.values()):,} items", flush=True)
+    report: dict[str, Any] = {"markets": args.markets, "items": args.items, "rounds": args.rounds,
+                              "touched-items": touched, "methods": {}}
+    for method in methods:
+        report["methods"][method] = run_method(args, method, args.out / "data" / "markets", catalog_path, touched)
+        (args.out / "scale.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    text = table(report)
+    (args.out / "scale.md").write_text(text + "\n", encoding="utf-8")
+    print(text, flush=True)
+    return report
