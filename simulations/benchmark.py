@@ -267,7 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quality_parser = commands.add_parser("quality", help="all methods, several seeds, mean ± std beside published numbers")
     quality_parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
     quality_parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
-    quality_parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the app's)")
+    quality_parser.add_argument("--rounds", type=int, default=None,
+                                help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
+                                     "num-server-rounds of the app config)")
     quality_parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
     quality_parser.add_argument("--methods", default=ALL_METHODS, help="comma-separated (default: %(default)s)")
     quality_parser.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output directory (default: %(default)s)")
