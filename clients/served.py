@@ -13,10 +13,16 @@ the market writes that model as a served-model directory
   fedper-ft also writes its best federated round as its base method's model
   (``<models-dir>/fedper/<market>``), since one run yields both.
 
-A deployed region also keeps the best round so far in
-``<state-dir>/<market>.best.pt``, replaced whenever a round beats it: a
+The best round so far lives in a file where the market has a place for one,
+replaced whenever a round beats it, and ``context.state`` holds only its round
+and metrics: a deployed region keeps ``<state-dir>/<market>.best.pt``, so a
 SuperNode restarted in the middle of a training still serves the best round of
-the whole training, not the best since the restart.
+the whole training, not the best since the restart; a simulated market keeps
+``<models-dir>/<method>/<market>.best.pt`` until it writes its served model,
+so that a simulation of many markets over a large catalog does not hold every
+market's whole model in the engine's memory. Item tables whose rows are mostly
+zero (fedals' factors outside a market's assortment) are stored by their
+non-zero rows. Without such a place the model stays in ``context.state``.
 
 Nothing of it is sent: the served model stays in the region.
 """
@@ -42,6 +48,7 @@ from clients.privacy_state import state_dir
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
 BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
+SPARSE_SUFFIX = "@rows"  # in a best file: the non-zero rows of a mostly-zero table stored as its values
 FINAL_KEY = "final-round"  # evaluate config: the last evaluation of the training
 KEPT_METRICS = (  # the evaluation metrics a served model's manifest carries
     "val-ndcg", "val-hr", "val-full-ndcg", "val-full-recall", "test-ndcg", "test-hr", "test-full-ndcg", "test-full-recall"
@@ -60,23 +67,63 @@ def remember_if_best(
     same_training = info is not None and str(info["training-id"]) == training_id
     if same_training and float(metrics["val-ndcg"]) <= float(info["val-ndcg"]):
         return
-    context.state[BEST_MODEL_KEY] = ArrayRecord(model.state_dict())
     context.state[BEST_INFO_KEY] = ConfigRecord(
         {"training-id": training_id, "round": server_round}
         | {key: float(metrics[key]) for key in KEPT_METRICS}
         | {key: float(metrics[key]) for key in ("epsilon", "delta") if key in metrics}
     )
     path = best_file(context, market)
-    if path is not None:
-        atomic_torch_save(path, {"info": dict(context.state[BEST_INFO_KEY]), "state": model.state_dict()})
+    if path is None:
+        context.state[BEST_MODEL_KEY] = ArrayRecord(model.state_dict())
+        return
+    if BEST_MODEL_KEY in context.state:
+        del context.state[BEST_MODEL_KEY]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(path, {"info": dict(context.state[BEST_INFO_KEY]), "state": _compact(model.state_dict())})
 
 
 def best_file(context: Context, market: str) -> Path | None:
-    """``<state-dir>/<market>.best.pt`` of a deployed region with a state-dir; None otherwise."""
-    if "market" not in context.node_config:
-        return None
-    directory = state_dir(context)
-    return Path(directory) / f"{market}{BEST_FILE_SUFFIX}" if directory else None
+    """Where the market keeps its best round so far, or None when it has no place for it.
+
+    ``<state-dir>/<market>.best.pt`` in a deployed region with a state-dir;
+    ``<models-dir>/<method>/<market>.best.pt`` in a simulation with a models-dir.
+    """
+    if "market" in context.node_config:
+        directory = state_dir(context)
+        return Path(directory) / f"{market}{BEST_FILE_SUFFIX}" if directory else None
+    models_dir = str(context.run_config.get("models-dir", ""))
+    method = str(context.run_config.get("method", ""))
+    return Path(models_dir) / method / f"{market}{BEST_FILE_SUFFIX}" if models_dir and method else None
+
+
+def _compact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each 2-d table that is mostly zero rows stored as its non-zero rows and their indices."""
+    compact = {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and len(tensor) > 1:
+            rows = torch.nonzero(tensor.any(dim=1)).flatten()
+            if len(rows) < len(tensor) // 2:
+                compact[name] = tensor[rows].clone()
+                compact[name + SPARSE_SUFFIX] = torch.tensor([len(tensor), *rows.tolist()], dtype=torch.int64)
+                continue
+        compact[name] = tensor
+    return compact
+
+
+def _expand(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict :func:`_compact` stored."""
+    state = {}
+    for name, tensor in compact.items():
+        if name.endswith(SPARSE_SUFFIX):
+            continue
+        sparse = compact.get(name + SPARSE_SUFFIX)
+        if sparse is None:
+            state[name] = tensor
+        else:
+            dense = torch.zeros((int(sparse[0]), tensor.shape[1]), dtype=tensor.dtype)
+            dense[sparse[1:]] = tensor
+            state[name] = dense
+    return state
 
 
 def _restore_best(context: Context, market: str) -> None:
@@ -88,13 +135,20 @@ def _restore_best(context: Context, market: str) -> None:
     path = best_file(context, market)
     if BEST_INFO_KEY in context.state or path is None or not path.exists():
         return
+    saved = _read_best(path, market)
+    if saved is not None:
+        context.state[BEST_INFO_KEY] = ConfigRecord(saved["info"])
+
+
+def _read_best(path: Path, market: str) -> dict[str, Any] | None:
+    """The info and state dict of a best file, or None (reported) when it is unreadable."""
     try:
         saved = torch.load(path, weights_only=True)
-        info, state = ConfigRecord(saved["info"]), ArrayRecord(saved["state"])
-    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as error:
+        return {"info": dict(saved["info"]), "state": _expand(saved["state"])}
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, IndexError,
+            pickle.UnpicklingError) as error:
         log(WARNING, "Market %s: %s is unreadable (%s); it keeps the best round from here on.", market, path, error)
-        return
-    context.state[BEST_MODEL_KEY], context.state[BEST_INFO_KEY] = state, info
+        return None
 
 
 def served_model_dir(context: Context, market: str, method: str) -> Path | None:
@@ -121,21 +175,35 @@ def write_best_model(
     """
     market = data.split.market
     _restore_best(context, market)
-    best = _best_round(context)
+    best = _best_round(context, market)
     if fork is not None:
         _write(served_model_dir(context, market, method.name), model, data, catalog, method.name, fork)
         if best is not None and method.base and "market" not in context.node_config:
             _write(served_model_dir(context, market, method.base), model, data, catalog, method.base, best)
     elif best is not None:
         _write(served_model_dir(context, market, method.name), model, data, catalog, method.name, best)
+    path = best_file(context, market)
+    if "market" not in context.node_config and path is not None:
+        path.unlink(missing_ok=True)  # written as the served model; a simulation's file has no other use
 
 
-def _best_round(context: Context) -> dict[str, Any] | None:
-    if BEST_MODEL_KEY not in context.state:
+def _best_round(context: Context, market: str) -> dict[str, Any] | None:
+    """The best round kept so far: its state dict, round, metrics and privacy spent; None if none."""
+    if BEST_INFO_KEY not in context.state:
         return None
     info = dict(context.state[BEST_INFO_KEY])
+    if BEST_MODEL_KEY in context.state:
+        state = context.state[BEST_MODEL_KEY].to_torch_state_dict()
+    else:
+        path = best_file(context, market)
+        saved = _read_best(path, market) if path is not None and path.exists() else None
+        if saved is None or str(saved["info"].get("training-id")) != str(info["training-id"]) \
+                or int(saved["info"]["round"]) != int(info["round"]):
+            log(WARNING, "Market %s: the file of its best round is gone or another round's; nothing to serve.", market)
+            return None
+        state = saved["state"]
     return {
-        "state": context.state[BEST_MODEL_KEY].to_torch_state_dict(),
+        "state": state,
         "round": int(info["round"]),
         "metrics": {key: info[key] for key in KEPT_METRICS},
         "spent": {key: info[key] for key in ("epsilon", "delta") if key in info},

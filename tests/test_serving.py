@@ -573,3 +573,38 @@ def test_an_unreadable_best_round_file_is_reported_and_the_region_keeps_training
     assert "unreadable" in caplog.text and BEST_FILE_SUFFIX in caplog.text
     assert int(context.state[BEST_INFO_KEY]["round"]) == 1
     assert torch.load(tmp_path / f"{MARKET}{BEST_FILE_SUFFIX}", weights_only=True)["info"]["round"] == 1
+
+
+def test_a_simulated_market_keeps_its_best_round_in_a_file_with_zero_rows_left_out(tmp_path):
+    # Prepare: a simulated market (no "market" in its node config) with a models-dir; half the
+    # item table's rows are zero, as fedals' factors are outside a market's assortment.
+    model, data, catalog = _trained()
+    table = "encoder.item_embedding.weight"
+    with torch.no_grad():
+        model.encoder.item_embedding.weight[1::2] = 0.0  # the odd rows and the second half: over half zero
+        model.encoder.item_embedding.weight[len(model.encoder.item_embedding.weight) // 2:] = 0.0
+    best_state = {name: value.clone() for name, value in model.state_dict().items()}
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                      run_config={"models-dir": str(tmp_path), "method": "fedper"})
+    metrics = {key: 0.1 for key in KEPT_METRICS} | {"val-ndcg": 0.5}
+
+    # Execute: round 2 is the best; then the final round's served model is written.
+    remember_if_best(context, model, MARKET, 2, metrics, "training-1")
+    best_path = tmp_path / "fedper" / f"{MARKET}{BEST_FILE_SUFFIX}"
+    kept_in_memory = "best-model" in context.state
+    saved = torch.load(best_path, weights_only=True)["state"]
+    with torch.no_grad():
+        for value in model.parameters():
+            value.add_(1.0)
+    write_best_model(context, model, data, catalog, get_method("fedper"))
+
+    # Assert: the engine's context held no model, the file stored only the non-zero item rows,
+    # the served model is round 2's exactly, and the file is gone once served.
+    assert not kept_in_memory
+    nonzero = int(best_state[table].any(dim=1).sum())
+    assert saved[table].shape[0] == nonzero < len(best_state[table]) // 2
+    served = load_served_model(tmp_path / "fedper" / MARKET, catalog)
+    assert served.manifest["round"] == 2
+    for name, value in best_state.items():
+        assert torch.equal(served.model.state_dict()[name], value), name
+    assert not best_path.exists()
