@@ -285,14 +285,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path, metavar="DIR",
-                        help=f"a training's models directory with {PUBLISHED_FILE} (simulation: OUT/models/<method>)")
+                        help=f"a training's models directory with {PUBLISHED_FILE} (simulation: OUT/models/<method>) "
+                             "(required: this or --published)")
     source.add_argument("--published", type=Path, metavar="FILE",
-                        help=f"the {PUBLISHED_FILE} itself (deployment: from the server's out-dir)")
+                        help=f"the {PUBLISHED_FILE} itself (deployment: from the server's out-dir) "
+                             "(required: this or --model-dir)")
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
-                        help="the joining market's interactions: userId itemId rating [date] (text, CSV or Parquet)")
+                        help="the joining market's interactions: userId itemId rating [date], as text, CSV or "
+                             "Parquet (required)")
     parser.add_argument("--catalog", type=Path, required=True, metavar="FILE",
-                        help="the company catalog; refused unless it is the one the training used")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="served-model directory to write")
+                        help="the company catalog; refused unless it is the one the training used (required)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="served-model directory to write (required)")
     parser.add_argument("--market", metavar="NAME",
                         help="the market's name, as its node config names it; it seeds the evaluation negatives "
                              "(default: the data file's name up to its first '_'; required with --state-dir)")

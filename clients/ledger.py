@@ -61,9 +61,10 @@ def new_period(store: LedgerStore) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.ledger", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["show", "new-period"])
-    parser.add_argument("--state-dir", type=Path, required=True, help="the region's state-dir (node config)")
-    parser.add_argument("--market", required=True, help="the region's market name (node config)")
+    parser.add_argument("action", choices=["show", "new-period"],
+                        help="show the ledger, or close its period and start a new one")
+    parser.add_argument("--state-dir", type=Path, required=True, help="the region's state-dir (node config) (required)")
+    parser.add_argument("--market", required=True, help="the region's market name (node config) (required)")
     args = parser.parse_args(argv)
     try:
         store = LedgerStore(args.state_dir, args.market)

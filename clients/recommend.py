@@ -59,9 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model_options(parser)
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", type=Path, metavar="FILE",
-                     help="users to recommend to: header userId, one user ID per line")
+                     help="users to recommend to: header userId, one user ID per line (required: this or --all)")
     who.add_argument("--all", action="store_true",
-                     help="every user the model knows, and every user of --history")
+                     help="every user the model knows, and every user of --history "
+                          "(default: off; this or --users is required)")
     parser.add_argument("--k", type=int, default=10, help="recommendations per user (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE",
                         help="output TSV: userId rank itemId score (required)")

@@ -11,7 +11,7 @@ an app sent from a checkout (``flwr run .``) carries none, so pinned
 SuperNodes refuse it. This module stands in for that Hub endpoint on a
 machine without internet:
 
-    python -m deploy.app_index --app . --key credentials/app-signing --port 9094
+    python -m deploy.app_index --key credentials/app-signing --port 9094
 
 signs the app with the release key (what ``flwr app review`` does for Flower
 Hub) and serves it; start the SuperLink with
@@ -39,6 +39,7 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import get_fab_config, get_metadata_from_config
 
 from deploy.make_credentials import APP_KEY_ID
+from xmfl.app import app_dir
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,16 @@ class AppIndex:
 
 def main(argv: list[str] | None = None) -> None:
     """Sign the app and serve it until interrupted."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--app", type=Path, default=Path("."), help="the app's directory (default: %(default)s)")
-    parser.add_argument("--key", type=Path, required=True, help="Ed25519 signing key, e.g. credentials/app-signing")
+    parser = argparse.ArgumentParser(prog="python -m deploy.app_index", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--app", type=Path, default=None,
+                        help="directory of the app to sign, holding its pyproject.toml (default: this installation's app, "
+                             "the checkout or a copy of the installed package)")
+    parser.add_argument("--key", type=Path, required=True,
+                        help="Ed25519 signing key, e.g. credentials/app-signing (required)")
     parser.add_argument("--port", type=int, default=9094, help="port on 127.0.0.1 (default: %(default)s)")
     args = parser.parse_args(argv)
-    app = sign_app(args.app, args.key)
+    app = sign_app(args.app or app_dir(), args.key)
     with AppIndex([app], args.port) as index:
         print(f"Serving {app.spec} (FAB sha256 {app.sha256[:12]}…) at {index.url}; Ctrl-C stops.", flush=True)
         try:

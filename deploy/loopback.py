@@ -17,8 +17,9 @@ from typing import Any
 from common.processes import free_port, stop_process_tree, wait_for_port
 from deploy.app_index import AppIndex, sign_app
 from deploy.make_credentials import make_credentials
+from xmfl.app import app_dir
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml: the app `flwr run` submits
+APP_DIR = app_dir()  # the app `flwr run` submits: the checkout, or a copy of the installed app (xmfl/app.py)
 BIN = Path(sys.executable).parent
 CONNECTION = "loopback"  # the named connection in the private FLWR_HOME
 

@@ -162,10 +162,12 @@ def make_credentials(out: Path, regions: list[str], hosts: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the options and write the credentials; a refused region name exits with one line on stderr."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m deploy.make_credentials", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("credentials"), help="output directory (default: %(default)s)")
-    parser.add_argument("--regions", nargs="+", required=True, help="one key pair per region name")
-    parser.add_argument("--host", action="append", default=[], help="extra SuperLink host name or IP for the certificate")
+    parser.add_argument("--regions", nargs="+", required=True, help="one key pair per region name (required)")
+    parser.add_argument("--host", action="append", default=[], help="extra SuperLink host name or IP for the certificate; repeatable "
+                             "(default: none, localhost and 127.0.0.1 only)")
     args = parser.parse_args(argv)
     try:
         make_credentials(args.out, args.regions, args.host)

@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
                         help="width of item and user vectors (default: %(default)s)")
     parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
-                        help="another app config key for every run, as simulations.run --set; repeatable")
+                        help="another app config key for every run, as simulations.run --set; repeatable (default: none)")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/continue"),
                         help="output directory (default: %(default)s)")

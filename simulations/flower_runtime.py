@@ -24,9 +24,9 @@ from typing import Any
 import tomli_w
 
 from common.processes import free_port, output_lines, stop_process_tree
+from xmfl.app import app_dir
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
-APP_DIR = Path(__file__).resolve().parents[1]  # the checkout holding pyproject.toml
 
 
 class FlowerRunError(RuntimeError):
@@ -155,7 +155,7 @@ class SimulationSuperLink:
             f"client_resources_num_cpus={self.cpus_per_client}"
         )
         command = [
-            _executable("flwr"), "run", str(APP_DIR), CONNECTION,
+            _executable("flwr"), "run", str(app_dir()), CONNECTION,
             "--run-config", str(overrides),
             "--federation-config", federation,
             "--stream",

@@ -429,14 +429,18 @@ def federated_check(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data/xmarket-electronics")
-    parser.add_argument("--out", default="runs/ials-tuning")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke test")
-    parser.add_argument("--skip-implicit", action="store_true")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m simulations.ials_tuning", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="../shared/data/xmarket-electronics",
+                        help="one interaction file per market (default: %(default)s)")
+    parser.add_argument("--out", default="runs/ials-tuning",
+                        help="output directory for grid.jsonl (a cache) and ials_tuning.json (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, its negatives and implicit's runs (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke test (default: off)")
+    parser.add_argument("--skip-implicit", action="store_true",
+                        help="leave out implicit's ALS references (default: off)")
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "grid.jsonl")

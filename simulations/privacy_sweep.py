@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
     parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
     parser.add_argument("--method", default="fedper", choices=sorted(METHODS), help="federated method (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the app's)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
+                             "num-server-rounds of the app config)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="seeds from --seed on; with more than one, every number is the mean over them, with its "

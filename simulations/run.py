@@ -20,7 +20,6 @@ import json
 import shutil
 import sys
 import time
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from simulations.baselines import (
     run_pooled_ials,
     run_popular,
 )
-from simulations.flower_runtime import APP_DIR, SimulationSuperLink, exit_cleanly_on_sigterm
+from simulations.flower_runtime import SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.results import (
     federated_curves,
     fine_tuned_curves,
@@ -49,6 +48,7 @@ from simulations.results import (
     selection_summary,
     write_results,
 )
+from xmfl.app import app_config
 
 
 DP_NOISE_SECURE = "secure: os.urandom, never derived from the config"
@@ -56,9 +56,8 @@ DP_NOISE_INSECURE = "INSECURE: seeded from the run config (--insecure-seeded-dp-
 
 
 def app_defaults() -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` of the checkout: the one place defaults live."""
-    with open(APP_DIR / "pyproject.toml", "rb") as file:
-        return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
+    """``[tool.flwr.app.config]`` of pyproject.toml, the one place defaults live (the checkout's or the wheel's copy)."""
+    return app_config()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data-dir", default=defaults["data-dir"],
-                        help="directory with one interaction file per market (XMarket .txt, .csv or .parquet); default: generated markets")
+                        help="directory with one interaction file per market (XMarket .txt, .csv or .parquet) "
+                             "(default: none, generated markets)")
     parser.add_argument("--synthetic-markets", type=int, default=defaults["synthetic-markets"],
                         help="markets to generate when no --data-dir is given (default: %(default)s)")
     parser.add_argument("--methods", default="local,pooled,fedavg,fedper",
@@ -94,11 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "pooled stays non-private; 0 trains without DP (default: %(default)s)")
     parser.add_argument("--market-epsilons", default=defaults["dp-market-epsilons"], metavar="MARKET=EPS,...",
                         help="named markets' own budgets in place of --dp-epsilon, e.g. de=4,jp=2 "
-                             "(needs --dp-epsilon > 0 for the others)")
+                             "(needs --dp-epsilon > 0 for the others) (default: none)")
     parser.add_argument("--insecure-seeded-dp-noise", action="store_true",
                         help="INSECURE, to reproduce an experiment only: draw DP noise and sampling from --seed, so "
                              "that whoever knows the config can remove the noise; results.json marks such a run "
-                             "(default: noise from the operating system's secure source)")
+                             "(default: off, noise from the operating system's secure source)")
     parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
                         help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
                              "every market then weighs the same in the average (default: %(default)s)")
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="market-level DP: L2 bound on each market's update of the shared arrays (default: %(default)s)")
     parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other key of the app config ([tool.flwr.app.config] in pyproject.toml) for the "
-                             "federated methods, e.g. --set dp-learning-rate=0.02; repeatable")
+                             "federated methods, e.g. --set dp-learning-rate=0.02; repeatable (default: none)")
     parser.add_argument("--seed", type=int, default=defaults["seed"],
                         help="seeds data generation, negatives, models and training (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/run"),

@@ -1,0 +1,117 @@
+"""The ``xmfl`` command: its help lists every command, and every command's help shows each option's default."""
+
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from xmfl import cli
+
+# An option's help ends with its default, or says that it is required (alone or as one of a group).
+ENDS_WITH_DEFAULT = re.compile(r"\((default|required)\b[^()]*(\([^()]*\)[^()]*)*\)$")
+
+
+@pytest.fixture(autouse=True)
+def keep_sigterm_handler():
+    """A command's ``__main__`` may turn SIGTERM into SystemExit; the test process keeps its own handler."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_help(capsys, argv: list[str]) -> str:
+    """``xmfl ARGV`` in this process; what it printed. It must exit with 0."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code in (0, None), capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def option_entries(help_text: str) -> list[str]:
+    """Each option of a ``--help`` text, its lines joined: ``--name METAVAR  help ... (default: x)``."""
+    entries: list[list[str]] = []
+    current: list[str] | None = None
+    for line in help_text.splitlines():
+        if re.match(r"^  -", line):
+            current = [line.strip()]
+            entries.append(current)
+        elif current is not None and re.match(r"^ {3,}\S", line):
+            current.append(line.strip())
+        else:
+            current = None
+    return [" ".join(entry) for entry in entries if not entry[0].startswith("-h, --help")]
+
+
+def test_xmfl_help_lists_every_command_with_a_one_line_summary(capsys):
+    text = run_help(capsys, ["--help"])
+
+    for name, command in cli.COMMANDS.items():
+        line = re.search(rf"^  {re.escape(name)} +{re.escape(command.summary)}$", text, re.MULTILINE)
+        assert line is not None, name
+        assert len(line.group(0)) <= 80, line.group(0)
+
+
+def test_xmfl_help_does_not_import_the_commands():
+    # A fresh interpreter: `xmfl --help` must not pay for torch, Flower or pandas.
+    code = "import sys; from xmfl import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "print(sorted(m for m in ('torch', 'flwr', 'pandas', 'simulations', 'clients') if m in sys.modules))"
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
+    for argv in (["frobnicate"], []):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].startswith("xmfl: error:") and len(error) == 2  # usage line, then the error
+
+
+def command_helps() -> list[list[str]]:
+    """``[command]`` for every command, and ``[benchmark, sub]`` for each benchmark."""
+    return [[name] for name in cli.COMMANDS] + [["benchmark", name] for name in
+                                                 ("quality", "scale", "dp-step", "join", "continue", "latency")]
+
+
+@pytest.mark.parametrize("command", command_helps(), ids=" ".join)
+def test_every_command_help_names_the_command_and_shows_every_options_default(capsys, command):
+    text = run_help(capsys, [*command, "--help"])
+
+    assert text.startswith(f"usage: xmfl {' '.join(command)} ")
+    options = option_entries(text)
+    assert options or command == ["benchmark"], text  # benchmark itself only has sub-commands
+    undocumented = [entry for entry in options if not ENDS_WITH_DEFAULT.search(entry)]
+    assert undocumented == []
+    # A default is a value, not a pointer elsewhere.
+    assert [entry for entry in options if "(default: the app's" in entry] == []
+
+
+def test_benchmark_help_lists_exactly_the_benchmarks_tested_here(capsys):
+    text = run_help(capsys, ["benchmark", "--help"])
+
+    listed = re.search(r"\{([a-z,-]+)\}", text).group(1).split(",")
+    assert sorted(listed) == sorted(sub for name, *rest in command_helps() for sub in rest)
+
+
+def test_python_dash_m_still_names_itself():
+    finished = subprocess.run([sys.executable, "-m", "clients.score", "--help"], capture_output=True, text=True,
+                              timeout=120)
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith("usage: python -m clients.score ")
+
+
+def test_a_command_exits_with_its_modules_status(tmp_path, capsys):
+    # clients.ledger returns 2 for a ledger it cannot read; xmfl passes the status on.
+    (tmp_path / "m00.ledger.json").write_text("not json")
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["ledger", "show", "--state-dir", str(tmp_path), "--market", "m00"])
+
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("error:")

@@ -1,0 +1,104 @@
+"""``xmfl``: one command for everything a user of xmarket-fl does.
+
+    xmfl simulate --synthetic-markets 2 --rounds 1 --out OUT
+    xmfl <command> --help
+
+Each command runs a module exactly as ``python -m <module>`` does (which keeps
+working), with ``xmfl <command>`` as its name in usage and errors. Modules are
+imported only when their command runs, so ``xmfl --help`` is quick.
+"""
+
+import argparse
+import runpy
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+PROG = "xmfl"
+
+
+class Command(NamedTuple):
+    """A subcommand: the module it runs and its line in ``xmfl --help``."""
+
+    module: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "simulate": Command("simulations.run", "simulate markets here: federated methods beside baselines"),
+    "privacy-sweep": Command("simulations.privacy_sweep", "federated quality against each market's DP budget"),
+    "benchmark": Command("simulations.benchmark", "benchmarks: quality, scale, dp-step, latency, join, continue"),
+    "ials-tuning": Command("simulations.ials_tuning", "tune fedals' iALS settings on validation"),
+    "credentials": Command("deploy.make_credentials", "write a deployment's certificates and keys (development CA)"),
+    "app-index": Command("deploy.app_index", "sign the app and serve it to the SuperLink as Flower Hub does"),
+    "recommend": Command("clients.recommend", "top-K recommendations per user from a served model"),
+    "score": Command("clients.score", "score (user, item) pairs with a served model"),
+    "join": Command("clients.join", "a late market fits its head on a training's shared part"),
+    "ledger": Command("clients.ledger", "show a region's DP ledger, or start a new budget period"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """``xmfl``'s own parser: the command; everything after it is the command's to parse."""
+    width = max(map(len, COMMANDS)) + 2
+    listing = "\n".join(f"  {name:<{width}}{command.summary}" for name, command in COMMANDS.items())
+    top = argparse.ArgumentParser(
+        prog=PROG,
+        description="Federated cross-market recommendation (xmarket-fl).\n\ncommands:\n" + listing,
+        epilog=f"'{PROG} COMMAND --help' shows the command's options, each with its default.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", metavar="COMMAND", choices=list(COMMANDS), help="one of the commands above")
+    top.add_argument("arguments", metavar="...", nargs=argparse.REMAINDER, help="the command's options")
+    return top
+
+
+@contextmanager
+def _named(name: str, module: str) -> Iterator[None]:
+    """While a command runs, its parsers call themselves ``xmfl <name>`` rather than ``python -m <module>``."""
+    original_init = argparse.ArgumentParser.__init__
+    old, new = f"python -m {module}", f"{PROG} {name}"
+
+    def init(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        prog = kwargs.get("prog")
+        if isinstance(prog, str) and (prog == old or prog.startswith(old + " ")):
+            kwargs["prog"] = new + prog[len(old):]
+        original_init(self, *args, **kwargs)
+
+    argparse.ArgumentParser.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.__init__ = original_init  # type: ignore[method-assign]
+
+
+def run(name: str, argv: Sequence[str]) -> None:
+    """Run command ``name``'s module as ``__main__`` with ``argv``, as ``python -m`` would."""
+    module = COMMANDS[name].module
+    saved_argv = sys.argv
+    sys.argv = [f"{PROG} {name}", *argv]  # argv[0] names the parsers that take their name from it
+    try:
+        with _named(name, module), warnings.catch_warnings():
+            # Expected when the module was imported before (tests do): runpy runs a fresh copy as __main__.
+            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                                    category=RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
+    finally:
+        sys.argv = saved_argv
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``xmfl COMMAND [ARGS...]``; exits with the command's status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = parser()
+    if not argv:
+        top.error(f"a COMMAND is required; '{PROG} --help' lists them")
+    if argv[0] not in COMMANDS:
+        top.parse_args(argv[:1])  # prints the help, or one line naming the unknown command, and exits
+    run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    main()
