@@ -37,10 +37,22 @@ DENSE_GENERATION_LIMIT = 20_000
 
 
 class TreeMemorySampler:
-    """Samples the summed RSS of this process and its descendants in a thread."""
+    """Samples the summed RSS of this process and its descendants in a thread.
 
-    def __init__(self, interval: float = 0.25) -> None:
+    Parameters
+    ----------
+    interval : float
+        Seconds between samples.
+    limit_bytes : int, optional
+        Above this sum the descendants are killed (the run then fails) and ``exceeded`` is set,
+        so that a method that cannot fit stops before the machine's out-of-memory killer picks
+        a process of its own.
+    """
+
+    def __init__(self, interval: float = 0.25, limit_bytes: int | None = None) -> None:
         self.interval = interval
+        self.limit_bytes = limit_bytes
+        self.exceeded = False
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -63,6 +75,13 @@ class TreeMemorySampler:
                 except psutil.Error:
                     continue  # exited between listing and reading
             self.peak_bytes = max(self.peak_bytes, total)
+            if self.limit_bytes is not None and total > self.limit_bytes and not self.exceeded:
+                self.exceeded = True
+                for child in me.children(recursive=True):
+                    try:
+                        child.kill()
+                    except psutil.Error:
+                        continue
             self._stop.wait(self.interval)
 
 
@@ -75,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
     parser.add_argument("--methods", default="fedals,fedper", help="comma-separated federated methods (default: %(default)s)")
     parser.add_argument("--local", action="store_true", help="also run the local baseline (default: off)")
+    parser.add_argument("--memory-limit-gib", type=float, default=16.0,
+                        help="stop a method whose process tree exceeds this resident memory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)")
 
@@ -109,8 +130,10 @@ def interactions_per_market(data_dir: Path) -> dict[str, int]:
     return counts
 
 
-def method_traffic(rounds: list[dict[str, Any]], touched: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Per market: touched items and mean bytes down and up per round, also per touched item."""
+def method_traffic(
+    rounds: list[dict[str, Any]], touched: dict[str, int], interactions: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """Per market: touched items, interactions, and mean bytes down and up per round, also per touched item."""
     traffic = {}
     for market, items in touched.items():
         down = [entry["per_market"][market]["download-bytes"] for entry in rounds if market in entry["per_market"]]
@@ -119,6 +142,7 @@ def method_traffic(rounds: list[dict[str, Any]], touched: dict[str, int]) -> dic
             continue
         traffic[market] = {
             "touched-items": items,
+            "interactions": interactions[market],
             "download-bytes": float(np.mean(down)),
             "upload-bytes": float(np.mean(up)),
             "download-bytes-per-touched-item": float(np.mean(down)) / items,
@@ -127,24 +151,25 @@ def method_traffic(rounds: list[dict[str, Any]], touched: dict[str, int]) -> dic
     return traffic
 
 
-def proportionality(traffic: dict[str, dict[str, float]], direction: str) -> dict[str, float]:
-    """How bytes follow touched items across markets: the slope's fit and the spread of bytes per item.
+def proportionality(traffic: dict[str, dict[str, float]], direction: str, basis: str = "touched-items") -> dict[str, float]:
+    """How bytes follow ``basis`` (touched items, or interactions) across markets.
 
-    ``r2`` of bytes against touched items through the origin (1: bytes ∝ touched items) and
-    the ratio of the largest to the smallest bytes per touched item (1: the same cost per item
-    in every market; a catalog-sized payload makes it as large as the spread of market sizes).
+    ``r2`` of bytes against ``basis`` through the origin (1: bytes ∝ basis) and the ratio of
+    the largest to the smallest bytes per unit (1: the same cost per item in every market; a
+    catalog-sized payload makes it as large as the spread of market sizes).
     """
-    items = np.array([entry["touched-items"] for entry in traffic.values()], dtype=np.float64)
+    units = np.array([entry[basis] for entry in traffic.values()], dtype=np.float64)
     sent = np.array([entry[f"{direction}-bytes"] for entry in traffic.values()], dtype=np.float64)
-    slope = float(items @ sent / (items @ items))
-    residual = sent - slope * items
+    slope = float(units @ sent / (units @ units))
+    residual = sent - slope * units
     r2 = 1.0 - float(residual @ residual) / float(((sent - sent.mean()) ** 2).sum() or 1.0)
-    per_item = sent / items
-    return {"bytes-per-touched-item": slope, "r2": r2, "max-over-min-bytes-per-item": float(per_item.max() / per_item.min())}
+    per_unit = sent / units
+    return {f"bytes-per-{basis.removesuffix('s')}": slope, "r2": r2,
+            f"max-over-min-bytes-per-{basis.removesuffix('s')}": float(per_unit.max() / per_unit.min())}
 
 
 def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_path: Path,
-               touched: dict[str, int]) -> dict[str, Any]:
+               touched: dict[str, int], interactions: dict[str, int]) -> dict[str, Any]:
     """One federated method through the harness: rounds, traffic and the process tree's peak memory."""
     methods = f"local,{method}" if args.local else method
     argv = [
@@ -156,15 +181,18 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
         "--set", f"catalog-path={catalog_path}",
     ]
     started = time.perf_counter()
-    with TreeMemorySampler() as sampler:
+    with TreeMemorySampler(limit_bytes=int(args.memory_limit_gib * 2**30)) as sampler:
         try:
             results = harness.main(argv)
         except (Exception, SystemExit) as error:  # noqa: BLE001 - reported, and the next method still runs
-            return {"error": f"{type(error).__name__}: {error}", "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
+            reason = f"{type(error).__name__}: {error}"
+            if sampler.exceeded:
+                reason = f"stopped above the memory limit of {args.memory_limit_gib} GiB ({reason})"
+            return {"error": reason, "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
                     "seconds": time.perf_counter() - started}
     rounds = [entry for entry in results["rounds"] if entry["method"] == method]
     seconds = [entry["seconds"] for entry in rounds]
-    traffic = method_traffic(rounds, touched)
+    traffic = method_traffic(rounds, touched, interactions)
     report = {
         "seconds-per-round": seconds,
         "mean-seconds-per-round": float(np.mean(seconds)),
@@ -173,6 +201,7 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
         "traffic": traffic,
         "upload": proportionality(traffic, "upload"),
         "download": proportionality(traffic, "download"),
+        "upload-by-interactions": proportionality(traffic, "upload", "interactions"),
     }
     if args.local:
         local = results["methods"]["local"]["seconds"] / args.rounds
@@ -187,19 +216,22 @@ def table(report: dict[str, Any]) -> str:
         f"{report['markets']} markets, catalog of {report['items']:,} items, {report['rounds']} rounds; "
         f"markets touch {min(report['touched-items'].values()):,} to {max(report['touched-items'].values()):,} items",
         "",
-        "| method | s/round | peak tree RSS (GiB) | up MB/round (largest market) | up bytes/touched item | up r² vs touched | down MB/round (largest) | down r² |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | s/round | peak tree RSS (GiB) | up MB/round (largest market) | up bytes/touched item "
+        "| up r² vs touched items | up r² vs interactions | down MB/round (largest) | down bytes/touched item | down r² |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     largest = max(report["touched-items"], key=report["touched-items"].get)
     for method, entry in report["methods"].items():
         if "error" in entry:
-            lines.append(f"| {method} | failed: {entry['error'][:120]} | {entry['peak-tree-rss-mib'] / 1024:.2f} | | | | | |")
+            lines.append(f"| {method} | failed: {entry['error'][:160]} | {entry['peak-tree-rss-mib'] / 1024:.2f} | | | | | | | |")
             continue
         big = entry["traffic"].get(largest, {})
         lines.append(
             f"| {method} | {entry['mean-seconds-per-round']:.1f} | {entry['peak-tree-rss-mib'] / 1024:.2f} | "
             f"{big.get('upload-bytes', float('nan')) / 1e6:.1f} | {entry['upload']['bytes-per-touched-item']:.0f} | "
-            f"{entry['upload']['r2']:.3f} | {big.get('download-bytes', float('nan')) / 1e6:.1f} | {entry['download']['r2']:.3f} |"
+            f"{entry['upload']['r2']:.3f} | {entry['upload-by-interactions']['r2']:.3f} | "
+            f"{big.get('download-bytes', float('nan')) / 1e6:.1f} | {entry['download']['bytes-per-touched-item']:.0f} | "
+            f"{entry['download']['r2']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -215,9 +247,11 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     print(f"generated {args.markets} markets over {args.items:,} items in {time.perf_counter() - started:.1f} s; "
           f"they touch {min(touched.values()):,} to {max(touched.values()):,} items", flush=True)
     report: dict[str, Any] = {"markets": args.markets, "items": args.items, "rounds": args.rounds,
-                              "touched-items": touched, "methods": {}}
+                              "touched-items": touched,
+                              "interactions": interactions_per_market(args.out / "data" / "markets"), "methods": {}}
     for method in methods:
-        report["methods"][method] = run_method(args, method, args.out / "data" / "markets", catalog_path, touched)
+        report["methods"][method] = run_method(args, method, args.out / "data" / "markets", catalog_path, touched,
+                                               report["interactions"])
         (args.out / "scale.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     text = table(report)
     (args.out / "scale.md").write_text(text + "\n", encoding="utf-8")

@@ -92,6 +92,6 @@ def test_scale_proportionality_tells_bytes_per_touched_item_from_a_catalog_sized
     # Assert: exact proportionality has slope 8, r² 1 and one cost per item; the flat payload
     # costs 4x more per item in the smallest market than in the largest.
     assert per_item == {"bytes-per-touched-item": pytest.approx(8.0), "r2": pytest.approx(1.0),
-                        "max-over-min-bytes-per-item": pytest.approx(1.0)}
-    assert per_catalog["max-over-min-bytes-per-item"] == pytest.approx(4.0)
+                        "max-over-min-bytes-per-touched-item": pytest.approx(1.0)}
+    assert per_catalog["max-over-min-bytes-per-touched-item"] == pytest.approx(4.0)
     assert per_catalog["r2"] < 0.5
