@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullLocator
 import pandas as pd
 
 from common.methods import METHODS
@@ -132,36 +133,68 @@ def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """NDCG@10 against epsilon, one panel per market plus macro, reference lines dashed."""
+def budget_positions(labels: list[str]) -> dict[str, float]:
+    """Where each budget sits on the log-2 epsilon axis; ``inf`` (no DP) one doubling past the largest."""
+    finite = sorted(float(label) for label in labels if label != "inf")
+    positions = {label: float(label) for label in labels if label != "inf"}
+    if "inf" in labels:
+        positions["inf"] = 2 * finite[-1] if finite else 1.0
+    return positions
+
+
+def privacy_figure(report: dict[str, Any]) -> plt.Figure:
+    """NDCG@10 against epsilon, one panel per market plus macro.
+
+    Every panel shares one y-axis, so the drop under DP compares across
+    markets. The epsilon ticks are the budgets themselves, written as plain
+    numbers, with ``inf`` (the run without DP) at the right end. The legend
+    sits in a free panel, or below the panels when there is none.
+    """
     runs, local, popular = report["runs"], report["local"], report["popular"]
-    finite = [label for label in runs if label != "inf"]
+    positions = budget_positions(list(runs))
+    labels = sorted(positions, key=positions.get)
     markets = [*local["per_market"], "macro"]
     columns = min(4, len(markets))
     rows = math.ceil(len(markets) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows + 0.6), squeeze=False,
+                                sharey=True)
     for axis, market in zip(axes.flat, markets, strict=False):
         def score(summary: dict[str, Any], key: str = "ndcg@10") -> float:
             return summary["macro"][key] if market == "macro" else summary["per_market"][market][key]
 
-        budgets = [float(label) for label in finite]
-        for summary, marker, color, label in ((runs, "o", "tab:blue", "federated, DP"),
-                                              (popular, "x", "tab:orange", "popularity, DP")):
+        for summary, marker, color, label in ((runs, "o", "tab:blue", "federated, DP (inf: no DP)"),
+                                              (popular, "x", "tab:orange", "popularity, DP (inf: exact)")):
             # Error bars: one standard deviation over seeds (none for one seed).
-            axis.errorbar(budgets, [score(summary[b]) for b in finite],
-                          yerr=[score(summary[b], "ndcg@10 std") for b in finite],
+            axis.errorbar([positions[b] for b in labels], [score(summary[b]) for b in labels],
+                          yerr=[score(summary[b], "ndcg@10 std") for b in labels],
                           marker=marker, color=color, capsize=3, label=label)
         if "inf" in runs:
             axis.axhline(score(runs["inf"]), linestyle="--", color="tab:green", label="federated, no DP")
         axis.axhline(score(local), linestyle=":", color="tab:gray", label="local only")
         axis.set_xscale("log", base=2)
+        axis.set_xticks([positions[b] for b in labels], labels=labels)
+        axis.xaxis.set_minor_locator(NullLocator())
         axis.set_title(market)
         axis.set_xlabel("epsilon")
+        axis.grid(alpha=0.3)
+    for axis in axes[:, 0]:
         axis.set_ylabel("test NDCG@10")
-    for axis in list(axes.flat)[len(markets):]:
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(markets):]
+    for axis in spare:
         axis.axis("off")
-    axes.flat[0].legend(fontsize="small")
-    figure.tight_layout()
+    if spare:
+        spare[0].legend(handles, names, loc="center", fontsize="small")
+        figure.tight_layout()
+    else:
+        figure.legend(handles, names, loc="lower center", ncol=len(names), fontsize="small")
+        figure.tight_layout(rect=(0, 0.08, 1, 1))
+    return figure
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Write :func:`privacy_figure` to ``path``."""
+    figure = privacy_figure(report)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
