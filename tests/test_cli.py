@@ -1,9 +1,12 @@
 """The ``xmfl`` command: its help lists every command, and every command's help shows each option's default."""
 
+import io
 import re
 import signal
 import subprocess
 import sys
+import warnings
+import zipfile
 
 import pytest
 
@@ -98,12 +101,13 @@ def test_benchmark_help_lists_exactly_the_benchmarks_tested_here(capsys):
     assert sorted(listed) == sorted(sub for name, *rest in command_helps() for sub in rest)
 
 
-def test_python_dash_m_still_names_itself():
-    finished = subprocess.run([sys.executable, "-m", "clients.score", "--help"], capture_output=True, text=True,
-                              timeout=120)
+def test_outside_xmfl_a_module_still_names_itself_python_dash_m(capsys):
+    from clients import score
 
-    assert finished.returncode == 0, finished.stderr
-    assert finished.stdout.startswith("usage: python -m clients.score ")
+    with pytest.raises(SystemExit):
+        score.parse_args(["--help"])
+
+    assert capsys.readouterr().out.startswith("usage: python -m clients.score ")
 
 
 def test_a_command_exits_with_its_modules_status(tmp_path, capsys):
@@ -115,3 +119,20 @@ def test_a_command_exits_with_its_modules_status(tmp_path, capsys):
 
     assert exited.value.code == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_xmfl_app_writes_an_app_flower_can_build_and_refuses_a_used_directory(tmp_path, capsys):
+    from flwr.cli.build import build_fab_from_disk
+
+    cli.main(["app", "--out", str(tmp_path / "app")])
+    with warnings.catch_warnings():  # Flower 1.41's own use of a deprecated pathspec pattern class
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(tmp_path / "app")))
+
+    packages = {name.split("/")[0] for name in fab.namelist() if "/" in name and not name.startswith(".")}
+    assert packages == {"common", "server", "clients", "simulations"}
+    assert "Wrote the xmarket-fl app" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["app", "--out", str(tmp_path / "app")])
+    assert exited.value.code == 2
+    assert "is not an empty directory" in capsys.readouterr().err

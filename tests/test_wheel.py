@@ -114,7 +114,8 @@ def test_installed_xmfl_simulate_runs_two_generated_markets_outside_the_checkout
     assert "simulate" in run([installed / "xmfl", "--help"], timeout=60, cwd=tmp_path, env=env).stdout
 
     finished = run(
-        [installed / "xmfl", "simulate", "--methods", "local,fedavg", "--rounds", "1", "--synthetic-markets", "2",
+        # popular: the in-process baseline that trains nothing; fedavg: the app, through Flower's simulation engine.
+        [installed / "xmfl", "simulate", "--methods", "popular,fedavg", "--rounds", "1", "--synthetic-markets", "2",
          "--out", "run"],
         timeout=600, cwd=tmp_path, env=env,
     )
@@ -122,8 +123,8 @@ def test_installed_xmfl_simulate_runs_two_generated_markets_outside_the_checkout
     results = tmp_path / "run" / "results.json"
     assert results.exists(), finished.stdout[-3000:]
     methods = json.loads(results.read_text())["methods"]
-    assert {"local", "fedavg"} <= set(methods)
-    assert all(0 < methods[method]["macro"]["ndcg@10"] <= 1 for method in ("local", "fedavg"))
+    assert {"popular", "fedavg"} <= set(methods)
+    assert all(0 < methods[method]["macro"]["ndcg@10"] <= 1 for method in ("popular", "fedavg"))
     # The app Flower ran was the installed one, laid out in a temporary directory and removed at exit.
     log = (tmp_path / "run" / "logs" / "fedavg.log").read_text()
     assert "Successfully installed xmarket-fl" in log

@@ -11,9 +11,13 @@ app's config defaults (``[tool.flwr.app.config]``) are written.
 directory, once per process.
 
 Standard library only: the harness, the deployment helpers and the ``xmfl``
-command import it before anything heavy.
+command import it before anything heavy. As a command it writes the app to a
+directory of one's own, for ``flwr run DIR`` or ``flwr build``:
+
+    xmfl app --out DIR
 """
 
+import argparse
 import atexit
 import importlib.util
 import shutil
@@ -84,6 +88,13 @@ def app_dir() -> Path:
         return root
     target = Path(tempfile.mkdtemp(prefix=f"{PROJECT}-app-"))
     atexit.register(shutil.rmtree, target, ignore_errors=True)
+    write_app(target)
+    return target
+
+
+def write_app(target: Path) -> None:
+    """Write the app, ``pyproject.toml`` and the packages of :func:`app_packages`, into the directory ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
     (target / PROJECT_FILE).write_text(_project_text(), encoding="utf-8")
     for package in app_packages():
         spec = importlib.util.find_spec(package)
@@ -91,4 +102,21 @@ def app_dir() -> Path:
             raise FileNotFoundError(f"The app's package '{package}' is not installed; reinstall {PROJECT}.")
         source = Path(next(iter(spec.submodule_search_locations)))
         shutil.copytree(source, target / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``xmfl app --out DIR``: write the app where the user can run or build it."""
+    parser = argparse.ArgumentParser(prog="python -m xmfl.app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="directory to write pyproject.toml and the app's packages to; it must not exist yet "
+                             "or be empty (required)")
+    args = parser.parse_args(argv)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        parser.error(f"{args.out} exists and is not an empty directory; give a new one")
+    write_app(args.out)
+    print(f"Wrote the {PROJECT} app to {args.out}: flwr run {args.out} <connection>, or flwr build --app {args.out}")
+
+
+if __name__ == "__main__":
+    main()

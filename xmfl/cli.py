@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "benchmark": Command("simulations.benchmark", "benchmarks: quality, scale, dp-step, latency, join, continue"),
     "ials-tuning": Command("simulations.ials_tuning", "tune fedals' iALS settings on validation"),
     "credentials": Command("deploy.make_credentials", "write a deployment's certificates and keys (development CA)"),
+    "app": Command("xmfl.app", "write the Flower app to a directory, for flwr run or flwr build"),
     "app-index": Command("deploy.app_index", "sign the app and serve it to the SuperLink as Flower Hub does"),
     "recommend": Command("clients.recommend", "top-K recommendations per user from a served model"),
     "score": Command("clients.score", "score (user, item) pairs with a served model"),
