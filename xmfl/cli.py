@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "privacy-sweep": Command("simulations.privacy_sweep", "federated quality against each market's DP budget"),
     "benchmark": Command("simulations.benchmark", "benchmarks: quality, scale, dp-step, latency, join, continue"),
     "ials-tuning": Command("simulations.ials_tuning", "tune fedals' iALS settings on validation"),
+    "catalog": Command("deploy.catalog", "write the company catalog from a product list or market files"),
     "credentials": Command("deploy.make_credentials", "write a deployment's certificates and keys (development CA)"),
     "app": Command("xmfl.app", "write the Flower app to a directory, for flwr run or flwr build"),
     "app-index": Command("deploy.app_index", "sign the app and serve it to the SuperLink as Flower Hub does"),
