@@ -184,7 +184,7 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
     with TreeMemorySampler(limit_bytes=int(args.memory_limit_gib * 2**30)) as sampler:
         try:
             results = harness.main(argv)
-        except (Exception, SystemExit) as error:  # noqa: BLE001 - reported, and the next method still runs
+        except Exception as error:  # noqa: BLE001 - reported, and the next method still runs
             reason = f"{type(error).__name__}: {error}"
             if sampler.exceeded:
                 reason = f"stopped above the memory limit of {args.memory_limit_gib} GiB ({reason})"
