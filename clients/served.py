@@ -41,6 +41,7 @@ from common.durable import atomic_torch_save
 from common.methods import Method
 from common.model import SplitRecommender, set_arrays
 from common.serving import write_served_model
+from common.sparse_state import compact_state, expand_state
 from common.train import MarketTensors
 
 from clients.privacy_state import state_dir
@@ -48,7 +49,6 @@ from clients.privacy_state import state_dir
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
 BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
-SPARSE_SUFFIX = "@rows"  # in a best file: the non-zero rows of a mostly-zero table stored as its values
 FINAL_KEY = "final-round"  # evaluate config: the last evaluation of the training
 KEPT_METRICS = (  # the evaluation metrics a served model's manifest carries
     "val-ndcg", "val-hr", "val-full-ndcg", "val-full-recall", "test-ndcg", "test-hr", "test-full-ndcg", "test-full-recall"
@@ -79,7 +79,7 @@ def remember_if_best(
     if BEST_MODEL_KEY in context.state:
         del context.state[BEST_MODEL_KEY]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(path, {"info": dict(context.state[BEST_INFO_KEY]), "state": _compact(model.state_dict())})
+    atomic_torch_save(path, {"info": dict(context.state[BEST_INFO_KEY]), "state": compact_state(model.state_dict())})
 
 
 def best_file(context: Context, market: str) -> Path | None:
@@ -94,36 +94,6 @@ def best_file(context: Context, market: str) -> Path | None:
     models_dir = str(context.run_config.get("models-dir", ""))
     method = str(context.run_config.get("method", ""))
     return Path(models_dir) / method / f"{market}{BEST_FILE_SUFFIX}" if models_dir and method else None
-
-
-def _compact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each 2-d table that is mostly zero rows stored as its non-zero rows and their indices."""
-    compact = {}
-    for name, tensor in state.items():
-        if tensor.dim() == 2 and len(tensor) > 1:
-            rows = torch.nonzero(tensor.any(dim=1)).flatten()
-            if len(rows) < len(tensor) // 2:
-                compact[name] = tensor[rows].clone()
-                compact[name + SPARSE_SUFFIX] = torch.tensor([len(tensor), *rows.tolist()], dtype=torch.int64)
-                continue
-        compact[name] = tensor
-    return compact
-
-
-def _expand(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict :func:`_compact` stored."""
-    state = {}
-    for name, tensor in compact.items():
-        if name.endswith(SPARSE_SUFFIX):
-            continue
-        sparse = compact.get(name + SPARSE_SUFFIX)
-        if sparse is None:
-            state[name] = tensor
-        else:
-            dense = torch.zeros((int(sparse[0]), tensor.shape[1]), dtype=tensor.dtype)
-            dense[sparse[1:]] = tensor
-            state[name] = dense
-    return state
 
 
 def _restore_best(context: Context, market: str) -> None:
@@ -144,7 +114,7 @@ def _read_best(path: Path, market: str) -> dict[str, Any] | None:
     """The info and state dict of a best file, or None (reported) when it is unreadable."""
     try:
         saved = torch.load(path, weights_only=True)
-        return {"info": dict(saved["info"]), "state": _expand(saved["state"])}
+        return {"info": dict(saved["info"]), "state": expand_state(saved["state"])}
     except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, IndexError,
             pickle.UnpicklingError) as error:
         log(WARNING, "Market %s: %s is unreadable (%s); it keeps the best round from here on.", market, path, error)

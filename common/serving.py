@@ -7,7 +7,9 @@ per-user vectors, and histories are personal data):
   test metrics of that round, epsilon and delta spent (None without DP), the
   catalog's fingerprint, the package version and the :class:`ModelConfig`;
 * ``model.pt``: the full model's parameters, shared part and head (user rows of
-  other markets cut away when the model was pooled over several markets);
+  other markets cut away when the model was pooled over several markets), a
+  mostly-zero table by its non-zero rows (:mod:`common.sparse_state`: fedals'
+  items outside the market's assortment over a large catalog);
 * ``catalog.txt``: the catalog the model's item rows mean (:meth:`Catalog.save`);
 * ``market.pt``: the market's user IDs (in the split's user order), each
   user's known interactions as catalog rows, oldest first (training items, then
@@ -38,10 +40,12 @@ import torch
 from common.catalog import Catalog
 from common.durable import atomic_replace_directory
 from common.model import ModelConfig, SplitRecommender
+from common.sparse_state import compact_state, expand_state
 from common.train import MarketTensors
 
 FORMAT = "xmarket-fl served model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.pt may store mostly-zero tables by their rows
+READABLE_VERSIONS = (1, 2)  # version 1 is version 2 with every table dense
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 MARKET_FILE = "market.pt"
@@ -185,7 +189,7 @@ def write_served_model(
         raise ValueError(f"The served model's manifest is not finite JSON ({err}).") from err
     files = {
         MANIFEST: manifest_text.encode("utf-8"),
-        MODEL_FILE: _torch_bytes(state),
+        MODEL_FILE: _torch_bytes(compact_state(state)),
         MARKET_FILE: _torch_bytes(market),
         CATALOG_FILE: catalog.to_bytes(),
     }
@@ -285,11 +289,11 @@ def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> 
     if not isinstance(manifest, dict):
         raise ServedModelError(f"The served model {directory} has a {MANIFEST} that is not a JSON object.")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ServedModelError(
             f"The served model {directory} has format version {version!r} (written by xmarket-fl "
             f"{manifest.get('package_version', 'unknown')}), but xmarket-fl {package_version()} reads "
-            f"version {FORMAT_VERSION} only."
+            f"versions {', '.join(map(str, READABLE_VERSIONS))} only."
         )
     try:
         stored = Catalog.load(directory / CATALOG_FILE)
@@ -309,7 +313,7 @@ def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> 
     try:
         config = ModelConfig(**manifest["model_config"])
         model = SplitRecommender(config)
-        model.load_state_dict(torch.load(directory / MODEL_FILE, weights_only=True))
+        model.load_state_dict(expand_state(torch.load(directory / MODEL_FILE, weights_only=True)))
         market = torch.load(directory / MARKET_FILE, weights_only=True)
         served = ServedModel(directory, manifest, model, stored, **market)
     except ServedModelError:

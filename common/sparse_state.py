@@ -1,0 +1,50 @@
+"""State dicts with mostly-zero tables stored by their non-zero rows.
+
+fedals' item table is zero outside the items a market sells: over a catalog of a million
+products a market's model is 512 MB of which it fills a few percent. Stored by its non-zero
+rows (the values, and the table's length followed by the rows' indices under
+``<name>@rows``), it takes what the market sells. Dense tables are stored as they are.
+"""
+
+import torch
+
+SPARSE_SUFFIX = "@rows"  # the length and non-zero rows of the table of the same name without it
+
+
+def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every 2-d table that is mostly zero rows stored as its non-zero rows."""
+    compact = {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and len(tensor) > 1:
+            rows = torch.nonzero(tensor.any(dim=1)).flatten()
+            if len(rows) < len(tensor) // 2:
+                compact[name] = tensor[rows].clone()
+                compact[name + SPARSE_SUFFIX] = torch.cat([torch.tensor([len(tensor)]), rows]).to(torch.int64)
+                continue
+        compact[name] = tensor
+    return compact
+
+
+def expand_state(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict :func:`compact_state` stored (a dense state dict is returned as it is).
+
+    Raises
+    ------
+    ValueError
+        If a table's stored rows do not fit its stored length or its values.
+    """
+    state = {}
+    for name, tensor in compact.items():
+        if name.endswith(SPARSE_SUFFIX):
+            continue
+        sparse = compact.get(name + SPARSE_SUFFIX)
+        if sparse is None:
+            state[name] = tensor
+            continue
+        length, rows = int(sparse[0]), sparse[1:]
+        if tensor.dim() != 2 or len(rows) != len(tensor) or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < length):
+            raise ValueError(f"The stored table {name} has {len(rows)} row indices for {len(tensor)} rows of a {length}-row table.")
+        dense = torch.zeros((length, tensor.shape[1]), dtype=tensor.dtype)
+        dense[rows] = tensor
+        state[name] = dense
+    return state
