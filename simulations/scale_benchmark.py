@@ -1,6 +1,6 @@
 """Scale: many generated markets over a large catalog, through the real harness.
 
-    python -m simulations.benchmark scale --markets 20 --items 1000000 --methods fedals,fedper --out OUT
+    python -m simulations.benchmark scale --synthetic-markets 20 --items 1000000 --methods fedals,fedper --out OUT
 
 The federation is generated (:mod:`common.synthetic`, popularity-drawn candidates when the
 catalog is large) and written as one file per market plus the company catalog of every
@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 
 from common.catalog import Catalog
+from common.command import add_alias, add_verbose
 from common.synthetic import SyntheticConfig, item_names, write_markets
 from simulations import run as harness
 
@@ -54,6 +55,7 @@ class TreeMemorySampler:
         self.limit_bytes = limit_bytes
         self.exceeded = False
         self.peak_bytes = 0
+        self.at_peak: dict[str, float] = {}  # MiB per kind of process when the sum peaked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -68,13 +70,17 @@ class TreeMemorySampler:
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total, by_kind = 0, {}
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    total += process.memory_info().rss
+                    resident = process.memory_info().rss
+                    kind = _kind(process)
                 except psutil.Error:
                     continue  # exited between listing and reading
-            self.peak_bytes = max(self.peak_bytes, total)
+                total += resident
+                by_kind[kind] = by_kind.get(kind, 0.0) + resident / 2**20
+            if total > self.peak_bytes:
+                self.peak_bytes, self.at_peak = total, by_kind
             if self.limit_bytes is not None and total > self.limit_bytes and not self.exceeded:
                 self.exceeded = True
                 for child in me.children(recursive=True):
@@ -85,25 +91,39 @@ class TreeMemorySampler:
             self._stop.wait(self.interval)
 
 
+def _kind(process: psutil.Process) -> str:
+    """A process's kind for the memory breakdown: its program or Ray role, e.g. ``flwr-simulation``."""
+    command = process.cmdline()
+    if not command:
+        return process.name()
+    if command[0].startswith("ray::"):
+        return command[0].split()[0]
+    named = [Path(part).name for part in command[:3] if not part.startswith("-") and not Path(part).name.startswith("python")]
+    return named[0] if named else Path(command[0]).name
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scale benchmark's options."""
-    parser.add_argument("--markets", type=int, default=20, help="generated markets (default: %(default)s)")
+    parser.add_argument("--synthetic-markets", type=int, default=20, help="generated markets (default: %(default)s)")
     parser.add_argument("--items", type=int, default=1_000_000, help="products in the company catalog (default: %(default)s)")
     parser.add_argument("--largest-market-users", type=int, default=20_000,
                         help="users of the biggest market; sizes decay as a power law (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
+    parser.add_argument("--num-server-rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
     parser.add_argument("--methods", default="fedals,fedper", help="comma-separated federated methods (default: %(default)s)")
     parser.add_argument("--local", action="store_true", help="also run the local baseline (default: off)")
     parser.add_argument("--memory-limit-gib", type=float, default=16.0,
                         help="stop a method whose process tree exceeds this resident memory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)")
+    add_verbose(parser, "every run's per-market lines")
+    add_alias(parser, "--markets", "--synthetic-markets")
+    add_alias(parser, "--rounds", "--num-server-rounds")
 
 
 def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, dict[str, int]]:
     """Generate the markets into ``directory``; the catalog's path and the items each market touches."""
     config = SyntheticConfig(
-        markets=args.markets,
+        markets=args.synthetic_markets,
         items=args.items,
         largest_market_users=args.largest_market_users,
         smallest_market_users=min(200, args.largest_market_users),
@@ -174,11 +194,12 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
     methods = f"local,{method}" if args.local else method
     argv = [
         "--data-dir", str(data_dir),
-        "--rounds", str(args.rounds),
+        "--num-server-rounds", str(args.num_server_rounds),
         "--methods", methods,
         "--out", str(args.out / method),
         "--seed", str(args.seed),
         "--set", f"catalog-path={catalog_path}",
+        *(["--verbose"] if args.verbose else []),
     ]
     started = time.perf_counter()
     with TreeMemorySampler(limit_bytes=int(args.memory_limit_gib * 2**30)) as sampler:
@@ -197,6 +218,7 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
         "seconds-per-round": seconds,
         "mean-seconds-per-round": float(np.mean(seconds)),
         "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
+        "rss-mib-at-peak-by-process": dict(sorted(sampler.at_peak.items(), key=lambda item: -item[1])),
         "macro-ndcg@10": results["methods"][method]["macro"]["ndcg@10"],
         "traffic": traffic,
         "upload": proportionality(traffic, "upload"),
@@ -204,7 +226,7 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
         "upload-by-interactions": proportionality(traffic, "upload", "interactions"),
     }
     if args.local:
-        local = results["methods"]["local"]["seconds"] / args.rounds
+        local = results["methods"]["local"]["seconds"] / args.num_server_rounds
         report["local-seconds-per-round-without-flower"] = local
         report["overhead-ratio"] = report["mean-seconds-per-round"] / local
     return report
@@ -244,9 +266,9 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     catalog_path, touched = write_federation(args, args.out / "data")
-    print(f"generated {args.markets} markets over {args.items:,} items in {time.perf_counter() - started:.1f} s; "
+    print(f"generated {args.synthetic_markets} markets over {args.items:,} items in {time.perf_counter() - started:.1f} s; "
           f"they touch {min(touched.values()):,} to {max(touched.values()):,} items", flush=True)
-    report: dict[str, Any] = {"markets": args.markets, "items": args.items, "rounds": args.rounds,
+    report: dict[str, Any] = {"markets": args.synthetic_markets, "items": args.items, "rounds": args.num_server_rounds,
                               "touched-items": touched,
                               "interactions": interactions_per_market(args.out / "data" / "markets"), "methods": {}}
     for method in methods:
