@@ -64,7 +64,7 @@ def local_train_config(record: ConfigRecord, config: MarketConfig) -> TrainConfi
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the shared arrays and metrics only."""
-    with errors_stay_in_region("training"):
+    with errors_stay_in_region("training", _deployed_market(context)):
         return fedals.train(msg, context) if _solved_by_als(context) else _train(msg, context)
 
 
@@ -76,8 +76,14 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     round of fedper-ft), the market also fine-tunes a private fork and reports
     the fork's metrics at its best epoch on validation.
     """
-    with errors_stay_in_region("evaluation"):
+    with errors_stay_in_region("evaluation", _deployed_market(context)):
         return fedals.evaluate(msg, context) if _solved_by_als(context) else _evaluate(msg, context)
+
+
+def _deployed_market(context: Context) -> str | None:
+    """The market a deployed region's node config names; None in simulation."""
+    market = context.node_config.get("market")
+    return str(market) if market is not None else None
 
 
 def _solved_by_als(context: Context) -> bool:

@@ -69,15 +69,20 @@ def public_reason(error: BaseException) -> str:
 
 
 @contextmanager
-def errors_stay_in_region(action: str) -> Iterator[None]:
-    """Log an error of ``action`` in full here and let only its :func:`public_reason` leave."""
+def errors_stay_in_region(action: str, market: str | None = None) -> Iterator[None]:
+    """Log an error of ``action`` in full here and let only its :func:`public_reason` leave.
+
+    ``market`` (a deployed region's node config names it) starts the reason, so that the
+    server can name a region that fails before it ever replied.
+    """
     try:
         yield
     except RegionError:
         raise
     except Exception as error:
         log(ERROR, "The market's %s failed: %s", action, error, exc_info=error)
-        raise RegionError(f"{action} failed: {public_reason(error)} (details in the region's log)") from None
+        where = f"market {market}: " if market else ""
+        raise RegionError(f"{where}{action} failed: {public_reason(error)} (details in the region's log)") from None
 
 
 def _without_directories(text: str) -> str:

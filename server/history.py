@@ -113,6 +113,14 @@ class RunHistory:
         """Round-level values: ``seconds`` (from sending the round to having aggregated it) and the like."""
         self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}}).update(values)
 
+    def note_failed(self, server_round: int, names: Iterable[str]) -> None:
+        """Add ``names`` (markets, or ``node N`` for a node that never named its market) to the round's
+        ``failed`` list: asked, but no usable reply came (an error, a refused reply or none in time)."""
+        names = set(names)
+        if names:
+            entry = self.rounds.setdefault(server_round, {"round": server_round, "per_market": {}})
+            entry["failed"] = sorted(names | set(entry.get("failed", [])))
+
     def log_round(self, server_round: int) -> None:
         """One line per market with the round's evaluation."""
         for market, metrics in sorted(self.rounds.get(server_round, {}).get("per_market", {}).items()):
@@ -209,6 +217,78 @@ class RunHistory:
             self.rounds = {r["round"]: r for r in saved_rounds if r["round"] <= checkpoint.server_round}
         log(INFO, "Resuming training %s after round %d from %s", checkpoint.training_id, checkpoint.server_round, path)
         return checkpoint
+
+
+def check_new_training(out_dir: Path) -> None:
+    """Refuse to start a new training in an ``out_dir`` holding an earlier training's files.
+
+    A new training (``resume=false``) would overwrite them; ``resume=true``
+    continues the training they belong to, in the same folder.
+
+    Raises
+    ------
+    ValueError
+        In one line naming the folder, the files it holds and the two ways out.
+    """
+    found = [name for name in (HISTORY_FILE, CHECKPOINT_FILE, PUBLISHED_FILE) if (Path(out_dir) / name).exists()]
+    if found:
+        raise ValueError(
+            f"out-dir {out_dir} already holds a training's {', '.join(found)}, which a new training would overwrite: "
+            "give this training a new out-dir, or set resume=true to continue that training."
+        )
+
+
+def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] = ()) -> list[str]:
+    """What a finished training did, for its last lines in the log.
+
+    Parameters
+    ----------
+    history : RunHistory
+        The training's history, with the rounds of earlier runs when it was resumed.
+    num_rounds : int
+        The training's last round.
+    markets : Iterable[str]
+        Markets known to take part (the node-to-market binding); those in the history count too.
+
+    Returns
+    -------
+    list[str]
+        Rounds completed; the markets that replied, or did not, in each round (rounds alike
+        are grouped); the best round by macro validation NDCG@10 over the markets that replied,
+        with its macro test NDCG@10; where history.json, checkpoint.pt and published.pt are.
+    """
+    rounds = {r: entry for r, entry in history.rounds.items() if r >= 1}
+    known = set(markets) | {market for entry in rounds.values() for market in entry["per_market"]}
+    lines = [f"Training summary: {len(rounds)} of {num_rounds} rounds completed, {len(known)} markets known"]
+    groups: list[tuple[list[int], str]] = []
+    for r in sorted(rounds):
+        replied = sorted(m for m, metrics in rounds[r]["per_market"].items() if "upload-bytes" in metrics)
+        failed = rounds[r].get("failed", [])
+        if not failed and set(replied) == known:
+            outcome = f"all {len(known)} markets replied"
+        else:
+            outcome = f"replied: {', '.join(replied) or 'none'}; failed or silent: {', '.join(failed) or 'none'}"
+        if groups and groups[-1][1] == outcome and groups[-1][0][-1] == r - 1:
+            groups[-1][0].append(r)
+        else:
+            groups.append(([r], outcome))
+    for numbers, outcome in groups:
+        span = f"round {numbers[0]}" if len(numbers) == 1 else f"rounds {numbers[0]}-{numbers[-1]}"
+        lines.append(f"  {span}: {outcome}")
+    macro = {}
+    for r, entry in rounds.items():
+        evaluated = [metrics for metrics in entry["per_market"].values() if {"val-ndcg", "test-ndcg"} <= set(metrics)]
+        if evaluated:
+            macro[r] = (sum(m["val-ndcg"] for m in evaluated) / len(evaluated),
+                        sum(m["test-ndcg"] for m in evaluated) / len(evaluated), len(evaluated))
+    if macro:
+        best = max(macro, key=lambda r: macro[r][0])
+        val, test, count = macro[best]
+        lines.append(f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
+                     f"test {test:.4f}, over the {count} markets evaluated)")
+    files = [history.out_dir / name for name in (HISTORY_FILE, CHECKPOINT_FILE, PUBLISHED_FILE)]
+    lines.append(f"  files: {', '.join(str(path) for path in files if path.exists())}")
+    return lines
 
 
 def market_of(reply: Message) -> str | None:

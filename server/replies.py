@@ -61,6 +61,11 @@ class MarketBinding:
             raise ValueError(f"Cannot bind node {node} to market {market!r}: {reason}.")
         self._market_of[node], self._node_of[market] = market, node
 
+    def name_of(self, node: int) -> str:
+        """``node`` as logs should name it: by its market once it has named one, else by its id."""
+        market = self._market_of.get(node)
+        return f"node {node}" if market is None else f"market {market} (node {node})"
+
     def state(self) -> dict[int, str]:
         """Node id to market name, for the checkpoint."""
         return dict(self._market_of)

@@ -54,9 +54,18 @@ class RoundSettings:
     fingerprint: Mapping[str, Any] = field(default_factory=dict)  # stored in each checkpoint (server.resume)
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, poll_interval: float) -> list[Message]:
-    """Push ``messages`` and collect the replies until all arrived or ``timeout`` passed."""
-    pending = set(grid.push_messages(messages))
+def send_and_receive(
+    grid: Grid, messages: Iterable[Message], timeout: float, poll_interval: float, binding: MarketBinding | None = None
+) -> list[Message]:
+    """Push ``messages`` and collect the replies until all arrived or ``timeout`` passed.
+
+    The markets that did not reply in time are named in a WARNING, by market
+    where ``binding`` knows their node's, else by node id.
+    """
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    destination = {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages)}
+    pending = set(ids)
     asked = len(pending)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -67,24 +76,34 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, po
         if pending:
             time.sleep(poll_interval)
     if pending:
-        log(WARNING, "%d of %d markets did not reply within %.0f s; going on without them.",
-            len(pending), asked, timeout)
+        names = sorted(_name(binding, destination[message_id]) for message_id in pending if message_id in destination)
+        log(WARNING, "%d of %d markets did not reply within %.0f s; going on without them: %s.",
+            len(pending), asked, timeout, ", ".join(names))
     return replies
 
 
+def _name(binding: MarketBinding | None, node: int) -> str:
+    """``node`` by its market where ``binding`` knows it, else by its id."""
+    return binding.name_of(node) if binding is not None else f"node {node}"
+
+
 def check_replies(
-    server_round: int, asked: int, replies: list[Message], refused: Iterable[str] = ()
+    server_round: int, asked: int, replies: list[Message], refused: Iterable[str] = (),
+    binding: MarketBinding | None = None,
 ) -> list[Message]:
     """The replies without errors; each error is logged, and all of them failing is fatal.
 
     ``refused`` names the replies :class:`server.replies.ReplyScreen` dropped:
     they count as failures, so a round in which every market failed or was
-    refused stops the run with every reason.
+    refused stops the run with every reason. A failed node is logged by the
+    market ``binding`` ties it to (it replied in an earlier round), else by
+    its id; a deployed region's error reason names its market itself.
     """
     failed = [reply for reply in replies if reply.has_error()]
     refused = list(refused)
     for reply in failed:
-        log(WARNING, "round %d: node %d failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
+        log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, reply.metadata.src_node_id),
+            reply.error.reason)
     if asked and len(failed) + len(refused) == asked:
         reasons = "; ".join(sorted({reply.error.reason for reply in failed} | set(refused)))
         raise AllMarketsFailedError(
@@ -144,7 +163,7 @@ def run_rounds(
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
         config = ConfigRecord({**train_config, **base_config, EVALUATE_RECEIVED_KEY: settings.fold_evaluation})
         messages = list(strategy.configure_train(server_round, arrays, config, _waiting(grid, strategy, settings)))
-        replies = _receive(grid, settings, screen, server_round, messages, sent=arrays)
+        replies = _receive(grid, settings, screen, server_round, messages, sent=arrays, history=history)
         _record_traffic(history, server_round, messages, replies)
         if settings.fold_evaluation:
             history.record(server_round - 1, replies, strip=RECEIVED_PREFIX)
@@ -196,12 +215,21 @@ def _receive(
     server_round: int,
     messages: list[Message],
     sent: ArrayRecord | None,
+    history: RunHistory,
 ) -> list[Message]:
-    """Send ``messages``; the replies that neither failed nor were refused."""
-    replies = send_and_receive(grid, messages, settings.timeout, settings.poll_interval)
+    """Send ``messages``; the replies that neither failed nor were refused.
+
+    Every market asked whose reply failed, was refused or did not come is
+    noted in the round's ``failed`` list in the history (by market, or by node
+    id where it never named one), for the summary at the end of the training.
+    """
+    replies = send_and_receive(grid, messages, settings.timeout, settings.poll_interval, screen.binding)
     without_errors = [reply for reply in replies if not reply.has_error()]
     accepted, refused = screen.screen(server_round, without_errors, sent)
-    check_replies(server_round, len(messages), replies, refused)
+    check_replies(server_round, len(messages), replies, refused, screen.binding)
+    answered = {reply.metadata.src_node_id for reply in accepted}
+    missing = {message.metadata.dst_node_id for message in messages} - answered
+    history.note_failed(server_round, [screen.binding.state().get(node, f"node {node}") for node in missing])
     return accepted
 
 
@@ -249,7 +277,7 @@ def _evaluate(
     config: ConfigRecord,
 ) -> None:
     messages = list(strategy.configure_evaluate(server_round, arrays, config, _waiting(grid, strategy, settings)))
-    replies = _receive(grid, settings, screen, server_round, messages, sent=None)
+    replies = _receive(grid, settings, screen, server_round, messages, sent=None, history=history)
     history.record(server_round, replies)
     history.log_round(server_round)
     history.write()

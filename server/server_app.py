@@ -28,7 +28,7 @@ from common.methods import get_method
 from common.published import load_published, published_path
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
 from server.fedals import FedALS
-from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory
+from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory, check_new_training, summary_lines
 from server.replies import MarketBinding
 from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
@@ -234,6 +234,8 @@ def main(grid: Grid, context: Context) -> None:
     config = ServerConfig.from_run_config(context.run_config)
     # A bad market setting would otherwise only show as every market failing round 1.
     market_config = MarketConfig.from_run_config(context.run_config)
+    if not config.resume:
+        check_new_training(Path(config.out_dir))  # never overwrite an earlier training's files
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
     history = RunHistory(Path(config.out_dir), asdict(config))
     catalog = load_catalog(config)
@@ -265,6 +267,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
         # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.
         publish(history, arrays, config, catalog, training_id, first_round - 1, context.run_config)
+        log_summary(history, config, binding, context.run_config)
         return
     settings = RoundSettings(
         num_rounds=config.num_server_rounds,
@@ -281,6 +284,16 @@ def main(grid: Grid, context: Context) -> None:
     arrays = run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding,
                         arrays_problem)
     publish(history, arrays, config, catalog, training_id, config.num_server_rounds, context.run_config)
+    log_summary(history, config, binding, context.run_config)
+
+
+def log_summary(history: RunHistory, config: ServerConfig, binding: MarketBinding, run_config: dict[str, Any]) -> None:
+    """The training's last lines: rounds, who replied, the best round, where its files and models are."""
+    for line in summary_lines(history, config.num_server_rounds, binding.state().values()):
+        log(INFO, "%s", line)
+    models_dir = str(run_config.get("models-dir", ""))
+    served = Path(models_dir) / config.method / "<market>" if models_dir else "<state-dir>/model in each region"
+    log(INFO, "  served models (each market's best round by its own validation): %s", served)
 
 
 def publish(

@@ -110,3 +110,18 @@ def test_a_binding_with_one_market_on_two_nodes_is_refused():
 def test_replies_refused_by_the_screen_count_as_failures_when_none_is_left():
     with pytest.raises(AllMarketsFailedError, match="node 2 .*non-finite"):
         check_replies(3, asked=2, replies=[_failed(1, "crashed")], refused=["node 2 (market 'jp'): non-finite"])
+
+
+def test_a_failed_node_is_named_by_the_market_it_replied_for_before(flower_warnings):
+    # Prepare: node 2 replied as jp in an earlier round; node 4 never replied, but its error names its market.
+    binding = MarketBinding({2: "jp"})
+    replies = [_ok(1), _failed(2, "node unavailable"), _failed(4, "market bad: training failed: bad.txt line 3")]
+
+    # Execute
+    kept = check_replies(3, asked=3, replies=replies, binding=binding)
+
+    # Assert
+    assert kept == [replies[0]]
+    messages = [record.getMessage() for record in flower_warnings]
+    assert "round 3: market jp (node 2) failed: node unavailable" in messages
+    assert "round 3: node 4 failed: market bad: training failed: bad.txt line 3" in messages

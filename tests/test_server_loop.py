@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import strategy_utils
 from opacus.accountants import RDPAccountant
 
-from server.history import RunHistory
+from server.history import RunHistory, summary_lines
 from server.resume import FINGERPRINT_KEYS
 from server.rounds import AllMarketsFailedError, RoundSettings, run_rounds
 from server.server_app import main as server_main
@@ -323,3 +323,68 @@ def test_a_resumed_server_under_per_market_budgets_keeps_the_training_id(tmp_pat
     assert grid.sent and {str(m.content["config"]["training-id"]) for m in grid.sent} == {"7"}
     assert {int(m.content["config"]["server-round"]) for m in grid.sent} == {2, 3}
     assert sorted(history) == [0, 1, 2, 3]
+
+
+def test_a_market_that_falls_silent_is_named_in_the_log_the_history_and_the_summary(tmp_path, flower_warnings):
+    # Prepare: jp replies in round 1 and is silent from round 2 on.
+    jp = market("jp")
+    nodes = {1: market("de"), 2: lambda message: None if int(message.content["config"]["server-round"]) >= 2 else jp(message)}
+    settings = RoundSettings(num_rounds=2, timeout=0.3, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
+    history = RunHistory(tmp_path, {})
+
+    # Execute
+    run_rounds(ScriptedGrid(nodes), build_strategy(2, None), history, settings,
+               ArrayRecord({k: Array(v) for k, v in START.items()}), ConfigRecord({}), ConfigRecord())
+
+    # Assert: the warning and the history name jp, and so does the summary, which finds the files.
+    assert any(m.getMessage().endswith("going on without them: market jp (node 2).") for m in flower_warnings)
+    assert "failed" not in history.rounds[1] and history.rounds[2]["failed"] == ["jp"]
+    lines = summary_lines(history, 2)
+    assert lines[0] == "Training summary: 2 of 2 rounds completed, 2 markets known"
+    assert lines[1] == "  round 1: all 2 markets replied"
+    assert lines[2] == "  round 2: replied: de; failed or silent: jp"
+    assert lines[3].startswith("  best round by macro validation NDCG@10: ")
+    assert lines[4] == f"  files: {tmp_path / 'history.json'}, {tmp_path / 'checkpoint.pt'}"
+
+
+def test_a_second_training_in_the_same_out_dir_is_refused_while_resume_continues_it(tmp_path):
+    # Prepare: one completed training of one round.
+    nodes = {1: market("de"), 2: market("jp")}
+    _serve(ScriptedGrid(nodes), _run_config(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in ("history.json", "checkpoint.pt", "published.pt")}
+
+    # Execute / Assert: a new training there is refused in one line naming the folder and both ways out ...
+    with pytest.raises(ValueError) as refused:
+        _serve(ScriptedGrid(nodes), _run_config(tmp_path, **{"num-server-rounds": 2}), run_id=2)
+    assert str(refused.value) == (
+        f"out-dir {tmp_path} already holds a training's history.json, checkpoint.pt, published.pt, which a new "
+        "training would overwrite: give this training a new out-dir, or set resume=true to continue that training."
+    )
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+    # ... and resume=true continues it in the same folder.
+    history = _serve(ScriptedGrid(nodes), _run_config(tmp_path, resume=True, **{"num-server-rounds": 2}), run_id=3)
+    assert sorted(history) == [0, 1, 2]
+
+
+def test_the_server_ends_a_training_with_its_summary(tmp_path):
+    # Prepare: the INFO lines of Flower's logger.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logging.getLogger("flwr").addHandler(handler)
+
+    # Execute
+    try:
+        _serve(ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.7)}),
+               _run_config(tmp_path, **{"num-server-rounds": 2}))
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+
+    # Assert: the last lines say what the training did and where its files and models are.
+    lines = [record.getMessage() for record in records]
+    start = lines.index("Training summary: 2 of 2 rounds completed, 2 markets known")
+    assert lines[start + 1] == "  rounds 1-2: all 2 markets replied"
+    assert lines[start + 2].startswith("  best round by macro validation NDCG@10: 1 (validation 0.6000, test 0.6000")
+    assert str(tmp_path / "published.pt") in lines[start + 3]
+    assert lines[start + 4].endswith("<state-dir>/model in each region")
