@@ -1,8 +1,13 @@
 """A small quality benchmark on generated markets: the report's shape and its sums."""
 
 import json
+import os
 import statistics
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 
@@ -18,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
     # Execute: two seeds, three generated markets, one federated method.
-    benchmark.main(["quality", "--synthetic-markets", "3", "--rounds", "2", "--seeds", "2",
+    benchmark.main(["quality", "--synthetic-markets", "3", "--num-server-rounds", "2", "--num-seeds", "2",
                     "--methods", "local,pooled,fedper", "--out", str(tmp_path)])
 
     # Assert: the summary is the mean and std of the per-seed results.
@@ -37,7 +42,7 @@ def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
 
 def test_dp_step_benchmark_times_both_norm_samplers_and_restores_the_projects():
     # Execute: a tiny batch, so that the timing itself is quick.
-    report = benchmark.dp_step(benchmark.parse_args(["dp-step", "--synthetic-markets", "2", "--batch-size", "32",
+    report = benchmark.dp_step(benchmark.parse_args(["dp-step", "--synthetic-markets", "2", "--dp-batch-size", "32",
                                                "--embedding-dim", "8", "--steps", "2", "--repeats", "2"]))
 
     # Assert: every block yields a ratio for each implementation, and later
@@ -56,7 +61,7 @@ def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_th
     monkeypatch.setattr(harness_module, "run_federated", in_process_federated)
 
     # Execute: one held-out market of three generated ones, one round, two fractions.
-    benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--rounds", "1",
+    benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--num-server-rounds", "1",
                     "--join-epochs", "1", "--fine-tune-epochs", "1", "--fractions", "0.5,1",
                     "--out", str(tmp_path)])
 
@@ -74,7 +79,7 @@ def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_th
     without = json.loads((tmp_path / "without-m02" / "results.json").read_text())
     assert without["config"]["markets"] == ["m00", "m01"]
     # local on every user is the harness's own local baseline, trained the same way.
-    harness = run_harness(["--data-dir", str(tmp_path / "data"), "--methods", "local", "--rounds", "1",
+    harness = run_harness(["--data-dir", str(tmp_path / "data"), "--methods", "local", "--num-server-rounds", "1",
                            "--out", str(tmp_path / "local")])
     assert entry["local"] == pytest.approx(harness["methods"]["local"]["per_market"]["m02"]["ndcg@10"], abs=1e-6)
 
@@ -95,3 +100,24 @@ def test_scale_proportionality_tells_bytes_per_touched_item_from_a_catalog_sized
                         "max-over-min-bytes-per-touched-item": pytest.approx(1.0)}
     assert per_catalog["max-over-min-bytes-per-touched-item"] == pytest.approx(4.0)
     assert per_catalog["r2"] < 0.5
+
+
+def test_the_memory_sampler_sees_a_childs_memory_and_stops_it_above_the_limit():
+    # Prepare: a child that holds 300 MiB of touched memory until it is killed.
+    holder = "import time; block = b'x' * (300 * 2**20); print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        # Execute: sample with a limit of 200 MiB above what this process already takes.
+        own = scale_benchmark._pss(os.getpid(), psutil.Process().memory_info().rss)  # what the sampler sums
+        assert child.stdout.readline().strip() == "ready"
+        with scale_benchmark.TreeMemorySampler(interval=0.05, limit_bytes=own + 200 * 2**20) as sampler:
+            deadline = time.monotonic() + 20
+            while child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        # Assert: the child's 300 MiB showed in both peaks, and the child was killed for it.
+        assert sampler.exceeded and child.returncode is not None and child.returncode < 0
+        assert sampler.peak_pss_bytes >= own + 250 * 2**20 and sampler.peak_bytes >= sampler.peak_pss_bytes
+    finally:
+        child.kill()
+        child.wait()
