@@ -253,9 +253,10 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
     Returns
     -------
     list[str]
-        Rounds completed; the markets that replied, or did not, in each round (rounds alike
-        are grouped); the best round by macro validation NDCG@10 over the markets that replied,
-        with its macro test NDCG@10; where history.json, checkpoint.pt and published.pt are.
+        Rounds completed; per round the markets that replied, those asked that failed or
+        stayed silent, and those absent (not connected when it started), rounds alike
+        grouped; the best round by macro validation NDCG@10 over the markets evaluated in
+        it, with its macro test NDCG@10; where history.json, checkpoint.pt and published.pt are.
     """
     rounds = {r: entry for r, entry in history.rounds.items() if r >= 1}
     known = set(markets) | {market for entry in rounds.values() for market in entry["per_market"]}
@@ -264,10 +265,13 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
     for r in sorted(rounds):
         replied = sorted(m for m, metrics in rounds[r]["per_market"].items() if "upload-bytes" in metrics)
         failed = rounds[r].get("failed", [])
-        if not failed and set(replied) == known:
+        absent = sorted(known - set(replied) - set(failed))  # not connected when the round started
+        if not failed and not absent:
             outcome = f"all {len(known)} markets replied"
         else:
-            outcome = f"replied: {', '.join(replied) or 'none'}; failed or silent: {', '.join(failed) or 'none'}"
+            outcome = "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                (("replied", replied or ["none"]), ("failed or silent", failed), ("absent", absent))
+                                if names)
         if groups and groups[-1][1] == outcome and groups[-1][0][-1] == r - 1:
             groups[-1][0].append(r)
         else:
@@ -287,7 +291,7 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
         lines.append(f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
                      f"test {test:.4f}, over the {count} markets evaluated)")
     files = [history.out_dir / name for name in (HISTORY_FILE, CHECKPOINT_FILE, PUBLISHED_FILE)]
-    lines.append(f"  files: {', '.join(str(path) for path in files if path.exists())}")
+    lines.append(f"  files: {', '.join(str(path) for path in files if path.exists()) or 'none'}")
     return lines
 
 

@@ -62,6 +62,13 @@ def send_and_receive(
     The markets that did not reply in time are named in a WARNING, by market
     where ``binding`` knows their node's, else by node id.
     """
+    return _send_and_receive(grid, messages, timeout, poll_interval, binding)[0]
+
+
+def _send_and_receive(
+    grid: Grid, messages: Iterable[Message], timeout: float, poll_interval: float, binding: MarketBinding | None
+) -> tuple[list[Message], dict[str, int]]:
+    """:func:`send_and_receive`, and the node each pushed message (by id) went to."""
     messages = list(messages)
     ids = list(grid.push_messages(messages))
     destination = {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages)}
@@ -79,7 +86,7 @@ def send_and_receive(
         names = sorted(_name(binding, destination[message_id]) for message_id in pending if message_id in destination)
         log(WARNING, "%d of %d markets did not reply within %.0f s; going on without them: %s.",
             len(pending), asked, timeout, ", ".join(names))
-    return replies
+    return replies, destination
 
 
 def _name(binding: MarketBinding | None, node: int) -> str:
@@ -89,7 +96,7 @@ def _name(binding: MarketBinding | None, node: int) -> str:
 
 def check_replies(
     server_round: int, asked: int, replies: list[Message], refused: Iterable[str] = (),
-    binding: MarketBinding | None = None,
+    binding: MarketBinding | None = None, destination: Mapping[str, int] | None = None,
 ) -> list[Message]:
     """The replies without errors; each error is logged, and all of them failing is fatal.
 
@@ -97,13 +104,16 @@ def check_replies(
     they count as failures, so a round in which every market failed or was
     refused stops the run with every reason. A failed node is logged by the
     market ``binding`` ties it to (it replied in an earlier round), else by
-    its id; a deployed region's error reason names its market itself.
+    its id; a deployed region's error reason names its market itself. The
+    SuperLink answers for a node it lost (missed heartbeats) as node 1, its
+    own id: ``destination`` (message id -> node it was sent to) names the node
+    such an error is about.
     """
     failed = [reply for reply in replies if reply.has_error()]
     refused = list(refused)
     for reply in failed:
-        log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, reply.metadata.src_node_id),
-            reply.error.reason)
+        node = (destination or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, node), reply.error.reason)
     if asked and len(failed) + len(refused) == asked:
         reasons = "; ".join(sorted({reply.error.reason for reply in failed} | set(refused)))
         raise AllMarketsFailedError(
@@ -223,10 +233,10 @@ def _receive(
     noted in the round's ``failed`` list in the history (by market, or by node
     id where it never named one), for the summary at the end of the training.
     """
-    replies = send_and_receive(grid, messages, settings.timeout, settings.poll_interval, screen.binding)
+    replies, destination = _send_and_receive(grid, messages, settings.timeout, settings.poll_interval, screen.binding)
     without_errors = [reply for reply in replies if not reply.has_error()]
     accepted, refused = screen.screen(server_round, without_errors, sent)
-    check_replies(server_round, len(messages), replies, refused, screen.binding)
+    check_replies(server_round, len(messages), replies, refused, screen.binding, destination)
     answered = {reply.metadata.src_node_id for reply in accepted}
     missing = {message.metadata.dst_node_id for message in messages} - answered
     history.note_failed(server_round, [screen.binding.state().get(node, f"node {node}") for node in missing])

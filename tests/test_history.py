@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from server.history import Checkpoint, RunHistory
+from server.history import Checkpoint, RunHistory, summary_lines
 
 
 def _checkpoint(server_round: int = 2) -> Checkpoint:
@@ -114,3 +114,30 @@ def test_history_and_checkpoint_are_private_and_written_through_unique_temporary
     assert RunHistory(tmp_path, {}).load_checkpoint().server_round == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.tmp", "history.json",
                                                            "history.json.tmp"]
+
+
+def test_the_summary_tells_replied_failed_and_absent_markets_apart_and_groups_rounds_alike(tmp_path):
+    # Prepare: de and jp reply in rounds 1-2; in round 3 jp fails and a node that never named its market fails
+    # too; in round 4 jp is not connected; fr replied in round 1 only.
+    history = RunHistory(tmp_path, {})
+    quality = {"val-ndcg": 0.5, "test-ndcg": 0.4, "upload-bytes": 8}
+    for server_round, markets in {1: ["de", "jp", "fr"], 2: ["de", "jp"], 3: ["de"], 4: ["de"]}.items():
+        for market in markets:
+            history.note(server_round, market, **quality)
+    history.note(2, "jp", **{"val-ndcg": 0.9, "test-ndcg": 0.8})
+    history.note_failed(2, ["fr"])
+    history.note_failed(3, ["jp", "node 7"])
+
+    # Execute
+    lines = summary_lines(history, num_rounds=5, markets=["de", "jp"])
+
+    # Assert
+    assert lines == [
+        "Training summary: 4 of 5 rounds completed, 3 markets known",
+        "  round 1: all 3 markets replied",
+        "  round 2: replied: de, jp; failed or silent: fr",
+        "  round 3: replied: de; failed or silent: jp, node 7; absent: fr",
+        "  round 4: replied: de; absent: fr, jp",
+        "  best round by macro validation NDCG@10: 2 (validation 0.7000, test 0.6000, over the 2 markets evaluated)",
+        "  files: none",
+    ]

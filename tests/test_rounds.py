@@ -3,6 +3,7 @@
 import pytest
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from server.replies import MarketBinding, ReplyScreen
 from server.rounds import AllMarketsFailedError, check_replies, warn_unanswered_budgets
@@ -113,15 +114,19 @@ def test_replies_refused_by_the_screen_count_as_failures_when_none_is_left():
 
 
 def test_a_failed_node_is_named_by_the_market_it_replied_for_before(flower_warnings):
-    # Prepare: node 2 replied as jp in an earlier round; node 4 never replied, but its error names its market.
+    # Prepare: node 2 replied as jp in an earlier round and has since died: the SuperLink (node 1) answers
+    # for it, as Flower does; node 4 never replied, but its error names its market.
     binding = MarketBinding({2: "jp"})
-    replies = [_ok(1), _failed(2, "node unavailable"), _failed(4, "market bad: training failed: bad.txt line 3")]
+    to_jp = _sent(2)
+    to_jp.metadata.__dict__["_message_id"] = to_jp.object_id  # what pushing it does
+    lost = create_message_error_unavailable_res_message(to_jp.metadata, "node_unavail")
+    replies = [_ok(1), lost, _failed(4, "market bad: training failed: bad.txt line 3")]
 
     # Execute
-    kept = check_replies(3, asked=3, replies=replies, binding=binding)
+    kept = check_replies(3, asked=3, replies=replies, binding=binding, destination={to_jp.metadata.message_id: 2})
 
     # Assert
-    assert kept == [replies[0]]
+    assert lost.metadata.src_node_id == 1 and kept == [replies[0]]
     messages = [record.getMessage() for record in flower_warnings]
-    assert "round 3: market jp (node 2) failed: node unavailable" in messages
+    assert f"round 3: market jp (node 2) failed: {lost.error.reason}" in messages
     assert "round 3: node 4 failed: market bad: training failed: bad.txt line 3" in messages
