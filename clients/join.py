@@ -3,7 +3,7 @@
     python -m clients.join --model-dir OUT/models/fedper --data uk.txt --catalog catalog.txt \\
         --out OUT/models/join-fedper/uk
     python -m clients.join --published published.pt --data uk.txt --catalog catalog.txt \\
-        --out STATE/model --state-dir STATE --market uk [--epochs 10] [--fine-tune-epochs 15] [--seed 0] \\
+        --out STATE/model --state-dir STATE --market uk [--join-epochs 10] [--fine-tune-epochs 15] [--seed 0] \\
         [--fraction 1]
 
 When a training ends the ServerApp publishes its final shared arrays as
@@ -13,7 +13,7 @@ history-length, user-embeddings, the catalog's fingerprint, the training id and
 the round. A market that was not part of that training reads it here with its
 own interaction file and the company catalog (refused, in one line, when its
 fingerprint differs), trains a head of its own on its own data over the
-shared arrays for ``--epochs`` epochs with the encoder frozen, then the whole
+shared arrays for ``--join-epochs`` epochs with the encoder frozen, then the whole
 model (its own fork of the encoder) for ``--fine-tune-epochs`` epochs at a
 smaller step size, and keeps the epoch with the best validation NDCG@10. No
 other market and no server is involved, and nothing leaves the region. The result is a served
@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from common.catalog import Catalog
+from common.command import ArgumentParser, add_alias
 from common.data import read_interactions
 from common.markets import market_seed
 from common.methods import get_method
@@ -70,7 +71,7 @@ from common.serving import market_user_ids, write_served_model
 from common.split import MarketSplit, split_market
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 
-from clients.recommend import OneLineParser, run_cli
+from clients.recommend import run_cli
 from clients.state_store import LedgerStore, MarketState, MarketStateStore
 
 JOIN_TRAINING_PREFIX = "join-"  # training id of a market state written here: join-<the published training's id>
@@ -282,7 +283,7 @@ def check_state_dir(state_dir: str | Path, market: str) -> MarketStateStore:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path, metavar="DIR",
                         help=f"a training's models directory with {PUBLISHED_FILE} (simulation: OUT/models/<method>) "
@@ -299,7 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--market", metavar="NAME",
                         help="the market's name, as its node config names it; it seeds the evaluation negatives "
                              "(default: the data file's name up to its first '_'; required with --state-dir)")
-    parser.add_argument("--epochs", type=int, default=10,
+    parser.add_argument("--join-epochs", type=int, default=10,
                         help="epochs of head training, the encoder frozen (default: %(default)s)")
     parser.add_argument("--fine-tune-epochs", type=int, default=15,
                         help="then epochs of training the whole model, the market's own fork of the encoder; "
@@ -320,10 +321,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="also write the head as <DIR>/<market>.pt, which the region's ClientApp restores "
                              "in its next training (default: none)")
+    add_alias(parser, "--epochs", "--join-epochs")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.fine_tune_epochs < 0 or args.fine_tune_learning_rate <= 0:
-        parser.error(f"--epochs must be at least 1, --fine-tune-epochs at least 0 and --fine-tune-learning-rate "
-                     f"positive, got {args.epochs}, {args.fine_tune_epochs} and {args.fine_tune_learning_rate}")
+    if args.join_epochs < 1 or args.fine_tune_epochs < 0 or args.fine_tune_learning_rate <= 0:
+        parser.error(f"--join-epochs must be at least 1, --fine-tune-epochs at least 0 and --fine-tune-learning-rate "
+                     f"positive, got {args.join_epochs}, {args.fine_tune_epochs} and {args.fine_tune_learning_rate}")
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.batch_size < 1 or args.learning_rate <= 0:
@@ -347,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         check_state_dir(args.state_dir, market)  # before the training, not after it
     split = split_market(market, interactions, catalog, args.seed)
     train = replace(TrainConfig(), batch_size=args.batch_size, learning_rate=args.learning_rate)
-    joined = join_market(published, split, catalog, args.epochs, args.seed, args.fraction, train,
+    joined = join_market(published, split, catalog, args.join_epochs, args.seed, args.fraction, train,
                          args.fine_tune_epochs, args.fine_tune_learning_rate)
     write_joined_model(args.out, joined, published, catalog, market_user_ids(interactions), args.fraction, args.seed)
     state = ""
@@ -362,4 +364,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, None, PROG))
+    sys.exit(run_cli(main))

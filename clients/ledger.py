@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from clients.state_store import CorruptStateError, LedgerEntry, LedgerStore
+from common.command import ArgumentParser
 from common.privacy import PrivacyBudget, PrivacyLedger
 
 
@@ -59,8 +60,8 @@ def new_period(store: LedgerStore) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.ledger", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m clients.ledger", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["show", "new-period"],
                         help="show the ledger, or close its period and start a new one")
     parser.add_argument("--state-dir", type=Path, required=True, help="the region's state-dir (node config) (required)")

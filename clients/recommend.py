@@ -15,28 +15,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from common.catalog import Catalog
+from common.command import ArgumentParser, run_command
 from common.serving import load_served_model
 from common.tables import read_history, read_user_list, write_table
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with usage errors on one line and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def run_cli(main: Callable[[Sequence[str] | None], str], argv: Sequence[str] | None, prog: str) -> int:
-    """Run ``main`` and print its summary; an error becomes one line on stderr and status 1."""
-    try:
-        print(main(argv), flush=True)
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        return 1
+def run_cli(main: Callable[[Sequence[str] | None], str], argv: Sequence[str] | None = None) -> int:
+    """Run ``main`` and print its summary; a bad model, file or value ends in one line on stderr and status 2."""
+    run_command(lambda arguments: print(main(arguments), flush=True), argv, also=(ValueError, OSError))
     return 0
 
 
@@ -52,7 +40,7 @@ def model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(
+    parser = ArgumentParser(
         prog="python -m clients.recommend", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -94,4 +82,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, None, "python -m clients.recommend"))
+    sys.exit(run_cli(main))

@@ -16,14 +16,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.recommend import OneLineParser, model_options, run_cli
+from clients.recommend import model_options, run_cli
 from common.catalog import Catalog
+from common.command import ArgumentParser
 from common.serving import load_served_model
 from common.tables import read_history, read_pairs, write_table
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(
+    parser = ArgumentParser(
         prog="python -m clients.score", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,4 +54,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, None, "python -m clients.score"))
+    sys.exit(run_cli(main))

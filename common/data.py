@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.command import UserError
 from common.names import check_name
 
 __all__ = [
@@ -49,8 +50,8 @@ _EARLIEST = pd.Timestamp.min.tz_localize("UTC")
 _LATEST = pd.Timestamp.max.tz_localize("UTC")
 
 
-class InteractionFileError(ValueError):
-    """A market's interaction file cannot be used.
+class InteractionFileError(UserError, ValueError):
+    """A market's interaction file cannot be used (a user error: :mod:`common.command`).
 
     The message names the file, the line (or row) and the problem, e.g.
     ``de_5core.txt line 7: rating 'abc' is not a number``.

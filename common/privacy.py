@@ -86,13 +86,20 @@ def calibrate_noise(
     from opacus.accountants.utils import get_noise_multiplier
 
     if not prior:
-        return get_noise_multiplier(
-            target_epsilon=budget.epsilon,
-            target_delta=budget.delta,
-            sample_rate=rate,
-            steps=total_steps,
-            accountant=budget.accountant,
-        )
+        try:
+            return get_noise_multiplier(
+                target_epsilon=budget.epsilon,
+                target_delta=budget.delta,
+                sample_rate=rate,
+                steps=total_steps,
+                accountant=budget.accountant,
+            )
+        except ValueError as error:
+            # Opacus's "The privacy budget is too low.": no noise it tries spends so little.
+            raise PrivacyBudgetExceeded(
+                f"A budget of epsilon {budget.epsilon} at delta {budget.delta:.3g} cannot pay for {total_steps} "
+                f"steps at sample rate {rate:.3g} at any noise Opacus tries ({error})"
+            ) from error
     if (spent := epsilon_of(budget, prior)) >= budget.epsilon:
         raise PrivacyBudgetExceeded(
             f"What was spent before (epsilon {spent:.3f}) leaves nothing of the budget of epsilon {budget.epsilon}."

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import get_fab_config, get_metadata_from_config
 
+from common.command import ArgumentParser, run_command
 from deploy.make_credentials import APP_KEY_ID
 from xmfl.app import app_dir
 
@@ -159,8 +160,8 @@ class AppIndex:
 
 def main(argv: list[str] | None = None) -> None:
     """Sign the app and serve it until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m deploy.app_index", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m deploy.app_index", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app", type=Path, default=None,
                         help="directory of the app to sign, holding its pyproject.toml (default: this installation's app, "
                              "the checkout or a copy of the installed package)")
@@ -178,4 +179,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, also=(ValueError,))

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.catalog import MAX_OVERFLOW_ROWS, Catalog
+from common.command import ArgumentParser
 from common.data import read_interactions
 
 
@@ -71,8 +72,8 @@ def build_catalog(products: Path | None, market_files: list[Path], column: str, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m deploy.catalog", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m deploy.catalog", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--products", type=Path, default=None,
                         help="the company's product list: .txt (one ID per line), .csv or .parquet (default: none)")
     parser.add_argument("--column", default="itemId",

@@ -1,6 +1,6 @@
 """Development TLS certificates and SuperNode keys for a local deployment.
 
-    python -m deploy.make_credentials --out credentials --regions de fr jp
+    python -m deploy.make_credentials --out credentials --regions de,fr,jp
 
 Writes a throw-away certificate authority (``ca.crt``), the SuperLink's
 certificate and key (``server.pem``, ``server.key``, valid for localhost and
@@ -20,7 +20,6 @@ import argparse
 import datetime
 import ipaddress
 import os
-import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.command import ArgumentParser, comma_list, run_command
 from common.names import check_name
 
 VALID_DAYS = 30  # development credentials should not outlive the experiment
@@ -161,18 +161,26 @@ def make_credentials(out: Path, regions: list[str], hosts: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options and write the credentials; a refused region name exits with one line on stderr."""
-    parser = argparse.ArgumentParser(prog="python -m deploy.make_credentials", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse the options and write the credentials.
+
+    Raises
+    ------
+    ValueError
+        If a region name is refused (run through :func:`common.command.run_command`: one line, status 2).
+    """
+    parser = ArgumentParser(prog="python -m deploy.make_credentials", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("credentials"), help="output directory (default: %(default)s)")
-    parser.add_argument("--regions", nargs="+", required=True, help="one key pair per region name (required)")
+    # nargs="+": the space-separated form of before issue 17 (--regions de fr jp) still works.
+    parser.add_argument("--regions", nargs="+", required=True, metavar="REGION,...",
+                        help="comma-separated region names, one key pair each, e.g. de,fr,jp (required)")
     parser.add_argument("--host", action="append", default=[], help="extra SuperLink host name or IP for the certificate; repeatable "
                              "(default: none, localhost and 127.0.0.1 only)")
     args = parser.parse_args(argv)
-    try:
-        make_credentials(args.out, args.regions, args.host)
-    except ValueError as error:
-        sys.exit(f"make_credentials: {error}")
+    args.regions = [region for entry in args.regions for region in comma_list(entry)]
+    if not args.regions:
+        parser.error("--regions needs at least one region name")
+    make_credentials(args.out, args.regions, args.host)
     print(
         f"Wrote ca.crt, server.pem, server.key, keys for {', '.join(args.regions)}, "
         f"app-signing and trusted-entities.yaml to {args.out}"
@@ -180,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, also=(ValueError,))

@@ -10,6 +10,8 @@ budget: the simplest private recommender, which DP-SGD has to beat;
 ``implicit-local`` and ``implicit-pooled`` are the ``implicit`` library's ALS
 on each market alone and on all markets pooled (a benchmark extra:
 ``pip install ".[benchmark]"``), evaluated and served the same way.
+
+On a terminal a progress bar with ETA follows the markets (and their rounds).
 """
 
 import copy
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.catalog import Catalog
 from common.ials import IALSConfig, ItemFactors, pooled_ials
@@ -39,6 +42,7 @@ from common.private_train import (
 )
 from common.serving import market_user_ids, write_served_model
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from simulations.progress import bar, over
 from simulations.results import select_on_validation
 
 Progress = Callable[[str], None]
@@ -110,49 +114,60 @@ def run_local(
 ) -> dict[str, list[dict[str, float]]]:
     """Each market trains alone; returns its metrics after every round's worth of epochs."""
     curves = {}
-    for market in source.markets:
-        started = time.perf_counter()
-        data = MarketTensors.from_split(load_split(source, market, catalog), settings.history_length)
-        torch.manual_seed(market_seed(market, settings.seed))
-        model = SplitRecommender(
-            ModelConfig(
-                catalog.size,
-                data.split.num_users,
-                settings.embedding_dim,
-                settings.history_length,
-                settings.user_embeddings,
-            )
-        )
-        curve = [market_curve(model, data, 0)]
-        ledger = None
-        if settings.privacy is not None:
-            privacy = settings.privacy
-            total_steps = settings.rounds * private_steps(data, privacy.train)
-            ledger = start_private_training(
-                model, data, privacy.budget(data), privacy.train, total_steps, privacy.popularity_share,
-                noise_seed=privacy.noise_seed(popularity_seed(market, settings.seed)),
-            )
-        best_state = BestState()
-        for server_round in range(1, settings.rounds + 1):
-            seed = market_seed(market, settings.seed) + server_round
-            if ledger is None:
-                train_epochs(model, [data], settings.train, seed)
-                curve.append(market_curve(model, data, server_round))
-            else:
-                train_epochs_private(
-                    model, data, settings.privacy.train, ledger, seed, noise_seed=privacy.noise_seed(seed + 500)
-                )
-                curve.append(market_curve(model, data, server_round) | ledger.spent())
-            best_state.offer(model, curve[-1])
-        curves[market] = curve
-        best = select_on_validation(curve)
-        if settings.models_dir is not None:
-            best_state.write(settings.models_dir / "local" / market, "local", data, source, catalog, best)
-        progress(
-            f"local {market}: best val NDCG@10 {best['val-ndcg']:.4f} at round {best['round']}, "
-            f"test {best['test-ndcg']:.4f} ({time.perf_counter() - started:.1f} s)"
-        )
+    with bar(len(source.markets) * settings.rounds, "local", "round") as rounds_done:
+        for market in source.markets:
+            rounds_done.set_postfix_str(market)
+            curves[market] = _run_local_market(source, catalog, settings, progress, market, rounds_done)
     return curves
+
+
+def _run_local_market(
+    source: MarketSource, catalog: Catalog, settings: BaselineSettings, progress: Progress, market: str,
+    rounds_done: tqdm,
+) -> list[dict[str, float]]:
+    """One market of :func:`run_local`; ``rounds_done`` (a progress bar) advances by one per round."""
+    started = time.perf_counter()
+    data = MarketTensors.from_split(load_split(source, market, catalog), settings.history_length)
+    torch.manual_seed(market_seed(market, settings.seed))
+    model = SplitRecommender(
+        ModelConfig(
+            catalog.size,
+            data.split.num_users,
+            settings.embedding_dim,
+            settings.history_length,
+            settings.user_embeddings,
+        )
+    )
+    curve = [market_curve(model, data, 0)]
+    ledger = None
+    if settings.privacy is not None:
+        privacy = settings.privacy
+        total_steps = settings.rounds * private_steps(data, privacy.train)
+        ledger = start_private_training(
+            model, data, privacy.budget(data), privacy.train, total_steps, privacy.popularity_share,
+            noise_seed=privacy.noise_seed(popularity_seed(market, settings.seed)),
+        )
+    best_state = BestState()
+    for server_round in range(1, settings.rounds + 1):
+        seed = market_seed(market, settings.seed) + server_round
+        if ledger is None:
+            train_epochs(model, [data], settings.train, seed)
+            curve.append(market_curve(model, data, server_round))
+        else:
+            train_epochs_private(
+                model, data, settings.privacy.train, ledger, seed, noise_seed=privacy.noise_seed(seed + 500)
+            )
+            curve.append(market_curve(model, data, server_round) | ledger.spent())
+        best_state.offer(model, curve[-1])
+        rounds_done.update(1)
+    best = select_on_validation(curve)
+    if settings.models_dir is not None:
+        best_state.write(settings.models_dir / "local" / market, "local", data, source, catalog, best)
+    progress(
+        f"local {market}: best val NDCG@10 {best['val-ndcg']:.4f} at round {best['round']}, "
+        f"test {best['test-ndcg']:.4f} ({time.perf_counter() - started:.1f} s)"
+    )
+    return curve
 
 
 def run_popular(
@@ -165,7 +180,7 @@ def run_popular(
     release that spends each market's epsilon at its delta.
     """
     curves = {}
-    for market in source.markets:
+    for market in over(source.markets, len(source.markets), "popular", "market"):
         data = MarketTensors.from_split(load_split(source, market, catalog), settings.history_length)
         model = SplitRecommender(ModelConfig(catalog.size, data.split.num_users, 1, settings.history_length))
         with torch.no_grad():
@@ -201,7 +216,7 @@ def run_pooled(
     )
     curves = {data.split.market: [market_curve(model, data, 0)] for data in markets}
     best_states = {data.split.market: BestState() for data in markets}
-    for server_round in range(1, settings.rounds + 1):
+    for server_round in over(range(1, settings.rounds + 1), settings.rounds, "pooled", "round"):
         started = time.perf_counter()
         loss = train_epochs(model, markets, settings.train, settings.seed + server_round)
         for data in markets:
@@ -337,7 +352,7 @@ def run_implicit(
 
     curves: dict[str, list[dict[str, float]]] = {}
     groups = [markets] if method == "implicit-pooled" else [[market] for market in markets]
-    for group in groups:
+    for group in over(groups, len(groups), method, "market" if len(groups) > 1 else "fit"):
         started = time.perf_counter()
         users_total = sum(market.split.num_users for market in group)
         # implicit's BLAS calls run inside its own threads: one BLAS thread each (implicit warns otherwise).

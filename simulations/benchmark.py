@@ -1,13 +1,14 @@
 """Benchmarks that take longer than a test.
 
-    python -m simulations.benchmark quality --data-dir DIR --seeds 3 --out OUT
-    python -m simulations.benchmark scale --markets 20 --items 1000000 --methods fedals,fedper --out OUT
+    python -m simulations.benchmark quality --data-dir DIR --num-seeds 3 --out OUT
+    python -m simulations.benchmark scale --synthetic-markets 20 --items 1000000 --methods fedals,fedper --out OUT
     python -m simulations.benchmark dp-step --data-dir DIR --market uk
-    python -m simulations.benchmark latency --regions 3 --rounds 4 --out OUT
+    python -m simulations.benchmark latency --num-regions 3 --num-server-rounds 4 --out OUT
     python -m simulations.benchmark join --data-dir DIR --fractions 0.1,0.25,0.5,1 --out OUT
     python -m simulations.benchmark continue --data-dir DIR --holdout 0.2 --out OUT
 
-``quality`` runs every method on the same splits for several seeds and
+``quality`` runs every method on the same splits for several seeds (a progress
+bar with ETA counts the runs, on a terminal) and
 writes the mean and standard deviation of test NDCG@10 and HR@10 per market
 and macro, beside the published XMarket Electronics numbers, and the
 seconds per federated round against the same local training without Flower.
@@ -46,6 +47,7 @@ from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.command import ArgumentParser, add_alias, add_verbose, comma_list, run_command
 from common.ghost_norms import register_norm_samplers
 from common.markets import MarketSource, load_split
 from common.methods import BASELINES
@@ -55,6 +57,7 @@ from common.train import MarketTensors, user_batch_inputs
 from simulations import continue_benchmark, join_benchmark, latency, scale_benchmark
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
+from simulations.progress import over, say
 from simulations.results import mean_and_std
 
 
@@ -126,26 +129,30 @@ def acceptance(summary: dict[str, Any], federated: list[str]) -> dict[str, Any]:
 
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
-    """Every method on the same splits for ``args.seeds`` seeds."""
+    """Every method on the same splits for ``args.num_seeds`` seeds from ``args.seed`` on."""
     runs = []
-    for seed in range(args.seeds):
-        print(f"=== seed {seed} of {args.seeds} ===", flush=True)
+    seeds = range(args.seed, args.seed + args.num_seeds)
+    for number, seed in enumerate(over(seeds, len(seeds), "quality", "run"), start=1):
+        say(f"=== seed {seed} ({number} of {args.num_seeds}) ===")
         argv = ["--data-dir", args.data_dir, "--synthetic-markets", str(args.synthetic_markets),
                 "--methods", args.methods, "--seed", str(seed), "--out", str(args.out / f"seed{seed}")]
-        if args.rounds is not None:
-            argv += ["--rounds", str(args.rounds)]
+        if args.num_server_rounds is not None:
+            argv += ["--num-server-rounds", str(args.num_server_rounds)]
+        if args.verbose:
+            argv.append("--verbose")
         runs.append(harness.main(argv))
     summary = aggregate_seeds(runs)
     federated = [m for m in summary if m not in BASELINES]  # federated methods and their selection
     fed_round_seconds = [e["seconds"] for run in runs for e in run["rounds"]]
-    local_round_seconds = [run["methods"]["local"]["seconds"] / run["config"]["rounds"] for run in runs]
+    local_round_seconds = [run["methods"]["local"]["seconds"] / run["config"]["num_server_rounds"] for run in runs]
     overhead = {
         "federated_seconds_per_round": statistics.fmean(fed_round_seconds),
         "local_training_seconds_per_round_without_flower": statistics.fmean(local_round_seconds),
     }
     overhead["ratio"] = overhead["federated_seconds_per_round"] / overhead["local_training_seconds_per_round_without_flower"]
     report = {
-        "config": {"data_dir": args.data_dir, "seeds": args.seeds, "methods": args.methods, "rounds": args.rounds},
+        "config": {"data_dir": args.data_dir, "seed": args.seed, "num_seeds": args.num_seeds, "methods": args.methods,
+                   "num_server_rounds": args.num_server_rounds},
         "summary": summary,
         "acceptance": acceptance(summary, federated),
         "overhead": overhead,
@@ -177,8 +184,8 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     market = args.market or source.markets[0]
     data = MarketTensors.from_split(load_split(source, market, catalog), 50)
     # One example is one user with up to user-positives of their items (user-level DP-SGD).
-    batch = torch.arange(min(args.batch_size, privacy_units(data)))
-    inputs, target = user_batch_inputs(data, batch, args.user_positives, 8, torch.Generator().manual_seed(0))
+    batch = torch.arange(min(args.dp_batch_size, privacy_units(data)))
+    inputs, target = user_batch_inputs(data, batch, args.dp_user_positives, 8, torch.Generator().manual_seed(0))
 
     def build() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
@@ -261,35 +268,48 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The sub-command and its options."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m simulations.benchmark", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     quality_parser = commands.add_parser("quality", help="all methods, several seeds, mean ± std beside published numbers")
     quality_parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
     quality_parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
-    quality_parser.add_argument("--rounds", type=int, default=None,
+    quality_parser.add_argument("--num-server-rounds", type=int, default=None,
                                 help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
                                      "num-server-rounds of the app config)")
-    quality_parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
+    quality_parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    quality_parser.add_argument("--num-seeds", type=int, default=3,
+                                help="seeds from --seed on, each a run of every method (default: %(default)s)")
     quality_parser.add_argument("--methods", default=ALL_METHODS, help="comma-separated (default: %(default)s)")
     quality_parser.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output directory (default: %(default)s)")
+    add_verbose(quality_parser, "every run's per-market lines")
+    add_alias(quality_parser, "--rounds", "--num-server-rounds")
+    add_alias(quality_parser, "--seeds", "--num-seeds")
     scale_benchmark.add_arguments(commands.add_parser(
         "scale", help="many generated markets over a large catalog: seconds and bytes per round, peak memory"))
     dp_parser = commands.add_parser("dp-step", help="seconds of a DP-SGD step against a non-private step")
     dp_parser.add_argument("--data-dir", default="", help="market files (default: generated markets)")
     dp_parser.add_argument("--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)")
     dp_parser.add_argument("--market", default="", help="market whose data forms the batch (default: the first)")
-    dp_parser.add_argument("--batch-size", type=int, default=256, help="users in the batch (default: %(default)s)")
-    dp_parser.add_argument("--user-positives", type=int, default=16, help="training items per user (default: %(default)s)")
+    dp_parser.add_argument("--dp-batch-size", type=int, default=256, help="users in the batch (default: %(default)s)")
+    dp_parser.add_argument("--dp-user-positives", type=int, default=16, help="training items per user (default: %(default)s)")
     dp_parser.add_argument("--embedding-dim", type=int, default=128, help="model width (default: %(default)s)")
     dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
+    add_alias(dp_parser, "--batch-size", "--dp-batch-size")
+    add_alias(dp_parser, "--user-positives", "--dp-user-positives")
     join_benchmark.add_arguments(commands.add_parser(
         "join", help="a market joining late against training alone, by the share of its users it has"))
     continue_benchmark.add_arguments(commands.add_parser(
         "continue", help="continuing on grown data from the saved models against a training from scratch"))
     latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "quality":
+        if args.num_seeds < 1:
+            quality_parser.error(f"--num-seeds must be at least 1, got {args.num_seeds}")
+        if not comma_list(args.methods):
+            quality_parser.error("--methods needs at least one method")
+    return args
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -302,4 +322,4 @@ def main(argv: list[str] | None = None) -> Any:
 
 if __name__ == "__main__":
     exit_cleanly_on_sigterm()
-    main()
+    run_command(main)

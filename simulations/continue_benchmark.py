@@ -18,8 +18,8 @@ in rounds, through the same harness and Flower apps as ``simulations.run``:
    continue, was ever trained on, not even in the training continued from.
    Written as XMarket text (``userId itemId rate [date]``, space-separated,
    with a header), one ``<market>.txt`` each.
-2. before: ``--rounds`` rounds on ``OUT/data-before`` (``OUT/before``).
-3. scratch: ``--rounds`` rounds on the full data (``OUT/scratch``).
+2. before: ``--num-server-rounds`` rounds on ``OUT/data-before`` (``OUT/before``).
+3. scratch: ``--num-server-rounds`` rounds on the full data (``OUT/scratch``).
 4. continue: ``--continue-rounds`` rounds on the full data with
    ``init-from=OUT/before/models/<method>`` (``OUT/continue``).
 
@@ -48,6 +48,7 @@ from typing import Any
 import pandas as pd
 
 from common.catalog import Catalog
+from common.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command
 from common.data import discover_market_files, read_interactions
 from common.methods import METHODS
 from common.split import split_market
@@ -72,10 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", type=float, default=0.2,
                         help="share of each market's interactions, the latest by date, that arrive later "
                              "(default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=defaults["num-server-rounds"],
+    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
                         help="rounds of the training before the data grew and of scratch (default: %(default)s)")
     parser.add_argument("--continue-rounds", type=int, default=None,
-                        help="rounds of continue (default: a third of --rounds, rounded down, at least 1)")
+                        help="rounds of continue (default: a third of --num-server-rounds, rounded down, at least 1)")
     parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
                         help="width of item and user vectors (default: %(default)s)")
     parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
@@ -83,22 +84,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/continue"),
                         help="output directory (default: %(default)s)")
+    add_verbose(parser, "every run's per-market lines")
+    add_alias(parser, "--rounds", "--num-server-rounds")
 
 
 def continue_rounds(args: argparse.Namespace) -> int:
-    """``--continue-rounds``, or a third of ``--rounds`` rounded down, at least 1.
+    """``--continue-rounds``, or a third of ``--num-server-rounds`` rounded down, at least 1.
 
     Raises
     ------
     ValueError
         If a number of rounds is below 1 or the holdout is not in (0, 1).
     """
-    if args.rounds < 1 or (args.continue_rounds is not None and args.continue_rounds < 1):
-        raise ValueError(f"--rounds and --continue-rounds must be at least 1, got {args.rounds} and "
+    if args.num_server_rounds < 1 or (args.continue_rounds is not None and args.continue_rounds < 1):
+        raise OptionError(f"--num-server-rounds and --continue-rounds must be at least 1, got {args.num_server_rounds} and "
                          f"{args.continue_rounds}.")
     if not 0 < args.holdout < 1:
-        raise ValueError(f"--holdout must lie in (0, 1), got {args.holdout}.")
-    return args.continue_rounds if args.continue_rounds is not None else max(1, args.rounds // ROUND_SHARE)
+        raise OptionError(f"--holdout must lie in (0, 1), got {args.holdout}.")
+    return args.continue_rounds if args.continue_rounds is not None else max(1, args.num_server_rounds // ROUND_SHARE)
 
 
 def write_market_file(interactions: pd.DataFrame, path: Path) -> None:
@@ -184,9 +187,9 @@ def run_harness(data_dir: Path, rounds: int, out: Path, args: argparse.Namespace
     """One harness run of ``args.method`` over the markets in ``data_dir``; its results.json."""
     settings = [f"--set={assignment}" for assignment in args.app_config]
     return harness.main([
-        "--data-dir", str(data_dir), "--methods", args.method, "--rounds", str(rounds),
+        "--data-dir", str(data_dir), "--methods", args.method, "--num-server-rounds", str(rounds),
         "--embedding-dim", str(args.embedding_dim), "--seed", str(args.seed),
-        "--set", f"catalog-path={(args.out / 'catalog.txt').resolve()}", *settings, *extra, "--out", str(out),
+        "--set", f"catalog-path={(args.out / 'catalog.txt').resolve()}", *settings, *extra, *(["--verbose"] if args.verbose else []), "--out", str(out),
     ])
 
 
@@ -234,7 +237,7 @@ def table(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Write the data before it grew, run before, scratch and continue, and report; returns continue.json's content."""
     started = time.perf_counter()
-    rounds = {"before": args.rounds, "scratch": args.rounds, "continue": continue_rounds(args)}
+    rounds = {"before": args.num_server_rounds, "scratch": args.num_server_rounds, "continue": continue_rounds(args)}
     args.out.mkdir(parents=True, exist_ok=True)
     files = full_market_files(args)
     full = {market: read_interactions(path) for market, path in files.items()}
@@ -292,7 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     exit_cleanly_on_sigterm()
-    parser = argparse.ArgumentParser(prog="python -m simulations.continue_benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m simulations.continue_benchmark", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    run(parser.parse_args())
+    run_command(lambda argv: run(parser.parse_args(argv)))

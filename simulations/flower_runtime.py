@@ -23,10 +23,12 @@ from typing import Any
 
 import tomli_w
 
+from common.command import PortInUseError
 from common.processes import free_port, output_lines, stop_process_tree
 from xmfl.app import app_dir
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
+ADDRESS_IN_USE = "address already in use"  # how the SuperLink's log says that its port is taken
 
 
 class FlowerRunError(RuntimeError):
@@ -88,8 +90,10 @@ class SimulationSuperLink:
     def start(self, timeout: float = 60.0) -> None:
         """Start the SuperLink and wait until it accepts connections."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._home = tempfile.mkdtemp(prefix="flwr-home-")
         self.port = free_port()
+        if not _port_is_free(self.port):
+            raise self._port_in_use()
+        self._home = tempfile.mkdtemp(prefix="flwr-home-")
         connection = {"address": f"127.0.0.1:{self.port}", "insecure": True}
         config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
         Path(self._home, "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
@@ -113,9 +117,12 @@ class SimulationSuperLink:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                code = self._process.returncode
                 self.stop()
+                if ADDRESS_IN_USE in (self.log_dir / "superlink.log").read_text(errors="replace").lower():
+                    raise self._port_in_use()
                 raise FlowerRunError(
-                    f"flower-superlink exited with code {self._process.returncode}; "
+                    f"flower-superlink exited with code {code}; "
                     f"see {self.log_dir / 'superlink.log'}."
                 )
             with socket.socket() as probe:
@@ -124,6 +131,12 @@ class SimulationSuperLink:
             time.sleep(0.2)
         self.stop()
         raise FlowerRunError(f"flower-superlink did not listen on port {self.port} within {timeout:.0f} s.")
+
+    def _port_in_use(self) -> PortInUseError:
+        return PortInUseError(
+            f"Port {self.port} on 127.0.0.1, which the simulation's SuperLink was to listen on, is in use by "
+            "another process; run again (it picks a free port each time) or stop that process."
+        )
 
     def run(
         self,
@@ -192,6 +205,16 @@ class SimulationSuperLink:
         if self._home:
             shutil.rmtree(self._home, ignore_errors=True)
             self._home = ""
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether nothing holds TCP ``port`` on loopback (a process listening there, say)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _executable(name: str) -> str:

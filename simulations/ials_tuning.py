@@ -21,7 +21,6 @@ payload measurements, implicit references) and prints a summary; ``OUT/grid.json
 grid points, so an interrupted run resumes. ``--quick`` runs a tiny grid (a smoke test).
 """
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.command import ArgumentParser, run_command
 from common.ials import (
     IALSConfig,
     ItemFactors,
@@ -430,7 +430,7 @@ def federated_check(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m simulations.ials_tuning", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m simulations.ials_tuning", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/xmarket-electronics",
                         help="one interaction file per market (default: %(default)s)")
     parser.add_argument("--out", default="runs/ials-tuning",
@@ -498,4 +498,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from clients.join import join_market, load_published, subsample_training_users  # noqa: E402
 from common.catalog import Catalog  # noqa: E402
+from common.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command  # noqa: E402
 from common.data import discover_market_files, read_interactions  # noqa: E402
 from common.markets import market_seed  # noqa: E402
 from common.methods import METHODS  # noqa: E402
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="federated method the other markets train (default: %(default)s)")
     parser.add_argument("--markets", default="",
                         help="comma-separated markets to hold out in turn (default: every market)")
-    parser.add_argument("--rounds", type=int, default=defaults["num-server-rounds"],
+    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
                         help="federated rounds, and local's evaluation points (default: %(default)s)")
     parser.add_argument("--join-epochs", type=int, default=10,
                         help="epochs of head training when joining, the encoder frozen (default: %(default)s)")
@@ -76,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kept (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/join"), help="output directory (default: %(default)s)")
+    add_verbose(parser, "every training's per-market lines")
+    add_alias(parser, "--rounds", "--num-server-rounds")
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -91,12 +94,12 @@ def parse_fractions(text: str) -> list[float]:
         try:
             fraction = float(entry)
         except ValueError:
-            raise ValueError(f"--fractions takes numbers in (0, 1], got '{entry}'.") from None
+            raise OptionError(f"--fractions takes numbers in (0, 1], got '{entry}'.") from None
         if not 0 < fraction <= 1:
-            raise ValueError(f"--fractions takes numbers in (0, 1], got {fraction}.")
+            raise OptionError(f"--fractions takes numbers in (0, 1], got {fraction}.")
         fractions.append(fraction)
     if not fractions:
-        raise ValueError("--fractions needs at least one fraction.")
+        raise OptionError("--fractions needs at least one fraction.")
     return fractions
 
 
@@ -150,7 +153,8 @@ def federate_without(
     results = out / "results.json"
     if published.exists() and results.exists():
         config = json.loads(results.read_text(encoding="utf-8"))["config"]
-        if (config["methods"], config["rounds"], config["seed"]) == ([args.method], args.rounds, args.seed):
+        rounds = config.get("num_server_rounds", config.get("rounds"))  # "rounds" in results of before issue 17
+        if (config["methods"], rounds, config["seed"]) == ([args.method], args.num_server_rounds, args.seed):
             harness.say(f"reusing the training without {held_out} in {out}")
             return published
     with tempfile.TemporaryDirectory(prefix=f"without-{held_out}-") as directory:
@@ -158,15 +162,16 @@ def federate_without(
             if market != held_out:
                 (Path(directory) / path.name).symlink_to(path.resolve())
         harness.main([
-            "--data-dir", directory, "--methods", args.method, "--rounds", str(args.rounds),
+            "--data-dir", directory, "--methods", args.method, "--num-server-rounds", str(args.num_server_rounds),
             "--seed", str(args.seed), "--set", f"catalog-path={catalog_path.resolve()}", "--out", str(out),
+            *(["--verbose"] if args.verbose else []),
         ])
     return published
 
 
 def market_config(args: argparse.Namespace, fractions: list[float]) -> dict[str, Any]:
     """What one market's scores depend on: a market done before with these settings is reused."""
-    return {"method": args.method, "rounds": args.rounds, "seed": args.seed, "join_epochs": args.join_epochs,
+    return {"method": args.method, "rounds": args.num_server_rounds, "seed": args.seed, "join_epochs": args.join_epochs,
             "fine_tune_epochs": args.fine_tune_epochs, "fractions": fractions}
 
 
@@ -243,7 +248,7 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
     held_out = [m.strip() for m in args.markets.split(",") if m.strip()] or list(files)
     unknown = sorted(set(held_out) - set(files))
     if unknown:
-        raise ValueError(f"--markets names {unknown}, which have no file; the markets are {sorted(files)}.")
+        raise OptionError(f"--markets names {unknown}, which have no file; the markets are {sorted(files)}.")
     tables = {market: read_interactions(path) for market, path in files.items()}
     catalog = Catalog.from_items(item for frame in tables.values() for item in frame["item"])
     catalog_path = args.out / "catalog.txt"
@@ -277,7 +282,7 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
                                  args.fine_tune_epochs)
             join_seconds = time.perf_counter() - clock
             clock = time.perf_counter()
-            local = local_on_fraction(split, catalog, fraction, args.rounds, train, args.seed,
+            local = local_on_fraction(split, catalog, fraction, args.num_server_rounds, train, args.seed,
                                       published.embedding_dim, published.history_length,
                                       published.user_embeddings)
             local_seconds = time.perf_counter() - clock
@@ -293,7 +298,7 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
                                     "seconds": seconds[market]}), encoding="utf-8")
     summary = macro(markets, fractions)
     report = {
-        "config": {"data_dir": args.data_dir, "method": args.method, "rounds": args.rounds,
+        "config": {"data_dir": args.data_dir, "method": args.method, "rounds": args.num_server_rounds,
                    "join_epochs": args.join_epochs,
                    "fine_tune_epochs": args.fine_tune_epochs, "seed": args.seed, "fractions": fractions},
         "fractions": fractions,
@@ -319,11 +324,11 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m simulations.join_benchmark``: the same as ``python -m simulations.benchmark join``."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark join", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m simulations.benchmark join", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return join(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,6 +1,6 @@
 """Seconds per federated round in a real deployment, before and after trimming what is not training.
 
-    python -m simulations.benchmark latency --regions 3 --rounds 4 --out OUT
+    python -m simulations.benchmark latency --num-regions 3 --num-server-rounds 4 --out OUT
 
 Both settings run in the same invocation, each on a fresh loopback federation
 (a TLS SuperLink with node authentication and one SuperNode per region):
@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from common.command import add_alias
 from common.data import discover_market_files
 from common.markets import MarketSource
 from common.synthetic import SyntheticConfig, write_markets
@@ -63,14 +64,14 @@ def measure(name: str, regions: dict[str, dict[str, str]], catalog: Path, args: 
     out_dir = root / "out"
     run_config = {
         "min-nodes": len(regions),
-        "num-server-rounds": args.rounds,
+        "num-server-rounds": args.num_server_rounds,
         "embedding-dim": args.embedding_dim,
         "seed": args.seed,
         "catalog-path": f"'{catalog}'",
         "out-dir": f"'{out_dir}'",
         **setting["run_config"],
     }
-    print(f"{name}: {len(regions)} regions, {args.rounds} rounds ...", flush=True)
+    print(f"{name}: {len(regions)} regions, {args.num_server_rounds} rounds ...", flush=True)
     with LoopbackFederation(root, regions, setting["environment"]) as federation:
         federation.start_all()
         federation.run(" ".join(f"{key}={value}" for key, value in run_config.items()), timeout=3600)
@@ -96,7 +97,7 @@ def measure(name: str, regions: dict[str, dict[str, str]], catalog: Path, args: 
 def latency(args: argparse.Namespace) -> dict[str, Any]:
     """Run both settings, write ``OUT/latency.json`` and print the comparison."""
     args.out.mkdir(parents=True, exist_ok=True)
-    regions, catalog = _regions(args.out, args.regions, args.data_dir, args.seed)
+    regions, catalog = _regions(args.out, args.num_regions, args.data_dir, args.seed)
     results = {name: measure(name, regions, catalog, args) for name in SETTINGS}
     before, after = results["flower-defaults"], results["tuned"]
     report = {
@@ -116,9 +117,12 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``latency`` sub-command's options."""
-    parser.add_argument("--regions", type=int, default=3, help="regions, one SuperNode each (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=4, help="federated rounds per setting (default: %(default)s)")
-    parser.add_argument("--data-dir", default="", help="take the first --regions markets from here (default: generated markets)")
+    parser.add_argument("--num-regions", type=int, default=3, help="regions, one SuperNode each (default: %(default)s)")
+    parser.add_argument("--num-server-rounds", type=int, default=4, help="federated rounds per setting (default: %(default)s)")
+    parser.add_argument("--data-dir", default="",
+                        help="take the first --num-regions markets from here (default: generated markets)")
     parser.add_argument("--embedding-dim", type=int, default=32, help="model width (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/latency"), help="output directory (default: %(default)s)")
+    add_alias(parser, "--regions", "--num-regions")
+    add_alias(parser, "--rounds", "--num-server-rounds")

@@ -1,6 +1,6 @@
 """Privacy-budget experiment: federated quality against each market's epsilon.
 
-    python -m simulations.privacy_sweep --epsilons inf,8,4,2,1 --data-dir DIR --out OUT
+    python -m simulations.privacy_sweep --dp-epsilons inf,8,4,2,1 --data-dir DIR --out OUT
 
 For every epsilon the federated method runs with DP-SGD (``inf`` runs it
 without DP: the non-private reference), and each market's item popularity
@@ -11,10 +11,11 @@ same splits. Writes ``OUT/results.json``, one CSV per epsilon
 test NDCG@10 against epsilon per market and macro, with the non-private
 federated and the local-only results as reference lines.
 
-DP results move with the seed (the noise, the sampled users), so ``--seeds
+DP results move with the seed (the noise, the sampled users), so ``--num-seeds
 3`` repeats the whole sweep for three seeds and reports means with their
 standard deviations (``ndcg@10 std`` beside ``ndcg@10``, error bars in the
-plot); ``epsilon`` is then the most any seed spent.
+plot); ``epsilon`` is then the most any seed spent. A progress bar with ETA
+counts the runs (on a terminal).
 """
 
 import argparse
@@ -30,9 +31,11 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullLocator
 import pandas as pd
 
+from common.command import ArgumentParser, add_alias, add_verbose, run_command
 from common.methods import METHODS
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
+from simulations.progress import bar, say
 from simulations.results import mean_and_std
 
 METRICS = ("ndcg@10", "hr@10")
@@ -48,10 +51,13 @@ def parse_epsilons(text: str) -> list[float]:
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep for every seed; with several, report their means and standard deviations."""
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    per_seed = {
-        seed: sweep_seed(args, seed, args.out if len(seeds) == 1 else args.out / f"seed-{seed}") for seed in seeds
-    }
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    # Per seed: local once, then one run per epsilon.
+    with bar(len(seeds) * (1 + len(args.dp_epsilons)), "privacy sweep", "run") as runs:
+        per_seed = {
+            seed: sweep_seed(args, seed, args.out if len(seeds) == 1 else args.out / f"seed-{seed}", runs)
+            for seed in seeds
+        }
     labels = list(per_seed[seeds[0]]["runs"])
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -74,21 +80,28 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def sweep_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
-    """Local once, then the federated method and ``popular`` at every epsilon, for one seed."""
+def sweep_seed(args: argparse.Namespace, seed: int, out: Path, progress: Any) -> dict[str, Any]:
+    """Local once, then the federated method and ``popular`` at every epsilon, for one seed.
+
+    ``progress`` (a :func:`simulations.progress.bar`) advances by one per run.
+    """
     common = ["--data-dir", args.data_dir, "--synthetic-markets", str(args.synthetic_markets), "--seed", str(seed)]
-    if args.rounds is not None:
-        common += ["--rounds", str(args.rounds)]
-    print(f"== seed {seed}: local reference ==", flush=True)
+    if args.num_server_rounds is not None:
+        common += ["--num-server-rounds", str(args.num_server_rounds)]
+    if args.verbose:
+        common.append("--verbose")
+    say(f"== seed {seed}: local reference ==")
     local = harness.main([*common, "--methods", "local", "--out", str(out / "local")])["methods"]["local"]
+    progress.update(1)
     runs, popular = {}, {}
-    for epsilon in args.epsilons:
+    for epsilon in args.dp_epsilons:
         label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
-        print(f"== seed {seed}: {args.method} at epsilon {label} ==", flush=True)
+        say(f"== seed {seed}: {args.method} at epsilon {label} ==")
         argv = [*common, "--methods", f"popular,{args.method}", "--out", str(out / f"eps-{label}"),
                 "--dp-epsilon", "0" if math.isinf(epsilon) else str(epsilon)]
         methods = harness.main(argv)["methods"]
         runs[label], popular[label] = methods[args.method], methods["popular"]
+        progress.update(1)
     return {"local": local, "runs": runs, "popular": popular}
 
 
@@ -201,28 +214,31 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the options and run the sweep."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.privacy_sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epsilons", type=parse_epsilons, default=parse_epsilons("inf,8,4,2,1"),
+    parser = ArgumentParser(prog="python -m simulations.privacy_sweep", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dp-epsilons", type=parse_epsilons, default=parse_epsilons("inf,8,4,2,1"),
                         help="comma-separated per-market budgets, inf for no DP (default: inf,8,4,2,1)")
     parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
     parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
     parser.add_argument("--method", default="fedper", choices=sorted(METHODS), help="federated method (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--num-server-rounds", type=int, default=None,
                         help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
                              "num-server-rounds of the app config)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--num-seeds", type=int, default=1,
                         help="seeds from --seed on; with more than one, every number is the mean over them, with its "
                              "standard deviation beside it and as error bars, and each seed's runs go to OUT/seed-<s> "
                              "(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/privacy"), help="output directory (default: %(default)s)")
+    add_verbose(parser, "every run's per-market lines")
+    for old, new in {"--epsilons": "--dp-epsilons", "--rounds": "--num-server-rounds", "--seeds": "--num-seeds"}.items():
+        add_alias(parser, old, new)
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.num_seeds < 1:
+        parser.error(f"--num-seeds must be at least 1, got {args.num_seeds}")
     return sweep(args)
 
 
 if __name__ == "__main__":
     exit_cleanly_on_sigterm()
-    main()
+    run_command(main)

@@ -12,18 +12,23 @@ each market alone and pooled, at settings tuned on validation; a benchmark
 extra: pip install ".[benchmark]"). Every method reports test metrics at the
 round where each market's validation NDCG@10 was best (for ``fedals`` and
 ``pooled-ials`` a round is one ALS iteration; the implicit references report
-their one point, after their tuned iterations, whatever ``--rounds`` says).
+their one point, after their tuned iterations, whatever ``--num-server-rounds`` says).
+
+By default each federated method shows a progress bar over its rounds (on a
+terminal) and one line per round; ``--verbose`` adds each market's line. Every
+warning and error of Flower, the ServerApp or a market is shown.
 """
 
 import argparse
 import json
+import os
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from common.command import ArgumentParser, OutOfMemoryError, UserError, add_alias, add_verbose, comma_list, run_command
 from common.market_config import MarketConfig, ials_config, parse_market_epsilons
 from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
@@ -40,6 +45,7 @@ from simulations.baselines import (
     run_popular,
 )
 from simulations.flower_runtime import SimulationSuperLink, exit_cleanly_on_sigterm
+from simulations.progress import RoundProgress, say
 from simulations.results import (
     federated_curves,
     fine_tuned_curves,
@@ -52,7 +58,19 @@ from xmfl.app import app_config
 
 
 DP_NOISE_SECURE = "secure: os.urandom, never derived from the config"
-DP_NOISE_INSECURE = "INSECURE: seeded from the run config (--insecure-seeded-dp-noise); the noise can be removed"
+DP_NOISE_INSECURE = "INSECURE: seeded from the run config (--dp-insecure-seeded-noise); the noise can be removed"
+# Old spellings of renamed options, still accepted (hidden from --help): option names equal the config keys.
+ALIASES = {
+    "--rounds": "--num-server-rounds",
+    "--market-epsilons": "--dp-market-epsilons",
+    "--insecure-seeded-dp-noise": "--dp-insecure-seeded-noise",
+    "--market-dp-noise": "--market-dp-noise-multiplier",
+    "--market-dp-clip": "--market-dp-clipping-norm",
+}
+# Bytes a market's training holds per item-table entry: float32 weights, gradients and Adam's two moments.
+TRAINING_BYTES_PER_ENTRY = 4 * 4
+# Bytes the server holds per entry and market: each market's reply (float32 arrays) until it is averaged.
+REPLY_BYTES_PER_ENTRY = 4
 
 
 def app_defaults() -> dict[str, Any]:
@@ -63,7 +81,7 @@ def app_defaults() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; defaults come from pyproject.toml."""
     defaults = app_defaults()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m simulations.run",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="markets to generate when no --data-dir is given (default: %(default)s)")
     parser.add_argument("--methods", default="local,pooled,fedavg,fedper",
                         help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS))} (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=defaults["num-server-rounds"],
+    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
                         help="federated rounds; baselines train as many epochs (default: %(default)s)")
     parser.add_argument("--local-epochs", type=int, default=defaults["local-epochs"],
                         help="local epochs per round (default: %(default)s)")
@@ -92,17 +110,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
                         help="per-market DP budget for the whole run (DP-SGD with Opacus), for the federated methods and local; "
                              "pooled stays non-private; 0 trains without DP (default: %(default)s)")
-    parser.add_argument("--market-epsilons", default=defaults["dp-market-epsilons"], metavar="MARKET=EPS,...",
+    parser.add_argument("--dp-market-epsilons", default=defaults["dp-market-epsilons"], metavar="MARKET=EPS,...",
                         help="named markets' own budgets in place of --dp-epsilon, e.g. de=4,jp=2 "
                              "(needs --dp-epsilon > 0 for the others) (default: none)")
-    parser.add_argument("--insecure-seeded-dp-noise", action="store_true",
+    parser.add_argument("--dp-insecure-seeded-noise", action="store_true",
                         help="INSECURE, to reproduce an experiment only: draw DP noise and sampling from --seed, so "
                              "that whoever knows the config can remove the noise; results.json marks such a run "
                              "(default: off, noise from the operating system's secure source)")
-    parser.add_argument("--market-dp-noise", type=float, default=defaults["market-dp-noise-multiplier"],
+    parser.add_argument("--market-dp-noise-multiplier", type=float, default=defaults["market-dp-noise-multiplier"],
                         help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
                              "every market then weighs the same in the average (default: %(default)s)")
-    parser.add_argument("--market-dp-clip", type=float, default=defaults["market-dp-clipping-norm"],
+    parser.add_argument("--market-dp-clipping-norm", type=float, default=defaults["market-dp-clipping-norm"],
                         help="market-level DP: L2 bound on each market's update of the shared arrays (default: %(default)s)")
     parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other key of the app config ([tool.flwr.app.config] in pyproject.toml) for the "
@@ -111,17 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seeds data generation, negatives, models and training (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/run"),
                         help="output directory for results.json, results.csv, results.md, rounds.png and logs (default: %(default)s)")
+    add_verbose(parser, "each market's line every round")
+    for old, new in ALIASES.items():
+        add_alias(parser, old, new)
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = comma_list(args.methods)
     unknown = sorted(set(methods) - set(BASELINES) - set(METHODS))
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS))}")
     if any(m.startswith("implicit-") for m in methods) and (missing := implicit_missing()) is not None:
         parser.error(missing)
-    if args.rounds < 1 or args.local_epochs < 1:
-        parser.error("--rounds and --local-epochs must be at least 1")
-    if args.market_dp_noise < 0 or args.market_dp_clip <= 0:
-        parser.error("--market-dp-noise must not be negative and --market-dp-clip must be positive")
+    if args.num_server_rounds < 1 or args.local_epochs < 1:
+        parser.error("--num-server-rounds and --local-epochs must be at least 1")
+    if args.market_dp_noise_multiplier < 0 or args.market_dp_clipping_norm <= 0:
+        parser.error("--market-dp-noise-multiplier must not be negative and --market-dp-clipping-norm must be positive")
     args.methods = methods
     assignments, args.app_config = args.app_config, {}
     try:
@@ -178,17 +199,12 @@ def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved:
     return parsed
 
 
-def say(message: str) -> None:
-    """Progress on stdout, flushed so that it shows up while a long run goes on."""
-    print(message, flush=True)
-
-
 def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets: int) -> dict[str, Any]:
     """Overrides of the app config for one federated method."""
     return {
         **args.app_config,
         "method": method,
-        "num-server-rounds": args.rounds,
+        "num-server-rounds": args.num_server_rounds,
         "local-epochs": args.local_epochs,
         "learning-rate": args.learning_rate,
         "batch-size": args.batch_size,
@@ -199,10 +215,10 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "synthetic-markets": args.synthetic_markets,
         "seed": args.seed,
         "dp-epsilon": args.dp_epsilon,
-        "dp-market-epsilons": args.market_epsilons,
-        "dp-insecure-seeded-noise": args.insecure_seeded_dp_noise,
-        "market-dp-noise-multiplier": args.market_dp_noise,
-        "market-dp-clipping-norm": args.market_dp_clip,
+        "dp-market-epsilons": args.dp_market_epsilons,
+        "dp-insecure-seeded-noise": args.dp_insecure_seeded_noise,
+        "market-dp-noise-multiplier": args.market_dp_noise_multiplier,
+        "market-dp-clipping-norm": args.market_dp_clipping_norm,
         "market-dp-markets": markets,
         "min-nodes": markets,
         "out-dir": str(out_dir.resolve()),
@@ -211,10 +227,36 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
     }
 
 
-def show_flower_progress(line: str) -> None:
-    """Pass on the app's per-round and per-market lines, not Flower's chatter."""
-    if "[ROUND" in line or " market " in line or "ERROR" in line:
-        say("    " + line.split(":", 1)[-1].strip())
+def memory_need(markets: int, catalog_rows: int, embedding_dim: int, workers: int) -> int:
+    """Bytes a run needs at least: the markets training at once and the replies the server holds.
+
+    Each market training at once (``workers`` of them, one per core) holds an
+    item table of ``catalog_rows`` x ``embedding_dim`` with its gradients and
+    Adam's two moments; the server holds every market's reply of that table
+    until it has averaged them.
+    """
+    entries = catalog_rows * embedding_dim
+    return entries * (TRAINING_BYTES_PER_ENTRY * min(markets, workers) + REPLY_BYTES_PER_ENTRY * markets)
+
+
+def check_memory(markets: int, catalog_rows: int, embedding_dim: int) -> None:
+    """Refuse a run the machine's free memory cannot hold, before anything starts.
+
+    Raises
+    ------
+    OutOfMemoryError
+        If :func:`memory_need` exceeds the memory available now.
+    """
+    import psutil
+
+    need = memory_need(markets, catalog_rows, embedding_dim, os.cpu_count() or 1)
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise OutOfMemoryError(
+            f"{markets} markets over a catalog of {catalog_rows:,} rows at embedding-dim {embedding_dim} need about "
+            f"{need / 2**30:.1f} GiB, but only {available / 2**30:.1f} GiB of memory is free; run fewer markets, "
+            "a smaller --embedding-dim, or on a larger machine."
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -223,11 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = MarketSource(args.data_dir, args.synthetic_markets, args.seed)
     started = time.perf_counter()
     markets = source.markets
-    unknown = sorted(set(parse_market_epsilons(args.market_epsilons)) - set(markets))
+    unknown = sorted(set(parse_market_epsilons(args.dp_market_epsilons)) - set(markets))
     if unknown:
         # A misspelt market would quietly get the run's budget instead of its own.
-        sys.exit(f"--market-epsilons names {unknown}, which are not markets of this run: {', '.join(markets)}.")
+        raise UserError(f"--dp-market-epsilons names {unknown}, which are not markets of this run: "
+                        f"{', '.join(markets)}.")
     catalog = source.catalog()  # reads every market once: bad files fail here, before training
+    check_memory(len(markets), catalog.size, args.embedding_dim)
     say(f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
         f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s")
     defaults = {**app_defaults(), **args.app_config}
@@ -248,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
                                defaults["dp-accountant"], private_train, defaults["dp-popularity-share"],
-                               parse_market_epsilons(args.market_epsilons), args.insecure_seeded_dp_noise)
+                               parse_market_epsilons(args.dp_market_epsilons), args.dp_insecure_seeded_noise)
         for pooled in ("pooled", "pooled-ials", "implicit-pooled"):
             if pooled in args.methods:
                 say(f"{pooled} pools every market's data in one place: it trains without DP, "
@@ -256,13 +300,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "implicit-local" in args.methods:
             say("implicit-local is the implicit library's ALS: it trains without DP, a non-private reference")
     settings = BaselineSettings(
-        args.rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy,
+        args.num_server_rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy,
         models_dir=args.out / "models",  # served models: OUT/models/<method>/<market>/
     )
     results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
     if args.dp_epsilon > 0:
-        results["dp-noise"] = DP_NOISE_INSECURE if args.insecure_seeded_dp_noise else DP_NOISE_SECURE
-        if args.insecure_seeded_dp_noise:
+        results["dp-noise"] = DP_NOISE_INSECURE if args.dp_insecure_seeded_noise else DP_NOISE_SECURE
+        if args.dp_insecure_seeded_noise:
             say("INSECURE: DP noise and sampling are seeded from --seed; whoever knows the config can remove the noise")
     curves_by_method = {}
     # fedper-ft trains exactly as fedper and only adds a final fine-tuning
@@ -279,12 +323,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curves = run_popular(source, catalog, settings, say)
         elif method == "pooled-ials":
             ials = ials_config(defaults["als-factors"], defaults["als-regularization"], defaults["als-alpha"],
-                               defaults["als-nu"], defaults["als-confidence"], args.rounds, args.seed)
+                               defaults["als-nu"], defaults["als-confidence"], args.num_server_rounds, args.seed)
             curves = run_pooled_ials(source, catalog, settings, ials, say)
         elif method in ("implicit-local", "implicit-pooled"):
             curves = run_implicit(source, catalog, settings, method, say)
         else:
-            curves, rounds = run_federated(args, method, len(markets))
+            curves, rounds = run_federated(args, method, markets)
             results["rounds"].extend({"method": method, **entry} for entry in rounds)
         seconds = time.perf_counter() - started
         if method == "fedper-ft":
@@ -322,18 +366,19 @@ def record_method(
     say(f"{method}: macro test NDCG@10 {results['methods'][method]['macro']['ndcg@10']:.4f} in {seconds:.1f} s")
 
 
-def run_federated(args: argparse.Namespace, method: str, markets: int) -> tuple[dict, list]:
-    """One federated method on a SuperLink of this process; its curves and round log."""
+def run_federated(args: argparse.Namespace, method: str, markets: list[str]) -> tuple[dict, list]:
+    """One federated method over ``markets`` on a SuperLink of this process; its curves and round log."""
     out_dir = args.out / method
     shutil.rmtree(out_dir, ignore_errors=True)  # a stale history must not pass for this run's
-    with SimulationSuperLink(markets, args.out / "logs") as superlink:
-        superlink.run(run_config_for(args, method, out_dir, markets), method, on_line=show_flower_progress)
+    with (SimulationSuperLink(len(markets), args.out / "logs") as superlink,
+          RoundProgress(method, args.num_server_rounds, markets, args.verbose) as progress):
+        superlink.run(run_config_for(args, method, out_dir, len(markets)), method, on_line=progress)
     history_path = out_dir / "history.json"
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.exists() else {"rounds": []}
     completed = max((entry["round"] for entry in history["rounds"]), default=0)
-    if completed < args.rounds:
+    if completed < args.num_server_rounds:
         raise RuntimeError(
-            f"{method} stopped after round {completed} of {args.rounds}; "
+            f"{method} stopped after round {completed} of {args.num_server_rounds}; "
             f"see {args.out / 'logs' / method}.log and superlink.log beside it."
         )
     rounds = [entry for entry in history["rounds"] if entry["round"] >= 1]
@@ -342,7 +387,4 @@ def run_federated(args: argparse.Namespace, method: str, markets: int) -> tuple[
 
 if __name__ == "__main__":
     exit_cleanly_on_sigterm()
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(main)

@@ -107,11 +107,11 @@ def serve(run_config: dict, markets: int = 2, run_id: int | None = None) -> Clie
     return grid
 
 
-def in_process_federated(args, method: str, markets: int) -> tuple[dict, list]:
+def in_process_federated(args, method: str, markets: list[str]) -> tuple[dict, list]:
     """``simulations.run.run_federated`` with the real apps in this process instead of a SuperLink and Ray."""
     out_dir = args.out / method
-    run_config = {**harness.app_defaults(), **harness.run_config_for(args, method, out_dir, markets),
+    run_config = {**harness.app_defaults(), **harness.run_config_for(args, method, out_dir, len(markets)),
                   "poll-interval": 0.001}
-    serve(run_config, markets)
+    serve(run_config, len(markets))
     history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
     return federated_curves(history), [entry for entry in history["rounds"] if entry["round"] >= 1]

@@ -72,7 +72,7 @@ def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
             cli.main(argv)
         assert exited.value.code == 2
         error = capsys.readouterr().err.strip().splitlines()
-        assert error[-1].startswith("xmfl: error:") and len(error) == 2  # usage line, then the error
+        assert len(error) == 1 and error[0].startswith("error:") and error[0].endswith("(see xmfl --help)")
 
 
 def command_helps() -> list[list[str]]:

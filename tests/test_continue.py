@@ -210,7 +210,7 @@ def test_the_benchmark_continues_on_data_that_excludes_what_is_evaluated(tmp_pat
     out = tmp_path / "out"
 
     # Execute
-    report = continue_benchmark.run(_benchmark_args(["--data-dir", str(data), "--rounds", "2", "--embedding-dim",
+    report = continue_benchmark.run(_benchmark_args(["--data-dir", str(data), "--num-server-rounds", "2", "--embedding-dim",
                                                      str(DIM), "--out", str(out)]))
 
     # Assert: the files, and a report of the documented shape.

@@ -87,7 +87,7 @@ def fedals_run(tmp_path_factory):
     """One harness run: local, fedals through the real Flower simulation, and pooled iALS."""
     out = tmp_path_factory.mktemp("fedals")
     settings = [f"--set={key}={value}" for key, value in ALS.items()]
-    results = harness.main(["--synthetic-markets", "3", "--rounds", str(ROUNDS), "--embedding-dim", "8",
+    results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", str(ROUNDS), "--embedding-dim", "8",
                             "--history-length", "10", "--methods", "local,fedals,pooled-ials", "--out", str(out),
                             *settings])
     return out, results

@@ -2,6 +2,7 @@
 
 import pytest
 
+from common.command import UserError
 from simulations import run as harness
 
 
@@ -42,7 +43,7 @@ def test_a_bad_market_setting_stops_the_harness_before_anything_starts(capsys):
 
 
 def test_market_epsilons_reach_the_run_config_and_cannot_be_set_twice(capsys):
-    args = harness.parse_args(["--dp-epsilon", "8", "--market-epsilons", "de=4,jp=2"])
+    args = harness.parse_args(["--dp-epsilon", "8", "--dp-market-epsilons", "de=4,jp=2"])
 
     assert harness.run_config_for(args, "fedper", harness.Path("out"), 7)["dp-market-epsilons"] == "de=4,jp=2"
     with pytest.raises(SystemExit):
@@ -51,22 +52,22 @@ def test_market_epsilons_reach_the_run_config_and_cannot_be_set_twice(capsys):
 
 
 def test_a_market_epsilon_for_a_market_the_run_does_not_have_stops_the_harness(tmp_path):
-    with pytest.raises(SystemExit, match=r"--market-epsilons names \['m9'\], which are not markets of this run"):
-        harness.main(["--synthetic-markets", "2", "--dp-epsilon", "8", "--market-epsilons", "m9=2",
+    with pytest.raises(UserError, match=r"--dp-market-epsilons names \['m9'\], which are not markets of this run"):
+        harness.main(["--synthetic-markets", "2", "--dp-epsilon", "8", "--dp-market-epsilons", "m9=2",
                       "--out", str(tmp_path)])
 
     assert not any(tmp_path.iterdir())
 
 
 def _local_dp(tmp_path, name: str, *flags: str) -> dict:
-    return harness.main(["--methods", "local", "--synthetic-markets", "1", "--rounds", "1", "--embedding-dim", "8",
+    return harness.main(["--methods", "local", "--synthetic-markets", "1", "--num-server-rounds", "1", "--embedding-dim", "8",
                          "--dp-epsilon", "8", "--out", str(tmp_path / name), *flags])
 
 
 def test_dp_noise_is_secure_unless_an_insecure_run_is_asked_for_and_marked(tmp_path):
     # Execute: the local DP baseline twice with one seed, then twice seeded on purpose.
     secure = [_local_dp(tmp_path, f"secure{run}") for run in range(2)]
-    seeded = [_local_dp(tmp_path, f"seeded{run}", "--insecure-seeded-dp-noise") for run in range(2)]
+    seeded = [_local_dp(tmp_path, f"seeded{run}", "--dp-insecure-seeded-noise") for run in range(2)]
 
     # Assert: the seed alone does not reproduce the noise; the flag does, and results.json says so.
     def macro(results: dict) -> float:
@@ -76,4 +77,4 @@ def test_dp_noise_is_secure_unless_an_insecure_run_is_asked_for_and_marked(tmp_p
     assert macro(seeded[0]) == macro(seeded[1])
     assert secure[0]["dp-noise"] == harness.DP_NOISE_SECURE
     assert seeded[0]["dp-noise"].startswith("INSECURE")
-    assert seeded[0]["config"]["insecure_seeded_dp_noise"] is True
+    assert seeded[0]["config"]["dp_insecure_seeded_noise"] is True

@@ -36,7 +36,7 @@ def implicit_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("implicit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(harness, "run_federated", _fake_federated)
-        results = harness.main(["--synthetic-markets", "3", "--rounds", "1", "--embedding-dim", "8",
+        results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", "1", "--embedding-dim", "8",
                                 "--history-length", "10", "--methods", "local,fedper,implicit-local,implicit-pooled",
                                 "--out", str(out)])
     return out, results
@@ -105,7 +105,7 @@ def test_the_quality_benchmark_tables_the_references_and_judges_only_federated_m
     monkeypatch.setattr(benchmark.harness, "main", lambda argv: copy.deepcopy(results))
 
     # Execute
-    benchmark.main(["quality", "--seeds", "2", "--methods", "local,fedper,implicit-local,implicit-pooled",
+    benchmark.main(["quality", "--num-seeds", "2", "--methods", "local,fedper,implicit-local,implicit-pooled",
                     "--out", str(tmp_path)])
 
     # Assert

@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from clients.join import (
-    PROG, build_model, check_state_dir, join_market, load_published, main as join_main, subsample_training_users,
+    build_model, check_state_dir, join_market, load_published, main as join_main, subsample_training_users,
 )
 from clients.local_model import LOCAL_STATE_KEY
 from clients.state_store import MarketState, MarketStateStore
@@ -76,7 +76,7 @@ def _split(federation: dict, market: str = JOINER):
 
 def _join(federation: dict, out: Path, *extra: str) -> str:
     return join_main(["--model-dir", str(federation["models"]), "--data", str(federation["paths"][JOINER]),
-                      "--catalog", str(federation["catalog_path"]), "--out", str(out), "--epochs", "3", *extra])
+                      "--catalog", str(federation["catalog_path"]), "--out", str(out), "--join-epochs", "3", *extra])
 
 
 # --- publishing -------------------------------------------------------------------------------------------
@@ -173,9 +173,9 @@ def test_another_catalog_is_refused_in_one_line_without_a_traceback(federation, 
     )
 
     # Assert
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith(f"{PROG}: error: {tmp_path / 'other.txt'} is not the catalog training 41")
+    assert done.stderr.startswith(f"error: {tmp_path / 'other.txt'} is not the catalog training 41")
     assert not (tmp_path / "joined").exists()
 
 

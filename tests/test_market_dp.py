@@ -63,8 +63,8 @@ def test_a_simulated_run_composes_one_gaussian_release_per_round(tmp_path):
 
     # Execute
     results = harness.main(
-        ["--synthetic-markets", "3", "--rounds", str(rounds), "--embedding-dim", "8", "--methods", "fedper",
-         "--market-dp-noise", str(noise), "--market-dp-clip", "0.5", "--out", str(tmp_path)]
+        ["--synthetic-markets", "3", "--num-server-rounds", str(rounds), "--embedding-dim", "8", "--methods", "fedper",
+         "--market-dp-noise-multiplier", str(noise), "--market-dp-clipping-norm", "0.5", "--out", str(tmp_path)]
     )
 
     # Assert: the epsilon after each round matches Opacus's RDP accountant for

@@ -15,7 +15,7 @@ def _users(market: str) -> int:
 
 
 def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
-    privacy_sweep.main(["--epsilons", "inf,2", "--synthetic-markets", "3", "--rounds", "2", "--out", str(tmp_path)])
+    privacy_sweep.main(["--dp-epsilons", "inf,2", "--synthetic-markets", "3", "--num-server-rounds", "2", "--out", str(tmp_path)])
 
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["runs"]) == {"inf", "2"}
@@ -34,7 +34,7 @@ def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
 
 
 def test_several_seeds_report_means_with_their_spread_and_keep_each_seeds_runs(tmp_path):
-    report = privacy_sweep.main(["--epsilons", "2", "--synthetic-markets", "2", "--rounds", "1", "--seeds", "2",
+    report = privacy_sweep.main(["--dp-epsilons", "2", "--synthetic-markets", "2", "--num-server-rounds", "1", "--num-seeds", "2",
                                  "--out", str(tmp_path)])
 
     seeds = report["seeds"]

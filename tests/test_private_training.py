@@ -144,8 +144,8 @@ def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
 def test_the_local_baseline_under_dp_spends_each_markets_budget_and_no_more(tmp_path):
     # Execute: each market alone, with the budget a federated market would get.
     # m01 has a budget of its own.
-    results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8",
-                            "--methods", "local", "--dp-epsilon", str(BUDGET), "--market-epsilons", "m01=1.5",
+    results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", "2", "--embedding-dim", "8",
+                            "--methods", "local", "--dp-epsilon", str(BUDGET), "--dp-market-epsilons", "m01=1.5",
                             "--out", str(tmp_path)])
 
     # Assert: the budget is calibrated over both rounds, so round 2 spends nearly all of it.

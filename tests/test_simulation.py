@@ -4,12 +4,14 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from common.markets import MarketSource
+from common.synthetic import SyntheticConfig, write_markets
 from common.processes import output_lines, stop_process_tree
 from simulations import run as harness
 from tests.served_check import served_test_ndcg
@@ -28,24 +30,29 @@ def _orphaned_by_a_stopped_superlink(process: psutil.Process) -> bool:
         return False
 
 
-def _wait_for_line(process: subprocess.Popen, text: str, timeout: float) -> None:
-    """Read ``process``'s output until a line holds ``text``; fail if it ends first or ``timeout`` s pass."""
+def _wait_for_lines(lines: Iterator[str], texts: list[str]) -> str:
+    """Read ``lines`` (one :func:`output_lines` of a process) until each of ``texts`` was in one; what was read.
+
+    Fails if the output ends first or its timeout passes.
+    """
     seen: list[str] = []
+    waiting = list(texts)
     try:
-        for line in output_lines(process, timeout):
+        for line in lines:
             seen.append(line)
-            if text in line:
-                return
+            waiting = [text for text in waiting if text not in line]
+            if not waiting:
+                return "".join(seen)
     except TimeoutError:
-        pytest.fail(f"No line with {text!r} within {timeout:.0f} s; the output ends:\n{''.join(seen[-30:])}")
-    pytest.fail(f"The process exited with {process.wait()} before a line with {text!r}:\n{''.join(seen[-30:])}")
+        pytest.fail(f"No line with {waiting!r} in time; the output ends:\n{''.join(seen[-30:])}")
+    pytest.fail(f"The output ended before a line with {waiting!r}:\n{''.join(seen[-30:])}")
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     results = harness.main(
-        ["--synthetic-markets", "3", "--rounds", "2", "--local-epochs", "1", "--embedding-dim", "16",
+        ["--synthetic-markets", "3", "--num-server-rounds", "2", "--local-epochs", "1", "--embedding-dim", "16",
          "--methods", "local,pooled,fedavg,fedper,fedrep,fedper-ft", "--out", str(out)]
     )
     leftovers = [p for p in psutil.process_iter() if _orphaned_by_a_stopped_superlink(p)]
@@ -113,14 +120,24 @@ def test_selection_keeps_each_markets_best_model_on_validation(small_run):
     assert "pooled" not in selection["candidates"]
 
 
-def test_sigterm_stops_the_harness_and_every_process_it_started(tmp_path):
-    # Prepare: a long run, interrupted once its first round has begun.
-    command = [sys.executable, "-m", "simulations.run", "--synthetic-markets", "2", "--rounds", "50",
-               "--methods", "fedper", "--embedding-dim", "8", "--out", str(tmp_path)]
+def test_a_failing_and_an_out_of_budget_market_show_and_sigterm_stops_everything(tmp_path):
+    # Prepare: a long DP run of three market files. m00's budget is too small to pay for anything,
+    # so it runs out; m01's file goes bad once the harness has read it, so m01 fails every round.
+    paths = write_markets(SyntheticConfig(markets=3, seed=0), tmp_path / "data")
+    MarketSource(str(tmp_path / "data"), 0, 0).catalog().save(tmp_path / "catalog.txt")
+    command = [sys.executable, "-m", "simulations.run", "--data-dir", str(tmp_path / "data"),
+               "--set", f"catalog-path={tmp_path / 'catalog.txt'}", "--num-server-rounds", "50",
+               "--methods", "fedavg", "--embedding-dim", "8", "--dp-epsilon", "8", "--dp-market-epsilons", "m00=0.001",
+               "--out", str(tmp_path / "out")]
     harness_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
     try:
-        _wait_for_line(harness_process, "[ROUND 1/50]", timeout=300)
+        lines = output_lines(harness_process, timeout=420)  # one reader for the whole output
+        _wait_for_lines(lines, ["3 markets (m00, m01, m02)"])
+        paths["m01"].write_text("userId,itemId,rate,date\nu1,i1,lots,2020-01-01\n")
+
+        # Execute: the harness's output names both markets within a round; then it is terminated.
+        output = _wait_for_lines(lines, ["Market m00 is out of privacy budget", "failed or silent: m01"])
         started = psutil.Process(harness_process.pid).children(recursive=True)
 
         # Execute
@@ -130,7 +147,12 @@ def test_sigterm_stops_the_harness_and_every_process_it_started(tmp_path):
         if harness_process.poll() is None:  # the test failed before the harness ended: leave nothing behind
             stop_process_tree(harness_process)
 
-    # Assert: it exited as terminated, and took everything it had started with it.
+    # Assert: the failure's cause and the budget's reached the user (WARNING and ERROR lines pass
+    # through), the round line counts the markets that replied; the harness exited as terminated,
+    # and took everything it had started with it.
+    assert f"{paths['m01']} line 2: rating 'lots' is not a number" in output
+    assert "round 0/50: macro val NDCG@10" in output and "(2 of 3 markets replied; failed or silent: m01)" in output
+    assert " market m00: " not in output  # per-market lines only with --verbose
     running = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert code == 128 + signal.SIGTERM
     assert started and running == []

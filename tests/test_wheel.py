@@ -115,7 +115,7 @@ def test_installed_xmfl_simulate_runs_two_generated_markets_outside_the_checkout
 
     finished = run(
         # popular: the in-process baseline that trains nothing; fedavg: the app, through Flower's simulation engine.
-        [installed / "xmfl", "simulate", "--methods", "popular,fedavg", "--rounds", "1", "--synthetic-markets", "2",
+        [installed / "xmfl", "simulate", "--methods", "popular,fedavg", "--num-server-rounds", "1", "--synthetic-markets", "2",
          "--out", "run"],
         timeout=600, cwd=tmp_path, env=env,
     )

@@ -28,6 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from common.command import ArgumentParser, run_command
+
 PROJECT = "xmarket-fl"  # [project] name: tells this project's pyproject.toml from any other
 PROJECT_FILE = "pyproject.toml"
 
@@ -106,8 +108,8 @@ def write_app(target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``xmfl app --out DIR``: write the app where the user can run or build it."""
-    parser = argparse.ArgumentParser(prog="python -m xmfl.app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m xmfl.app", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="directory to write pyproject.toml and the app's packages to; it must not exist yet "
                              "or be empty (required)")
@@ -119,4 +121,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

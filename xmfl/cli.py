@@ -1,11 +1,13 @@
 """``xmfl``: one command for everything a user of xmarket-fl does.
 
-    xmfl simulate --synthetic-markets 2 --rounds 1 --out OUT
+    xmfl simulate --synthetic-markets 2 --num-server-rounds 1 --out OUT
     xmfl <command> --help
 
 Each command runs a module exactly as ``python -m <module>`` does (which keeps
 working), with ``xmfl <command>`` as its name in usage and errors. Modules are
-imported only when their command runs, so ``xmfl --help`` is quick.
+imported only when their command runs, so ``xmfl --help`` is quick. An error the
+user can fix ends in one line, ``error: ...``, and exit status 2
+(:mod:`common.command`); ``--verbose`` adds its traceback.
 """
 
 import argparse
@@ -15,6 +17,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
+
+from common.command import ArgumentParser, run_command
 
 PROG = "xmfl"
 
@@ -46,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     """``xmfl``'s own parser: the command; everything after it is the command's to parse."""
     width = max(map(len, COMMANDS)) + 2
     listing = "\n".join(f"  {name:<{width}}{command.summary}" for name, command in COMMANDS.items())
-    top = argparse.ArgumentParser(
+    top = ArgumentParser(
         prog=PROG,
         description="Federated cross-market recommendation (xmarket-fl).\n\ncommands:\n" + listing,
         epilog=f"'{PROG} COMMAND --help' shows the command's options, each with its default.",
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         top.error(f"a COMMAND is required; '{PROG} --help' lists them")
     if argv[0] not in COMMANDS:
         top.parse_args(argv[:1])  # prints the help, or one line naming the unknown command, and exits
-    run(argv[0], argv[1:])
+    run_command(lambda arguments: run(argv[0], arguments), argv[1:])
 
 
 if __name__ == "__main__":
