@@ -8,6 +8,7 @@ SuperNodes run only the app signed with the federation's app-signing key.
 import ast
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -182,14 +183,16 @@ def test_three_regions_complete_a_fedals_run_over_tls(federation):
 
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
     # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2;
-    # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon.
+    # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon. 5 rounds: m02, killed
+    # in round 3, is let in again as round 3 gives up on it (both wait for the same missed heartbeats), so it
+    # trains again in round 5 at the latest.
     out = tmp_path / "out"
     nodes = _regions(tmp_path)
     nodes["m01"]["dp-epsilon"] = "2.0"
     with LoopbackFederation(tmp_path, nodes) as federation:
         federation.start_all()
         run = federation.start_run(
-            _run_config(out, min_nodes=2, num_server_rounds=7, dp_epsilon=8.0, dp_accountant="'rdp'",
+            _run_config(out, min_nodes=2, num_server_rounds=5, dp_epsilon=8.0, dp_accountant="'rdp'",
                         dp_market_epsilons="'m0O=4'", round_timeout=120.0)
         )
 
@@ -199,13 +202,16 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         federation.restart_supernode("m02")
         code = run.wait(timeout=600)
 
-        # Assert: the run finished; m02 rejoined with its head and its ledger counting every round it trained.
+        # Assert: the run finished, naming m02 by its market when it failed; m02 rejoined with its head and
+        # its ledger counting every round it trained.
         assert code == 0, federation.log("run")[-3000:]
         history = _history(out)
-        assert max(history) == 7
-        assert all({"m00", "m01"} <= set(history[r]["per_market"]) for r in range(1, 8))
+        assert max(history) == 5
+        assert all({"m00", "m01"} <= set(history[r]["per_market"]) for r in range(1, 6))
         assert "Market m02 rejoins training" in federation.log("m02")
-        trained = [r for r in range(1, 8) if history[r]["per_market"].get("m02", {}).get("local/trained") == 1]
+        assert re.search(r"round \d: market m02 \(node \d+\) failed", federation.log("run"))
+        assert any("m02" in history[r].get("failed", []) for r in range(3, 6))
+        trained = [r for r in range(1, 6) if history[r]["per_market"].get("m02", {}).get("local/trained") == 1]
         saved = torch.load(tmp_path / "state" / "m02" / "m02.pt", weights_only=True)
         assert saved["last-round"] == max(trained) > 2
         regions = federation.regions["m02"]
@@ -215,35 +221,9 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         assert [entry[2] for entry in ledger["history"]] == [steps_per_round * len(trained)]
         epsilons = [history[r]["per_market"]["m02"]["local/epsilon"] for r in trained]
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
-        final = history[7]["per_market"]
+        final = history[5]["per_market"]
         assert 1.5 < final["m01"]["epsilon"] <= 2.0 < final["m00"]["epsilon"] <= 8.0
         assert "dp-market-epsilons names ['m0O'], but no such market replied" in federation.log("run")
-
-
-def test_a_killed_server_resumes_from_its_last_completed_round(tmp_path):
-    # Prepare: a run of 4 rounds.
-    out = tmp_path / "out"
-    run_config = _run_config(out, min_nodes=3, num_server_rounds=4)
-    with LoopbackFederation(tmp_path, _regions(tmp_path)) as federation:
-        federation.start_all()
-        federation.start_run(run_config, log="first-run")
-
-        # Execute: kill the SuperLink with its ServerApp after round 2, restart it, run again with resume.
-        _wait_for(lambda: _checkpointed_round(out) >= 2, "round 2", 300, federation)
-        federation.kill_superlink()
-        before = _history(out)
-        done = _checkpointed_round(out)
-        federation.start_superlink()
-        log = federation.run(run_config + " resume=true")
-
-        # Assert: the second run continued after the last completed round and kept the earlier ones.
-        assert f"after round {done}" in log
-        history = _history(out)
-        assert sorted(history) == [0, 1, 2, 3, 4]
-        for r in range(1, done + 1):
-            assert history[r]["seconds"] == before[r]["seconds"]
-        assert f"[ROUND {done}/4]" not in log and f"[ROUND {done + 1}/4]" in log
-        assert set(history[4]["per_market"]) == set(REGIONS)
 
 
 @pytest.mark.parametrize(

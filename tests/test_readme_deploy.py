@@ -1,0 +1,208 @@
+"""The README's deployment, run as written: every command of its Deploy block, from fresh Flower homes.
+
+The block's first command sets what every other command reads (``XM``, ``DATA``,
+``REGIONS``, the ports, ``ROUNDS``, ``MIN_NODES``); the test sets those to its
+own values (2 generated regions, 2 rounds, free ports, everything under
+``tmp_path``, a fresh ``HOME`` and no ``FLWR_HOME``) and runs every other
+command verbatim through bash, in order. A command that starts a server (ends in
+``&``) runs in the background, and the test waits for its port as a person would
+before the next step. The training is started in the background so that the
+server can be crashed after round 1; the test then starts the SuperLink again
+with step 1 and continues with the README's resume command (this replaces the
+killed-server test of ``tests/test_deploy.py``). That a second training refuses
+the finished one's ``out-dir`` is tested in ``tests/test_server_loop.py``.
+Every process is stopped by PID with its descendants.
+"""
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from common.catalog import Catalog
+from common.processes import free_port, stop_process_tree, wait_for_port
+from common.serving import load_served_model
+from common.synthetic import SyntheticConfig, write_markets
+from deploy.loopback import APP_DIR
+
+README = APP_DIR / "README.md"
+BIN = Path(sys.executable).parent
+REGIONS = ["m00", "m01"]
+
+
+def deploy_block(readme: str) -> str:
+    """The fenced ``bash`` block of the README's Deploy section."""
+    section = readme[readme.index("\n## Deploy"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M)
+    assert len(blocks) == 1, f"The Deploy section should hold one bash block, it holds {len(blocks)}."
+    return blocks[0]
+
+
+def commands(block: str) -> list[str]:
+    """The block's commands: runs of lines with no blank or comment line between them."""
+    groups: list[list[str]] = [[]]
+    for line in block.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            groups.append([])
+        else:
+            groups[-1].append(line)
+    return ["\n".join(group) for group in groups if group]
+
+
+def settings_names(command: str) -> set[str]:
+    """The shell variables a settings command assigns (``NAME=value``, comments ignored)."""
+    return {name for line in command.splitlines() for name in re.findall(r"(?:^|\s)([A-Z_]+)=", line.split("#")[0])}
+
+
+def free_ports(count: int) -> int:
+    """A port ``base`` such that ``base + 1`` to ``base + count`` are free on loopback."""
+    while True:
+        base = free_port() - 1
+        try:
+            for port in range(base + 1, base + count + 1):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
+class Shell:
+    """Runs README commands through bash with the test's settings, logs in ``root/logs``; stops what it started."""
+
+    def __init__(self, root: Path, settings: dict[str, str], env: dict[str, str]) -> None:
+        self.preamble = "".join(f"{name}={shlex.quote(value)}\n" for name, value in settings.items())
+        self.settings, self.env, self.cwd = settings, env, root / "cwd"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.cwd.mkdir()
+        self.started: list[subprocess.Popen] = []
+
+    def run(self, command: str, timeout: float = 600) -> str:
+        """Run ``command`` to its end; its output, or a failure with it."""
+        finished = subprocess.run(["bash", "-eu", "-c", self.preamble + command], cwd=self.cwd, env=self.env,
+                                  capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        output = finished.stdout + finished.stderr
+        assert finished.returncode == 0, f"{command}\nexited with {finished.returncode}:\n{output[-3000:]}"
+        return output
+
+    def start(self, command: str, log: str) -> subprocess.Popen:
+        """Start ``command`` in the background (bash waits for what it starts: one tree to stop)."""
+        with open(self.logs / f"{log}.log", "ab") as out:
+            process = subprocess.Popen(["bash", "-eu", "-c", self.preamble + command + "\nwait"], cwd=self.cwd,
+                                       env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        self.started.append(process)
+        for name in re.findall(r"--port \$(\w+)\b(?!\()", command):  # the servers it starts are up
+            try:
+                wait_for_port(int(self.settings[name]), timeout=90)
+            except TimeoutError:
+                raise AssertionError(f"{command}\nnever listened on ${name}:\n{self.log(log)[-3000:]}") from None
+        return process
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def expand(self, text: str) -> str:
+        """``text`` with the settings' variables expanded, as the commands see it."""
+        return self.run(f'printf %s "{text}"')
+
+    def close(self) -> None:
+        for process in self.started:
+            stop_process_tree(process)
+
+
+def _regions_data(data: Path) -> None:
+    """2 generated markets as XMarket text files ``<region>.txt`` and the company's ``products.txt``."""
+    data.mkdir(parents=True)
+    products = set()
+    for market, path in write_markets(SyntheticConfig(markets=2, seed=0), data / "generated").items():
+        frame = pd.read_csv(path, dtype=str)
+        frame.to_csv(data / f"{market}.txt", sep=" ", index=False)
+        products.update(frame["itemId"])
+    (data / "products.txt").write_text("".join(f"{item}\n" for item in sorted(products)))
+
+
+def _history(out: Path) -> dict[int, dict]:
+    path = out / "history.json"
+    return {entry["round"]: entry for entry in json.loads(path.read_text())["rounds"]} if path.exists() else {}
+
+
+def _checkpointed_round(out: Path) -> int:
+    path = out / "checkpoint.pt"
+    try:
+        return int(torch.load(path, weights_only=True)["round"]) if path.exists() else 0
+    except (RuntimeError, EOFError):  # caught between write and rename
+        return 0
+
+
+def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(tmp_path):
+    # Prepare: the README's commands; the test's values for the settings they read; 2 regions' data.
+    settings_command, *steps = commands(deploy_block(README.read_text(encoding="utf-8")))
+    nodes = free_ports(len(REGIONS))
+    settings = {
+        "XM": str(tmp_path / "xm"), "DATA": str(tmp_path / "data"), "REGIONS": " ".join(REGIONS),
+        "PORT": str(free_port()), "INDEX": str(free_port()), "NODES": str(nodes),
+        "ROUNDS": "2", "MIN_NODES": str(len(REGIONS)),
+    }
+    assert settings_names(settings_command) == set(settings), "the README's settings changed: update this test"
+    runs = [step for step in steps if "flwr run" in step]
+    assert len(runs) == 2 and "resume=true" not in runs[0] and "resume=true" in runs[1]
+    assert steps[-1] == runs[1]
+    superlink = next(step for step in steps if "flower-superlink" in step)
+    _regions_data(tmp_path / "data")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "FLWR_HOME"}
+    env |= {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    shell = Shell(tmp_path, settings, env)
+    try:
+        xm = Path(settings["XM"])
+        out = Path(shell.expand(re.search(r"out-dir='([^']+)'", runs[0]).group(1)))
+
+        # Execute: steps 0-4 in order, the training in the background until round 1 is checkpointed, a crash
+        # of the SuperLink with its ServerApp, step 1 again, then the resume command.
+        for number, step in enumerate(steps[:steps.index(runs[0])]):
+            if re.search(r"(?<!&)&\s*$", step, re.M):
+                shell.start(step, f"step-{number}")
+            else:
+                shell.run(step)
+        shell.start(runs[0], "training")
+        deadline = time.monotonic() + 300
+        while _checkpointed_round(out) < 1:
+            assert time.monotonic() < deadline, f"No round was checkpointed:\n{shell.log('training')[-3000:]}"
+            time.sleep(0.2)
+        stop_process_tree(next(p for p in shell.started if superlink in " ".join(p.args)), crash=True)
+        before, done = _history(out), _checkpointed_round(out)
+        shell.start(superlink, "superlink-again")
+        resumed = shell.run(runs[1])
+
+        # Assert: the resume continued after the last completed round, kept the earlier ones and ended with a summary.
+        history = _history(out)
+        assert done == 1 and f"after round {done}" in resumed, resumed[-3000:]
+        assert sorted(history) == [0, 1, 2]
+        assert history[1]["seconds"] == before[1]["seconds"]
+        assert "[ROUND 1/2]" not in resumed and "[ROUND 2/2]" in resumed
+        assert set(history[2]["per_market"]) == set(REGIONS)
+        assert "Training summary: 2 of 2 rounds completed, 2 markets known" in resumed
+        assert "rounds 1-2: all 2 markets replied" in resumed
+        # Each region serves the round its validation picked, from its own state-dir, over the catalog xmfl wrote.
+        catalog = Catalog.load(xm / "catalog.txt")
+        for region in REGIONS:
+            assert load_served_model(xm / region / "state" / "model", catalog).manifest["market"] == region
+        # Every Flower process kept to the FLWR_HOME the README gave it: nothing in the home directory.
+        assert not (home / ".flwr").exists()
+        assert any((xm / "superlink").rglob("pyproject.toml")) and any((xm / REGIONS[0]).rglob("pyproject.toml"))
+    finally:
+        shell.close()
