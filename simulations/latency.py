@@ -19,6 +19,7 @@ does not let a deployment change.
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def measure(name: str, regions: dict[str, dict[str, str]], catalog: Path, args: 
     setting = SETTINGS[name]
     root = args.out / name
     out_dir = root / "out"
+    shutil.rmtree(out_dir, ignore_errors=True)  # this benchmark's own training; the server refuses to overwrite one
     run_config = {
         "min-nodes": len(regions),
         "num-server-rounds": args.num_server_rounds,
