@@ -44,6 +44,7 @@ from simulations.baselines import (
     run_pooled_ials,
     run_popular,
 )
+from simulations.blend import ALS_METHOD, BLEND, blend_partner, run_blend
 from simulations.flower_runtime import SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.progress import RoundProgress, say
 from simulations.results import (
@@ -92,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-markets", type=int, default=defaults["synthetic-markets"],
                         help="markets to generate when no --data-dir is given (default: %(default)s)")
     parser.add_argument("--methods", default="local,pooled,fedavg,fedper",
-                        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS))} (default: %(default)s)")
+                        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}; {BLEND} "
+                             f"blends {ALS_METHOD} with the first neural federated method listed, per market on "
+                             "validation (default: %(default)s)")
     parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
                         help="federated rounds; baselines train as many epochs (default: %(default)s)")
     parser.add_argument("--local-epochs", type=int, default=defaults["local-epochs"],
@@ -134,9 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_alias(parser, old, new)
     args = parser.parse_args(argv)
     methods = comma_list(args.methods)
-    unknown = sorted(set(methods) - set(BASELINES) - set(METHODS))
+    unknown = sorted(set(methods) - set(BASELINES) - set(METHODS) - {BLEND})
     if unknown or not methods:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS))}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}")
+    if BLEND in methods and (ALS_METHOD not in methods or blend_partner(methods) is None):
+        parser.error(f"{BLEND} blends {ALS_METHOD} with a neural federated method: add {ALS_METHOD} and one of "
+                     f"{', '.join(m for m in METHODS if METHODS[m].solver == 'sgd')} to --methods")
     if any(m.startswith("implicit-") for m in methods) and (missing := implicit_missing()) is not None:
         parser.error(missing)
     if args.num_server_rounds < 1 or args.local_epochs < 1:
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curves_by_method = {}
     # fedper-ft trains exactly as fedper and only adds a final fine-tuning
     # step, so when both are asked for, one run yields both.
-    runs = [m for m in args.methods if not (m == "fedper" and "fedper-ft" in args.methods)]
+    runs = [m for m in args.methods if not (m == "fedper" and "fedper-ft" in args.methods) and m != BLEND]
     for method in runs:
         say(f"== {method} ==")
         started = time.perf_counter()
@@ -336,7 +342,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record_method(results, curves_by_method, "fedper", curves, seconds)
             curves = fine_tuned_curves(curves)
         record_method(results, curves_by_method, method, curves, seconds)
-    federated = [m for m in results["methods"] if m in METHODS]
+    if BLEND in args.methods:
+        say(f"== {BLEND} ==")
+        started = time.perf_counter()
+        ials = ials_config(defaults["als-factors"], defaults["als-regularization"], defaults["als-alpha"],
+                           defaults["als-nu"], defaults["als-confidence"], args.num_server_rounds, args.seed)
+        curves = run_blend(source, catalog, args.out / "models", blend_partner(args.methods), ials,
+                           args.history_length, say)
+        record_method(results, curves_by_method, BLEND, curves, time.perf_counter() - started)
+    federated = [m for m in results["methods"] if m in METHODS or m == BLEND]
     if "local" in results["methods"] and federated:
         results["methods"]["selection"] = selection_summary(results["methods"], ["local", *federated])
         chosen = {m: v["chosen"] for m, v in results["methods"]["selection"]["per_market"].items()}
