@@ -179,7 +179,10 @@ def ials_recommender(
     history_length : int
         Training items pooled into a user's history, as the market's tensors hold them.
     """
-    model = SplitRecommender(ModelConfig(num_items, len(offsets), items.dim, history_length, user_embeddings=True))
+    config = ModelConfig(num_items, len(offsets), items.dim, history_length, user_embeddings=True)
+    with torch.device("meta"):  # no random initialisation of a table every value of which is set below
+        model = SplitRecommender(config)
+    model = model.to_empty(device="cpu")
     rows = torch.as_tensor(items.rows)
     with torch.no_grad():
         model.encoder.item_embedding.weight.zero_()

@@ -17,6 +17,7 @@ whole table (a new or restarted node, or a resumed server).
 
 from collections.abc import Iterable
 from logging import INFO
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -28,6 +29,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from common.ials import IALSConfig, ItemFactors, solve_items
 from common.ials_wire import pack_item_factors, unpack_statistics
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
+
+_GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
 
 
 class FedALS(FedAvg):
@@ -57,7 +60,9 @@ class FedALS(FedAvg):
         self.num_items = num_items
         self.seeded_start = seeded_start
         self._rows: dict[int, np.ndarray] = {}  # node id -> its assortment rows, from its last reply
-        self._state: tuple[ArrayRecord, np.ndarray, np.ndarray] | None = None  # arrays, their table and Gram
+        # The arrays of the current shared state, their non-zero rows (float32) and their Gram:
+        # the rows alone, not a second dense copy of a table that can have a million rows.
+        self._state: tuple[ArrayRecord, _Held, np.ndarray] | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -98,7 +103,8 @@ class FedALS(FedAvg):
         table = np.zeros((self.num_items, self.config.factors), dtype=np.float32)
         table[solved.rows] = solved.factors
         arrays = ArrayRecord(encoder_state(table))
-        self._state = (arrays, table, _gram(table))
+        del table  # the arrays hold it now; the rows below are all the server keeps besides
+        self._state = (arrays, *_nonzero_rows_and_gram(solved.rows, solved.factors.astype(np.float32)))
         log(INFO, "fedals round %d: solved %d item rows from %d markets' statistics (%d bytes received)",
             server_round, len(solved.rows), len(statistics), received)
         return arrays, None
@@ -125,15 +131,15 @@ class FedALS(FedAvg):
     ) -> list[Message]:
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-        table, gram = self._table(arrays)
+        held, gram = self._table(arrays)
         messages = []
         for node in node_ids:
             initial = node not in self._rows and self.seeded_start and server_round <= 1
             if initial:
                 payload = {"gram": gram.astype(np.float32)}
             else:
-                rows = self._rows[node] if node in self._rows else np.flatnonzero(table.any(axis=1))
-                payload = pack_item_factors(ItemFactors(rows, table[rows]), gram)
+                rows = self._rows[node] if node in self._rows else held.rows
+                payload = pack_item_factors(ItemFactors(rows, _lookup(held, rows)), gram)
             node_config = ConfigRecord({**config, "server-round": server_round, INITIAL_ROWS_KEY: initial})
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
                                   "config": node_config})
@@ -141,8 +147,8 @@ class FedALS(FedAvg):
         log(INFO, "fedals %s round %d: item factors for %d markets", message_type, server_round, len(messages))
         return messages
 
-    def _table(self, arrays: ArrayRecord) -> tuple[np.ndarray, np.ndarray]:
-        """The item table ``arrays`` holds and its Gram (kept from the aggregation that made them)."""
+    def _table(self, arrays: ArrayRecord) -> tuple["_Held", np.ndarray]:
+        """The non-zero rows of the item table ``arrays`` holds and its Gram (kept from the aggregation that made them)."""
         if self._state is None or self._state[0] is not arrays:
             table = arrays[ITEM_TABLE].numpy()
             if table.shape != (self.num_items, self.config.factors):
@@ -150,11 +156,39 @@ class FedALS(FedAvg):
                     f"FedALS solves {self.config.factors} factors of {self.num_items} rows, but the shared "
                     f"state's {ITEM_TABLE} is {table.shape}."
                 )
-            self._state = (arrays, table, _gram(table))
+            rows = np.flatnonzero(table.any(axis=1))
+            factors = table if len(rows) == len(table) else table[rows]  # no copy of a table with no zero row
+            del table
+            self._state = (arrays, *_nonzero_rows_and_gram(rows, factors))
         return self._state[1], self._state[2]
 
 
-def _gram(table: np.ndarray) -> np.ndarray:
-    """``YᵀY`` in float64 over the table's non-zero rows."""
-    rows = table[table.any(axis=1)].astype(np.float64)
-    return rows.T @ rows
+class _Held(NamedTuple):
+    """The non-zero rows of the shared item table (sorted) and their float32 factors."""
+
+    rows: np.ndarray
+    factors: np.ndarray
+
+
+def _nonzero_rows_and_gram(rows: np.ndarray, factors: np.ndarray) -> tuple[_Held, np.ndarray]:
+    """The table's non-zero ``rows`` with their float32 ``factors``, and ``YᵀY`` over them in float64.
+
+    The Gram is summed in blocks of rows, so that a table of a million rows never has a float64 copy.
+    """
+    dim = factors.shape[1]
+    gram = np.zeros((dim, dim))
+    for start in range(0, len(rows), _GRAM_BLOCK):
+        block = factors[start : start + _GRAM_BLOCK].astype(np.float64)
+        gram += block.T @ block
+    return _Held(rows.astype(np.int64), factors), gram
+
+
+def _lookup(held: _Held, rows: np.ndarray) -> np.ndarray:
+    """``Y[rows]`` from the non-zero rows ``held``; rows not held are zero (never solved)."""
+    found = np.searchsorted(held.rows, rows)
+    found = np.minimum(found, max(len(held.rows) - 1, 0))
+    present = (held.rows[found] == rows) if len(held.rows) else np.zeros(len(rows), dtype=bool)
+    values = np.zeros((len(rows), held.factors.shape[1]), dtype=held.factors.dtype)
+    values[present] = held.factors[found[present]]
+    return values
+
