@@ -10,15 +10,14 @@ name; :func:`locked` serialises them where the order matters.
 """
 
 import fcntl
-import io
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -37,13 +36,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = PRIVATE_MODE) 
     mode : int
         Permissions of the new file, set when it is created (not after).
     """
+    atomic_write(path, lambda file: file.write(data), mode)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], mode: int = PRIVATE_MODE) -> None:
+    """Replace ``path`` by what ``write`` writes into the open file it is given, atomically and durably.
+
+    The content goes straight to the temporary file: a checkpoint of a million-row table is
+    never held in memory a second time as bytes. Parameters as :func:`atomic_write_bytes`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp creates the file 0600 with a name no other writer gets.
     descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         if mode != PRIVATE_MODE:
@@ -56,10 +64,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = PRIVATE_MODE) 
 
 
 def atomic_torch_save(path: str | Path, obj: Any, mode: int = PRIVATE_MODE) -> None:
-    """:func:`torch.save` of ``obj`` to ``path`` through :func:`atomic_write_bytes`."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue(), mode)
+    """:func:`torch.save` of ``obj`` to ``path``, atomically and durably (:func:`atomic_write`)."""
+    atomic_write(path, lambda file: torch.save(obj, file), mode)
 
 
 @contextmanager
