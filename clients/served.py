@@ -114,7 +114,7 @@ def _read_best(path: Path, market: str) -> dict[str, Any] | None:
     """The info and state dict of a best file, or None (reported) when it is unreadable."""
     try:
         saved = torch.load(path, weights_only=True)
-        return {"info": dict(saved["info"]), "state": expand_state(saved["state"])}
+        return {"info": dict(saved["info"]), "state": saved["state"]}  # compact: expanded where it is used
     except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, IndexError,
             pickle.UnpicklingError) as error:
         log(WARNING, "Market %s: %s is unreadable (%s); it keeps the best round from here on.", market, path, error)
@@ -186,7 +186,8 @@ def _write(
 ) -> None:
     if directory is None:
         return
-    set_arrays(model, chosen["state"])
+    # A best file's mostly-zero tables are written straight into the model's own (no dense copy).
+    set_arrays(model, expand_state(chosen["state"], into=model.state_dict()))
     manifest = {
         "method": method,
         "market": data.split.market,

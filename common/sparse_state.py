@@ -25,13 +25,24 @@ def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return compact
 
 
-def expand_state(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def expand_state(
+    compact: dict[str, torch.Tensor], into: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The state dict :func:`compact_state` stored (a dense state dict is returned as it is).
+
+    Parameters
+    ----------
+    compact : dict
+        What :func:`compact_state` returned.
+    into : dict, optional
+        Tensors to expand into, in place (a model's ``state_dict()``, whose tensors are its
+        parameters): a stored table is written into the model's own without a dense copy.
 
     Raises
     ------
     ValueError
-        If a table's stored rows do not fit its stored length or its values.
+        If a table's stored rows do not fit its stored length or its values, or ``into`` has a
+        tensor of another shape.
     """
     state = {}
     for name, tensor in compact.items():
@@ -44,7 +55,16 @@ def expand_state(compact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         length, rows = int(sparse[0]), sparse[1:]
         if tensor.dim() != 2 or len(rows) != len(tensor) or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < length):
             raise ValueError(f"The stored table {name} has {len(rows)} row indices for {len(tensor)} rows of a {length}-row table.")
-        dense = torch.zeros((length, tensor.shape[1]), dtype=tensor.dtype)
-        dense[rows] = tensor
+        shape = (length, tensor.shape[1])
+        if into is not None and name in into:
+            if tuple(into[name].shape) != shape:
+                raise ValueError(f"The stored table {name} is {shape}, the model's is {tuple(into[name].shape)}.")
+            dense = into[name]
+            with torch.no_grad():
+                dense.zero_()
+        else:
+            dense = torch.zeros(shape, dtype=tensor.dtype)
+        with torch.no_grad():
+            dense[rows] = tensor.to(dense.dtype)
         state[name] = dense
     return state

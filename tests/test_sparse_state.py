@@ -48,3 +48,25 @@ def test_row_indices_outside_the_table_are_refused():
 
     with pytest.raises(ValueError, match="row indices"):
         expand_state(compact)
+
+
+def test_expanding_into_a_models_tables_fills_them_in_place():
+    # Prepare: a stored table of 6 rows with rows 1 and 4 set, and a model table holding other values.
+    table = torch.zeros(6, 2)
+    table[[1, 4]] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = {"items": torch.full((6, 2), 9.0), "bias": torch.zeros(3)}
+    storage = target["items"].data_ptr()
+
+    # Execute
+    state = expand_state(compact_state({"items": table, "bias": torch.ones(3)}), into=target)
+
+    # Assert: the model's own tensor now equals the table; the dense entry comes back as stored.
+    assert state["items"].data_ptr() == storage and torch.equal(target["items"], table)
+    assert torch.equal(state["bias"], torch.ones(3))
+
+
+def test_expanding_into_a_table_of_another_shape_is_refused():
+    stored = compact_state({"items": torch.zeros(6, 2)})
+
+    with pytest.raises(ValueError, match="the model's is"):
+        expand_state(stored, into={"items": torch.zeros(5, 2)})
