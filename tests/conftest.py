@@ -1,6 +1,7 @@
 """Fixtures the test modules share."""
 
 import logging
+import signal
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -22,3 +23,11 @@ def flower_warnings():
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+
+
+@pytest.fixture
+def keep_sigterm_handler():
+    """A command's ``__main__`` may turn SIGTERM into SystemExit; the test process keeps its own handler."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

@@ -2,7 +2,6 @@
 
 import io
 import re
-import signal
 import subprocess
 import sys
 import warnings
@@ -16,12 +15,7 @@ from xmfl import cli
 ENDS_WITH_DEFAULT = re.compile(r"\((default|required)\b[^()]*(\([^()]*\)[^()]*)*\)$")
 
 
-@pytest.fixture(autouse=True)
-def keep_sigterm_handler():
-    """A command's ``__main__`` may turn SIGTERM into SystemExit; the test process keeps its own handler."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+pytestmark = pytest.mark.usefixtures("keep_sigterm_handler")  # tests/conftest.py
 
 
 def run_help(capsys, argv: list[str]) -> str:

@@ -30,6 +30,7 @@ from deploy.app_index import sign_app
 from deploy.loopback import APP_DIR, LoopbackFederation
 from deploy.make_credentials import make_credentials
 from simulations.run import app_defaults
+from tests.run_state import checkpointed_round, rounds_in_history
 
 REGIONS = ["m00", "m01", "m02"]
 
@@ -54,21 +55,6 @@ def _regions(root: Path, state: bool = True) -> dict[str, dict[str, str]]:
         }
         for region in REGIONS
     }
-
-
-def _history(out: Path) -> dict[int, dict]:
-    path = out / "history.json"
-    if not path.exists():
-        return {}
-    return {entry["round"]: entry for entry in json.loads(path.read_text())["rounds"]}
-
-
-def _checkpointed_round(out: Path) -> int:
-    path = out / "checkpoint.pt"
-    try:
-        return int(torch.load(path, weights_only=True)["round"]) if path.exists() else 0
-    except (RuntimeError, EOFError):  # caught between write and rename
-        return 0
 
 
 def _wait_for(condition, what: str, timeout: float, federation: LoopbackFederation) -> None:
@@ -98,7 +84,7 @@ def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_
     log = federation.run(_run_config(out, min_nodes=4, num_server_rounds=2))
 
     # Assert: the good markets trained and evaluated every round; the bad one named its file and line.
-    history = _history(out)
+    history = rounds_in_history(out)
     assert set(history) == {0, 1, 2}
     assert all(set(history[r]["per_market"]) == set(REGIONS) for r in history)
     assert all(m["test-ndcg"] > 0 for m in history[2]["per_market"].values())
@@ -152,7 +138,7 @@ def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
         assert "every market replied with an error or a refused reply: The FAB could not be verified." in (
             federation.log(run)
         )
-        assert _history(federation.root / f"out-{run}").keys() <= {0}
+        assert rounds_in_history(federation.root / f"out-{run}").keys() <= {0}
     for region in regions:
         new = federation.log(region)[len(before[region]):]
         assert "App verification is not supported by the connected SuperLink" in new  # the unsigned app
@@ -169,7 +155,7 @@ def test_three_regions_complete_a_fedals_run_over_tls(federation):
 
     # Assert: every good region took part in every round, sending item statistics, and serves
     # fedals' model of the round its validation picked from its own state-dir.
-    history = _history(out)
+    history = rounds_in_history(out)
     assert set(history) == {0, 1, 2}
     assert all(history[r]["per_market"][region]["upload-bytes"] > 0 for r in (1, 2) for region in REGIONS)
     catalog = Catalog.load(federation.root / "data" / "catalog.txt")
@@ -197,7 +183,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         )
 
         # Execute: kill m02 as round 3 starts; restart it until the SuperLink lets it back in.
-        _wait_for(lambda: _checkpointed_round(out) >= 2, "round 2", 300, federation)
+        _wait_for(lambda: checkpointed_round(out) >= 2, "round 2", 300, federation)
         federation.kill_supernode("m02")
         federation.restart_supernode("m02")
         code = run.wait(timeout=600)
@@ -205,7 +191,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         # Assert: the run finished, naming m02 by its market when it failed; m02 rejoined with its head and
         # its ledger counting every round it trained.
         assert code == 0, federation.log("run")[-3000:]
-        history = _history(out)
+        history = rounds_in_history(out)
         assert max(history) == 5
         assert all({"m00", "m01"} <= set(history[r]["per_market"]) for r in range(1, 6))
         assert "Market m02 rejoins training" in federation.log("m02")

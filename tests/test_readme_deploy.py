@@ -14,7 +14,6 @@ the finished one's ``out-dir`` is tested in ``tests/test_server_loop.py``.
 Every process is stopped by PID with its descendants.
 """
 
-import json
 import os
 import re
 import shlex
@@ -25,13 +24,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from common.catalog import Catalog
 from common.processes import free_port, stop_process_tree, wait_for_port
 from common.serving import load_served_model
 from common.synthetic import SyntheticConfig, write_markets
 from deploy.loopback import APP_DIR
+from tests.run_state import checkpointed_round, rounds_in_history
 
 README = APP_DIR / "README.md"
 BIN = Path(sys.executable).parent
@@ -133,19 +132,6 @@ def _regions_data(data: Path) -> None:
     (data / "products.txt").write_text("".join(f"{item}\n" for item in sorted(products)))
 
 
-def _history(out: Path) -> dict[int, dict]:
-    path = out / "history.json"
-    return {entry["round"]: entry for entry in json.loads(path.read_text())["rounds"]} if path.exists() else {}
-
-
-def _checkpointed_round(out: Path) -> int:
-    path = out / "checkpoint.pt"
-    try:
-        return int(torch.load(path, weights_only=True)["round"]) if path.exists() else 0
-    except (RuntimeError, EOFError):  # caught between write and rename
-        return 0
-
-
 def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(tmp_path):
     # Prepare: the README's commands; the test's values for the settings they read; 2 regions' data.
     settings_command, *steps = commands(deploy_block(README.read_text(encoding="utf-8")))
@@ -180,16 +166,16 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
                 shell.run(step)
         shell.start(runs[0], "training")
         deadline = time.monotonic() + 300
-        while _checkpointed_round(out) < 1:
+        while checkpointed_round(out) < 1:
             assert time.monotonic() < deadline, f"No round was checkpointed:\n{shell.log('training')[-3000:]}"
             time.sleep(0.2)
         stop_process_tree(next(p for p in shell.started if superlink in " ".join(p.args)), crash=True)
-        before, done = _history(out), _checkpointed_round(out)
+        before, done = rounds_in_history(out), checkpointed_round(out)
         shell.start(superlink, "superlink-again")
         resumed = shell.run(runs[1])
 
         # Assert: the resume continued after the last completed round, kept the earlier ones and ended with a summary.
-        history = _history(out)
+        history = rounds_in_history(out)
         assert done == 1 and f"after round {done}" in resumed, resumed[-3000:]
         assert sorted(history) == [0, 1, 2]
         assert history[1]["seconds"] == before[1]["seconds"]

@@ -1,6 +1,5 @@
 """Errors a user can cause end in one line on stderr, ``error: ...``, and exit status 2; --verbose adds the traceback."""
 
-import signal
 import socket
 import subprocess
 import sys
@@ -15,12 +14,7 @@ from xmfl import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def keep_sigterm_handler():
-    """The harness's ``__main__`` turns SIGTERM into SystemExit; the test process keeps its own handler."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+pytestmark = pytest.mark.usefixtures("keep_sigterm_handler")  # tests/conftest.py
 
 
 def fails_with(capsys, argv: list[str]) -> str:
