@@ -28,14 +28,11 @@ are also RUN for real elsewhere in the suite, at a smaller size:
   ``xmfl score --candidates ...``: their ``main`` in ``test_serving.py``.
 * ``xmfl join --model-dir ...``: its ``main`` in ``test_join.py``.
 * ``xmfl privacy-sweep``: ``test_privacy_sweep.py`` (generated markets).
-* ``xmfl benchmark quality``, ``join`` and ``dp-step``: ``test_benchmark.py``;
-  ``xmfl benchmark continue``: ``test_continue.py``.
+* ``xmfl benchmark quality``, ``join``, ``dp-step``, ``scale`` and ``latency``:
+  ``test_benchmark.py``; ``xmfl benchmark continue``: ``test_continue.py``.
 * The Deploy block (``xmfl credentials``, ``xmfl catalog``, ``xmfl app-index``,
   the Flower commands): ``test_readme_deploy.py``, verbatim.
 
-Only parse-checked, run nowhere in the suite: ``xmfl benchmark scale`` (its
-traffic and memory accounting are tested in ``test_benchmark.py``) and ``xmfl
-benchmark latency``.
 """
 
 import argparse
