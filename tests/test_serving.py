@@ -176,13 +176,18 @@ def test_a_catalog_file_that_does_not_match_the_manifest_is_refused(served_dir, 
         load_served_model(copy)
 
 
-def test_another_format_version_is_refused(served_dir, tmp_path):
-    directory, model, data, catalog = served_dir
+def _copy_with_format_version(served_dir, tmp_path: Path, version: int) -> Path:
+    """The fixture's served model written again into ``tmp_path / "copy"``, its manifest saying ``version``."""
+    _, model, data, catalog = served_dir
     copy = tmp_path / "copy"
-    write_served_model(copy, model, data, catalog, _manifest(),
-                       user_ids=market_user_ids(SOURCE.interactions(MARKET)))
+    write_served_model(copy, model, data, catalog, _manifest(), user_ids=market_user_ids(SOURCE.interactions(MARKET)))
     manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+    return copy
+
+
+def test_another_format_version_is_refused(served_dir, tmp_path):
+    copy = _copy_with_format_version(served_dir, tmp_path, FORMAT_VERSION + 1)
 
     with pytest.raises(ServedModelError, match=f"format version {FORMAT_VERSION + 1}.*reads versions 1, 2 only"):
         load_served_model(copy)
@@ -190,12 +195,8 @@ def test_another_format_version_is_refused(served_dir, tmp_path):
 
 def test_a_version_1_model_with_dense_tables_still_loads(served_dir, tmp_path):
     # Prepare: what version 1 wrote: the same files, every table dense, format_version 1.
-    directory, model, data, catalog = served_dir
-    copy = tmp_path / "copy"
-    write_served_model(copy, model, data, catalog, _manifest(),
-                       user_ids=market_user_ids(SOURCE.interactions(MARKET)))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    model = served_dir[1]
+    copy = _copy_with_format_version(served_dir, tmp_path, 1)
     torch.save(model.state_dict(), copy / "model.pt")
 
     # Execute
