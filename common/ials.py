@@ -198,12 +198,7 @@ class ItemFactors:
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         """Factors of catalog ``rows`` (any shape), zero for rows not listed."""
-        rows = np.asarray(rows, dtype=np.int64)
-        position = np.searchsorted(self.rows, rows).clip(max=max(len(self.rows) - 1, 0))
-        found = self.rows[position] == rows if len(self.rows) else np.zeros(rows.shape, dtype=bool)
-        out = np.zeros((*rows.shape, self.dim))
-        out[found] = self.factors[position[found]]
-        return out
+        return lookup_rows(self.rows, self.factors, rows)
 
     def subset(self, rows: np.ndarray) -> "ItemFactors":
         """The factors of ``rows`` (sorted and de-duplicated; missing rows come back as zeros)."""
@@ -215,6 +210,19 @@ class ItemFactors:
         dense = np.zeros((num_items, self.dim))
         dense[self.rows] = self.factors
         return dense
+
+
+def lookup_rows(held: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values`` of the sorted table rows ``held`` at catalog ``rows`` (any shape); zero for rows not held.
+
+    The result has ``values``' dtype, so a float32 table is looked up without a float64 copy.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    position = np.searchsorted(held, rows).clip(max=max(len(held) - 1, 0))
+    found = held[position] == rows if len(held) else np.zeros(rows.shape, dtype=bool)
+    out = np.zeros((*rows.shape, values.shape[1]), dtype=values.dtype)
+    out[found] = values[position[found]]
+    return out
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.ials import IALSConfig, ItemFactors, solve_items
+from common.ials import IALSConfig, ItemFactors, lookup_rows, solve_items
 from common.ials_wire import pack_item_factors, unpack_statistics
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
 
@@ -139,7 +139,7 @@ class FedALS(FedAvg):
                 payload = {"gram": gram.astype(np.float32)}
             else:
                 rows = self._rows[node] if node in self._rows else held.rows
-                payload = pack_item_factors(ItemFactors(rows, _lookup(held, rows)), gram)
+                payload = pack_item_factors(ItemFactors(rows, lookup_rows(held.rows, held.factors, rows)), gram)
             node_config = ConfigRecord({**config, "server-round": server_round, INITIAL_ROWS_KEY: initial})
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
                                   "config": node_config})
@@ -181,14 +181,4 @@ def _nonzero_rows_and_gram(rows: np.ndarray, factors: np.ndarray) -> tuple[_Held
         block = factors[start : start + _GRAM_BLOCK].astype(np.float64)
         gram += block.T @ block
     return _Held(rows.astype(np.int64), factors), gram
-
-
-def _lookup(held: _Held, rows: np.ndarray) -> np.ndarray:
-    """``Y[rows]`` from the non-zero rows ``held``; rows not held are zero (never solved)."""
-    found = np.searchsorted(held.rows, rows)
-    found = np.minimum(found, max(len(held.rows) - 1, 0))
-    present = (held.rows[found] == rows) if len(held.rows) else np.zeros(len(rows), dtype=bool)
-    values = np.zeros((len(rows), held.factors.shape[1]), dtype=held.factors.dtype)
-    values[present] = held.factors[found[present]]
-    return values
 

@@ -142,8 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_alias(parser, "--rounds", "--num-server-rounds")
 
 
-def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, dict[str, int]]:
-    """Generate the markets into ``directory``; the catalog's path and the items each market touches."""
+def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, dict[str, int], dict[str, int]]:
+    """Generate the markets into ``directory``: the catalog's path, the items each market touches and its interactions."""
     config = SyntheticConfig(
         markets=args.synthetic_markets,
         items=args.items,
@@ -155,21 +155,13 @@ def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, d
     paths = write_markets(config, directory / "markets")
     catalog_path = directory / "catalog.txt"
     Catalog.from_items(item_names(args.items).tolist()).save(catalog_path)
-    touched = {}
-    for market, path in paths.items():
+    touched, interactions = {}, {}
+    for market, path in paths.items():  # one pass over each written file for both counts
         with open(path, encoding="utf-8") as file:
             next(file)
-            touched[market] = len({line.split(",", 2)[1] for line in file})
-    return catalog_path, touched
-
-
-def interactions_per_market(data_dir: Path) -> dict[str, int]:
-    """Interactions (lines) of each generated market file."""
-    counts = {}
-    for path in sorted(data_dir.glob("*.csv")):
-        with open(path, encoding="utf-8") as file:
-            counts[path.stem] = sum(1 for _ in file) - 1
-    return counts
+            items = [line.split(",", 2)[1] for line in file]
+        touched[market], interactions[market] = len(set(items)), len(items)
+    return catalog_path, touched, interactions
 
 
 def method_traffic(
@@ -291,12 +283,12 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("The scale benchmark needs at least one method in --methods.")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    catalog_path, touched = write_federation(args, args.out / "data")
+    catalog_path, touched, interactions = write_federation(args, args.out / "data")
     print(f"generated {args.synthetic_markets} markets over {args.items:,} items in {time.perf_counter() - started:.1f} s; "
           f"they touch {min(touched.values()):,} to {max(touched.values()):,} items", flush=True)
     report: dict[str, Any] = {"markets": args.synthetic_markets, "items": args.items, "rounds": args.num_server_rounds,
                               "touched-items": touched,
-                              "interactions": interactions_per_market(args.out / "data" / "markets"), "methods": {}}
+                              "interactions": interactions, "methods": {}}
     for method in methods:
         report["methods"][method] = run_method(args, method, args.out / "data" / "markets", catalog_path, touched,
                                                report["interactions"])
