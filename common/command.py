@@ -13,10 +13,12 @@ import argparse
 import errno
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 USER_ERROR_STATUS = 2
+_renaming: tuple[str, str] | None = None  # (name in the code, name the user typed), inside invoked_as
 INTERRUPTED_STATUS = 130
 VERBOSE = "--verbose"
 
@@ -45,10 +47,33 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, ``error: ... (see PROG --help)``, and exit status 2."""
+    """argparse whose usage errors are one line, ``error: ... (see PROG --help)``, and exit status 2.
+
+    Inside :func:`invoked_as`, a parser named ``python -m <module>[ ...]`` calls itself by the
+    name the user typed (``xmfl <command>[ ...]``) in its usage, help and errors.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        prog = kwargs.get("prog")
+        if _renaming is not None and isinstance(prog, str):
+            old, new = _renaming
+            if prog == old or prog.startswith(old + " "):
+                kwargs["prog"] = new + prog[len(old):]
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(USER_ERROR_STATUS, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+@contextmanager
+def invoked_as(module: str, name: str) -> Iterator[None]:
+    """While the block runs, parsers of ``python -m <module>`` call themselves ``name`` (e.g. ``xmfl simulate``)."""
+    global _renaming
+    saved, _renaming = _renaming, (f"python -m {module}", name)
+    try:
+        yield
+    finally:
+        _renaming = saved
 
 
 def add_verbose(parser: argparse.ArgumentParser, what: str = "") -> None:

@@ -14,11 +14,10 @@ import argparse
 import runpy
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import NamedTuple
 
-from common.command import ArgumentParser, run_command
+from common.command import ArgumentParser, invoked_as, run_command
 
 PROG = "xmfl"
 
@@ -61,32 +60,13 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-@contextmanager
-def _named(name: str, module: str) -> Iterator[None]:
-    """While a command runs, its parsers call themselves ``xmfl <name>`` rather than ``python -m <module>``."""
-    original_init = argparse.ArgumentParser.__init__
-    old, new = f"python -m {module}", f"{PROG} {name}"
-
-    def init(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
-        prog = kwargs.get("prog")
-        if isinstance(prog, str) and (prog == old or prog.startswith(old + " ")):
-            kwargs["prog"] = new + prog[len(old):]
-        original_init(self, *args, **kwargs)
-
-    argparse.ArgumentParser.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.__init__ = original_init  # type: ignore[method-assign]
-
-
 def run(name: str, argv: Sequence[str]) -> None:
     """Run command ``name``'s module as ``__main__`` with ``argv``, as ``python -m`` would."""
     module = COMMANDS[name].module
     saved_argv = sys.argv
     sys.argv = [f"{PROG} {name}", *argv]  # argv[0] names the parsers that take their name from it
     try:
-        with _named(name, module), warnings.catch_warnings():
+        with invoked_as(module, f"{PROG} {name}"), warnings.catch_warnings():
             # Expected when the module was imported before (tests do): runpy runs a fresh copy as __main__.
             warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
                                     category=RuntimeWarning)
