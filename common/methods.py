@@ -24,6 +24,10 @@ class Method:
     # "sgd": markets train the split model by gradient steps; "als": implicit ALS, users solved
     # in closed form inside each market and item factors on the server (clients.fedals, server.fedals).
     solver: Literal["sgd", "als"] = "sgd"
+    # Private transfer: after the last round each market refits its own data, without noise, on the
+    # shared part it received, and serves the fit only if it wins on validation (common.transfer).
+    # Nothing of the fit is sent: it is the model the market serves its own users.
+    transfer: bool = False
 
 
 METHODS = {
@@ -35,6 +39,9 @@ METHODS = {
         Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork", base="fedper"),
         Method("fedals", False, False, False, "implicit ALS: users solved in each market, items on the server "
                "from the markets' summed item statistics", solver="als"),
+        Method("fedals-pt", False, False, False, "fedals, then every market refits its own data without noise on "
+               "the shared item factors (private transfer), kept where it wins validation", base="fedals",
+               solver="als", transfer=True),
     )
 }
 # References, never candidates of the per-market selection; implicit-* are the implicit
