@@ -10,12 +10,10 @@ its markets send item-side statistics summed over their users instead.
 
 import time
 from dataclasses import replace
-from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common import log
 
 from common.market_config import MarketConfig
 from common.markets import market_seed
@@ -28,10 +26,14 @@ from common.train import MarketTensors, TrainConfig, evaluate
 from clients import fedals
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, build_local_model, persist
 from clients.messages import RECEIVED_PREFIX, errors_stay_in_region, evaluation_metrics, reply
-from clients.privacy_state import MarketPrivacy, out_of_budget, round_ledger, training_noise_seed
+from clients.privacy_state import (
+    MarketPrivacy,
+    insecure_marker,
+    out_of_budget,
+    round_ledger,
+    training_noise_seed,
+)
 from clients.served import FINAL_KEY, remember_if_best, write_best_model
-
-INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 
 app = ClientApp()
 
@@ -132,7 +134,7 @@ def _train(msg: Message, context: Context) -> Message:
             if entry is not None:
                 privacy.save(entry)
             metrics.update(privacy.spent(config))
-        metrics.update(_insecure_marker(config, market))
+        metrics.update(insecure_marker(config, market))
     else:
         loss = local_round(model, data, method, train_config, seed)
     train_seconds = time.perf_counter() - started
@@ -214,7 +216,7 @@ def _fine_tune(
         tuned = fine_tune(model, data, train_config, epochs, seed, train_epoch)
         privacy.save(entry)
     persist(context, market, training_id, int(round_config.get("server-round", 0)), private=True)
-    return _fine_tune_metrics(tuned) | entry.ledger.spent() | _insecure_marker(config, market), tuned
+    return _fine_tune_metrics(tuned) | entry.ledger.spent() | insecure_marker(config, market), tuned
 
 
 def _fine_tune_metrics(tuned: FineTuned) -> dict[str, Any]:
@@ -229,15 +231,6 @@ def _fine_tune_metrics(tuned: FineTuned) -> dict[str, Any]:
         "ft-test-full-ndcg": tuned.test.full_ndcg,
         "ft-test-full-recall": tuned.test.full_recall,
     }
-
-
-def _insecure_marker(config: MarketConfig, market: str) -> dict[str, int]:
-    """Flag, in the reply and the region's log, a run whose DP noise anyone with the config can remove."""
-    if not config.dp_insecure_seeded_noise:
-        return {}
-    log(WARNING, "INSECURE: market %s draws its DP noise from the run config's seed (dp-insecure-seeded-noise); "
-        "whoever knows the config can remove it. Use it to reproduce experiments only.", market)
-    return {INSECURE_KEY: 1}
 
 
 def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, privacy: dict[str, float]) -> dict[str, Any]:

@@ -21,12 +21,21 @@ from common.market_config import MarketConfig
 from common.markets import market_seed
 from common.methods import get_method
 from common.model import SplitRecommender
-from common.privacy import PrivacyBudgetExceeded, PrivacyLedger
+from common.privacy import (
+    PrivacyBudget,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    calibrate_noise,
+    default_delta,
+    epsilon_of,
+    release_history,
+)
 from common.private_train import market_budget, popularity_seed, private_round_steps, private_steps, start_private_training
 from common.train import MarketTensors, TrainConfig
 
 from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
 
+INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 PRIVACY_KEY = "privacy-ledger"  # the market's ledger kept in context.state when it has no state-dir
 
 
@@ -57,6 +66,7 @@ class MarketPrivacy:
 
     def __init__(self, context: Context, market: str) -> None:
         self.context = context
+        self.market = market
         directory = state_dir(context)
         self.store = LedgerStore(directory, market) if directory else None
         self.state_store = MarketStateStore(directory, market) if directory else None
@@ -147,6 +157,50 @@ def round_ledger(
         entry.ledger if entry is not None else None, noise_seed,
     )
     return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])
+
+
+def release_ledger(privacy: MarketPrivacy, config: MarketConfig, num_users: int, training_id: str) -> LedgerEntry:
+    """The ledger DP-fedals releases from: one Gaussian release of the whole data per round.
+
+    Calibrated once per training: ``num-server-rounds`` releases at sample rate 1 get what the
+    market's lifetime ledger leaves of its budget (:func:`common.privacy.calibrate_noise`).
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If what the market spent before leaves nothing of its budget, or too little for the rounds.
+    """
+    entry = privacy.load()
+    calibration = {
+        "mechanism": "dp-fedals",
+        "users": num_users,
+        "releases": config.num_server_rounds,
+        "accountant": config.dp_accountant,
+    }
+    if entry is not None and entry.training_id == training_id and entry.calibration == calibration:
+        _tighten(entry.ledger, config, privacy.market)
+        return entry
+    budget = PrivacyBudget(config.dp_epsilon, config.dp_delta or default_delta(num_users), 1.0, config.dp_accountant)
+    history = list(entry.ledger.history) if entry is not None else []
+    releases = list(entry.ledger.releases) if entry is not None else []
+    prior = release_history(releases) + history
+    if (spent := epsilon_of(budget, prior)) >= budget.epsilon:
+        raise PrivacyBudgetExceeded(
+            f"Market '{privacy.market}' has spent epsilon {spent:.3f} of its budget of {budget.epsilon}: "
+            "nothing is left for a new training."
+        )
+    noise = calibrate_noise(budget, 1.0, config.num_server_rounds, prior)
+    ledger = PrivacyLedger(budget, noise, 1.0, history, releases)
+    return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])
+
+
+def insecure_marker(config: MarketConfig, market: str) -> dict[str, int]:
+    """Flag, in the reply and the region's log, a run whose DP noise anyone with the config can remove."""
+    if not config.dp_insecure_seeded_noise:
+        return {}
+    log(WARNING, "INSECURE: market %s draws its DP noise from the run config's seed (dp-insecure-seeded-noise); "
+        "whoever knows the config can remove it. Use it to reproduce experiments only.", market)
+    return {INSECURE_KEY: 1}
 
 
 def training_noise_seed(config: MarketConfig, market: str, server_round: int) -> int | None:

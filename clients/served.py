@@ -134,13 +134,14 @@ def write_best_model(
     context: Context, model: SplitRecommender, data: MarketTensors, catalog: Catalog, method: Method,
     fork: dict[str, Any] | None = None,
 ) -> None:
-    """Write the best round kept so far as the served model; fedper-ft serves its fine-tuned ``fork``.
+    """Write the best round kept so far as the served model; fedper-ft and fedals-pt serve their ``fork``.
 
     Parameters
     ----------
     fork : dict, optional
         ``{"state": state_dict, "round": r, "metrics": {...}, "spent": {...}}`` of
-        fedper-ft's fine-tuned model, served in place of the best round; in
+        fedper-ft's fine-tuned model or fedals-pt's private transfer, served in place of
+        the best round, with an optional ``"manifest"`` of extra manifest entries; in
         simulation the best round is then written as ``method.base``'s model.
     """
     market = data.split.market
@@ -195,6 +196,7 @@ def _write(
         "metrics": chosen["metrics"],
         "epsilon": chosen["spent"].get("epsilon"),
         "delta": chosen["spent"].get("delta"),
+        **chosen.get("manifest", {}),
     }
     write_served_model(directory, model, data, catalog, manifest)
     log(INFO, "Market %s wrote its served model (%s, round %s) to %s",

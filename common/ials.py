@@ -383,9 +383,10 @@ def _buckets(lengths: np.ndarray, width: int) -> list[tuple[int, np.ndarray]]:
 
 
 def _solve_segments(
-    gram: np.ndarray, rows: np.ndarray, targets: np.ndarray, lengths: np.ndarray, regularization: np.ndarray
+    gram: np.ndarray, rows: np.ndarray, targets: np.ndarray, lengths: np.ndarray, regularization: np.ndarray,
+    prior: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Solve ``(G + F_sᵀF_s + λ_s I) v_s = F_sᵀ t_s`` for every segment ``s`` of consecutive rows.
+    """Solve ``(G + F_sᵀF_s + λ_s I) v_s = F_sᵀ t_s + p_s`` for every segment ``s`` of consecutive rows.
 
     Parameters
     ----------
@@ -399,31 +400,37 @@ def _solve_segments(
         ``(s,)`` rows per segment.
     regularization : np.ndarray
         ``(s,)`` λ per segment.
+    prior : np.ndarray, optional
+        ``(s, d)`` an extra right-hand side ``p`` per segment (default zero): with ``μ`` added
+        to ``λ_s``, ``p_s = μ·y⁰_s`` pulls the solution toward ``y⁰_s`` (:func:`solve_items_toward`).
 
     Returns
     -------
     np.ndarray
-        ``(s, d)`` solutions; zero for empty segments.
+        ``(s, d)`` solutions; ``(G + λ_s I)⁻¹p_s`` (zero without a prior) for empty segments.
     """
     dim = gram.shape[0]
     eigenvalues, basis = np.linalg.eigh(gram)
     inverse = 1.0 / (np.clip(eigenvalues, 0.0, None)[None, :] + regularization[:, None])  # D⁻¹ per segment
     rotated = rows @ basis  # F in the eigenbasis, where G + λI is the diagonal D
     starts = segment_starts(lengths)
-    solution = np.zeros((len(lengths), dim))
+    # q = D⁻¹p: the solution of a segment without rows, and where the push-through starts from.
+    shifted = np.zeros((len(lengths), dim)) if prior is None else inverse * (np.asarray(prior, dtype=np.float64) @ basis)
+    solution = shifted.copy()
     for size, members in _buckets(lengths, dim):
         block = _padded(rotated, starts[members], lengths[members], size)  # (n, k, d)
         target = _padded(targets, starts[members], lengths[members], size)  # (n, k)
         inv = inverse[members]
-        if size < dim:  # push-through: v = D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹t, a k×k solve; padded rows give I
+        if size < dim:  # push-through: v = q + D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹(t − Fq), a k×k solve; padded rows give I
             capacitance = (block * inv[:, None, :]) @ block.transpose(0, 2, 1)
             capacitance[:, np.arange(size), np.arange(size)] += 1.0
-            weights = np.linalg.solve(capacitance, target[..., None])[..., 0]
-            solution[members] = inv * (weights[:, None, :] @ block)[:, 0]
-        else:  # (D + FᵀF) v = Fᵀt, a d×d solve
+            residual = target - (block @ shifted[members][..., None])[..., 0]
+            weights = np.linalg.solve(capacitance, residual[..., None])[..., 0]
+            solution[members] = shifted[members] + inv * (weights[:, None, :] @ block)[:, 0]
+        else:  # (D + FᵀF) v = Fᵀt + p, a d×d solve
             matrix = block.transpose(0, 2, 1) @ block
             matrix[:, np.arange(dim), np.arange(dim)] += 1.0 / inv
-            right = (target[:, None, :] @ block)[:, 0]
+            right = (target[:, None, :] @ block)[:, 0] + shifted[members] / inv
             solution[members] = np.linalg.solve(matrix, right[..., None])[..., 0]
     return solution @ basis.T
 
@@ -587,6 +594,28 @@ def _canonical_factor(summed: np.ndarray) -> tuple[int, np.ndarray]:
     triangle = np.linalg.qr(root, mode="r")
     triangle *= np.where(np.diagonal(triangle) < 0, -1.0, 1.0)[:, None]
     return int(keep.sum()), triangle
+
+
+def solve_items_with_prior(
+    market: MarketInteractions, user_factors: np.ndarray, prior: ItemFactors, prior_weight: float, config: IALSConfig
+) -> ItemFactors:
+    """One market's exact item step over ``prior.rows``, with ``μ(y − y⁰)`` added to each item's ridge.
+
+    ``(XᵀX + A_i + (λ_i + μ)I) y_i = b_i + μ y⁰_i`` with ``A_i``, ``b_i`` and ``λ_i`` from the
+    market's users alone; rows no user bought solve ``(XᵀX + (λ_i + μ)I) y_i = μ y⁰_i``. The
+    private transfer's local refit (:mod:`common.transfer`); μ = 0 is local iALS.
+    """
+    dim = prior.dim
+    items, counts, rows = _buyer_rows(market, user_factors, config)
+    if len(items) and not np.isin(items, prior.rows).all():
+        raise ValueError("The market has interactions on items outside the rows to solve.")
+    lengths = np.zeros(len(prior.rows), dtype=np.int64)
+    lengths[np.searchsorted(prior.rows, items)] = counts
+    gram = _augmented_gram(user_factors)
+    regularization = item_regularization(lengths, int(round(gram[dim, dim])), config) + prior_weight
+    factors = _solve_segments(gram[:dim, :dim], rows[:, :dim], rows[:, dim], lengths, regularization,
+                              prior=prior_weight * prior.factors)
+    return ItemFactors(prior.rows, factors)
 
 
 # --- the server's item step ----------------------------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Any
 from common.config import from_kebab_case
 from common.ials import CONFIDENCES, IALSConfig
 from common.ials_wire import WIRE_DTYPES
-from common.methods import get_method
 from common.privacy import ACCOUNTANTS, default_delta
 
 # Node config keys by which a region caps every run's DP budget: (exclusive upper bound, what is expected).
@@ -65,11 +64,6 @@ class MarketConfig:
         check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
         if self.als_wire not in WIRE_DTYPES:
             raise ValueError(f"als-wire must be one of {', '.join(WIRE_DTYPES)}, got '{self.als_wire}'.")
-        if get_method(self.method).solver == "als" and self.dp_epsilon > 0:
-            raise ValueError(
-                f"{self.method} trains without DP for now: set dp-epsilon to 0 (got {self.dp_epsilon}), "
-                "or choose an SGD method (fedavg, fedper, fedrep, fedper-ft) for a private training."
-            )
         for key, weight in (("global-weight", self.global_weight), ("dp-global-weight", self.dp_global_weight)):
             if not 0 <= weight <= 1:
                 raise ValueError(f"{key} must lie between 0 and 1, got {weight}.")

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from common.dp_ials import private_release_problem, solve_private_items
 from common.ials import IALSConfig, ItemFactors, lookup_rows, solve_items
 from common.ials_wire import pack_item_factors, unpack_statistics
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
@@ -48,9 +49,14 @@ class FedALS(FedAvg):
         False when it starts from other arrays (``init-from``).
     min_nodes : int
         Markets that must be connected before a round starts.
+    private : bool
+        The markets train under DP and reply with private releases (:mod:`common.dp_ials`),
+        which the server solves with DP-fedals' item step; exact statistics are then refused.
     """
 
-    def __init__(self, config: IALSConfig, num_items: int, seeded_start: bool, min_nodes: int = 2) -> None:
+    def __init__(
+        self, config: IALSConfig, num_items: int, seeded_start: bool, min_nodes: int = 2, private: bool = False
+    ) -> None:
         if num_items < 1:
             raise ValueError(f"FedALS needs an item table of at least one row, got {num_items}.")
         if min_nodes < 1:
@@ -59,6 +65,7 @@ class FedALS(FedAvg):
         self.config = config
         self.num_items = num_items
         self.seeded_start = seeded_start
+        self.private = private
         self._rows: dict[int, np.ndarray] = {}  # node id -> its assortment rows, from its last reply
         # The arrays of the current shared state, their non-zero rows (float32) and their Gram:
         # the rows alone, not a second dense copy of a table that can have a million rows.
@@ -90,16 +97,23 @@ class FedALS(FedAvg):
         The replies passed :meth:`reply_problem` (through the round loop's reply screen);
         each one also tells the server its node's rows for the next message.
         """
-        statistics, received = [], 0
+        statistics, releases, users, received = [], [], 0, 0
         for reply in replies:
             record = next(iter(reply.content.array_records.values()))
             payload = {name: array.numpy() for name, array in record.items()}
             received += sum(len(array.data) for array in record.values())
-            self._rows[reply.metadata.src_node_id] = payload.pop(ASSORTMENT_KEY).astype(np.int64)
-            statistics.append(unpack_statistics(payload))
-        if not statistics:
+            rows = payload.pop(ASSORTMENT_KEY).astype(np.int64)
+            self._rows[reply.metadata.src_node_id] = rows
+            if self.private:
+                releases.append((rows, payload))
+                metrics = next(iter(reply.content.metric_records.values()))
+                users += int(metrics.get("num-examples", 0))
+            else:
+                statistics.append(unpack_statistics(payload))
+        if not statistics and not releases:
             return None, None
-        solved = solve_items(statistics, self.config)
+        solved = solve_private_items(releases, max(users, 1), self.config) if self.private \
+            else solve_items(statistics, self.config)
         table = np.zeros((self.num_items, self.config.factors), dtype=np.float32)
         table[solved.rows] = solved.factors
         arrays = ArrayRecord(encoder_state(table))
@@ -123,6 +137,8 @@ class FedALS(FedAvg):
             payload = {name: array.numpy() for name, array in arrays.items()}
         except Exception as error:  # noqa: BLE001 - any undecodable payload is the sender's fault
             return f"its arrays cannot be decoded ({type(error).__name__}: {error})"
+        if self.private:
+            return private_release_problem(payload, self.num_items, self.config.factors)
         return reply_problem(payload, self.num_items, self.config.factors)
 
     def _configure(

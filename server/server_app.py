@@ -241,7 +241,7 @@ def main(grid: Grid, context: Context) -> None:
     catalog = load_catalog(config)
     if config.solved_by_als:
         strategy = FedALS(config.ials_config(), catalog.size, seeded_start=not config.init_from,
-                          min_nodes=config.min_nodes)
+                          min_nodes=config.min_nodes, private=market_config.dp_epsilon > 0)
     else:
         strategy = build_strategy(config.min_nodes, config.market_dp())
     fingerprint = run_fingerprint(context.run_config, catalog)

@@ -25,6 +25,9 @@ Curve = list[dict[str, float]]  # one market's metrics per round, round 0 first
 SAMPLED_METRICS = ("ndcg@10", "hr@10")  # every market reports these
 # Full-assortment metrics in results.json -> the curve point (and reply metric) they come from.
 FULL_METRICS = {"full-ndcg@10": "test-full-ndcg", "full-recall@10": "test-full-recall"}
+FINE_TUNED, TRANSFERRED = "fine-tuned", "transferred"
+# Reply-metric prefixes of a method's final step after the last round -> the curve point's key.
+FINAL_STEPS = {"ft-": FINE_TUNED, "pt-": TRANSFERRED}
 # Reply metrics a market may send beside the sampled ones (``ft-`` prefixed for fedper-ft's fork).
 FULL_REPLY_KEYS = ("val-full-ndcg", "val-full-recall", "test-full-ndcg", "test-full-recall")
 
@@ -52,24 +55,28 @@ def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
                 "delta": metrics.get("delta"),
                 **{key: metrics[key] for key in FULL_REPLY_KEYS if key in metrics},
             }
-            if "ft-test-ndcg" in metrics:
-                point["fine-tuned"] = {key[3:]: value for key, value in metrics.items() if key.startswith("ft-")}
+            for prefix, key in FINAL_STEPS.items():
+                if f"{prefix}test-ndcg" in metrics:
+                    point[key] = {name[len(prefix):]: value for name, value in metrics.items() if name.startswith(prefix)}
             curves.setdefault(market, []).append(point)
     return curves
 
 
-def fine_tuned_curves(curves: dict[str, Curve]) -> dict[str, Curve]:
-    """fedper-ft as a method of its own: each market's fork after the last round."""
-    tuned = {}
+def final_step_curves(curves: dict[str, Curve], step: str) -> dict[str, Curve]:
+    """fedper-ft (``step`` fine-tuned) or fedals-pt (transferred) as a method of its own.
+
+    Each market's one point is its model after the last round's final step.
+    """
+    final_points = {}
     for market, curve in curves.items():
         final = curve[-1]
-        if "fine-tuned" not in final:
-            raise ValueError(f"Market '{market}' reported no fine-tuned metrics after the last round.")
-        tuned[market] = [
+        if step not in final:
+            raise ValueError(f"Market '{market}' reported no {step} metrics after the last round.")
+        final_points[market] = [
             {"round": final["round"], "users": final["users"], "epsilon": final["epsilon"], "delta": final["delta"],
-             **final["fine-tuned"]}
+             **final[step]}
         ]
-    return tuned
+    return final_points
 
 
 def select_on_validation(curve: Curve) -> dict[str, float]:

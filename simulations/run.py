@@ -48,8 +48,10 @@ from simulations.blend import ALS_METHOD, BLEND, blend_partner, run_blend
 from simulations.flower_runtime import SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.progress import RoundProgress, say
 from simulations.results import (
+    FINE_TUNED,
+    TRANSFERRED,
     federated_curves,
-    fine_tuned_curves,
+    final_step_curves,
     method_summary,
     plot_rounds,
     selection_summary,
@@ -315,9 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.dp_insecure_seeded_noise:
             say("INSECURE: DP noise and sampling are seeded from --seed; whoever knows the config can remove the noise")
     curves_by_method = {}
-    # fedper-ft trains exactly as fedper and only adds a final fine-tuning
-    # step, so when both are asked for, one run yields both.
-    runs = [m for m in args.methods if not (m == "fedper" and "fedper-ft" in args.methods) and m != BLEND]
+    # fedper-ft trains exactly as fedper and only adds a final fine-tuning step (fedals-pt: fedals
+    # and a private transfer), so when both are asked for, one run yields both.
+    bases = {METHODS[m].base for m in args.methods if m in METHODS and METHODS[m].base}
+    runs = [m for m in args.methods if m not in bases and m != BLEND]
     for method in runs:
         say(f"== {method} ==")
         started = time.perf_counter()
@@ -337,10 +340,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curves, rounds = run_federated(args, method, markets)
             results["rounds"].extend({"method": method, **entry} for entry in rounds)
         seconds = time.perf_counter() - started
-        if method == "fedper-ft":
-            if "fedper" in args.methods:
-                record_method(results, curves_by_method, "fedper", curves, seconds)
-            curves = fine_tuned_curves(curves)
+        if method in METHODS and METHODS[method].base:
+            if METHODS[method].base in args.methods:
+                record_method(results, curves_by_method, METHODS[method].base, curves, seconds)
+            curves = final_step_curves(curves, TRANSFERRED if METHODS[method].transfer else FINE_TUNED)
         record_method(results, curves_by_method, method, curves, seconds)
     if BLEND in args.methods:
         say(f"== {BLEND} ==")

@@ -13,7 +13,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 
-from clients.client_app import INSECURE_KEY, app
+from clients.client_app import app
+from clients.privacy_state import INSECURE_KEY
 from clients.local_model import LOCAL_STATE_KEY
 from clients.messages import RegionError
 from clients.privacy_state import MarketPrivacy

@@ -14,7 +14,7 @@ from common.markets import MarketSource, load_split
 from common.metrics import hit_rate_at_k, ndcg_at_k
 from common.model import ModelConfig, SplitRecommender
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
-from simulations.results import federated_curves, fine_tuned_curves, method_summary, selection_summary, write_results
+from simulations.results import FINE_TUNED, federated_curves, final_step_curves, method_summary, selection_summary, write_results
 
 OFFSET = 7  # as in the pooled baseline: the market's users sit after other markets' in the user table
 
@@ -214,7 +214,7 @@ def test_fine_tuned_full_metrics_reach_fedper_ft():
     for market, metrics in history["rounds"][-1]["per_market"].items():
         metrics |= {f"ft-{key}": value for key, value in _reply(0.6, 0.5, 0.2).items() if key != "num-examples"}
 
-    summary = method_summary(fine_tuned_curves(federated_curves(history)), seconds=1.0)
+    summary = method_summary(final_step_curves(federated_curves(history), FINE_TUNED), seconds=1.0)
 
     assert summary["per_market"]["a"]["full-ndcg@10"] == 0.2
     assert summary["macro"]["full-recall@10"] == pytest.approx(0.24)
