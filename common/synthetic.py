@@ -35,6 +35,10 @@ class SyntheticConfig:
     # catalogs of a million products generate in seconds (scale benchmarks).
     candidates: int = 0
     seed: int = 0  # everything below is a deterministic function of this
+    # Dense rule only: draw this many users' choices at a time (0: all at once). The draws
+    # are the same either way; blocks keep memory at block x items instead of users x items,
+    # which 100k-user markets need.
+    user_block: int = 0
 
     def __post_init__(self) -> None:
         if self.markets < 1:
@@ -51,6 +55,8 @@ class SyntheticConfig:
             )
         if self.mean_interactions < 5:
             raise ValueError(f"Users need at least 5 interactions, got {self.mean_interactions}.")
+        if self.user_block < 0:
+            raise ValueError(f"user_block is a number of users, or 0 for all at once, got {self.user_block}.")
         if self.candidates and self.candidates < 4 * self.mean_interactions:
             raise ValueError(
                 f"Each user needs several candidates per interaction; use 0 (every product) or at "
@@ -88,10 +94,13 @@ def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
         if config.candidates:
             chosen = _choose_among_candidates(rng, config, user_factors, item_factors[items], popularity, counts.max())
         else:
-            logits = config.sharpness * user_factors @ item_factors[items].T + popularity
-            # Gumbel top-k draws each user's distinct items in proportion to softmax(logits).
-            perturbed = logits + rng.gumbel(size=logits.shape)
-            chosen = np.argsort(-perturbed, axis=1)[:, : counts.max()]
+            block = config.user_block or users
+            chosen = np.empty((users, counts.max()), dtype=np.int64)
+            for start in range(0, users, block):  # one block of users at a time draws the same numbers
+                logits = config.sharpness * user_factors[start : start + block] @ item_factors[items].T + popularity
+                # Gumbel top-k draws each user's distinct items in proportion to softmax(logits).
+                perturbed = logits + rng.gumbel(size=logits.shape)
+                chosen[start : start + block] = np.argsort(-perturbed, axis=1)[:, : counts.max()]
         rows = [
             (f"{market}-u{user:05d}", item_ids[items[item]], step)
             for user in range(users)
