@@ -119,8 +119,9 @@ class FedALS(FedAvg):
         arrays = ArrayRecord(encoder_state(table))
         del table  # the arrays hold it now; the rows below are all the server keeps besides
         self._state = (arrays, *_nonzero_rows_and_gram(solved.rows, solved.factors.astype(np.float32)))
-        log(INFO, "fedals round %d: solved %d item rows from %d markets' statistics (%d bytes received)",
-            server_round, len(solved.rows), len(statistics), received)
+        log(INFO, "fedals round %d: solved %d item rows from %d markets' %s (%d bytes received)",
+            server_round, len(solved.rows), len(releases) if self.private else len(statistics),
+            "DP releases" if self.private else "statistics", received)
         return arrays, None
 
     def reply_problem(self, arrays: ArrayRecord, sent: ArrayRecord) -> str | None:

@@ -80,9 +80,9 @@ class ServerConfig:
         check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
         if self.solved_by_als and self.market_dp_noise_multiplier != 0:
             raise ValueError(
-                f"{self.method} trains without DP for now: set market-dp-noise-multiplier to 0 (got "
-                f"{self.market_dp_noise_multiplier}), or choose an SGD method (fedavg, fedper, fedrep, fedper-ft) "
-                "for market-level DP."
+                f"{self.method} has no market-level DP: set market-dp-noise-multiplier to 0 (got "
+                f"{self.market_dp_noise_multiplier}) and dp-epsilon for its user-level DP, or choose an SGD method "
+                "(fedavg, fedper, fedrep, fedper-ft) for market-level DP."
             )
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be at least 1, got {self.num_server_rounds}.")

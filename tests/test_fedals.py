@@ -344,24 +344,11 @@ def test_a_deployed_region_trains_and_writes_its_served_model_to_its_state_dir(t
     assert (tmp_path / "state" / "m02.best.pt").exists()
 
 
-@pytest.mark.parametrize(
-    ("overrides", "reader", "message"),
-    [
-        ({"dp-epsilon": 4.0}, MarketConfig, "fedals trains without DP for now: set dp-epsilon to 0"),
-        ({"market-dp-noise-multiplier": 1.0}, ServerConfig,
-         "fedals trains without DP for now: set market-dp-noise-multiplier to 0"),
-    ],
-)
-def test_fedals_under_dp_is_refused_up_front(overrides, reader, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        reader.from_run_config(_run_config(**overrides))
-
-
-def test_the_harness_refuses_fedals_under_dp_before_anything_starts(capsys):
-    with pytest.raises(SystemExit):
-        harness.parse_args(["--methods", "local,fedals", "--dp-epsilon", "2"])
-
-    assert "fedals trains without DP for now" in capsys.readouterr().err
+def test_fedals_under_market_level_dp_is_refused_up_front():
+    # Market-level DP clips and noises averaged updates; fedals sums statistics instead (its DP is
+    # user-level, in each market: tests/test_dp_fedals.py).
+    with pytest.raises(ValueError, match="fedals has no market-level DP: set market-dp-noise-multiplier to 0"):
+        ServerConfig.from_run_config(_run_config(**{"market-dp-noise-multiplier": 1.0}))
 
 
 def test_a_resume_refuses_changed_als_settings():
