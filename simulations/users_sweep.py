@@ -223,29 +223,39 @@ def harness_run(args: argparse.Namespace, methods: list[str], settings: dict[str
 
 
 def summarise(results: dict[str, Any], methods: list[str]) -> dict[str, Any]:
-    """Per method: macro test NDCG@10, and ε, δ spent where the run reports them, and its seconds."""
+    """Per method: macro test NDCG@10, its seconds, and under DP the most ε any market had spent.
+
+    ``epsilon`` is at the round each market's validation chose (what its reported model had
+    spent), ``run-epsilon`` at the run's last round (what the whole training spent).
+    """
+    last = max((entry["round"] for entry in results["rounds"]), default=None)
+    spent = [market.get("epsilon") for entry in results["rounds"] if entry["round"] == last
+             for market in entry["per_market"].values()]
     summary = {}
     for method in methods:
         entry = results["methods"][method]
         summary[method] = {"ndcg@10": entry["macro"]["ndcg@10"], "seconds": entry.get("seconds")}
-        for key in ("epsilon", "delta"):
-            if entry.get(key) is not None:
-                summary[method][key] = entry[key]
+        chosen = [market.get("epsilon") for market in entry["per_market"].values()]
+        if all(value is not None for value in chosen):
+            summary[method]["epsilon"] = max(chosen)
+            summary[method]["delta"] = max(market["delta"] for market in entry["per_market"].values())
+        if spent and all(value is not None for value in spent):
+            summary[method]["run-epsilon"] = max(spent)
     return summary
 
 
 def table(report: dict[str, Any]) -> str:
     """Markdown: one row per size, each method's NDCG@10 without and with DP and their ratio."""
     methods, label = report["methods"], report["epsilon-label"]
-    header = "| users/market | markets | rounds | items sold (mean) | interactions/user |"
-    rule = "|---:|---:|---:|---:|---:|"
+    header = "| users/market | markets | rounds | items touched (mean) | interactions/user | ε spent |"
+    rule = "|---:|---:|---:|---:|---:|---:|"
     for method in methods:
         header += f" {method} non-private | {method} ε={label} | fraction |"
         rule += "---:|---:|---:|"
-    lines = [header + " minutes |", rule + "---:|"]
+    lines = [header + " minutes (both runs) |", rule + "---:|"]
     for size in report["sizes"].values():
         cells = [f"{size['users']:,}", str(size["markets"]), str(size["rounds"]), f"{size['items-touched']:,.0f}",
-                 f"{size['interactions-per-user']:.2f}"]
+                 f"{size['interactions-per-user']:.2f}", _spent(size)]
         for method in methods:
             plain, private = size["non-private"].get(method), size["dp"].get(method)
             fraction = size["fraction"].get(method)
@@ -260,6 +270,12 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _spent(size: dict[str, Any]) -> str:
+    """The most ε a private run of this size spent, or a dash where the runs do not say."""
+    spent = [entry["run-epsilon"] for entry in size["dp"].values() if "run-epsilon" in entry]
+    return f"{max(spent):.2f}" if spent else "–"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """The fraction of non-private NDCG@10 against users per market (log axis), the target dashed, crossings marked."""
     figure, axis = plt.subplots(figsize=(6.8, 4.4))
@@ -271,9 +287,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
             continue
         line, = axis.plot(*zip(*points, strict=True), "o-", label=f"{method}, ε = {report['epsilon-label']}")
         found = report["crossing"][method]
-        if found["status"] != "not-reached":
+        if found["status"] == "not-reached":
+            axis.annotate(f"< {report['target']:.0%} up to {points[-1][0]:,}", points[-1], textcoords="offset points",
+                          xytext=(-10, 10), ha="right", color=line.get_color())
+        else:
             axis.plot([found["users"]], [report["target"]], "*", markersize=15, color=line.get_color())
-            axis.annotate(f"{found['users']:,.0f}", (found["users"], report["target"]), textcoords="offset points",
+            text = f"{'≤ ' if found['status'] == 'at-smallest' else '≈ '}{found['users']:,.0f}"
+            axis.annotate(text, (found["users"], report["target"]), textcoords="offset points",
                           xytext=(6, -14), color=line.get_color())
     axis.axhline(report["target"], linestyle="--", color="grey", label=f"{report['target']:.0%} of non-private")
     axis.set_xscale("log")
@@ -281,7 +301,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axis.minorticks_off()
     axis.set_xlabel("users per market")
     axis.set_ylabel("macro test NDCG@10, DP / non-private")
-    axis.set_title(f"{report['items-per-market']:,} items and {report['interactions-per-user']} interactions per user")
+    axis.set_title(f"equal markets selling {report['items-per-market']:,} items, "
+                   f"{report['interactions-per-user']} interactions per user")
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()
@@ -329,7 +350,6 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             settings = size_settings(args, size, users[-1])
             directory = args.out / f"users-{size}"
             directory.mkdir(parents=True, exist_ok=True)
-            clock = time.perf_counter()
             say(f"=== {size:,} users per market: {settings['markets']} markets, {settings['rounds']} rounds, "
                 f"{time.perf_counter() - started:.0f} s so far ===")
             shape = federation(settings, directory)
@@ -348,7 +368,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 "generated": shape["markets"],
                 "non-private": plain, "dp": private,
                 "fraction": {m: private[m]["ndcg@10"] / plain[m]["ndcg@10"] for m in methods if plain[m]["ndcg@10"] > 0},
-                "seconds": time.perf_counter() - clock,
+                # The harness's seconds of both runs (as they were, when reused), as each run's methods share one.
+                "seconds": sum(max(m["seconds"] or 0.0 for m in run.values()) for run in runs.values()),
             }
             report["sizes"][str(size)] = entry
             say(f"{size:,} users: " + ", ".join(

@@ -106,6 +106,7 @@ def test_a_small_sweep_runs_both_trainings_per_size_and_writes_its_report(tmp_pa
             assert fraction == pytest.approx(private["methods"][method]["macro"]["ndcg@10"]
                                              / plain["methods"][method]["macro"]["ndcg@10"])
         assert entry["generated"]["m00"]["users"] == int(size)
+        assert 0 < entry["dp"]["fedals"]["run-epsilon"] <= 8 and "run-epsilon" not in entry["non-private"]["fedals"]
     assert set(report["crossing"]) == {"fedals", "fedals-pt"}
     rows = list(csv.DictReader(open(tmp_path / "users.csv", encoding="utf-8")))
     assert [(row["users"], row["method"]) for row in rows] == [
