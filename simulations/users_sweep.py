@@ -7,8 +7,8 @@ that many users each is generated (:mod:`common.synthetic`), shaped like XMarket
 Electronics' median market (``de``: 1,851 users, 2,179 items, 8.99 interactions per user,
 median 8): each market sells ``--items-per-market`` products of one shared catalog and each
 user has ``--interactions-per-user`` on average (5 + Poisson, as the 5-core files have at
-least 5). On each federation the DP method (``--methods``, fedals by default, and fedals-pt
-where the harness has it) runs twice through :func:`simulations.run.main`, the real Flower
+least 5). On each federation the DP methods (``--methods``: fedals and fedals-pt, its private
+transfer, which one fedals training reports both) run twice through :func:`simulations.run.main`, the real Flower
 harness: without DP (the reference) and with ``--dp-epsilon`` per market (the harness's
 delta, 0.1 / users of the market). The answer per size is the macro test NDCG@10 at ε as a
 fraction of the same method without DP, and the users per market at which that fraction
@@ -285,12 +285,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
                   if size["fraction"].get(method) is not None]
         if not points:
             continue
-        line, = axis.plot(*zip(*points, strict=True), "o-", label=f"{method}, ε = {report['epsilon-label']}")
         found = report["crossing"][method]
-        if found["status"] == "not-reached":
-            axis.annotate(f"< {report['target']:.0%} up to {points[-1][0]:,}", points[-1], textcoords="offset points",
-                          xytext=(-10, 10), ha="right", color=line.get_color())
-        else:
+        short = f" (< {report['target']:.0%} up to {points[-1][0]:,})" if found["status"] == "not-reached" else ""
+        line, = axis.plot(*zip(*points, strict=True), "o-", label=f"{method}, ε = {report['epsilon-label']}{short}")
+        if not short:
             axis.plot([found["users"]], [report["target"]], "*", markersize=15, color=line.get_color())
             text = f"{'≤ ' if found['status'] == 'at-smallest' else '≈ '}{found['users']:,.0f}"
             axis.annotate(text, (found["users"], report["target"]), textcoords="offset points",
