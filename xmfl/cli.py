@@ -32,7 +32,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "simulate": Command("simulations.run", "simulate markets here: federated methods beside baselines"),
     "privacy-sweep": Command("simulations.privacy_sweep", "federated quality against each market's DP budget"),
-    "benchmark": Command("simulations.benchmark", "benchmarks: quality, scale, dp-step, latency, join, continue"),
+    "benchmark": Command("simulations.benchmark", "quality, scale, dp-step, dp-users, latency, join, continue"),
     "ials-tuning": Command("simulations.ials_tuning", "tune fedals' iALS settings on validation"),
     "catalog": Command("deploy.catalog", "write the company catalog from a product list or market files"),
     "credentials": Command("deploy.make_credentials", "write a deployment's certificates and keys (development CA)"),
