@@ -49,6 +49,11 @@ METHODS = {
 BASELINES = ("local", "pooled", "popular", "pooled-ials", "implicit-local", "implicit-pooled")
 
 
+def transfer_variant(name: str) -> str | None:
+    """The private-transfer variant of method ``name`` (fedals: fedals-pt), or None when it has none."""
+    return next((method.name for method in METHODS.values() if method.transfer and method.base == name), None)
+
+
 def get_method(name: str) -> Method:
     """The federated method called ``name``; raises on unknown names."""
     if name not in METHODS:

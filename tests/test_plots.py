@@ -3,7 +3,7 @@
 import matplotlib.pyplot as plt
 import pytest
 
-from simulations.privacy_sweep import plot, privacy_figure
+from simulations.privacy_plot import plot, privacy_figure
 from simulations.results import macro_per_round, plot_rounds, rounds_figure
 
 

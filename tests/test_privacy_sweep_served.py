@@ -3,10 +3,10 @@
 import matplotlib.pyplot as plt
 import pytest
 
+from simulations.privacy_plot import privacy_figure
 from simulations.privacy_sweep import (
     NO_GAIN,
     mean_over_seeds,
-    privacy_figure,
     retention,
     retention_table,
     served_summary,
