@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.ials import IALSConfig, ItemFactors, MarketInteractions, item_regularization
-from common.ials_model import ASSORTMENT_KEY
+from common.ials_model import ASSORTMENT_KEY, floats_problem, rows_problem
 
 RELEASE_KEYS = ("sums", "counts", "gram", "interaction-gram")
 _SOLVE_CHUNK = 1024  # items per batched d×d solve: 128 MB of float64 at d = 128
@@ -191,19 +191,12 @@ def private_release_problem(payload: dict[str, np.ndarray], num_items: int, dim:
         missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
         return f"its arrays are not a DP-fedals release: missing {missing}, unexpected {extra}"
     rows = payload[ASSORTMENT_KEY]
-    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
-        return f"array {ASSORTMENT_KEY!r} is {rows.dtype} {rows.shape}, not a vector of whole numbers"
-    if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
-        return f"array {ASSORTMENT_KEY!r} holds rows outside the catalog's {num_items}"
-    if np.any(np.diff(rows) <= 0):
-        return f"array {ASSORTMENT_KEY!r} is not sorted and distinct"
+    if problem := rows_problem(ASSORTMENT_KEY, rows, num_items):
+        return problem
     shapes = {"sums": (len(rows), dim), "counts": (len(rows),), "gram": (dim, dim), "interaction-gram": (dim, dim)}
     for name, shape in shapes.items():
-        array = payload[name]
-        if not np.issubdtype(array.dtype, np.floating):
-            return f"array {name!r} is {array.dtype}, not float"
-        if array.shape != shape:
-            return f"array {name!r} is {array.shape}, not {shape} for {len(rows)} rows of {dim} factors"
-        if not np.isfinite(array).all():
-            return f"array {name!r} holds {int((~np.isfinite(array)).sum())} non-finite values"
+        if payload[name].shape != shape:
+            return f"array {name!r} is {payload[name].shape}, not {shape} for {len(rows)} rows of {dim} factors"
+        if problem := floats_problem(name, payload[name]):
+            return problem
     return None

@@ -596,15 +596,18 @@ def _canonical_factor(summed: np.ndarray) -> tuple[int, np.ndarray]:
     return int(keep.sum()), triangle
 
 
-def solve_items_with_prior(
+def solve_items_toward(
     market: MarketInteractions, user_factors: np.ndarray, prior: ItemFactors, prior_weight: float, config: IALSConfig
 ) -> ItemFactors:
-    """One market's exact item step over ``prior.rows``, with ``μ(y − y⁰)`` added to each item's ridge.
+    """One market's exact item step over ``prior.rows``, pulled toward ``prior`` with weight μ ≥ 0.
 
-    ``(XᵀX + A_i + (λ_i + μ)I) y_i = b_i + μ y⁰_i`` with ``A_i``, ``b_i`` and ``λ_i`` from the
-    market's users alone; rows no user bought solve ``(XᵀX + (λ_i + μ)I) y_i = μ y⁰_i``. The
-    private transfer's local refit (:mod:`common.transfer`); μ = 0 is local iALS.
+    ``(XᵀX + A_i + (λ_i + μ)I) y_i = b_i + μ y⁰_i`` with ``A_i = Σ_{u∈U_i}(c_ui−1)x_u x_uᵀ``,
+    ``b_i = Σ_{u∈U_i} c_ui x_u`` and ``λ_i`` from the market's users alone (its interactions must
+    lie in ``prior.rows``); rows no user bought shrink toward ``y⁰_i``. The private transfer's
+    local refit (:mod:`common.transfer`); μ = 0 is the plain local iALS item step.
     """
+    if prior_weight < 0:
+        raise ValueError(f"The prior's weight must be non-negative, got {prior_weight}.")
     dim = prior.dim
     items, counts, rows = _buyer_rows(market, user_factors, config)
     if len(items) and not np.isin(items, prior.rows).all():

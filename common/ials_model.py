@@ -288,6 +288,26 @@ def initial_encoder_state(num_items: int, config: IALSConfig) -> dict[str, torch
 # --- what a market replies ------------------------------------------------------------------------
 
 
+def rows_problem(name: str, rows: np.ndarray, num_items: int) -> str | None:
+    """What is wrong with a reply's vector of catalog rows ``name``, or None: whole numbers, in the catalog, sorted, distinct."""
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        return f"array {name!r} is {rows.dtype} {rows.shape}, not a vector of whole numbers"
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
+        return f"array {name!r} holds rows outside the catalog's {num_items}"
+    if np.any(np.diff(rows) <= 0):
+        return f"array {name!r} is not sorted and distinct"
+    return None
+
+
+def floats_problem(name: str, array: np.ndarray) -> str | None:
+    """What is wrong with a reply's float array ``name``, or None: a float type, finite values."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return f"array {name!r} is {array.dtype}, not float"
+    if not np.isfinite(array).all():
+        return f"array {name!r} holds {int((~np.isfinite(array)).sum())} non-finite values"
+    return None
+
+
 def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -> str | None:
     """What is wrong with a fedals train reply's arrays, or None.
 
@@ -312,16 +332,12 @@ def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -
         if payload[name].ndim != 1 or not np.issubdtype(payload[name].dtype, np.integer):
             return f"array {name!r} is {payload[name].dtype} {payload[name].shape}, not a vector of whole numbers"
     for name in ("factor", "gram"):
-        if not np.issubdtype(payload[name].dtype, np.floating):
-            return f"array {name!r} is {payload[name].dtype}, not float"
-        if not np.isfinite(payload[name]).all():
-            return f"array {name!r} holds {int((~np.isfinite(payload[name])).sum())} non-finite values"
+        if problem := floats_problem(name, payload[name]):
+            return problem
     assortment, items = payload[ASSORTMENT_KEY], payload["items"]
     for name, rows in ((ASSORTMENT_KEY, assortment), ("items", items)):
-        if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
-            return f"array {name!r} holds rows outside the catalog's {num_items}"
-        if np.any(np.diff(rows) <= 0):
-            return f"array {name!r} is not sorted and distinct"
+        if problem := rows_problem(name, rows, num_items):
+            return problem
     if not np.isin(items, assortment).all():
         return "it has statistics of items outside the assortment it declares"
     if payload["gram"].shape != (dim + 1, dim + 1):

@@ -27,9 +27,8 @@ import numpy as np
 from common.ials import (
     IALSConfig,
     ItemFactors,
-    MarketInteractions,
     initial_item_factors_table,
-    solve_items_with_prior,
+    solve_items_toward,
     solve_users,
 )
 from common.ials_model import IALSMarket, evaluate_market
@@ -39,42 +38,6 @@ from common.train import RankingMetrics
 PRIOR_WEIGHTS = (1.0, 10.0, 100.0)  # μ of the prior-μ candidates: from "the market's data decides" to "the shared table does"
 REFIT_ITERATIONS = 5  # ALS iterations of a refit from the shared factors (a warm start converges in a few)
 SHARED, OWN = "shared", "own"
-
-
-def solve_items_toward(
-    market: MarketInteractions,
-    user_factors: np.ndarray,
-    prior: ItemFactors,
-    prior_weight: float,
-    config: IALSConfig,
-) -> ItemFactors:
-    """The market's own item step over ``prior.rows``, pulled toward ``prior`` with weight μ.
-
-    Each item solves ``(XᵀX + Σ_{u∈U_i}(c_ui−1)x_u x_uᵀ + (λ_i + μ)I) y_i = Σ_{u∈U_i} c_ui x_u + μ y⁰_i``
-    over the market's users alone (``λ_i`` from the market's own buyer counts); an item no user
-    of the market bought shrinks toward ``y⁰_i``. μ = 0 is the plain local iALS item step.
-
-    Parameters
-    ----------
-    market : MarketInteractions
-        The market's training interactions; their items must lie in ``prior.rows``.
-    user_factors : np.ndarray
-        ``(num_users, d)`` from :func:`common.ials.solve_users`.
-    prior : ItemFactors
-        ``y⁰``: the rows to solve (the market's assortment) and the factors to pull toward.
-    prior_weight : float
-        μ ≥ 0.
-    config : IALSConfig
-        Hyper-parameters (λ, α, ν, the confidence).
-
-    Returns
-    -------
-    ItemFactors
-        The solved factors of ``prior.rows``.
-    """
-    if prior_weight < 0:
-        raise ValueError(f"The prior's weight must be non-negative, got {prior_weight}.")
-    return solve_items_with_prior(market, user_factors, prior, prior_weight, config)
 
 
 def refit(
