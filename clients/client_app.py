@@ -15,21 +15,25 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from common.config import parse_bool
 from common.market_config import MarketConfig
 from common.markets import market_seed
 from common.methods import FineTuned, fine_tune, get_method, local_round
 from common.model import SplitRecommender, get_arrays
 from common.privacy import PrivacyBudgetExceeded
-from common.private_train import privacy_units, private_round, train_epochs_private
+from common.private_train import private_round, train_epochs_private
 from common.train import MarketTensors, TrainConfig, evaluate
 
 from clients import fedals
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, build_local_model, persist
-from clients.messages import RECEIVED_PREFIX, errors_stay_in_region, evaluation_metrics, reply
+from clients.messages import RECEIVED_PREFIX, Disclosure, errors_stay_in_region, evaluation_metrics, reply
 from clients.privacy_state import (
     MarketPrivacy,
     insecure_marker,
     out_of_budget,
+    region_policy,
+    released_users,
+    released_weight,
     round_ledger,
     training_noise_seed,
 )
@@ -96,6 +100,7 @@ def _train(msg: Message, context: Context) -> Message:
     model, data, config, shared, _ = build_local_model(msg, context)
     round_config = msg.content["config"]
     market = data.split.market
+    policy = region_policy(context, market)
     server_round = int(round_config["server-round"])
     training_id = str(round_config.get("training-id", ""))
     seed = market_seed(market, config.seed) + 1000 * server_round
@@ -104,7 +109,7 @@ def _train(msg: Message, context: Context) -> Message:
     privacy = MarketPrivacy(context, market)
     examples = data.split.num_train
     metrics: dict[str, Any] = {}
-    if bool(round_config.get("evaluate-received", False)):
+    if parse_bool("evaluate-received", round_config.get("evaluate-received", False)):
         # The previous round's evaluation, folded into this message: the
         # received encoder with the head as the previous round left it.
         received = _evaluation_metrics(model, data, privacy.spent(config))
@@ -117,14 +122,14 @@ def _train(msg: Message, context: Context) -> Message:
         # interactions moves with one user's history, and every market
         # receives the average. The number of users is public already (it
         # sets the sample rate, the steps and the default delta).
-        examples = privacy_units(data)
         with privacy.hold():
             loss, entry = float("nan"), privacy.load()
             try:
-                entry = round_ledger(privacy, config, model, data, train_config, training_id)
+                entry = round_ledger(privacy, config, model, data, train_config, training_id, policy)
+                examples = released_users(entry)
                 loss = private_round(
                     model, data, method, train_config, entry.ledger, seed,
-                    training_noise_seed(config, market, server_round),
+                    training_noise_seed(policy, config, market, server_round),
                 )
             except PrivacyBudgetExceeded as error:
                 # Out of budget: the market neither trains nor keeps or sends what
@@ -134,7 +139,7 @@ def _train(msg: Message, context: Context) -> Message:
             if entry is not None:
                 privacy.save(entry)
             metrics.update(privacy.spent(config))
-        metrics.update(insecure_marker(config, market))
+        metrics.update(insecure_marker(policy, market))
     else:
         loss = local_round(model, data, method, train_config, seed)
     train_seconds = time.perf_counter() - started
@@ -156,7 +161,7 @@ def _train(msg: Message, context: Context) -> Message:
             "val-hr": valid.hit_rate,
         }
     )
-    return reply(msg, market, metrics, ArrayRecord(sent))
+    return reply(msg, market, metrics, ArrayRecord(sent), disclosure=Disclosure.of(config, policy))
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
@@ -168,8 +173,11 @@ def _evaluate(msg: Message, context: Context) -> Message:
     server_round = int(round_config.get("server-round", 0))
     remember_if_best(context, model, market, server_round, metrics, str(round_config.get("training-id", "")))
     fork = None
-    if int(round_config.get("fine-tune-epochs", 0)) > 0:
-        tuned_metrics, tuned = _fine_tune(msg, context, model, data, config, privacy)
+    # The fork is fedper-ft's alone, and never longer than the run's fine-tune-epochs, for which
+    # the budget was calibrated: the server's message cannot make a market spend more.
+    epochs = min(int(round_config.get("fine-tune-epochs", 0)), config.fine_tune_epochs)
+    if get_method(config.method).fine_tune and epochs > 0:
+        tuned_metrics, tuned = _fine_tune(msg, context, model, data, config, privacy, epochs)
         metrics.update(tuned_metrics)
         fork = {
             "state": tuned.state or model.state_dict(),
@@ -178,9 +186,10 @@ def _evaluate(msg: Message, context: Context) -> Message:
                         if key.startswith(("ft-val", "ft-test"))},
             "spent": privacy.spent(config),
         }
-    if bool(round_config.get(FINAL_KEY, False)):
+    if parse_bool(FINAL_KEY, round_config.get(FINAL_KEY, False)):
         write_best_model(context, model, data, catalog, get_method(config.method), fork)
-    return reply(msg, market, metrics)
+    weight = released_weight(privacy) if config.dp_epsilon > 0 else None
+    return reply(msg, market, metrics, disclosure=Disclosure.of(config, region_policy(context, market), weight))
 
 
 def _fine_tune(
@@ -190,33 +199,39 @@ def _fine_tune(
     data: MarketTensors,
     config: MarketConfig,
     privacy: MarketPrivacy,
+    epochs: int,
 ) -> tuple[dict[str, Any], FineTuned]:
-    """fedper-ft's private fork, trained after the last round; its metrics and itself at the best validation epoch."""
+    """fedper-ft's private fork, trained for ``epochs`` after the last round; its metrics and itself at the best
+    validation epoch. Under DP an epoch the budget cannot pay for is not trained."""
     round_config = msg.content["config"]
     market = data.split.market
     seed = market_seed(market, config.seed) + 999_999
     train_config = local_train_config(round_config, config)
-    epochs = int(round_config["fine-tune-epochs"])
     if config.dp_epsilon <= 0:
         tuned = fine_tune(model, data, train_config, epochs, seed)
         return _fine_tune_metrics(tuned), tuned
     training_id = str(round_config.get("training-id", ""))
-    noise_seed = training_noise_seed(config, market, 999_999)
+    policy = region_policy(context, market)
+    noise_seed = training_noise_seed(policy, config, market, 999_999)
     with privacy.hold():
-        entry = round_ledger(privacy, config, model, data, train_config, training_id)
+        entry = round_ledger(privacy, config, model, data, train_config, training_id, policy)
 
         def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
-            loss = train_epochs_private(
-                fork, data, one_epoch, entry.ledger, epoch_seed,
-                noise_seed=None if noise_seed is None else noise_seed + epoch_seed,
-            )
+            try:
+                loss = train_epochs_private(
+                    fork, data, one_epoch, entry.ledger, epoch_seed,
+                    noise_seed=None if noise_seed is None else noise_seed + epoch_seed,
+                )
+            except PrivacyBudgetExceeded as error:
+                out_of_budget(entry, error, market)
+                return float("nan")
             privacy.save(entry)
             return loss
 
         tuned = fine_tune(model, data, train_config, epochs, seed, train_epoch)
         privacy.save(entry)
     persist(context, market, training_id, int(round_config.get("server-round", 0)), private=True)
-    return _fine_tune_metrics(tuned) | entry.ledger.spent() | insecure_marker(config, market), tuned
+    return _fine_tune_metrics(tuned) | entry.ledger.spent() | insecure_marker(policy, market), tuned
 
 
 def _fine_tune_metrics(tuned: FineTuned) -> dict[str, Any]:

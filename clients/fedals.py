@@ -26,12 +26,13 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from common.catalog import Catalog
 from common.data import read_interactions
-from common.dp_ials import noise_generator, private_release
+from common.dp_ials import noise_generator, private_release, zero_release
 from common.ials import IALSConfig, ItemFactors, market_item_statistics, solve_users
+from common.ials_private import merged, min_buyers, restricted, shared_items, solve_private_items
 from common.ials_wire import check_item_side, pack_statistics, unpack_item_factors
 from common.ials_model import (
     ASSORTMENT_KEY,
@@ -41,20 +42,34 @@ from common.ials_model import (
     initial_rows,
     interaction_ratings,
 )
+from common.config import parse_bool
 from common.market_config import MarketConfig
 from common.markets import MarketSource
 from common.methods import get_method
 from common.model import SplitRecommender
 from common.privacy import PrivacyBudgetExceeded
+from common.region import RegionPolicy, public_assortment
 from common.split import MarketSplit
 from common.transfer import candidates, choose
 
 from clients.local_model import config_from_context, resolve_market
-from clients.messages import RECEIVED_PREFIX, evaluation_metrics, reply
-from clients.privacy_state import MarketPrivacy, insecure_marker, out_of_budget, release_ledger, training_noise_seed
+from clients.messages import RECEIVED_PREFIX, Disclosure, evaluation_metrics, reply
+from clients.privacy_state import (
+    MarketPrivacy,
+    insecure_marker,
+    node_settings,
+    out_of_budget,
+    region_policy,
+    release_ledger,
+    released_users,
+    released_weight,
+    training_noise_seed,
+)
 from clients.served import FINAL_KEY, KEPT_METRICS, remember_if_best, write_best_model
 
 TRANSFER_PREFIX = "pt-"  # evaluate reply metrics of fedals-pt's served fit (as fedper-ft's "ft-")
+USER_GRAM_KEY = "user-gram"  # message array: the federation's augmented user Gram of the last aggregated round
+PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user factors, for its private item step
 
 _markets: dict[tuple[str, int, str], IALSMarket] = {}
 
@@ -68,22 +83,36 @@ def train(msg: Message, context: Context) -> Message:
     split = market.split
     items, gram = _received(msg, market, catalog, ials)
     started = time.perf_counter()
+    minimum = 1
+    if config.dp_epsilon == 0:
+        minimum = min_buyers(context.run_config, node_settings(context), split.market)
+        items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
     users = solve_users(market.train, items, gram, catalog.size, ials)
     training_id = str(round_config.get("training-id", ""))
+    policy = region_policy(context, split.market)
     metrics: dict[str, Any]
     if config.dp_epsilon > 0:
-        statistics, metrics = _private_release(context, market, config, users, server_round, training_id)
+        # Under DP the released rows are public (the region's product list or the catalog),
+        # never the items its users happen to have bought.
+        rows = public_assortment(policy, catalog)
+        statistics, metrics = _private_release(context, market, config, users, server_round, training_id, rows,
+                                               policy)
     else:
-        statistics = pack_statistics(market_item_statistics(market.train, users, ials), config.als_wire)
-        check_item_side(statistics, market.train.items, ials.factors)
+        rows = split.market_items
+        # Only the items with at least `minimum` buyers here leave the market (common.ials_private).
+        shared = restricted(market.train, shared_items(market.train, minimum))
+        statistics = pack_statistics(market_item_statistics(shared, users, ials), config.als_wire)
+        check_item_side(statistics, shared.items, ials.factors)
+        _remember_users(context, users, server_round)
         metrics = {"num-examples": split.num_train, "trained": int(split.num_train > 0)}
     metrics["train-seconds"] = time.perf_counter() - started
-    if bool(round_config.get("evaluate-received", False)):
+    if parse_bool("evaluate-received", round_config.get("evaluate-received", False)):
         # The previous round's item factors, evaluated with the users this round solved on them.
         received = _evaluate(context, market, catalog, config, items, gram, server_round - 1, training_id, users)[0]
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
-    sent = statistics | {ASSORTMENT_KEY: split.market_items.astype(np.int64)}
-    return reply(msg, split.market, metrics, ArrayRecord({name: Array(value) for name, value in sent.items()}))
+    sent = statistics | {ASSORTMENT_KEY: np.asarray(rows, dtype=np.int64)}
+    return reply(msg, split.market, metrics, ArrayRecord({name: Array(value) for name, value in sent.items()}),
+                 disclosure=Disclosure.of(config, policy))
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -92,27 +121,33 @@ def evaluate(msg: Message, context: Context) -> Message:
     ials = config.ials_config()
     round_config = msg.content["config"]
     items, gram = _received(msg, market, catalog, ials)
+    if config.dp_epsilon == 0:
+        minimum = min_buyers(context.run_config, node_settings(context), market.split.market)
+        items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
     server_round = int(round_config.get("server-round", 0))
     metrics, model = _evaluate(context, market, catalog, config, items, gram, server_round,
                                str(round_config.get("training-id", "")))
-    if bool(round_config.get(FINAL_KEY, False)):
+    if parse_bool(FINAL_KEY, round_config.get(FINAL_KEY, False)):
         method = get_method(config.method)
         fit = None
         if method.transfer:
             transfer_metrics, fit = _transfer(context, market, catalog, config, items, gram, server_round)
             metrics.update(transfer_metrics)
         write_best_model(context, model, market.tensors, catalog, method, fit)
-    return reply(msg, market.split.market, metrics)
+    policy = region_policy(context, market.split.market)
+    weight = released_weight(MarketPrivacy(context, market.split.market)) if config.dp_epsilon > 0 else None
+    return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy, weight))
 
 
 def _private_release(
     context: Context, market: IALSMarket, config: MarketConfig, users: np.ndarray, server_round: int,
-    training_id: str,
+    training_id: str, rows: np.ndarray, policy: RegionPolicy,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """This round's DP release and its reply metrics; zeros with weight 0 when the budget is spent.
+    """This round's DP release over the public ``rows`` and its reply metrics; zeros with weight 0 when the budget is spent.
 
     The release is recorded in the ledger before it is made, and the ledger is saved before
-    the reply leaves, so that no release goes unaccounted.
+    the reply leaves, so that no release goes unaccounted. The weight is the user count the
+    ledger released, never the count itself.
     """
     split = market.split
     name = split.market
@@ -120,22 +155,21 @@ def _private_release(
     with privacy.hold():
         entry = privacy.load()
         try:
-            entry = release_ledger(privacy, config, split.num_users, training_id)
+            entry = release_ledger(privacy, config, split.num_users, training_id, policy)
             entry.ledger.record(1)
-            generator = noise_generator(training_noise_seed(config, name, server_round))
-            release = private_release(market.train, users, split.market_items, entry.ledger.noise_multiplier,
-                                      generator)
-            examples = split.num_users  # public (it sets delta); the number of interactions is not
+            privacy.save(entry)  # recorded before anything is computed from the data for the release
+            generator = noise_generator(training_noise_seed(policy, config, name, server_round))
+            release = private_release(market.train, users, rows, entry.ledger.noise_multiplier, generator)
+            examples = released_users(entry)
         except PrivacyBudgetExceeded as error:
             # Out of budget: nothing of the data is sent, only zeros that add nothing to the sums.
             out_of_budget(entry, error, name)
-            release = private_release(market.train, np.zeros_like(users), split.market_items, 0.0,
-                                      noise_generator(0))
+            release = zero_release(len(rows), config.als_factors)
             examples = 0
         if entry is not None:
             privacy.save(entry)
         metrics = {"num-examples": examples, "trained": int(examples > 0), **privacy.spent(config),
-                   **insecure_marker(config, name)}
+                   **insecure_marker(policy, name)}
     return release, metrics
 
 
@@ -178,12 +212,48 @@ def _evaluate(
     return metrics, model
 
 
+def _with_private_items(
+    context: Context, msg: Message, market: IALSMarket, items: ItemFactors, gram: np.ndarray, ials: IALSConfig,
+    minimum: int,
+) -> tuple[ItemFactors, np.ndarray]:
+    """The received factors with the market's private rows, and the Gram with theirs added.
+
+    The items the market has fewer than ``minimum`` buyers of never leave it; it solves them
+    itself (:func:`common.ials_private.solve_private_items`) from its users of the last round it
+    trained (kept in ``context.state``) and the federation's user Gram of that round (sent by
+    the server as ``user-gram``). Where the server holds a factor (another market sent the
+    item), the server's is kept. Without a Gram or kept users (round 1, a restarted node) the
+    received factors are used as they are.
+    """
+    if minimum <= 1 or USER_GRAM_KEY not in msg.content["arrays"] or PRIVATE_STATE not in context.state:
+        return items, gram
+    users = context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
+    user_gram = msg.content["arrays"][USER_GRAM_KEY].numpy().astype(np.float64)
+    dim = ials.factors
+    if users.shape != (market.split.num_users, dim) or user_gram.shape != (dim + 1, dim + 1) \
+            or not np.isfinite(user_gram).all():
+        raise ValueError(
+            f"Market '{market.split.market}': the server's {USER_GRAM_KEY} is {user_gram.shape}, not "
+            f"({dim + 1}, {dim + 1}) finite values for als-factors {dim}."
+        )
+    private = restricted(market.train, shared_items(market.train, minimum), keep=False)
+    solved = solve_private_items(private, users, user_gram, ials)
+    items, used = merged(items, solved)
+    return items, gram + used.gram()
+
+
+def _remember_users(context: Context, users: np.ndarray, server_round: int) -> None:
+    """Keep this round's user factors in the market (``context.state``) for its next private item step."""
+    context.state[PRIVATE_STATE] = ArrayRecord({"users": Array(np.ascontiguousarray(users))})
+    context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round})
+
+
 def _market(context: Context) -> tuple[IALSMarket, Catalog, MarketConfig]:
     """This node's market as iALS sees it (cached per process), its catalog and the run's settings."""
     config = config_from_context(context)
     split, catalog = resolve_market(context, config)
     # A region whose node config demands DP refuses this run, which trains without it.
-    config = config.for_market(split.market, split.num_users, context.node_config)
+    config = config.for_market(split.market, region_policy(context, split.market))
     key = (split.market, config.history_length, config.als_confidence)
     if key not in _markets or _markets[key].split is not split:
         ratings = None if config.als_confidence == "binary" else _ratings(context, config, split, catalog)
@@ -213,8 +283,8 @@ def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConf
         ``als-factors``, rows outside the catalog, or values that are not finite.
     """
     name = market.split.market
-    arrays = {key: array.numpy() for key, array in msg.content["arrays"].items()}
-    initial = bool(msg.content["config"].get(INITIAL_ROWS_KEY, False))
+    arrays = {key: array.numpy() for key, array in msg.content["arrays"].items() if key != USER_GRAM_KEY}
+    initial = parse_bool(INITIAL_ROWS_KEY, msg.content["config"].get(INITIAL_ROWS_KEY, False))
     expected = {"gram"} if initial else {"items", "factors", "gram"}
     if set(arrays) != expected:
         raise ValueError(
@@ -238,4 +308,29 @@ def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConf
         )
     if not (np.isfinite(items.factors).all() and np.isfinite(gram).all()):
         raise ValueError(f"Market '{name}': the server's item factors hold NaN or infinite values.")
+    if problem := gram_problem(items, gram):
+        raise ValueError(f"Market '{name}': {problem}; the market evaluates and trains only on a consistent table.")
     return items, gram
+
+
+def gram_problem(items: ItemFactors, gram: np.ndarray) -> str | None:
+    """Why ``gram`` cannot be ``YᵀY`` of a table holding ``items``, or None.
+
+    The server sends a market the factors of its rows and the Gram of the whole table. A Gram
+    inconsistent with those factors (not symmetric, or ``G − Y_rᵀY_r`` not positive
+    semi-definite) lets the server make the market solve and score on parameters no item table
+    has; it is refused. The tolerance covers float32 rounding of the sent arrays.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    # float32 rounds each entry by at most 2⁻²⁴ of itself: the sent Gram is within about
+    # 1e-7·‖G‖_F of the server's; a tolerance of 1e-6·‖G‖_F covers it with room for the
+    # float32 factors, and an entry inflated to widen it is itself out of scale with them.
+    own = np.asarray(items.factors, dtype=np.float64)
+    own_gram = own.T @ own
+    tolerance = 1e-6 * (float(np.linalg.norm(gram)) + 1.0)
+    if np.abs(gram - gram.T).max(initial=0.0) > tolerance:
+        return "the server's Gram is not symmetric"
+    rest = gram - own_gram
+    if len(rest) and np.linalg.eigvalsh((rest + rest.T) / 2).min() < -tolerance:
+        return "the server's Gram is not YᵀY of a table holding the item factors it sent"
+    return None

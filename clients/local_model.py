@@ -8,6 +8,7 @@ starts a training whose run config names ``init-from`` with the head of its
 served model there (:mod:`clients.continued`).
 """
 
+from dataclasses import replace
 from functools import cache
 from logging import INFO, WARNING
 
@@ -21,11 +22,12 @@ from common.markets import MarketSource, load_file_split, load_split, market_see
 from common.methods import get_method
 from common.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
 from common.names import check_name
+from common.region import public_assortment
 from common.split import MarketSplit
 from common.train import MarketTensors
 
 from clients.continued import published_head
-from clients.privacy_state import require_durable_ledger, state_dir
+from clients.privacy_state import region_policy, require_durable_ledger, state_dir
 from clients.state_store import LedgerStore, MarketState, MarketStateStore
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
@@ -96,9 +98,13 @@ def build_local_model(
     """
     config = config_from_context(context)
     split, catalog = resolve_market(context, config)
-    config = config.for_market(split.market, split.num_users, context.node_config)
+    policy = region_policy(context, split.market)
+    config = config.for_market(split.market, policy)
     require_durable_ledger(context, config, split.market)
     data = _market_tensors(split, config.history_length)
+    if config.dp_epsilon > 0:
+        # Under DP the rows a market moves are public, not the items its users bought.
+        data = replace(data, released_rows=torch.as_tensor(public_assortment(policy, catalog)))
     torch.manual_seed(market_seed(split.market, config.seed))
     model = SplitRecommender(
         ModelConfig(

@@ -10,6 +10,7 @@ and the kind of problem only, while the full error stays in the region's log.
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from logging import ERROR
 from typing import Any
 
@@ -17,7 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 
 from common.data import InteractionFileError
+from common.privacy import PrivacyBudgetExceeded
+from common.market_config import MarketConfig
+from common.region import RegionPolicy
 from common.train import RankingMetrics
+
+from clients.privacy_state import INSECURE_KEY
 
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
@@ -30,9 +36,50 @@ class RegionError(RuntimeError):
     """An error whose text may leave the region: no raw value of a data file, no directory of the region."""
 
 
-def reply(msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
-    """The reply to ``msg``: numbers, the market's name and, for training, the shared arrays."""
-    content = RecordDict({"metrics": MetricRecord(metrics), MARKET_KEY: ConfigRecord({"name": market})})
+# What a market under DP reports unless its region chose exact metrics: the weight (the user
+# count the ledger released, or 0), whether it trained, what it spent (a function of its noise
+# calibration and the released count), and the insecure-noise flag. Every other number
+# (validation and test metrics, losses, seconds) is computed from its users on parameters the
+# server chose: a query the server could steer, so it is not sent.
+DP_REPORTED = frozenset({"num-examples", "trained", "epsilon", "delta", INSECURE_KEY})
+EXACT_METRICS_MARKER = "dp-exact-metrics"  # reply metric: 1 when a DP market's region chose to send exact metrics
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """What a market's replies may carry: everything without DP; under DP :data:`DP_REPORTED` only,
+    unless its region set ``dp-exact-metrics`` in its node config."""
+
+    private: bool  # the market trains under DP
+    exact_metrics: bool  # its region chose to send exact metrics under DP (outside the guarantee)
+    # Under DP, the weight an evaluation reply carries in place of its count of evaluated users:
+    # the user count the ledger released (0 before any release); None keeps the reply's own.
+    weight: int | None = None
+
+    @classmethod
+    def of(cls, config: MarketConfig, policy: RegionPolicy, weight: int | None = None) -> "Disclosure":
+        """The disclosure of a market training with ``config`` in a region with ``policy``."""
+        return cls(private=config.dp_epsilon > 0, exact_metrics=policy.exact_metrics, weight=weight)
+
+    def filter(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` as they may leave the market."""
+        if not self.private:
+            return dict(metrics)
+        if self.exact_metrics:
+            return {**metrics, EXACT_METRICS_MARKER: 1}
+        kept = {key: value for key, value in metrics.items() if key in DP_REPORTED}
+        if self.weight is not None:
+            kept["num-examples"] = self.weight
+        return kept
+
+
+def reply(
+    msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayRecord | None = None, *,
+    disclosure: Disclosure,
+) -> Message:
+    """The reply to ``msg``: numbers as ``disclosure`` allows, the market's name and, for training, the shared arrays."""
+    content = RecordDict({"metrics": MetricRecord(disclosure.filter(metrics)),
+                          MARKET_KEY: ConfigRecord({"name": market})})
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
@@ -57,7 +104,8 @@ def public_reason(error: BaseException) -> str:
     """What the server may learn of ``error``: the file, the line and the kind of problem.
 
     A data file's error keeps its file name and line and loses every quoted
-    value (the bad value itself, a user ID say). Any other error is about
+    value (the bad value itself, a user ID say). A privacy-budget error leaves
+    as a fixed text (its numbers depend on the users). Any other error is about
     settings or shapes, and keeps its type and text; every path in it is cut
     to its last part, so that the region's directories stay unknown.
     """
@@ -65,6 +113,9 @@ def public_reason(error: BaseException) -> str:
         where = error.path.name if error.line is None else f"{error.path.name} {error.unit} {error.line}"
         problem = _QUOTED.sub("'…'", error.problem)
         return f"{where}: {_without_directories(problem)}"
+    if isinstance(error, PrivacyBudgetExceeded):
+        # Its text counts steps and epsilon, which depend on the market's users: a fixed text leaves.
+        return "PrivacyBudgetExceeded: the market's privacy budget does not allow this"
     return f"{type(error).__name__}: {_without_directories(str(error))}"
 
 

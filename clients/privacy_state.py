@@ -9,6 +9,7 @@ simulation (no ``state-dir``) the ledger lives in ``context.state`` for the run.
 """
 
 import json
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from logging import WARNING
@@ -17,6 +18,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.common import log
 
+from common.dp_ials import noise_generator
 from common.market_config import MarketConfig
 from common.markets import market_seed
 from common.methods import get_method
@@ -30,6 +32,7 @@ from common.privacy import (
     epsilon_of,
     release_history,
 )
+from common.region import SIMULATION_NODE_CONFIG_ENV, RegionPolicy
 from common.private_train import market_budget, popularity_seed, private_round_steps, private_steps, start_private_training
 from common.train import MarketTensors, TrainConfig
 
@@ -37,6 +40,42 @@ from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
 
 INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 PRIVACY_KEY = "privacy-ledger"  # the market's ledger kept in context.state when it has no state-dir
+# The user count a DP market releases once per calibration: Gaussian noise of this multiplier
+# (sensitivity 1 under adding or removing one user), composed in the ledger like every release.
+# Its std, 10 users, moves the weights and |U| it feeds by well under 1% for a market of 1,000 users.
+COUNT_NOISE_MULTIPLIER = 10.0
+RELEASED_USERS = "released-users"  # the calibration's entry holding that noised count
+
+
+def node_settings(context: Context) -> dict[str, Any]:
+    """The region's own settings: its node config, and for a simulated market the harness's.
+
+    Flower gives a simulated market only ``partition-id`` and ``num-partitions``; the harness,
+    which owns every simulated market, passes the rest as JSON in the environment variable
+    :data:`common.region.SIMULATION_NODE_CONFIG_ENV` of the processes it starts. A deployed
+    region (``market`` in its node config) never reads that variable.
+
+    Raises
+    ------
+    ValueError
+        If the variable is set but is not a JSON object.
+    """
+    settings = dict(context.node_config)
+    text = os.environ.get(SIMULATION_NODE_CONFIG_ENV, "")
+    if "market" not in settings and text:
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError:
+            extra = None
+        if not isinstance(extra, dict):
+            raise ValueError(f"{SIMULATION_NODE_CONFIG_ENV} must hold a JSON object of node config keys.")
+        settings = {**extra, **settings}
+    return settings
+
+
+def region_policy(context: Context, market: str = "") -> RegionPolicy:
+    """The region's :class:`common.region.RegionPolicy`, read from :func:`node_settings`."""
+    return RegionPolicy.from_node_config(node_settings(context), market)
 
 
 def state_dir(context: Context) -> str | None:
@@ -121,6 +160,7 @@ def round_ledger(
     data: MarketTensors,
     train: TrainConfig,
     training_id: str,
+    policy: RegionPolicy,
 ) -> LedgerEntry:
     """The ledger this round spends from: the training's calibration, or a new one.
 
@@ -147,23 +187,31 @@ def round_ledger(
         "accountant": config.dp_accountant,
         "popularity-share": config.dp_popularity_share,
     }
-    if entry is not None and entry.training_id == training_id and entry.calibration == calibration:
-        _tighten(entry.ledger, config, data.split.market)
+    if entry is not None and entry.training_id == training_id and _same_calibration(entry.calibration, calibration):
+        _tighten(entry.ledger, config, policy, data.split.market)
         return entry
-    budget = market_budget(data, config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm, config.dp_accountant)
-    noise_seed = popularity_seed(data.split.market, config.seed) if config.dp_insecure_seeded_noise else None
+    released = release_user_count(data.split.num_users, policy, config.seed, data.split.market)
+    delta = period_delta(entry, config, policy, released)
+    budget = market_budget(data, config.dp_epsilon, delta, config.dp_max_grad_norm, config.dp_accountant)
+    noise_seed = popularity_seed(data.split.market, config.seed) if policy.insecure_seeded_noise else None
+    spent_before = entry.ledger if entry is not None else PrivacyLedger(budget, 0.0, 1.0)
+    spent_before = replace(spent_before, releases=[*spent_before.releases, COUNT_NOISE_MULTIPLIER])
     ledger = start_private_training(
-        model, data, budget, train, total_steps, config.dp_popularity_share,
-        entry.ledger if entry is not None else None, noise_seed,
+        model, data, budget, train, total_steps, config.dp_popularity_share, spent_before, noise_seed,
     )
+    calibration[RELEASED_USERS] = released
     return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])
 
 
-def release_ledger(privacy: MarketPrivacy, config: MarketConfig, num_users: int, training_id: str) -> LedgerEntry:
+def release_ledger(
+    privacy: MarketPrivacy, config: MarketConfig, num_users: int, training_id: str, policy: RegionPolicy
+) -> LedgerEntry:
     """The ledger DP-fedals releases from: one Gaussian release of the whole data per round.
 
-    Calibrated once per training: ``num-server-rounds`` releases at sample rate 1 get what the
-    market's lifetime ledger leaves of its budget (:func:`common.privacy.calibrate_noise`).
+    Calibrated once per training: the market first releases its user count
+    (:func:`release_user_count`), then ``num-server-rounds`` releases at sample rate 1 get what
+    the market's lifetime ledger leaves of its budget (:func:`common.privacy.calibrate_noise`),
+    at the δ of its budget period (:func:`period_delta`).
 
     Raises
     ------
@@ -177,12 +225,15 @@ def release_ledger(privacy: MarketPrivacy, config: MarketConfig, num_users: int,
         "releases": config.num_server_rounds,
         "accountant": config.dp_accountant,
     }
-    if entry is not None and entry.training_id == training_id and entry.calibration == calibration:
-        _tighten(entry.ledger, config, privacy.market)
+    if entry is not None and entry.training_id == training_id and _same_calibration(entry.calibration, calibration):
+        _tighten(entry.ledger, config, policy, privacy.market)
         return entry
-    budget = PrivacyBudget(config.dp_epsilon, config.dp_delta or default_delta(num_users), 1.0, config.dp_accountant)
     history = list(entry.ledger.history) if entry is not None else []
     releases = list(entry.ledger.releases) if entry is not None else []
+    released_users = release_user_count(num_users, policy, config.seed, privacy.market)
+    releases.append(COUNT_NOISE_MULTIPLIER)
+    budget = PrivacyBudget(config.dp_epsilon, period_delta(entry, config, policy, released_users), 1.0,
+                           config.dp_accountant)
     prior = release_history(releases) + history
     if (spent := epsilon_of(budget, prior)) >= budget.epsilon:
         raise PrivacyBudgetExceeded(
@@ -191,21 +242,73 @@ def release_ledger(privacy: MarketPrivacy, config: MarketConfig, num_users: int,
         )
     noise = calibrate_noise(budget, 1.0, config.num_server_rounds, prior)
     ledger = PrivacyLedger(budget, noise, 1.0, history, releases)
+    calibration[RELEASED_USERS] = released_users
     return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])
 
 
-def insecure_marker(config: MarketConfig, market: str) -> dict[str, int]:
+def release_user_count(num_users: int, policy: RegionPolicy, seed: int, market: str) -> int:
+    """The market's user count with Gaussian noise of :data:`COUNT_NOISE_MULTIPLIER`, at least 1.
+
+    Under adding or removing one user the count moves by 1: whatever depends on it and
+    leaves the market (the aggregation weight, |U| of the server's regularisation, the
+    default δ) uses this release, which the caller records in the ledger, never the count.
+    """
+    seeded = market_seed(market, seed) + 777 if policy.insecure_seeded_noise else None
+    noisy = num_users + noise_generator(seeded).normal(0.0, COUNT_NOISE_MULTIPLIER)
+    return max(1, int(round(noisy)))
+
+
+def period_delta(
+    entry: LedgerEntry | None, config: MarketConfig, policy: RegionPolicy, released_users: int
+) -> float:
+    """The δ a market accounts at: the lowest of the default, the run's, the region's and its budget period's.
+
+    The default, 0.1 / the released user count, is a ceiling: a run may ask for a smaller δ,
+    never a larger one (a δ near 1 would make any noise look private). The region's
+    ``dp-delta`` is a ceiling too. The period's δ is recorded in the ledger at the market's
+    first DP release, and a later run can only lower it: re-reading what was spent at a
+    larger δ would report less epsilon and buy fresh releases.
+    """
+    candidates = [default_delta(released_users)]
+    if config.dp_delta > 0:
+        candidates.append(config.dp_delta)
+    if policy.delta > 0:
+        candidates.append(policy.delta)
+    if entry is not None and (entry.ledger.history or entry.ledger.releases):
+        # A ledger that recorded a release holds its period's δ; an empty one (a period just
+        # opened with clients.ledger) holds a placeholder that is no one's choice.
+        candidates.append(entry.ledger.budget.delta)
+    return min(candidates)
+
+
+def released_users(entry: LedgerEntry) -> int:
+    """The noised user count the entry's calibration released (what may leave the market)."""
+    return int(entry.calibration[RELEASED_USERS])
+
+
+def released_weight(privacy: "MarketPrivacy") -> int:
+    """What a DP market's evaluation reply may carry as its weight: its released user count, 0 before any."""
+    entry = privacy.load()
+    return int(entry.calibration.get(RELEASED_USERS, 0)) if entry is not None else 0
+
+
+def _same_calibration(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved calibration was made for the same settings (its released count aside)."""
+    return {key: value for key, value in saved.items() if key != RELEASED_USERS} == current
+
+
+def insecure_marker(policy: RegionPolicy, market: str) -> dict[str, int]:
     """Flag, in the reply and the region's log, a run whose DP noise anyone with the config can remove."""
-    if not config.dp_insecure_seeded_noise:
+    if not policy.insecure_seeded_noise:
         return {}
-    log(WARNING, "INSECURE: market %s draws its DP noise from the run config's seed (dp-insecure-seeded-noise); "
-        "whoever knows the config can remove it. Use it to reproduce experiments only.", market)
+    log(WARNING, "INSECURE: market %s draws its DP noise from the run config's seed (dp-insecure-seeded-noise in "
+        "its node config); whoever knows the config can remove it. Use it to reproduce experiments only.", market)
     return {INSECURE_KEY: 1}
 
 
-def training_noise_seed(config: MarketConfig, market: str, server_round: int) -> int | None:
-    """The DP noise seed of an insecure reproducible run; None (secure noise) otherwise."""
-    if not config.dp_insecure_seeded_noise:
+def training_noise_seed(policy: RegionPolicy, config: MarketConfig, market: str, server_round: int) -> int | None:
+    """The DP noise seed of an insecure reproducible run (the region's choice); None (secure noise) otherwise."""
+    if not policy.insecure_seeded_noise:
         return None
     return market_seed(market, config.seed) + 1000 * server_round + 500
 
@@ -217,13 +320,10 @@ def out_of_budget(entry: LedgerEntry | None, error: PrivacyBudgetExceeded, marke
         market, spent, error)
 
 
-def _tighten(ledger: PrivacyLedger, config: MarketConfig, market: str) -> None:
-    """Lower the ledger's budget to the config's, if a region lowered a ceiling during the training."""
-    tightened = replace(
-        ledger.budget,
-        epsilon=min(ledger.budget.epsilon, config.dp_epsilon),
-        delta=min(ledger.budget.delta, config.dp_delta),
-    )
+def _tighten(ledger: PrivacyLedger, config: MarketConfig, policy: RegionPolicy, market: str) -> None:
+    """Lower the ledger's budget to the config's and the region's, if one was lowered during the training."""
+    deltas = [delta for delta in (ledger.budget.delta, config.dp_delta, policy.delta) if delta > 0]
+    tightened = replace(ledger.budget, epsilon=min(ledger.budget.epsilon, config.dp_epsilon), delta=min(deltas))
     if tightened == ledger.budget:
         return
     # The noise stays as calibrated, so the market stops sooner.

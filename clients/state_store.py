@@ -126,6 +126,9 @@ class LedgerStore:
     def __init__(self, state_dir: str | Path, market: str) -> None:
         self.market = check_name(market)
         self.path = Path(state_dir) / f"{self.market}.ledger.json"
+        # Written beside the ledger at its first save and never removed by the code: a ledger
+        # missing beside it was lost, not never made, whatever method the market trained.
+        self.marker = Path(state_dir) / f"{self.market}.ledger.started"
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -144,6 +147,9 @@ class LedgerStore:
             and the market must not train under DP until an operator acts.
         """
         if not self.path.exists():
+            if self.marker.exists():
+                raise self.unusable("is missing although this state-dir shows the market kept one before "
+                                    f"({self.marker.name})")
             return None
         try:
             saved = json.loads(self.path.read_text(encoding="utf-8"))
@@ -168,6 +174,8 @@ class LedgerStore:
             "calibration": entry.calibration,
             "periods": entry.periods,
         }
+        if not self.marker.exists():
+            atomic_write_bytes(self.marker, f"{self.market}: a DP ledger was kept in this state-dir\n".encode())
         atomic_write_bytes(self.path, json.dumps(saved, indent=1).encode())
 
     def unusable(self, problem: str) -> CorruptStateError:

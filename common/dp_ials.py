@@ -14,8 +14,12 @@ sums in which one user moves a bounded amount, with Gaussian noise:
 
 Each block gets noise of its sensitivity times its own multiplier; the blocks together are one
 Gaussian mechanism whose multiplier is ``1/√(Σ 1/σ_b²)`` (:func:`block_noise_multipliers`),
-which the ledger records once per round at sample rate 1. The assortment rows and the number
-of users go beside them unnoised: both are public in this project's threat model.
+which the ledger records once per round at sample rate 1. The neighbouring relation is adding
+or removing one user with all their interactions; the sensitivities above are for it. A user's
+pairs are counted once per row (two item IDs hashed to one overflow row are one pair), so the
+bound holds whatever the IDs. The released rows are public (the region's product list or the
+catalog: :func:`common.region.public_assortment`); an interaction outside them is left out. The
+weight beside the release is the user count the market released with noise, never the count.
 
 The server sums the markets' releases and solves every item with the buyer-specific term of
 iALS replaced by its expectation, ``A_i ≈ n̂_i·M̄`` with ``M̄`` the interaction Gram over the
@@ -101,19 +105,19 @@ def private_release(
         ``sums`` (n, d), ``counts`` (n,), ``gram`` and ``interaction-gram`` (d, d), float32.
     """
     rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and np.any(np.diff(rows) <= 0):
+        raise ValueError("The released rows must be sorted and distinct.")
     factors = np.asarray(user_factors, dtype=np.float64)
     norms = np.linalg.norm(factors, axis=1)
     unit = np.divide(factors, norms[:, None], out=np.zeros_like(factors), where=norms[:, None] > 0)
-    per_user = np.bincount(market.users, minlength=market.num_users).astype(np.float64)
+    users, position = _released_pairs(market, rows)
+    per_user = np.bincount(users, minlength=market.num_users).astype(np.float64)
     weight = np.minimum(1.0, np.sqrt(release.items_per_user / np.maximum(per_user, 1.0)))
     weight[norms == 0] = 0.0
-    position = np.searchsorted(rows, market.items)
-    if len(market.items) and (position.max() >= len(rows) or not np.array_equal(rows[position], market.items)):
-        raise ValueError("The market has interactions on items outside its assortment.")
     dim = factors.shape[1]
     sums = np.zeros((len(rows), dim))
-    np.add.at(sums, position, weight[market.users, None] * unit[market.users])
-    counts = np.bincount(position, weights=weight[market.users], minlength=len(rows)).astype(np.float64)
+    np.add.at(sums, position, weight[users, None] * unit[users])
+    counts = np.bincount(position, weights=weight[users], minlength=len(rows)).astype(np.float64)
     gram = unit.T @ unit
     interaction_gram = (unit * (per_user * weight**2)[:, None]).T @ unit
     sigma_sums, sigma_side = block_noise_multipliers(noise_multiplier, release)
@@ -125,6 +129,26 @@ def private_release(
         interaction_gram += _symmetric_noise(generator, sigma_side * release.items_per_user, dim)
     return {"sums": sums.astype(np.float32), "counts": counts.astype(np.float32), "gram": gram.astype(np.float32),
             "interaction-gram": interaction_gram.astype(np.float32)}
+
+
+def zero_release(num_rows: int, dim: int) -> dict[str, np.ndarray]:
+    """A release of zeros in :func:`private_release`'s shape: what a market out of budget sends (nothing of its data)."""
+    return {"sums": np.zeros((num_rows, dim), np.float32), "counts": np.zeros(num_rows, np.float32),
+            "gram": np.zeros((dim, dim), np.float32), "interaction-gram": np.zeros((dim, dim), np.float32)}
+
+
+def _released_pairs(market: MarketInteractions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (user, position in ``rows``) pairs of the market's interactions on ``rows``.
+
+    Distinct, so that one user adds at most one term to a row however many of their items
+    map to it; interactions outside ``rows`` are left out of the release.
+    """
+    users = np.asarray(market.users, dtype=np.int64)
+    items = np.asarray(market.items, dtype=np.int64)
+    position = np.minimum(np.searchsorted(rows, items), max(len(rows) - 1, 0))
+    inside = (rows[position] == items) if len(rows) else np.zeros(len(items), dtype=bool)
+    pairs = np.unique(users[inside] * max(len(rows), 1) + position[inside])
+    return pairs // max(len(rows), 1), pairs % max(len(rows), 1)
 
 
 def _symmetric_noise(generator: np.random.Generator, std: float, dim: int) -> np.ndarray:

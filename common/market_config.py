@@ -13,10 +13,9 @@ from typing import Any
 from common.config import from_kebab_case
 from common.ials import CONFIDENCES, IALSConfig
 from common.ials_wire import WIRE_DTYPES
-from common.privacy import ACCOUNTANTS, default_delta
+from common.privacy import ACCOUNTANTS
+from common.region import RegionPolicy
 
-# Node config keys by which a region caps every run's DP budget: (exclusive upper bound, what is expected).
-NODE_CEILINGS = {"dp-delta": (1.0, "a number between 0 and 1"), "dp-epsilon": (math.inf, "a positive number")}
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class MarketConfig:
     fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
     dp_epsilon: float  # 0 trains without DP; otherwise the most a market's lifetime spending may reach in this run
     dp_market_epsilons: str  # "de=4,jp=2": named markets' own budgets in place of dp-epsilon
-    dp_delta: float  # 0 picks 0.1 / users of the market (the units of privacy)
+    dp_delta: float  # 0: the region's (node config), else the ledger's, else 0.1 / the released user count
     dp_max_grad_norm: float  # per-example clipping bound of DP-SGD
     dp_batch_size: int  # expected users per DP-SGD step (Poisson): the noise on a step is sigma * clip / batch
     dp_learning_rate: float  # Adam step size under DP: fewer, less noisy steps than without DP
@@ -48,9 +47,6 @@ class MarketConfig:
     dp_accountant: str  # prv (tightest) or rdp
     global_weight: float  # share of the received arrays in a market's model; the rest is its own last trained copy
     dp_global_weight: float  # the same under DP, where the others' updates carry their noise
-    # INSECURE, for reproducing experiments only: DP noise and sampling drawn from `seed`,
-    # so whoever knows the run config can remove the noise. Off: a secure source.
-    dp_insecure_seeded_noise: bool
     als_factors: int  # fedals: dimension d of the user and item factors
     als_regularization: float  # fedals: λ, the L2 weight on every factor
     als_alpha: float  # fedals: α, a positive's confidence is 1 + α·w
@@ -98,41 +94,33 @@ class MarketConfig:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
         return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
 
-    def for_market(self, market: str, num_users: int, node_config: Mapping[str, Any]) -> "MarketConfig":
-        """The config with ``market``'s own budget as ``dp_epsilon`` and ``dp_delta``.
+    def for_market(self, market: str, policy: RegionPolicy) -> "MarketConfig":
+        """The config with ``market``'s own budget as ``dp_epsilon``.
 
         Parameters
         ----------
         market : str
             The market's name; its ``dp-market-epsilons`` entry, if any, replaces ``dp-epsilon``.
-        num_users : int
-            The market's users: ``dp-delta`` 0 becomes 0.1 / ``num_users``.
-        node_config : Mapping[str, Any]
-            The region's node config. Its ``dp-epsilon`` and ``dp-delta``, if set, are
-            ceilings the region puts on every run: the run's budget is lowered to them,
-            never raised.
+        policy : RegionPolicy
+            The region's own settings: its ``dp-epsilon``, if set, caps every run's budget
+            (lowered to it, never raised). ``dp_delta`` stays the run's: the δ a market
+            accounts at is the lowest of the run's (or the default), the region's and its
+            budget period's (:func:`clients.privacy_state.period_delta`).
 
         Raises
         ------
         ValueError
-            If a ceiling is not a number in its range, or the run trains the market
-            without DP although its region demands DP.
+            If the run trains the market without DP although its region demands DP.
         """
         epsilon = parse_market_epsilons(self.dp_market_epsilons).get(market, self.dp_epsilon)
         if epsilon == 0:
-            demanded = [f"{key}={node_config[key]}" for key in NODE_CEILINGS if key in node_config]
-            if demanded:
+            if policy.demands_dp:
                 raise ValueError(
-                    f"Market '{market}' trains only under DP ({', '.join(demanded)} in its node config), "
+                    f"Market '{market}' trains only under DP ({policy.demanded()} in its node config), "
                     "but this run trains without DP: set dp-epsilon in the run config."
                 )
             return self
-        delta = self.dp_delta or default_delta(num_users)
-        if "dp-epsilon" in node_config:
-            epsilon = min(epsilon, _node_ceiling(node_config, "dp-epsilon", market))
-        if "dp-delta" in node_config:
-            delta = min(delta, _node_ceiling(node_config, "dp-delta", market))
-        return replace(self, dp_epsilon=epsilon, dp_delta=delta)
+        return replace(self, dp_epsilon=min(epsilon, policy.epsilon_ceiling))
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "MarketConfig":
@@ -174,15 +162,6 @@ def _number(text: object) -> float:
         return float(text)
     except ValueError:
         return math.nan
-
-
-def _node_ceiling(node_config: Mapping[str, Any], key: str, market: str) -> float:
-    """A region's DP ceiling ``key`` (one of :data:`NODE_CEILINGS`) from its node config."""
-    upper, expected = NODE_CEILINGS[key]
-    value = _number(node_config[key])
-    if not 0 < value < upper:
-        raise ValueError(f"Market '{market}': the node config's {key} must be {expected}, got '{node_config[key]}'.")
-    return value
 
 
 def parse_market_epsilons(text: str) -> dict[str, float]:

@@ -143,8 +143,8 @@ def private_popularity(
     Every user adds ``1 / sqrt(n)`` to each of their ``n`` training items, so
     one user moves the counts by at most 1 in L2 norm: the release has the
     privacy cost of one Gaussian step of ``noise_multiplier`` at sample rate
-    1, which the ledger records. Noise is drawn for the market's items only
-    (the assortment is public, see :func:`_foreign_rows`); other rows get 0.
+    1, which the ledger records. Noise is drawn for the market's public rows
+    (``data.public_rows``, see :func:`_foreign_rows`); other rows get 0.
 
     ``generator`` draws the noise: :func:`dp_generator`, never a configured seed.
 
@@ -157,9 +157,10 @@ def private_popularity(
     real = items >= 0
     weights = real / real.sum(dim=1, keepdim=True).clamp(min=1).sqrt()
     counts = torch.zeros(rows).index_add_(0, items[real], weights[real])
-    noise = torch.randn(len(data.market_items), generator=generator)
+    released = data.public_rows
+    noise = torch.randn(len(released), generator=generator)
     noisy = torch.zeros(rows)
-    noisy[data.market_items] = counts[data.market_items] + noise_multiplier * noise
+    noisy[released] = counts[released] + noise_multiplier * noise
     return torch.log1p(noisy.clamp(min=0))
 
 
@@ -204,19 +205,21 @@ def start_private_training(
 
 
 def _foreign_rows(trained: nn.Module, data: MarketTensors) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """Each trained catalog table with a mask of the rows of items the market does not sell.
+    """Each trained catalog table with a mask of the rows outside the market's public rows.
 
     No example of the market looks such a row up (histories, positives and
     negatives all come from the market's items), so its noisy gradient is pure
     noise: Adam would turn it into full-size random steps, which FedAvg then
     carries into the markets that do sell the item. Zeroing it after the noise
-    is post-processing and costs no privacy.
+    is post-processing and costs no privacy. Under DP the mask is the market's
+    public rows (``data.public_rows``), not the items its users bought: which
+    rows move must not tell the server what they bought.
     """
     tables = [module.weight for module in trained.modules() if isinstance(module, CatalogEmbedding)]
     if not tables:
         return []
     outside = torch.ones(tables[0].shape[0], dtype=torch.bool)
-    outside[data.market_items] = False
+    outside[data.public_rows] = False
     return [(weight, outside) for weight in tables]
 
 

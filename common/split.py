@@ -73,6 +73,10 @@ def split_market(
     frame = frame.sort_values(["date", "position"], kind="stable", na_position="first")
     # Sorting by user last with a stable sort keeps each user's date order.
     frame = frame.sort_values("user", kind="stable")
+    # Two item IDs of one user that map to one row (unknown items hashed to one overflow row)
+    # are one interaction, the latest kept as for repeated pairs: a user adds at most one
+    # term to a row, which the DP release's per-user bound relies on.
+    frame = frame.drop_duplicates(["user", "row"], keep="last")
     user_codes, user_ids = pd.factorize(frame["user"], sort=True)
     frame = frame.assign(uid=user_codes)
     counts = frame.groupby("uid", sort=True)["uid"].transform("size").to_numpy()

@@ -53,6 +53,15 @@ class MarketTensors:
     test_history: torch.Tensor  # history plus the validation item, which precedes the test item
     test_history_mask: torch.Tensor
     user_items: torch.Tensor  # (users, most training items of a user) each user's training items, -1 padded
+    # Under DP, the rows whose shared parameters a market may change and whose popularity it
+    # releases: public (the region's product list or the catalog, common.region.public_assortment),
+    # never the items its users happen to have bought. None: market_items (no DP, or a local baseline).
+    released_rows: torch.Tensor | None = None
+
+    @property
+    def public_rows(self) -> torch.Tensor:
+        """:attr:`released_rows`, or :attr:`market_items` when none are set."""
+        return self.market_items if self.released_rows is None else self.released_rows
 
     @classmethod
     def from_split(
@@ -140,8 +149,11 @@ def user_batch_inputs(
     drawn_keys, drawn = keys.topk(min(positives, items.shape[1]), dim=1)
     real = drawn_keys >= 0
     chosen = items.gather(1, drawn).clamp(min=0)  # padding points at row 0 and carries no loss
-    sampled = torch.randint(len(data.market_items), (*chosen.shape, negatives), generator=generator)
-    candidates = torch.cat([chosen.unsqueeze(-1), data.market_items[sampled]], dim=-1)
+    # Negatives come from the public rows: drawn from the items the users bought, one user's
+    # purchase would change every other user's negatives, beyond the per-user clipping bound.
+    rows = data.public_rows
+    sampled = torch.randint(len(rows), (*chosen.shape, negatives), generator=generator)
+    candidates = torch.cat([chosen.unsqueeze(-1), rows[sampled]], dim=-1)
     history, mask = data.user_history(users + data.user_offset)
     per_positive_mask = mask.unsqueeze(1) * (history.unsqueeze(1) != chosen.unsqueeze(-1))
     return (users + data.user_offset, history, per_positive_mask, candidates), real.float()

@@ -1,4 +1,4 @@
-"""Pin the app regions run: a signed FAB, handed to the SuperLink the way Flower Hub hands one over.
+"""Serve an app signed offline to the SuperLink, the way Flower Hub hands one over; never sign one here.
 
 A SuperNode runs whatever app (FAB) the SuperLink gives it. Flower 1.41 lets
 a region refuse any other app: ``flower-supernode --trusted-entities FILE``
@@ -11,83 +11,33 @@ an app sent from a checkout (``flwr run .``) carries none, so pinned
 SuperNodes refuse it. This module stands in for that Hub endpoint on a
 machine without internet:
 
-    python -m deploy.app_index --key credentials/app-signing --port 9094
+    xmfl app-index --signed-app app.signed --trusted-entities trusted-entities.yaml --port 9094
 
-signs the app with the release key (what ``flwr app review`` does for Flower
-Hub) and serves it; start the SuperLink with
+serves the app the release manager signed offline (``xmfl sign-app``, with a
+key that never sits on the server host); start the SuperLink with
 ``FLWR_SUPERGRID_API_URL=http://127.0.0.1:9094`` and run
-``flwr run @xmarket-fl/xmarket-fl==0.1.0 CONNECTION``. The index is not
-trusted: it can withhold an app but not forge one, because each region checks
-the signature against the key in its own ``--trusted-entities`` file. The
-request format is Flower 1.41's internal one, hence the ``flwr<1.42`` pin.
+``flwr run @xmarket-fl/xmarket-fl==0.1.0 CONNECTION``. It runs next to the
+SuperLink, so it never takes a private key: given one (``--key``, or a key
+file in place of a signed app or a trusted-entities file) it stops with a
+one-line error. With ``--trusted-entities`` it checks each app's signature as
+the regions will, before serving it. The index is not trusted: it can
+withhold an app but not forge one, because each region checks the signature
+against the key in its own ``--trusted-entities`` file. The request format is
+Flower 1.41's internal one, hence the ``flwr<1.42`` pin.
 """
 
 import argparse
 import base64
-import hashlib
 import http.server
 import json
 import threading
-import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from flwr.cli.build import build_fab_from_disk
-from flwr.common.config import get_fab_config, get_metadata_from_config
-
 from common.command import ArgumentParser, run_command
-from deploy.make_credentials import APP_KEY_ID
-from xmfl.app import app_dir
+from deploy.keys import refuse_private_key
+from deploy.signed_app import SignedApp, load_signed_app, read_trusted_entities, verify
 
-
-@dataclass(frozen=True)
-class SignedApp:
-    """A FAB and one signature of it, as Flower Hub lists them."""
-
-    fab: bytes
-    app_id: str  # "@publisher/name"
-    version: str
-    key_id: str
-    signature: bytes
-    signed_at: int
-
-    @property
-    def spec(self) -> str:
-        """What ``flwr run`` names the app by: ``@publisher/name==version``."""
-        return f"{self.app_id}=={self.version}"
-
-    @property
-    def sha256(self) -> str:
-        """The FAB's SHA-256, as Flower names FABs."""
-        return hashlib.sha256(self.fab).hexdigest()
-
-
-def sign_app(app_dir: Path, key_path: Path, key_id: str = APP_KEY_ID) -> SignedApp:
-    """Build the FAB of ``app_dir`` and sign it the way ``flwr app review`` does.
-
-    Parameters
-    ----------
-    app_dir : Path
-        The app's directory (holding ``pyproject.toml``).
-    key_path : Path
-        An Ed25519 private key in OpenSSH format, e.g. ``credentials/app-signing``.
-    key_id : str
-        The name regions give the matching public key in their ``--trusted-entities`` file.
-    """
-    key = load_ssh_private_key(Path(key_path).read_bytes(), None)
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ValueError(f"{key_path} is not an Ed25519 private key; Flower verifies Ed25519 signatures only.")
-    with warnings.catch_warnings():  # Flower 1.41's own use of a deprecated pathspec pattern class
-        warnings.simplefilter("ignore", DeprecationWarning)
-        fab = build_fab_from_disk(Path(app_dir))
-    fab_id, version = get_metadata_from_config(get_fab_config(fab))
-    signed_at = int(time.time())
-    # Flower's message: the time as 8 bytes big-endian, then the FAB's SHA-256 digest.
-    signature = key.sign(signed_at.to_bytes(8, "big") + hashlib.sha256(fab).digest())
-    return SignedApp(fab, f"@{fab_id}", version, key_id, signature, signed_at)
+NO_KEY_HERE = "sign the app offline with xmfl sign-app, where the app-signing key is, and serve the file it writes"
 
 
 class AppIndex:
@@ -158,20 +108,61 @@ class AppIndex:
         self.close()
 
 
+def load_apps(paths: list[Path], trusted_entities: Path | None = None) -> list[SignedApp]:
+    """The signed apps to serve, each checked against ``trusted_entities`` when given.
+
+    Raises
+    ------
+    ValueError
+        If a file holds a private key (this command never takes one), is not a signed app,
+        or carries no signature the trusted entities verify.
+    """
+    for path in paths:
+        refuse_private_key(path, "xmfl app-index", f"{NO_KEY_HERE} with --signed-app")
+    if trusted_entities is not None:
+        refuse_private_key(trusted_entities, "xmfl app-index",
+                           "give --trusted-entities the regions' trusted-entities.yaml, which holds public keys only")
+    apps = [load_signed_app(path) for path in paths]
+    if trusted_entities is not None:
+        trusted = read_trusted_entities(trusted_entities)
+        for path, app in zip(paths, apps, strict=True):
+            if not verify(app, trusted):
+                raise ValueError(
+                    f"{path}: {app.spec} is not signed by a key in {trusted_entities} (it names key "
+                    f"{app.key_id!r}); regions that trust only those keys would refuse it."
+                )
+    return apps
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Sign the app and serve it until interrupted."""
+    """Load the signed apps and serve them until interrupted.
+
+    Raises
+    ------
+    ValueError
+        If a file given holds a private key, is not a signed app, or fails the check against
+        ``--trusted-entities`` (run through :func:`common.command.run_command`: one line, status 2).
+    """
     parser = ArgumentParser(prog="python -m deploy.app_index", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--app", type=Path, default=None,
-                        help="directory of the app to sign, holding its pyproject.toml (default: this installation's app, "
-                             "the checkout or a copy of the installed package)")
-    parser.add_argument("--key", type=Path, required=True,
-                        help="Ed25519 signing key, e.g. credentials/app-signing (required)")
+    parser.add_argument("--signed-app", type=Path, action="append", default=[], metavar="FILE",
+                        help="an app signed offline by xmfl sign-app; repeatable (required)")
+    parser.add_argument("--trusted-entities", type=Path, default=None, metavar="FILE",
+                        help="check every app's signature against these public keys, the regions' "
+                             "trusted-entities.yaml, before serving (default: not checked here; each region checks)")
     parser.add_argument("--port", type=int, default=9094, help="port on 127.0.0.1 (default: %(default)s)")
+    # The signing key of earlier versions: refused, with where signing happens now.
+    parser.add_argument("--key", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    app = sign_app(args.app or app_dir(), args.key)
-    with AppIndex([app], args.port) as index:
-        print(f"Serving {app.spec} (FAB sha256 {app.sha256[:12]}…) at {index.url}; Ctrl-C stops.", flush=True)
+    if args.key is not None:
+        parser.error(f"app-index never takes a private key (--key {args.key}): {NO_KEY_HERE} with --signed-app")
+    if not args.signed_app:
+        parser.error("the following arguments are required: --signed-app")
+    apps = load_apps(args.signed_app, args.trusted_entities)
+    checked = f", signatures checked against {args.trusted_entities}" if args.trusted_entities else ""
+    with AppIndex(apps, args.port) as index:
+        served = ", ".join(f"{app.spec} (FAB sha256 {app.sha256[:12]}…, key {app.key_id})" for app in apps)
+        print(f"Serving {served} at {index.url}{checked}; Ctrl-C stops.", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

@@ -2,12 +2,17 @@
 
 The deployment tests and the round-latency benchmark run the README's deploy
 commands through this class; every process it starts is stopped by PID
-(with its descendants) in :meth:`LoopbackFederation.close`. Regions run only
-the app signed with the federation's app-signing key, served by an
-:class:`~deploy.app_index.AppIndex` in this process (see ``deploy/app_index.py``).
+(with its descendants) in :meth:`LoopbackFederation.close`. Each party keeps
+its keys in a folder of its own below ``root``, as on separate machines:
+``release/`` the app-signing key pair (the release manager's), ``keys/<region>/``
+each region's SuperNode key pair, ``server/`` the SuperLink's TLS material
+and what the others handed over (the regions' public keys, the signed app).
+Regions run only the app signed with the release key, served from the signed
+file by an :class:`~deploy.app_index.AppIndex` in this process.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from common.processes import free_port, stop_process_tree, wait_for_port
-from deploy.app_index import AppIndex, sign_app
+from deploy.app_index import AppIndex, load_apps
+from deploy.app_keys import PRIVATE_FILE, TRUSTED_FILE, make_app_keys
 from deploy.make_credentials import make_credentials
+from deploy.region_keys import make_region_keys
+from deploy.sign_app import sign_app
+from deploy.signed_app import save_signed_app
 from xmfl.app import app_dir
 
 APP_DIR = app_dir()  # the app `flwr run` submits: the checkout, or a copy of the installed app (xmfl/app.py)
@@ -30,7 +39,7 @@ class LoopbackFederation:
     Parameters
     ----------
     root : Path
-        Holds credentials, the private FLWR_HOME, the SuperLink database and every log.
+        Holds every party's keys, the private FLWR_HOME, the SuperLink database and every log.
     regions : dict[str, dict[str, Any]]
         Node config per region, e.g. ``{"de": {"data-path": ..., "state-dir": ...}}``;
         ``market`` is set to the region's name.
@@ -40,8 +49,9 @@ class LoopbackFederation:
     Attributes
     ----------
     app : SignedApp
-        The checkout's app, signed with ``credentials/app-signing``: the one app
-        every SuperNode accepts (``--trusted-entities``) and :meth:`start_run` submits.
+        The checkout's app, signed with ``release/app-signing`` and loaded from
+        ``server/app.signed``: the one app every SuperNode accepts
+        (``--trusted-entities``) and :meth:`start_run` submits.
     index : AppIndex
         Hands signed apps to the SuperLink in place of Flower Hub.
     """
@@ -49,19 +59,30 @@ class LoopbackFederation:
     def __init__(self, root: Path, regions: dict[str, dict[str, Any]], environment: dict[str, str] | None = None):
         self.root = Path(root)
         self.regions = regions
-        self.credentials = self.root / "credentials"
+        self.release = self.root / "release"  # the release manager's machine
+        self.server = self.root / "server"  # the server host's files
+        self.keys = self.root / "keys"  # keys/<region>/: each region's machine
         self.home = self.root / "flwr-home"
         self.port = free_port()
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
         self.others: list[subprocess.Popen] = []
         self.home.mkdir(parents=True, exist_ok=True)
-        make_credentials(self.credentials, [*regions, "intruder"], [])
-        self.app = sign_app(APP_DIR, self.credentials / "app-signing")
+        # Fresh keys for every federation (force: a benchmark may reuse its root).
+        make_credentials(self.server)
+        make_app_keys(self.release, force=True)
+        save_signed_app(sign_app(APP_DIR, self.release / PRIVATE_FILE), self.release / "app.signed")
+        for region in [*regions, "intruder"]:  # the intruder makes a key pair too, but nobody registers it
+            make_region_keys(self.keys / region, region, force=True)
+        # What the server host is handed: the regions' public keys and the signed app, never a private key.
+        for region in regions:
+            shutil.copy(self.keys / region / f"{region}.pub", self.server)
+        shutil.copy(self.release / "app.signed", self.server)
+        [self.app] = load_apps([self.server / "app.signed"], self.release / TRUSTED_FILE)
         self.index = AppIndex([self.app])
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials / "ca.crt"}"\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.server / "ca.crt"}"\n'
         )
         # One BLAS thread: OpenBLAS's fork handler can deadlock a process that forks while it computes.
         self.env = dict(
@@ -99,9 +120,9 @@ class LoopbackFederation:
         self.superlink = self._start(
             [
                 str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile", str(self.credentials / "ca.crt"),
-                "--ssl-certfile", str(self.credentials / "server.pem"),
-                "--ssl-keyfile", str(self.credentials / "server.key"),
+                "--ssl-ca-certfile", str(self.server / "ca.crt"),
+                "--ssl-certfile", str(self.server / "server.pem"),
+                "--ssl-keyfile", str(self.server / "server.key"),
                 "--enable-supernode-auth",
                 "--disable-runtime-dependency-installation",
                 # Registered node keys survive a SuperLink restart.
@@ -124,8 +145,8 @@ class LoopbackFederation:
             self.superlink = None
 
     def register(self, region: str) -> None:
-        """Register a region's public key with the SuperLink (``flwr supernode register``)."""
-        self.flwr(["supernode", "register", str(self.credentials / f"{region}.pub"), CONNECTION])
+        """Register the public key the region handed the server host (``flwr supernode register``)."""
+        self.flwr(["supernode", "register", str(self.server / f"{region}.pub"), CONNECTION])
 
     def start_supernode(self, region: str, key: str | None = None) -> subprocess.Popen:
         """Start the region's SuperNode, authenticated with its own key (or another one, to test refusal)."""
@@ -134,10 +155,10 @@ class LoopbackFederation:
             [
                 str(BIN / "flower-supernode"),
                 "--superlink", f"127.0.0.1:{self.port}",
-                "--root-certificates", str(self.credentials / "ca.crt"),
-                "--auth-supernode-private-key", str(self.credentials / (key or region)),
-                # Run only apps signed with the app-signing key; refuse anything else.
-                "--trusted-entities", str(self.credentials / "trusted-entities.yaml"),
+                "--root-certificates", str(self.server / "ca.crt"),
+                "--auth-supernode-private-key", str(self.keys / (key or region) / (key or region)),
+                # Run only apps signed with the release key; refuse anything else.
+                "--trusted-entities", str(self.release / TRUSTED_FILE),
                 "--port", str(free_port()),
                 "--node-config", node_config,
             ],

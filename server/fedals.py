@@ -31,6 +31,7 @@ from common.ials import IALSConfig, ItemFactors, lookup_rows, solve_items
 from common.ials_wire import pack_item_factors, unpack_statistics
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
 
+USER_GRAM_KEY = "user-gram"  # the markets' summed user Gram, for the items they keep (clients.fedals)
 _GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
 
 
@@ -67,6 +68,9 @@ class FedALS(FedAvg):
         self.seeded_start = seeded_start
         self.private = private
         self._rows: dict[int, np.ndarray] = {}  # node id -> its assortment rows, from its last reply
+        # Σ_m of the markets' augmented user Grams of the last aggregated round (non-DP): sent back so
+        # that a market can solve the items it keeps to itself (common.ials_private).
+        self._user_gram: np.ndarray | None = None
         # The arrays of the current shared state, their non-zero rows (float32) and their Gram:
         # the rows alone, not a second dense copy of a table that can have a million rows.
         self._state: tuple[ArrayRecord, _Held, np.ndarray] | None = None
@@ -114,6 +118,8 @@ class FedALS(FedAvg):
             return None, None
         solved = solve_private_items(releases, max(users, 1), self.config) if self.private \
             else solve_items(statistics, self.config)
+        if not self.private:
+            self._user_gram = sum(part.gram for part in statistics)
         table = np.zeros((self.num_items, self.config.factors), dtype=np.float32)
         table[solved.rows] = solved.factors
         arrays = ArrayRecord(encoder_state(table))
@@ -157,6 +163,8 @@ class FedALS(FedAvg):
             else:
                 rows = self._rows[node] if node in self._rows else held.rows
                 payload = pack_item_factors(ItemFactors(rows, lookup_rows(held.rows, held.factors, rows)), gram)
+                if self._user_gram is not None:
+                    payload[USER_GRAM_KEY] = self._user_gram.astype(np.float32)
             node_config = ConfigRecord({**config, "server-round": server_round, INITIAL_ROWS_KEY: initial})
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
                                   "config": node_config})

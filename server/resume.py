@@ -36,7 +36,6 @@ FINGERPRINT_KEYS = (
     "dp-user-positives",
     "dp-popularity-share",
     "dp-accountant",
-    "dp-insecure-seeded-noise",
     "dp-global-weight",
     "market-dp-noise-multiplier",
     "market-dp-clipping-norm",

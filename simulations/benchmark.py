@@ -7,6 +7,7 @@
     python -m simulations.benchmark join --data-dir DIR --fractions 0.1,0.25,0.5,1 --out OUT
     python -m simulations.benchmark continue --data-dir DIR --holdout 0.2 --out OUT
     python -m simulations.benchmark dp-users --users 1000,10000,100000 --out OUT
+    python -m simulations.benchmark attacks --data-dir DIR --out OUT
 
 ``quality`` runs every method on the same splits for several seeds (a progress
 bar with ETA counts the runs, on a terminal) and
@@ -30,6 +31,9 @@ scratch (see ``simulations.continue_benchmark``).
 ``dp-users`` generates federations of equal markets of each size in ``--users`` and reports
 fedals' macro NDCG@10 at ε = 8 as a fraction of the same method without DP, and the users per
 market at which it reaches 90% (see ``simulations.users_sweep``).
+
+``attacks`` plays a hostile server against the real ClientApp of every market and reports what
+each attack on a region's privacy got (see ``simulations.attacks``).
 
 ``latency`` runs a real deployment on loopback (see ``simulations.latency``)
 with Flower's default round loop and with this project's, and reports the
@@ -61,6 +65,7 @@ from common.private_train import UserSoftmaxLoss, dp_generator, privacy_units
 from common.train import MarketTensors, user_batch_inputs
 from simulations import continue_benchmark, join_benchmark, latency, scale_benchmark, users_sweep
 from simulations import run as harness
+from simulations.attacks import command as attacks
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.progress import over, say
 from simulations.results import mean_and_std
@@ -310,6 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
     users_sweep.add_arguments(commands.add_parser(
         "dp-users", help="DP quality as a fraction of non-private against users per market: where 90%% is reached"))
+    attacks.add_arguments(commands.add_parser(
+        "attacks", help="the attacks on a region's privacy, against the real ClientApp: attacks.json and a table"))
     args = parser.parse_args(argv)
     if args.command == "quality":
         if args.num_seeds < 1:
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> Any:
     args = parse_args(argv)
     return {"quality": quality, "scale": scale_benchmark.scale, "dp-step": dp_step, "join": join_benchmark.join,
      "continue": continue_benchmark.run,
-     "latency": latency.latency, "dp-users": users_sweep.sweep}[args.command](args)
+     "latency": latency.latency, "dp-users": users_sweep.sweep, "attacks": attacks.run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ dependency installation disabled, on a free loopback port, with a private
 process group when it is done, whatever happened.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from typing import Any
 import tomli_w
 
 from common.command import PortInUseError
+from common.region import SIMULATION_NODE_CONFIG_ENV
 from common.processes import free_port, output_lines, stop_process_tree
 from xmfl.app import app_dir
 
@@ -46,14 +48,20 @@ class SimulationSuperLink:
         Where the SuperLink's and each run's logs are written.
     cpus_per_client : int
         Ray CPUs per ClientApp; 1 lets markets train in parallel on all cores.
+    node_config : dict[str, Any], optional
+        Every simulated market's node config beyond its partition (its region's own settings,
+        :mod:`common.region`), passed to them through the environment.
     """
 
-    def __init__(self, num_supernodes: int, log_dir: Path, cpus_per_client: int = 1) -> None:
+    def __init__(
+        self, num_supernodes: int, log_dir: Path, cpus_per_client: int = 1, node_config: dict[str, Any] | None = None
+    ) -> None:
         if num_supernodes < 1:
             raise ValueError(f"A simulation needs at least one SuperNode, got {num_supernodes}.")
         self.num_supernodes = num_supernodes
         self.cpus_per_client = cpus_per_client
         self.log_dir = Path(log_dir)
+        self.node_config = dict(node_config or {})
         self.port = 0
         self._home = ""
         self._process: subprocess.Popen | None = None
@@ -85,6 +93,8 @@ class SimulationSuperLink:
         # (seen here about one start in four). Single-threaded BLAS has no pool
         # to deadlock, and markets get one core each from Ray anyway.
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # The simulated markets' own node config (Flower gives them only their partition).
+        env[SIMULATION_NODE_CONFIG_ENV] = json.dumps(self.node_config)
         return env
 
     def start(self, timeout: float = 60.0) -> None:

@@ -61,7 +61,8 @@ from xmfl.app import app_config
 
 
 DP_NOISE_SECURE = "secure: os.urandom, never derived from the config"
-DP_NOISE_INSECURE = "INSECURE: seeded from the run config (--dp-insecure-seeded-noise); the noise can be removed"
+DP_NOISE_INSECURE = ("INSECURE: the simulated markets seeded it from --seed (--dp-insecure-seeded-noise, "
+                     "their own node config); the noise can be removed")
 # Old spellings of renamed options, still accepted (hidden from --help): option names equal the config keys.
 ALIASES = {
     "--rounds": "--num-server-rounds",
@@ -122,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="INSECURE, to reproduce an experiment only: draw DP noise and sampling from --seed, so "
                              "that whoever knows the config can remove the noise; results.json marks such a run "
                              "(default: off, noise from the operating system's secure source)")
+    parser.add_argument("--als-min-buyers", type=int, default=None, metavar="K",
+                        help="fedals without DP: the simulated regions' own minimum buyers of an item before its "
+                             "statistics leave the market (their node config's als-min-buyers; 1 sends every "
+                             "item, as pooled iALS needs) (default: the code's, common.ials_private)")
     parser.add_argument("--market-dp-noise-multiplier", type=float, default=defaults["market-dp-noise-multiplier"],
                         help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
                              "every market then weighs the same in the average (default: %(default)s)")
@@ -224,7 +229,6 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         "seed": args.seed,
         "dp-epsilon": args.dp_epsilon,
         "dp-market-epsilons": args.dp_market_epsilons,
-        "dp-insecure-seeded-noise": args.dp_insecure_seeded_noise,
         "market-dp-noise-multiplier": args.market_dp_noise_multiplier,
         "market-dp-clipping-norm": args.market_dp_clipping_norm,
         "market-dp-markets": markets,
@@ -383,11 +387,26 @@ def record_method(
     say(f"{method}: macro test NDCG@10 {results['methods'][method]['macro']['ndcg@10']:.4f} in {seconds:.1f} s")
 
 
+def simulation_node_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The node config the harness gives every simulated market (it owns them all).
+
+    A region's own settings never come from the run config: seeded DP noise is the simulated
+    markets' choice, made here by the harness's owner with ``--dp-insecure-seeded-noise``; and
+    simulated markets report exact metrics under DP (``dp-exact-metrics``), which results.json
+    needs per market, so that a privacy experiment's numbers are outside the DP guarantee by the
+    experimenter's choice, as results.json's ``dp-noise`` says.
+    """
+    settings = {"dp-insecure-seeded-noise": bool(args.dp_insecure_seeded_noise), "dp-exact-metrics": True}
+    if getattr(args, "als_min_buyers", None) is not None:  # the regions' own fedals threshold (common.ials_private)
+        settings["als-min-buyers"] = args.als_min_buyers
+    return settings
+
+
 def run_federated(args: argparse.Namespace, method: str, markets: list[str]) -> tuple[dict, list]:
     """One federated method over ``markets`` on a SuperLink of this process; its curves and round log."""
     out_dir = args.out / method
     shutil.rmtree(out_dir, ignore_errors=True)  # a stale history must not pass for this run's
-    with (SimulationSuperLink(len(markets), args.out / "logs") as superlink,
+    with (SimulationSuperLink(len(markets), args.out / "logs", node_config=simulation_node_config(args)) as superlink,
           RoundProgress(method, args.num_server_rounds, markets, args.verbose) as progress):
         superlink.run(run_config_for(args, method, out_dir, len(markets)), method, on_line=progress)
     history_path = out_dir / "history.json"

@@ -82,11 +82,11 @@ class ScriptedGrid(LocalGrid):
 class ClientAppGrid(LocalGrid):
     """Nodes that are the real ClientApp in this process, one simulation partition each."""
 
-    def __init__(self, run_config: dict, partitions: int) -> None:
+    def __init__(self, run_config: dict, partitions: int, node_config: dict | None = None) -> None:
         super().__init__(list(range(1, partitions + 1)))
         self.contexts = {
             node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                          node_config={"partition-id": node - 1, "num-partitions": partitions})
+                          node_config={**(node_config or {}), "partition-id": node - 1, "num-partitions": partitions})
             for node in self.node_ids
         }
 
@@ -99,9 +99,11 @@ def run_config(**overrides) -> dict:
     return {**harness.app_defaults(), "min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0, **overrides}
 
 
-def serve(run_config: dict, markets: int = 2, run_id: int | None = None) -> ClientAppGrid:
-    """One training of the real ServerApp over ``markets`` in-process ClientApps; the grid it used."""
-    grid = ClientAppGrid(run_config, markets)
+def serve(run_config: dict, markets: int = 2, run_id: int | None = None,
+          node_config: dict | None = None) -> ClientAppGrid:
+    """One training of the real ServerApp over ``markets`` in-process ClientApps (each with ``node_config``
+    beside its partition); the grid it used."""
+    grid = ClientAppGrid(run_config, markets, node_config)
     server_main(grid, Context(run_id=next(_run_ids) if run_id is None else run_id, node_id=0, node_config={},
                               state=RecordDict(), run_config=run_config))
     return grid
@@ -112,6 +114,6 @@ def in_process_federated(args, method: str, markets: list[str]) -> tuple[dict, l
     out_dir = args.out / method
     run_config = {**harness.app_defaults(), **harness.run_config_for(args, method, out_dir, len(markets)),
                   "poll-interval": 0.001}
-    serve(run_config, len(markets))
+    serve(run_config, len(markets), node_config=harness.simulation_node_config(args))
     history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
     return federated_curves(history), [entry for entry in history["rounds"] if entry["round"] >= 1]

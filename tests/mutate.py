@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DP_TESTS = ["tests/test_dp_mechanism.py"]
+DP_FEDALS_TESTS = ["tests/test_dp_fedals.py", "tests/test_region_privacy.py"]
+REGION_TESTS = ["tests/test_region_privacy.py"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,37 @@ MUTATIONS = [
              "        return self.epsilon_after(steps, rate) <= self.budget.epsilon",
              "        return True  # mutation: every step is affordable",
              ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"]),
+    # DP-fedals: what a market releases each round and what it reports.
+    Mutation("dp-fedals noise off", "common/dp_ials.py",
+             "    if noise_multiplier > 0:\n        root_k", "    if False:\n        root_k", DP_FEDALS_TESTS),
+    Mutation("dp-fedals noise / 10", "clients/fedals.py",
+             "private_release(market.train, users, rows, entry.ledger.noise_multiplier, generator)",
+             "private_release(market.train, users, rows, entry.ledger.noise_multiplier / 10, generator)",
+             DP_FEDALS_TESTS),
+    Mutation("dp-fedals per-user bound removed", "common/dp_ials.py",
+             "weight = np.minimum(1.0, np.sqrt(release.items_per_user / np.maximum(per_user, 1.0)))",
+             "weight = np.ones_like(per_user)", DP_FEDALS_TESTS),
+    Mutation("dp-fedals pairs not distinct", "common/dp_ials.py",
+             "pairs = np.unique(users[inside] * max(len(rows), 1) + position[inside])",
+             "pairs = users[inside] * max(len(rows), 1) + position[inside]", DP_FEDALS_TESTS),
+    Mutation("dp-fedals ledger record skipped", "clients/fedals.py",
+             "            entry.ledger.record(1)\n", "            pass  # mutation: the release is not recorded\n",
+             DP_FEDALS_TESTS),
+    Mutation("metrics sent exact under DP", "clients/messages.py",
+             "        kept = {key: value for key, value in metrics.items() if key in DP_REPORTED}",
+             "        kept = dict(metrics)", REGION_TESTS),
+    Mutation("seeded noise from the run config", "clients/privacy_state.py",
+             "    return RegionPolicy.from_node_config(node_settings(context), market)",
+             "    return RegionPolicy.from_node_config({**context.run_config, **node_settings(context)}, market)",
+             REGION_TESTS),
+    Mutation("delta re-read at the run's", "clients/privacy_state.py",
+             "        candidates.append(entry.ledger.budget.delta)", "        pass", REGION_TESTS),
+    Mutation("released rows from the data", "clients/fedals.py",
+             "        rows = public_assortment(policy, catalog)", "        rows = split.market_items", REGION_TESTS),
+    Mutation("gram unchecked", "clients/fedals.py",
+             "    if problem := gram_problem(items, gram):", "    if False:", REGION_TESTS),
+    Mutation("lost ledger unnoticed", "clients/state_store.py",
+             "            if self.marker.exists():", "            if False:", REGION_TESTS),
     # An out-of-budget market keeps its weight in the average.
     Mutation("out-of-budget weight kept", "clients/client_app.py",
              "                loss, examples = float(\"nan\"), 0",

@@ -72,7 +72,8 @@ def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
 def command_helps() -> list[list[str]]:
     """``[command]`` for every command, and ``[benchmark, sub]`` for each benchmark."""
     return [[name] for name in cli.COMMANDS] + [["benchmark", name] for name in
-                                                 ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency")]
+                                                 ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency",
+                                                  "attacks")]
 
 
 @pytest.mark.parametrize("command", command_helps(), ids=" ".join)

@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from clients.client_app import app
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, blend_with_own, config_from_context
 from clients.messages import RegionError
+from clients.privacy_state import COUNT_NOISE_MULTIPLIER, RELEASED_USERS, MarketPrivacy
 from common.catalog import Catalog
 from common.market_config import MarketConfig, parse_market_epsilons
 from common.markets import MarketSource
@@ -94,7 +95,10 @@ def test_under_dp_a_train_reply_weights_the_market_by_its_users_not_its_interact
     # Assert
     metrics = reply.content["metrics"]
     assert metrics["trained"] == 1 and 0 < metrics["epsilon"] <= 8.0
-    assert metrics["num-examples"] == interactions["user"].nunique()
+    # The user count as the ledger released it (Gaussian noise of std 10), never the count itself.
+    released = MarketPrivacy(context, "m01").load().calibration[RELEASED_USERS]
+    assert metrics["num-examples"] == released
+    assert abs(released - interactions["user"].nunique()) <= 5 * COUNT_NOISE_MULTIPLIER
     assert metrics["num-examples"] < len(interactions)
 
 
@@ -352,15 +356,16 @@ def test_a_region_caps_the_run_delta_with_its_node_config():
 
 
 def test_a_regions_delta_cap_never_raises_the_default_delta():
-    # Prepare: the run leaves delta at its default, 0.1 / the market's users.
+    # Prepare: the run leaves delta at its default, 0.1 / the market's released user count.
     run_config = _run_config(**PRIVATE_RUN)
-    users = MarketSource("", 3, 0).interactions("m01")["user"].nunique()
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-delta": 0.5})
 
     # Execute
-    metrics = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-delta": 0.5}))
+    metrics = _trained(run_config, context)
 
     # Assert
-    assert metrics["delta"] == pytest.approx(0.1 / users)
+    released = MarketPrivacy(context, "m01").load().calibration[RELEASED_USERS]
+    assert metrics["delta"] == pytest.approx(0.1 / released)
 
 
 @pytest.mark.parametrize(
@@ -385,7 +390,7 @@ def test_a_region_that_demands_dp_refuses_a_run_without_it(ceiling):
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
     (key, value), = ceiling.items()
 
-    with pytest.raises(RegionError, match=re.escape(f"Market 'm01' trains only under DP ({key}={value} in its node")):
+    with pytest.raises(RegionError, match=re.escape(f"Market 'm01' trains only under DP ({key}={float(value):g} in its node")):
         _trained(run_config, context)
 
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from clients.client_app import app
 from clients.privacy_state import INSECURE_KEY
 from clients.local_model import LOCAL_STATE_KEY
-from clients.messages import RegionError
+from clients.messages import DP_REPORTED, RegionError
 from clients.privacy_state import MarketPrivacy
 from common.markets import MarketSource, load_split
 from common.private_train import dp_generator, popularity_seed, private_popularity, release_noise
@@ -105,16 +105,29 @@ def test_the_popularity_release_cannot_be_reproduced_from_the_config():
     assert not torch.allclose(released[items], seeded[items], atol=1e-3)
 
 
-def test_an_insecure_seeded_run_is_reproducible_and_marked():
+def test_a_region_that_chose_seeded_noise_gets_a_reproducible_run_marked_insecure():
+    run_config = _run_config()
+    seeded = {"dp-insecure-seeded-noise": "true"}  # the region's own node config
+
+    first = _train(run_config, _context(run_config, **seeded))
+    second = _train(run_config, _context(run_config, **seeded))
+
+    first_arrays, second_arrays = _arrays(first), _arrays(second)
+    for name in first_arrays:
+        assert torch.equal(first_arrays[name], second_arrays[name])
+    assert first.content["metrics"][INSECURE_KEY] == 1
+
+
+def test_a_run_config_asking_for_seeded_noise_gets_secure_noise():
+    # The run config is whoever reaches the SuperLink: its request must not make DP-SGD's noise removable.
     run_config = _run_config(**{"dp-insecure-seeded-noise": True})
 
     first = _train(run_config, _context(run_config))
     second = _train(run_config, _context(run_config))
 
     first_arrays, second_arrays = _arrays(first), _arrays(second)
-    for name in first_arrays:
-        assert torch.equal(first_arrays[name], second_arrays[name])
-    assert first.content["metrics"][INSECURE_KEY] == 1
+    assert any(not torch.equal(first_arrays[name], second_arrays[name]) for name in first_arrays)
+    assert INSECURE_KEY not in first.content["metrics"]
 
 
 # 2. The ledger records what the steps ran at.
@@ -250,7 +263,7 @@ def test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained(monkeyp
     assert started == []
     metrics = _metrics(reply)
     assert metrics["num-examples"] == 0 and metrics["trained"] == 0
-    assert metrics["train-loss"] != metrics["train-loss"]  # NaN: nothing was trained
+    assert set(metrics) <= DP_REPORTED  # nothing computed from its users leaves it
     assert metrics["epsilon"] <= 4.0
     assert _ledger(context).steps == steps_before
     replied = _arrays(reply)
@@ -309,7 +322,7 @@ def test_an_operator_starts_a_new_budget_period_on_purpose_and_it_stays_on_recor
     # Prepare: a training that spent, then a lost ledger that stops DP training.
     from clients.ledger import main as ledger_command
 
-    run_config = _run_config(**{"num-server-rounds": 3})
+    run_config = _run_config(**{"num-server-rounds": 3, "dp-delta": 1e-5})  # not the released count's default
     first = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1))
     arguments = ["--state-dir", str(tmp_path), "--market", MARKET]
 

@@ -2,33 +2,28 @@
 
 Every process is started here on loopback and stopped by PID afterwards
 (``LoopbackFederation.close``). Crashes are SIGKILLs of a process tree.
-SuperNodes run only the app signed with the federation's app-signing key.
+SuperNodes run only the app signed offline with the release manager's key;
+each region made its own key pair and the server host holds only the public
+halves (``tests/test_deploy_keys.py`` tests the key commands themselves).
 """
 
 import ast
 import json
-import os
 import re
-import shutil
-import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from common.catalog import Catalog
 from common.markets import MarketSource, load_file_split
 from common.privacy import steps_per_epoch
 from common.serving import load_served_model
 from common.synthetic import SyntheticConfig, write_markets
-from deploy.app_index import sign_app
+from deploy.app_keys import PRIVATE_FILE, make_app_keys
+from deploy.keys import holds_private_key
 from deploy.loopback import APP_DIR, LoopbackFederation
-from deploy.make_credentials import make_credentials
+from deploy.sign_app import sign_app
 from simulations.run import app_defaults
 from tests.run_state import checkpointed_round, rounds_in_history
 
@@ -111,15 +106,20 @@ def test_an_unregistered_node_is_refused(federation):
     assert "Failed to activate SuperNode" in federation.log("intruder")
 
 
+def test_the_server_host_holds_no_private_key_but_its_tls_key(federation):
+    # The regions' keys and the app-signing key were made in their own folders; the server host got public halves.
+    server = federation.root / "server"
+    held = sorted(path.name for path in server.iterdir() if holds_private_key(path))
+
+    assert held == ["server.key"]
+    assert {f"{region}.pub" for region in [*REGIONS, "bad"]} <= {path.name for path in server.iterdir()}
+    assert (server / "app.signed").exists() and not (server / PRIVATE_FILE).exists()
+
+
 def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
-    # Prepare: the same app sent from the checkout (unsigned), and signed by a key no region trusts.
-    untrusted = tmp_path / "untrusted"
-    untrusted.write_bytes(
-        ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-    )
-    forged = sign_app(APP_DIR, untrusted)
+    # Prepare: the same app sent from the checkout (unsigned), and signed offline by a key no region trusts
+    # (a server operator's own key, say).
+    forged = sign_app(APP_DIR, make_app_keys(tmp_path / "operator-keys"))
     regions = [*REGIONS, "bad"]
     before = {region: federation.log(region) for region in regions}
 
@@ -210,71 +210,6 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         final = history[5]["per_market"]
         assert 1.5 < final["m01"]["epsilon"] <= 2.0 < final["m00"]["epsilon"] <= 8.0
         assert "dp-market-epsilons names ['m0O'], but no such market replied" in federation.log("run")
-
-
-@pytest.mark.parametrize(
-    ("regions", "problem"),
-    [
-        (["de", "../escaped"], "region name '../escaped' is not allowed"),
-        (["de", "{tmp}/absolute"], "/absolute' is not allowed"),
-        (["de", "server.key"], "it would replace the file server.key"),
-        (["de", "DE"], "'de' and 'DE' are given twice"),
-    ],
-)
-def test_make_credentials_refuses_unsafe_region_names_in_one_line_before_writing_anything(tmp_path, regions, problem):
-    out = tmp_path / "credentials"
-    regions = [region.format(tmp=tmp_path) for region in regions]
-
-    finished = subprocess.run(
-        [sys.executable, "-m", "deploy.make_credentials", "--out", str(out), "--regions", *regions],
-        cwd=APP_DIR, capture_output=True, text=True, timeout=60,
-    )
-
-    assert finished.returncode != 0
-    assert problem in finished.stderr and len(finished.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in finished.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-def test_development_certificates_pass_strict_x509_verification(tmp_path):
-    make_credentials(tmp_path, ["de"], ["superlink.example"])
-
-    verified = subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile", str(tmp_path / "ca.crt"),
-         str(tmp_path / "server.pem")],
-        capture_output=True, text=True, timeout=60,
-    )
-
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-
-
-@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
-def test_private_keys_are_created_owner_only_whatever_the_umask(tmp_path, monkeypatch, umask):
-    # Prepare: note a file's permissions whenever they are about to be changed after its creation.
-    before_chmod: dict[str, int] = {}
-    chmod = os.chmod
-
-    def noting_chmod(path, mode, *args, **kwargs):
-        before_chmod[Path(path).name] = stat.S_IMODE(os.stat(path).st_mode)
-        return chmod(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "chmod", noting_chmod)
-    previous = os.umask(umask)
-
-    # Execute: twice, the second time over the first one's files.
-    try:
-        make_credentials(tmp_path, ["de"], [])
-        (tmp_path / "de").chmod(0o644)
-        make_credentials(tmp_path, ["de"], [])
-    finally:
-        os.umask(previous)
-
-    # Assert: private keys are 0600, also the rewritten one, and were never readable by others on the way.
-    private = ["ca.key", "server.key", "de", "app-signing"]
-    assert {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in private} == dict.fromkeys(private, 0o600)
-    assert all(mode & 0o077 == 0 for name, mode in before_chmod.items() if name in private)
-    assert all(stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644 for name in ["ca.crt", "server.pem", "de.pub"])
 
 
 def test_restarting_a_region_gives_up_with_a_clear_error_when_it_is_never_let_in(tmp_path):

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clients.client_app import app as client_app
-from clients.privacy_state import MarketPrivacy
+from clients.privacy_state import COUNT_NOISE_MULTIPLIER, MarketPrivacy
 from common.dp_ials import (
     RELEASE_KEYS,
     ReleaseConfig,
@@ -194,8 +194,8 @@ def test_the_transfer_never_serves_a_fit_worse_than_going_alone_on_validation(va
 class RecordingGrid(ClientAppGrid):
     """The real ClientApps in this process, keeping every reply they send."""
 
-    def __init__(self, run_config: dict, partitions: int) -> None:
-        super().__init__(run_config, partitions)
+    def __init__(self, run_config: dict, partitions: int, node_config: dict | None = None) -> None:
+        super().__init__(run_config, partitions, node_config)
         self.replies: list[Message] = []
 
     def answer(self, message: Message) -> Message:
@@ -204,8 +204,13 @@ class RecordingGrid(ClientAppGrid):
         return reply
 
 
+# The regions' own choice (their node config): noise seeded, so that two trainings can be
+# compared bit for bit, and exact metrics, so that the served model's can be checked.
+SEEDED_REGION = {"dp-insecure-seeded-noise": True, "dp-exact-metrics": True}
+
+
 def _serve(run_config: dict, grid: RecordingGrid | None = None) -> RecordingGrid:
-    grid = grid or RecordingGrid(run_config, 2)
+    grid = grid or RecordingGrid(run_config, 2, SEEDED_REGION)
     server_main(grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(),
                               run_config=run_config))
     return grid
@@ -214,7 +219,7 @@ def _serve(run_config: dict, grid: RecordingGrid | None = None) -> RecordingGrid
 def _private_config(tmp_path, method: str, **overrides) -> dict:
     return in_process_config(**{
         "method": method, "synthetic-markets": 2, "num-server-rounds": 3, "als-factors": 8,
-        "dp-epsilon": 4.0, "dp-accountant": "rdp", "dp-insecure-seeded-noise": True,
+        "dp-epsilon": 4.0, "dp-accountant": "rdp",
         "out-dir": str(tmp_path / method / "server"), "models-dir": str(tmp_path / "models"), **overrides,
     })
 
@@ -295,15 +300,18 @@ def test_the_ledger_records_every_release_and_a_new_training_gets_no_fresh_budge
         assert len(recorded) == len(sent) == 3
         spent = ledger.epsilon()
         assert spent <= 4.0
-        assert spent == pytest.approx(_independent_epsilon(recorded, ledger.budget.delta), rel=1e-3)
+        # The ledger's other releases: the user count, released once per calibration.
+        assert ledger.releases == [COUNT_NOISE_MULTIPLIER]
+        assert spent == pytest.approx(_independent_epsilon(ledger.releases + recorded, ledger.budget.delta), rel=1e-3)
         assert sent[-1].content["metrics"]["epsilon"] == pytest.approx(spent)
 
     # Execute: the server names a new training for the same markets (their contexts kept).
     first = {node: MarketPrivacy(context, f"m0{node - 1}").load().ledger.noise_multiplier
              for node, context in grid.contexts.items()}
-    again = _private_config(tmp_path, "fedals", **{"dp-insecure-seeded-noise": False})
+    again = _private_config(tmp_path, "fedals")
     for context in grid.contexts.values():
         context.run_config.update(again)
+        context.node_config.pop("dp-insecure-seeded-noise")
     grid.replies.clear()
     _serve(again, grid)
 

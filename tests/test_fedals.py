@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from clients.client_app import app
 from common.ials import IALSConfig, pooled_ials, score_candidates, solve_users
+from common.ials_private import DEFAULT_MIN_BUYERS
 from common.ials_wire import STATISTICS_KEYS, check_item_side
 from common.ials_model import (
     ASSORTMENT_KEY,
@@ -87,9 +88,10 @@ def fedals_run(tmp_path_factory):
     """One harness run: local, fedals through the real Flower simulation, and pooled iALS."""
     out = tmp_path_factory.mktemp("fedals")
     settings = [f"--set={key}={value}" for key, value in ALS.items()]
+    # The regions switch the minimum-buyers rule off (their node config): fedals then equals pooled iALS.
     results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", str(ROUNDS), "--embedding-dim", "8",
                             "--history-length", "10", "--methods", "local,fedals,pooled-ials", "--out", str(out),
-                            *settings])
+                            "--als-min-buyers", "1", *settings])
     return out, results
 
 
@@ -224,7 +226,9 @@ def test_a_train_reply_holds_item_side_statistics_and_numbers_only():
     assert list(reply.content.array_records) == ["arrays"]
     payload = {name: array.numpy() for name, array in reply.content["arrays"].items()}
     assert set(payload) == set(REPLY_KEYS)
-    check_item_side({name: payload[name] for name in STATISTICS_KEYS}, split.train_items, FACTORS)
+    # Only the items the market has at least DEFAULT_MIN_BUYERS buyers of are sent (common.ials_private).
+    rows, buyers = np.unique(split.train_items, return_counts=True)
+    check_item_side({name: payload[name] for name in STATISTICS_KEYS}, rows[buyers >= DEFAULT_MIN_BUYERS], FACTORS)
     np.testing.assert_array_equal(payload[ASSORTMENT_KEY], split.market_items)
     assert split.num_users not in {array.shape[0] for array in payload.values()}
     metrics = reply.content["metrics"]
@@ -309,8 +313,9 @@ def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
     refusals = [r.getMessage() for r in flower_warnings if "refused the reply" in r.getMessage()]
     assert len(refusals) == 1 and "node 2" in refusals[0] and "'m01'" in refusals[0] and reason in refusals[0]
     table = final[ITEM_TABLE].numpy()
-    touched = np.unique(load_split(SOURCE, "m00", catalog).train_items)
-    np.testing.assert_array_equal(np.flatnonzero(table.any(axis=1)), touched)
+    rows, buyers = np.unique(load_split(SOURCE, "m00", catalog).train_items, return_counts=True)
+    sent = rows[buyers >= DEFAULT_MIN_BUYERS]  # the rows m00 has enough buyers of to send (common.ials_private)
+    np.testing.assert_array_equal(np.flatnonzero(table.any(axis=1)), sent)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [entry["round"] for entry in history["rounds"]] == [0, 1]
     assert "local/num-examples" not in history["rounds"][1]["per_market"].get("m01", {})

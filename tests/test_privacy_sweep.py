@@ -24,7 +24,8 @@ def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
     assert set(report["runs"]) == {"inf", "2"}
     for market, metrics in report["runs"]["2"]["per_market"].items():
         assert 0 < metrics["epsilon"] <= 2.0
-        assert metrics["delta"] == pytest.approx(0.1 / _users(market))  # the default delta
+        # The default delta: 0.1 / the user count the market released (noise of std 10 users).
+        assert 0.1 / (_users(market) + 50) <= metrics["delta"] <= 0.1 / (_users(market) - 50)
     for metrics in report["runs"]["inf"]["per_market"].values():
         assert metrics["epsilon"] is None and metrics["delta"] is None
     for market, metrics in report["popular"]["2"]["per_market"].items():  # popularity released with the whole budget

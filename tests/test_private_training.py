@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from clients.client_app import app
-from clients.privacy_state import PRIVACY_KEY
+from clients.privacy_state import COUNT_NOISE_MULTIPLIER, PRIVACY_KEY
 from common.markets import MarketSource, load_split
 from common.privacy import PrivacyLedger, steps_per_epoch
 from server.server_app import ServerConfig, initial_arrays
@@ -58,22 +58,28 @@ def test_a_private_round_reports_epsilon_and_differs_from_the_non_private_one():
     assert PRIVACY_KEY in private.state
 
 
-def test_dp_sgd_moves_only_the_rows_of_items_the_market_sells():
-    # Prepare
+def test_dp_sgd_moves_only_the_regions_public_rows_never_the_set_its_users_bought(tmp_path):
+    # Prepare: a product list of half the items the market's users bought and as many they did not.
     run_config = _run_config(BUDGET)
     source = MarketSource("", 3, 0)
-    market_items = load_split(source, source.markets[2], source.catalog()).market_items
+    catalog = source.catalog()
+    bought = load_split(source, source.markets[2], catalog).market_items
+    unsold = np.setdiff1d(np.arange(len(catalog.item_ids)), bought)
+    listed = np.union1d(bought[::2], unsold[: len(bought[::2])])
+    (tmp_path / "products.txt").write_text("\n".join(catalog.item_ids[row] for row in listed), encoding="utf-8")
+    context = _context(run_config)
+    context.node_config["assortment-path"] = str(tmp_path / "products.txt")
     sent = initial_arrays(ServerConfig.from_run_config(run_config))["encoder.item_embedding.weight"].numpy()
 
     # Execute
-    reply = _train(run_config, _context(run_config), 1)
+    reply = _train(run_config, context, 1)
 
-    # Assert: no example looks up another row, so its noisy gradient was pure noise and is zeroed.
+    # Assert: the listed rows move (with noise where no user bought), no other row does.
     returned = reply.content["arrays"]["encoder.item_embedding.weight"].numpy()
     changed = np.flatnonzero(np.any(returned != sent, axis=1))
-    assert set(changed) <= set(market_items.tolist())
-    assert len(changed) > 0.9 * len(market_items)
-    assert len(market_items) < len(sent)
+    assert set(changed) <= set(listed.tolist())
+    assert len(changed) > 0.9 * len(listed)
+    assert len(set(changed) - set(bought.tolist())) > 0.9 * len(unsold[: len(bought[::2])])
 
 
 def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
@@ -87,7 +93,8 @@ def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
     assert first < second <= BUDGET
     assert second == pytest.approx(ledger.epsilon())
     assert len(ledger.history) == 1  # one noise level for the whole run, calibrated once
-    assert len(ledger.releases) == 1  # the popularity prior, paid once
+    # The user count and the popularity prior, each paid once.
+    assert len(ledger.releases) == 2 and ledger.releases[0] == COUNT_NOISE_MULTIPLIER
 
 
 def test_a_market_out_of_budget_stops_training_and_carries_no_weight():
@@ -132,6 +139,7 @@ def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
 def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
     run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 2}
     context = _context(run_config)
+    context.node_config["dp-exact-metrics"] = True  # the region's choice: the fork's metrics leave with it
     _train(run_config, context, 1)
     trained = _train(run_config, context, 2).content["metrics"]["epsilon"]
 

@@ -10,7 +10,10 @@ before the next step. The training is started in the background so that the
 server can be crashed after round 1; the test then starts the SuperLink again
 with step 1 and continues with the README's resume command (this replaces the
 killed-server test of ``tests/test_deploy.py``). That a second training refuses
-the finished one's ``out-dir`` is tested in ``tests/test_server_loop.py``.
+the finished one's ``out-dir`` is tested in ``tests/test_server_loop.py``. The
+block's parties keep their keys apart: the test checks that the folder of the
+SuperLink's TLS files (the server host's) holds no private key but the
+SuperLink's, and that the app-signing key and each region's key are elsewhere.
 Every process is stopped by PID with its descendants.
 """
 
@@ -29,6 +32,7 @@ from common.catalog import Catalog
 from common.processes import free_port, stop_process_tree, wait_for_port
 from common.serving import load_served_model
 from common.synthetic import SyntheticConfig, write_markets
+from deploy.keys import holds_private_key
 from deploy.loopback import APP_DIR
 from tests.run_state import checkpointed_round, rounds_in_history
 
@@ -187,6 +191,16 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
         catalog = Catalog.load(xm / "catalog.txt")
         for region in REGIONS:
             assert load_served_model(xm / region / "state" / "model", catalog).manifest["market"] == region
+        # Who holds which key: the server host's folder (that of the SuperLink's TLS key) holds the regions' public
+        # keys and the signed app, and no private key but the SuperLink's; the app index was given none.
+        server_key = Path(shell.expand(re.search(r"--ssl-keyfile (\S+)", superlink).group(1)))
+        held = sorted(path.name for path in server_key.parent.rglob("*") if path.is_file() and holds_private_key(path))
+        assert held == [server_key.name] and {f"{r}.pub" for r in REGIONS} <= {p.name for p in server_key.parent.iterdir()}
+        index = next(step for step in steps if "xmfl app-index" in step)
+        given = [Path(shell.expand(path)) for path in re.findall(r"--[a-z-]+ (\$XM/\S+)", index)]
+        assert given and not any(holds_private_key(path) for path in given)
+        signing_key = Path(shell.expand(re.search(r"xmfl sign-app --key (\S+)", " ".join(steps)).group(1)))
+        assert holds_private_key(signing_key) and signing_key.parent != server_key.parent
         # Every Flower process kept to the FLWR_HOME the README gave it: nothing in the home directory.
         assert not (home / ".flwr").exists()
         assert any((xm / "superlink").rglob("pyproject.toml")) and any((xm / REGIONS[0]).rglob("pyproject.toml"))

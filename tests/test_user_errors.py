@@ -60,7 +60,7 @@ def test_a_bad_interaction_file_names_the_file_and_line(tmp_path, capsys):
         (["simulate", "--dp-epsilon", "-1"], "dp-epsilon must be 0 (no DP) or a positive budget, got -1.0"),
         (["privacy-sweep", "--dp-epsilons", "8,-2"], "epsilons must be positive numbers or inf"),
         (["benchmark", "quality", "--num-seeds", "0"], "--num-seeds must be at least 1, got 0"),
-        (["credentials", "--regions", ",", "--out", "unused"], "--regions needs at least one region name"),
+        (["region-keys", "--region", "../x", "--out", "unused"], "region name '../x' is not allowed"),
     ],
 )
 def test_a_bad_flag_or_config_value(capsys, argv, expected):

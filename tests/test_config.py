@@ -1,0 +1,40 @@
+"""common.config: run and node config values parsed by their type."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.config import parse_bool, parse_value
+from common.market_config import MarketConfig
+from simulations import run as harness
+
+
+@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("0", False), (0, False),
+                                            ("true", True), ("TRUE", True), ("1", True), (1, True), (True, True)])
+def test_a_boolean_is_read_from_its_spelling_not_from_its_truthiness(text, expected):
+    assert parse_bool("user-embeddings", text) is expected
+
+
+@pytest.mark.parametrize("text", ["yes", "off", "", "2", 2, 0.5, None])
+def test_a_value_that_is_not_a_boolean_is_refused_in_one_line_naming_the_key(text):
+    with pytest.raises(ValueError, match=r"^user-embeddings must be true or false, got ") as error:
+        parse_bool("user-embeddings", text)
+    assert "\n" not in str(error.value)
+
+
+def test_a_run_config_boolean_written_as_false_is_false():
+    # bool("false") is True: a cast would have turned the setting on.
+    config = MarketConfig.from_run_config({**harness.app_defaults(), "user-embeddings": "false"})
+
+    assert config.user_embeddings is False
+
+
+@given(st.integers(min_value=-10**9, max_value=10**9))
+def test_whole_numbers_round_trip_through_text(number):
+    assert parse_value("seed", int, str(number)) == number
+
+
+@pytest.mark.parametrize("kind, text", [(int, "1.5"), (int, "x"), (float, "nan-ish"), (float, True)])
+def test_a_number_of_the_wrong_kind_is_refused_naming_the_key(kind, text):
+    with pytest.raises(ValueError, match="^seed must be"):
+        parse_value("seed", kind, text)
