@@ -127,6 +127,7 @@ def _train(msg: Message, context: Context) -> Message:
             try:
                 entry = round_ledger(privacy, config, model, data, train_config, training_id, policy)
                 examples = released_users(entry)
+                data = replace(data, released_users=examples)  # DP-SGD's rate and steps: the released count
                 loss = private_round(
                     model, data, method, train_config, entry.ledger, seed,
                     training_noise_seed(policy, config, market, server_round),
@@ -215,6 +216,7 @@ def _fine_tune(
     noise_seed = training_noise_seed(policy, config, market, 999_999)
     with privacy.hold():
         entry = round_ledger(privacy, config, model, data, train_config, training_id, policy)
+        data = replace(data, released_users=released_users(entry))
 
         def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
             try:

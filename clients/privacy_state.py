@@ -175,29 +175,38 @@ def round_ledger(
     """
     entry = privacy.load()
     method = get_method(config.method)
-    total_steps = config.num_server_rounds * private_round_steps(data, method, train)
-    if method.fine_tune:
-        # The fork is trained on private data too: its epochs are part of the budget.
-        total_steps += private_steps(data, replace(train, epochs=config.fine_tune_epochs))
-    calibration = {
-        "users": data.split.num_users,
-        "batch-size": train.batch_size,
-        "steps": total_steps,
-        "max-grad-norm": config.dp_max_grad_norm,
-        "accountant": config.dp_accountant,
-        "popularity-share": config.dp_popularity_share,
-    }
-    if entry is not None and entry.training_id == training_id and _same_calibration(entry.calibration, calibration):
-        _tighten(entry.ledger, config, policy, data.split.market)
-        return entry
+
+    def calibration_for(public: MarketTensors) -> dict[str, Any]:
+        """What the calibration depends on, DP-SGD's steps counted at ``public``'s released count."""
+        total_steps = config.num_server_rounds * private_round_steps(public, method, train)
+        if method.fine_tune:
+            # The fork is trained on private data too: its epochs are part of the budget.
+            total_steps += private_steps(public, replace(train, epochs=config.fine_tune_epochs))
+        return {
+            "users": data.split.num_users,  # stays in the region: a new count means new data
+            "batch-size": train.batch_size,
+            "steps": total_steps,
+            "max-grad-norm": config.dp_max_grad_norm,
+            "accountant": config.dp_accountant,
+            "popularity-share": config.dp_popularity_share,
+        }
+
+    if entry is not None and entry.training_id == training_id and RELEASED_USERS in entry.calibration:
+        public = replace(data, released_users=released_users(entry))
+        if _same_calibration(entry.calibration, calibration_for(public)):
+            _tighten(entry.ledger, config, policy, data.split.market)
+            return entry
     released = release_user_count(data.split.num_users, policy, config.seed, data.split.market)
+    public = replace(data, released_users=released)
+    calibration = calibration_for(public)
+    total_steps = calibration["steps"]
     delta = period_delta(entry, config, policy, released)
-    budget = market_budget(data, config.dp_epsilon, delta, config.dp_max_grad_norm, config.dp_accountant)
+    budget = market_budget(public, config.dp_epsilon, delta, config.dp_max_grad_norm, config.dp_accountant)
     noise_seed = popularity_seed(data.split.market, config.seed) if policy.insecure_seeded_noise else None
     spent_before = entry.ledger if entry is not None else PrivacyLedger(budget, 0.0, 1.0)
     spent_before = replace(spent_before, releases=[*spent_before.releases, COUNT_NOISE_MULTIPLIER])
     ledger = start_private_training(
-        model, data, budget, train, total_steps, config.dp_popularity_share, spent_before, noise_seed,
+        model, public, budget, train, total_steps, config.dp_popularity_share, spent_before, noise_seed,
     )
     calibration[RELEASED_USERS] = released
     return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])

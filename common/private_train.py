@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from common.ghost_norms import register_norm_samplers
 from common.markets import market_seed
@@ -39,8 +39,13 @@ from common.train import MarketTensors, TrainConfig, user_batch_inputs
 
 
 def privacy_units(data: MarketTensors) -> int:
-    """The market's units of privacy: its users (see the module docstring)."""
-    return data.split.num_users
+    """The market's units of privacy as DP-SGD counts them: its released user count if it has one, else its users.
+
+    The sample rate, the steps per epoch and the noise's scale are computed from this number,
+    which under DP is public (released with noise and recorded in the ledger); the users
+    actually sampled are all of the market's, each with that probability.
+    """
+    return data.released_users if data.released_users is not None else data.split.num_users
 
 
 def market_budget(
@@ -274,11 +279,7 @@ def train_epochs_private(
     generator = torch.Generator().manual_seed(seed)
     sampling = dp_generator(noise_seed)
     noise = dp_generator(None if noise_seed is None else noise_seed + 1)
-    loader = DataLoader(
-        TensorDataset(torch.arange(privacy_units(data))),
-        batch_size=config.batch_size,
-        generator=generator,
-    )
+
     kept = {id(parameter) for parameter in (trainable or model).parameters()}
     frozen = [parameter for parameter in model.parameters() if id(parameter) not in kept]
     for parameter in frozen:
@@ -287,6 +288,11 @@ def train_epochs_private(
     foreign_rows = _foreign_rows(trainable or model, data)
     model.train()  # Opacus refuses a module in eval mode
     from opacus import PrivacyEngine  # lazily: see common.privacy.calibrate_noise
+    from opacus.data_loader import DPDataLoader
+
+    # Poisson sampling of every user of the market at the public rate (Opacus's own loader,
+    # built here so that the rate is not derived from the exact number of users).
+    loader = DPDataLoader(TensorDataset(torch.arange(data.split.num_users)), sample_rate=rate, generator=sampling)
 
     register_norm_samplers()
     with warnings.catch_warnings():
@@ -294,18 +300,21 @@ def train_epochs_private(
         # which is not published for torch 2; the generators above replace it.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=ledger.budget.accountant)
-        engine.secure_rng = sampling  # Opacus draws Poisson sampling from it, whatever its mode
+        engine.secure_rng = sampling
         private_model, private_optimizer, criterion, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
-            data_loader=loader,
+            data_loader=loader,  # already Poisson-sampled: Opacus keeps it as it is
             criterion=UserSoftmaxLoss(),
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=ledger.budget.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,
             grad_sample_mode="ghost",
             noise_generator=noise,
         )
+        private_model.forbid_grad_accumulation()  # what Opacus does for its own Poisson loader
+        # Opacus scales the noisy sum by the dataset's length times the rate; the public count's.
+        private_optimizer.expected_batch_size = privacy_units(data) * rate
     # Opacus's secure-mode noise: each draw sums four Gaussians, against the
     # floating-point attacks on the Gaussian mechanism (see its _generate_noise).
     private_optimizer.secure_mode = noise_seed is None

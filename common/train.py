@@ -57,6 +57,10 @@ class MarketTensors:
     # releases: public (the region's product list or the catalog, common.region.public_assortment),
     # never the items its users happen to have bought. None: market_items (no DP, or a local baseline).
     released_rows: torch.Tensor | None = None
+    # Under DP, the user count the market released with noise: what DP-SGD's sample rate, steps
+    # and noise scale are computed from, so that nothing it sends is a function of the exact
+    # count. None: the exact count (no DP, or a local baseline).
+    released_users: int | None = None
 
     @property
     def public_rows(self) -> torch.Tensor:

@@ -8,12 +8,11 @@ same apps here (the transport has its own tests: test_simulation, test_deploy).
 import json
 from collections.abc import Callable
 from itertools import count
-from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from clients.client_app import app as client_app
+from simulations.attacks.hostile import InProcessGrid
 from server.server_app import main as server_main
 from simulations import run as harness
 from simulations.results import federated_curves
@@ -24,47 +23,7 @@ _run_ids = count(1000)
 Responder = Callable[[Message], RecordDict | None]
 
 
-class LocalGrid(Grid):
-    """A grid whose nodes answer at once in this process; it keeps every message sent."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = list(node_ids)
-        self.sent: list[Message] = []
-        self._replies: dict[str, Message] = {}
-
-    def answer(self, message: Message) -> Message | None:
-        """The node's reply to ``message``, or None when it stays silent."""
-        raise NotImplementedError
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
-            self.sent.append(message)
-            reply = self.answer(message)
-            if reply is not None:
-                self._replies[message.metadata.message_id] = reply
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
+LocalGrid = InProcessGrid  # a grid whose nodes answer at once in this process (simulations.attacks.hostile)
 
 
 class ScriptedGrid(LocalGrid):

@@ -60,13 +60,22 @@ MUTATIONS = [
              "max_grad_norm=ledger.budget.max_grad_norm,", "max_grad_norm=1e9,", DP_TESTS),
     # (d) The loader samples at another rate than the ledger records: its batch size...
     Mutation("loader rate differs", "common/private_train.py",
-             "batch_size=config.batch_size,", "batch_size=config.batch_size * 2,", DP_TESTS),
+             "sample_rate=rate, generator=sampling)", "sample_rate=rate * 2, generator=sampling)", DP_TESTS),
     # ... or the ledger's rate formula differs from Opacus's 1 / ceil(examples / batch).
     Mutation("ledger rate differs", "common/privacy.py",
              "return 1.0 / ceil(num_examples / batch_size)", "return batch_size / num_examples", DP_TESTS),
     # (e) Fixed-size batches instead of Poisson sampling, which the accounting assumes.
     Mutation("poisson off", "common/private_train.py",
-             "poisson_sampling=True,", "poisson_sampling=False,", DP_TESTS),
+             "    loader = DPDataLoader(TensorDataset(torch.arange(data.split.num_users)), sample_rate=rate, "
+             "generator=sampling)",
+             "    loader = torch.utils.data.DataLoader(TensorDataset(torch.arange(data.split.num_users)), "
+             "batch_size=config.batch_size); loader.sample_rate = rate", DP_TESTS),
+    # DP-SGD's rate, steps and negatives from what the users bought or how many they are.
+    Mutation("dp-sgd rate from the exact count", "common/private_train.py",
+             "    return data.released_users if data.released_users is not None else data.split.num_users",
+             "    return data.split.num_users", ["tests/test_private_training.py"]),
+    Mutation("dp-sgd negatives from the bought items", "common/train.py",
+             "    rows = data.public_rows\n", "    rows = data.market_items\n", ["tests/test_private_training.py"]),
     # The client app: covered by tests/test_client_app.py; its owner adjusts these two. In
     # build_local_model, a market's saved head is no longer restored (the lines moved from
     # clients/client_app.py to clients/local_model.py unchanged).

@@ -17,7 +17,7 @@ from clients.client_app import app
 from clients.privacy_state import INSECURE_KEY
 from clients.local_model import LOCAL_STATE_KEY
 from clients.messages import DP_REPORTED, RegionError
-from clients.privacy_state import MarketPrivacy
+from clients.privacy_state import RELEASED_USERS, MarketPrivacy
 from common.markets import MarketSource, load_split
 from common.private_train import dp_generator, popularity_seed, private_popularity, release_noise
 from common.privacy import PrivacyBudget, default_delta, sample_rate
@@ -144,12 +144,13 @@ def _independent_epsilon(history: list[tuple[float, float, int]], releases: list
 
 
 def test_a_training_resumed_with_a_larger_batch_is_accounted_at_the_rate_it_ran():
-    # Prepare: calibrated at batch 64 (rate 1/9 for 522 users), then resumed
-    # within the same training with every user in every step (rate 1).
+    # Prepare: calibrated at batch 64 (rate 1/9 for about 522 users: the released count's), then
+    # resumed within the same training with a batch of all users (rate 1/2 or 1 by the count released then).
     users = _users()
     calibrated = _run_config(**{"dp-epsilon": 8.0, "num-server-rounds": 3})
     context = _context(calibrated)
     _train(calibrated, context, 1)
+    first_count = MarketPrivacy(context, MARKET).load().calibration[RELEASED_USERS]
     resumed = {**calibrated, "dp-batch-size": users}
     context = Context(run_id=1, node_id=7, node_config=context.node_config, state=context.state, run_config=resumed)
 
@@ -159,7 +160,8 @@ def test_a_training_resumed_with_a_larger_batch_is_accounted_at_the_rate_it_ran(
     # Assert: the steps ran at rate 1/9 and then at rate 1; the reported epsilon
     # is that composition (by an independent accountant) and stays in budget.
     ledger = _ledger(context)
-    assert {rate for _, rate, _ in ledger.history} == {sample_rate(users, 64), 1.0}
+    second_count = MarketPrivacy(context, MARKET).load().calibration[RELEASED_USERS]
+    assert {rate for _, rate, _ in ledger.history} == {sample_rate(first_count, 64), sample_rate(second_count, users)}
     expected = _independent_epsilon(ledger.history, ledger.releases, ledger.budget.delta)
     assert metrics["epsilon"] == pytest.approx(expected, rel=0.02)
     assert metrics["epsilon"] <= 8.0
@@ -322,13 +324,15 @@ def test_an_operator_starts_a_new_budget_period_on_purpose_and_it_stays_on_recor
     # Prepare: a training that spent, then a lost ledger that stops DP training.
     from clients.ledger import main as ledger_command
 
-    run_config = _run_config(**{"num-server-rounds": 3, "dp-delta": 1e-5})  # not the released count's default
-    first = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1))
+    # δ set, and the released count seeded (the region's choice), so both periods' first rounds match.
+    run_config = _run_config(**{"num-server-rounds": 3, "dp-delta": 1e-5})
+    node = {"state-dir": str(tmp_path), "dp-insecure-seeded-noise": True}
+    first = _metrics(_train(run_config, _context(run_config, **node), 1))
     arguments = ["--state-dir", str(tmp_path), "--market", MARKET]
 
     # Execute
     assert ledger_command(["new-period", *arguments]) == 0
-    resumed = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1, "t2"))
+    resumed = _metrics(_train(run_config, _context(run_config, **node), 1, "t2"))
     assert ledger_command(["show", *arguments]) == 0
 
     # Assert: the new period starts from nothing; the closed one is archived and listed.

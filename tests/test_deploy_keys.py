@@ -38,19 +38,12 @@ from deploy.make_credentials import make_credentials
 from deploy.region_keys import make_region_keys
 from deploy.sign_app import sign_app
 from deploy.signed_app import load_signed_app, read_trusted_entities, save_signed_app, verify
+from tests.test_user_errors import fails_with
 from xmfl import cli
 
 pytestmark = pytest.mark.usefixtures("keep_sigterm_handler")  # tests/conftest.py
 
 
-def fails_with(capsys, argv: list[str]) -> str:
-    """``xmfl ARGV`` in this process must exit with 2 and one line on stderr; that line."""
-    with pytest.raises(SystemExit) as exited:
-        cli.main(argv)
-    error = capsys.readouterr().err
-    assert exited.value.code == 2, error
-    assert error.count("\n") == 1 and error.startswith("error: "), error
-    return error.strip()
 
 
 def private_keys(folder: Path) -> list[str]:

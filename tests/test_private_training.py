@@ -4,14 +4,19 @@ import json
 import tomllib
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from clients.client_app import app
-from clients.privacy_state import COUNT_NOISE_MULTIPLIER, PRIVACY_KEY
+from clients.messages import DP_REPORTED
+from clients.privacy_state import COUNT_NOISE_MULTIPLIER, PRIVACY_KEY, RELEASED_USERS
 from common.markets import MarketSource, load_split
-from common.privacy import PrivacyLedger, steps_per_epoch
+from common.privacy import PrivacyLedger, sample_rate, steps_per_epoch
+from common.train import MarketTensors, user_batch_inputs
 from server.server_app import ServerConfig, initial_arrays
 from simulations import run as harness
 
@@ -162,3 +167,60 @@ def test_the_local_baseline_under_dp_spends_each_markets_budget_and_no_more(tmp_
     assert all(0 < result["epsilon"] <= budgets[market] for market, result in per_market.items())
     assert all(result["epsilon"] > 0.95 * budgets[market] for market, result in per_market.items()
                if result["round"] == 2)
+
+
+def test_dp_sgd_samples_at_the_released_count_never_the_exact_one():
+    # Prepare: batches of 2 users, so that the rate tells the count to within 2; the region's seeded
+    # noise makes the released count reproducible (it differs from the exact one: checked below).
+    run_config = {**_run_config(BUDGET), "dp-batch-size": 2}
+    context = _context(run_config)
+    context.node_config["dp-insecure-seeded-noise"] = True
+
+    # Execute
+    reply = _train(run_config, context, 1)
+
+    # Assert: the rate and the steps the ledger recorded are those of the released count, so the
+    # epsilon the reply reports is a function of public numbers only.
+    entry = json.loads(str(context.state[PRIVACY_KEY]["ledger"]))
+    released = entry["calibration"][RELEASED_USERS]
+    batch = int(run_config["dp-batch-size"])
+    exact = load_split(MarketSource("", 3, 0), "m02", MarketSource("", 3, 0).catalog()).num_users
+    assert steps_per_epoch(released, batch) != steps_per_epoch(exact, batch)
+    ledger = PrivacyLedger.from_state(entry["ledger"])
+    assert [(rate, steps) for _, rate, steps in ledger.history] == [
+        (sample_rate(released, batch), int(run_config["local-epochs"]) * steps_per_epoch(released, batch))]
+    assert reply.content["metrics"]["num-examples"] == released
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon())
+
+
+def test_dp_sgd_draws_negatives_from_the_public_rows_only():
+    # Prepare: a market whose public rows are a handful of catalog rows.
+    source = MarketSource("", 3, 0)
+    split = load_split(source, source.markets[2], source.catalog())
+    public = torch.tensor([3, 5, 7])
+    data = replace(MarketTensors.from_split(split, 8), released_rows=public)
+
+    # Execute
+    (_, _, _, candidates), _ = user_batch_inputs(data, torch.arange(20), 4, 6, torch.Generator().manual_seed(0))
+
+    # Assert: column 0 holds each user's own positive; every negative is a public row.
+    assert set(candidates[..., 1:].flatten().tolist()) <= {3, 5, 7}
+
+
+def test_a_fine_tune_the_budget_cannot_pay_for_is_not_trained_and_its_numbers_stay_home():
+    # Prepare: a fedper-ft training that spent its budget, then a server asking for a longer fork.
+    run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 1, "num-server-rounds": 1}
+    context = _context(run_config)
+    _train(run_config, context, 1)
+    spent = json.loads(str(context.state[PRIVACY_KEY]["ledger"]))
+
+    # Execute: the server's message asks for 50 epochs.
+    reply = _evaluate(run_config, context, 1, fine_tune_epochs=50)
+
+    # Assert: at most the calibrated epoch was trained, within budget; nothing but DP's numbers left.
+    after = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"]))["ledger"])
+    before = PrivacyLedger.from_state(spent["ledger"])
+    steps = steps_per_epoch(spent["calibration"][RELEASED_USERS], int(run_config["dp-batch-size"]))
+    assert after.steps <= before.steps + steps
+    assert after.epsilon() <= BUDGET
+    assert set(reply.content["metrics"]) <= DP_REPORTED

@@ -29,7 +29,9 @@ are also RUN for real elsewhere in the suite, at a smaller size:
 * ``xmfl join --model-dir ...``: its ``main`` in ``test_join.py``.
 * ``xmfl privacy-sweep``: ``test_privacy_sweep.py`` (generated markets).
 * ``xmfl benchmark quality``, ``join``, ``dp-step``, ``scale`` and ``latency``:
-  ``test_benchmark.py``; ``xmfl benchmark continue``: ``test_continue.py``.
+  ``test_benchmark.py``; ``xmfl benchmark continue``: ``test_continue.py``;
+  ``xmfl benchmark attacks``: ``test_region_privacy.py`` (``--quick``) and
+  ``test_reconstruction.py``.
 * The Deploy block (``xmfl credentials``, ``xmfl catalog``, ``xmfl app-index``,
   the Flower commands): ``test_readme_deploy.py``, verbatim.
 

@@ -5,6 +5,7 @@ the catalog, a state directory), driven by :class:`simulations.attacks.hostile.H
 which sends whatever a hostile ServerApp would.
 """
 
+import json
 import math
 
 import numpy as np
@@ -22,7 +23,8 @@ from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, initial_rows
 from common.market_config import MarketConfig
 from common.region import RegionPolicy, public_assortment
 from common.split import split_market
-from simulations.attacks import counting_oracle, delta_reset, seeded_noise
+from simulations import benchmark
+from simulations.attacks import counting_oracle, delta_reset
 from simulations.attacks.federation import fedals_run_config, regions
 from simulations.attacks.hostile import MarketRefused
 from simulations.attacks.settings import AttackSettings
@@ -31,6 +33,17 @@ from simulations.attacks.settings import AttackSettings
 @pytest.fixture
 def quick(tmp_path):
     return AttackSettings(synthetic_markets=2, out=tmp_path, quick=True)
+
+
+@pytest.fixture(scope="module")
+def attacks_report(tmp_path_factory):
+    """``xmfl benchmark attacks --quick`` (the README's command at the suite's size), once for the module."""
+    out = tmp_path_factory.mktemp("attacks")
+    benchmark.main(["attacks", "--quick", "--synthetic-markets", "2", "--attacks",
+                    "counting-oracle,seeded-noise,delta-reset", "--out", str(out)])
+    report = json.loads((out / "attacks.json").read_text(encoding="utf-8"))
+    assert (out / "attacks.md").read_text(encoding="utf-8").startswith("| attack |")
+    return report
 
 
 def _round_one(server, node, factors=8):
@@ -46,8 +59,8 @@ def _round_one(server, node, factors=8):
 # --- seeded noise is the region's choice, never the run's ------------------------------------------
 
 
-def test_a_run_config_asking_for_seeded_noise_cannot_make_it_removable(quick):
-    report = seeded_noise.attack(quick)
+def test_a_run_config_asking_for_seeded_noise_cannot_make_it_removable(attacks_report):
+    report = attacks_report["seeded-noise"]
 
     # The run config's request is ignored: the regenerated noise leaves the noise in place...
     assert report["asked-by-run-config"]["noise-removed-markets"] == 0
@@ -68,8 +81,8 @@ def test_a_node_config_seeded_noise_value_that_is_not_a_boolean_is_refused_by_it
 # --- what a DP market reports --------------------------------------------------------------------
 
 
-def test_the_metrics_of_a_dp_market_are_no_counting_oracle(quick):
-    report = counting_oracle.attack(quick)
+def test_the_metrics_of_a_dp_market_are_no_counting_oracle(attacks_report):
+    report = attacks_report["counting-oracle"]
 
     assert report["exact-answers"] == 0 and report["queries"] == 6
     # The same queries against regions that chose exact metrics count exactly: the attack works.
@@ -199,8 +212,8 @@ def test_two_unknown_items_of_one_user_on_one_overflow_row_are_one_interaction()
 # --- the budget period's delta, and a lost ledger ---------------------------------------------------
 
 
-def test_a_later_run_cannot_reset_the_budget_through_delta(quick):
-    report = delta_reset.attack(quick)
+def test_a_later_run_cannot_reset_the_budget_through_delta(attacks_report):
+    report = attacks_report["delta-reset"]
 
     assert report["fresh-releases"] == 0
     for market in report["markets"].values():

@@ -79,6 +79,13 @@ def _headline(name: str, section: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in section.items() if not isinstance(v, dict)})[:120] + " | "
 
 
+def _write(out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """``attacks.json``: the report, each attack's section also at its top level; returns what it wrote."""
+    flat = {**report, **report["attacks"]}
+    (out / "attacks.json").write_text(json.dumps(flat, indent=1, default=float), encoding="utf-8")
+    return flat
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen attacks; write ``attacks.json`` and ``attacks.md``; return the report."""
     chosen = [name.strip() for name in args.attacks.split(",") if name.strip()]
@@ -89,14 +96,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               out=args.out / "runs", quick=args.quick)
     report: dict[str, Any] = {"config": {"data-dir": args.data_dir, "synthetic-markets": args.synthetic_markets,
                                          "seed": args.seed, "quick": args.quick}, "attacks": {}, "seconds": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
     for position, name in enumerate(chosen, 1):
         say(f"attack {position}/{len(chosen)}: {name}")
         started = time.perf_counter()
         report["attacks"][name] = ATTACKS[name](settings)
         report["seconds"][name] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    flat = {**report, **report["attacks"]}  # each attack's section also at the top level of attacks.json
-    (args.out / "attacks.json").write_text(json.dumps(flat, indent=1, default=float), encoding="utf-8")
+        _write(args.out, report)  # after each attack: a long run stopped later keeps what it measured
+    flat = _write(args.out, report)
     rendered = table(report)
     (args.out / "attacks.md").write_text(rendered + "\n", encoding="utf-8")
     print(rendered)

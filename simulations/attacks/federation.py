@@ -38,6 +38,7 @@ def regions(settings: AttackSettings, name: str, users: int = 300) -> Regions:
     with ``users`` users. Each region's state directory starts empty: a region that never spent.
     """
     root = Path(settings.out) / name
+    root.mkdir(parents=True, exist_ok=True)
     if settings.data_dir:
         files = discover_market_files(settings.data_dir)
         source = MarketSource(settings.data_dir, 0, settings.seed)

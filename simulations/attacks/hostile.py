@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
@@ -88,3 +89,50 @@ class HostileServer:
         sent = {name: array.numpy() for name, array in next(iter(records.values())).items()} if records else {}
         metric_records = reply.content.metric_records
         return sent, (dict(next(iter(metric_records.values()))) if metric_records else {})
+
+
+class InProcessGrid(Grid):
+    """A grid whose nodes answer at once in this process, for the real ServerApp; it keeps every message sent.
+
+    A SuperLink with the simulation engine costs ~30 s per training; an attack (or a test) that
+    needs a training's messages, not the transport, runs the same apps through this grid.
+    """
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = list(node_ids)
+        self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}
+
+    def answer(self, message: Message) -> Message | None:
+        """The node's reply to ``message``, or None when it stays silent."""
+        raise NotImplementedError
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
+            self.sent.append(message)
+            reply = self.answer(message)
+            if reply is not None:
+                self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError

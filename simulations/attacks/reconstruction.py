@@ -41,17 +41,16 @@ rating or log confidence the last coordinate differs per buyer and the seeds abo
 """
 
 import json
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from common.ials import segment_starts
 from common.ials_model import ASSORTMENT_KEY
@@ -60,7 +59,7 @@ from common.ials_wire import unpack_statistics
 from common.markets import MarketSource, load_split
 from server.server_app import main as server_main
 from simulations import run as harness
-from simulations.attacks.hostile import HostileServer
+from simulations.attacks.hostile import HostileServer, InProcessGrid
 from simulations.attacks.settings import AttackSettings
 
 VARIANTS = ("sole-buyer", "two-buyers", "differencing", "full")
@@ -307,52 +306,24 @@ def score_users(histories: list[frozenset], tested_items: set, tested: list[froz
 # --- the training the attacker watches ------------------------------------------------------------
 
 
-class _WatchingGrid(Grid):
+class _WatchingGrid(InProcessGrid):
     """A grid whose nodes are the real ClientApp (through :class:`HostileServer`); it keeps every train exchange."""
 
     def __init__(self, hostile: HostileServer) -> None:
+        super().__init__([context.node_id for context in hostile.contexts])
         self.hostile = hostile
-        self.node_ids = [context.node_id for context in hostile.contexts]
         self.exchanges: dict[tuple[int, int], tuple[dict, dict]] = {}  # (round, node) -> (sent, reply arrays)
-        self._replies: dict[str, Message] = {}
 
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex
-            node = message.metadata.dst_node_id
-            reply = self.hostile.ask(node - 1, message.metadata.message_type,
-                                     {k: v.numpy() for k, v in message.content["arrays"].items()},
-                                     dict(message.content["config"]))
-            reply = Message(reply.content, reply_to=message) if not reply.has_error() else \
-                Message(reply.error, reply_to=message)
-            if message.metadata.message_type == "train" and not reply.has_error():
-                sent = {k: v.numpy() for k, v in message.content["arrays"].items()}
-                record = next(iter(reply.content.array_records.values()))
-                self.exchanges[(int(message.content["config"]["server-round"]), node)] = (
-                    sent, {k: v.numpy() for k, v in record.items()})
-            self._replies[message.metadata.message_id] = reply
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
+    def answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        sent = {k: v.numpy() for k, v in message.content["arrays"].items()}
+        reply = self.hostile.ask(node - 1, message.metadata.message_type, sent, dict(message.content["config"]))
+        reply = Message(reply.error if reply.has_error() else reply.content, reply_to=message)
+        if message.metadata.message_type == "train" and not reply.has_error():
+            record = next(iter(reply.content.array_records.values()))
+            self.exchanges[(int(message.content["config"]["server-round"]), node)] = (
+                sent, {k: v.numpy() for k, v in record.items()})
+        return reply
 
 
 def _train(run_config: dict[str, Any], markets: int, node_extra: dict[str, Any]) -> tuple[_WatchingGrid, dict]:
@@ -408,6 +379,7 @@ def attack(settings: AttackSettings, defended_min_buyers: int | None = None) -> 
     result["min-buyers"] = {"defended": defended_min_buyers or DEFAULT_MIN_BUYERS, "undefended": 1}
     for label, node_extra in (("defended", defended_node), ("undefended", {MIN_BUYERS_KEY: 1})):
         out = Path(settings.out) / "reconstruction" / label
+        shutil.rmtree(out, ignore_errors=True)  # the attack's own earlier run: the server refuses to overwrite it
         config = {**base, "out-dir": str(out / "fedals"), "models-dir": str(out / "models")}
         grid, history = _train(config, len(markets), node_extra)
         macro, per_market_ndcg = _macro_ndcg(history)
