@@ -9,7 +9,9 @@ on its own validation split (:func:`common.blend.choose_blend`):
   them (:mod:`common.ials_model`): on the training interactions for validation, folded in with
   the validation interaction for test. It is the last round, not each market's best validation
   round that fedals serves, because the users of that round need the Gram of its whole table,
-  which only the published round keeps;
+  which only the published round keeps. Under fedals' minimum-buyers rule (``als-min-buyers``,
+  default 20) the items a market kept to itself are not in that table, so the blend's fedals part
+  lacks them (a zero row): it is the shared table alone, below what fedals' markets evaluated;
 * the neural part is the method's served model (``OUT/models/<method>/<market>``), its best
   validation round.
 

@@ -117,11 +117,15 @@ def test_the_harness_refuses_blend_without_fedals_and_a_neural_method(capsys):
 
 @pytest.fixture(scope="module")
 def blend_run(tmp_path_factory):
-    """One harness run: local, fedals and fedrep through Flower, then the blend of the last two."""
+    """One harness run: local, fedals and fedrep through Flower, then the blend of the last two.
+
+    The simulated regions send every item (``--als-min-buyers 1``): the published table is then
+    the whole of what fedals' markets evaluated, which the first test compares with.
+    """
     out = tmp_path_factory.mktemp("blend")
     results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8", "--history-length",
                             str(HISTORY), "--methods", "local,fedals,fedrep,blend", "--set", "als-factors=8",
-                            "--out", str(out)])
+                            "--als-min-buyers", "1", "--out", str(out)])
     return out, results
 
 
