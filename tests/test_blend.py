@@ -10,6 +10,8 @@ from common.markets import MarketSource, load_split
 from common.model import ModelConfig, SplitRecommender
 from common.train import MarketTensors, evaluate
 from simulations import run as harness
+from tests.conftest import server_task_identity
+from tests.in_process import in_process_federated
 from tests.served_check import served_test_ndcg
 
 SOURCE = MarketSource("", 3, 0)
@@ -123,9 +125,13 @@ def blend_run(tmp_path_factory):
     the whole of what fedals' markets evaluated, which the first test compares with.
     """
     out = tmp_path_factory.mktemp("blend")
-    results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8", "--history-length",
-                            str(HISTORY), "--methods", "local,fedals,fedrep,blend", "--set", "als-factors=8",
-                            "--als-min-buyers", "1", "--out", str(out)])
+    # The real apps in this process (the transport has its own tests): the blend needs the outputs.
+    server_task_identity.__wrapped__()  # the module's training runs before any test's own fixture
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness, "run_federated", in_process_federated)
+        results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8", "--history-length",
+                                str(HISTORY), "--methods", "local,fedals,fedrep,blend", "--set", "als-factors=8",
+                                "--als-min-buyers", "1", "--out", str(out)])
     return out, results
 
 

@@ -7,6 +7,15 @@ import pytest
 
 from common.markets import MarketSource
 from simulations import privacy_sweep
+from simulations import run as harness
+from tests.in_process import in_process_federated
+
+
+@pytest.fixture(autouse=True)
+def in_process(monkeypatch, server_task_identity):
+    """The real apps in this process instead of a SuperLink and Ray: the sweep needs the outputs (the
+    transport has its own tests)."""
+    monkeypatch.setattr(harness, "run_federated", in_process_federated)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
