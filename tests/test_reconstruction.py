@@ -48,13 +48,8 @@ def _buyers(market: str) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(split.train_items, return_counts=True)
 
 
-# --- (a) the attack of the review, against the real reply: fails on the code before the rule.
-
-
-def test_the_sole_buyer_attack_on_a_real_reply_exposes_no_user():
-    # Prepare: what market m01 computes in round 1 (its seeded rows, the initial Gram), to know
-    # each user's true z_u = [√α·x_u, (1+α)/√α]; then the reply it actually sends.
-    run_config = _run_config()
+def _round_one_users(run_config: dict):
+    """Market m01's iALS settings, split, training interactions and users as it solves them in round 1."""
     config = MarketConfig.from_run_config(run_config).ials_config()
     catalog = SOURCE.catalog()
     split = load_split(SOURCE, "m01", catalog)
@@ -62,6 +57,17 @@ def test_the_sole_buyer_attack_on_a_real_reply_exposes_no_user():
     users = solve_users(train, initial_rows(split.market_items, config),
                         initial_item_gram(catalog.size, config.factors, config.seed, config.init_std),
                         catalog.size, config)
+    return config, split, train, users
+
+
+# --- (a) the attack of the review, against the real reply: fails on the code before the rule.
+
+
+def test_the_sole_buyer_attack_on_a_real_reply_exposes_no_user():
+    # Prepare: what market m01 computes in round 1 (its seeded rows, the initial Gram), to know
+    # each user's true z_u = [√α·x_u, (1+α)/√α]; then the reply it actually sends.
+    run_config = _run_config()
+    config, split, train, users = _round_one_users(run_config)
     alpha = config.alpha
     truth = np.hstack([np.sqrt(alpha) * users, np.full((len(users), 1), (1 + alpha) / np.sqrt(alpha))])
     rows, buyers = _buyers("m01")
@@ -168,13 +174,7 @@ def test_a_market_solves_its_private_items_as_the_server_would():
     # from its statistics alone (the federation is this market).
     from common.ials_private import solve_private_items
 
-    config = MarketConfig.from_run_config(_run_config()).ials_config()
-    catalog = SOURCE.catalog()
-    split = load_split(SOURCE, "m01", catalog)
-    train = MarketInteractions(split.train_users, split.train_items, split.num_users)
-    users = solve_users(train, initial_rows(split.market_items, config),
-                        initial_item_gram(catalog.size, config.factors, config.seed, config.init_std),
-                        catalog.size, config)
+    config, _, train, users = _round_one_users(_run_config())
     statistics = market_item_statistics(train, users, config)
     expected = solve_items([statistics], config)
 
