@@ -3,7 +3,7 @@
 Under DP every array a market sends is (ε, δ)-DP for its users, and so is the shared item table
 the server solves from them. The model a market serves its own users is never sent, and the
 market holds its data anyway, so that model may use the data without noise, exactly as a
-market that trains alone does (issue 18's inter-silo threat model; ``docs/threat-model.md``).
+market that trains alone does (the inter-silo threat model, ``docs/threat-model.md``).
 
 After the last round the market fits candidates on its own training interactions and keeps the
 one best on its own validation split:

@@ -1,4 +1,4 @@
-"""The harness's ``blend``: per market, fedals and a neural federated method's scores blended (issue 16).
+"""The harness's ``blend``: per market, fedals and a neural federated method's scores blended.
 
 After ``fedals`` and a neural method (the first of ``fedavg``, ``fedper``, ``fedrep``,
 ``fedper-ft`` in ``--methods``) have run, each market blends the two with the weight that is best

@@ -153,7 +153,7 @@ def federate_without(
     results = out / "results.json"
     if published.exists() and results.exists():
         config = json.loads(results.read_text(encoding="utf-8"))["config"]
-        rounds = config.get("num_server_rounds", config.get("rounds"))  # "rounds" in results of before issue 17
+        rounds = config.get("num_server_rounds", config.get("rounds"))  # "rounds" in results written before the option was renamed
         if (config["methods"], rounds, config["seed"]) == ([args.method], args.num_server_rounds, args.seed):
             harness.say(f"reusing the training without {held_out} in {out}")
             return published
