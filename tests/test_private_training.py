@@ -208,8 +208,9 @@ def test_dp_sgd_draws_negatives_from_the_public_rows_only():
 
 
 def test_a_fine_tune_the_budget_cannot_pay_for_is_not_trained_and_its_numbers_stay_home():
-    # Prepare: a fedper-ft training that spent its budget, then a server asking for a longer fork.
-    run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 1, "num-server-rounds": 1}
+    # Prepare: a fedper-ft training calibrated for 3 rounds and a 1-epoch fork; after round 1 the
+    # server asks for a 50-epoch fork, which the rounds' unspent budget could pay for in part.
+    run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 1, "num-server-rounds": 3}
     context = _context(run_config)
     _train(run_config, context, 1)
     spent = json.loads(str(context.state[PRIVACY_KEY]["ledger"]))
@@ -217,7 +218,7 @@ def test_a_fine_tune_the_budget_cannot_pay_for_is_not_trained_and_its_numbers_st
     # Execute: the server's message asks for 50 epochs.
     reply = _evaluate(run_config, context, 1, fine_tune_epochs=50)
 
-    # Assert: at most the calibrated epoch was trained, within budget; nothing but DP's numbers left.
+    # Assert: the calibrated epoch and no more was trained, within budget; nothing but DP's numbers left.
     after = PrivacyLedger.from_state(json.loads(str(context.state[PRIVACY_KEY]["ledger"]))["ledger"])
     before = PrivacyLedger.from_state(spent["ledger"])
     steps = steps_per_epoch(spent["calibration"][RELEASED_USERS], int(run_config["dp-batch-size"]))

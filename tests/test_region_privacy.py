@@ -14,13 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.messages import DP_REPORTED
+from clients.messages import DP_REPORTED, public_reason
 from clients.privacy_state import COUNT_NOISE_MULTIPLIER, RELEASED_USERS, MarketPrivacy
 from common.catalog import Catalog
 from common.dp_ials import ReleaseConfig, noise_generator, private_release
 from common.ials import MarketInteractions
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, initial_rows
 from common.market_config import MarketConfig
+from common.privacy import PrivacyBudgetExceeded
 from common.region import RegionPolicy, public_assortment
 from common.split import split_market
 from simulations import benchmark
@@ -231,3 +232,21 @@ def test_a_lost_fedals_ledger_stops_dp_training(quick):
 
     with pytest.raises(MarketRefused, match="privacy ledger is missing"):
         _round_one(server, 0)
+
+
+def test_a_run_cannot_set_a_delta_above_the_default(quick):
+    # A δ near 1 would make any noise look private: the default, 0.1 / the released count, caps the run's.
+    federation = regions(quick, "delta-cap", users=120)
+    server = federation.server(fedals_run_config(quick, **{"dp-epsilon": 8.0, "dp-delta": 0.5, "als-factors": 8}))
+
+    _, metrics = _round_one(server, 0)
+
+    released = MarketPrivacy(server.contexts[0], federation.markets[0]).load().calibration[RELEASED_USERS]
+    assert metrics["delta"] == pytest.approx(0.1 / released)
+
+
+def test_a_budget_error_leaves_the_region_as_a_fixed_text():
+    # Its numbers (steps, epsilon) are functions of the market's users.
+    reason = public_reason(PrivacyBudgetExceeded("Market 'de' cannot afford 121 more DP-SGD steps: epsilon 8.1"))
+
+    assert not any(character.isdigit() for character in reason)
