@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from common.config import parse_value
 from common.ials import IALSConfig, ItemFactors, MarketInteractions, _buyer_rows, _solve_segments, item_regularization
 
 DEFAULT_MIN_BUYERS = 20  # buyers of an item in a market before its statistics leave the market
@@ -51,15 +52,14 @@ def min_buyers(run_config: Mapping[str, Any], node_config: Mapping[str, Any], ma
 
 
 def _whole(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{where} must be a whole number of at least 1, got {value!r}.")
+    """``value`` as a whole number of at least 1 (:func:`common.config.parse_value`), or a ValueError from ``where``."""
     try:
-        number = float(value)
+        number = parse_value(MIN_BUYERS_KEY, int, value)
     except ValueError:
-        number = float("nan")
-    if not (number >= 1 and number == int(number)):
+        number = 0
+    if number < 1:
         raise ValueError(f"{where} must be a whole number of at least 1, got {value!r}.")
-    return int(number)
+    return number
 
 
 def shared_items(market: MarketInteractions, minimum: int) -> np.ndarray:

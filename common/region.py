@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.catalog import Catalog
-from common.config import parse_bool
+from common.config import parse_bool, parse_value
 
 EPSILON_KEY, DELTA_KEY = "dp-epsilon", "dp-delta"
 SEEDED_NOISE_KEY = "dp-insecure-seeded-noise"
@@ -88,10 +88,10 @@ class RegionPolicy:
 def _number(value: Any, key: str, low: float, high: float, expected: str) -> float:
     """``value`` as a float in the open interval (low, high), or a ValueError naming ``key``."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        number = parse_value(key, float, value)
+    except ValueError:
         number = math.nan
-    if isinstance(value, bool) or not low < number < high:
+    if not low < number < high:
         raise ValueError(f"{key} must be {expected}, got '{value}'.")
     return number
 

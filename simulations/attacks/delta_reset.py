@@ -16,6 +16,7 @@ from typing import Any
 import dp_accounting
 import numpy as np
 
+from clients.local_model import config_from_context
 from clients.privacy_state import MarketPrivacy
 from common.catalog import Catalog
 from common.ials_model import INITIAL_ROWS_KEY, initial_rows
@@ -59,7 +60,7 @@ def attack(settings: AttackSettings) -> dict[str, Any]:
     first = fedals_run_config(settings, **{"dp-epsilon": EPSILON, "dp-delta": FIRST_DELTA, "als-factors": 8, "dp-accountant": "rdp",
                                            "num-server-rounds": rounds})
     server = federation.server(first, **{"dp-epsilon": str(EPSILON)})
-    initial = initial_rows(np.arange(catalog.size), server_config(server).ials_config())
+    initial = initial_rows(np.arange(catalog.size), config_from_context(server.contexts[0]).ials_config())
     gram = initial.factors.T @ initial.factors
     _training(server, gram, "first", rounds)
     for context in server.contexts:
@@ -77,10 +78,3 @@ def attack(settings: AttackSettings) -> dict[str, Any]:
             "most-lifetime-epsilon-at-first-delta": max(m["lifetime-epsilon-at-first-delta"]
                                                          for m in markets.values()),
             "markets": markets}
-
-
-def server_config(server: HostileServer):
-    """The market config the first region reads (for the settings of the attacker's table)."""
-    from clients.local_model import config_from_context
-
-    return config_from_context(server.contexts[0])

@@ -14,14 +14,14 @@ as only a test can). About 1: the noise stays; about 0: it was removed.
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, RecordDict
 
-from clients import fedals
+from clients.local_model import config_from_context
 from clients.privacy_state import MarketPrivacy, region_policy, training_noise_seed
 from common.catalog import Catalog
 from common.dp_ials import ReleaseConfig, block_noise_multipliers, noise_generator, private_release
 from common.ials import solve_users
-from common.ials_model import INITIAL_ROWS_KEY, initial_rows
+from common.ials_model import INITIAL_ROWS_KEY, IALSMarket, initial_rows
+from common.markets import load_file_split
 from common.region import SEEDED_NOISE_KEY, RegionPolicy, public_assortment
 from simulations.attacks.federation import fedals_run_config, regions
 from simulations.attacks.hostile import HostileServer, MarketRefused
@@ -30,11 +30,11 @@ from simulations.attacks.settings import AttackSettings
 EPSILON, DELTA = 2.0, 1e-6  # the region's ceilings in its node config
 
 
-def _residual(server: HostileServer, node: int, num_items: int, run_config: dict[str, Any]) -> dict[str, Any]:
+def _residual(server: HostileServer, node: int, num_items: int) -> dict[str, Any]:
     """One round-1 release of market ``node`` and how much of its noise the attacker's regeneration removes."""
     context = server.contexts[node]
     market_name = str(context.node_config["market"])
-    config = fedals.config_from_context(context)
+    config = config_from_context(context)
     initial = initial_rows(np.arange(num_items), config.ials_config())
     gram = initial.factors.T @ initial.factors  # round 1: the Gram of the seeded table
     try:
@@ -49,10 +49,11 @@ def _residual(server: HostileServer, node: int, num_items: int, run_config: dict
     generator = noise_generator(training_noise_seed(seeded, config, market_name, 1))
     regenerated = generator.normal(0.0, sigma_sums * np.sqrt(ReleaseConfig().items_per_user), sent["sums"].shape)
     # The scorer: the same release without noise, from the market's own data.
-    market, catalog, market_config = fedals._market(Context(run_id=1, node_id=0, node_config=context.node_config,
-                                                            state=RecordDict(), run_config=run_config))
-    ials = market_config.ials_config()
-    users = solve_users(market.train, initial_rows(market.split.market_items, ials), gram, catalog.size, ials)
+    catalog = Catalog.load(context.node_config["catalog-path"])
+    split = load_file_split(context.node_config["data-path"], market_name, catalog, config.seed)
+    market = IALSMarket.from_split(split, config.history_length)
+    ials = config.ials_config()
+    users = solve_users(market.train, initial_rows(split.market_items, ials), gram, catalog.size, ials)
     clean = private_release(market.train, users, public_assortment(region_policy(context, market_name), catalog),
                             0.0, noise_generator(0))["sums"]
     noise_std = float(np.std(sent["sums"] - clean))
@@ -62,8 +63,8 @@ def _residual(server: HostileServer, node: int, num_items: int, run_config: dict
             "removed": residual < 0.01 * noise_std}
 
 
-def _run(server: HostileServer, num_items: int, run_config: dict[str, Any]) -> dict[str, Any]:
-    markets = {str(c.node_config["market"]): _residual(server, n, num_items, run_config)
+def _run(server: HostileServer, num_items: int) -> dict[str, Any]:
+    markets = {str(c.node_config["market"]): _residual(server, n, num_items)
                for n, c in enumerate(server.contexts)}
     return {"noise-removed-markets": sum(int(m.get("removed", False)) for m in markets.values()),
             "markets-attacked": len(markets), "markets": markets}
@@ -76,9 +77,9 @@ def attack(settings: AttackSettings) -> dict[str, Any]:
     run_config = fedals_run_config(settings, **{"dp-epsilon": EPSILON, "dp-delta": DELTA, "als-factors": 8,
                                                 SEEDED_NOISE_KEY: True})
     ceilings = {"dp-epsilon": str(EPSILON), "dp-delta": str(DELTA)}
-    asked = _run(federation.server(run_config, **ceilings), catalog.size, run_config)
+    asked = _run(federation.server(run_config, **ceilings), catalog.size)
     federation = regions(settings, "seeded-noise", users=150 if settings.quick else 600)  # fresh ledgers
-    chosen = _run(federation.server(run_config, **ceilings, **{SEEDED_NOISE_KEY: "true"}), catalog.size, run_config)
+    chosen = _run(federation.server(run_config, **ceilings, **{SEEDED_NOISE_KEY: "true"}), catalog.size)
     return {"asked-by-run-config": {"noise-removed-markets": asked["noise-removed-markets"],
                                     "markets-attacked": asked["markets-attacked"]},
             "region-chose-seeded-noise": {"noise-removed-markets": chosen["noise-removed-markets"],
