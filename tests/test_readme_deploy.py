@@ -112,6 +112,18 @@ class Shell:
                 raise AssertionError(f"{command}\nnever listened on ${name}:\n{self.log(log)[-3000:]}") from None
         return process
 
+    def wait_until_serving(self, timeout: float = 90) -> None:
+        """Return once the operator's ``flwr ls`` reaches the SuperLink (its port opens before it serves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = subprocess.run(["bash", "-eu", "-c", self.preamble + "FLWR_HOME=$XM/operator flwr ls xmarket"],
+                                    cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60,
+                                    stdin=subprocess.DEVNULL)
+            if listed.returncode == 0:
+                return
+            assert time.monotonic() < deadline, f"The SuperLink never served:\n{listed.stdout}{listed.stderr}"
+            time.sleep(1)
+
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -176,6 +188,7 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
         stop_process_tree(next(p for p in shell.started if superlink in " ".join(p.args)), crash=True)
         before, done = rounds_in_history(out), checkpointed_round(out)
         shell.start(superlink, "superlink-again")
+        shell.wait_until_serving()
         resumed = shell.run(runs[1])
 
         # Assert: the resume continued after the last completed round, kept the earlier ones and ended with a summary.
