@@ -15,15 +15,6 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from common.config import parse_bool
-from common.market_config import MarketConfig
-from common.markets import market_seed
-from common.methods import FineTuned, fine_tune, get_method, local_round
-from common.model import SplitRecommender, get_arrays
-from common.privacy import PrivacyBudgetExceeded
-from common.private_train import private_round, train_epochs_private
-from common.train import MarketTensors, TrainConfig, evaluate
-
 from clients import fedals
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, build_local_model, persist
 from clients.messages import RECEIVED_PREFIX, Disclosure, errors_stay_in_region, evaluation_metrics, reply
@@ -38,6 +29,14 @@ from clients.privacy_state import (
     training_noise_seed,
 )
 from clients.served import FINAL_KEY, remember_if_best, write_best_model
+from common.config import parse_bool
+from common.market_config import MarketConfig
+from common.markets import market_seed
+from common.methods import FineTuned, fine_tune, get_method, local_round
+from common.model import SplitRecommender, get_arrays
+from common.privacy import PrivacyBudgetExceeded
+from common.private_train import private_round, train_epochs_private
+from common.train import MarketTensors, TrainConfig, evaluate
 
 app = ClientApp()
 
@@ -129,7 +128,12 @@ def _train(msg: Message, context: Context) -> Message:
                 examples = released_users(entry)
                 data = replace(data, released_users=examples)  # DP-SGD's rate and steps: the released count
                 loss = private_round(
-                    model, data, method, train_config, entry.ledger, seed,
+                    model,
+                    data,
+                    method,
+                    train_config,
+                    entry.ledger,
+                    seed,
                     training_noise_seed(policy, config, market, server_round),
                 )
             except PrivacyBudgetExceeded as error:
@@ -183,8 +187,11 @@ def _evaluate(msg: Message, context: Context) -> Message:
         fork = {
             "state": tuned.state or model.state_dict(),
             "round": server_round,
-            "metrics": {key.removeprefix("ft-"): value for key, value in tuned_metrics.items()
-                        if key.startswith(("ft-val", "ft-test"))},
+            "metrics": {
+                key.removeprefix("ft-"): value
+                for key, value in tuned_metrics.items()
+                if key.startswith(("ft-val", "ft-test"))
+            },
             "spent": privacy.spent(config),
         }
     if parse_bool(FINAL_KEY, round_config.get(FINAL_KEY, False)):
@@ -221,7 +228,11 @@ def _fine_tune(
         def train_epoch(fork: SplitRecommender, one_epoch: TrainConfig, epoch_seed: int) -> float:
             try:
                 loss = train_epochs_private(
-                    fork, data, one_epoch, entry.ledger, epoch_seed,
+                    fork,
+                    data,
+                    one_epoch,
+                    entry.ledger,
+                    epoch_seed,
                     noise_seed=None if noise_seed is None else noise_seed + epoch_seed,
                 )
             except PrivacyBudgetExceeded as error:

@@ -58,7 +58,11 @@ def _init_from_dir(context: Context) -> Path | None:
 
 
 def published_head(
-    context: Context, model: SplitRecommender, split: MarketSplit, catalog: Catalog, shared: Sequence[str],
+    context: Context,
+    model: SplitRecommender,
+    split: MarketSplit,
+    catalog: Catalog,
+    shared: Sequence[str],
     private: bool,
 ) -> dict[str, torch.Tensor] | None:
     """The head a simulated market starts an ``init-from`` training with: its served model's where it fits.
@@ -92,8 +96,13 @@ def published_head(
     market = split.market
     served_dir = directory / market
     if private:
-        log(WARNING, "Market %s trains under DP: it starts with a new head, not the one in %s (init-from), "
-            "which need not have been trained under DP.", market, served_dir)
+        log(
+            WARNING,
+            "Market %s trains under DP: it starts with a new head, not the one in %s (init-from), "
+            "which need not have been trained under DP.",
+            market,
+            served_dir,
+        )
         return head
     try:
         served = load_served_model(served_dir, catalog)
@@ -101,8 +110,13 @@ def published_head(
         log(WARNING, "Market %s starts with a new head: %s", market, error)
         return head
     if served.market != market:
-        log(WARNING, "Market %s starts with a new head: %s is the served model of market %s.",
-            market, served_dir, served.market)
+        log(
+            WARNING,
+            "Market %s starts with a new head: %s is the served model of market %s.",
+            market,
+            served_dir,
+            served.market,
+        )
         return head
     saved = served.model.state_dict()
     restored, skipped = [], []
@@ -123,12 +137,23 @@ def published_head(
             restored.append(name)
         else:
             skipped.append(f"{name} {tuple(old.shape)} vs {tuple(fresh.shape)}")
-    log(INFO, "Market %s continues with the head of its served model %s (%s, round %s): %s",
-        market, served_dir, served.manifest.get("method"), served.manifest.get("round"),
-        ", ".join(restored) or "nothing fits")
+    log(
+        INFO,
+        "Market %s continues with the head of its served model %s (%s, round %s): %s",
+        market,
+        served_dir,
+        served.manifest.get("method"),
+        served.manifest.get("round"),
+        ", ".join(restored) or "nothing fits",
+    )
     if skipped:
-        log(WARNING, "Market %s: arrays of the served model in %s that do not fit this model start new: %s",
-            market, served_dir, ", ".join(skipped))
+        log(
+            WARNING,
+            "Market %s: arrays of the served model in %s that do not fit this model start new: %s",
+            market,
+            served_dir,
+            ", ".join(skipped),
+        )
     return head
 
 

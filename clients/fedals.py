@@ -28,30 +28,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
-from common.catalog import Catalog
-from common.data import read_interactions
-from common.dp_ials import noise_generator, private_release, zero_release
-from common.ials import IALSConfig, ItemFactors, market_item_statistics, solve_users
-from common.ials_private import merged, min_buyers, restricted, shared_items, solve_private_items
-from common.ials_wire import check_item_side, pack_statistics, unpack_item_factors
-from common.ials_model import (
-    ASSORTMENT_KEY,
-    INITIAL_ROWS_KEY,
-    IALSMarket,
-    evaluate_market,
-    initial_rows,
-    interaction_ratings,
-)
-from common.config import parse_bool
-from common.market_config import MarketConfig
-from common.markets import MarketSource
-from common.methods import get_method
-from common.model import SplitRecommender
-from common.privacy import PrivacyBudgetExceeded
-from common.region import RegionPolicy, public_assortment
-from common.split import MarketSplit
-from common.transfer import candidates, choose
-
 from clients.local_model import config_from_context, resolve_market
 from clients.messages import RECEIVED_PREFIX, Disclosure, evaluation_metrics, reply
 from clients.privacy_state import (
@@ -66,6 +42,29 @@ from clients.privacy_state import (
     training_noise_seed,
 )
 from clients.served import FINAL_KEY, KEPT_METRICS, remember_if_best, write_best_model
+from common.catalog import Catalog
+from common.config import parse_bool
+from common.data import read_interactions
+from common.dp_ials import noise_generator, private_release, zero_release
+from common.ials import IALSConfig, ItemFactors, market_item_statistics, solve_users
+from common.ials_model import (
+    ASSORTMENT_KEY,
+    INITIAL_ROWS_KEY,
+    IALSMarket,
+    evaluate_market,
+    initial_rows,
+    interaction_ratings,
+)
+from common.ials_private import merged, min_buyers, restricted, shared_items, solve_private_items
+from common.ials_wire import check_item_side, pack_statistics, unpack_item_factors
+from common.market_config import MarketConfig
+from common.markets import MarketSource
+from common.methods import get_method
+from common.model import SplitRecommender
+from common.privacy import PrivacyBudgetExceeded
+from common.region import RegionPolicy, public_assortment
+from common.split import MarketSplit
+from common.transfer import candidates, choose
 
 TRANSFER_PREFIX = "pt-"  # evaluate reply metrics of fedals-pt's served fit (as fedper-ft's "ft-")
 USER_GRAM_KEY = "user-gram"  # message array: the federation's augmented user Gram of the last aggregated round
@@ -95,8 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         # Under DP the released rows are public (the region's product list or the catalog),
         # never the items its users happen to have bought.
         rows = public_assortment(policy, catalog)
-        statistics, metrics = _private_release(context, market, config, users, server_round, training_id, rows,
-                                               policy)
+        statistics, metrics = _private_release(context, market, config, users, server_round, training_id, rows, policy)
     else:
         rows = split.market_items
         # Only the items with at least `minimum` buyers here leave the market (common.ials_private).
@@ -111,8 +109,13 @@ def train(msg: Message, context: Context) -> Message:
         received = _evaluate(context, market, catalog, config, items, gram, server_round - 1, training_id, users)[0]
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
     sent = statistics | {ASSORTMENT_KEY: np.asarray(rows, dtype=np.int64)}
-    return reply(msg, split.market, metrics, ArrayRecord({name: Array(value) for name, value in sent.items()}),
-                 disclosure=Disclosure.of(config, policy))
+    return reply(
+        msg,
+        split.market,
+        metrics,
+        ArrayRecord({name: Array(value) for name, value in sent.items()}),
+        disclosure=Disclosure.of(config, policy),
+    )
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -125,8 +128,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         minimum = min_buyers(context.run_config, node_settings(context), market.split.market)
         items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
     server_round = int(round_config.get("server-round", 0))
-    metrics, model = _evaluate(context, market, catalog, config, items, gram, server_round,
-                               str(round_config.get("training-id", "")))
+    metrics, model = _evaluate(
+        context, market, catalog, config, items, gram, server_round, str(round_config.get("training-id", ""))
+    )
     if parse_bool(FINAL_KEY, round_config.get(FINAL_KEY, False)):
         method = get_method(config.method)
         fit = None
@@ -140,10 +144,16 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _private_release(
-    context: Context, market: IALSMarket, config: MarketConfig, users: np.ndarray, server_round: int,
-    training_id: str, rows: np.ndarray, policy: RegionPolicy,
+    context: Context,
+    market: IALSMarket,
+    config: MarketConfig,
+    users: np.ndarray,
+    server_round: int,
+    training_id: str,
+    rows: np.ndarray,
+    policy: RegionPolicy,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """This round's DP release over the public ``rows`` and its reply metrics; zeros with weight 0 when the budget is spent.
+    """This round's DP release over the public ``rows`` and its metrics; zeros of weight 0 once the budget is spent.
 
     The release is recorded in the ledger before it is made, and the ledger is saved before
     the reply leaves, so that no release goes unaccounted. The weight is the user count the
@@ -168,14 +178,23 @@ def _private_release(
             examples = 0
         if entry is not None:
             privacy.save(entry)
-        metrics = {"num-examples": examples, "trained": int(examples > 0), **privacy.spent(config),
-                   **insecure_marker(policy, name)}
+        metrics = {
+            "num-examples": examples,
+            "trained": int(examples > 0),
+            **privacy.spent(config),
+            **insecure_marker(policy, name),
+        }
     return release, metrics
 
 
 def _transfer(
-    context: Context, market: IALSMarket, catalog: Catalog, config: MarketConfig, items: ItemFactors,
-    gram: np.ndarray, server_round: int,
+    context: Context,
+    market: IALSMarket,
+    catalog: Catalog,
+    config: MarketConfig,
+    items: ItemFactors,
+    gram: np.ndarray,
+    server_round: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """fedals-pt's private transfer after the last round: its reply metrics and the fit to serve.
 
@@ -192,15 +211,27 @@ def _transfer(
         "round": server_round,
         "metrics": {key: metrics[key] for key in KEPT_METRICS},
         "spent": spent,
-        "manifest": {"transfer": {"chosen": chosen.name, "validation-ndcg@10": choice.validation,
-                                  "local-fit": "without noise, on the market's own data; never sent"}},
+        "manifest": {
+            "transfer": {
+                "chosen": chosen.name,
+                "validation-ndcg@10": choice.validation,
+                "local-fit": "without noise, on the market's own data; never sent",
+            }
+        },
     }
     return {TRANSFER_PREFIX + key: value for key, value in metrics.items()}, fit
 
 
 def _evaluate(
-    context: Context, market: IALSMarket, catalog: Catalog, config: MarketConfig, items: ItemFactors,
-    gram: np.ndarray, server_round: int, training_id: str, users: np.ndarray | None = None,
+    context: Context,
+    market: IALSMarket,
+    catalog: Catalog,
+    config: MarketConfig,
+    items: ItemFactors,
+    gram: np.ndarray,
+    server_round: int,
+    training_id: str,
+    users: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], SplitRecommender]:
     """The metrics of ``items`` in the market (with the privacy spent under DP) and its model.
 
@@ -213,7 +244,12 @@ def _evaluate(
 
 
 def _with_private_items(
-    context: Context, msg: Message, market: IALSMarket, items: ItemFactors, gram: np.ndarray, ials: IALSConfig,
+    context: Context,
+    msg: Message,
+    market: IALSMarket,
+    items: ItemFactors,
+    gram: np.ndarray,
+    ials: IALSConfig,
     minimum: int,
 ) -> tuple[ItemFactors, np.ndarray]:
     """The received factors with the market's private rows, and the Gram with theirs added.
@@ -230,8 +266,11 @@ def _with_private_items(
     users = context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
     user_gram = msg.content["arrays"][USER_GRAM_KEY].numpy().astype(np.float64)
     dim = ials.factors
-    if users.shape != (market.split.num_users, dim) or user_gram.shape != (dim + 1, dim + 1) \
-            or not np.isfinite(user_gram).all():
+    if (
+        users.shape != (market.split.num_users, dim)
+        or user_gram.shape != (dim + 1, dim + 1)
+        or not np.isfinite(user_gram).all()
+    ):
         raise ValueError(
             f"Market '{market.split.market}': the server's {USER_GRAM_KEY} is {user_gram.shape}, not "
             f"({dim + 1}, {dim + 1}) finite values for als-factors {dim}."

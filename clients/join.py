@@ -59,6 +59,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clients.recommend import run_cli
+from clients.state_store import LedgerStore, MarketState, MarketStateStore
 from common.catalog import Catalog
 from common.command import ArgumentParser, add_alias
 from common.data import read_interactions
@@ -70,9 +72,6 @@ from common.published import PUBLISHED_FILE, Published, check_catalog, load_publ
 from common.serving import market_user_ids, write_served_model
 from common.split import MarketSplit, split_market
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
-
-from clients.recommend import run_cli
-from clients.state_store import LedgerStore, MarketState, MarketStateStore
 
 JOIN_TRAINING_PREFIX = "join-"  # training id of a market state written here: join-<the published training's id>
 PROG = "python -m clients.join"
@@ -118,14 +117,19 @@ class Joined:
         return {
             f"{prefix}-{key}": value
             for prefix, result in (("val", self.valid), ("test", self.test))
-            for key, value in (("ndcg", result.ndcg), ("hr", result.hit_rate), ("full-ndcg", result.full_ndcg),
-                               ("full-recall", result.full_recall))
+            for key, value in (
+                ("ndcg", result.ndcg),
+                ("hr", result.hit_rate),
+                ("full-ndcg", result.full_ndcg),
+                ("full-recall", result.full_recall),
+            )
         }
 
     def head(self) -> dict[str, torch.Tensor]:
         """What the market keeps of the model under the published method: everything it does not share."""
-        return {name: value.detach().clone() for name, value in self.model.state_dict().items()
-                if name not in self.shared}
+        return {
+            name: value.detach().clone() for name, value in self.model.state_dict().items() if name not in self.shared
+        }
 
 
 def build_model(published: Published, split: MarketSplit, catalog: Catalog, seed: int) -> SplitRecommender:
@@ -138,19 +142,25 @@ def build_model(published: Published, split: MarketSplit, catalog: Catalog, seed
     """
     torch.manual_seed(market_seed(split.market, seed))
     model = SplitRecommender(
-        ModelConfig(catalog.size, split.num_users, published.embedding_dim, published.history_length,
-                    published.user_embeddings)
+        ModelConfig(
+            catalog.size, split.num_users, published.embedding_dim, published.history_length, published.user_embeddings
+        )
     )
     shared = shared_parameter_names(model, get_method(published.method).share_head)
     expected = model.state_dict()
     wrong = sorted(
-        name for name in set(shared) | set(published.arrays)
-        if name not in published.arrays or name not in expected
-        or published.arrays[name].shape != expected[name].shape or published.arrays[name].dtype != expected[name].dtype
+        name
+        for name in set(shared) | set(published.arrays)
+        if name not in published.arrays
+        or name not in expected
+        or published.arrays[name].shape != expected[name].shape
+        or published.arrays[name].dtype != expected[name].dtype
     )
     if wrong:
-        raise ValueError(f"{published.path}: its arrays {wrong} are not the {published.method} shared arrays of a "
-                         f"model over this catalog ({catalog.size} rows, embedding-dim {published.embedding_dim}).")
+        raise ValueError(
+            f"{published.path}: its arrays {wrong} are not the {published.method} shared arrays of a "
+            f"model over this catalog ({catalog.size} rows, embedding-dim {published.embedding_dim})."
+        )
     set_arrays(model, published.arrays)
     return model
 
@@ -187,8 +197,10 @@ def join_market(
     head phase then a fine-tune at 0.001 reached 0.275 (see docs/join.md).
     """
     if epochs < 1 or fine_tune_epochs < 0:
-        raise ValueError(f"Joining trains the head for at least one epoch and fine-tunes for zero or more, "
-                         f"got {epochs} and {fine_tune_epochs}.")
+        raise ValueError(
+            f"Joining trains the head for at least one epoch and fine-tunes for zero or more, "
+            f"got {epochs} and {fine_tune_epochs}."
+        )
     if fine_tune_learning_rate <= 0:
         raise ValueError(f"The fine-tuning learning rate must be positive, got {fine_tune_learning_rate}.")
     model = build_model(published, split, catalog, seed)
@@ -198,8 +210,10 @@ def join_market(
     train_split = subsample_training_users(split, fraction, local_seed)
     train_data = data if train_split is split else MarketTensors.from_split(train_split, published.history_length)
     head_epoch = replace(train or TrainConfig(), epochs=1)
-    phases = [(model.head.parameters, head_epoch, epochs),
-              (model.parameters, replace(head_epoch, learning_rate=fine_tune_learning_rate), fine_tune_epochs)]
+    phases = [
+        (model.head.parameters, head_epoch, epochs),
+        (model.parameters, replace(head_epoch, learning_rate=fine_tune_learning_rate), fine_tune_epochs),
+    ]
     best_epoch, best_ndcg, best_state, epoch = 0, -math.inf, None, 0
     model.encoder.requires_grad_(False)  # frozen in the head phase: no gradient is even computed for it
     for parameters, one_epoch, phase_epochs in phases:
@@ -225,8 +239,13 @@ def join_market(
 
 
 def write_joined_model(
-    directory: str | Path, joined: Joined, published: Published, catalog: Catalog, user_ids: Sequence[str],
-    fraction: float, seed: int,
+    directory: str | Path,
+    joined: Joined,
+    published: Published,
+    catalog: Catalog,
+    user_ids: Sequence[str],
+    fraction: float,
+    seed: int,
 ) -> None:
     """Write the joined model as the market's served model (method ``join-<method>``, round = the kept epoch)."""
     manifest = {
@@ -259,8 +278,9 @@ def save_market_state(state_dir: str | Path, market: str, joined: Joined, publis
         state from a training rather than from an earlier join.
     """
     store = check_state_dir(state_dir, market)
-    store.save(MarketState(training_id=f"{JOIN_TRAINING_PREFIX}{published.training_id}", last_round=0,
-                           head=joined.head()))
+    store.save(
+        MarketState(training_id=f"{JOIN_TRAINING_PREFIX}{published.training_id}", last_round=0, head=joined.head())
+    )
     return store.path
 
 
@@ -285,52 +305,99 @@ def check_state_dir(state_dir: str | Path, market: str) -> MarketStateStore:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-dir", type=Path, metavar="DIR",
-                        help=f"a training's models directory with {PUBLISHED_FILE} (simulation: OUT/models/<method>) "
-                             "(required: this or --published)")
-    source.add_argument("--published", type=Path, metavar="FILE",
-                        help=f"the {PUBLISHED_FILE} itself (deployment: from the server's out-dir) "
-                             "(required: this or --model-dir)")
-    parser.add_argument("--data", type=Path, required=True, metavar="FILE",
-                        help="the joining market's interactions: userId itemId rating [date], as text, CSV or "
-                             "Parquet (required)")
-    parser.add_argument("--catalog", type=Path, required=True, metavar="FILE",
-                        help="the company catalog; refused unless it is the one the training used (required)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="served-model directory to write (required)")
-    parser.add_argument("--market", metavar="NAME",
-                        help="the market's name, as its node config names it; it seeds the evaluation negatives "
-                             "(default: the data file's name up to its first '_'; required with --state-dir)")
-    parser.add_argument("--join-epochs", type=int, default=10,
-                        help="epochs of head training, the encoder frozen (default: %(default)s)")
-    parser.add_argument("--fine-tune-epochs", type=int, default=15,
-                        help="then epochs of training the whole model, the market's own fork of the encoder; "
-                             "the best epoch of both phases on validation is kept (default: %(default)s)")
-    parser.add_argument("--fine-tune-learning-rate", type=float, default=0.001,
-                        help="Adam step size of the fine-tuning (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="the federation's seed: evaluation negatives, head initialisation, shuffling "
-                             "(default: %(default)s)")
-    parser.add_argument("--fraction", type=float, default=1.0,
-                        help="train on this random share of the market's users, in (0, 1]; evaluation keeps "
-                             "every user (default: %(default)s)")
+    source.add_argument(
+        "--model-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"a training's models directory with {PUBLISHED_FILE} (simulation: OUT/models/<method>) "
+        "(required: this or --published)",
+    )
+    source.add_argument(
+        "--published",
+        type=Path,
+        metavar="FILE",
+        help=f"the {PUBLISHED_FILE} itself (deployment: from the server's out-dir) (required: this or --model-dir)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the joining market's interactions: userId itemId rating [date], as text, CSV or Parquet (required)",
+    )
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the company catalog; refused unless it is the one the training used (required)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="served-model directory to write (required)"
+    )
+    parser.add_argument(
+        "--market",
+        metavar="NAME",
+        help="the market's name, as its node config names it; it seeds the evaluation negatives "
+        "(default: the data file's name up to its first '_'; required with --state-dir)",
+    )
+    parser.add_argument(
+        "--join-epochs", type=int, default=10, help="epochs of head training, the encoder frozen (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=15,
+        help="then epochs of training the whole model, the market's own fork of the encoder; "
+        "the best epoch of both phases on validation is kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fine-tune-learning-rate",
+        type=float,
+        default=0.001,
+        help="Adam step size of the fine-tuning (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the federation's seed: evaluation negatives, head initialisation, shuffling (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="train on this random share of the market's users, in (0, 1]; evaluation keeps "
+        "every user (default: %(default)s)",
+    )
     defaults = TrainConfig()
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="interactions per step (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                        help="Adam step size (default: %(default)s)")
-    parser.add_argument("--state-dir", type=Path, metavar="DIR",
-                        help="also write the head as <DIR>/<market>.pt, which the region's ClientApp restores "
-                             "in its next training (default: none)")
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="interactions per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="Adam step size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="also write the head as <DIR>/<market>.pt, which the region's ClientApp restores "
+        "in its next training (default: none)",
+    )
     add_alias(parser, "--epochs", "--join-epochs")
     args = parser.parse_args(argv)
     if args.join_epochs < 1 or args.fine_tune_epochs < 0 or args.fine_tune_learning_rate <= 0:
-        parser.error(f"--join-epochs must be at least 1, --fine-tune-epochs at least 0 and --fine-tune-learning-rate "
-                     f"positive, got {args.join_epochs}, {args.fine_tune_epochs} and {args.fine_tune_learning_rate}")
+        parser.error(
+            f"--join-epochs must be at least 1, --fine-tune-epochs at least 0 and --fine-tune-learning-rate "
+            f"positive, got {args.join_epochs}, {args.fine_tune_epochs} and {args.fine_tune_learning_rate}"
+        )
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.batch_size < 1 or args.learning_rate <= 0:
-        parser.error(f"--batch-size must be at least 1 and --learning-rate positive, got {args.batch_size} "
-                     f"and {args.learning_rate}")
+        parser.error(
+            f"--batch-size must be at least 1 and --learning-rate positive, got {args.batch_size} "
+            f"and {args.learning_rate}"
+        )
     if args.state_dir is not None and args.market is None:
         parser.error("--state-dir needs --market: the state file is named after the market its node config names")
     return args
@@ -349,8 +416,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         check_state_dir(args.state_dir, market)  # before the training, not after it
     split = split_market(market, interactions, catalog, args.seed)
     train = replace(TrainConfig(), batch_size=args.batch_size, learning_rate=args.learning_rate)
-    joined = join_market(published, split, catalog, args.join_epochs, args.seed, args.fraction, train,
-                         args.fine_tune_epochs, args.fine_tune_learning_rate)
+    joined = join_market(
+        published,
+        split,
+        catalog,
+        args.join_epochs,
+        args.seed,
+        args.fraction,
+        train,
+        args.fine_tune_epochs,
+        args.fine_tune_learning_rate,
+    )
     write_joined_model(args.out, joined, published, catalog, market_user_ids(interactions), args.fraction, args.seed)
     state = ""
     if args.state_dir is not None:

@@ -27,8 +27,10 @@ def show(store: LedgerStore) -> str:
     entry = store.load()
     if entry is None:
         return f"{store.path}: no ledger; the market has not trained under DP with this state-dir."
-    lines = [f"closed period until {period['closed']}: epsilon {period['epsilon']} ({period['archive']})"
-             for period in entry.periods]
+    lines = [
+        f"closed period until {period['closed']}: epsilon {period['epsilon']} ({period['archive']})"
+        for period in entry.periods
+    ]
     spent = entry.ledger.spent()
     lines.append(
         f"current period: epsilon {spent['epsilon']:.4f} at delta {spent['delta']:.3g} "
@@ -60,10 +62,12 @@ def new_period(store: LedgerStore) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m clients.ledger", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["show", "new-period"],
-                        help="show the ledger, or close its period and start a new one")
+    parser = ArgumentParser(
+        prog="python -m clients.ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "action", choices=["show", "new-period"], help="show the ledger, or close its period and start a new one"
+    )
     parser.add_argument("--state-dir", type=Path, required=True, help="the region's state-dir (node config) (required)")
     parser.add_argument("--market", required=True, help="the region's market name (node config) (required)")
     args = parser.parse_args(argv)

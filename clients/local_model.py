@@ -16,6 +16,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.common import log
 
+from clients.continued import published_head
+from clients.privacy_state import region_policy, require_durable_ledger, state_dir
+from clients.state_store import LedgerStore, MarketState, MarketStateStore
 from common.catalog import Catalog
 from common.market_config import MarketConfig
 from common.markets import MarketSource, load_file_split, load_split, market_seed
@@ -25,10 +28,6 @@ from common.names import check_name
 from common.region import public_assortment
 from common.split import MarketSplit
 from common.train import MarketTensors
-
-from clients.continued import published_head
-from clients.privacy_state import region_policy, require_durable_ledger, state_dir
-from clients.state_store import LedgerStore, MarketState, MarketStateStore
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)
@@ -107,9 +106,7 @@ def build_local_model(
         data = replace(data, released_rows=torch.as_tensor(public_assortment(policy, catalog)))
     torch.manual_seed(market_seed(split.market, config.seed))
     model = SplitRecommender(
-        ModelConfig(
-            catalog.size, split.num_users, config.embedding_dim, config.history_length, config.user_embeddings
-        )
+        ModelConfig(catalog.size, split.num_users, config.embedding_dim, config.history_length, config.user_embeddings)
     )
     shared = shared_parameter_names(model, get_method(config.method).share_head)
     if LOCAL_STATE_KEY not in context.state:
@@ -143,7 +140,9 @@ def check_received(model: SplitRecommender, received: dict[str, torch.Tensor], s
     expected = model.state_dict()
     wrong_dtype = sorted(name for name, value in received.items() if value.dtype != expected[name].dtype)
     if wrong_dtype:
-        raise ValueError(f"Market '{market}': the server's arrays {wrong_dtype} are not {expected[wrong_dtype[0]].dtype}.")
+        raise ValueError(
+            f"Market '{market}': the server's arrays {wrong_dtype} are not {expected[wrong_dtype[0]].dtype}."
+        )
     non_finite = sorted(name for name, value in received.items() if not torch.isfinite(value).all())
     if non_finite:
         raise ValueError(f"Market '{market}': the server's arrays {non_finite} hold NaN or infinite values.")
@@ -201,13 +200,22 @@ def _restore_saved_state(
     if saved is None:
         return
     if private and not saved.private:
-        log(WARNING, "Market %s: the head saved in %s was trained without DP; under DP it starts with a new head.",
-            market, store.path)
+        log(
+            WARNING,
+            "Market %s: the head saved in %s was trained without DP; under DP it starts with a new head.",
+            market,
+            store.path,
+        )
         return
     misfits = _misfits(model, saved.head)
     if misfits:
-        log(WARNING, "Market %s: the head saved in %s does not fit this model (%s); starting with a new head.",
-            market, store.path, ", ".join(misfits))
+        log(
+            WARNING,
+            "Market %s: the head saved in %s does not fit this model (%s); starting with a new head.",
+            market,
+            store.path,
+            ", ".join(misfits),
+        )
         return
     context.state[LOCAL_STATE_KEY] = ArrayRecord(saved.head)
     if saved.own_arrays is not None and not _misfits(model, saved.own_arrays):
@@ -215,8 +223,14 @@ def _restore_saved_state(
     if saved.training_id == training_id:
         log(INFO, "Market %s rejoins training %s with its head from round %d.", market, training_id, saved.last_round)
     else:
-        log(INFO, "Market %s starts training %s from the head it saved in training %s (round %d).",
-            market, training_id, saved.training_id, saved.last_round)
+        log(
+            INFO,
+            "Market %s starts training %s from the head it saved in training %s (round %d).",
+            market,
+            training_id,
+            saved.training_id,
+            saved.last_round,
+        )
 
 
 def persist(context: Context, market: str, training_id: str, server_round: int, private: bool) -> None:
@@ -237,7 +251,7 @@ def persist(context: Context, market: str, training_id: str, server_round: int, 
     non_finite = sorted(name for name, value in head.items() if not torch.isfinite(value).all())
     if non_finite:
         raise ValueError(f"Market '{market}': its head {non_finite} holds NaN or infinite values; it is not saved.")
-    own_arrays = context.state[OWN_ARRAYS_KEY] if OWN_ARRAYS_KEY in context.state else None
+    own_arrays = context.state.get(OWN_ARRAYS_KEY)
     store.save(
         MarketState(
             training_id=training_id,

@@ -17,13 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
+from clients.privacy_state import INSECURE_KEY
 from common.data import InteractionFileError
-from common.privacy import PrivacyBudgetExceeded
 from common.market_config import MarketConfig
+from common.privacy import PrivacyBudgetExceeded
 from common.region import RegionPolicy
 from common.train import RankingMetrics
-
-from clients.privacy_state import INSECURE_KEY
 
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
@@ -74,12 +73,17 @@ class Disclosure:
 
 
 def reply(
-    msg: Message, market: str, metrics: dict[str, Any], arrays: ArrayRecord | None = None, *,
+    msg: Message,
+    market: str,
+    metrics: dict[str, Any],
+    arrays: ArrayRecord | None = None,
+    *,
     disclosure: Disclosure,
 ) -> Message:
-    """The reply to ``msg``: numbers as ``disclosure`` allows, the market's name and, for training, the shared arrays."""
-    content = RecordDict({"metrics": MetricRecord(disclosure.filter(metrics)),
-                          MARKET_KEY: ConfigRecord({"name": market})})
+    """The reply to ``msg``: numbers as ``disclosure`` allows, the market's name, for training the shared arrays."""
+    content = RecordDict(
+        {"metrics": MetricRecord(disclosure.filter(metrics)), MARKET_KEY: ConfigRecord({"name": market})}
+    )
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)

@@ -18,6 +18,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.common import log
 
+from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
 from common.dp_ials import noise_generator
 from common.market_config import MarketConfig
 from common.markets import market_seed
@@ -32,11 +33,15 @@ from common.privacy import (
     epsilon_of,
     release_history,
 )
+from common.private_train import (
+    market_budget,
+    popularity_seed,
+    private_round_steps,
+    private_steps,
+    start_private_training,
+)
 from common.region import SIMULATION_NODE_CONFIG_ENV, RegionPolicy
-from common.private_train import market_budget, popularity_seed, private_round_steps, private_steps, start_private_training
 from common.train import MarketTensors, TrainConfig
-
-from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
 
 INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 PRIVACY_KEY = "privacy-ledger"  # the market's ledger kept in context.state when it has no state-dir
@@ -206,7 +211,14 @@ def round_ledger(
     spent_before = entry.ledger if entry is not None else PrivacyLedger(budget, 0.0, 1.0)
     spent_before = replace(spent_before, releases=[*spent_before.releases, COUNT_NOISE_MULTIPLIER])
     ledger = start_private_training(
-        model, public, budget, train, total_steps, config.dp_popularity_share, spent_before, noise_seed,
+        model,
+        public,
+        budget,
+        train,
+        total_steps,
+        config.dp_popularity_share,
+        spent_before,
+        noise_seed,
     )
     calibration[RELEASED_USERS] = released
     return LedgerEntry(ledger, training_id, calibration, entry.periods if entry is not None else [])
@@ -241,8 +253,9 @@ def release_ledger(
     releases = list(entry.ledger.releases) if entry is not None else []
     released_users = release_user_count(num_users, policy, config.seed, privacy.market)
     releases.append(COUNT_NOISE_MULTIPLIER)
-    budget = PrivacyBudget(config.dp_epsilon, period_delta(entry, config, policy, released_users), 1.0,
-                           config.dp_accountant)
+    budget = PrivacyBudget(
+        config.dp_epsilon, period_delta(entry, config, policy, released_users), 1.0, config.dp_accountant
+    )
     prior = release_history(releases) + history
     if (spent := epsilon_of(budget, prior)) >= budget.epsilon:
         raise PrivacyBudgetExceeded(
@@ -267,9 +280,7 @@ def release_user_count(num_users: int, policy: RegionPolicy, seed: int, market: 
     return max(1, int(round(noisy)))
 
 
-def period_delta(
-    entry: LedgerEntry | None, config: MarketConfig, policy: RegionPolicy, released_users: int
-) -> float:
+def period_delta(entry: LedgerEntry | None, config: MarketConfig, policy: RegionPolicy, released_users: int) -> float:
     """The δ a market accounts at: the lowest of the default, the run's, the region's and its budget period's.
 
     The default, 0.1 / the released user count, is a ceiling: a run may ask for a smaller δ,
@@ -310,8 +321,12 @@ def insecure_marker(policy: RegionPolicy, market: str) -> dict[str, int]:
     """Flag, in the reply and the region's log, a run whose DP noise anyone with the config can remove."""
     if not policy.insecure_seeded_noise:
         return {}
-    log(WARNING, "INSECURE: market %s draws its DP noise from the run config's seed (dp-insecure-seeded-noise in "
-        "its node config); whoever knows the config can remove it. Use it to reproduce experiments only.", market)
+    log(
+        WARNING,
+        "INSECURE: market %s draws its DP noise from the run config's seed (dp-insecure-seeded-noise in "
+        "its node config); whoever knows the config can remove it. Use it to reproduce experiments only.",
+        market,
+    )
     return {INSECURE_KEY: 1}
 
 
@@ -325,8 +340,13 @@ def training_noise_seed(policy: RegionPolicy, config: MarketConfig, market: str,
 def out_of_budget(entry: LedgerEntry | None, error: PrivacyBudgetExceeded, market: str) -> None:
     """Log that the market stops training for want of budget."""
     spent = entry.ledger.epsilon() if entry is not None else float("nan")
-    log(WARNING, "Market %s is out of privacy budget (lifetime epsilon %.3f): it stops training (%s).",
-        market, spent, error)
+    log(
+        WARNING,
+        "Market %s is out of privacy budget (lifetime epsilon %.3f): it stops training (%s).",
+        market,
+        spent,
+        error,
+    )
 
 
 def _tighten(ledger: PrivacyLedger, config: MarketConfig, policy: RegionPolicy, market: str) -> None:
@@ -336,19 +356,35 @@ def _tighten(ledger: PrivacyLedger, config: MarketConfig, policy: RegionPolicy, 
     if tightened == ledger.budget:
         return
     # The noise stays as calibrated, so the market stops sooner.
-    log(WARNING, "Market %s: its budget is now (epsilon %.3g, delta %.3g) instead of (%.3g, %.3g).",
-        market, tightened.epsilon, tightened.delta, ledger.budget.epsilon, ledger.budget.delta)
+    log(
+        WARNING,
+        "Market %s: its budget is now (epsilon %.3g, delta %.3g) instead of (%.3g, %.3g).",
+        market,
+        tightened.epsilon,
+        tightened.delta,
+        ledger.budget.epsilon,
+        ledger.budget.delta,
+    )
     ledger.budget = tightened
     if (spent := ledger.epsilon()) > tightened.epsilon:
         # Earlier rounds cannot be undone; the reply reports what they spent.
-        log(WARNING, "Market %s has already spent epsilon %.3f at delta %.3g, over its new budget.",
-            market, spent, tightened.delta)
+        log(
+            WARNING,
+            "Market %s has already spent epsilon %.3f at delta %.3g, over its new budget.",
+            market,
+            spent,
+            tightened.delta,
+        )
 
 
 def _entry_to_json(entry: LedgerEntry) -> str:
     return json.dumps(
-        {"ledger": entry.ledger.state(), "training-id": entry.training_id,
-         "calibration": entry.calibration, "periods": entry.periods}
+        {
+            "ledger": entry.ledger.state(),
+            "training-id": entry.training_id,
+            "calibration": entry.calibration,
+            "periods": entry.periods,
+        }
     )
 
 

@@ -30,30 +30,47 @@ def run_cli(main: Callable[[Sequence[str] | None], str], argv: Sequence[str] | N
 
 def model_options(parser: argparse.ArgumentParser) -> None:
     """Options every serving command shares."""
-    parser.add_argument("--model", type=Path, required=True, metavar="DIR",
-                        help="served-model directory with manifest.json (required)")
-    parser.add_argument("--catalog", type=Path, metavar="FILE",
-                        help="the company catalog to check the model against (default: trust the model's own copy)")
-    parser.add_argument("--history", type=Path, metavar="FILE",
-                        help="recent interactions of unknown or returning users, like a market file: "
-                             "userId itemId [rating] [date] (default: none)")
+    parser.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="served-model directory with manifest.json (required)"
+    )
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        metavar="FILE",
+        help="the company catalog to check the model against (default: trust the model's own copy)",
+    )
+    parser.add_argument(
+        "--history",
+        type=Path,
+        metavar="FILE",
+        help="recent interactions of unknown or returning users, like a market file: "
+        "userId itemId [rating] [date] (default: none)",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m clients.recommend", description=__doc__,
+        prog="python -m clients.recommend",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model_options(parser)
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--users", type=Path, metavar="FILE",
-                     help="users to recommend to: header userId, one user ID per line (required: this or --all)")
-    who.add_argument("--all", action="store_true",
-                     help="every user the model knows, and every user of --history "
-                          "(default: off; this or --users is required)")
+    who.add_argument(
+        "--users",
+        type=Path,
+        metavar="FILE",
+        help="users to recommend to: header userId, one user ID per line (required: this or --all)",
+    )
+    who.add_argument(
+        "--all",
+        action="store_true",
+        help="every user the model knows, and every user of --history (default: off; this or --users is required)",
+    )
     parser.add_argument("--k", type=int, default=10, help="recommendations per user (default: %(default)s)")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE",
-                        help="output TSV: userId rank itemId score (required)")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="output TSV: userId rank itemId score (required)"
+    )
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k must be at least 1, got {args.k}")

@@ -25,14 +25,21 @@ from common.tables import read_history, read_pairs, write_table
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m clients.score", description=__doc__,
+        prog="python -m clients.score",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model_options(parser)
-    parser.add_argument("--candidates", type=Path, required=True, metavar="FILE",
-                        help="pairs to score: header userId itemId (required)")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE",
-                        help="output TSV: the candidates plus a score column (required)")
+    parser.add_argument(
+        "--candidates", type=Path, required=True, metavar="FILE", help="pairs to score: header userId itemId (required)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="output TSV: the candidates plus a score column (required)",
+    )
     return parser.parse_args(argv)
 
 

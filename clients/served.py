@@ -36,6 +36,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 
+from clients.privacy_state import state_dir
 from common.catalog import Catalog
 from common.durable import atomic_torch_save
 from common.methods import Method
@@ -44,26 +45,35 @@ from common.serving import write_served_model
 from common.sparse_state import compact_state, expand_state
 from common.train import MarketTensors
 
-from clients.privacy_state import state_dir
-
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
 BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
 FINAL_KEY = "final-round"  # evaluate config: the last evaluation of the training
 KEPT_METRICS = (  # the evaluation metrics a served model's manifest carries
-    "val-ndcg", "val-hr", "val-full-ndcg", "val-full-recall", "test-ndcg", "test-hr", "test-full-ndcg", "test-full-recall"
+    "val-ndcg",
+    "val-hr",
+    "val-full-ndcg",
+    "val-full-recall",
+    "test-ndcg",
+    "test-hr",
+    "test-full-ndcg",
+    "test-full-recall",
 )
 
 
 def remember_if_best(
-    context: Context, model: SplitRecommender, market: str, server_round: int, metrics: dict[str, Any],
+    context: Context,
+    model: SplitRecommender,
+    market: str,
+    server_round: int,
+    metrics: dict[str, Any],
     training_id: str,
 ) -> None:
     """Keep ``model`` as the market's served candidate if it beats the best validation round so far."""
     if server_round < 1:
         return  # round 0 is the starting point, not a trained model
     _restore_best(context, market)
-    info = context.state[BEST_INFO_KEY] if BEST_INFO_KEY in context.state else None
+    info = context.state.get(BEST_INFO_KEY)
     same_training = info is not None and str(info["training-id"]) == training_id
     if same_training and float(metrics["val-ndcg"]) <= float(info["val-ndcg"]):
         return
@@ -115,8 +125,16 @@ def _read_best(path: Path, market: str) -> dict[str, Any] | None:
     try:
         saved = torch.load(path, weights_only=True)
         return {"info": dict(saved["info"]), "state": saved["state"]}  # compact: expanded where it is used
-    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, IndexError,
-            pickle.UnpicklingError) as error:
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        pickle.UnpicklingError,
+    ) as error:
         log(WARNING, "Market %s: %s is unreadable (%s); it keeps the best round from here on.", market, path, error)
         return None
 
@@ -131,7 +149,11 @@ def served_model_dir(context: Context, market: str, method: str) -> Path | None:
 
 
 def write_best_model(
-    context: Context, model: SplitRecommender, data: MarketTensors, catalog: Catalog, method: Method,
+    context: Context,
+    model: SplitRecommender,
+    data: MarketTensors,
+    catalog: Catalog,
+    method: Method,
     fork: dict[str, Any] | None = None,
 ) -> None:
     """Write the best round kept so far as the served model; fedper-ft and fedals-pt serve their ``fork``.
@@ -168,8 +190,11 @@ def _best_round(context: Context, market: str) -> dict[str, Any] | None:
     else:
         path = best_file(context, market)
         saved = _read_best(path, market) if path is not None and path.exists() else None
-        if saved is None or str(saved["info"].get("training-id")) != str(info["training-id"]) \
-                or int(saved["info"]["round"]) != int(info["round"]):
+        if (
+            saved is None
+            or str(saved["info"].get("training-id")) != str(info["training-id"])
+            or int(saved["info"]["round"]) != int(info["round"])
+        ):
             log(WARNING, "Market %s: the file of its best round is gone or another round's; nothing to serve.", market)
             return None
         state = saved["state"]
@@ -182,7 +207,11 @@ def _best_round(context: Context, market: str) -> dict[str, Any] | None:
 
 
 def _write(
-    directory: Path | None, model: SplitRecommender, data: MarketTensors, catalog: Catalog, method: str,
+    directory: Path | None,
+    model: SplitRecommender,
+    data: MarketTensors,
+    catalog: Catalog,
+    method: str,
     chosen: dict[str, Any],
 ) -> None:
     if directory is None:
@@ -199,5 +228,11 @@ def _write(
         **chosen.get("manifest", {}),
     }
     write_served_model(directory, model, data, catalog, manifest)
-    log(INFO, "Market %s wrote its served model (%s, round %s) to %s",
-        data.split.market, method, chosen["round"], directory)
+    log(
+        INFO,
+        "Market %s wrote its served model (%s, round %s) to %s",
+        data.split.market,
+        method,
+        chosen["round"],
+        directory,
+    )

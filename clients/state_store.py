@@ -148,8 +148,9 @@ class LedgerStore:
         """
         if not self.path.exists():
             if self.marker.exists():
-                raise self.unusable("is missing although this state-dir shows the market kept one before "
-                                    f"({self.marker.name})")
+                raise self.unusable(
+                    f"is missing although this state-dir shows the market kept one before ({self.marker.name})"
+                )
             return None
         try:
             saved = json.loads(self.path.read_text(encoding="utf-8"))

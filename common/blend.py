@@ -115,8 +115,10 @@ def blended_recommender(
     if user_embeddings:
         users = model.head.user_embedding.weight
         users.zero_()
-        for source, factor, columns in ((first, first_factor, slice(0, a.dim)),
-                                        (second, second_factor, slice(a.dim, None))):
+        for source, factor, columns in (
+            (first, first_factor, slice(0, a.dim)),
+            (second, second_factor, slice(a.dim, None)),
+        ):
             if source.head.user_embedding is not None:
                 users[:, columns] = factor * source.head.user_embedding.weight
     return model.eval()

@@ -42,10 +42,7 @@ class Catalog:
 
     def __post_init__(self) -> None:
         if not 1 <= self.overflow_rows <= MAX_OVERFLOW_ROWS:
-            raise ValueError(
-                f"The catalog needs 1 to {MAX_OVERFLOW_ROWS:,} overflow rows, "
-                f"got {self.overflow_rows:,}."
-            )
+            raise ValueError(f"The catalog needs 1 to {MAX_OVERFLOW_ROWS:,} overflow rows, got {self.overflow_rows:,}.")
         row_of = {item: row for row, item in enumerate(self.item_ids)}
         if len(row_of) != len(self.item_ids):
             raise ValueError("The catalog lists the same item ID more than once.")
@@ -71,10 +68,7 @@ class Catalog:
         """Table rows of ``item_ids``; unknown items hash into the overflow range."""
         known = len(self.item_ids)
         return np.fromiter(
-            (
-                self._row_of.get(item, known + self._overflow_slot(item))
-                for item in item_ids
-            ),
+            (self._row_of.get(item, known + self._overflow_slot(item)) for item in item_ids),
             dtype=np.int64,
         )
 
@@ -117,16 +111,12 @@ class Catalog:
         try:
             data = path.read_bytes()
         except OSError as err:
-            raise FileNotFoundError(
-                f"The catalog {path} cannot be read ({err.strerror or err})."
-            ) from err
+            raise FileNotFoundError(f"The catalog {path} cannot be read ({err.strerror or err}).") from err
         try:
             # utf-8-sig: a byte-order mark would otherwise stick to the first line.
             lines = data.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as err:
-            raise ValueError(
-                f"The catalog {path} is not UTF-8 text (bad byte at offset {err.start})."
-            ) from err
+            raise ValueError(f"The catalog {path} is not UTF-8 text (bad byte at offset {err.start}).") from err
         overflow_rows = 64
         first_item_line = 1
         if lines and lines[0].strip().startswith(_HEADER):
@@ -138,8 +128,7 @@ class Catalog:
                 continue
             if item in line_of:
                 raise ValueError(
-                    f"The catalog {path} lists item ID {item!r} more than once "
-                    f"(lines {line_of[item]} and {number})."
+                    f"The catalog {path} lists item ID {item!r} more than once (lines {line_of[item]} and {number})."
                 )
             line_of[item] = number
         if not line_of:
@@ -158,7 +147,6 @@ def _parse_header(path: Path, header: str) -> int:
     overflow_rows = int(count)
     if not 1 <= overflow_rows <= MAX_OVERFLOW_ROWS:
         raise ValueError(
-            f"The catalog {path} asks for {overflow_rows:,} overflow rows; "
-            f"it may have 1 to {MAX_OVERFLOW_ROWS:,}."
+            f"The catalog {path} asks for {overflow_rows:,} overflow rows; it may have 1 to {MAX_OVERFLOW_ROWS:,}."
         )
     return overflow_rows

@@ -42,7 +42,11 @@ class OutOfMemoryError(UserError):
 # Exceptions that are the user's to fix. A file or directory that does not exist, or
 # cannot be read, comes from an option; common.data.InteractionFileError is a UserError.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    UserError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
 )
 
 
@@ -58,7 +62,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if _renaming is not None and isinstance(prog, str):
             old, new = _renaming
             if prog == old or prog.startswith(old + " "):
-                kwargs["prog"] = new + prog[len(old):]
+                kwargs["prog"] = new + prog[len(old) :]
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -79,8 +83,7 @@ def invoked_as(module: str, name: str) -> Iterator[None]:
 def add_verbose(parser: argparse.ArgumentParser, what: str = "") -> None:
     """``--verbose``: more output (``what``, if given) and the traceback of an error."""
     detail = f"{what}, and " if what else ""
-    parser.add_argument(VERBOSE, action="store_true",
-                        help=f"show {detail}the traceback of an error (default: off)")
+    parser.add_argument(VERBOSE, action="store_true", help=f"show {detail}the traceback of an error (default: off)")
 
 
 def one_line(message: object) -> str:

@@ -69,9 +69,7 @@ class InteractionFileError(UserError, ValueError):
         How ``line`` is counted: ``"line"`` for text files, ``"row"`` for Parquet.
     """
 
-    def __init__(
-        self, path: str | Path, line: int | None, problem: str, unit: str = "line"
-    ) -> None:
+    def __init__(self, path: str | Path, line: int | None, problem: str, unit: str = "line") -> None:
         # Every field goes to args so the error survives pickling across processes.
         super().__init__(path, line, problem, unit)
         self.path = Path(path)
@@ -188,16 +186,13 @@ def discover_market_files(data_dir: str | Path) -> dict[str, Path]:
         except ValueError as err:
             raise InteractionFileError(file, None, str(err).rstrip(".")) from err
         if market in markets:
-            raise InteractionFileError(
-                file, None, f"market {market!r} is also provided by {markets[market]}"
-            )
+            raise InteractionFileError(file, None, f"market {market!r} is also provided by {markets[market]}")
         # 'DE' and 'de' would share state files on a case-insensitive filesystem.
         if (other := by_folded_name.get(market.casefold())) is not None:
             raise InteractionFileError(
                 file,
                 None,
-                f"market {market!r} and market {other!r} of {markets[other]} "
-                "differ only by case",
+                f"market {market!r} and market {other!r} of {markets[other]} differ only by case",
             )
         markets[market] = file
         by_folded_name[market.casefold()] = market
@@ -319,9 +314,7 @@ def _match_columns(path: Path, found: Sequence[str], line: int | None) -> dict[s
     for ours, accepted in _SOURCE_NAMES.items():
         present = [name for name in found if name in accepted]
         if len(present) > 1:
-            raise InteractionFileError(
-                path, line, f"more than one {ours} column ({', '.join(map(repr, present))})"
-            )
+            raise InteractionFileError(path, line, f"more than one {ours} column ({', '.join(map(repr, present))})")
         if present:
             sources[ours] = present[0]
         elif ours != "date":
@@ -374,8 +367,7 @@ def _validate(
             ),
             (
                 parsed.notna() & ~parsed.between(_EARLIEST, _LATEST),
-                lambda row: f"date {raw['date'].iat[row]!r} is outside "
-                f"{_EARLIEST:%Y-%m-%d}..{_LATEST:%Y-%m-%d}",
+                lambda row: f"date {raw['date'].iat[row]!r} is outside {_EARLIEST:%Y-%m-%d}..{_LATEST:%Y-%m-%d}",
             ),
         ]
 

@@ -127,14 +127,22 @@ def private_release(
         counts += generator.normal(0.0, sigma_side * root_k, counts.shape)
         gram += _symmetric_noise(generator, sigma_side, dim)
         interaction_gram += _symmetric_noise(generator, sigma_side * release.items_per_user, dim)
-    return {"sums": sums.astype(np.float32), "counts": counts.astype(np.float32), "gram": gram.astype(np.float32),
-            "interaction-gram": interaction_gram.astype(np.float32)}
+    return {
+        "sums": sums.astype(np.float32),
+        "counts": counts.astype(np.float32),
+        "gram": gram.astype(np.float32),
+        "interaction-gram": interaction_gram.astype(np.float32),
+    }
 
 
 def zero_release(num_rows: int, dim: int) -> dict[str, np.ndarray]:
-    """A release of zeros in :func:`private_release`'s shape: what a market out of budget sends (nothing of its data)."""
-    return {"sums": np.zeros((num_rows, dim), np.float32), "counts": np.zeros(num_rows, np.float32),
-            "gram": np.zeros((dim, dim), np.float32), "interaction-gram": np.zeros((dim, dim), np.float32)}
+    """A release of zeros in :func:`private_release`'s shape: what a market out of budget sends (nothing of it)."""
+    return {
+        "sums": np.zeros((num_rows, dim), np.float32),
+        "counts": np.zeros(num_rows, np.float32),
+        "gram": np.zeros((dim, dim), np.float32),
+        "interaction-gram": np.zeros((dim, dim), np.float32),
+    }
 
 
 def _released_pairs(market: MarketInteractions, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,8 +205,11 @@ def solve_private_items(
     identity = np.eye(dim)
     for start in range(0, len(rows), _SOLVE_CHUNK):
         part = slice(start, start + _SOLVE_CHUNK)
-        matrices = (gram[None] + config.alpha * buyers[part, None, None] * mean_outer[None]
-                    + regularization[part, None, None] * identity[None])
+        matrices = (
+            gram[None]
+            + config.alpha * buyers[part, None, None] * mean_outer[None]
+            + regularization[part, None, None] * identity[None]
+        )
         factors[part] = np.linalg.solve(matrices, (1.0 + config.alpha) * sums[part][..., None])[..., 0]
     return ItemFactors(rows, factors)
 

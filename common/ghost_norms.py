@@ -53,10 +53,9 @@ def embedding_norm_sample(
     indices = activations[0].reshape(activations[0].shape[0], -1)
     gradients = backprops.reshape(-1, backprops.shape[-1])
     examples = indices.shape[0]
-    pair_keys = (
-        torch.arange(examples, device=indices.device).repeat_interleave(indices.shape[1]) * layer.num_embeddings
-        + indices.reshape(-1)
-    )
+    pair_keys = torch.arange(examples, device=indices.device).repeat_interleave(
+        indices.shape[1]
+    ) * layer.num_embeddings + indices.reshape(-1)
     pairs, pair_of_lookup = torch.unique(pair_keys, return_inverse=True)
     summed = torch.zeros(len(pairs), gradients.shape[1], dtype=gradients.dtype, device=gradients.device)
     summed.index_add_(0, pair_of_lookup, gradients)

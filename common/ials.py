@@ -106,9 +106,7 @@ class IALSConfig:
 
     def __post_init__(self) -> None:
         if self.factors < 1 or self.iterations < 0:
-            raise ValueError(
-                f"iALS needs factors >= 1 and iterations >= 0, got {self.factors} and {self.iterations}."
-            )
+            raise ValueError(f"iALS needs factors >= 1 and iterations >= 0, got {self.factors} and {self.iterations}.")
         if not self.regularization > 0 or not self.alpha > 0 or self.nu < 0:
             raise ValueError(
                 "iALS needs regularization > 0, alpha > 0 and nu >= 0, got "
@@ -383,7 +381,11 @@ def _buckets(lengths: np.ndarray, width: int) -> list[tuple[int, np.ndarray]]:
 
 
 def _solve_segments(
-    gram: np.ndarray, rows: np.ndarray, targets: np.ndarray, lengths: np.ndarray, regularization: np.ndarray,
+    gram: np.ndarray,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    lengths: np.ndarray,
+    regularization: np.ndarray,
     prior: np.ndarray | None = None,
 ) -> np.ndarray:
     """Solve ``(G + F_sᵀF_s + λ_s I) v_s = F_sᵀ t_s + p_s`` for every segment ``s`` of consecutive rows.
@@ -415,7 +417,9 @@ def _solve_segments(
     rotated = rows @ basis  # F in the eigenbasis, where G + λI is the diagonal D
     starts = segment_starts(lengths)
     # q = D⁻¹p: the solution of a segment without rows, and where the push-through starts from.
-    shifted = np.zeros((len(lengths), dim)) if prior is None else inverse * (np.asarray(prior, dtype=np.float64) @ basis)
+    shifted = (
+        np.zeros((len(lengths), dim)) if prior is None else inverse * (np.asarray(prior, dtype=np.float64) @ basis)
+    )
     solution = shifted.copy()
     for size, members in _buckets(lengths, dim):
         block = _padded(rotated, starts[members], lengths[members], size)  # (n, k, d)
@@ -506,9 +510,7 @@ def fold_in(
 # --- a market's item statistics ----------------------------------------------------------------
 
 
-def market_item_statistics(
-    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
-) -> ItemStatistics:
+def market_item_statistics(market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig) -> ItemStatistics:
     """What a market sends for the item step: per touched item, the factor of ``S_i^m``.
 
     Parameters
@@ -616,8 +618,9 @@ def solve_items_toward(
     lengths[np.searchsorted(prior.rows, items)] = counts
     gram = _augmented_gram(user_factors)
     regularization = item_regularization(lengths, int(round(gram[dim, dim])), config) + prior_weight
-    factors = _solve_segments(gram[:dim, :dim], rows[:, :dim], rows[:, dim], lengths, regularization,
-                              prior=prior_weight * prior.factors)
+    factors = _solve_segments(
+        gram[:dim, :dim], rows[:, :dim], rows[:, dim], lengths, regularization, prior=prior_weight * prior.factors
+    )
     return ItemFactors(prior.rows, factors)
 
 
@@ -714,9 +717,7 @@ def pooled_ials(
     raise AssertionError("unreachable")
 
 
-def _interaction_statistics(
-    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
-) -> ItemStatistics:
+def _interaction_statistics(market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig) -> ItemStatistics:
     """Item statistics with one row per interaction (uncompressed): the pooled path."""
     items, counts, rows = _buyer_rows(market, user_factors, config)
     return ItemStatistics(items, counts, counts, rows, _augmented_gram(user_factors))

@@ -107,8 +107,11 @@ def interaction_ratings(
         If an interaction of the split has no rating in the table.
     """
     table = pd.DataFrame(
-        {"user": interactions["user"].astype(str), "row": catalog.rows(interactions["item"]),
-         "rating": interactions["rating"].to_numpy(dtype=np.float64)}
+        {
+            "user": interactions["user"].astype(str),
+            "row": catalog.rows(interactions["item"]),
+            "rating": interactions["rating"].to_numpy(dtype=np.float64),
+        }
     ).drop_duplicates(["user", "row"], keep="last")
     ids = np.asarray(split.user_ids, dtype=object)
 
@@ -289,7 +292,7 @@ def initial_encoder_state(num_items: int, config: IALSConfig) -> dict[str, torch
 
 
 def rows_problem(name: str, rows: np.ndarray, num_items: int) -> str | None:
-    """What is wrong with a reply's vector of catalog rows ``name``, or None: whole numbers, in the catalog, sorted, distinct."""
+    """What is wrong with a reply's catalog rows ``name``, or None: whole numbers, in the catalog, sorted, distinct."""
     if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
         return f"array {name!r} is {rows.dtype} {rows.shape}, not a vector of whole numbers"
     if len(rows) and (rows.min() < 0 or rows.max() >= num_items):

@@ -27,7 +27,6 @@ from common.ials import (
     solve_users,
 )
 
-
 STATISTICS_KEYS = ("items", "counts", "ranks", "factor", "gram")
 
 
@@ -172,7 +171,6 @@ def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors,
         ItemFactors(np.asarray(payload["items"]), np.asarray(payload["factors"], dtype=np.float64)),
         np.asarray(payload["gram"], dtype=np.float64),
     )
-
 
 
 def federated_ials(

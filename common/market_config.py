@@ -17,7 +17,6 @@ from common.privacy import ACCOUNTANTS
 from common.region import RegionPolicy
 
 
-
 @dataclass(frozen=True)
 class MarketConfig:
     """Run settings a market needs before it sees any message.
@@ -73,8 +72,12 @@ class MarketConfig:
             )
         if not 0 <= self.dp_delta < 1:
             raise ValueError(f"dp-delta must be 0 (0.1 / the market's users) or lie in (0, 1), got {self.dp_delta}.")
-        for key, value in (("dp-max-grad-norm", self.dp_max_grad_norm), ("dp-learning-rate", self.dp_learning_rate),
-                           ("dp-batch-size", self.dp_batch_size), ("dp-user-positives", self.dp_user_positives)):
+        for key, value in (
+            ("dp-max-grad-norm", self.dp_max_grad_norm),
+            ("dp-learning-rate", self.dp_learning_rate),
+            ("dp-batch-size", self.dp_batch_size),
+            ("dp-user-positives", self.dp_user_positives),
+        ):
             if not value > 0:
                 raise ValueError(f"{key} must be positive, got {value}.")
         if not 0 <= self.dp_popularity_share < 1:
@@ -87,8 +90,15 @@ class MarketConfig:
 
     def ials_config(self) -> IALSConfig:
         """fedals' iALS settings: one iteration per round, initial factors seeded by ``seed``."""
-        return ials_config(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu,
-                           self.als_confidence, self.num_server_rounds, self.seed)
+        return ials_config(
+            self.als_factors,
+            self.als_regularization,
+            self.als_alpha,
+            self.als_nu,
+            self.als_confidence,
+            self.num_server_rounds,
+            self.seed,
+        )
 
     def starting_weight(self) -> float:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
@@ -152,8 +162,15 @@ def ials_config(
 ) -> IALSConfig:
     """The :class:`common.ials.IALSConfig` of the ``als-*`` settings, ``iterations`` rounds and ``seed``."""
     check_als_settings(factors, regularization, alpha, nu, confidence)
-    return IALSConfig(factors=factors, regularization=regularization, alpha=alpha, nu=nu, iterations=iterations,
-                      confidence=confidence, seed=seed)
+    return IALSConfig(
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        nu=nu,
+        iterations=iterations,
+        confidence=confidence,
+        seed=seed,
+    )
 
 
 def _number(text: object) -> float:

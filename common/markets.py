@@ -57,16 +57,12 @@ def _files(data_dir: str) -> dict[str, Path]:
 @cache
 def _catalog(source: MarketSource) -> Catalog:
     # Cached per process: every ClientApp call in a simulation asks for it.
-    return Catalog.from_items(
-        item for market in source.markets for item in source.interactions(market)["item"]
-    )
+    return Catalog.from_items(item for market in source.markets for item in source.interactions(market)["item"])
 
 
 @cache
 def _tables(source: MarketSource) -> dict[str, pd.DataFrame]:
-    generated = generate_markets(
-        SyntheticConfig(markets=source.synthetic_markets, seed=source.seed)
-    )
+    generated = generate_markets(SyntheticConfig(markets=source.synthetic_markets, seed=source.seed))
     return {
         market: pd.DataFrame(
             {

@@ -37,11 +37,25 @@ METHODS = {
         Method("fedper", False, False, False, "encoder averaged; head local, trained jointly with it"),
         Method("fedrep", False, True, False, "encoder averaged; each round the head, then the encoder"),
         Method("fedper-ft", False, False, True, "fedper, then every market fine-tunes its own fork", base="fedper"),
-        Method("fedals", False, False, False, "implicit ALS: users solved in each market, items on the server "
-               "from the markets' summed item statistics", solver="als"),
-        Method("fedals-pt", False, False, False, "fedals, then every market refits its own data without noise on "
-               "the shared item factors (private transfer), kept where it wins validation", base="fedals",
-               solver="als", transfer=True),
+        Method(
+            "fedals",
+            False,
+            False,
+            False,
+            "implicit ALS: users solved in each market, items on the server from the markets' summed item statistics",
+            solver="als",
+        ),
+        Method(
+            "fedals-pt",
+            False,
+            False,
+            False,
+            "fedals, then every market refits its own data without noise on "
+            "the shared item factors (private transfer), kept where it wins validation",
+            base="fedals",
+            solver="als",
+            transfer=True,
+        ),
     )
 }
 # References, never candidates of the per-market selection; implicit-* are the implicit
@@ -61,9 +75,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def local_round(
-    model: SplitRecommender, data: MarketTensors, method: Method, config: TrainConfig, seed: int
-) -> float:
+def local_round(model: SplitRecommender, data: MarketTensors, method: Method, config: TrainConfig, seed: int) -> float:
     """A market's local work in one round; returns the last epoch's mean loss."""
     if method.alternating:
         head_phase = replace(config, epochs=config.head_epochs)

@@ -28,10 +28,7 @@ def rank_of_positive(scores: np.ndarray) -> np.ndarray:
         rather than a perfect score.
     """
     if scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(
-            f"Scores must have shape (users, candidates) with at least 2 candidates, "
-            f"got {scores.shape}."
-        )
+        raise ValueError(f"Scores must have shape (users, candidates) with at least 2 candidates, got {scores.shape}.")
     scores = np.where(np.isnan(scores), -np.inf, scores)
     return (scores[:, 1:] >= scores[:, :1]).sum(axis=1)
 

@@ -80,9 +80,7 @@ class MarketHead(nn.Module):
         nn.init.eye_(self.history_projection.weight)
         nn.init.zeros_(self.item_bias.weight)
 
-    def user_vectors(
-        self, users: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def user_vectors(self, users: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
         """User vectors from encoded ``history`` ``(batch, length, dim)``.
 
         ``history_mask`` is ``(batch, length)``, or ``(batch, positives, length)``
@@ -144,9 +142,7 @@ def shared_parameter_names(model: nn.Module, share_head: bool) -> list[str]:
     """
     names = []
     for name in model.state_dict():
-        if name.startswith(ENCODER_PREFIX):
-            names.append(name)
-        elif share_head and not name.startswith(USER_PARAMETER_PREFIXES):
+        if name.startswith(ENCODER_PREFIX) or share_head and not name.startswith(USER_PARAMETER_PREFIXES):
             names.append(name)
     return names
 

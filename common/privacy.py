@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from math import ceil
 from typing import Any
 
-
 ACCOUNTANTS = ("prv", "rdp")  # prv is Opacus 1.6's default and tightest; rdp is fast and conservative
 # Past this noise multiplier what is left of a budget is treated as spent: the steps would learn nothing.
 MAX_NOISE_MULTIPLIER = 1e4

@@ -134,9 +134,7 @@ def private_round(
     if method.alternating:
         head_phase = replace(config, epochs=config.head_epochs)
         train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head, noise_seed=noise_seed)
-        return train_epochs_private(
-            model, data, config, ledger, seed + 1, trainable=model.encoder, noise_seed=second
-        )
+        return train_epochs_private(model, data, config, ledger, seed + 1, trainable=model.encoder, noise_seed=second)
     return train_epochs_private(model, data, config, ledger, seed, noise_seed=noise_seed)
 
 
@@ -334,9 +332,7 @@ def train_epochs_private(
                     # releases nothing, and the ledger still counts the step.
                     if len(batch) == 0:
                         continue
-                    inputs, real = user_batch_inputs(
-                        data, batch, config.user_positives, config.negatives, generator
-                    )
+                    inputs, real = user_batch_inputs(data, batch, config.user_positives, config.negatives, generator)
                     loss = criterion(private_model(*inputs), real)
                     private_optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -6,6 +6,7 @@ handling them, so neither package depends on the other. Like the rest of
 ``common/``, it does not import Flower.
 """
 
+import contextlib
 import queue
 import socket
 import subprocess
@@ -81,10 +82,8 @@ def stop_process_tree(process: subprocess.Popen, grace: float = 10.0, crash: boo
     signals = (psutil.Process.kill,) if crash else (psutil.Process.terminate, psutil.Process.kill)
     for signal_all in signals:
         for member in tree:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 signal_all(member)
-            except psutil.NoSuchProcess:
-                pass
         process.poll()  # reap our own child so that it can count as gone
         deadline = time.monotonic() + grace
         while not all(map(_gone, tree)) and time.monotonic() < deadline:

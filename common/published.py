@@ -23,7 +23,13 @@ PUBLISHED_FORMAT = "xmarket-fl published shared part"
 PUBLISHED_VERSION = 1
 # What a reader checks the published arrays against, beside them in published.pt.
 PUBLISHED_KEYS = (
-    "method", "embedding-dim", "history-length", "user-embeddings", "catalog-fingerprint", "training-id", "round",
+    "method",
+    "embedding-dim",
+    "history-length",
+    "user-embeddings",
+    "catalog-fingerprint",
+    "training-id",
+    "round",
 )
 
 
@@ -74,21 +80,25 @@ def load_published(path: str | Path) -> Published:
     try:
         saved = torch.load(path, weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist: a training publishes {PUBLISHED_FILE} in its out-dir "
-                         "(and in simulation in OUT/models/<method>/) when it ends.") from None
+        raise ValueError(
+            f"{path} does not exist: a training publishes {PUBLISHED_FILE} in its out-dir "
+            "(and in simulation in OUT/models/<method>/) when it ends."
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path} is not a published shared part this version can read ({error}).") from error
     if not isinstance(saved, dict) or saved.get("format") != PUBLISHED_FORMAT:
         raise ValueError(f"{path} is not a published shared part (written by the ServerApp at the end of a training).")
     if saved.get("format-version") != PUBLISHED_VERSION:
-        raise ValueError(f"{path} has format version {saved.get('format-version')!r}; this version reads "
-                         f"{PUBLISHED_VERSION} only.")
+        raise ValueError(
+            f"{path} has format version {saved.get('format-version')!r}; this version reads {PUBLISHED_VERSION} only."
+        )
     values: dict[str, Any] = {}
     for key, (name, kind) in _PUBLISHED_ENTRIES.items():
         value = saved.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueError(f"{path}: '{key}' is {type(value).__name__ if key in saved else 'missing'}, "
-                             f"not a {kind.__name__}.")
+            raise ValueError(
+                f"{path}: '{key}' is {type(value).__name__ if key in saved else 'missing'}, not a {kind.__name__}."
+            )
         values[name] = value
     arrays = values["arrays"]
     if not arrays or not all(isinstance(n, str) and torch.is_tensor(a) for n, a in arrays.items()):

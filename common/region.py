@@ -71,8 +71,9 @@ class RegionPolicy:
         values: dict[str, Any] = {}
         try:
             if EPSILON_KEY in node_config:
-                values["epsilon_ceiling"] = _number(node_config[EPSILON_KEY], EPSILON_KEY, 0.0, math.inf,
-                                                    "a positive number")
+                values["epsilon_ceiling"] = _number(
+                    node_config[EPSILON_KEY], EPSILON_KEY, 0.0, math.inf, "a positive number"
+                )
             if DELTA_KEY in node_config:
                 values["delta"] = _number(node_config[DELTA_KEY], DELTA_KEY, 0.0, 1.0, "a number between 0 and 1")
             for key, name in ((SEEDED_NOISE_KEY, "insecure_seeded_noise"), (EXACT_METRICS_KEY, "exact_metrics")):

@@ -29,7 +29,7 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,8 +55,15 @@ SERVED_FILES = (MANIFEST, MODEL_FILE, MARKET_FILE, CATALOG_FILE)
 CALLER_KEYS = ("method", "market", "round", "metrics", "epsilon", "delta")
 PACKAGE = "xmarket-fl"
 _WRITTEN_KEYS = (
-    "format", "format_version", "catalog_fingerprint", "package_version", "model_config", "users",
-    "assortment_items", "unnamed_overflow_items", "written",
+    "format",
+    "format_version",
+    "catalog_fingerprint",
+    "package_version",
+    "model_config",
+    "users",
+    "assortment_items",
+    "unnamed_overflow_items",
+    "written",
 )
 USER_BATCH = 1024  # users scored at once: 1024 x 6k items of float32 is 25 MB
 PAIR_BATCH = 65536  # (user, item) pairs scored at once
@@ -139,9 +146,7 @@ def write_served_model(
     if missing:
         raise ValueError(f"The served model's manifest lacks {missing}; the caller gives {list(CALLER_KEYS)}.")
     if manifest["market"] != split.market:
-        raise ValueError(
-            f"The manifest names market {manifest['market']!r} but the data is market {split.market!r}."
-        )
+        raise ValueError(f"The manifest names market {manifest['market']!r} but the data is market {split.market!r}.")
     config = model.config
     if config.num_items != catalog.size:
         raise ValueError(
@@ -181,7 +186,7 @@ def write_served_model(
         "users": split.num_users,
         "assortment_items": len(named),
         "unnamed_overflow_items": int(len(assortment_rows) - len(named)),
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
         manifest_text = json.dumps(full_manifest, indent=2, allow_nan=False, default=_plain_number) + "\n"
@@ -239,9 +244,9 @@ def _full_histories(data: MarketTensors) -> tuple[np.ndarray, np.ndarray]:
     """Every user's interactions as catalog rows, oldest first: training, then validation, then test."""
     split = data.split
     users = np.concatenate([split.train_users, split.valid.users, split.test.users]).astype(np.int64)
-    items = np.concatenate(
-        [split.train_items, split.valid.candidates[:, 0], split.test.candidates[:, 0]]
-    ).astype(np.int64)
+    items = np.concatenate([split.train_items, split.valid.candidates[:, 0], split.test.candidates[:, 0]]).astype(
+        np.int64
+    )
     stage = np.concatenate(
         [np.zeros(len(split.train_users)), np.ones(len(split.valid.users)), np.full(len(split.test.users), 2)]
     )
@@ -321,7 +326,9 @@ def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> 
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError) as err:
         reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
         reason = reason or type(err).__name__
-        raise ServedModelError(f"The served model {directory} has unusable parameters or market data ({reason}).") from err
+        raise ServedModelError(
+            f"The served model {directory} has unusable parameters or market data ({reason})."
+        ) from err
     return served
 
 
@@ -370,9 +377,11 @@ class ServedModel:
             or len(self.user_ids) != model.config.num_users
         ):
             raise ServedModelError(f"The served model {directory} has inconsistent user data.")
-        if self._offsets[-1] != len(self._history) or (self._history < 0).any() or (
-            self._history >= catalog.size
-        ).any():
+        if (
+            self._offsets[-1] != len(self._history)
+            or (self._history < 0).any()
+            or (self._history >= catalog.size).any()
+        ):
             raise ServedModelError(f"The served model {directory} has histories outside its catalog.")
         if model.config.num_items != catalog.size:
             raise ServedModelError(
@@ -407,9 +416,7 @@ class ServedModel:
         """Whether each of ``item_ids`` is in the catalog (only those get a score)."""
         return self._items.get_indexer(pd.Index([str(item) for item in item_ids])) >= 0
 
-    def recommend(
-        self, user_ids: Iterable[str], k: int, extra_history: pd.DataFrame | None = None
-    ) -> pd.DataFrame:
+    def recommend(self, user_ids: Iterable[str], k: int, extra_history: pd.DataFrame | None = None) -> pd.DataFrame:
         """Top ``k`` of the market's assortment for each user, without what the user already bought.
 
         Parameters
@@ -510,20 +517,24 @@ class ServedModel:
         extra = self._extra(extra_history)
         scores = np.full(len(pairs), np.nan)
         with torch.no_grad():
-            vectors = torch.cat(
-                [
-                    self._user_vectors(
-                        user_indices[start : start + USER_BATCH],
-                        self._histories(
-                            list(users[start : start + USER_BATCH]),
+            vectors = (
+                torch.cat(
+                    [
+                        self._user_vectors(
                             user_indices[start : start + USER_BATCH],
-                            extra,
-                            as_of_test=as_of == "test",
-                        ),
-                    )
-                    for start in range(0, len(users), USER_BATCH)
-                ]
-            ) if len(users) else torch.zeros(0, self.model.config.dim)
+                            self._histories(
+                                list(users[start : start + USER_BATCH]),
+                                user_indices[start : start + USER_BATCH],
+                                extra,
+                                as_of_test=as_of == "test",
+                            ),
+                        )
+                        for start in range(0, len(users), USER_BATCH)
+                    ]
+                )
+                if len(users)
+                else torch.zeros(0, self.model.config.dim)
+            )
             known_rows = torch.as_tensor(np.where(rows >= 0, rows, 0))
             item_vectors = self.model.encoder(known_rows)
             item_bias = self.model.head.item_bias(known_rows).squeeze(-1)
@@ -534,8 +545,11 @@ class ServedModel:
                 scores[chunk] = ((vectors[u] * item_vectors[i]).sum(dim=-1) + item_bias[i]).numpy()
         scores[rows[item_codes] < 0] = np.nan
         result = pd.DataFrame(
-            {"userId": pairs["userId"].astype(str).to_numpy(), "itemId": pairs["itemId"].astype(str).to_numpy(),
-             "score": scores}
+            {
+                "userId": pairs["userId"].astype(str).to_numpy(),
+                "itemId": pairs["itemId"].astype(str).to_numpy(),
+                "score": scores,
+            }
         )
         result.attrs["unknown_users"] = int((user_indices < 0).sum())
         result.attrs["unknown_items"] = int((rows < 0).sum())

@@ -53,8 +53,14 @@ def expand_state(
             state[name] = tensor
             continue
         length, rows = int(sparse[0]), sparse[1:]
-        if tensor.dim() != 2 or len(rows) != len(tensor) or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < length):
-            raise ValueError(f"The stored table {name} has {len(rows)} row indices for {len(tensor)} rows of a {length}-row table.")
+        if (
+            tensor.dim() != 2
+            or len(rows) != len(tensor)
+            or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < length)
+        ):
+            raise ValueError(
+                f"The stored table {name} has {len(rows)} row indices for {len(tensor)} rows of a {length}-row table."
+            )
         shape = (length, tensor.shape[1])
         if into is not None and name in into:
             if tuple(into[name].shape) != shape:

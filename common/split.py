@@ -45,9 +45,7 @@ class MarketSplit:
         return len(self.train_users)
 
 
-def split_market(
-    market: str, interactions: pd.DataFrame, catalog: Catalog, seed: int
-) -> MarketSplit:
+def split_market(market: str, interactions: pd.DataFrame, catalog: Catalog, seed: int) -> MarketSplit:
     """Split one market's interactions and draw its evaluation negatives.
 
     Parameters
@@ -119,9 +117,7 @@ def _eval_set(
     return EvalSet(users=users, candidates=candidates)
 
 
-def _draw_negatives(
-    seen: frozenset, market_items: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _draw_negatives(seen: frozenset, market_items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     unseen = len(market_items) - len(seen)
     if unseen < NUM_NEGATIVES:
         raise ValueError(

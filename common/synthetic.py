@@ -145,7 +145,9 @@ def _choose_among_candidates(
         ordered = np.take_along_axis(block, order, axis=1)
         repeat = np.zeros(block.shape, dtype=bool)
         repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-        np.put_along_axis(perturbed, order, np.where(repeat, -np.inf, np.take_along_axis(perturbed, order, axis=1)), axis=1)
+        np.put_along_axis(
+            perturbed, order, np.where(repeat, -np.inf, np.take_along_axis(perturbed, order, axis=1)), axis=1
+        )
         best = np.argsort(-perturbed, axis=1)[:, :most]
         chosen[start : start + chunk] = np.take_along_axis(block, best, axis=1)
     return chosen

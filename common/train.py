@@ -68,9 +68,7 @@ class MarketTensors:
         return self.market_items if self.released_rows is None else self.released_rows
 
     @classmethod
-    def from_split(
-        cls, split: MarketSplit, history_length: int, user_offset: int = 0
-    ) -> "MarketTensors":
+    def from_split(cls, split: MarketSplit, history_length: int, user_offset: int = 0) -> "MarketTensors":
         """Tensors of ``split`` with each user's last ``history_length`` training items."""
         history = np.zeros((split.num_users, history_length), dtype=np.int64)
         mask = np.zeros((split.num_users, history_length), dtype=np.float32)
@@ -81,7 +79,7 @@ class MarketTensors:
         user_items = np.full((split.num_users, max(map(len, histories), default=0)), -1, dtype=np.int64)
         test_history = np.zeros_like(history)
         test_mask = np.zeros_like(mask)
-        validation_item = dict(zip(split.valid.users.tolist(), split.valid.candidates[:, 0].tolist()))
+        validation_item = dict(zip(split.valid.users.tolist(), split.valid.candidates[:, 0].tolist(), strict=True))
         for user, items in enumerate(histories):
             user_items[user, : len(items)] = items
             for rows, row_mask, sequence in (
@@ -104,9 +102,7 @@ class MarketTensors:
             user_items=torch.as_tensor(user_items),
         )
 
-    def user_history(
-        self, users: torch.Tensor, for_test: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def user_history(self, users: torch.Tensor, for_test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """History rows of global user indices ``users``.
 
         At test time the validation interaction is part of the user's past, as
@@ -128,9 +124,7 @@ def batch_inputs(
     """
     users = data.train_users[batch]
     positives = data.train_items[batch]
-    drawn = torch.randint(
-        len(data.market_items), (len(batch), negatives), generator=generator
-    )
+    drawn = torch.randint(len(data.market_items), (len(batch), negatives), generator=generator)
     candidates = torch.cat([positives.unsqueeze(1), data.market_items[drawn]], dim=1)
     history, mask = data.user_history(users)
     mask = mask * (history != positives.unsqueeze(1))
@@ -163,9 +157,7 @@ def user_batch_inputs(
     return (users + data.user_offset, history, per_positive_mask, candidates), real.float()
 
 
-def sampled_softmax_loss(
-    model: nn.Module, inputs: Sequence[torch.Tensor], score_penalty: float
-) -> torch.Tensor:
+def sampled_softmax_loss(model: nn.Module, inputs: Sequence[torch.Tensor], score_penalty: float) -> torch.Tensor:
     """Cross-entropy of the positive (column 0) against its sampled negatives."""
     scores = model(*inputs)
     target = torch.zeros(len(scores), dtype=torch.long)
@@ -217,9 +209,7 @@ def train_epochs(
         batches = [
             (data, batch)
             for data in markets
-            for batch in torch.randperm(len(data.train_users), generator=generator).split(
-                config.batch_size
-            )
+            for batch in torch.randperm(len(data.train_users), generator=generator).split(config.batch_size)
         ]
         order = torch.randperm(len(batches), generator=generator).tolist()
         total = 0.0
@@ -301,9 +291,7 @@ def evaluate(
             rows = chunk.numpy()  # a one-element tensor would index numpy as a scalar
             full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
     all_ranks = np.concatenate(ranks)
-    metrics = RankingMetrics(
-        ndcg=ndcg_at_k(all_ranks, k), hit_rate=hit_rate_at_k(all_ranks, k), users=len(all_ranks)
-    )
+    metrics = RankingMetrics(ndcg=ndcg_at_k(all_ranks, k), hit_rate=hit_rate_at_k(all_ranks, k), users=len(all_ranks))
     if not full:
         return metrics
     all_full_ranks = np.concatenate(full_ranks)

@@ -35,7 +35,11 @@ from common.ials_model import IALSMarket, evaluate_market
 from common.model import SplitRecommender
 from common.train import RankingMetrics
 
-PRIOR_WEIGHTS = (1.0, 10.0, 100.0)  # μ of the prior-μ candidates: from "the market's data decides" to "the shared table does"
+PRIOR_WEIGHTS = (
+    1.0,
+    10.0,
+    100.0,
+)  # μ of the prior-μ candidates: from "the market's data decides" to "the shared table does"
 REFIT_ITERATIONS = 5  # ALS iterations of a refit from the shared factors (a warm start converges in a few)
 SHARED, OWN = "shared", "own"
 
@@ -126,5 +130,3 @@ def choose(evaluated: Sequence[Candidate]) -> TransferChoice:
         if candidate.valid.ndcg > best.valid.ndcg:
             best = candidate
     return TransferChoice(best, {candidate.name: candidate.valid.ndcg for candidate in evaluated})
-
-

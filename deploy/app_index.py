@@ -28,6 +28,7 @@ Flower 1.41's internal one, hence the ``flwr<1.42`` pin.
 
 import argparse
 import base64
+import contextlib
 import http.server
 import json
 import threading
@@ -120,8 +121,11 @@ def load_apps(paths: list[Path], trusted_entities: Path | None = None) -> list[S
     for path in paths:
         refuse_private_key(path, "xmfl app-index", f"{NO_KEY_HERE} with --signed-app")
     if trusted_entities is not None:
-        refuse_private_key(trusted_entities, "xmfl app-index",
-                           "give --trusted-entities the regions' trusted-entities.yaml, which holds public keys only")
+        refuse_private_key(
+            trusted_entities,
+            "xmfl app-index",
+            "give --trusted-entities the regions' trusted-entities.yaml, which holds public keys only",
+        )
     apps = [load_signed_app(path) for path in paths]
     if trusted_entities is not None:
         trusted = read_trusted_entities(trusted_entities)
@@ -143,13 +147,25 @@ def main(argv: list[str] | None = None) -> None:
         If a file given holds a private key, is not a signed app, or fails the check against
         ``--trusted-entities`` (run through :func:`common.command.run_command`: one line, status 2).
     """
-    parser = ArgumentParser(prog="python -m deploy.app_index", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--signed-app", type=Path, action="append", default=[], metavar="FILE",
-                        help="an app signed offline by xmfl sign-app; repeatable (required)")
-    parser.add_argument("--trusted-entities", type=Path, default=None, metavar="FILE",
-                        help="check every app's signature against these public keys, the regions' "
-                             "trusted-entities.yaml, before serving (default: not checked here; each region checks)")
+    parser = ArgumentParser(
+        prog="python -m deploy.app_index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--signed-app",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an app signed offline by xmfl sign-app; repeatable (required)",
+    )
+    parser.add_argument(
+        "--trusted-entities",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="check every app's signature against these public keys, the regions' "
+        "trusted-entities.yaml, before serving (default: not checked here; each region checks)",
+    )
     parser.add_argument("--port", type=int, default=9094, help="port on 127.0.0.1 (default: %(default)s)")
     # The signing key of earlier versions: refused, with where signing happens now.
     parser.add_argument("--key", type=Path, default=None, help=argparse.SUPPRESS)
@@ -163,10 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     with AppIndex(apps, args.port) as index:
         served = ", ".join(f"{app.spec} (FAB sha256 {app.sha256[:12]}…, key {app.key_id})" for app in apps)
         print(f"Serving {served} at {index.url}{checked}; Ctrl-C stops.", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

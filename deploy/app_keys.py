@@ -76,15 +76,26 @@ def main(argv: list[str] | None = None) -> None:
         If a key exists and ``--force`` is not given, or the key ID is refused (run
         through :func:`common.command.run_command`: one line, status 2).
     """
-    parser = ArgumentParser(prog="python -m deploy.app_keys", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("release"),
-                        help="directory on the release manager's machine, never the server host (default: %(default)s)")
-    parser.add_argument("--key-id", default=APP_KEY_ID,
-                        help="the key's name in trusted-entities.yaml and in signatures (default: %(default)s)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an existing key pair; every region must then be given the new "
-                             "trusted-entities.yaml (default: off)")
+    parser = ArgumentParser(
+        prog="python -m deploy.app_keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("release"),
+        help="directory on the release manager's machine, never the server host (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--key-id",
+        default=APP_KEY_ID,
+        help="the key's name in trusted-entities.yaml and in signatures (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key pair; every region must then be given the new "
+        "trusted-entities.yaml (default: off)",
+    )
     args = parser.parse_args(argv)
     private = make_app_keys(args.out, args.key_id, args.force)
     print(

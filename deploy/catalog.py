@@ -72,16 +72,29 @@ def build_catalog(products: Path | None, market_files: list[Path], column: str, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = ArgumentParser(prog="python -m deploy.catalog", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--products", type=Path, default=None,
-                        help="the company's product list: .txt (one ID per line), .csv or .parquet (default: none)")
-    parser.add_argument("--column", default="itemId",
-                        help="the product list's ID column, for .csv and .parquet (default: %(default)s)")
-    parser.add_argument("--market-files", default="",
-                        help="comma-separated market interaction files whose item IDs form the catalog (default: none)")
-    parser.add_argument("--overflow-rows", type=int, default=64,
-                        help=f"rows shared by products not in the catalog, 1 to {MAX_OVERFLOW_ROWS:,} (default: %(default)s)")
+    parser = ArgumentParser(
+        prog="python -m deploy.catalog", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--products",
+        type=Path,
+        default=None,
+        help="the company's product list: .txt (one ID per line), .csv or .parquet (default: none)",
+    )
+    parser.add_argument(
+        "--column", default="itemId", help="the product list's ID column, for .csv and .parquet (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--market-files",
+        default="",
+        help="comma-separated market interaction files whose item IDs form the catalog (default: none)",
+    )
+    parser.add_argument(
+        "--overflow-rows",
+        type=int,
+        default=64,
+        help=f"rows shared by products not in the catalog, 1 to {MAX_OVERFLOW_ROWS:,} (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the catalog file to write (required)")
     parser.add_argument("--force", action="store_true", help="replace an existing catalog file (default: off)")
     return parser.parse_args(argv)
@@ -91,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     """Write the catalog; 0 on success, 2 with one line on stderr for a user error."""
     args = parse_args(argv)
     if args.out.exists() and not args.force:
-        print(f"error: {args.out} exists; a catalog in use must not change under the regions "
-              "(--force replaces it)", file=sys.stderr)
+        print(
+            f"error: {args.out} exists; a catalog in use must not change under the regions (--force replaces it)",
+            file=sys.stderr,
+        )
         return 2
     market_files = [Path(name.strip()) for name in args.market_files.split(",") if name.strip()]
     try:
@@ -102,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Wrote {args.out}: {len(catalog.item_ids):,} products and {catalog.overflow_rows} overflow rows "
-          f"({catalog.fingerprint()})")
+    print(
+        f"Wrote {args.out}: {len(catalog.item_ids):,} products and {catalog.overflow_rows} overflow rows "
+        f"({catalog.fingerprint()})"
+    )
     return 0
 
 

@@ -40,7 +40,9 @@ def write_private_key(
     path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, encoding: serialization.PrivateFormat
 ) -> None:
     """Write ``key`` unencrypted in ``encoding`` (PEM armour) to a new file readable by its owner only."""
-    write_file(path, key.private_bytes(serialization.Encoding.PEM, encoding, serialization.NoEncryption()), PRIVATE_MODE)
+    write_file(
+        path, key.private_bytes(serialization.Encoding.PEM, encoding, serialization.NoEncryption()), PRIVATE_MODE
+    )
 
 
 def openssh_public_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> str:

@@ -111,7 +111,11 @@ class LoopbackFederation:
     def _start(self, command: list[str], log: str) -> subprocess.Popen:
         with open(self.root / f"{log}.log", "ab") as out:
             return subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
                 start_new_session=True,
             )
 
@@ -120,15 +124,21 @@ class LoopbackFederation:
         self.superlink = self._start(
             [
                 str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile", str(self.server / "ca.crt"),
-                "--ssl-certfile", str(self.server / "server.pem"),
-                "--ssl-keyfile", str(self.server / "server.key"),
+                "--ssl-ca-certfile",
+                str(self.server / "ca.crt"),
+                "--ssl-certfile",
+                str(self.server / "server.pem"),
+                "--ssl-keyfile",
+                str(self.server / "server.key"),
                 "--enable-supernode-auth",
                 "--disable-runtime-dependency-installation",
                 # Registered node keys survive a SuperLink restart.
-                "--database", str(self.root / "superlink.db"),
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
+                "--database",
+                str(self.root / "superlink.db"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
             ],
             "superlink",
         )
@@ -150,17 +160,25 @@ class LoopbackFederation:
 
     def start_supernode(self, region: str, key: str | None = None) -> subprocess.Popen:
         """Start the region's SuperNode, authenticated with its own key (or another one, to test refusal)."""
-        node_config = " ".join(f'{name}="{value}"' for name, value in {"market": region, **self.regions[region]}.items())
+        node_config = " ".join(
+            f'{name}="{value}"' for name, value in {"market": region, **self.regions[region]}.items()
+        )
         process = self._start(
             [
                 str(BIN / "flower-supernode"),
-                "--superlink", f"127.0.0.1:{self.port}",
-                "--root-certificates", str(self.server / "ca.crt"),
-                "--auth-supernode-private-key", str(self.keys / (key or region) / (key or region)),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--root-certificates",
+                str(self.server / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(self.keys / (key or region) / (key or region)),
                 # Run only apps signed with the release key; refuse anything else.
-                "--trusted-entities", str(self.release / TRUSTED_FILE),
-                "--port", str(free_port()),
-                "--node-config", node_config,
+                "--trusted-entities",
+                str(self.release / TRUSTED_FILE),
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
             ],
             region if key is None else key,
         )
@@ -218,11 +236,17 @@ class LoopbackFederation:
     def flwr(self, arguments: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this federation; a failure raises with its output."""
         finished = subprocess.run(
-            [str(BIN / "flwr"), *arguments], env=self.env, capture_output=True, text=True,
-            stdin=subprocess.DEVNULL, timeout=timeout,
+            [str(BIN / "flwr"), *arguments],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
         )
         if finished.returncode != 0:
-            raise RuntimeError(f"flwr {' '.join(arguments)} failed:\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}")
+            raise RuntimeError(
+                f"flwr {' '.join(arguments)} failed:\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}"
+            )
         return finished
 
     def start_run(self, run_config: str, log: str = "run", app: str | None = None) -> subprocess.Popen:
@@ -257,4 +281,3 @@ class LoopbackFederation:
         self.supernodes.clear()
         self.kill_superlink()
         self.index.close()
-

@@ -46,9 +46,15 @@ def _name(common_name: str) -> x509.Name:
 
 def _key_usage(*, digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-        encipher_only=False, decipher_only=False,
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -73,7 +79,7 @@ def make_credentials(out: Path, hosts: Sequence[str] = ()) -> None:
         raise ValueError("A --host value is empty; give the SuperLink's host name or IP address.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_identifier = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
@@ -110,9 +116,7 @@ def make_credentials(out: Path, hosts: Sequence[str] = ()) -> None:
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_identifier), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_identifier), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     write_file(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
@@ -128,11 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     ValueError
         If a host is empty (run through :func:`common.command.run_command`: one line, status 2).
     """
-    parser = ArgumentParser(prog="python -m deploy.make_credentials", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m deploy.make_credentials",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=Path("credentials"), help="output directory (default: %(default)s)")
-    parser.add_argument("--host", action="append", default=[], help="extra SuperLink host name or IP for the certificate; repeatable "
-                             "(default: none, localhost and 127.0.0.1 only)")
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="extra SuperLink host name or IP for the certificate; repeatable "
+        "(default: none, localhost and 127.0.0.1 only)",
+    )
     # Refused with a pointer: region keys are no longer made here.
     parser.add_argument("--regions", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

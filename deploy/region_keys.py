@@ -78,14 +78,26 @@ def main(argv: list[str] | None = None) -> None:
         If the key exists and ``--force`` is not given (run through
         :func:`common.command.run_command`: one line, status 2).
     """
-    parser = ArgumentParser(prog="python -m deploy.region_keys", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--region", type=_region_name, required=True,
-                        help="this region's (market's) name, which names the key files (required)")
-    parser.add_argument("--out", type=Path, default=Path("."),
-                        help="directory on this region's machine for the key pair (default: the current directory)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an existing key pair; the SuperLink must then register the new .pub (default: off)")
+    parser = ArgumentParser(
+        prog="python -m deploy.region_keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--region",
+        type=_region_name,
+        required=True,
+        help="this region's (market's) name, which names the key files (required)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        help="directory on this region's machine for the key pair (default: the current directory)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key pair; the SuperLink must then register the new .pub (default: off)",
+    )
     args = parser.parse_args(argv)
     private, public = make_region_keys(args.out, args.region, args.force)
     print(f"Wrote {private} (private: keep it on this machine) and {public} (hand it to the SuperLink's operator)")

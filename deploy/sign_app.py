@@ -74,17 +74,33 @@ def main(argv: list[str] | None = None) -> None:
         If the key is not an Ed25519 private key or the key ID is refused (run through
         :func:`common.command.run_command`: one line, status 2).
     """
-    parser = ArgumentParser(prog="python -m deploy.sign_app", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--key", type=Path, required=True,
-                        help="the Ed25519 app-signing private key xmfl app-keys wrote, e.g. release/app-signing (required)")
-    parser.add_argument("--out", type=Path, default=Path("app.signed"),
-                        help="the signed app file to write, for the server host (default: %(default)s)")
-    parser.add_argument("--app", type=Path, default=None,
-                        help="directory of the app to sign, holding its pyproject.toml (default: this installation's "
-                             "app, the checkout or a copy of the installed package)")
-    parser.add_argument("--key-id", default=APP_KEY_ID,
-                        help="the key's name in the regions' trusted-entities.yaml (default: %(default)s)")
+    parser = ArgumentParser(
+        prog="python -m deploy.sign_app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        help="the Ed25519 app-signing private key xmfl app-keys wrote, e.g. release/app-signing (required)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("app.signed"),
+        help="the signed app file to write, for the server host (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--app",
+        type=Path,
+        default=None,
+        help="directory of the app to sign, holding its pyproject.toml (default: this installation's "
+        "app, the checkout or a copy of the installed package)",
+    )
+    parser.add_argument(
+        "--key-id",
+        default=APP_KEY_ID,
+        help="the key's name in the regions' trusted-entities.yaml (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     app = sign_app(args.app or app_dir(), args.key, args.key_id)
     args.out.parent.mkdir(parents=True, exist_ok=True)

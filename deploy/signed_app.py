@@ -58,7 +58,7 @@ class SignedApp:
 
 
 def signed_message(fab: bytes, signed_at: int) -> bytes:
-    """What the app-signing key signs and a SuperNode verifies: ``signed_at`` (8 bytes, big-endian), then SHA-256(FAB)."""
+    """What the app-signing key signs, a SuperNode verifies: ``signed_at`` (8 bytes, big-endian), then SHA-256(FAB)."""
     return signed_at.to_bytes(8, "big") + hashlib.sha256(fab).digest()
 
 
@@ -135,7 +135,7 @@ def load_signed_app(path: Path) -> SignedApp:
 
 
 def read_trusted_entities(path: Path) -> dict[str, str]:
-    """Key IDs mapped to OpenSSH Ed25519 public keys, from a file in the format of ``flower-supernode --trusted-entities``.
+    """Key IDs mapped to OpenSSH Ed25519 public keys, from a file as ``flower-supernode --trusted-entities`` reads.
 
     Raises
     ------
@@ -152,7 +152,7 @@ def read_trusted_entities(path: Path) -> dict[str, str]:
 
 
 def verify(app: SignedApp, trusted: dict[str, str]) -> bool:
-    """Whether a region with these trusted entities would run ``app``: its key ID is trusted and its signature verifies."""
+    """Whether a region trusting these entities would run ``app``: its key ID is trusted, its signature verifies."""
     text = trusted.get(app.key_id)
     if text is None:
         return False

@@ -28,8 +28,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.dp_ials import private_release_problem, solve_private_items
 from common.ials import IALSConfig, ItemFactors, lookup_rows, solve_items
-from common.ials_wire import pack_item_factors, unpack_statistics
 from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
+from common.ials_wire import pack_item_factors, unpack_statistics
 
 USER_GRAM_KEY = "user-gram"  # the markets' summed user Gram, for the items they keep (clients.fedals)
 _GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
@@ -81,8 +81,9 @@ class FedALS(FedAvg):
         """Send each sampled market the item factors of its rows and the Gram, for its user step."""
         if self.fraction_train == 0.0:
             return []
-        return self._configure(server_round, arrays, config, grid, MessageType.TRAIN,
-                               self.fraction_train, self.min_train_nodes)
+        return self._configure(
+            server_round, arrays, config, grid, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -90,8 +91,9 @@ class FedALS(FedAvg):
         """Send each sampled market the item factors of its rows and the Gram, to evaluate them."""
         if self.fraction_evaluate == 0.0:
             return []
-        return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE,
-                               self.fraction_evaluate, self.min_evaluate_nodes)
+        return self._configure(
+            server_round, arrays, config, grid, MessageType.EVALUATE, self.fraction_evaluate, self.min_evaluate_nodes
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -116,8 +118,11 @@ class FedALS(FedAvg):
                 statistics.append(unpack_statistics(payload))
         if not statistics and not releases:
             return None, None
-        solved = solve_private_items(releases, max(users, 1), self.config) if self.private \
+        solved = (
+            solve_private_items(releases, max(users, 1), self.config)
+            if self.private
             else solve_items(statistics, self.config)
+        )
         if not self.private:
             self._user_gram = sum(part.gram for part in statistics)
         table = np.zeros((self.num_items, self.config.factors), dtype=np.float32)
@@ -125,9 +130,15 @@ class FedALS(FedAvg):
         arrays = ArrayRecord(encoder_state(table))
         del table  # the arrays hold it now; the rows below are all the server keeps besides
         self._state = (arrays, *_nonzero_rows_and_gram(solved.rows, solved.factors.astype(np.float32)))
-        log(INFO, "fedals round %d: solved %d item rows from %d markets' %s (%d bytes received)",
-            server_round, len(solved.rows), len(releases) if self.private else len(statistics),
-            "DP releases" if self.private else "statistics", received)
+        log(
+            INFO,
+            "fedals round %d: solved %d item rows from %d markets' %s (%d bytes received)",
+            server_round,
+            len(solved.rows),
+            len(releases) if self.private else len(statistics),
+            "DP releases" if self.private else "statistics",
+            received,
+        )
         return arrays, None
 
     def reply_problem(self, arrays: ArrayRecord, sent: ArrayRecord) -> str | None:
@@ -149,8 +160,14 @@ class FedALS(FedAvg):
         return reply_problem(payload, self.num_items, self.config.factors)
 
     def _configure(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, message_type: str,
-        fraction: float, minimum: int,
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        message_type: str,
+        fraction: float,
+        minimum: int,
     ) -> list[Message]:
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
@@ -161,19 +178,20 @@ class FedALS(FedAvg):
             if initial:
                 payload = {"gram": gram.astype(np.float32)}
             else:
-                rows = self._rows[node] if node in self._rows else held.rows
+                rows = self._rows.get(node, held.rows)
                 payload = pack_item_factors(ItemFactors(rows, lookup_rows(held.rows, held.factors, rows)), gram)
                 if self._user_gram is not None:
                     payload[USER_GRAM_KEY] = self._user_gram.astype(np.float32)
             node_config = ConfigRecord({**config, "server-round": server_round, INITIAL_ROWS_KEY: initial})
-            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                                  "config": node_config})
+            content = RecordDict(
+                {"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}), "config": node_config}
+            )
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         log(INFO, "fedals %s round %d: item factors for %d markets", message_type, server_round, len(messages))
         return messages
 
     def _table(self, arrays: ArrayRecord) -> tuple["_Held", np.ndarray]:
-        """The non-zero rows of the item table ``arrays`` holds and its Gram (kept from the aggregation that made them)."""
+        """The non-zero rows of the item table in ``arrays`` and its Gram (kept from the aggregation that made them)."""
         if self._state is None or self._state[0] is not arrays:
             table = arrays[ITEM_TABLE].numpy()
             if table.shape != (self.num_items, self.config.factors):
@@ -206,4 +224,3 @@ def _nonzero_rows_and_gram(rows: np.ndarray, factors: np.ndarray) -> tuple[_Held
         block = factors[start : start + _GRAM_BLOCK].astype(np.float64)
         gram += block.T @ block
     return _Held(rows.astype(np.int64), factors), gram
-

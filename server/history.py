@@ -12,9 +12,9 @@ missing key deep inside the resume.
 import json
 import math
 import pickle
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,13 @@ class RunHistory:
         paths = [self.out_dir / PUBLISHED_FILE, *map(Path, copies)]
         for path in paths:
             atomic_torch_save(path, published)
-        log(INFO, "Published the shared arrays of training %s after round %d to %s",
-            about["training-id"], about["round"], ", ".join(map(str, paths)))
+        log(
+            INFO,
+            "Published the shared arrays of training %s after round %d to %s",
+            about["training-id"],
+            about["round"],
+            ", ".join(map(str, paths)),
+        )
         return paths
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -269,9 +274,11 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
         if not failed and not absent:
             outcome = f"all {len(known)} markets replied"
         else:
-            outcome = "; ".join(f"{what}: {', '.join(names)}" for what, names in
-                                (("replied", replied or ["none"]), ("failed or silent", failed), ("absent", absent))
-                                if names)
+            outcome = "; ".join(
+                f"{what}: {', '.join(names)}"
+                for what, names in (("replied", replied or ["none"]), ("failed or silent", failed), ("absent", absent))
+                if names
+            )
         if groups and groups[-1][1] == outcome and groups[-1][0][-1] == r - 1:
             groups[-1][0].append(r)
         else:
@@ -283,13 +290,18 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
     for r, entry in rounds.items():
         evaluated = [metrics for metrics in entry["per_market"].values() if {"val-ndcg", "test-ndcg"} <= set(metrics)]
         if evaluated:
-            macro[r] = (sum(m["val-ndcg"] for m in evaluated) / len(evaluated),
-                        sum(m["test-ndcg"] for m in evaluated) / len(evaluated), len(evaluated))
+            macro[r] = (
+                sum(m["val-ndcg"] for m in evaluated) / len(evaluated),
+                sum(m["test-ndcg"] for m in evaluated) / len(evaluated),
+                len(evaluated),
+            )
     if macro:
         best = max(macro, key=lambda r: macro[r][0])
         val, test, count = macro[best]
-        lines.append(f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
-                     f"test {test:.4f}, over the {count} markets evaluated)")
+        lines.append(
+            f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
+            f"test {test:.4f}, over the {count} markets evaluated)"
+        )
     files = [history.out_dir / name for name in (HISTORY_FILE, CHECKPOINT_FILE, PUBLISHED_FILE)]
     lines.append(f"  files: {', '.join(str(path) for path in files if path.exists()) or 'none'}")
     return lines

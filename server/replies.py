@@ -86,7 +86,9 @@ class ReplyScreen:
     """
 
     def __init__(
-        self, binding: MarketBinding, weight_keys: Iterable[str] = (WEIGHT_KEY,),
+        self,
+        binding: MarketBinding,
+        weight_keys: Iterable[str] = (WEIGHT_KEY,),
         arrays_problem: ArraysProblem | None = None,
     ) -> None:
         self.binding = binding
@@ -120,8 +122,9 @@ class ReplyScreen:
             if reason is not None:
                 shown = repr(market) if market is None or len(market) <= MAX_NAME else repr(market[:MAX_NAME] + "...")
                 refused.append(f"node {node} (market {shown}): {reason}")
-                log(WARNING, "round %d: refused the reply of node %d (market %s): %s",
-                    server_round, node, shown, reason)
+                log(
+                    WARNING, "round %d: refused the reply of node %d (market %s): %s", server_round, node, shown, reason
+                )
                 continue
             self.binding.bind(node, market)
             accepted.append(reply)
@@ -145,7 +148,10 @@ def _declared_market(content: RecordDict) -> str | None:
 
 
 def _content_problem(
-    content: RecordDict, market: str | None, sent: ArrayRecord | None, weight_keys: tuple[str, ...],
+    content: RecordDict,
+    market: str | None,
+    sent: ArrayRecord | None,
+    weight_keys: tuple[str, ...],
     arrays_problem: ArraysProblem,
 ) -> str | None:
     """What is wrong with a reply's content, or None."""

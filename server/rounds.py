@@ -71,7 +71,7 @@ def _send_and_receive(
     """:func:`send_and_receive`, and the node each pushed message (by id) went to."""
     messages = list(messages)
     ids = list(grid.push_messages(messages))
-    destination = {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages)}
+    destination = {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages, strict=True)}
     pending = set(ids)
     asked = len(pending)
     replies: list[Message] = []
@@ -84,8 +84,14 @@ def _send_and_receive(
             time.sleep(poll_interval)
     if pending:
         names = sorted(_name(binding, destination[message_id]) for message_id in pending if message_id in destination)
-        log(WARNING, "%d of %d markets did not reply within %.0f s; going on without them: %s.",
-            len(pending), asked, timeout, ", ".join(names))
+        log(
+            WARNING,
+            "%d of %d markets did not reply within %.0f s; going on without them: %s.",
+            len(pending),
+            asked,
+            timeout,
+            ", ".join(names),
+        )
     return replies, destination
 
 
@@ -95,8 +101,12 @@ def _name(binding: MarketBinding | None, node: int) -> str:
 
 
 def check_replies(
-    server_round: int, asked: int, replies: list[Message], refused: Iterable[str] = (),
-    binding: MarketBinding | None = None, destination: Mapping[str, int] | None = None,
+    server_round: int,
+    asked: int,
+    replies: list[Message],
+    refused: Iterable[str] = (),
+    binding: MarketBinding | None = None,
+    destination: Mapping[str, int] | None = None,
 ) -> list[Message]:
     """The replies without errors; each error is logged, and all of them failing is fatal.
 
@@ -255,11 +265,17 @@ def _record_traffic(history: RunHistory, server_round: int, messages: list[Messa
     for reply in replies:
         market = market_of(reply)
         if market is not None:
-            traffic[market] = {"download-bytes": sent.get(reply.metadata.src_node_id, 0),
-                               "upload-bytes": _array_bytes(reply.content)}
+            traffic[market] = {
+                "download-bytes": sent.get(reply.metadata.src_node_id, 0),
+                "upload-bytes": _array_bytes(reply.content),
+            }
             history.note(server_round, market, **traffic[market])
-    log(INFO, "round %d: bytes down/up per market: %s", server_round,
-        ", ".join(f"{market} {t['download-bytes']}/{t['upload-bytes']}" for market, t in sorted(traffic.items())))
+    log(
+        INFO,
+        "round %d: bytes down/up per market: %s",
+        server_round,
+        ", ".join(f"{market} {t['download-bytes']}/{t['upload-bytes']}" for market, t in sorted(traffic.items())),
+    )
 
 
 def _for_aggregation(replies: list[Message], weight_key: str) -> list[Message]:

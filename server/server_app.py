@@ -18,15 +18,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.market_config import MarketConfig, check_als_settings, ials_config, parse_market_epsilons
 from common.catalog import Catalog
 from common.config import from_kebab_case
 from common.ials import IALSConfig
 from common.ials_model import initial_encoder_state
+from common.market_config import MarketConfig, check_als_settings, ials_config, parse_market_epsilons
 from common.markets import MarketSource
 from common.methods import get_method
-from common.published import load_published, published_path
 from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
+from common.published import load_published, published_path
 from server.fedals import FedALS
 from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory, check_new_training, summary_lines
 from server.replies import MarketBinding
@@ -107,8 +107,15 @@ class ServerConfig:
 
     def ials_config(self) -> IALSConfig:
         """fedals' iALS settings: one iteration per round, initial factors seeded by ``seed``."""
-        return ials_config(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu,
-                           self.als_confidence, self.num_server_rounds, self.seed)
+        return ials_config(
+            self.als_factors,
+            self.als_regularization,
+            self.als_alpha,
+            self.als_nu,
+            self.als_confidence,
+            self.num_server_rounds,
+            self.seed,
+        )
 
     def market_dp(self) -> MarketDPConfig | None:
         """The market-level DP settings, or None when it is off."""
@@ -220,8 +227,13 @@ def published_arrays(config: ServerConfig, catalog: Catalog, seeded: ArrayRecord
             f"than this run does ({'; '.join(differences)}). Run with the settings it was trained with, or leave "
             "init-from empty."
         )
-    log(INFO, "Starting from the shared arrays training %s published after round %d (%s)",
-        published.training_id, published.round, published.path)
+    log(
+        INFO,
+        "Starting from the shared arrays training %s published after round %d (%s)",
+        published.training_id,
+        published.round,
+        published.path,
+    )
     return ArrayRecord(published.arrays)
 
 
@@ -240,8 +252,13 @@ def main(grid: Grid, context: Context) -> None:
     history = RunHistory(Path(config.out_dir), asdict(config))
     catalog = load_catalog(config)
     if config.solved_by_als:
-        strategy = FedALS(config.ials_config(), catalog.size, seeded_start=not config.init_from,
-                          min_nodes=config.min_nodes, private=market_config.dp_epsilon > 0)
+        strategy = FedALS(
+            config.ials_config(),
+            catalog.size,
+            seeded_start=not config.init_from,
+            min_nodes=config.min_nodes,
+            private=market_config.dp_epsilon > 0,
+        )
     else:
         strategy = build_strategy(config.min_nodes, config.market_dp())
     fingerprint = run_fingerprint(context.run_config, catalog)
@@ -281,8 +298,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     final = final_evaluate_config(config)
     arrays_problem = strategy.reply_problem if isinstance(strategy, FedALS) else None
-    arrays = run_rounds(grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding,
-                        arrays_problem)
+    arrays = run_rounds(
+        grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding, arrays_problem
+    )
     publish(history, arrays, config, catalog, training_id, config.num_server_rounds, context.run_config)
     log_summary(history, config, binding, context.run_config)
 
@@ -297,8 +315,13 @@ def log_summary(history: RunHistory, config: ServerConfig, binding: MarketBindin
 
 
 def publish(
-    history: RunHistory, arrays: ArrayRecord, config: ServerConfig, catalog: Catalog, training_id: str,
-    server_round: int, run_config: dict[str, Any],
+    history: RunHistory,
+    arrays: ArrayRecord,
+    config: ServerConfig,
+    catalog: Catalog,
+    training_id: str,
+    server_round: int,
+    run_config: dict[str, Any],
 ) -> None:
     """Publish ``arrays``, the shared arrays after ``server_round``, the last round, for markets that join later.
 

@@ -85,9 +85,7 @@ class LocalPrivacy:
         return market_budget(data, epsilon, self.delta, self.max_grad_norm, self.accountant)
 
 
-def market_curve(
-    model: SplitRecommender, data: MarketTensors, server_round: int
-) -> dict[str, float]:
+def market_curve(model: SplitRecommender, data: MarketTensors, server_round: int) -> dict[str, float]:
     """Validation and test metrics of one market at one evaluation point: sampled, and
     against the market's whole assortment (``*-full-*``), keyed as a ClientApp replies."""
     return curve_point(evaluate(model, data), evaluate(model, data, on_test=True), server_round)
@@ -122,7 +120,11 @@ def run_local(
 
 
 def _run_local_market(
-    source: MarketSource, catalog: Catalog, settings: BaselineSettings, progress: Progress, market: str,
+    source: MarketSource,
+    catalog: Catalog,
+    settings: BaselineSettings,
+    progress: Progress,
+    market: str,
     rounds_done: tqdm,
 ) -> list[dict[str, float]]:
     """One market of :func:`run_local`; ``rounds_done`` (a progress bar) advances by one per round."""
@@ -144,7 +146,12 @@ def _run_local_market(
         privacy = settings.privacy
         total_steps = settings.rounds * private_steps(data, privacy.train)
         ledger = start_private_training(
-            model, data, privacy.budget(data), privacy.train, total_steps, privacy.popularity_share,
+            model,
+            data,
+            privacy.budget(data),
+            privacy.train,
+            total_steps,
+            privacy.popularity_share,
             noise_seed=privacy.noise_seed(popularity_seed(market, settings.seed)),
         )
     best_state = BestState()
@@ -195,8 +202,10 @@ def run_popular(
             model.head.item_bias.weight[:, 0] = private_popularity(data, catalog.size, noise, dp_generator(noise_seed))
         point = market_curve(model, data, 1)
         curves[market] = [point | spent]
-        progress(f"popular {market}: test NDCG@10 {point['test-ndcg']:.4f}"
-                 + (f" (popularity released at epsilon {spent['epsilon']:.3f})" if spent else ""))
+        progress(
+            f"popular {market}: test NDCG@10 {point['test-ndcg']:.4f}"
+            + (f" (popularity released at epsilon {spent['epsilon']:.3f})" if spent else "")
+        )
     return curves
 
 
@@ -264,8 +273,10 @@ def run_pooled_ials(
             curves[market.split.market].append(curve_point(valid, test, step))
             best_states[market.split.market].offer(model, curves[market.split.market][-1])
         macro = sum(curve[-1]["val-ndcg"] for curve in curves.values()) / len(curves)
-        progress(f"pooled-ials iteration {step}/{config.iterations}: macro val NDCG@10 {macro:.4f} "
-                 f"({time.perf_counter() - started:.1f} s)")
+        progress(
+            f"pooled-ials iteration {step}/{config.iterations}: macro val NDCG@10 {macro:.4f} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
         started = time.perf_counter()
 
     pooled_ials([market.train for market in markets], catalog.size, config, evaluate_iteration)
@@ -273,8 +284,9 @@ def run_pooled_ials(
         for market in markets:
             name = market.split.market
             best = select_on_validation(curves[name])
-            best_states[name].write(settings.models_dir / "pooled-ials" / name, "pooled-ials", market.tensors, source,
-                                    catalog, best)
+            best_states[name].write(
+                settings.models_dir / "pooled-ials" / name, "pooled-ials", market.tensors, source, catalog, best
+            )
     return curves
 
 
@@ -320,7 +332,11 @@ def _implicit_threads() -> int:
 
 
 def run_implicit(
-    source: MarketSource, catalog: Catalog, settings: BaselineSettings, method: str, progress: Progress,
+    source: MarketSource,
+    catalog: Catalog,
+    settings: BaselineSettings,
+    method: str,
+    progress: Progress,
     als: ImplicitALS | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """implicit's ALS on each market alone (``implicit-local``) or on all markets pooled (``implicit-pooled``).
@@ -339,8 +355,9 @@ def run_implicit(
     from scipy import sparse
 
     als = als or IMPLICIT_SETTINGS[method]
-    markets = [IALSMarket.from_split(load_split(source, market, catalog), settings.history_length)
-               for market in source.markets]
+    markets = [
+        IALSMarket.from_split(load_split(source, market, catalog), settings.history_length) for market in source.markets
+    ]
 
     def matrix(parts: list, rows: int) -> "sparse.csr_matrix":
         """Users × catalog rows, 1 per interaction (implicit multiplies by alpha); users stacked in order."""
@@ -358,8 +375,12 @@ def run_implicit(
         # implicit's BLAS calls run inside its own threads: one BLAS thread each (implicit warns otherwise).
         with threadpoolctl.threadpool_limits(1, "blas"):
             model = AlternatingLeastSquares(
-                factors=als.factors, regularization=als.regularization, alpha=als.alpha, iterations=als.iterations,
-                random_state=settings.seed, num_threads=_implicit_threads(),
+                factors=als.factors,
+                regularization=als.regularization,
+                alpha=als.alpha,
+                iterations=als.iterations,
+                random_state=settings.seed,
+                num_threads=_implicit_threads(),
             )
             model.fit(matrix([market.train for market in group], users_total), show_progress=False)
             items = ItemFactors(np.arange(catalog.size), np.asarray(model.item_factors, dtype=np.float64))
@@ -376,10 +397,13 @@ def run_implicit(
                 if settings.models_dir is not None:
                     best = BestState()
                     best.offer(served, curves[name][0])
-                    best.write(settings.models_dir / method / name, method, market.tensors, source, catalog,
-                               curves[name][0])
-                progress(f"{method} {name}: val NDCG@10 {valid.ndcg:.4f}, test {test.ndcg:.4f} "
-                         f"({time.perf_counter() - started:.1f} s since the fit began)")
+                    best.write(
+                        settings.models_dir / method / name, method, market.tensors, source, catalog, curves[name][0]
+                    )
+                progress(
+                    f"{method} {name}: val NDCG@10 {valid.ndcg:.4f}, test {test.ndcg:.4f} "
+                    f"({time.perf_counter() - started:.1f} s since the fit began)"
+                )
     return curves
 
 
@@ -402,7 +426,12 @@ class BestState:
             self.model = copy.deepcopy(model)
 
     def write(
-        self, directory: Path, method: str, data: MarketTensors, source: MarketSource, catalog: Catalog,
+        self,
+        directory: Path,
+        method: str,
+        data: MarketTensors,
+        source: MarketSource,
+        catalog: Catalog,
         selected: dict[str, float],
     ) -> None:
         """Write the kept model as ``data``'s served model; ``selected`` is the point results.json reports."""

@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.grad_sample.embedding import compute_embedding_norm_sample
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -69,7 +69,6 @@ from simulations.attacks import command as attacks
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.progress import over, say
 from simulations.results import mean_and_std
-
 
 ALL_METHODS = "local,pooled,fedavg,fedper,fedrep,fedper-ft"
 # Best published test NDCG@10 per market (99 negatives, XMarket Electronics),
@@ -113,7 +112,9 @@ def quality_table(summary: dict[str, Any], metric: str) -> str:
             value = value[metric] if market == "macro" else value[market][metric]
             cells.append(f"{value['mean']:.4f} ± {value['std']:.4f}")
         if metric == "ndcg@10":
-            cells.append(f"{PUBLISHED_BEST_MACRO if market == 'macro' else PUBLISHED_BEST.get(market, float('nan')):.3f}")
+            cells.append(
+                f"{PUBLISHED_BEST_MACRO if market == 'macro' else PUBLISHED_BEST.get(market, float('nan')):.3f}"
+            )
         lines.append(f"| {market} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -138,7 +139,9 @@ def acceptance(summary: dict[str, Any], federated: list[str]) -> dict[str, Any]:
         "markets_at_least_local": sorted(m for m in ndcg if ndcg[m] >= local[m]),
         "markets_below_local": sorted(m for m in ndcg if ndcg[m] < local[m]),
         "macro_ndcg@10": macro,
-        "markets_at_or_above_published": sorted(m for m in ndcg if m in PUBLISHED_BEST and ndcg[m] >= PUBLISHED_BEST[m]),
+        "markets_at_or_above_published": sorted(
+            m for m in ndcg if m in PUBLISHED_BEST and ndcg[m] >= PUBLISHED_BEST[m]
+        ),
         **references,
     }
 
@@ -149,8 +152,18 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     seeds = range(args.seed, args.seed + args.num_seeds)
     for number, seed in enumerate(over(seeds, len(seeds), "quality", "run"), start=1):
         say(f"=== seed {seed} ({number} of {args.num_seeds}) ===")
-        argv = ["--data-dir", args.data_dir, "--synthetic-markets", str(args.synthetic_markets),
-                "--methods", args.methods, "--seed", str(seed), "--out", str(args.out / f"seed{seed}")]
+        argv = [
+            "--data-dir",
+            args.data_dir,
+            "--synthetic-markets",
+            str(args.synthetic_markets),
+            "--methods",
+            args.methods,
+            "--seed",
+            str(seed),
+            "--out",
+            str(args.out / f"seed{seed}"),
+        ]
         if args.num_server_rounds is not None:
             argv += ["--num-server-rounds", str(args.num_server_rounds)]
         if args.verbose:
@@ -164,15 +177,25 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "federated_seconds_per_round": statistics.fmean(fed_round_seconds),
         "local_training_seconds_per_round_without_flower": statistics.fmean(local_round_seconds),
     }
-    overhead["ratio"] = overhead["federated_seconds_per_round"] / overhead["local_training_seconds_per_round_without_flower"]
+    overhead["ratio"] = (
+        overhead["federated_seconds_per_round"] / overhead["local_training_seconds_per_round_without_flower"]
+    )
     report = {
-        "config": {"data_dir": args.data_dir, "seed": args.seed, "num_seeds": args.num_seeds, "methods": args.methods,
-                   "num_server_rounds": args.num_server_rounds},
+        "config": {
+            "data_dir": args.data_dir,
+            "seed": args.seed,
+            "num_seeds": args.num_seeds,
+            "methods": args.methods,
+            "num_server_rounds": args.num_server_rounds,
+        },
         "summary": summary,
         "acceptance": acceptance(summary, federated),
         "overhead": overhead,
-        "published": {"best_per_market": PUBLISHED_BEST, "best_macro": PUBLISHED_BEST_MACRO,
-                      "single_market_nmf_macro": PUBLISHED_SINGLE_MARKET_NMF_MACRO},
+        "published": {
+            "best_per_market": PUBLISHED_BEST,
+            "best_macro": PUBLISHED_BEST_MACRO,
+            "single_market_nmf_macro": PUBLISHED_SINGLE_MARKET_NMF_MACRO,
+        },
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +239,14 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private_model, private_optimizer, private_loss, _ = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=UserSoftmaxLoss(),
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost",
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=UserSoftmaxLoss(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode="ghost",
             noise_generator=dp_generator(),
         )
     private_optimizer.secure_mode = True  # as common.private_train draws its noise: four Gaussians per draw
@@ -225,8 +254,10 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     # registry entry switches the private step between the two implementations.
     norm_samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
     samplers = {
-        "project": {CatalogEmbedding: norm_samplers[CatalogEmbedding],
-                    PositionwiseLinear: norm_samplers[PositionwiseLinear]},
+        "project": {
+            CatalogEmbedding: norm_samplers[CatalogEmbedding],
+            PositionwiseLinear: norm_samplers[PositionwiseLinear],
+        },
         "opacus": {CatalogEmbedding: compute_embedding_norm_sample, PositionwiseLinear: compute_linear_norm_sample},
     }
 
@@ -283,45 +314,85 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The sub-command and its options."""
-    parser = ArgumentParser(prog="python -m simulations.benchmark", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m simulations.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    quality_parser = commands.add_parser("quality", help="all methods, several seeds, mean ± std beside published numbers")
-    quality_parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
-    quality_parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
-    quality_parser.add_argument("--num-server-rounds", type=int, default=None,
-                                help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
-                                     "num-server-rounds of the app config)")
+    quality_parser = commands.add_parser(
+        "quality", help="all methods, several seeds, mean ± std beside published numbers"
+    )
+    quality_parser.add_argument(
+        "--data-dir", default="", help="one interaction file per market (default: generated markets)"
+    )
+    quality_parser.add_argument(
+        "--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)"
+    )
+    quality_parser.add_argument(
+        "--num-server-rounds",
+        type=int,
+        default=None,
+        help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
+        "num-server-rounds of the app config)",
+    )
     quality_parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    quality_parser.add_argument("--num-seeds", type=int, default=3,
-                                help="seeds from --seed on, each a run of every method (default: %(default)s)")
+    quality_parser.add_argument(
+        "--num-seeds",
+        type=int,
+        default=3,
+        help="seeds from --seed on, each a run of every method (default: %(default)s)",
+    )
     quality_parser.add_argument("--methods", default=ALL_METHODS, help="comma-separated (default: %(default)s)")
-    quality_parser.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output directory (default: %(default)s)")
+    quality_parser.add_argument(
+        "--out", type=Path, default=Path("outputs/quality"), help="output directory (default: %(default)s)"
+    )
     add_verbose(quality_parser, "every run's per-market lines")
     add_alias(quality_parser, "--rounds", "--num-server-rounds")
     add_alias(quality_parser, "--seeds", "--num-seeds")
-    scale_benchmark.add_arguments(commands.add_parser(
-        "scale", help="many generated markets over a large catalog: seconds and bytes per round, peak memory"))
+    scale_benchmark.add_arguments(
+        commands.add_parser(
+            "scale", help="many generated markets over a large catalog: seconds and bytes per round, peak memory"
+        )
+    )
     dp_parser = commands.add_parser("dp-step", help="seconds of a DP-SGD step against a non-private step")
     dp_parser.add_argument("--data-dir", default="", help="market files (default: generated markets)")
-    dp_parser.add_argument("--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)")
+    dp_parser.add_argument(
+        "--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)"
+    )
     dp_parser.add_argument("--market", default="", help="market whose data forms the batch (default: the first)")
     dp_parser.add_argument("--dp-batch-size", type=int, default=256, help="users in the batch (default: %(default)s)")
-    dp_parser.add_argument("--dp-user-positives", type=int, default=16, help="training items per user (default: %(default)s)")
+    dp_parser.add_argument(
+        "--dp-user-positives", type=int, default=16, help="training items per user (default: %(default)s)"
+    )
     dp_parser.add_argument("--embedding-dim", type=int, default=128, help="model width (default: %(default)s)")
     dp_parser.add_argument("--steps", type=int, default=20, help="steps per timed block (default: %(default)s)")
     dp_parser.add_argument("--repeats", type=int, default=5, help="alternating timed blocks (default: %(default)s)")
     add_alias(dp_parser, "--batch-size", "--dp-batch-size")
     add_alias(dp_parser, "--user-positives", "--dp-user-positives")
-    join_benchmark.add_arguments(commands.add_parser(
-        "join", help="a market joining late against training alone, by the share of its users it has"))
-    continue_benchmark.add_arguments(commands.add_parser(
-        "continue", help="continuing on grown data from the saved models against a training from scratch"))
-    latency.add_arguments(commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after"))
-    users_sweep.add_arguments(commands.add_parser(
-        "dp-users", help="DP quality as a fraction of non-private against users per market: where 90%% is reached"))
-    attacks.add_arguments(commands.add_parser(
-        "attacks", help="the attacks on a region's privacy, against the real ClientApp: attacks.json and a table"))
+    join_benchmark.add_arguments(
+        commands.add_parser(
+            "join", help="a market joining late against training alone, by the share of its users it has"
+        )
+    )
+    continue_benchmark.add_arguments(
+        commands.add_parser(
+            "continue", help="continuing on grown data from the saved models against a training from scratch"
+        )
+    )
+    latency.add_arguments(
+        commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after")
+    )
+    users_sweep.add_arguments(
+        commands.add_parser(
+            "dp-users", help="DP quality as a fraction of non-private against users per market: where 90%% is reached"
+        )
+    )
+    attacks.add_arguments(
+        commands.add_parser(
+            "attacks", help="the attacks on a region's privacy, against the real ClientApp: attacks.json and a table"
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "quality":
         if args.num_seeds < 1:
@@ -334,9 +405,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Any:
     """Parse the benchmark's sub-command and run it; returns its report."""
     args = parse_args(argv)
-    return {"quality": quality, "scale": scale_benchmark.scale, "dp-step": dp_step, "join": join_benchmark.join,
-     "continue": continue_benchmark.run,
-     "latency": latency.latency, "dp-users": users_sweep.sweep, "attacks": attacks.run}[args.command](args)
+    return {
+        "quality": quality,
+        "scale": scale_benchmark.scale,
+        "dp-step": dp_step,
+        "join": join_benchmark.join,
+        "continue": continue_benchmark.run,
+        "latency": latency.latency,
+        "dp-users": users_sweep.sweep,
+        "attacks": attacks.run,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,12 @@ def ials_models(
 
 
 def run_blend(
-    source: MarketSource, catalog: Catalog, models_dir: Path, partner: str, config: IALSConfig, history_length: int,
+    source: MarketSource,
+    catalog: Catalog,
+    models_dir: Path,
+    partner: str,
+    config: IALSConfig,
+    history_length: int,
     progress: Progress,
 ) -> dict[str, list[dict[str, float]]]:
     """Blend fedals' published factors with ``partner``'s served models in every market; their one-point curves.
@@ -109,8 +114,10 @@ def run_blend(
     """
     published = load_published(published_path(models_dir / ALS_METHOD))
     if published.method != ALS_METHOD:
-        raise ValueError(f"{published.path} was published by {published.method}, not {ALS_METHOD}: blend needs "
-                         f"{ALS_METHOD}'s item factors.")
+        raise ValueError(
+            f"{published.path} was published by {published.method}, not {ALS_METHOD}: blend needs "
+            f"{ALS_METHOD}'s item factors."
+        )
     table = published.arrays[ITEM_TABLE].numpy()
     # The Gram as fedals' server computes it and sends it to the markets (float64 sum, float32 wire).
     touched = table[table.any(axis=1)].astype(np.float64)
@@ -134,14 +141,30 @@ def run_blend(
         curves[name] = [point]
         metrics = {key: value for key, value in point.items() if key != "round"}
         manifest = {
-            "method": BLEND, "market": name, "round": published.round, "metrics": metrics,
-            "epsilon": None, "delta": None,
-            "blend": {"of": [ALS_METHOD, partner], "weights": [choice.weight, 1.0 - choice.weight],
-                      "scales": list(choice.scales), f"{partner}-round": served.manifest.get("round"),
-                      "validation-ndcg@10": [[w, ndcg] for w, ndcg in choice.curve]},
+            "method": BLEND,
+            "market": name,
+            "round": published.round,
+            "metrics": metrics,
+            "epsilon": None,
+            "delta": None,
+            "blend": {
+                "of": [ALS_METHOD, partner],
+                "weights": [choice.weight, 1.0 - choice.weight],
+                "scales": list(choice.scales),
+                f"{partner}-round": served.manifest.get("round"),
+                "validation-ndcg@10": [[w, ndcg] for w, ndcg in choice.curve],
+            },
         }
-        write_served_model(models_dir / BLEND / name, choice.model, market.tensors, catalog, manifest,
-                           user_ids=market_user_ids(source.interactions(name)))
-        progress(f"blend {name}: w({ALS_METHOD}) {choice.weight:.1f}, val NDCG@10 {choice.valid.ndcg:.4f}, "
-                 f"test {choice.test.ndcg:.4f} ({time.perf_counter() - started:.1f} s)")
+        write_served_model(
+            models_dir / BLEND / name,
+            choice.model,
+            market.tensors,
+            catalog,
+            manifest,
+            user_ids=market_user_ids(source.interactions(name)),
+        )
+        progress(
+            f"blend {name}: w({ALS_METHOD}) {choice.weight:.1f}, val NDCG@10 {choice.valid.ndcg:.4f}, "
+            f"test {choice.test.ndcg:.4f} ({time.perf_counter() - started:.1f} s)"
+        )
     return curves

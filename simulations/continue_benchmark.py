@@ -64,26 +64,59 @@ ROUND_SHARE = 3  # continue may use at most 1 / ROUND_SHARE of scratch's rounds
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options."""
     defaults = harness.app_defaults()
-    parser.add_argument("--data-dir", default="",
-                        help="one interaction file per market, the grown (full) data (default: generated markets)")
-    parser.add_argument("--synthetic-markets", type=int, default=defaults["synthetic-markets"],
-                        help="generated markets without --data-dir (default: %(default)s)")
-    parser.add_argument("--method", default="fedrep", choices=sorted(METHODS),
-                        help="federated method of every run (default: %(default)s)")
-    parser.add_argument("--holdout", type=float, default=0.2,
-                        help="share of each market's interactions, the latest by date, that arrive later "
-                             "(default: %(default)s)")
-    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
-                        help="rounds of the training before the data grew and of scratch (default: %(default)s)")
-    parser.add_argument("--continue-rounds", type=int, default=None,
-                        help="rounds of continue (default: a third of --num-server-rounds, rounded down, at least 1)")
-    parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
-                        help="width of item and user vectors (default: %(default)s)")
-    parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
-                        help="another app config key for every run, as simulations.run --set; repeatable (default: none)")
+    parser.add_argument(
+        "--data-dir",
+        default="",
+        help="one interaction file per market, the grown (full) data (default: generated markets)",
+    )
+    parser.add_argument(
+        "--synthetic-markets",
+        type=int,
+        default=defaults["synthetic-markets"],
+        help="generated markets without --data-dir (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--method",
+        default="fedrep",
+        choices=sorted(METHODS),
+        help="federated method of every run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="share of each market's interactions, the latest by date, that arrive later (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-server-rounds",
+        type=int,
+        default=defaults["num-server-rounds"],
+        help="rounds of the training before the data grew and of scratch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--continue-rounds",
+        type=int,
+        default=None,
+        help="rounds of continue (default: a third of --num-server-rounds, rounded down, at least 1)",
+    )
+    parser.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=defaults["embedding-dim"],
+        help="width of item and user vectors (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="app_config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another app config key for every run, as simulations.run --set; repeatable (default: none)",
+    )
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/continue"),
-                        help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/continue"), help="output directory (default: %(default)s)"
+    )
     add_verbose(parser, "every run's per-market lines")
     add_alias(parser, "--rounds", "--num-server-rounds")
 
@@ -97,8 +130,10 @@ def continue_rounds(args: argparse.Namespace) -> int:
         If a number of rounds is below 1 or the holdout is not in (0, 1).
     """
     if args.num_server_rounds < 1 or (args.continue_rounds is not None and args.continue_rounds < 1):
-        raise OptionError(f"--num-server-rounds and --continue-rounds must be at least 1, got {args.num_server_rounds} and "
-                         f"{args.continue_rounds}.")
+        raise OptionError(
+            f"--num-server-rounds and --continue-rounds must be at least 1, got {args.num_server_rounds} and "
+            f"{args.continue_rounds}."
+        )
     if not 0 < args.holdout < 1:
         raise OptionError(f"--holdout must lie in (0, 1), got {args.holdout}.")
     return args.continue_rounds if args.continue_rounds is not None else max(1, args.num_server_rounds // ROUND_SHARE)
@@ -117,8 +152,9 @@ def write_market_file(interactions: pd.DataFrame, path: Path) -> None:
     """
     if interactions["user"].str.contains(r"\s").any() or interactions["item"].str.contains(r"\s").any():
         raise ValueError(f"Cannot write {path}: a user or item ID holds whitespace, which XMarket text cannot hold.")
-    frame = pd.DataFrame({"userId": interactions["user"], "itemId": interactions["item"],
-                          "rate": interactions["rating"]})
+    frame = pd.DataFrame(
+        {"userId": interactions["user"], "itemId": interactions["item"], "rate": interactions["rating"]}
+    )
     dates = interactions["date"]
     if dates.notna().all():
         days = (dates == dates.dt.normalize()).all()
@@ -133,8 +169,14 @@ def full_market_files(args: argparse.Namespace) -> dict[str, Path]:
         return discover_market_files(args.data_dir)
     files = {}
     for market, frame in generate_markets(SyntheticConfig(markets=args.synthetic_markets, seed=args.seed)).items():
-        interactions = pd.DataFrame({"user": frame["userId"], "item": frame["itemId"],
-                                     "rating": frame["rating"].astype("float64"), "date": frame["date"]})
+        interactions = pd.DataFrame(
+            {
+                "user": frame["userId"],
+                "item": frame["itemId"],
+                "rating": frame["rating"].astype("float64"),
+                "date": frame["date"],
+            }
+        )
         files[market] = args.out / "data-full" / f"{market}.txt"
         write_market_file(interactions, files[market])
     return files
@@ -167,30 +209,53 @@ def data_before(
     """
     split = split_market(market, interactions, catalog, seed)
     users = pd.Series(split.user_ids)
-    held_out = pd.DataFrame({
-        "user": pd.concat([users.iloc[split.valid.users], users.iloc[split.test.users]], ignore_index=True),
-        "item": [catalog.item_ids[row] for rows in (split.valid.candidates, split.test.candidates)
-                 for row in rows[:, 0]],
-    })
+    held_out = pd.DataFrame(
+        {
+            "user": pd.concat([users.iloc[split.valid.users], users.iloc[split.test.users]], ignore_index=True),
+            "item": [
+                catalog.item_ids[row] for rows in (split.valid.candidates, split.test.candidates) for row in rows[:, 0]
+            ],
+        }
+    )
     evaluated = interactions.merge(held_out, on=["user", "item"], how="left", indicator=True)["_merge"].eq("both")
     evaluated = evaluated.to_numpy()
     by_date = interactions.sort_values(["date", "position"], kind="stable", na_position="first")
     latest_count = round(holdout * len(interactions))
-    latest = interactions.index.isin(by_date.index[len(by_date) - latest_count:])
+    latest = interactions.index.isin(by_date.index[len(by_date) - latest_count :])
     kept = interactions[~latest & ~evaluated]
-    counts = {"full": len(interactions), "latest": int(latest.sum()), "evaluated": int((evaluated & ~latest).sum()),
-              "before": len(kept)}
+    counts = {
+        "full": len(interactions),
+        "latest": int(latest.sum()),
+        "evaluated": int((evaluated & ~latest).sum()),
+        "before": len(kept),
+    }
     return kept, counts
 
 
 def run_harness(data_dir: Path, rounds: int, out: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     """One harness run of ``args.method`` over the markets in ``data_dir``; its results.json."""
     settings = [f"--set={assignment}" for assignment in args.app_config]
-    return harness.main([
-        "--data-dir", str(data_dir), "--methods", args.method, "--num-server-rounds", str(rounds),
-        "--embedding-dim", str(args.embedding_dim), "--seed", str(args.seed),
-        "--set", f"catalog-path={(args.out / 'catalog.txt').resolve()}", *settings, *extra, *(["--verbose"] if args.verbose else []), "--out", str(out),
-    ])
+    return harness.main(
+        [
+            "--data-dir",
+            str(data_dir),
+            "--methods",
+            args.method,
+            "--num-server-rounds",
+            str(rounds),
+            "--embedding-dim",
+            str(args.embedding_dim),
+            "--seed",
+            str(args.seed),
+            "--set",
+            f"catalog-path={(args.out / 'catalog.txt').resolve()}",
+            *settings,
+            *extra,
+            *(["--verbose"] if args.verbose else []),
+            "--out",
+            str(out),
+        ]
+    )
 
 
 def market_curves(out: Path, method: str) -> dict[str, Curve]:
@@ -201,8 +266,10 @@ def market_curves(out: Path, method: str) -> dict[str, Curve]:
 def macro_curve(curves: dict[str, Curve]) -> dict[int, float]:
     """Macro test NDCG@10 of every round all markets evaluated."""
     rounds = sorted(set.intersection(*({point["round"] for point in curve} for curve in curves.values())))
-    return {r: statistics.fmean(p["test-ndcg"] for curve in curves.values() for p in curve if p["round"] == r)
-            for r in rounds}
+    return {
+        r: statistics.fmean(p["test-ndcg"] for curve in curves.values() for p in curve if p["round"] == r)
+        for r in rounds
+    }
 
 
 def first_round_reaching(curve: dict[int, float], target: float) -> int | None:
@@ -220,10 +287,16 @@ def table(report: dict[str, Any]) -> str:
     ]
     rows = [*report["markets"].items(), ("**macro**", report["macro"])]
     for name, scores in rows:
-        lines.append(f"| {name} | {scores['scratch']:.4f} | {scores['continue']:.4f} | "
-                     f"{scores['difference']:+.4f} | {scores['start']:.4f} |")
-    reached = [f"{name} reached it at round {r} of {rounds[name]}" if r is not None
-               else f"{name} did not reach it in its {rounds[name]} round(s)" for name, r in report["reached"].items()]
+        lines.append(
+            f"| {name} | {scores['scratch']:.4f} | {scores['continue']:.4f} | "
+            f"{scores['difference']:+.4f} | {scores['start']:.4f} |"
+        )
+    reached = [
+        f"{name} reached it at round {r} of {rounds[name]}"
+        if r is not None
+        else f"{name} did not reach it in its {rounds[name]} round(s)"
+        for name, r in report["reached"].items()
+    ]
     lines += [
         "",
         f"Per-round macro test NDCG@10 against scratch's final macro minus {TOLERANCE} "
@@ -250,8 +323,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_market_file(kept, before_dir / f"{market}.txt")
     full_dir = Path(args.data_dir) if args.data_dir else args.out / "data-full"
     init_from = (args.out / "before" / "models" / args.method).resolve()
-    plans = {"before": (before_dir, ()), "scratch": (full_dir, ()),
-             "continue": (full_dir, ("--set", f"init-from={init_from}"))}
+    plans = {
+        "before": (before_dir, ()),
+        "scratch": (full_dir, ()),
+        "continue": (full_dir, ("--set", f"init-from={init_from}")),
+    }
     seconds, results = {}, {}
     for name, (data_dir, extra) in plans.items():
         run_started = time.perf_counter()
@@ -261,27 +337,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_market = {name: market_curves(args.out / name, args.method) for name in ("scratch", "continue")}
     curves = {name: macro_curve(by_market) for name, by_market in per_market.items()}
     markets = {
-        market: {"scratch": scratch["per_market"][market]["ndcg@10"],
-                 "continue": resumed["per_market"][market]["ndcg@10"],
-                 "difference": resumed["per_market"][market]["ndcg@10"] - scratch["per_market"][market]["ndcg@10"],
-                 "start": next(p["test-ndcg"] for p in per_market["continue"][market] if p["round"] == 0)}
+        market: {
+            "scratch": scratch["per_market"][market]["ndcg@10"],
+            "continue": resumed["per_market"][market]["ndcg@10"],
+            "difference": resumed["per_market"][market]["ndcg@10"] - scratch["per_market"][market]["ndcg@10"],
+            "start": next(p["test-ndcg"] for p in per_market["continue"][market] if p["round"] == 0),
+        }
         for market in sorted(scratch["per_market"])
     }
-    macro = {"scratch": scratch["macro"]["ndcg@10"], "continue": resumed["macro"]["ndcg@10"],
-             "difference": resumed["macro"]["ndcg@10"] - scratch["macro"]["ndcg@10"], "start": curves["continue"][0]}
+    macro = {
+        "scratch": scratch["macro"]["ndcg@10"],
+        "continue": resumed["macro"]["ndcg@10"],
+        "difference": resumed["macro"]["ndcg@10"] - scratch["macro"]["ndcg@10"],
+        "start": curves["continue"][0],
+    }
     target = macro["scratch"] - TOLERANCE
     within, few_rounds = macro["continue"] >= target, ROUND_SHARE * rounds["continue"] <= rounds["scratch"]
     report = {
-        "config": {"data_dir": str(full_dir), "method": args.method, "holdout": args.holdout,
-                   "embedding_dim": args.embedding_dim, "app_config": list(args.app_config), "seed": args.seed,
-                   "out": str(args.out)},
+        "config": {
+            "data_dir": str(full_dir),
+            "method": args.method,
+            "holdout": args.holdout,
+            "embedding_dim": args.embedding_dim,
+            "app_config": list(args.app_config),
+            "seed": args.seed,
+            "out": str(args.out),
+        },
         "rounds": rounds,
         "markets": markets,
         "macro": macro,
         "macro_per_round": {name: {str(r): value for r, value in curve.items()} for name, curve in curves.items()},
         "reached": {name: first_round_reaching(curve, target) for name, curve in curves.items()},
-        "acceptance": {"tolerance": TOLERANCE, "within_tolerance": within, "at_most_a_third_of_the_rounds": few_rounds,
-                       "passed": within and few_rounds},
+        "acceptance": {
+            "tolerance": TOLERANCE,
+            "within_tolerance": within,
+            "at_most_a_third_of_the_rounds": few_rounds,
+            "passed": within and few_rounds,
+        },
         "interactions": counts,
         "seconds": {**seconds, "total": time.perf_counter() - started},
     }
@@ -295,7 +387,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     exit_cleanly_on_sigterm()
-    parser = ArgumentParser(prog="python -m simulations.continue_benchmark", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m simulations.continue_benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     run_command(lambda argv: run(parser.parse_args(argv)))

@@ -11,8 +11,8 @@ process group when it is done, whatever happened.
 import json
 import os
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +25,8 @@ from typing import Any
 import tomli_w
 
 from common.command import PortInUseError
-from common.region import SIMULATION_NODE_CONFIG_ENV
 from common.processes import free_port, output_lines, stop_process_tree
+from common.region import SIMULATION_NODE_CONFIG_ENV
 from xmfl.app import app_dir
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
@@ -114,8 +114,10 @@ class SimulationSuperLink:
                 "--simulation",
                 "--insecure",
                 "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -131,10 +133,7 @@ class SimulationSuperLink:
                 self.stop()
                 if ADDRESS_IN_USE in (self.log_dir / "superlink.log").read_text(errors="replace").lower():
                     raise self._port_in_use()
-                raise FlowerRunError(
-                    f"flower-superlink exited with code {code}; "
-                    f"see {self.log_dir / 'superlink.log'}."
-                )
+                raise FlowerRunError(f"flower-superlink exited with code {code}; see {self.log_dir / 'superlink.log'}.")
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
@@ -173,14 +172,16 @@ class SimulationSuperLink:
         overrides = Path(self._home, f"{name}-run-config.toml")
         overrides.write_text(tomli_w.dumps(run_config), encoding="utf-8")
         log_path = self.log_dir / f"{name}.log"
-        federation = (
-            f"num_supernodes={self.num_supernodes} "
-            f"client_resources_num_cpus={self.cpus_per_client}"
-        )
+        federation = f"num_supernodes={self.num_supernodes} client_resources_num_cpus={self.cpus_per_client}"
         command = [
-            _executable("flwr"), "run", str(app_dir()), CONNECTION,
-            "--run-config", str(overrides),
-            "--federation-config", federation,
+            _executable("flwr"),
+            "run",
+            str(app_dir()),
+            CONNECTION,
+            "--run-config",
+            str(overrides),
+            "--federation-config",
+            federation,
             "--stream",
         ]
         with open(log_path, "w", encoding="utf-8") as log:

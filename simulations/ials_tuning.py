@@ -215,9 +215,7 @@ def implicit_references(
     except ImportError as error:  # a benchmark extra, not a dependency
         return {"error": f"implicit is not installed: {error}"}
 
-    def fit(
-        parts: list[MarketInteractions], factors: int, reg: float, alpha: float
-    ) -> tuple[object, list[np.ndarray]]:
+    def fit(parts: list[MarketInteractions], factors: int, reg: float, alpha: float) -> tuple[object, list[np.ndarray]]:
         offsets = np.cumsum([0] + [p.num_users for p in parts])
         users = np.concatenate([p.users + o for p, o in zip(parts, offsets, strict=False)])
         items = np.concatenate([p.items for p in parts])
@@ -266,21 +264,33 @@ def implicit_references(
 
             def compute(scope: str = scope, factors: int = factors, reg: float = reg, alpha: float = alpha) -> dict:
                 valid, seconds = evaluate(scope, factors, reg, alpha, False)
-                return {"scope": scope, "factors": factors, "regularization": reg, "alpha": alpha,
-                        "valid_per_market": dict(zip(names, valid, strict=True)),
-                        "valid_macro": float(np.mean(valid)), "seconds": seconds}
+                return {
+                    "scope": scope,
+                    "factors": factors,
+                    "regularization": reg,
+                    "alpha": alpha,
+                    "valid_per_market": dict(zip(names, valid, strict=True)),
+                    "valid_macro": float(np.mean(valid)),
+                    "seconds": seconds,
+                }
 
             row = cache.get(f"implicit {scope} {factors} {reg} {alpha} seed {seed}", compute)
             rows.append(row)
-            print(f"implicit {scope:6s} d={factors:3d} reg={reg:<5} alpha={alpha:<5} "
-                  f"val {row['valid_macro']:.4f} {row['seconds']:.1f}s", flush=True)
+            print(
+                f"implicit {scope:6s} d={factors:3d} reg={reg:<5} alpha={alpha:<5} "
+                f"val {row['valid_macro']:.4f} {row['seconds']:.1f}s",
+                flush=True,
+            )
         report["grid"].extend(rows)
         best = max(rows, key=lambda row: row["valid_macro"])
         test, _ = evaluate(scope, best["factors"], best["regularization"], best["alpha"], True)
         test_per_market = dict(zip(names, test, strict=True))
         report[scope] = {**best, "test_per_market": test_per_market, "test_macro": float(np.mean(test))}
-        print(f"implicit {scope}: chosen d={best['factors']} reg={best['regularization']} alpha={best['alpha']} "
-              f"val {best['valid_macro']:.4f} test {np.mean(test):.4f}", flush=True)
+        print(
+            f"implicit {scope}: chosen d={best['factors']} reg={best['regularization']} alpha={best['alpha']} "
+            f"val {best['valid_macro']:.4f} test {np.mean(test):.4f}",
+            flush=True,
+        )
     return report
 
 
@@ -293,25 +303,39 @@ def search(markets: list[Market], num_items: int, quick: bool, cache: Cache) -> 
         def compute() -> dict:
             curve, per_iteration = validation_curve(markets, num_items, config)
             best_step = max(curve, key=curve.get)
-            return {"stage": stage, **asdict(config), "scaled_regularization": scaled, "valid_by_iterations": curve,
-                    "best_iterations": best_step, "valid_macro": curve[best_step],
-                    "seconds_per_iteration": per_iteration}
+            return {
+                "stage": stage,
+                **asdict(config),
+                "scaled_regularization": scaled,
+                "valid_by_iterations": curve,
+                "best_iterations": best_step,
+                "valid_macro": curve[best_step],
+                "seconds_per_iteration": per_iteration,
+            }
 
         row = cache.get(json.dumps(asdict(config), sort_keys=True), compute)
         row["valid_by_iterations"] = {int(k): v for k, v in row["valid_by_iterations"].items()}
         rows.append(row)
         curve = {k: round(v, 4) for k, v in row["valid_by_iterations"].items()}
-        print(f"[{stage}] d={config.factors} λ*={scaled:<7.4g} (λ={config.regularization:.3g}) "
-              f"α={config.alpha:<7.4g} ν={config.nu:<4} {config.confidence:6s} ε={config.epsilon:<4} "
-              f"val@it {json.dumps(curve)} {row['seconds_per_iteration']:.2f}s/it", flush=True)
+        print(
+            f"[{stage}] d={config.factors} λ*={scaled:<7.4g} (λ={config.regularization:.3g}) "
+            f"α={config.alpha:<7.4g} ν={config.nu:<4} {config.confidence:6s} ε={config.epsilon:<4} "
+            f"val@it {json.dumps(curve)} {row['seconds_per_iteration']:.2f}s/it",
+            flush=True,
+        )
         return row
 
     def make(
         d: int, scaled: float, alpha: float, nu: float, confidence: str = "binary", epsilon: float = 1.0
     ) -> IALSConfig:
         return IALSConfig(
-            factors=d, regularization=raw_regularization(scaled, nu, alpha, mean_count, num_items), alpha=alpha,
-            nu=nu, iterations=max(CHECKPOINTS[:2] if quick else CHECKPOINTS), confidence=confidence, epsilon=epsilon,
+            factors=d,
+            regularization=raw_regularization(scaled, nu, alpha, mean_count, num_items),
+            alpha=alpha,
+            nu=nu,
+            iterations=max(CHECKPOINTS[:2] if quick else CHECKPOINTS),
+            confidence=confidence,
+            epsilon=epsilon,
         )
 
     def best_row() -> dict:
@@ -331,8 +355,14 @@ def search(markets: list[Market], num_items: int, quick: bool, cache: Cache) -> 
     if not quick:
         best = best_row()
         a, s, n = best["alpha"], best["scaled_regularization"], best["nu"]
-        steps = ((a * 0.6, s * 0.6, n), (a * 1.7, s * 1.7, n), (a, s * 0.6, n), (a, s * 1.7, n),
-                 (a, s, n + 0.25), (a, s, max(n - 0.25, 0.0)))
+        steps = (
+            (a * 0.6, s * 0.6, n),
+            (a * 1.7, s * 1.7, n),
+            (a, s * 0.6, n),
+            (a, s * 1.7, n),
+            (a, s, n + 0.25),
+            (a, s, max(n - 0.25, 0.0)),
+        )
         for alpha, scaled, nu in steps:
             if not any(_same(row, alpha, scaled, nu, 64) for row in rows):
                 run(make(64, scaled, alpha, nu), scaled, "A2")
@@ -349,8 +379,8 @@ def search(markets: list[Market], num_items: int, quick: bool, cache: Cache) -> 
                 run(make(64, s * factor, a * factor / mean_weight, n, confidence, epsilon), s * factor, "B")
     # Stage C: wider factors, λ* re-tuned (wider models usually want more regularisation).
     best = best_row()
-    for d in ((96,) if quick else (80, 96, 128)):
-        for factor in ((1.0,) if quick else (0.6, 1.0, 1.7)):
+    for d in (96,) if quick else (80, 96, 128):
+        for factor in (1.0,) if quick else (0.6, 1.0, 1.7):
             s = best["scaled_regularization"] * factor
             run(make(d, s, best["alpha"], best["nu"], best["confidence"], best["epsilon"]), s, "C")
     # Stage C2: α (with λ*) and ν once more around the best point overall and around the best
@@ -384,9 +414,7 @@ def config_of(row: dict) -> IALSConfig:
     return replace(IALSConfig(**fields), iterations=row["best_iterations"])
 
 
-def federated_check(
-    markets: list[Market], num_items: int, config: IALSConfig, wire_dtype: str = "float32"
-) -> dict:
+def federated_check(markets: list[Market], num_items: int, config: IALSConfig, wire_dtype: str = "float32") -> dict:
     """fedals in one process at ``config``: its distance to pooled, its own validation and test
     macro NDCG@10, bytes and seconds per round."""
     began = time.perf_counter()
@@ -431,15 +459,26 @@ def federated_check(
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m simulations.ials_tuning", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="../shared/data/xmarket-electronics",
-                        help="one interaction file per market (default: %(default)s)")
-    parser.add_argument("--out", default="runs/ials-tuning",
-                        help="output directory for grid.jsonl (a cache) and ials_tuning.json (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the split, its negatives and implicit's runs (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        default="../shared/data/xmarket-electronics",
+        help="one interaction file per market (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/ials-tuning",
+        help="output directory for grid.jsonl (a cache) and ials_tuning.json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split, its negatives and implicit's runs (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke test (default: off)")
-    parser.add_argument("--skip-implicit", action="store_true",
-                        help="leave out implicit's ALS references (default: off)")
+    parser.add_argument(
+        "--skip-implicit", action="store_true", help="leave out implicit's ALS references (default: off)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
 
     markets, num_items = load_markets(args.data_dir, args.seed)
     rows = search(markets, num_items, args.quick, cache)
+
     # Chosen on validation: the best point whose bytes per market per round fit the budget with
     # a float16 wire (float32 where that fits too), and the best that fits with float32 (exact).
     def fitting(value_bytes: int) -> dict:
@@ -462,8 +502,10 @@ def main(argv: list[str] | None = None) -> None:
         config = config_of(row)
         wire = "float32" if max_upload(markets, config.factors, 4) <= PAYLOAD_BUDGET else "float16"
         result = test_metrics(markets, num_items, config)  # pooled: fedals with a float32 wire
-        seeds = {seed: test_metrics(markets, num_items, replace(config, seed=seed))["macro"]["test_ndcg@10"]
-                 for seed in (1, 2)}
+        seeds = {
+            seed: test_metrics(markets, num_items, replace(config, seed=seed))["macro"]["test_ndcg@10"]
+            for seed in (1, 2)
+        }
         result.update(
             config=asdict(config),
             scaled_regularization=row["scaled_regularization"],
@@ -475,22 +517,37 @@ def main(argv: list[str] | None = None) -> None:
         chosen[label] = result
         check = result["federated"]
         print(f"{label} on validation: {config}, {wire} wire", flush=True)
-        print(f"  pooled macro {json.dumps({k: round(v, 4) for k, v in result['macro'].items()})}; "
-              f"test by seed {json.dumps({k: round(v, 4) for k, v in result['test_by_seed'].items()})}", flush=True)
-        print(f"  federated == pooled to {check['max_abs_difference_to_pooled']:.2e} (item scale "
-              f"{check['pooled_item_scale']:.2f}); federated val {check['valid_macro']:.4f} test "
-              f"{check['test_macro']:.4f}; upload bytes/market/round {check['upload_bytes']}", flush=True)
+        print(
+            f"  pooled macro {json.dumps({k: round(v, 4) for k, v in result['macro'].items()})}; "
+            f"test by seed {json.dumps({k: round(v, 4) for k, v in result['test_by_seed'].items()})}",
+            flush=True,
+        )
+        print(
+            f"  federated == pooled to {check['max_abs_difference_to_pooled']:.2e} (item scale "
+            f"{check['pooled_item_scale']:.2f}); federated val {check['valid_macro']:.4f} test "
+            f"{check['test_macro']:.4f}; upload bytes/market/round {check['upload_bytes']}",
+            flush=True,
+        )
 
     report = {
-        "config": {"data_dir": args.data_dir, "seed": args.seed, "num_items": num_items, "checkpoints": CHECKPOINTS,
-                   "payload_budget_bytes": PAYLOAD_BUDGET},
+        "config": {
+            "data_dir": args.data_dir,
+            "seed": args.seed,
+            "num_items": num_items,
+            "checkpoints": CHECKPOINTS,
+            "payload_budget_bytes": PAYLOAD_BUDGET,
+        },
         "grid": rows,
         "chosen": chosen,
         "payload_schemes": payload_table(markets, (32, 64, 80, 96, 128)),
     }
     if not args.skip_implicit:
-        grid = [(f, r, a) for f in (64, 128) for a in (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
-                for r in (0.05, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)]
+        grid = [
+            (f, r, a)
+            for f in (64, 128)
+            for a in (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+            for r in (0.05, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+        ]
         grid = grid[:2] if args.quick else grid
         report["implicit"] = implicit_references(markets, num_items, grid, args.seed, cache)
     (out / "ials_tuning.json").write_text(json.dumps(report, indent=1, default=float))

@@ -60,23 +60,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``join`` sub-command's options."""
     defaults = harness.app_defaults()
     parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
-    parser.add_argument("--synthetic-markets", type=int, default=4,
-                        help="generated markets without --data-dir (default: %(default)s)")
-    parser.add_argument("--fractions", default="0.1,0.25,0.5,1",
-                        help="comma-separated shares of the joining market's users to train on (default: %(default)s)")
-    parser.add_argument("--method", default="fedrep", choices=sorted(METHODS),
-                        help="federated method the other markets train (default: %(default)s)")
-    parser.add_argument("--markets", default="",
-                        help="comma-separated markets to hold out in turn (default: every market)")
-    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
-                        help="federated rounds, and local's evaluation points (default: %(default)s)")
-    parser.add_argument("--join-epochs", type=int, default=10,
-                        help="epochs of head training when joining, the encoder frozen (default: %(default)s)")
-    parser.add_argument("--fine-tune-epochs", type=int, default=15,
-                        help="then epochs of training the whole joined model; the best epoch on validation is "
-                             "kept (default: %(default)s)")
+    parser.add_argument(
+        "--synthetic-markets", type=int, default=4, help="generated markets without --data-dir (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fractions",
+        default="0.1,0.25,0.5,1",
+        help="comma-separated shares of the joining market's users to train on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--method",
+        default="fedrep",
+        choices=sorted(METHODS),
+        help="federated method the other markets train (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--markets", default="", help="comma-separated markets to hold out in turn (default: every market)"
+    )
+    parser.add_argument(
+        "--num-server-rounds",
+        type=int,
+        default=defaults["num-server-rounds"],
+        help="federated rounds, and local's evaluation points (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--join-epochs",
+        type=int,
+        default=10,
+        help="epochs of head training when joining, the encoder frozen (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=15,
+        help="then epochs of training the whole joined model; the best epoch on validation is "
+        "kept (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/join"), help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/join"), help="output directory (default: %(default)s)"
+    )
     add_verbose(parser, "every training's per-market lines")
     add_alias(parser, "--rounds", "--num-server-rounds")
 
@@ -104,8 +127,15 @@ def parse_fractions(text: str) -> list[float]:
 
 
 def local_on_fraction(
-    split: MarketSplit, catalog: Catalog, fraction: float, rounds: int, train: TrainConfig, seed: int,
-    embedding_dim: int, history_length: int, user_embeddings: bool,
+    split: MarketSplit,
+    catalog: Catalog,
+    fraction: float,
+    rounds: int,
+    train: TrainConfig,
+    seed: int,
+    embedding_dim: int,
+    history_length: int,
+    user_embeddings: bool,
 ) -> dict[str, float]:
     """``local`` trained on ``fraction`` of the market's users: val and test NDCG@10 at its best validation round.
 
@@ -130,8 +160,11 @@ def local_on_fraction(
             best_round, best_ndcg = server_round, ndcg
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     model.load_state_dict(best_state)
-    return {"round": best_round, "val-ndcg": best_ndcg,
-            "test-ndcg": evaluate(model, data, on_test=True, full=False).ndcg}
+    return {
+        "round": best_round,
+        "val-ndcg": best_ndcg,
+        "test-ndcg": evaluate(model, data, on_test=True, full=False).ndcg,
+    }
 
 
 def market_files(args: argparse.Namespace) -> dict[str, Path]:
@@ -153,7 +186,9 @@ def federate_without(
     results = out / "results.json"
     if published.exists() and results.exists():
         config = json.loads(results.read_text(encoding="utf-8"))["config"]
-        rounds = config.get("num_server_rounds", config.get("rounds"))  # "rounds" in results written before the option was renamed
+        rounds = config.get(
+            "num_server_rounds", config.get("rounds")
+        )  # "rounds" in results written before the option was renamed
         if (config["methods"], rounds, config["seed"]) == ([args.method], args.num_server_rounds, args.seed):
             harness.say(f"reusing the training without {held_out} in {out}")
             return published
@@ -161,32 +196,52 @@ def federate_without(
         for market, path in files.items():
             if market != held_out:
                 (Path(directory) / path.name).symlink_to(path.resolve())
-        harness.main([
-            "--data-dir", directory, "--methods", args.method, "--num-server-rounds", str(args.num_server_rounds),
-            "--seed", str(args.seed), "--set", f"catalog-path={catalog_path.resolve()}", "--out", str(out),
-            *(["--verbose"] if args.verbose else []),
-        ])
+        harness.main(
+            [
+                "--data-dir",
+                directory,
+                "--methods",
+                args.method,
+                "--num-server-rounds",
+                str(args.num_server_rounds),
+                "--seed",
+                str(args.seed),
+                "--set",
+                f"catalog-path={catalog_path.resolve()}",
+                "--out",
+                str(out),
+                *(["--verbose"] if args.verbose else []),
+            ]
+        )
     return published
 
 
 def market_config(args: argparse.Namespace, fractions: list[float]) -> dict[str, Any]:
     """What one market's scores depend on: a market done before with these settings is reused."""
-    return {"method": args.method, "rounds": args.num_server_rounds, "seed": args.seed, "join_epochs": args.join_epochs,
-            "fine_tune_epochs": args.fine_tune_epochs, "fractions": fractions}
+    return {
+        "method": args.method,
+        "rounds": args.num_server_rounds,
+        "seed": args.seed,
+        "join_epochs": args.join_epochs,
+        "fine_tune_epochs": args.fine_tune_epochs,
+        "fractions": fractions,
+    }
 
 
 def reusable(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether scores saved with ``saved`` settings answer ``wanted``: the same settings, at least its fractions."""
     same = {key: value for key, value in saved.items() if key != "fractions"} == {
-        key: value for key, value in wanted.items() if key != "fractions"}
+        key: value for key, value in wanted.items() if key != "fractions"
+    }
     return same and set(wanted["fractions"]) <= set(saved["fractions"])
 
 
 def macro(markets: dict[str, dict[float, dict[str, float]]], fractions: list[float]) -> dict[float, dict[str, float]]:
     """Mean over markets of each side's NDCG@10, per fraction."""
     return {
-        fraction: {side: statistics.fmean(scores[fraction][side] for scores in markets.values())
-                   for side in ("join", "local")}
+        fraction: {
+            side: statistics.fmean(scores[fraction][side] for scores in markets.values()) for side in ("join", "local")
+        }
         for fraction in fractions
     }
 
@@ -223,8 +278,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.set_ylabel("test NDCG@10 (best validation point)")
     left.legend(loc="lower right")
     for market, scores in report["markets"].items():
-        right.plot(fractions, [scores[str(f)]["join"] - scores[str(f)]["local"] for f in fractions], "o-",
-                   label=market)
+        right.plot(fractions, [scores[str(f)]["join"] - scores[str(f)]["local"] for f in fractions], "o-", label=market)
     right.axhline(0, color="grey", linewidth=0.8)
     right.set_title("join minus local, per market")
     right.set_xlabel("share of the market's users trained on")
@@ -254,15 +308,20 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
     catalog_path = args.out / "catalog.txt"
     catalog.save(catalog_path)
     defaults = harness.app_defaults()
-    train = TrainConfig(epochs=defaults["local-epochs"], batch_size=defaults["batch-size"],
-                        learning_rate=defaults["learning-rate"], negatives=defaults["negatives"],
-                        score_penalty=defaults["score-penalty"])
+    train = TrainConfig(
+        epochs=defaults["local-epochs"],
+        batch_size=defaults["batch-size"],
+        learning_rate=defaults["learning-rate"],
+        negatives=defaults["negatives"],
+        score_penalty=defaults["score-penalty"],
+    )
     markets: dict[str, dict[float, dict[str, float]]] = {}
     seconds: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for position, market in enumerate(held_out):
-        harness.say(f"=== {market} joins ({position + 1} of {len(held_out)}), "
-                    f"{time.perf_counter() - started:.0f} s so far ===")
+        harness.say(
+            f"=== {market} joins ({position + 1} of {len(held_out)}), {time.perf_counter() - started:.0f} s so far ==="
+        )
         done = args.out / f"without-{market}" / "join-scores.json"
         if done.exists():
             saved = json.loads(done.read_text(encoding="utf-8"))
@@ -278,36 +337,63 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
         markets[market] = {}
         for fraction in fractions:
             clock = time.perf_counter()
-            joined = join_market(published, split, catalog, args.join_epochs, args.seed, fraction, train,
-                                 args.fine_tune_epochs)
+            joined = join_market(
+                published, split, catalog, args.join_epochs, args.seed, fraction, train, args.fine_tune_epochs
+            )
             join_seconds = time.perf_counter() - clock
             clock = time.perf_counter()
-            local = local_on_fraction(split, catalog, fraction, args.num_server_rounds, train, args.seed,
-                                      published.embedding_dim, published.history_length,
-                                      published.user_embeddings)
+            local = local_on_fraction(
+                split,
+                catalog,
+                fraction,
+                args.num_server_rounds,
+                train,
+                args.seed,
+                published.embedding_dim,
+                published.history_length,
+                published.user_embeddings,
+            )
             local_seconds = time.perf_counter() - clock
-            markets[market][fraction] = {"join": joined.test.ndcg, "local": local["test-ndcg"],
-                                         "join-val": joined.valid.ndcg, "local-val": local["val-ndcg"],
-                                         "train-users": joined.train_users}
+            markets[market][fraction] = {
+                "join": joined.test.ndcg,
+                "local": local["test-ndcg"],
+                "join-val": joined.valid.ndcg,
+                "local-val": local["val-ndcg"],
+                "train-users": joined.train_users,
+            }
             seconds.setdefault(market, {})[f"{fraction:g}"] = {"join": join_seconds, "local": local_seconds}
-            harness.say(f"{market} at {fraction:g} ({joined.train_users} users): join {joined.test.ndcg:.4f} "
-                        f"(epoch {joined.best_epoch}, {join_seconds:.1f} s), local {local['test-ndcg']:.4f} "
-                        f"(round {local['round']}, {local_seconds:.1f} s)")
+            harness.say(
+                f"{market} at {fraction:g} ({joined.train_users} users): join {joined.test.ndcg:.4f} "
+                f"(epoch {joined.best_epoch}, {join_seconds:.1f} s), local {local['test-ndcg']:.4f} "
+                f"(round {local['round']}, {local_seconds:.1f} s)"
+            )
         seconds[market]["federated-training"] = federated_seconds
-        done.write_text(json.dumps({"config": market_config(args, fractions), "scores": markets[market],
-                                    "seconds": seconds[market]}), encoding="utf-8")
+        done.write_text(
+            json.dumps(
+                {"config": market_config(args, fractions), "scores": markets[market], "seconds": seconds[market]}
+            ),
+            encoding="utf-8",
+        )
     summary = macro(markets, fractions)
     report = {
-        "config": {"data_dir": args.data_dir, "method": args.method, "rounds": args.num_server_rounds,
-                   "join_epochs": args.join_epochs,
-                   "fine_tune_epochs": args.fine_tune_epochs, "seed": args.seed, "fractions": fractions},
+        "config": {
+            "data_dir": args.data_dir,
+            "method": args.method,
+            "rounds": args.num_server_rounds,
+            "join_epochs": args.join_epochs,
+            "fine_tune_epochs": args.fine_tune_epochs,
+            "seed": args.seed,
+            "fractions": fractions,
+        },
         "fractions": fractions,
         # JSON keys are strings: "0.1", "1.0".
         "markets": {m: {str(f): v for f, v in by_fraction.items()} for m, by_fraction in markets.items()},
         "macro": {str(f): v for f, v in summary.items()},
         "wins": {
-            str(f): {"markets": sum(markets[m][f]["join"] > markets[m][f]["local"] for m in markets),
-                     "macro": summary[f]["join"] > summary[f]["local"]}
+            str(f): {
+                "markets": sum(markets[m][f]["join"] > markets[m][f]["local"] for m in markets),
+                "macro": summary[f]["join"] > summary[f]["local"],
+            }
             for f in fractions
         },
         "seconds": seconds,
@@ -317,15 +403,19 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
     (args.out / "join.md").write_text(text + "\n", encoding="utf-8")
     plot(report, args.out / "join.png")
     harness.say("\n" + text)
-    harness.say(f"\nWrote {args.out / 'join.json'}, join.md and join.png "
-                f"in {math.ceil(time.perf_counter() - started)} s")
+    harness.say(
+        f"\nWrote {args.out / 'join.json'}, join.md and join.png in {math.ceil(time.perf_counter() - started)} s"
+    )
     return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m simulations.join_benchmark``: the same as ``python -m simulations.benchmark join``."""
-    parser = ArgumentParser(prog="python -m simulations.benchmark join", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m simulations.benchmark join",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return join(parser.parse_args(argv))
 

@@ -112,19 +112,26 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     print("| setting | s/round | s/round not training |\n|---|---:|---:|")
     for name, result in results.items():
         print(f"| {name} | {result['mean_seconds_per_round']:.2f} | {result['mean_seconds_not_training']:.2f} |")
-    print(f"tuned / flower-defaults: {report['ratio_seconds_per_round']:.2f} per round, "
-          f"{report['ratio_seconds_not_training']:.2f} of the time not training")
+    print(
+        f"tuned / flower-defaults: {report['ratio_seconds_per_round']:.2f} per round, "
+        f"{report['ratio_seconds_not_training']:.2f} of the time not training"
+    )
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``latency`` sub-command's options."""
     parser.add_argument("--num-regions", type=int, default=3, help="regions, one SuperNode each (default: %(default)s)")
-    parser.add_argument("--num-server-rounds", type=int, default=4, help="federated rounds per setting (default: %(default)s)")
-    parser.add_argument("--data-dir", default="",
-                        help="take the first --num-regions markets from here (default: generated markets)")
+    parser.add_argument(
+        "--num-server-rounds", type=int, default=4, help="federated rounds per setting (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir", default="", help="take the first --num-regions markets from here (default: generated markets)"
+    )
     parser.add_argument("--embedding-dim", type=int, default=32, help="model width (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/latency"), help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/latency"), help="output directory (default: %(default)s)"
+    )
     add_alias(parser, "--regions", "--num-regions")
     add_alias(parser, "--rounds", "--num-server-rounds")

@@ -49,23 +49,38 @@ def privacy_figure(report: dict[str, Any]) -> plt.Figure:
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows + 0.6), squeeze=False)
     first = axes.flat[0]
     for index, (axis, market) in enumerate(zip(axes.flat, markets, strict=False)):
-        def score(summary: dict[str, Any], key: str = "ndcg@10") -> float:
+
+        def score(summary: dict[str, Any], key: str = "ndcg@10", market: str = market) -> float:
             return summary["macro"][key] if market == "macro" else summary["per_market"][market][key]
 
         if axis is not first:
             axis.sharey(first)
         if index % columns:
             axis.tick_params(labelleft=False)
-        lines = [(runs, "o", "tab:blue", "federated, DP (inf: no DP)"),
-                 (popular, "x", "tab:orange", "popularity, DP (inf: exact)")]
+        lines = [
+            (runs, "o", "tab:blue", "federated, DP (inf: no DP)"),
+            (popular, "x", "tab:orange", "popularity, DP (inf: exact)"),
+        ]
         if served is not None:
-            lines.append((served, "s", "tab:red",
-                          f"served: local or {'private transfer' if transfer else 'federated'},\nchosen on validation"))
+            lines.append(
+                (
+                    served,
+                    "s",
+                    "tab:red",
+                    f"served: local or {'private transfer' if transfer else 'federated'},\nchosen on validation",
+                )
+            )
         for summary, marker, color, label in lines:
             # Error bars: one standard deviation over seeds (none for one seed).
-            axis.errorbar([positions[b] for b in labels], [score(summary[b]) for b in labels],
-                          yerr=[score(summary[b], "ndcg@10 std") for b in labels],
-                          marker=marker, color=color, capsize=3, label=label)
+            axis.errorbar(
+                [positions[b] for b in labels],
+                [score(summary[b]) for b in labels],
+                yerr=[score(summary[b], "ndcg@10 std") for b in labels],
+                marker=marker,
+                color=color,
+                capsize=3,
+                label=label,
+            )
         if "inf" in runs:
             axis.axhline(score(runs["inf"]), linestyle="--", color="tab:green", label="federated, no DP")
         axis.axhline(score(local), linestyle=":", color="tab:gray", label="local only")
@@ -74,15 +89,22 @@ def privacy_figure(report: dict[str, Any]) -> plt.Figure:
     for axis in axes[:, 0]:
         axis.set_ylabel("test NDCG@10")
     handles, names = first.get_legend_handles_labels()
-    spare = list(axes.flat)[len(markets):]
+    spare = list(axes.flat)[len(markets) :]
     kept = retention_panel(spare.pop(0), retained, positions, labels) if retained is not None else None
     for axis in spare:
         axis.axis("off")
     if kept is not None:  # the retention legend in a free panel of its own if there is one to spare, else inside
         kept_handles, kept_names = kept.get_legend_handles_labels()
         if len(spare) > 1:
-            spare[1].legend(kept_handles, kept_names, loc="center", fontsize="small", ncol=2,
-                            title="retention of the gain", title_fontsize="small")
+            spare[1].legend(
+                kept_handles,
+                kept_names,
+                loc="center",
+                fontsize="small",
+                ncol=2,
+                title="retention of the gain",
+                title_fontsize="small",
+            )
         else:
             kept.legend(fontsize="x-small", ncol=2, loc="best")
     if spare:
@@ -104,23 +126,30 @@ def epsilon_axis(axis: plt.Axes, positions: dict[str, float], labels: list[str])
     axis.grid(alpha=0.3)
 
 
-def retention_panel(axis: plt.Axes, retained: dict[str, dict[str, Any]], positions: dict[str, float],
-                    labels: list[str]) -> plt.Axes:
+def retention_panel(
+    axis: plt.Axes, retained: dict[str, dict[str, Any]], positions: dict[str, float], labels: list[str]
+) -> plt.Axes:
     """Draw on ``axis`` the served model's retention of the federation's gain against epsilon, in percent.
 
     One thin line per market, the macro thick and black, a dashed line at
     50%; the y-axis spans at least 0 to 100%. Returns ``axis`` (its legend is
     left to the caller).
     """
+
     def percent(value: float | None) -> float:
         return math.nan if value is None else 100 * value
 
     x = [positions[b] for b in labels]
     for market in next(iter(retained.values()))["per_market"]:
-        axis.plot(x, [percent(retained[b]["per_market"][market]) for b in labels], marker=".", linewidth=1,
-                  alpha=0.7, label=market)
-    axis.plot(x, [percent(retained[b]["macro"]) for b in labels], marker="s", color="black", linewidth=2,
-              label="macro")
+        axis.plot(
+            x,
+            [percent(retained[b]["per_market"][market]) for b in labels],
+            marker=".",
+            linewidth=1,
+            alpha=0.7,
+            label=market,
+        )
+    axis.plot(x, [percent(retained[b]["macro"]) for b in labels], marker="s", color="black", linewidth=2, label="macro")
     axis.axhline(50, linestyle="--", color="tab:gray", linewidth=1, label="50%")
     shown = [y for line in axis.get_lines() for y in line.get_ydata() if not math.isnan(y)]
     axis.set_ylim(min(-5.0, *(y - 5 for y in shown)), max(105.0, *(y + 5 for y in shown)))

@@ -84,8 +84,10 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "local": mean_over_seeds([run["local"] for run in per_seed.values()]),
         **{
-            key: {label: mean_over_seeds([run[key][label] for run in per_seed.values()])
-                  for label in per_seed[seeds[0]][key]}
+            key: {
+                label: mean_over_seeds([run[key][label] for run in per_seed.values()])
+                for label in per_seed[seeds[0]][key]
+            }
             for key in ("runs", "popular", "transfer", "served")
         },
     }
@@ -96,16 +98,23 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     served = sweep_frame(report["served"]).assign(method="served")
     if "retention" in report:
         served = served.merge(retention_frame(report["retention"]), on=["budget", "market"], how="left")
-    frame = pd.concat([sweep_frame(report["runs"]).assign(method=args.method),
-                       *([sweep_frame(report["transfer"]).assign(method=transfer)] if transfer else []),
-                       sweep_frame(report["popular"]).assign(method="popular"), served])
+    frame = pd.concat(
+        [
+            sweep_frame(report["runs"]).assign(method=args.method),
+            *([sweep_frame(report["transfer"]).assign(method=transfer)] if transfer else []),
+            sweep_frame(report["popular"]).assign(method="popular"),
+            served,
+        ]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "sweep.csv", index=False)
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     plot(report, args.out / "privacy.png")
     table = frame.pivot(index=["method", "market"], columns="budget", values="ndcg@10")[labels]
-    print(f"test NDCG@10{f', mean of {len(seeds)} seeds' if len(seeds) > 1 else ''} "
-          f"(served: local or {transfer or args.method}, whichever is better on validation):")
+    print(
+        f"test NDCG@10{f', mean of {len(seeds)} seeds' if len(seeds) > 1 else ''} "
+        f"(served: local or {transfer or args.method}, whichever is better on validation):"
+    )
     print(table.to_string(float_format="%.4f"))
     if "retention" in report:
         print("\nretention of the federation's gain, (served - local) / (served at inf - local), test NDCG@10:")
@@ -141,8 +150,15 @@ def sweep_seed(args: argparse.Namespace, seed: int, out: Path, progress: Any) ->
         label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
         say(f"== seed {seed}: {args.method} at epsilon {label} ==")
         methods = ",".join(["popular", args.method, *([transfer] if transfer else [])])
-        argv = [*common, "--methods", methods, "--out", str(out / f"eps-{label}"),
-                "--dp-epsilon", "0" if math.isinf(epsilon) else str(epsilon)]
+        argv = [
+            *common,
+            "--methods",
+            methods,
+            "--out",
+            str(out / f"eps-{label}"),
+            "--dp-epsilon",
+            "0" if math.isinf(epsilon) else str(epsilon),
+        ]
         results = harness.main(argv)["methods"]
         runs[label], popular[label] = results[args.method], results["popular"]
         if transfer:
@@ -177,16 +193,22 @@ def served_summary(local: dict[str, Any], candidate: dict[str, Any], name: str) 
     """
     markets, others = set(local["per_market"]), set(candidate["per_market"])
     if markets != others:
-        raise ValueError(f"Local and {name} must report the same markets to choose between them, "
-                         f"got {sorted(markets)} and {sorted(others)}.")
+        raise ValueError(
+            f"Local and {name} must report the same markets to choose between them, "
+            f"got {sorted(markets)} and {sorted(others)}."
+        )
     if not markets:
         raise ValueError("There is no market to choose a served model for.")
     per_market = {}
     for market, own in local["per_market"].items():
         other = candidate["per_market"][market]
         chosen, pick = (name, other) if other[VALIDATION] > own[VALIDATION] else ("local", own)
-        per_market[market] = {**{key: pick[key] for key in (*METRICS, VALIDATION)}, "chosen": chosen,
-                              "epsilon": pick.get("epsilon"), "delta": pick.get("delta")}
+        per_market[market] = {
+            **{key: pick[key] for key in (*METRICS, VALIDATION)},
+            "chosen": chosen,
+            "epsilon": pick.get("epsilon"),
+            "delta": pick.get("delta"),
+        }
     macro = {metric: sum(m[metric] for m in per_market.values()) / len(per_market) for metric in METRICS}
     return {"per_market": per_market, "macro": macro}
 
@@ -214,8 +236,9 @@ def retention(served: dict[str, dict[str, Any]], local: dict[str, Any]) -> dict[
         macro from the macro numbers (not the mean of the markets' ratios).
     """
     if "inf" not in served:
-        raise ValueError(f"The retention needs the served model without DP (budget 'inf'), "
-                         f"got budgets {sorted(served)}.")
+        raise ValueError(
+            f"The retention needs the served model without DP (budget 'inf'), got budgets {sorted(served)}."
+        )
 
     def ratio(at: float, without_dp: float, alone: float) -> float | None:
         gain = without_dp - alone
@@ -225,8 +248,11 @@ def retention(served: dict[str, dict[str, Any]], local: dict[str, Any]) -> dict[
     return {
         label: {
             "per_market": {
-                market: ratio(metrics["ndcg@10"], reference["per_market"][market]["ndcg@10"],
-                              local["per_market"][market]["ndcg@10"])
+                market: ratio(
+                    metrics["ndcg@10"],
+                    reference["per_market"][market]["ndcg@10"],
+                    local["per_market"][market]["ndcg@10"],
+                )
                 for market, metrics in summary["per_market"].items()
             },
             "macro": ratio(summary["macro"]["ndcg@10"], reference["macro"]["ndcg@10"], local["macro"]["ndcg@10"]),
@@ -237,22 +263,28 @@ def retention(served: dict[str, dict[str, Any]], local: dict[str, Any]) -> dict[
 
 def retention_frame(retained: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per budget and market (macro included): ``budget``, ``market``, ``retention`` (a fraction or None)."""
-    return pd.DataFrame([
-        {"budget": label, "market": market, "retention": value}
-        for label, entry in retained.items()
-        for market, value in [*entry["per_market"].items(), ("macro", entry["macro"])]
-    ], columns=["budget", "market", "retention"])
+    return pd.DataFrame(
+        [
+            {"budget": label, "market": market, "retention": value}
+            for label, entry in retained.items()
+            for market, value in [*entry["per_market"].items(), ("macro", entry["macro"])]
+        ],
+        columns=["budget", "market", "retention"],
+    )
 
 
 def retention_table(retained: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Budgets as columns, markets and macro as rows, in percent; :data:`NO_GAIN` where there is none."""
+
     def percent(value: float | None) -> str:
         return NO_GAIN if value is None else f"{100 * value:.0f}%"
 
     markets = [*next(iter(retained.values()))["per_market"], "macro"]
     return pd.DataFrame(
-        {label: [percent(entry["macro"] if market == "macro" else entry["per_market"][market]) for market in markets]
-         for label, entry in retained.items()},
+        {
+            label: [percent(entry["macro"] if market == "macro" else entry["per_market"][market]) for market in markets]
+            for label, entry in retained.items()
+        },
         index=pd.Index(markets, name="market"),
     )
 
@@ -266,6 +298,7 @@ def mean_over_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     on the summary holds for every seed. A served summary's ``chosen`` joins
     the seeds' choices in seed order (``"local,fedals-pt"``).
     """
+
     def mean_std(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for metric in METRICS:
@@ -297,9 +330,14 @@ def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """
     columns = [key for metric in METRICS for key in (metric, f"{metric} std")]
     rows = [
-        {"budget": label, "market": market, **{key: metrics[key] for key in columns},
-         "epsilon_spent": metrics["epsilon"], "delta": metrics["delta"],
-         **({"chosen": metrics["chosen"]} if "chosen" in metrics else {})}
+        {
+            "budget": label,
+            "market": market,
+            **{key: metrics[key] for key in columns},
+            "epsilon_spent": metrics["epsilon"],
+            "delta": metrics["delta"],
+            **({"chosen": metrics["chosen"]} if "chosen" in metrics else {}),
+        }
         for label, summary in runs.items()
         for market, metrics in summary["per_market"].items()
     ]
@@ -309,26 +347,52 @@ def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the options and run the sweep."""
-    parser = ArgumentParser(prog="python -m simulations.privacy_sweep", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dp-epsilons", type=parse_epsilons, default=parse_epsilons("inf,8,4,2,1"),
-                        help="comma-separated per-market budgets, inf for no DP (default: inf,8,4,2,1)")
+    parser = ArgumentParser(
+        prog="python -m simulations.privacy_sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dp-epsilons",
+        type=parse_epsilons,
+        default=parse_epsilons("inf,8,4,2,1"),
+        help="comma-separated per-market budgets, inf for no DP (default: inf,8,4,2,1)",
+    )
     parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
-    parser.add_argument("--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)")
-    parser.add_argument("--method", default="fedals", choices=sorted(METHODS),
-                        help="federated method; its private-transfer variant, if any, runs beside it "
-                             "(default: %(default)s)")
-    parser.add_argument("--num-server-rounds", type=int, default=None,
-                        help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
-                             "num-server-rounds of the app config)")
+    parser.add_argument(
+        "--synthetic-markets", type=int, default=6, help="generated markets without --data-dir (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--method",
+        default="fedals",
+        choices=sorted(METHODS),
+        help="federated method; its private-transfer variant, if any, runs beside it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-server-rounds",
+        type=int,
+        default=None,
+        help=f"federated rounds (default: {harness.app_defaults()['num-server-rounds']}, "
+        "num-server-rounds of the app config)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
-    parser.add_argument("--num-seeds", type=int, default=1,
-                        help="seeds from --seed on; with more than one, every number is the mean over them, with its "
-                             "standard deviation beside it and as error bars, and each seed's runs go to OUT/seed-<s> "
-                             "(default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/privacy"), help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--num-seeds",
+        type=int,
+        default=1,
+        help="seeds from --seed on; with more than one, every number is the mean over them, with its "
+        "standard deviation beside it and as error bars, and each seed's runs go to OUT/seed-<s> "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/privacy"), help="output directory (default: %(default)s)"
+    )
     add_verbose(parser, "every run's per-market lines")
-    for old, new in {"--epsilons": "--dp-epsilons", "--rounds": "--num-server-rounds", "--seeds": "--num-seeds"}.items():
+    for old, new in {
+        "--epsilons": "--dp-epsilons",
+        "--rounds": "--num-server-rounds",
+        "--seeds": "--num-seeds",
+    }.items():
         add_alias(parser, old, new)
     args = parser.parse_args(argv)
     if args.num_seeds < 1:

@@ -39,8 +39,9 @@ def say(message: str) -> None:
 
 def bar(total: int, description: str, unit: str) -> tqdm:
     """A progress bar with ETA on stderr; off when stderr is not a terminal."""
-    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, disable=None, leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=description, unit=unit, file=sys.stderr, disable=None, leave=False, dynamic_ncols=True
+    )
 
 
 def over(items: Iterable[Item], total: int, description: str, unit: str) -> Iterator[Item]:
@@ -96,8 +97,7 @@ class RoundProgress:
         level, message = split_level(line)
         if (evaluation := MARKET_EVALUATION.search(message)) is not None:
             server_round, market = int(evaluation.group(1)), evaluation.group(2)
-            self.pending.setdefault(server_round, {})[market] = (float(evaluation.group(3)),
-                                                                 float(evaluation.group(4)))
+            self.pending.setdefault(server_round, {})[market] = (float(evaluation.group(3)), float(evaluation.group(4)))
             if self.verbose:
                 say("    " + message)
             return
@@ -118,9 +118,11 @@ class RoundProgress:
             test = statistics.fmean(scores[1] for scores in evaluated.values())
             silent = [market for market in self.markets if market not in evaluated]
             missing = f"; failed or silent: {', '.join(silent)}" if silent else ""
-            say(f"    round {server_round}/{self.rounds}: macro val NDCG@10 {valid:.4f}, test NDCG@10 {test:.4f} "
+            say(
+                f"    round {server_round}/{self.rounds}: macro val NDCG@10 {valid:.4f}, test NDCG@10 {test:.4f} "
                 f"({len(evaluated)} of {len(self.markets)} markets replied{missing}), "
-                f"{time.monotonic() - self.began:.0f} s in")
+                f"{time.monotonic() - self.began:.0f} s in"
+            )
             if server_round > self.bar.n:
                 self.bar.update(server_round - self.bar.n)
 

@@ -17,8 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: the harness runs on machines without a screen
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 Curve = list[dict[str, float]]  # one market's metrics per round, round 0 first
 
@@ -57,7 +57,9 @@ def federated_curves(history: dict[str, Any]) -> dict[str, Curve]:
             }
             for prefix, key in FINAL_STEPS.items():
                 if f"{prefix}test-ndcg" in metrics:
-                    point[key] = {name[len(prefix):]: value for name, value in metrics.items() if name.startswith(prefix)}
+                    point[key] = {
+                        name[len(prefix) :]: value for name, value in metrics.items() if name.startswith(prefix)
+                    }
             curves.setdefault(market, []).append(point)
     return curves
 
@@ -73,8 +75,13 @@ def final_step_curves(curves: dict[str, Curve], step: str) -> dict[str, Curve]:
         if step not in final:
             raise ValueError(f"Market '{market}' reported no {step} metrics after the last round.")
         final_points[market] = [
-            {"round": final["round"], "users": final["users"], "epsilon": final["epsilon"], "delta": final["delta"],
-             **final[step]}
+            {
+                "round": final["round"],
+                "users": final["users"],
+                "epsilon": final["epsilon"],
+                "delta": final["delta"],
+                **final[step],
+            }
         ]
     return final_points
 
@@ -162,8 +169,12 @@ def results_frame(results: dict[str, Any]) -> pd.DataFrame:
         if "worst" in summary:
             worst = summary["worst"]
             rows.append(
-                {"method": method, "market": "worst", **{k: v for k, v in worst.items() if k != "market"},
-                 **{f"{metric} market": name for metric, name in worst["market"].items()}}
+                {
+                    "method": method,
+                    "market": "worst",
+                    **{k: v for k, v in worst.items() if k != "market"},
+                    **{f"{metric} market": name for metric, name in worst["market"].items()},
+                }
             )
     return pd.DataFrame(rows)
 

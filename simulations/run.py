@@ -59,10 +59,11 @@ from simulations.results import (
 )
 from xmfl.app import app_config
 
-
 DP_NOISE_SECURE = "secure: os.urandom, never derived from the config"
-DP_NOISE_INSECURE = ("INSECURE: the simulated markets seeded it from --seed (--dp-insecure-seeded-noise, "
-                     "their own node config); the noise can be removed")
+DP_NOISE_INSECURE = (
+    "INSECURE: the simulated markets seeded it from --seed (--dp-insecure-seeded-noise, "
+    "their own node config); the noise can be removed"
+)
 # Old spellings of renamed options, still accepted (hidden from --help): option names equal the config keys.
 ALIASES = {
     "--rounds": "--num-server-rounds",
@@ -78,7 +79,7 @@ REPLY_BYTES_PER_ENTRY = 4
 
 
 def app_defaults() -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` of pyproject.toml, the one place defaults live (the checkout's or the wheel's copy)."""
+    """``[tool.flwr.app.config]`` of pyproject.toml, the one place defaults live (the checkout's or wheel's copy)."""
     return app_config()
 
 
@@ -90,55 +91,125 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data-dir", default=defaults["data-dir"],
-                        help="directory with one interaction file per market (XMarket .txt, .csv or .parquet) "
-                             "(default: none, generated markets)")
-    parser.add_argument("--synthetic-markets", type=int, default=defaults["synthetic-markets"],
-                        help="markets to generate when no --data-dir is given (default: %(default)s)")
-    parser.add_argument("--methods", default="local,pooled,fedavg,fedper",
-                        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}; {BLEND} "
-                             f"blends {ALS_METHOD} with the first neural federated method listed, per market on "
-                             "validation (default: %(default)s)")
-    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
-                        help="federated rounds; baselines train as many epochs (default: %(default)s)")
-    parser.add_argument("--local-epochs", type=int, default=defaults["local-epochs"],
-                        help="local epochs per round (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=defaults["learning-rate"],
-                        help="Adam step size (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults["batch-size"],
-                        help="interactions per step (default: %(default)s)")
-    parser.add_argument("--negatives", type=int, default=defaults["negatives"],
-                        help="sampled negatives per positive while training (default: %(default)s)")
-    parser.add_argument("--embedding-dim", type=int, default=defaults["embedding-dim"],
-                        help="width of item and user vectors (default: %(default)s)")
-    parser.add_argument("--history-length", type=int, default=defaults["history-length"],
-                        help="training items pooled into a user's vector (default: %(default)s)")
-    parser.add_argument("--dp-epsilon", type=float, default=defaults["dp-epsilon"],
-                        help="per-market DP budget for the whole run (DP-SGD with Opacus), for the federated methods and local; "
-                             "pooled stays non-private; 0 trains without DP (default: %(default)s)")
-    parser.add_argument("--dp-market-epsilons", default=defaults["dp-market-epsilons"], metavar="MARKET=EPS,...",
-                        help="named markets' own budgets in place of --dp-epsilon, e.g. de=4,jp=2 "
-                             "(needs --dp-epsilon > 0 for the others) (default: none)")
-    parser.add_argument("--dp-insecure-seeded-noise", action="store_true",
-                        help="INSECURE, to reproduce an experiment only: draw DP noise and sampling from --seed, so "
-                             "that whoever knows the config can remove the noise; results.json marks such a run "
-                             "(default: off, noise from the operating system's secure source)")
-    parser.add_argument("--als-min-buyers", type=int, default=None, metavar="K",
-                        help="fedals without DP: the simulated regions' own minimum buyers of an item before its "
-                             "statistics leave the market (their node config's als-min-buyers; 1 sends every "
-                             "item, as pooled iALS needs) (default: the code's, common.ials_private)")
-    parser.add_argument("--market-dp-noise-multiplier", type=float, default=defaults["market-dp-noise-multiplier"],
-                        help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
-                             "every market then weighs the same in the average (default: %(default)s)")
-    parser.add_argument("--market-dp-clipping-norm", type=float, default=defaults["market-dp-clipping-norm"],
-                        help="market-level DP: L2 bound on each market's update of the shared arrays (default: %(default)s)")
-    parser.add_argument("--set", dest="app_config", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other key of the app config ([tool.flwr.app.config] in pyproject.toml) for the "
-                             "federated methods, e.g. --set dp-learning-rate=0.02; repeatable (default: none)")
-    parser.add_argument("--seed", type=int, default=defaults["seed"],
-                        help="seeds data generation, negatives, models and training (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/run"),
-                        help="output directory for results.json, results.csv, results.md, rounds.png and logs (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        default=defaults["data-dir"],
+        help="directory with one interaction file per market (XMarket .txt, .csv or .parquet) "
+        "(default: none, generated markets)",
+    )
+    parser.add_argument(
+        "--synthetic-markets",
+        type=int,
+        default=defaults["synthetic-markets"],
+        help="markets to generate when no --data-dir is given (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="local,pooled,fedavg,fedper",
+        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}; {BLEND} "
+        f"blends {ALS_METHOD} with the first neural federated method listed, per market on "
+        "validation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-server-rounds",
+        type=int,
+        default=defaults["num-server-rounds"],
+        help="federated rounds; baselines train as many epochs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=defaults["local-epochs"],
+        help="local epochs per round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults["learning-rate"], help="Adam step size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults["batch-size"], help="interactions per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=defaults["negatives"],
+        help="sampled negatives per positive while training (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=defaults["embedding-dim"],
+        help="width of item and user vectors (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--history-length",
+        type=int,
+        default=defaults["history-length"],
+        help="training items pooled into a user's vector (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=defaults["dp-epsilon"],
+        help="per-market DP budget for the whole run (DP-SGD with Opacus), for the federated methods and local; "
+        "pooled stays non-private; 0 trains without DP (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dp-market-epsilons",
+        default=defaults["dp-market-epsilons"],
+        metavar="MARKET=EPS,...",
+        help="named markets' own budgets in place of --dp-epsilon, e.g. de=4,jp=2 "
+        "(needs --dp-epsilon > 0 for the others) (default: none)",
+    )
+    parser.add_argument(
+        "--dp-insecure-seeded-noise",
+        action="store_true",
+        help="INSECURE, to reproduce an experiment only: draw DP noise and sampling from --seed, so "
+        "that whoever knows the config can remove the noise; results.json marks such a run "
+        "(default: off, noise from the operating system's secure source)",
+    )
+    parser.add_argument(
+        "--als-min-buyers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="fedals without DP: the simulated regions' own minimum buyers of an item before its "
+        "statistics leave the market (their node config's als-min-buyers; 1 sends every "
+        "item, as pooled iALS needs) (default: the code's, common.ials_private)",
+    )
+    parser.add_argument(
+        "--market-dp-noise-multiplier",
+        type=float,
+        default=defaults["market-dp-noise-multiplier"],
+        help="market-level DP on the server: noise multiplier over the clipping norm, 0 for none; "
+        "every market then weighs the same in the average (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--market-dp-clipping-norm",
+        type=float,
+        default=defaults["market-dp-clipping-norm"],
+        help="market-level DP: L2 bound on each market's update of the shared arrays (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="app_config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other key of the app config ([tool.flwr.app.config] in pyproject.toml) for the "
+        "federated methods, e.g. --set dp-learning-rate=0.02; repeatable (default: none)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults["seed"],
+        help="seeds data generation, negatives, models and training (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/run"),
+        help="output directory for results.json, results.csv, results.md, rounds.png and logs (default: %(default)s)",
+    )
     add_verbose(parser, "each market's line every round")
     for old, new in ALIASES.items():
         add_alias(parser, old, new)
@@ -148,8 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}")
     if BLEND in methods and (ALS_METHOD not in methods or blend_partner(methods) is None):
-        parser.error(f"{BLEND} blends {ALS_METHOD} with a neural federated method: add {ALS_METHOD} and one of "
-                     f"{', '.join(m for m in METHODS if METHODS[m].solver == 'sgd')} to --methods")
+        parser.error(
+            f"{BLEND} blends {ALS_METHOD} with a neural federated method: add {ALS_METHOD} and one of "
+            f"{', '.join(m for m in METHODS if METHODS[m].solver == 'sgd')} to --methods"
+        )
     if any(m.startswith("implicit-") for m in methods) and (missing := implicit_missing()) is not None:
         parser.error(missing)
     if args.num_server_rounds < 1 or args.local_epochs < 1:
@@ -196,7 +269,9 @@ def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved:
         if not separator:
             raise ValueError(f"--set takes KEY=VALUE, got '{assignment}'.")
         if key not in defaults:
-            raise ValueError(f"--set {key}: the app config has no key '{key}'; see [tool.flwr.app.config] in pyproject.toml.")
+            raise ValueError(
+                f"--set {key}: the app config has no key '{key}'; see [tool.flwr.app.config] in pyproject.toml."
+            )
         if key in reserved:
             raise ValueError(f"--set {key}: the harness sets '{key}' from its own option; see --help.")
         default = defaults[key]
@@ -208,7 +283,9 @@ def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved:
             try:
                 parsed[key] = type(default)(text)
             except ValueError:
-                raise ValueError(f"--set {key}: expected a value of type {type(default).__name__}, got '{text}'.") from None
+                raise ValueError(
+                    f"--set {key}: expected a value of type {type(default).__name__}, got '{text}'."
+                ) from None
     return parsed
 
 
@@ -280,12 +357,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(parse_market_epsilons(args.dp_market_epsilons)) - set(markets))
     if unknown:
         # A misspelt market would quietly get the run's budget instead of its own.
-        raise UserError(f"--dp-market-epsilons names {unknown}, which are not markets of this run: "
-                        f"{', '.join(markets)}.")
+        raise UserError(
+            f"--dp-market-epsilons names {unknown}, which are not markets of this run: {', '.join(markets)}."
+        )
     catalog = source.catalog()  # reads every market once: bad files fail here, before training
     check_memory(len(markets), catalog.size, args.embedding_dim)
-    say(f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
-        f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s")
+    say(
+        f"{len(markets)} markets ({', '.join(markets[:10])}{', ...' if len(markets) > 10 else ''}), "
+        f"catalog of {len(catalog.item_ids)} items, loaded in {time.perf_counter() - started:.1f} s"
+    )
     defaults = {**app_defaults(), **args.app_config}
     train = TrainConfig(
         epochs=args.local_epochs,
@@ -302,20 +382,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             learning_rate=defaults["dp-learning-rate"],
             user_positives=defaults["dp-user-positives"],
         )
-        privacy = LocalPrivacy(args.dp_epsilon, defaults["dp-delta"], defaults["dp-max-grad-norm"],
-                               defaults["dp-accountant"], private_train, defaults["dp-popularity-share"],
-                               parse_market_epsilons(args.dp_market_epsilons), args.dp_insecure_seeded_noise)
+        privacy = LocalPrivacy(
+            args.dp_epsilon,
+            defaults["dp-delta"],
+            defaults["dp-max-grad-norm"],
+            defaults["dp-accountant"],
+            private_train,
+            defaults["dp-popularity-share"],
+            parse_market_epsilons(args.dp_market_epsilons),
+            args.dp_insecure_seeded_noise,
+        )
         for pooled in ("pooled", "pooled-ials", "implicit-pooled"):
             if pooled in args.methods:
-                say(f"{pooled} pools every market's data in one place: it trains without DP, "
-                    "as the non-private ceiling")
+                say(
+                    f"{pooled} pools every market's data in one place: it trains without DP, as the non-private ceiling"
+                )
         if "implicit-local" in args.methods:
             say("implicit-local is the implicit library's ALS: it trains without DP, a non-private reference")
     settings = BaselineSettings(
-        args.num_server_rounds, train, args.embedding_dim, args.history_length, defaults["user-embeddings"], args.seed, privacy,
+        args.num_server_rounds,
+        train,
+        args.embedding_dim,
+        args.history_length,
+        defaults["user-embeddings"],
+        args.seed,
+        privacy,
         models_dir=args.out / "models",  # served models: OUT/models/<method>/<market>/
     )
-    results: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "markets": markets}, "methods": {}, "rounds": []}
+    results: dict[str, Any] = {
+        "config": {**vars(args), "out": str(args.out), "markets": markets},
+        "methods": {},
+        "rounds": [],
+    }
     if args.dp_epsilon > 0:
         results["dp-noise"] = DP_NOISE_INSECURE if args.dp_insecure_seeded_noise else DP_NOISE_SECURE
         if args.dp_insecure_seeded_noise:
@@ -335,8 +433,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif method == "popular":
             curves = run_popular(source, catalog, settings, say)
         elif method == "pooled-ials":
-            ials = ials_config(defaults["als-factors"], defaults["als-regularization"], defaults["als-alpha"],
-                               defaults["als-nu"], defaults["als-confidence"], args.num_server_rounds, args.seed)
+            ials = ials_config(
+                defaults["als-factors"],
+                defaults["als-regularization"],
+                defaults["als-alpha"],
+                defaults["als-nu"],
+                defaults["als-confidence"],
+                args.num_server_rounds,
+                args.seed,
+            )
             curves = run_pooled_ials(source, catalog, settings, ials, say)
         elif method in ("implicit-local", "implicit-pooled"):
             curves = run_implicit(source, catalog, settings, method, say)
@@ -352,10 +457,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if BLEND in args.methods:
         say(f"== {BLEND} ==")
         started = time.perf_counter()
-        ials = ials_config(defaults["als-factors"], defaults["als-regularization"], defaults["als-alpha"],
-                           defaults["als-nu"], defaults["als-confidence"], args.num_server_rounds, args.seed)
-        curves = run_blend(source, catalog, args.out / "models", blend_partner(args.methods), ials,
-                           args.history_length, say)
+        ials = ials_config(
+            defaults["als-factors"],
+            defaults["als-regularization"],
+            defaults["als-alpha"],
+            defaults["als-nu"],
+            defaults["als-confidence"],
+            args.num_server_rounds,
+            args.seed,
+        )
+        curves = run_blend(
+            source, catalog, args.out / "models", blend_partner(args.methods), ials, args.history_length, say
+        )
         record_method(results, curves_by_method, BLEND, curves, time.perf_counter() - started)
     federated = [m for m in results["methods"] if m in METHODS or m == BLEND]
     if "local" in results["methods"] and federated:
@@ -406,8 +519,10 @@ def run_federated(args: argparse.Namespace, method: str, markets: list[str]) -> 
     """One federated method over ``markets`` on a SuperLink of this process; its curves and round log."""
     out_dir = args.out / method
     shutil.rmtree(out_dir, ignore_errors=True)  # a stale history must not pass for this run's
-    with (SimulationSuperLink(len(markets), args.out / "logs", node_config=simulation_node_config(args)) as superlink,
-          RoundProgress(method, args.num_server_rounds, markets, args.verbose) as progress):
+    with (
+        SimulationSuperLink(len(markets), args.out / "logs", node_config=simulation_node_config(args)) as superlink,
+        RoundProgress(method, args.num_server_rounds, markets, args.verbose) as progress,
+    ):
         superlink.run(run_config_for(args, method, out_dir, len(markets)), method, on_line=progress)
     history_path = out_dir / "history.json"
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.exists() else {"rounds": []}

@@ -120,30 +120,46 @@ def _kind(process: psutil.Process) -> str:
         return process.name()
     if command[0].startswith("ray::"):
         return command[0].split()[0]
-    named = [Path(part).name for part in command[:3] if not part.startswith("-") and not Path(part).name.startswith("python")]
+    named = [
+        Path(part).name for part in command[:3] if not part.startswith("-") and not Path(part).name.startswith("python")
+    ]
     return named[0] if named else Path(command[0]).name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scale benchmark's options."""
     parser.add_argument("--synthetic-markets", type=int, default=20, help="generated markets (default: %(default)s)")
-    parser.add_argument("--items", type=int, default=1_000_000, help="products in the company catalog (default: %(default)s)")
-    parser.add_argument("--largest-market-users", type=int, default=20_000,
-                        help="users of the biggest market; sizes decay as a power law (default: %(default)s)")
+    parser.add_argument(
+        "--items", type=int, default=1_000_000, help="products in the company catalog (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--largest-market-users",
+        type=int,
+        default=20_000,
+        help="users of the biggest market; sizes decay as a power law (default: %(default)s)",
+    )
     parser.add_argument("--num-server-rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
-    parser.add_argument("--methods", default="fedals,fedper", help="comma-separated federated methods (default: %(default)s)")
+    parser.add_argument(
+        "--methods", default="fedals,fedper", help="comma-separated federated methods (default: %(default)s)"
+    )
     parser.add_argument("--local", action="store_true", help="also run the local baseline (default: off)")
-    parser.add_argument("--memory-limit-gib", type=float, default=16.0,
-                        help="stop a method whose process tree exceeds this resident memory (default: %(default)s)")
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=16.0,
+        help="stop a method whose process tree exceeds this resident memory (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)"
+    )
     add_verbose(parser, "every run's per-market lines")
     add_alias(parser, "--markets", "--synthetic-markets")
     add_alias(parser, "--rounds", "--num-server-rounds")
 
 
 def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, dict[str, int], dict[str, int]]:
-    """Generate the markets into ``directory``: the catalog's path, the items each market touches and its interactions."""
+    """Generate the markets into ``directory``: the catalog's path, each market's touched items and interactions."""
     config = SyntheticConfig(
         markets=args.synthetic_markets,
         items=args.items,
@@ -185,7 +201,9 @@ def method_traffic(
     return traffic
 
 
-def proportionality(traffic: dict[str, dict[str, float]], direction: str, basis: str = "touched-items") -> dict[str, float]:
+def proportionality(
+    traffic: dict[str, dict[str, float]], direction: str, basis: str = "touched-items"
+) -> dict[str, float]:
     """How bytes follow ``basis`` (touched items, or interactions) across markets.
 
     ``r2`` of bytes against ``basis`` through the origin (1: bytes ∝ basis) and the ratio of
@@ -198,21 +216,36 @@ def proportionality(traffic: dict[str, dict[str, float]], direction: str, basis:
     residual = sent - slope * units
     r2 = 1.0 - float(residual @ residual) / float(((sent - sent.mean()) ** 2).sum() or 1.0)
     per_unit = sent / units
-    return {f"bytes-per-{basis.removesuffix('s')}": slope, "r2": r2,
-            f"max-over-min-bytes-per-{basis.removesuffix('s')}": float(per_unit.max() / per_unit.min())}
+    return {
+        f"bytes-per-{basis.removesuffix('s')}": slope,
+        "r2": r2,
+        f"max-over-min-bytes-per-{basis.removesuffix('s')}": float(per_unit.max() / per_unit.min()),
+    }
 
 
-def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_path: Path,
-               touched: dict[str, int], interactions: dict[str, int]) -> dict[str, Any]:
+def run_method(
+    args: argparse.Namespace,
+    method: str,
+    data_dir: Path,
+    catalog_path: Path,
+    touched: dict[str, int],
+    interactions: dict[str, int],
+) -> dict[str, Any]:
     """One federated method through the harness: rounds, traffic and the process tree's peak memory."""
     methods = f"local,{method}" if args.local else method
     argv = [
-        "--data-dir", str(data_dir),
-        "--num-server-rounds", str(args.num_server_rounds),
-        "--methods", methods,
-        "--out", str(args.out / method),
-        "--seed", str(args.seed),
-        "--set", f"catalog-path={catalog_path}",
+        "--data-dir",
+        str(data_dir),
+        "--num-server-rounds",
+        str(args.num_server_rounds),
+        "--methods",
+        methods,
+        "--out",
+        str(args.out / method),
+        "--seed",
+        str(args.seed),
+        "--set",
+        f"catalog-path={catalog_path}",
         *(["--verbose"] if args.verbose else []),
     ]
     started = time.perf_counter()
@@ -223,9 +256,12 @@ def run_method(args: argparse.Namespace, method: str, data_dir: Path, catalog_pa
             reason = f"{type(error).__name__}: {error}"
             if sampler.exceeded:
                 reason = f"stopped above the memory limit of {args.memory_limit_gib} GiB ({reason})"
-            return {"error": reason, "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
-                    "peak-tree-pss-mib": sampler.peak_pss_bytes / 2**20,
-                    "seconds": time.perf_counter() - started}
+            return {
+                "error": reason,
+                "peak-tree-rss-mib": sampler.peak_bytes / 2**20,
+                "peak-tree-pss-mib": sampler.peak_pss_bytes / 2**20,
+                "seconds": time.perf_counter() - started,
+            }
     rounds = [entry for entry in results["rounds"] if entry["method"] == method]
     seconds = [entry["seconds"] for entry in rounds]
     traffic = method_traffic(rounds, touched, interactions)
@@ -254,15 +290,18 @@ def table(report: dict[str, Any]) -> str:
         f"{report['markets']} markets, catalog of {report['items']:,} items, {report['rounds']} rounds; "
         f"markets touch {min(report['touched-items'].values()):,} to {max(report['touched-items'].values()):,} items",
         "",
-        "| method | s/round | peak tree PSS (GiB) | peak tree RSS (GiB) | up MB/round (largest market) | up bytes/touched item "
-        "| up r² vs touched items | up r² vs interactions | down MB/round (largest) | down bytes/touched item | down r² |",
+        "| method | s/round | peak tree PSS (GiB) | peak tree RSS (GiB) | up MB/round (largest market) "
+        "| up bytes/touched item | up r² vs touched items | up r² vs interactions | down MB/round (largest) "
+        "| down bytes/touched item | down r² |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     largest = max(report["touched-items"], key=report["touched-items"].get)
     for method, entry in report["methods"].items():
         if "error" in entry:
-            lines.append(f"| {method} | failed: {entry['error'][:160]} | {entry['peak-tree-pss-mib'] / 1024:.2f} | "
-                         f"{entry['peak-tree-rss-mib'] / 1024:.2f} | | | | | | | |")
+            lines.append(
+                f"| {method} | failed: {entry['error'][:160]} | {entry['peak-tree-pss-mib'] / 1024:.2f} | "
+                f"{entry['peak-tree-rss-mib'] / 1024:.2f} | | | | | | | |"
+            )
             continue
         big = entry["traffic"].get(largest, {})
         lines.append(
@@ -270,7 +309,8 @@ def table(report: dict[str, Any]) -> str:
             f"{entry['peak-tree-rss-mib'] / 1024:.2f} | "
             f"{big.get('upload-bytes', float('nan')) / 1e6:.1f} | {entry['upload']['bytes-per-touched-item']:.0f} | "
             f"{entry['upload']['r2']:.3f} | {entry['upload-by-interactions']['r2']:.3f} | "
-            f"{big.get('download-bytes', float('nan')) / 1e6:.1f} | {entry['download']['bytes-per-touched-item']:.0f} | "
+            f"{big.get('download-bytes', float('nan')) / 1e6:.1f} | "
+            f"{entry['download']['bytes-per-touched-item']:.0f} | "
             f"{entry['download']['r2']:.3f} |"
         )
     return "\n".join(lines)
@@ -284,14 +324,24 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     catalog_path, touched, interactions = write_federation(args, args.out / "data")
-    print(f"generated {args.synthetic_markets} markets over {args.items:,} items in {time.perf_counter() - started:.1f} s; "
-          f"they touch {min(touched.values()):,} to {max(touched.values()):,} items", flush=True)
-    report: dict[str, Any] = {"markets": args.synthetic_markets, "items": args.items, "rounds": args.num_server_rounds,
-                              "touched-items": touched,
-                              "interactions": interactions, "methods": {}}
+    print(
+        f"generated {args.synthetic_markets} markets over {args.items:,} items "
+        f"in {time.perf_counter() - started:.1f} s; "
+        f"they touch {min(touched.values()):,} to {max(touched.values()):,} items",
+        flush=True,
+    )
+    report: dict[str, Any] = {
+        "markets": args.synthetic_markets,
+        "items": args.items,
+        "rounds": args.num_server_rounds,
+        "touched-items": touched,
+        "interactions": interactions,
+        "methods": {},
+    }
     for method in methods:
-        report["methods"][method] = run_method(args, method, args.out / "data" / "markets", catalog_path, touched,
-                                               report["interactions"])
+        report["methods"][method] = run_method(
+            args, method, args.out / "data" / "markets", catalog_path, touched, report["interactions"]
+        )
         (args.out / "scale.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     text = table(report)
     (args.out / "scale.md").write_text(text + "\n", encoding="utf-8")

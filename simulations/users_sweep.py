@@ -61,32 +61,68 @@ BLOCK_USERS = 10_000  # users whose choices are drawn at once (memory: block x i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``dp-users`` benchmark's options."""
     defaults = harness.app_defaults()
-    parser.add_argument("--users", default="1000,10000,100000",
-                        help="comma-separated users per market, one federation each (default: %(default)s)")
-    parser.add_argument("--synthetic-markets", type=int, default=4,
-                        help="equal markets per federation (default: %(default)s)")
-    parser.add_argument("--items-per-market", type=int, default=MEDIAN_MARKET_ITEMS,
-                        help="products each market sells, XMarket Electronics' median market's (default: %(default)s)")
-    parser.add_argument("--interactions-per-user", type=int, default=MEDIAN_MARKET_INTERACTIONS_PER_USER,
-                        help="mean interactions per user, at least 5; the median market's 8.99 rounded "
-                             "(default: %(default)s)")
-    parser.add_argument("--methods", default="fedals,fedals-pt",
-                        help="comma-separated federated methods, each run without DP and at --dp-epsilon "
-                             "(default: %(default)s)")
-    parser.add_argument("--dp-epsilon", type=float, default=8.0,
-                        help="per-market DP budget of the private runs (default: %(default)s)")
-    parser.add_argument("--target", type=float, default=0.9,
-                        help="fraction of the non-private NDCG@10 whose crossing is reported (default: %(default)s)")
-    parser.add_argument("--num-server-rounds", type=int, default=defaults["num-server-rounds"],
-                        help="federated rounds (default: %(default)s)")
-    parser.add_argument("--largest-markets", type=int, default=0,
-                        help="markets at the largest size only, to fit a small machine; 0 keeps "
-                             "--synthetic-markets (default: %(default)s)")
-    parser.add_argument("--largest-rounds", type=int, default=0,
-                        help="rounds at the largest size only; 0 keeps --num-server-rounds (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults["seed"],
-                        help="seeds the generated markets and the runs (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/dp-users"), help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--users",
+        default="1000,10000,100000",
+        help="comma-separated users per market, one federation each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--synthetic-markets", type=int, default=4, help="equal markets per federation (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--items-per-market",
+        type=int,
+        default=MEDIAN_MARKET_ITEMS,
+        help="products each market sells, XMarket Electronics' median market's (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--interactions-per-user",
+        type=int,
+        default=MEDIAN_MARKET_INTERACTIONS_PER_USER,
+        help="mean interactions per user, at least 5; the median market's 8.99 rounded (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="fedals,fedals-pt",
+        help="comma-separated federated methods, each run without DP and at --dp-epsilon (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dp-epsilon", type=float, default=8.0, help="per-market DP budget of the private runs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        help="fraction of the non-private NDCG@10 whose crossing is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-server-rounds",
+        type=int,
+        default=defaults["num-server-rounds"],
+        help="federated rounds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--largest-markets",
+        type=int,
+        default=0,
+        help="markets at the largest size only, to fit a small machine; 0 keeps "
+        "--synthetic-markets (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--largest-rounds",
+        type=int,
+        default=0,
+        help="rounds at the largest size only; 0 keeps --num-server-rounds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults["seed"],
+        help="seeds the generated markets and the runs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/dp-users"), help="output directory (default: %(default)s)"
+    )
     add_verbose(parser, "every run's per-market lines")
 
 
@@ -156,9 +192,16 @@ def median_market_shape(data_dir: str | Path) -> dict[str, Any]:
     for market, path in discover_market_files(data_dir).items():
         table = read_interactions(path)
         per_user = table.groupby("user").size()
-        shapes.append({"market": market, "users": int(per_user.size), "items": int(table["item"].nunique()),
-                       "interactions": int(len(table)), "mean-interactions-per-user": float(per_user.mean()),
-                       "median-interactions-per-user": float(per_user.median())})
+        shapes.append(
+            {
+                "market": market,
+                "users": int(per_user.size),
+                "items": int(table["item"].nunique()),
+                "interactions": int(len(table)),
+                "mean-interactions-per-user": float(per_user.mean()),
+                "median-interactions-per-user": float(per_user.median()),
+            }
+        )
     shapes.sort(key=lambda shape: (shape["users"], shape["market"]))
     return shapes[(len(shapes) - 1) // 2]
 
@@ -174,9 +217,14 @@ def size_settings(args: argparse.Namespace, users: int, largest: int) -> dict[st
     at_largest = users == largest
     markets = args.largest_markets if at_largest and args.largest_markets else args.synthetic_markets
     rounds = args.largest_rounds if at_largest and args.largest_rounds else args.num_server_rounds
-    return {"users": users, "markets": markets, "rounds": rounds,
-            "items": catalog_items(args.items_per_market), "interactions-per-user": args.interactions_per_user,
-            "seed": args.seed}
+    return {
+        "users": users,
+        "markets": markets,
+        "rounds": rounds,
+        "items": catalog_items(args.items_per_market),
+        "interactions-per-user": args.interactions_per_user,
+        "seed": args.seed,
+    }
 
 
 def federation(settings: dict[str, Any], directory: Path) -> dict[str, Any]:
@@ -187,10 +235,15 @@ def federation(settings: dict[str, Any], directory: Path) -> dict[str, Any]:
         shape = json.loads(stamp.read_text(encoding="utf-8"))
         if shape["settings"] == wanted and all((directory / "data" / f"{m}.csv").exists() for m in shape["markets"]):
             return shape
-    config = SyntheticConfig(markets=settings["markets"], items=settings["items"],
-                             largest_market_users=settings["users"], smallest_market_users=settings["users"],
-                             mean_interactions=settings["interactions-per-user"], seed=settings["seed"],
-                             user_block=BLOCK_USERS)
+    config = SyntheticConfig(
+        markets=settings["markets"],
+        items=settings["items"],
+        largest_market_users=settings["users"],
+        smallest_market_users=settings["users"],
+        mean_interactions=settings["interactions-per-user"],
+        seed=settings["seed"],
+        user_block=BLOCK_USERS,
+    )
     started = time.perf_counter()
     paths = write_markets(config, directory / "data")
     markets = {}
@@ -198,27 +251,46 @@ def federation(settings: dict[str, Any], directory: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as file:
             next(file)
             rows = [line.split(",", 2)[:2] for line in file]
-        markets[market] = {"users": len({user for user, _ in rows}), "items": len({item for _, item in rows}),
-                           "interactions": len(rows)}
+        markets[market] = {
+            "users": len({user for user, _ in rows}),
+            "items": len({item for _, item in rows}),
+            "interactions": len(rows),
+        }
     shape = {"settings": wanted, "markets": markets, "seconds": time.perf_counter() - started}
     stamp.write_text(json.dumps(shape, indent=1), encoding="utf-8")
     return shape
 
 
-def harness_run(args: argparse.Namespace, methods: list[str], settings: dict[str, Any], data: Path, out: Path,
-                epsilon: float) -> dict[str, Any]:
+def harness_run(
+    args: argparse.Namespace, methods: list[str], settings: dict[str, Any], data: Path, out: Path, epsilon: float
+) -> dict[str, Any]:
     """The harness's results for ``methods`` on ``data`` at ``epsilon`` (0: no DP), reused from ``out`` when there."""
     saved = out / "results.json"
     if saved.exists():
         results = json.loads(saved.read_text(encoding="utf-8"))
         config = results["config"]
         if (config["methods"], config["num_server_rounds"], config["seed"], config["dp_epsilon"]) == (
-                methods, settings["rounds"], args.seed, epsilon):
+            methods,
+            settings["rounds"],
+            args.seed,
+            epsilon,
+        ):
             say(f"reusing {saved}")
             return results
-    argv = ["--data-dir", str(data), "--methods", ",".join(methods), "--num-server-rounds", str(settings["rounds"]),
-            "--seed", str(args.seed), "--out", str(out), *(["--dp-epsilon", f"{epsilon:g}"] if epsilon else []),
-            *(["--verbose"] if args.verbose else [])]
+    argv = [
+        "--data-dir",
+        str(data),
+        "--methods",
+        ",".join(methods),
+        "--num-server-rounds",
+        str(settings["rounds"]),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+        *(["--dp-epsilon", f"{epsilon:g}"] if epsilon else []),
+        *(["--verbose"] if args.verbose else []),
+    ]
     return harness.main(argv)
 
 
@@ -229,8 +301,12 @@ def summarise(results: dict[str, Any], methods: list[str]) -> dict[str, Any]:
     spent), ``run-epsilon`` at the run's last round (what the whole training spent).
     """
     last = max((entry["round"] for entry in results["rounds"]), default=None)
-    spent = [market.get("epsilon") for entry in results["rounds"] if entry["round"] == last
-             for market in entry["per_market"].values()]
+    spent = [
+        market.get("epsilon")
+        for entry in results["rounds"]
+        if entry["round"] == last
+        for market in entry["per_market"].values()
+    ]
     summary = {}
     for method in methods:
         entry = results["methods"][method]
@@ -254,13 +330,22 @@ def table(report: dict[str, Any]) -> str:
         rule += "---:|---:|---:|"
     lines = [header + " minutes (both runs) |", rule + "---:|"]
     for size in report["sizes"].values():
-        cells = [f"{size['users']:,}", str(size["markets"]), str(size["rounds"]), f"{size['items-touched']:,.0f}",
-                 f"{size['interactions-per-user']:.2f}", _spent(size)]
+        cells = [
+            f"{size['users']:,}",
+            str(size["markets"]),
+            str(size["rounds"]),
+            f"{size['items-touched']:,.0f}",
+            f"{size['interactions-per-user']:.2f}",
+            _spent(size),
+        ]
         for method in methods:
             plain, private = size["non-private"].get(method), size["dp"].get(method)
             fraction = size["fraction"].get(method)
-            cells += [f"{plain['ndcg@10']:.4f}" if plain else "–", f"{private['ndcg@10']:.4f}" if private else "–",
-                      f"{fraction:.3f}" if fraction is not None else "–"]
+            cells += [
+                f"{plain['ndcg@10']:.4f}" if plain else "–",
+                f"{private['ndcg@10']:.4f}" if private else "–",
+                f"{fraction:.3f}" if fraction is not None else "–",
+            ]
         lines.append("| " + " | ".join(cells) + f" | {size['seconds'] / 60:.1f} |")
     lines.append("")
     for method in methods:
@@ -281,26 +366,36 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.8, 4.4))
     users = report["users"]
     for method in report["methods"]:
-        points = [(size["users"], size["fraction"][method]) for size in report["sizes"].values()
-                  if size["fraction"].get(method) is not None]
+        points = [
+            (size["users"], size["fraction"][method])
+            for size in report["sizes"].values()
+            if size["fraction"].get(method) is not None
+        ]
         if not points:
             continue
         found = report["crossing"][method]
         short = f" (< {report['target']:.0%} up to {points[-1][0]:,})" if found["status"] == "not-reached" else ""
-        line, = axis.plot(*zip(*points, strict=True), "o-", label=f"{method}, ε = {report['epsilon-label']}{short}")
+        (line,) = axis.plot(*zip(*points, strict=True), "o-", label=f"{method}, ε = {report['epsilon-label']}{short}")
         if not short:
             axis.plot([found["users"]], [report["target"]], "*", markersize=15, color=line.get_color())
             text = f"{'≤ ' if found['status'] == 'at-smallest' else '≈ '}{found['users']:,.0f}"
-            axis.annotate(text, (found["users"], report["target"]), textcoords="offset points",
-                          xytext=(6, -14), color=line.get_color())
+            axis.annotate(
+                text,
+                (found["users"], report["target"]),
+                textcoords="offset points",
+                xytext=(6, -14),
+                color=line.get_color(),
+            )
     axis.axhline(report["target"], linestyle="--", color="grey", label=f"{report['target']:.0%} of non-private")
     axis.set_xscale("log")
     axis.set_xticks(users, [f"{size:,}" for size in users])
     axis.minorticks_off()
     axis.set_xlabel("users per market")
     axis.set_ylabel("macro test NDCG@10, DP / non-private")
-    axis.set_title(f"equal markets selling {report['items-per-market']:,} items, "
-                   f"{report['interactions-per-user']} interactions per user")
+    axis.set_title(
+        f"equal markets selling {report['items-per-market']:,} items, "
+        f"{report['interactions-per-user']} interactions per user"
+    )
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()
@@ -312,14 +407,24 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
     """``users.csv``: one row per size and method."""
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(["users", "markets", "rounds", "method", "ndcg@10 non-private", "ndcg@10 dp", "epsilon",
-                         "fraction"])
+        writer.writerow(
+            ["users", "markets", "rounds", "method", "ndcg@10 non-private", "ndcg@10 dp", "epsilon", "fraction"]
+        )
         for size in report["sizes"].values():
             for method in report["methods"]:
                 plain, private = size["non-private"].get(method), size["dp"].get(method)
-                writer.writerow([size["users"], size["markets"], size["rounds"], method,
-                                 plain["ndcg@10"] if plain else "", private["ndcg@10"] if private else "",
-                                 report["dp-epsilon"], size["fraction"].get(method, "")])
+                writer.writerow(
+                    [
+                        size["users"],
+                        size["markets"],
+                        size["rounds"],
+                        method,
+                        plain["ndcg@10"] if plain else "",
+                        private["ndcg@10"] if private else "",
+                        report["dp-epsilon"],
+                        size["fraction"].get(method, ""),
+                    ]
+                )
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,10 +442,16 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     label = f"{args.dp_epsilon:g}"
     report: dict[str, Any] = {
         "config": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-        "users": users, "methods": methods, "dp-epsilon": args.dp_epsilon, "epsilon-label": label,
-        "target": args.target, "items-per-market": args.items_per_market,
-        "interactions-per-user": args.interactions_per_user, "catalog-items": catalog_items(args.items_per_market),
-        "sizes": {}, "crossing": {},
+        "users": users,
+        "methods": methods,
+        "dp-epsilon": args.dp_epsilon,
+        "epsilon-label": label,
+        "target": args.target,
+        "items-per-market": args.items_per_market,
+        "interactions-per-user": args.interactions_per_user,
+        "catalog-items": catalog_items(args.items_per_market),
+        "sizes": {},
+        "crossing": {},
     }
     started = time.perf_counter()
     with bar(2 * len(users), "dp-users sweep", "run") as progress:
@@ -348,14 +459,17 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             settings = size_settings(args, size, users[-1])
             directory = args.out / f"users-{size}"
             directory.mkdir(parents=True, exist_ok=True)
-            say(f"=== {size:,} users per market: {settings['markets']} markets, {settings['rounds']} rounds, "
-                f"{time.perf_counter() - started:.0f} s so far ===")
+            say(
+                f"=== {size:,} users per market: {settings['markets']} markets, {settings['rounds']} rounds, "
+                f"{time.perf_counter() - started:.0f} s so far ==="
+            )
             shape = federation(settings, directory)
             runs = {}
             for name, epsilon in (("non-private", 0.0), (f"eps-{label}", args.dp_epsilon)):
                 say(f"--- {size:,} users: {','.join(methods)} {'without DP' if not epsilon else f'at ε = {label}'} ---")
-                runs[name] = summarise(harness_run(args, methods, settings, directory / "data", directory / name,
-                                                   epsilon), methods)
+                runs[name] = summarise(
+                    harness_run(args, methods, settings, directory / "data", directory / name, epsilon), methods
+                )
                 progress.update(1)
             plain, private = runs["non-private"], runs[f"eps-{label}"]
             entry = {
@@ -364,19 +478,28 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 "interactions-per-user": sum(m["interactions"] for m in shape["markets"].values())
                 / sum(m["users"] for m in shape["markets"].values()),
                 "generated": shape["markets"],
-                "non-private": plain, "dp": private,
-                "fraction": {m: private[m]["ndcg@10"] / plain[m]["ndcg@10"] for m in methods if plain[m]["ndcg@10"] > 0},
+                "non-private": plain,
+                "dp": private,
+                "fraction": {
+                    m: private[m]["ndcg@10"] / plain[m]["ndcg@10"] for m in methods if plain[m]["ndcg@10"] > 0
+                },
                 # The harness's seconds of both runs (as they were, when reused), as each run's methods share one.
                 "seconds": sum(max(m["seconds"] or 0.0 for m in run.values()) for run in runs.values()),
             }
             report["sizes"][str(size)] = entry
-            say(f"{size:,} users: " + ", ".join(
-                f"{m} {plain[m]['ndcg@10']:.4f} -> {private[m]['ndcg@10']:.4f} ({entry['fraction'].get(m, math.nan):.3f})"
-                for m in methods))
+            say(
+                f"{size:,} users: "
+                + ", ".join(
+                    f"{m} {plain[m]['ndcg@10']:.4f} -> {private[m]['ndcg@10']:.4f} "
+                    f"({entry['fraction'].get(m, math.nan):.3f})"
+                    for m in methods
+                )
+            )
             (args.out / "results.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     for method in methods:
-        points = [(size["users"], size["fraction"][method]) for size in report["sizes"].values()
-                  if method in size["fraction"]]
+        points = [
+            (size["users"], size["fraction"][method]) for size in report["sizes"].values() if method in size["fraction"]
+        ]
         if points:
             report["crossing"][method] = crossing([u for u, _ in points], [f for _, f in points], args.target)
     (args.out / "results.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -385,15 +508,20 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     (args.out / "users.md").write_text(text + "\n", encoding="utf-8")
     plot(report, args.out / "users.png")
     say("\nmacro test NDCG@10, DP over non-private:\n" + text)
-    say(f"\nWrote {args.out / 'results.json'}, users.csv, users.md and users.png "
-        f"in {math.ceil(time.perf_counter() - started)} s")
+    say(
+        f"\nWrote {args.out / 'results.json'}, users.csv, users.md and users.png "
+        f"in {math.ceil(time.perf_counter() - started)} s"
+    )
     return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m simulations.users_sweep``: the same as ``python -m simulations.benchmark dp-users``."""
-    parser = ArgumentParser(prog="python -m simulations.benchmark dp-users", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m simulations.benchmark dp-users",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return sweep(parser.parse_args(argv))
 

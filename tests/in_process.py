@@ -12,9 +12,9 @@ from itertools import count
 from flwr.app import Context, Message, RecordDict
 
 from clients.client_app import app as client_app
-from simulations.attacks.hostile import InProcessGrid
 from server.server_app import main as server_main
 from simulations import run as harness
+from simulations.attacks.hostile import InProcessGrid
 from simulations.results import federated_curves
 
 _run_ids = count(1000)
@@ -44,8 +44,13 @@ class ClientAppGrid(LocalGrid):
     def __init__(self, run_config: dict, partitions: int, node_config: dict | None = None) -> None:
         super().__init__(list(range(1, partitions + 1)))
         self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                          node_config={**(node_config or {}), "partition-id": node - 1, "num-partitions": partitions})
+            node: Context(
+                run_id=1,
+                node_id=node,
+                state=RecordDict(),
+                run_config=run_config,
+                node_config={**(node_config or {}), "partition-id": node - 1, "num-partitions": partitions},
+            )
             for node in self.node_ids
         }
 
@@ -58,21 +63,33 @@ def run_config(**overrides) -> dict:
     return {**harness.app_defaults(), "min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0, **overrides}
 
 
-def serve(run_config: dict, markets: int = 2, run_id: int | None = None,
-          node_config: dict | None = None) -> ClientAppGrid:
+def serve(
+    run_config: dict, markets: int = 2, run_id: int | None = None, node_config: dict | None = None
+) -> ClientAppGrid:
     """One training of the real ServerApp over ``markets`` in-process ClientApps (each with ``node_config``
     beside its partition); the grid it used."""
     grid = ClientAppGrid(run_config, markets, node_config)
-    server_main(grid, Context(run_id=next(_run_ids) if run_id is None else run_id, node_id=0, node_config={},
-                              state=RecordDict(), run_config=run_config))
+    server_main(
+        grid,
+        Context(
+            run_id=next(_run_ids) if run_id is None else run_id,
+            node_id=0,
+            node_config={},
+            state=RecordDict(),
+            run_config=run_config,
+        ),
+    )
     return grid
 
 
 def in_process_federated(args, method: str, markets: list[str]) -> tuple[dict, list]:
     """``simulations.run.run_federated`` with the real apps in this process instead of a SuperLink and Ray."""
     out_dir = args.out / method
-    run_config = {**harness.app_defaults(), **harness.run_config_for(args, method, out_dir, len(markets)),
-                  "poll-interval": 0.001}
+    run_config = {
+        **harness.app_defaults(),
+        **harness.run_config_for(args, method, out_dir, len(markets)),
+        "poll-interval": 0.001,
+    }
     serve(run_config, len(markets), node_config=harness.simulation_node_config(args))
     history = json.loads((out_dir / "history.json").read_text(encoding="utf-8"))
     return federated_curves(history), [entry for entry in history["rounds"] if entry["round"] >= 1]

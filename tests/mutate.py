@@ -49,104 +49,220 @@ class Mutation:
 
 MUTATIONS = [
     # (a) DP-SGD without noise.
-    Mutation("noise off", "common/private_train.py",
-             "noise_multiplier=ledger.noise_multiplier,", "noise_multiplier=0.0,", DP_TESTS),
+    Mutation(
+        "noise off",
+        "common/private_train.py",
+        "noise_multiplier=ledger.noise_multiplier,",
+        "noise_multiplier=0.0,",
+        DP_TESTS,
+    ),
     # (b) Noise of the wrong scale: a tenth of what the ledger pays for.
-    Mutation("noise wrong", "common/private_train.py",
-             "noise_multiplier=ledger.noise_multiplier,", "noise_multiplier=ledger.noise_multiplier / 10,",
-             DP_TESTS),
+    Mutation(
+        "noise wrong",
+        "common/private_train.py",
+        "noise_multiplier=ledger.noise_multiplier,",
+        "noise_multiplier=ledger.noise_multiplier / 10,",
+        DP_TESTS,
+    ),
     # (c) No effective clipping.
-    Mutation("clipping off", "common/private_train.py",
-             "max_grad_norm=ledger.budget.max_grad_norm,", "max_grad_norm=1e9,", DP_TESTS),
+    Mutation(
+        "clipping off",
+        "common/private_train.py",
+        "max_grad_norm=ledger.budget.max_grad_norm,",
+        "max_grad_norm=1e9,",
+        DP_TESTS,
+    ),
     # (d) The loader samples at another rate than the ledger records: its batch size...
-    Mutation("loader rate differs", "common/private_train.py",
-             "sample_rate=rate, generator=sampling)", "sample_rate=rate * 2, generator=sampling)", DP_TESTS),
+    Mutation(
+        "loader rate differs",
+        "common/private_train.py",
+        "sample_rate=rate, generator=sampling)",
+        "sample_rate=rate * 2, generator=sampling)",
+        DP_TESTS,
+    ),
     # ... or the ledger's rate formula differs from Opacus's 1 / ceil(examples / batch).
-    Mutation("ledger rate differs", "common/privacy.py",
-             "return 1.0 / ceil(num_examples / batch_size)", "return batch_size / num_examples", DP_TESTS),
+    Mutation(
+        "ledger rate differs",
+        "common/privacy.py",
+        "return 1.0 / ceil(num_examples / batch_size)",
+        "return batch_size / num_examples",
+        DP_TESTS,
+    ),
     # (e) Fixed-size batches instead of Poisson sampling, which the accounting assumes.
-    Mutation("poisson off", "common/private_train.py",
-             "    loader = DPDataLoader(TensorDataset(torch.arange(data.split.num_users)), sample_rate=rate, "
-             "generator=sampling)",
-             "    loader = torch.utils.data.DataLoader(TensorDataset(torch.arange(data.split.num_users)), "
-             "batch_size=config.batch_size); loader.sample_rate = rate", DP_TESTS),
+    Mutation(
+        "poisson off",
+        "common/private_train.py",
+        "    loader = DPDataLoader(TensorDataset(torch.arange(data.split.num_users)), sample_rate=rate, "
+        "generator=sampling)",
+        "    loader = torch.utils.data.DataLoader(TensorDataset(torch.arange(data.split.num_users)), "
+        "batch_size=config.batch_size); loader.sample_rate = rate",
+        DP_TESTS,
+    ),
     # DP-SGD's rate, steps and negatives from what the users bought or how many they are.
-    Mutation("dp-sgd rate from the exact count", "common/private_train.py",
-             "    return data.released_users if data.released_users is not None else data.split.num_users",
-             "    return data.split.num_users", ["tests/test_private_training.py"]),
-    Mutation("dp-sgd negatives from the bought items", "common/train.py",
-             "    rows = data.public_rows\n", "    rows = data.market_items\n", ["tests/test_private_training.py"]),
+    Mutation(
+        "dp-sgd rate from the exact count",
+        "common/private_train.py",
+        "    return data.released_users if data.released_users is not None else data.split.num_users",
+        "    return data.split.num_users",
+        ["tests/test_private_training.py"],
+    ),
+    Mutation(
+        "dp-sgd negatives from the bought items",
+        "common/train.py",
+        "    rows = data.public_rows\n",
+        "    rows = data.market_items\n",
+        ["tests/test_private_training.py"],
+    ),
     # The client app: covered by tests/test_client_app.py; its owner adjusts these two. In
     # build_local_model, a market's saved head is no longer restored (the lines moved from
     # clients/client_app.py to clients/local_model.py unchanged).
     # The head a market trained is put back into its model from context.state every round.
-    Mutation("restore removed", "clients/local_model.py",
-             "    if LOCAL_STATE_KEY in context.state:\n"
-             "        set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())\n",
-             "    if LOCAL_STATE_KEY in context.state:\n"
-             "        pass  # mutation: the market's saved head is not restored\n",
-             ["tests/test_client_privacy.py::test_the_head_a_market_trained_is_the_head_it_evaluates_next_round"]),
+    Mutation(
+        "restore removed",
+        "clients/local_model.py",
+        "    if LOCAL_STATE_KEY in context.state:\n"
+        "        set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())\n",
+        "    if LOCAL_STATE_KEY in context.state:\n        pass  # mutation: the market's saved head is not restored\n",
+        ["tests/test_client_privacy.py::test_the_head_a_market_trained_is_the_head_it_evaluates_next_round"],
+    ),
     # The one decision every budget check goes through (the client's round, DP-SGD's epochs).
-    Mutation("enforcement removed", "common/privacy.py",
-             "        return self.epsilon_after(steps, rate) <= self.budget.epsilon",
-             "        return True  # mutation: every step is affordable",
-             ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"]),
+    Mutation(
+        "enforcement removed",
+        "common/privacy.py",
+        "        return self.epsilon_after(steps, rate) <= self.budget.epsilon",
+        "        return True  # mutation: every step is affordable",
+        ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
+    ),
     # DP-fedals: what a market releases each round and what it reports.
-    Mutation("dp-fedals noise off", "common/dp_ials.py",
-             "    if noise_multiplier > 0:\n        root_k", "    if False:\n        root_k", DP_FEDALS_TESTS),
-    Mutation("dp-fedals noise / 10", "clients/fedals.py",
-             "private_release(market.train, users, rows, entry.ledger.noise_multiplier, generator)",
-             "private_release(market.train, users, rows, entry.ledger.noise_multiplier / 10, generator)",
-             DP_FEDALS_TESTS),
-    Mutation("dp-fedals per-user bound removed", "common/dp_ials.py",
-             "weight = np.minimum(1.0, np.sqrt(release.items_per_user / np.maximum(per_user, 1.0)))",
-             "weight = np.ones_like(per_user)", DP_FEDALS_TESTS),
-    Mutation("dp-fedals pairs not distinct", "common/dp_ials.py",
-             "pairs = np.unique(users[inside] * max(len(rows), 1) + position[inside])",
-             "pairs = users[inside] * max(len(rows), 1) + position[inside]", DP_FEDALS_TESTS),
-    Mutation("dp-fedals ledger record skipped", "clients/fedals.py",
-             "            entry.ledger.record(1)\n", "            pass  # mutation: the release is not recorded\n",
-             DP_FEDALS_TESTS),
-    Mutation("metrics sent exact under DP", "clients/messages.py",
-             "        kept = {key: value for key, value in metrics.items() if key in DP_REPORTED}",
-             "        kept = dict(metrics)", REGION_TESTS),
-    Mutation("seeded noise from the run config", "clients/privacy_state.py",
-             "    return RegionPolicy.from_node_config(node_settings(context), market)",
-             "    return RegionPolicy.from_node_config({**context.run_config, **node_settings(context)}, market)",
-             REGION_TESTS),
-    Mutation("delta re-read at the run's", "clients/privacy_state.py",
-             "        candidates.append(entry.ledger.budget.delta)", "        pass", REGION_TESTS),
-    Mutation("released rows from the data", "clients/fedals.py",
-             "        rows = public_assortment(policy, catalog)", "        rows = split.market_items", REGION_TESTS),
-    Mutation("gram unchecked", "clients/fedals.py",
-             "    if problem := gram_problem(items, gram):", "    if False:", REGION_TESTS),
-    Mutation("lost ledger unnoticed", "clients/state_store.py",
-             "            if self.marker.exists():", "            if False:", REGION_TESTS),
-    Mutation("budget error text sent", "clients/messages.py",
-             '        return "PrivacyBudgetExceeded: the market\'s privacy budget does not allow this"',
-             '        return f"PrivacyBudgetExceeded: {error}"', REGION_TESTS),
-    Mutation("run delta above the default", "clients/privacy_state.py",
-             "    candidates = [default_delta(released_users)]\n    if config.dp_delta > 0:\n        candidates.append(config.dp_delta)",
-             "    candidates = [config.dp_delta if config.dp_delta > 0 else default_delta(released_users)]",
-             REGION_TESTS),
-    Mutation("count release unrecorded", "clients/privacy_state.py",
-             "    releases.append(COUNT_NOISE_MULTIPLIER)\n", "    pass  # mutation: the count's release is not recorded\n",
-             REGION_TESTS),
-    Mutation("dp-sgd moves the bought rows", "common/private_train.py",
-             "    outside[data.public_rows] = False", "    outside[data.market_items] = False",
-             ["tests/test_private_training.py"]),
-    Mutation("fine-tune longer than calibrated", "clients/client_app.py",
-             'epochs = min(int(round_config.get("fine-tune-epochs", 0)), config.fine_tune_epochs)',
-             'epochs = int(round_config.get("fine-tune-epochs", 0))', ["tests/test_private_training.py"]),
+    Mutation(
+        "dp-fedals noise off",
+        "common/dp_ials.py",
+        "    if noise_multiplier > 0:\n        root_k",
+        "    if False:\n        root_k",
+        DP_FEDALS_TESTS,
+    ),
+    Mutation(
+        "dp-fedals noise / 10",
+        "clients/fedals.py",
+        "private_release(market.train, users, rows, entry.ledger.noise_multiplier, generator)",
+        "private_release(market.train, users, rows, entry.ledger.noise_multiplier / 10, generator)",
+        DP_FEDALS_TESTS,
+    ),
+    Mutation(
+        "dp-fedals per-user bound removed",
+        "common/dp_ials.py",
+        "weight = np.minimum(1.0, np.sqrt(release.items_per_user / np.maximum(per_user, 1.0)))",
+        "weight = np.ones_like(per_user)",
+        DP_FEDALS_TESTS,
+    ),
+    Mutation(
+        "dp-fedals pairs not distinct",
+        "common/dp_ials.py",
+        "pairs = np.unique(users[inside] * max(len(rows), 1) + position[inside])",
+        "pairs = users[inside] * max(len(rows), 1) + position[inside]",
+        DP_FEDALS_TESTS,
+    ),
+    Mutation(
+        "dp-fedals ledger record skipped",
+        "clients/fedals.py",
+        "            entry.ledger.record(1)\n",
+        "            pass  # mutation: the release is not recorded\n",
+        DP_FEDALS_TESTS,
+    ),
+    Mutation(
+        "metrics sent exact under DP",
+        "clients/messages.py",
+        "        kept = {key: value for key, value in metrics.items() if key in DP_REPORTED}",
+        "        kept = dict(metrics)",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "seeded noise from the run config",
+        "clients/privacy_state.py",
+        "    return RegionPolicy.from_node_config(node_settings(context), market)",
+        "    return RegionPolicy.from_node_config({**context.run_config, **node_settings(context)}, market)",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "delta re-read at the run's",
+        "clients/privacy_state.py",
+        "        candidates.append(entry.ledger.budget.delta)",
+        "        pass",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "released rows from the data",
+        "clients/fedals.py",
+        "        rows = public_assortment(policy, catalog)",
+        "        rows = split.market_items",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "gram unchecked",
+        "clients/fedals.py",
+        "    if problem := gram_problem(items, gram):",
+        "    if False:",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "lost ledger unnoticed",
+        "clients/state_store.py",
+        "            if self.marker.exists():",
+        "            if False:",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "budget error text sent",
+        "clients/messages.py",
+        '        return "PrivacyBudgetExceeded: the market\'s privacy budget does not allow this"',
+        '        return f"PrivacyBudgetExceeded: {error}"',
+        REGION_TESTS,
+    ),
+    Mutation(
+        "run delta above the default",
+        "clients/privacy_state.py",
+        "    candidates = [default_delta(released_users)]\n"
+        "    if config.dp_delta > 0:\n        candidates.append(config.dp_delta)",
+        "    candidates = [config.dp_delta if config.dp_delta > 0 else default_delta(released_users)]",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "count release unrecorded",
+        "clients/privacy_state.py",
+        "    releases.append(COUNT_NOISE_MULTIPLIER)\n",
+        "    pass  # mutation: the count's release is not recorded\n",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "dp-sgd moves the bought rows",
+        "common/private_train.py",
+        "    outside[data.public_rows] = False",
+        "    outside[data.market_items] = False",
+        ["tests/test_private_training.py"],
+    ),
+    Mutation(
+        "fine-tune longer than calibrated",
+        "clients/client_app.py",
+        'epochs = min(int(round_config.get("fine-tune-epochs", 0)), config.fine_tune_epochs)',
+        'epochs = int(round_config.get("fine-tune-epochs", 0))',
+        ["tests/test_private_training.py"],
+    ),
     # fedals without DP: the minimum-buyers rule.
-    Mutation("min-buyers rule off", "clients/fedals.py",
-             "        shared = restricted(market.train, shared_items(market.train, minimum))",
-             "        shared = market.train", ["tests/test_reconstruction.py"]),
+    Mutation(
+        "min-buyers rule off",
+        "clients/fedals.py",
+        "        shared = restricted(market.train, shared_items(market.train, minimum))",
+        "        shared = market.train",
+        ["tests/test_reconstruction.py"],
+    ),
     # An out-of-budget market keeps its weight in the average.
-    Mutation("out-of-budget weight kept", "clients/client_app.py",
-             "                loss, examples = float(\"nan\"), 0",
-             "                loss = float(\"nan\")  # mutation: the weight stays",
-             ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"]),
+    Mutation(
+        "out-of-budget weight kept",
+        "clients/client_app.py",
+        '                loss, examples = float("nan"), 0',
+        '                loss = float("nan")  # mutation: the weight stays',
+        ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
+    ),
 ]
 
 IMPORT_CHECK = (
@@ -204,13 +320,19 @@ def environment(copy: Path) -> dict[str, str]:
 def run_tests(tests: list[str], copy: Path, verbose: bool, keep_going: bool = False) -> tuple[bool, str]:
     """Whether ``tests`` pass in ``copy``, and pytest's last lines."""
     env = environment(copy)
-    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK, str(copy)], cwd=copy, env=env,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK, str(copy)], cwd=copy, env=env, capture_output=True, text=True
+    )
     if check.returncode != 0:
         raise RuntimeError(f"the copy's packages are not the ones imported: {check.stdout}{check.stderr}")
     stop = [] if keep_going else ["-x"]
-    result = subprocess.run([sys.executable, "-m", "pytest", *stop, "-q", "-p", "no:cacheprovider", *tests],
-                            cwd=copy, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *stop, "-q", "-p", "no:cacheprovider", *tests],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     output = result.stdout + result.stderr
     if verbose:
         print(output)
@@ -237,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true", help="first check the tests pass without mutation")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--verbose", action="store_true", help="print pytest's whole output")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="run every test of a mutation (no -x): shows each test that catches it")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run every test of a mutation (no -x): shows each test that catches it",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for mutation in MUTATIONS:
@@ -254,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         tests = list(dict.fromkeys(test for mutation in chosen for test in mutation.tests))
         started = time.perf_counter()
         passed, summary = run(None, tests, args.verbose, args.keep_going)
-        print(f"{'baseline':22} {'passes' if passed else 'FAILS'} ({time.perf_counter() - started:.0f} s)"
-              f"  [{' '.join(tests)}]")
+        print(
+            f"{'baseline':22} {'passes' if passed else 'FAILS'} ({time.perf_counter() - started:.0f} s)"
+            f"  [{' '.join(tests)}]"
+        )
         if not passed:
             print(summary)
             failed = True
@@ -268,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         verdict = "SURVIVED" if passed else "caught"
-        print(f"{mutation.name:22} {verdict} ({time.perf_counter() - started:.0f} s)"
-              f"  {mutation.file}: {mutation.old.strip().splitlines()[-1].strip()!r}"
-              f" -> {mutation.new.strip().splitlines()[-1].strip()!r}")
+        print(
+            f"{mutation.name:22} {verdict} ({time.perf_counter() - started:.0f} s)"
+            f"  {mutation.file}: {mutation.old.strip().splitlines()[-1].strip()!r}"
+            f" -> {mutation.new.strip().splitlines()[-1].strip()!r}"
+        )
         if passed:
             failed = True
         elif not args.verbose:

@@ -15,9 +15,11 @@ def served_test_ndcg(directory: Path, source: MarketSource, market: str, catalog
     """The served model in ``directory`` and its NDCG@10 on the market's own test candidates, as of test."""
     served = load_served_model(directory, catalog)
     test = load_split(source, market, catalog).test
-    pairs = pd.DataFrame({
-        "userId": np.repeat(np.asarray(served.user_ids, dtype=object)[test.users], test.candidates.shape[1]),
-        "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
-    })
+    pairs = pd.DataFrame(
+        {
+            "userId": np.repeat(np.asarray(served.user_ids, dtype=object)[test.users], test.candidates.shape[1]),
+            "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
+        }
+    )
     scores = served.score(pairs, as_of="test")["score"].to_numpy().reshape(len(test.users), -1)
     return served, ndcg_at_k(rank_of_positive(scores))

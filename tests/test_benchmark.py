@@ -23,8 +23,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
     # Execute: two seeds, three generated markets, one federated method.
-    benchmark.main(["quality", "--synthetic-markets", "3", "--num-server-rounds", "2", "--num-seeds", "2",
-                    "--methods", "local,pooled,fedper", "--out", str(tmp_path)])
+    benchmark.main(
+        [
+            "quality",
+            "--synthetic-markets",
+            "3",
+            "--num-server-rounds",
+            "2",
+            "--num-seeds",
+            "2",
+            "--methods",
+            "local,pooled,fedper",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     # Assert: the summary is the mean and std of the per-seed results.
     report = json.loads((tmp_path / "results.json").read_text())
@@ -42,8 +55,23 @@ def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
 
 def test_dp_step_benchmark_times_both_norm_samplers_and_restores_the_projects():
     # Execute: a tiny batch, so that the timing itself is quick.
-    report = benchmark.dp_step(benchmark.parse_args(["dp-step", "--synthetic-markets", "2", "--dp-batch-size", "32",
-                                               "--embedding-dim", "8", "--steps", "2", "--repeats", "2"]))
+    report = benchmark.dp_step(
+        benchmark.parse_args(
+            [
+                "dp-step",
+                "--synthetic-markets",
+                "2",
+                "--dp-batch-size",
+                "32",
+                "--embedding-dim",
+                "8",
+                "--steps",
+                "2",
+                "--repeats",
+                "2",
+            ]
+        )
+    )
 
     # Assert: every block yields a ratio for each implementation, and later
     # DP-SGD in this process gets the project's norms back.
@@ -61,9 +89,25 @@ def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_th
     monkeypatch.setattr(harness_module, "run_federated", in_process_federated)
 
     # Execute: one held-out market of three generated ones, one round, two fractions.
-    benchmark.main(["join", "--synthetic-markets", "3", "--markets", "m02", "--num-server-rounds", "1",
-                    "--join-epochs", "1", "--fine-tune-epochs", "1", "--fractions", "0.5,1",
-                    "--out", str(tmp_path)])
+    benchmark.main(
+        [
+            "join",
+            "--synthetic-markets",
+            "3",
+            "--markets",
+            "m02",
+            "--num-server-rounds",
+            "1",
+            "--join-epochs",
+            "1",
+            "--fine-tune-epochs",
+            "1",
+            "--fractions",
+            "0.5,1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     # Assert: join.json has the shape, the macro is the mean over the
     # held-out markets, and the wins are counted from the numbers beside them.
@@ -79,16 +123,28 @@ def test_join_benchmark_reports_join_and_local_per_fraction_and_local_matches_th
     without = json.loads((tmp_path / "without-m02" / "results.json").read_text())
     assert without["config"]["markets"] == ["m00", "m01"]
     # local on every user is the harness's own local baseline, trained the same way.
-    harness = run_harness(["--data-dir", str(tmp_path / "data"), "--methods", "local", "--num-server-rounds", "1",
-                           "--out", str(tmp_path / "local")])
+    harness = run_harness(
+        [
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--methods",
+            "local",
+            "--num-server-rounds",
+            "1",
+            "--out",
+            str(tmp_path / "local"),
+        ]
+    )
     assert entry["local"] == pytest.approx(harness["methods"]["local"]["per_market"]["m02"]["ndcg@10"], abs=1e-6)
 
 
 def test_scale_proportionality_tells_bytes_per_touched_item_from_a_catalog_sized_payload():
     # Prepare: markets touching 10, 20 and 40 items; one payload of 8 bytes per touched item,
     # one of 1,000 bytes whatever the market touches (a catalog-sized message).
-    traffic = {market: {"touched-items": items, "upload-bytes": 8.0 * items, "download-bytes": 1000.0}
-               for market, items in {"a": 10, "b": 20, "c": 40}.items()}
+    traffic = {
+        market: {"touched-items": items, "upload-bytes": 8.0 * items, "download-bytes": 1000.0}
+        for market, items in {"a": 10, "b": 20, "c": 40}.items()
+    }
 
     # Execute
     per_item = scale_benchmark.proportionality(traffic, "upload")
@@ -96,8 +152,11 @@ def test_scale_proportionality_tells_bytes_per_touched_item_from_a_catalog_sized
 
     # Assert: exact proportionality has slope 8, r² 1 and one cost per item; the flat payload
     # costs 4x more per item in the smallest market than in the largest.
-    assert per_item == {"bytes-per-touched-item": pytest.approx(8.0), "r2": pytest.approx(1.0),
-                        "max-over-min-bytes-per-touched-item": pytest.approx(1.0)}
+    assert per_item == {
+        "bytes-per-touched-item": pytest.approx(8.0),
+        "r2": pytest.approx(1.0),
+        "max-over-min-bytes-per-touched-item": pytest.approx(1.0),
+    }
     assert per_catalog["max-over-min-bytes-per-touched-item"] == pytest.approx(4.0)
     assert per_catalog["r2"] < 0.5
 
@@ -125,15 +184,30 @@ def test_the_memory_sampler_sees_a_childs_memory_and_stops_it_above_the_limit():
 
 def test_the_scale_benchmark_runs_fedals_over_a_catalog_larger_than_what_markets_sell(tmp_path):
     # Execute: the README's scale command at a small size: 2 markets, 3,000 catalog items, 1 round.
-    report = benchmark.main(["scale", "--synthetic-markets", "2", "--items", "3000", "--largest-market-users", "60",
-                             "--num-server-rounds", "1", "--methods", "fedals", "--out", str(tmp_path)])
+    report = benchmark.main(
+        [
+            "scale",
+            "--synthetic-markets",
+            "2",
+            "--items",
+            "3000",
+            "--largest-market-users",
+            "60",
+            "--num-server-rounds",
+            "1",
+            "--methods",
+            "fedals",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     # Assert: the shared table spans the whole catalog while each market sends and receives rows of
     # what it sells only; the report and its table are written, memory was sampled.
     entry = report["methods"]["fedals"]
     assert "error" not in entry, entry.get("error")
     catalog_rows = 3000 + 64
-    for market, traffic in entry["traffic"].items():
+    for traffic in entry["traffic"].values():
         assert traffic["touched-items"] < 3000
         assert traffic["download-bytes"] < catalog_rows * 128 * 2  # less than the float16 catalog
     assert entry["peak-tree-pss-mib"] > 0 and entry["seconds-per-round"]
@@ -142,8 +216,9 @@ def test_the_scale_benchmark_runs_fedals_over_a_catalog_larger_than_what_markets
 
 def test_the_latency_benchmark_compares_both_round_loops_on_a_real_deployment(tmp_path):
     # Execute: the README's latency command at a small size: 2 regions, 1 round per setting.
-    report = benchmark.main(["latency", "--num-regions", "2", "--num-server-rounds", "1", "--embedding-dim", "8",
-                             "--out", str(tmp_path)])
+    report = benchmark.main(
+        ["latency", "--num-regions", "2", "--num-server-rounds", "1", "--embedding-dim", "8", "--out", str(tmp_path)]
+    )
 
     # Assert: both settings ran and the ratios are of measured, positive times.
     assert set(report["settings"]) == {"flower-defaults", "tuned"}

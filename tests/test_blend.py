@@ -94,8 +94,9 @@ def test_the_weight_is_the_best_on_validation_and_its_ends_are_the_two_models():
     assert choice.weight == next(w for w, ndcg in choice.curve if ndcg == choice.valid.ndcg)
     assert choice.scales == (validation_score_scale(first_valid, data), validation_score_scale(second, data))
     assert choice.test.ndcg == evaluate(choice.model, data, on_test=True).ndcg
-    expected = blended_recommender(first_test, second, choice.weight / choice.scales[0],
-                                   (1 - choice.weight) / choice.scales[1])
+    expected = blended_recommender(
+        first_test, second, choice.weight / choice.scales[0], (1 - choice.weight) / choice.scales[1]
+    )
     assert choice.test.ndcg == pytest.approx(evaluate(expected, data, on_test=True).ndcg, abs=1e-12)
 
 
@@ -129,17 +130,39 @@ def blend_run(tmp_path_factory):
     server_task_identity.__wrapped__()  # the module's training runs before any test's own fixture
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(harness, "run_federated", in_process_federated)
-        results = harness.main(["--synthetic-markets", "3", "--rounds", "2", "--embedding-dim", "8", "--history-length",
-                                str(HISTORY), "--methods", "local,fedals,fedrep,blend", "--set", "als-factors=8",
-                                "--als-min-buyers", "1", "--out", str(out)])
+        results = harness.main(
+            [
+                "--synthetic-markets",
+                "3",
+                "--rounds",
+                "2",
+                "--embedding-dim",
+                "8",
+                "--history-length",
+                str(HISTORY),
+                "--methods",
+                "local,fedals,fedrep,blend",
+                "--set",
+                "als-factors=8",
+                "--als-min-buyers",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     return out, results
 
 
 def test_the_blend_starts_from_fedals_last_round_and_is_a_selection_candidate(blend_run):
     out, results = blend_run
     history = json.loads((out / "fedals" / "history.json").read_text(encoding="utf-8"))
-    last = {market: metrics for entry in history["rounds"] if entry["round"] == 2
-            for market, metrics in entry["per_market"].items() if "val-ndcg" in metrics}
+    last = {
+        market: metrics
+        for entry in history["rounds"]
+        if entry["round"] == 2
+        for market, metrics in entry["per_market"].items()
+        if "val-ndcg" in metrics
+    }
 
     for market, metrics in results["methods"]["blend"]["per_market"].items():
         manifest = json.loads((out / "models" / "blend" / market / "manifest.json").read_text(encoding="utf-8"))

@@ -32,8 +32,9 @@ def test_market_files_give_the_union_of_their_items(tmp_path):
         files.append(str(path))
 
     # Execute
-    code = command.main(["--market-files", ",".join(files), "--out", str(tmp_path / "catalog.txt"),
-                         "--overflow-rows", "8"])
+    code = command.main(
+        ["--market-files", ",".join(files), "--out", str(tmp_path / "catalog.txt"), "--overflow-rows", "8"]
+    )
 
     # Assert
     assert code == 0

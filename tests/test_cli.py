@@ -52,8 +52,10 @@ def test_xmfl_help_lists_every_command_with_a_one_line_summary(capsys):
 
 def test_xmfl_help_does_not_import_the_commands():
     # A fresh interpreter: `xmfl --help` must not pay for torch, Flower or pandas.
-    code = "import sys; from xmfl import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n" \
-           "print(sorted(m for m in ('torch', 'flwr', 'pandas', 'simulations', 'clients') if m in sys.modules))"
+    code = (
+        "import sys; from xmfl import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'flwr', 'pandas', 'simulations', 'clients') if m in sys.modules))"
+    )
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
     assert finished.returncode == 0, finished.stderr
@@ -71,9 +73,10 @@ def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
 
 def command_helps() -> list[list[str]]:
     """``[command]`` for every command, and ``[benchmark, sub]`` for each benchmark."""
-    return [[name] for name in cli.COMMANDS] + [["benchmark", name] for name in
-                                                 ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency",
-                                                  "attacks")]
+    return [[name] for name in cli.COMMANDS] + [
+        ["benchmark", name]
+        for name in ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency", "attacks")
+    ]
 
 
 @pytest.mark.parametrize("command", command_helps(), ids=" ".join)

@@ -106,15 +106,25 @@ def test_an_evaluate_reply_holds_numbers_only():
     run_config = _run_config()
     context = _context(run_config, {"partition-id": 0, "num-partitions": 3})
     message = _train_message(run_config)
-    evaluate = Message(content=RecordDict({"arrays": message.content["arrays"], "config": ConfigRecord()}),
-                       dst_node_id=7, message_type=MessageType.EVALUATE)
+    evaluate = Message(
+        content=RecordDict({"arrays": message.content["arrays"], "config": ConfigRecord()}),
+        dst_node_id=7,
+        message_type=MessageType.EVALUATE,
+    )
 
     reply = app(evaluate, context)
 
     assert not reply.content.array_records
     assert set(reply.content["metrics"]) == {
-        "num-examples", "val-ndcg", "val-hr", "test-ndcg", "test-hr",
-        "val-full-ndcg", "val-full-recall", "test-full-ndcg", "test-full-recall",
+        "num-examples",
+        "val-ndcg",
+        "val-hr",
+        "test-ndcg",
+        "test-hr",
+        "val-full-ndcg",
+        "val-full-recall",
+        "test-full-ndcg",
+        "test-full-recall",
     }
     assert _strings_in(reply) == ["m00"]
 
@@ -269,8 +279,11 @@ def test_the_last_fedper_ft_evaluation_fine_tunes_a_private_fork():
     head_before = context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy().copy()
     final = final_evaluate_config(ServerConfig.from_run_config(run_config))
     message = _train_message(run_config)
-    evaluate = Message(content=RecordDict({"arrays": message.content["arrays"], "config": final}),
-                       dst_node_id=7, message_type=MessageType.EVALUATE)
+    evaluate = Message(
+        content=RecordDict({"arrays": message.content["arrays"], "config": final}),
+        dst_node_id=7,
+        message_type=MessageType.EVALUATE,
+    )
 
     reply = app(evaluate, context)
 
@@ -388,9 +401,11 @@ def test_a_bad_ceiling_in_the_node_config_is_refused_by_its_key(ceiling, message
 def test_a_region_that_demands_dp_refuses_a_run_without_it(ceiling):
     run_config = _run_config()
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
-    (key, value), = ceiling.items()
+    ((key, value),) = ceiling.items()
 
-    with pytest.raises(RegionError, match=re.escape(f"Market 'm01' trains only under DP ({key}={float(value):g} in its node")):
+    with pytest.raises(
+        RegionError, match=re.escape(f"Market 'm01' trains only under DP ({key}={float(value):g} in its node")
+    ):
         _trained(run_config, context)
 
 

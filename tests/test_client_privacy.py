@@ -14,13 +14,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 
 from clients.client_app import app
-from clients.privacy_state import INSECURE_KEY
 from clients.local_model import LOCAL_STATE_KEY
 from clients.messages import DP_REPORTED, RegionError
-from clients.privacy_state import RELEASED_USERS, MarketPrivacy
+from clients.privacy_state import INSECURE_KEY, RELEASED_USERS, MarketPrivacy
 from common.markets import MarketSource, load_split
-from common.private_train import dp_generator, popularity_seed, private_popularity, release_noise
 from common.privacy import PrivacyBudget, default_delta, sample_rate
+from common.private_train import dp_generator, popularity_seed, private_popularity, release_noise
 from common.train import MarketTensors
 from server.server_app import ServerConfig, initial_arrays
 
@@ -177,8 +176,13 @@ def test_a_deployed_region_under_dp_refuses_to_train_without_a_state_dir(tmp_pat
     source.catalog().save(catalog)
     data = tmp_path / f"{MARKET}.csv"
     source.interactions(MARKET).rename(columns={"user": "userId", "item": "itemId"}).to_csv(data, index=False)
-    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
-                      node_config={"market": MARKET, "data-path": str(data), "catalog-path": str(catalog)})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        state=RecordDict(),
+        run_config=run_config,
+        node_config={"market": MARKET, "data-path": str(data), "catalog-path": str(catalog)},
+    )
 
     with pytest.raises(RegionError, match="trains under DP but its node config has no state-dir"):
         _train(run_config, context)
@@ -296,7 +300,10 @@ def test_the_head_a_market_trained_is_the_head_it_evaluates_next_round():
 
 @pytest.mark.parametrize(
     ("spoil", "problem"),
-    [(lambda array: array.fill_(float("nan")), "NaN or infinite"), (lambda array: array.double(), "are not torch.float32")],
+    [
+        (lambda array: array.fill_(float("nan")), "NaN or infinite"),
+        (lambda array: array.double(), "are not torch.float32"),
+    ],
 )
 def test_arrays_that_are_not_finite_float32_are_refused(spoil, problem):
     run_config = _run_config(**{"dp-epsilon": 0.0})
@@ -311,9 +318,13 @@ def test_arrays_that_are_not_finite_float32_are_refused(spoil, problem):
 def test_a_market_name_cannot_escape_the_state_dir(tmp_path):
     run_config = _run_config(**{"dp-epsilon": 0.0})
     state = tmp_path / "state"
-    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
-                      node_config={"market": "../../escaped", "data-path": "x.csv", "catalog-path": "c.txt",
-                                   "state-dir": str(state)})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        state=RecordDict(),
+        run_config=run_config,
+        node_config={"market": "../../escaped", "data-path": "x.csv", "catalog-path": "c.txt", "state-dir": str(state)},
+    )
 
     with pytest.raises(RegionError, match="is not allowed"):
         _train(run_config, context)

@@ -9,8 +9,20 @@ from common.market_config import MarketConfig
 from simulations import run as harness
 
 
-@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("0", False), (0, False),
-                                            ("true", True), ("TRUE", True), ("1", True), (1, True), (True, True)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        (0, False),
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        (1, True),
+        (True, True),
+    ],
+)
 def test_a_boolean_is_read_from_its_spelling_not_from_its_truthiness(text, expected):
     assert parse_bool("user-embeddings", text) is expected
 
@@ -29,7 +41,7 @@ def test_a_run_config_boolean_written_as_false_is_false():
     assert config.user_embeddings is False
 
 
-@given(st.integers(min_value=-10**9, max_value=10**9))
+@given(st.integers(min_value=-(10**9), max_value=10**9))
 def test_whole_numbers_round_trip_through_text(number):
     assert parse_value("seed", int, str(number)) == number
 

@@ -42,8 +42,16 @@ pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _run_config(**overrides) -> dict:
-    return run_config(**{"method": "fedper", "user-embeddings": True, "embedding-dim": DIM, "num-server-rounds": 1,
-                         "seed": SEED, **overrides})
+    return run_config(
+        **{
+            "method": "fedper",
+            "user-embeddings": True,
+            "embedding-dim": DIM,
+            "num-server-rounds": 1,
+            "seed": SEED,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +69,19 @@ def trained(tmp_path_factory) -> dict:
     catalog_path = root / "catalog.txt"
     catalog.save(catalog_path)
     models = root / "out" / "models"
-    first = _run_config(**{"data-dir": str(before), "catalog-path": str(catalog_path),
-                           "out-dir": str(root / "out" / "server"), "models-dir": str(models)})
+    first = _run_config(
+        **{
+            "data-dir": str(before),
+            "catalog-path": str(catalog_path),
+            "out-dir": str(root / "out" / "server"),
+            "models-dir": str(models),
+        }
+    )
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # module scope: before the fixture
     serve(first)
-    grown = _run_config(**{"data-dir": str(root / "full"), "catalog-path": str(catalog_path),
-                           "init-from": str(models / "fedper")})
+    grown = _run_config(
+        **{"data-dir": str(root / "full"), "catalog-path": str(catalog_path), "init-from": str(models / "fedper")}
+    )
     return {"root": root, "catalog": catalog, "models": models / "fedper", "grown": grown}
 
 
@@ -74,8 +89,13 @@ def _fresh_and_restored(run_config: dict, partition: int = 1) -> tuple[dict, dic
     """The head a market starts with without init-from and with ``run_config``'s; and the context of the latter."""
     heads = []
     for config in ({**run_config, "init-from": ""}, run_config):
-        context = Context(run_id=9, node_id=7, node_config={"partition-id": partition, "num-partitions": 2},
-                          state=RecordDict(), run_config=config)
+        context = Context(
+            run_id=9,
+            node_id=7,
+            node_config={"partition-id": partition, "num-partitions": 2},
+            state=RecordDict(),
+            run_config=config,
+        )
         server = ServerConfig.from_run_config(config)
         content = RecordDict({"arrays": initial_arrays(server), "config": server.train_config()})
         model, *_ = build_local_model(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
@@ -88,8 +108,12 @@ def _fresh_and_restored(run_config: dict, partition: int = 1) -> tuple[dict, dic
 
 def test_the_server_starts_from_the_published_shared_arrays(trained, tmp_path):
     # Prepare: the grown files, init-from naming the published file itself (not its directory).
-    run_config = {**trained["grown"], "init-from": str(trained["models"] / PUBLISHED_FILE),
-                  "out-dir": str(tmp_path / "server"), "models-dir": str(tmp_path / "models")}
+    run_config = {
+        **trained["grown"],
+        "init-from": str(trained["models"] / PUBLISHED_FILE),
+        "out-dir": str(tmp_path / "server"),
+        "models-dir": str(tmp_path / "models"),
+    }
 
     # Execute
     grid = serve(run_config)
@@ -141,8 +165,9 @@ def test_a_simulated_market_restores_its_head_from_its_served_model(trained):
     # Prepare: the served model of m01 after the first training, and the grown file's users.
     served = load_served_model(trained["models"] / "m01")
     saved = served.model.state_dict()
-    users = list(split_market("m01", read_interactions(trained["root"] / "full" / "m01.csv"), trained["catalog"],
-                              SEED).user_ids)
+    users = list(
+        split_market("m01", read_interactions(trained["root"] / "full" / "m01.csv"), trained["catalog"], SEED).user_ids
+    )
 
     # Execute
     fresh, restored, context = _fresh_and_restored(trained["grown"])
@@ -188,8 +213,13 @@ def test_a_deployed_region_does_not_read_init_from(trained, tmp_path):
     market_file = tmp_path / "m01.csv"
     shutil.copy(trained["root"] / "full" / "m01.csv", market_file)
     catalog_path = str(trained["root"] / "catalog.txt")
-    context = Context(run_id=9, node_id=7, state=RecordDict(), run_config=trained["grown"],
-                      node_config={"market": "m01", "data-path": str(market_file), "catalog-path": catalog_path})
+    context = Context(
+        run_id=9,
+        node_id=7,
+        state=RecordDict(),
+        run_config=trained["grown"],
+        node_config={"market": "m01", "data-path": str(market_file), "catalog-path": catalog_path},
+    )
     server = ServerConfig.from_run_config(trained["grown"])
     content = RecordDict({"arrays": initial_arrays(server), "config": server.train_config()})
 
@@ -204,14 +234,18 @@ def test_a_deployed_region_does_not_read_init_from(trained, tmp_path):
 def test_the_benchmark_continues_on_data_that_excludes_what_is_evaluated(tmp_path, monkeypatch):
     # Prepare: three small generated markets; the federated runs in this process (a SuperLink costs ~30 s each).
     data = tmp_path / "data"
-    write_markets(SyntheticConfig(markets=3, items=400, largest_market_users=200, smallest_market_users=60,
-                                  seed=SEED), data)
+    write_markets(
+        SyntheticConfig(markets=3, items=400, largest_market_users=200, smallest_market_users=60, seed=SEED), data
+    )
     monkeypatch.setattr(harness, "run_federated", in_process_federated)
     out = tmp_path / "out"
 
     # Execute
-    report = continue_benchmark.run(_benchmark_args(["--data-dir", str(data), "--num-server-rounds", "2", "--embedding-dim",
-                                                     str(DIM), "--out", str(out)]))
+    report = continue_benchmark.run(
+        _benchmark_args(
+            ["--data-dir", str(data), "--num-server-rounds", "2", "--embedding-dim", str(DIM), "--out", str(out)]
+        )
+    )
 
     # Assert: the files, and a report of the documented shape.
     assert {"catalog.txt", "continue.json", "continue.md", "data-before"} <= {p.name for p in out.iterdir()}
@@ -230,10 +264,13 @@ def test_the_benchmark_continues_on_data_that_excludes_what_is_evaluated(tmp_pat
         before = read_interactions(out / "data-before" / f"{market}.txt")
         split = split_market(market, full, catalog, SEED)
         users = np.asarray(split.user_ids)
-        evaluated = {(users[u], catalog.item_ids[c[0]]) for s in (split.valid, split.test)
-                     for u, c in zip(s.users, s.candidates, strict=True)}
+        evaluated = {
+            (users[u], catalog.item_ids[c[0]])
+            for s in (split.valid, split.test)
+            for u, c in zip(s.users, s.candidates, strict=True)
+        }
         by_date = full.sort_values(["date", "position"], kind="stable")
-        last = by_date.iloc[len(full) - round(0.2 * len(full)):]
+        last = by_date.iloc[len(full) - round(0.2 * len(full)) :]
         latest = set(zip(last["user"], last["item"], strict=True))
         kept = set(zip(before["user"], before["item"], strict=True))
         assert kept and not kept & evaluated and not kept & latest

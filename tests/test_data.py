@@ -21,7 +21,7 @@ ROWS = [
 
 
 def _expected(with_dates: bool = True) -> pd.DataFrame:
-    users, items, ratings, dates = zip(*ROWS)
+    users, items, ratings, dates = zip(*ROWS, strict=True)
     date = pd.to_datetime(list(dates)) if with_dates else [pd.NaT] * len(ROWS)
     return pd.DataFrame(
         {
@@ -75,11 +75,11 @@ def test_text_formats_round_trip_the_table(tmp_path, name, content):
 
 def test_parquet_round_trips_the_table(tmp_path):
     # Prepare
-    users, items, ratings, dates = zip(*ROWS)
+    users, items, ratings, dates = zip(*ROWS, strict=True)
     path = tmp_path / "de.parquet"
-    pd.DataFrame(
-        {"userId": users, "itemId": items, "rate": ratings, "date": pd.to_datetime(list(dates))}
-    ).to_parquet(path)
+    pd.DataFrame({"userId": users, "itemId": items, "rate": ratings, "date": pd.to_datetime(list(dates))}).to_parquet(
+        path
+    )
 
     # Execute
     frame = read_interactions(path)
@@ -90,11 +90,9 @@ def test_parquet_round_trips_the_table(tmp_path):
 
 def test_parquet_with_text_dates_and_no_extra_columns_round_trips(tmp_path):
     # Prepare
-    users, items, ratings, dates = zip(*ROWS)
+    users, items, ratings, dates = zip(*ROWS, strict=True)
     path = tmp_path / "de.parquet"
-    frame_in = pd.DataFrame(
-        {"userId": users, "itemId": items, "rating": ratings, "date": dates, "extra": 1}
-    )
+    frame_in = pd.DataFrame({"userId": users, "itemId": items, "rating": ratings, "date": dates, "extra": 1})
     frame_in.to_parquet(path)
 
     # Execute
@@ -188,7 +186,7 @@ def test_dedup_without_dates_keeps_last_position(tmp_path):
 
     # Assert
     assert frame["position"].tolist() == [3, 4, 5]
-    assert list(zip(frame["user"], frame["item"], frame["rating"])) == [
+    assert list(zip(frame["user"], frame["item"], frame["rating"], strict=True)) == [
         ("u2", "i1", 4.0),
         ("u1", "i1", 5.0),
         ("u2", "i2", 2.5),
@@ -408,9 +406,7 @@ def _make_entry(directory: Path, name: str, kind: str) -> Path:
         ("symlink loop", "is a symbolic link loop"),
     ],
 )
-def test_discover_market_files_refuses_an_unreadable_entry_named_like_a_market(
-    tmp_path, kind, problem
-):
+def test_discover_market_files_refuses_an_unreadable_entry_named_like_a_market(tmp_path, kind, problem):
     # Prepare: an entry named like a market file that cannot be read. Skipping it
     # would silently drop market 'de' from the federation, so it must be refused.
     _write(tmp_path / "fr_5core.txt", "")

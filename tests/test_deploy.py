@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from common.catalog import Catalog
 from common.markets import MarketSource, load_file_split
 from common.privacy import steps_per_epoch
@@ -95,7 +96,9 @@ def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_
         served = load_served_model(federation.root / "state" / region / "model", catalog)
         best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
         assert served.manifest["market"] == region and served.manifest["round"] == best
-        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(history[best]["per_market"][region]["test-ndcg"])
+        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(
+            history[best]["per_market"][region]["test-ndcg"]
+        )
 
 
 def test_an_unregistered_node_is_refused(federation):
@@ -124,12 +127,16 @@ def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
     before = {region: federation.log(region) for region in regions}
 
     # Execute: one round each with every region connected: the checkout unsigned, then the forged signature.
-    federation.start_run(_run_config(federation.root / "out-unsigned", min_nodes=4, num_server_rounds=1),
-                         log="unsigned", app=str(APP_DIR)).wait(timeout=300)
+    federation.start_run(
+        _run_config(federation.root / "out-unsigned", min_nodes=4, num_server_rounds=1),
+        log="unsigned",
+        app=str(APP_DIR),
+    ).wait(timeout=300)
     federation.index.publish(forged)
     try:
-        federation.start_run(_run_config(federation.root / "out-forged", min_nodes=4, num_server_rounds=1),
-                             log="forged").wait(timeout=300)
+        federation.start_run(
+            _run_config(federation.root / "out-forged", min_nodes=4, num_server_rounds=1), log="forged"
+        ).wait(timeout=300)
     finally:
         federation.index.publish(federation.app)
 
@@ -140,7 +147,7 @@ def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
         )
         assert rounds_in_history(federation.root / f"out-{run}").keys() <= {0}
     for region in regions:
-        new = federation.log(region)[len(before[region]):]
+        new = federation.log(region)[len(before[region]) :]
         assert "App verification is not supported by the connected SuperLink" in new  # the unsigned app
         assert "the provided trusted entities could not verify the FAB" in new  # the forged signature
         assert "Receiving: train message" in new and "Start `flwr-clientapp`" not in new
@@ -163,7 +170,9 @@ def test_three_regions_complete_a_fedals_run_over_tls(federation):
         served = load_served_model(federation.root / "state" / region / "model", catalog)
         best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
         assert served.manifest["method"] == "fedals" and served.manifest["round"] == best
-        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(history[best]["per_market"][region]["test-ndcg"])
+        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(
+            history[best]["per_market"][region]["test-ndcg"]
+        )
     assert torch.load(out / "published.pt", weights_only=True)["method"] == "fedals"
 
 
@@ -178,8 +187,15 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
     with LoopbackFederation(tmp_path, nodes) as federation:
         federation.start_all()
         run = federation.start_run(
-            _run_config(out, min_nodes=2, num_server_rounds=5, dp_epsilon=8.0, dp_accountant="'rdp'",
-                        dp_market_epsilons="'m0O=4'", round_timeout=120.0)
+            _run_config(
+                out,
+                min_nodes=2,
+                num_server_rounds=5,
+                dp_epsilon=8.0,
+                dp_accountant="'rdp'",
+                dp_market_epsilons="'m0O=4'",
+                round_timeout=120.0,
+            )
         )
 
         # Execute: kill m02 as round 3 starts; restart it until the SuperLink lets it back in.

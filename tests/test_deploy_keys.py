@@ -25,9 +25,9 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from flwr.superlink.servicer.control.control_handlers import _format_verification
 from flwr.supercore.fab import Fab
 from flwr.supercore.utils import request_download_link
+from flwr.superlink.servicer.control.control_handlers import _format_verification
 from flwr.supernode.start_client_internal import _verify_fab
 
 from deploy.app_index import AppIndex, load_apps
@@ -44,11 +44,11 @@ from xmfl import cli
 pytestmark = pytest.mark.usefixtures("keep_sigterm_handler")  # tests/conftest.py
 
 
-
-
 def private_keys(folder: Path) -> list[str]:
     """The names of the files below ``folder`` that hold a private key."""
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and holds_private_key(path))
+    return sorted(
+        str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and holds_private_key(path)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,12 @@ def test_a_region_makes_its_own_key_pair_and_keeps_it_unless_told_to_replace_it(
     private = serialization.load_ssh_private_key((tmp_path / "keys" / "de").read_bytes(), None)
     public = (tmp_path / "keys" / "de.pub").read_text()
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-    assert public.strip() == private.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    assert (
+        public.strip()
+        == private.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
     assert private_keys(tmp_path / "keys") == ["de"]
     capsys.readouterr()
     # A second run would replace the key the SuperLink registered: refused unless --force.
@@ -112,7 +116,10 @@ def test_region_keys_refuse_an_unsafe_region_name_in_one_line_before_writing_any
 
     finished = subprocess.run(
         [sys.executable, "-m", "deploy.region_keys", "--out", str(out), "--region", region.format(tmp=tmp_path)],
-        cwd=APP_DIR, capture_output=True, text=True, timeout=60,
+        cwd=APP_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
     assert finished.returncode == 2
@@ -184,9 +191,11 @@ def test_the_app_index_serves_the_presigned_file_the_way_the_superlink_fetches_f
 
 @pytest.mark.parametrize(
     "given",
-    [["--key", "{release}/app-signing"],
-     ["--signed-app", "{release}/app-signing"],
-     ["--signed-app", "{release}/app.signed", "--trusted-entities", "{release}/app-signing"]],
+    [
+        ["--key", "{release}/app-signing"],
+        ["--signed-app", "{release}/app-signing"],
+        ["--signed-app", "{release}/app.signed", "--trusted-entities", "{release}/app-signing"],
+    ],
     ids=["--key", "a key as the signed app", "a key as trusted entities"],
 )
 def test_the_app_index_refuses_a_private_key_in_one_line(release, capsys, given):
@@ -199,8 +208,16 @@ def test_the_app_index_refuses_an_app_the_regions_would_refuse(release, tmp_path
     # Prepare: the regions trust another key than the one the app was signed with.
     make_app_keys(tmp_path / "other")
 
-    line = fails_with(capsys, ["app-index", "--signed-app", str(release / "app.signed"),
-                               "--trusted-entities", str(tmp_path / "other" / "trusted-entities.yaml")])
+    line = fails_with(
+        capsys,
+        [
+            "app-index",
+            "--signed-app",
+            str(release / "app.signed"),
+            "--trusted-entities",
+            str(tmp_path / "other" / "trusted-entities.yaml"),
+        ],
+    )
 
     assert "is not signed by a key in" in line and "regions that trust only those keys would refuse it" in line
 
@@ -243,9 +260,19 @@ def test_development_certificates_pass_strict_x509_verification(tmp_path):
     make_credentials(tmp_path, ["superlink.example"])
 
     verified = subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile", str(tmp_path / "ca.crt"),
-         str(tmp_path / "server.pem")],
-        capture_output=True, text=True, timeout=60,
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslserver",
+            "-CAfile",
+            str(tmp_path / "ca.crt"),
+            str(tmp_path / "server.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
     assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -25,15 +25,23 @@ from common.dp_ials import (
     private_release,
     private_release_problem,
 )
-from common.ials import IALSConfig, ItemFactors, MarketInteractions, market_item_statistics, solve_items
-from common.ials import confidence_weights, item_regularization
+from common.ials import (
+    IALSConfig,
+    ItemFactors,
+    MarketInteractions,
+    confidence_weights,
+    item_regularization,
+    market_item_statistics,
+    solve_items,
+)
 from common.ials_model import ASSORTMENT_KEY
 from common.serving import load_served_model
 from common.train import RankingMetrics
 from common.transfer import OWN, Candidate, choose, solve_items_toward
 from server.server_app import main as server_main
 from tests.conftest import server_task_identity
-from tests.in_process import ClientAppGrid, run_config as in_process_config
+from tests.in_process import ClientAppGrid
+from tests.in_process import run_config as in_process_config
 
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
 _run_ids = count(5000)
@@ -111,9 +119,13 @@ def test_the_release_noise_has_each_blocks_scale_and_is_not_reproducible():
     ],
 )
 def test_a_malformed_release_is_refused_with_its_reason(change, reason):
-    payload = {"sums": np.zeros((5, 3), np.float32), "counts": np.zeros(5, np.float32),
-               "gram": np.eye(3, dtype=np.float32), "interaction-gram": np.eye(3, dtype=np.float32),
-               ASSORTMENT_KEY: np.arange(5)}
+    payload = {
+        "sums": np.zeros((5, 3), np.float32),
+        "counts": np.zeros(5, np.float32),
+        "gram": np.eye(3, dtype=np.float32),
+        "interaction-gram": np.eye(3, dtype=np.float32),
+        ASSORTMENT_KEY: np.arange(5),
+    }
     assert private_release_problem(payload, 10, 3) is None
 
     assert reason in private_release_problem(change(payload), 10, 3)
@@ -211,17 +223,26 @@ SEEDED_REGION = {"dp-insecure-seeded-noise": True, "dp-exact-metrics": True}
 
 def _serve(run_config: dict, grid: RecordingGrid | None = None) -> RecordingGrid:
     grid = grid or RecordingGrid(run_config, 2, SEEDED_REGION)
-    server_main(grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(),
-                              run_config=run_config))
+    server_main(
+        grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     return grid
 
 
 def _private_config(tmp_path, method: str, **overrides) -> dict:
-    return in_process_config(**{
-        "method": method, "synthetic-markets": 2, "num-server-rounds": 3, "als-factors": 8,
-        "dp-epsilon": 4.0, "dp-accountant": "rdp",
-        "out-dir": str(tmp_path / method / "server"), "models-dir": str(tmp_path / "models"), **overrides,
-    })
+    return in_process_config(
+        **{
+            "method": method,
+            "synthetic-markets": 2,
+            "num-server-rounds": 3,
+            "als-factors": 8,
+            "dp-epsilon": 4.0,
+            "dp-accountant": "rdp",
+            "out-dir": str(tmp_path / method / "server"),
+            "models-dir": str(tmp_path / "models"),
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -244,20 +265,24 @@ def test_under_dp_a_market_sends_its_release_only_and_never_its_transfer(private
             assert set(arrays["arrays"]) == {*RELEASE_KEYS, ASSORTMENT_KEY}
         else:
             assert not arrays
-        assert all(isinstance(v, int | float) for record in reply.content.metric_records.values()
-                   for v in record.values())
+        assert all(
+            isinstance(v, int | float) for record in reply.content.metric_records.values() for v in record.values()
+        )
+
     # The transfer is fitted after the last reply it could shape: with the same seeded noise,
     # fedals-pt's markets send bit for bit what fedals' markets send.
     def trains(grid: RecordingGrid) -> list[Message]:  # node after node, each in round order
-        return sorted((r for r in grid.replies if r.metadata.message_type == "train"),
-                      key=lambda r: r.metadata.src_node_id)
+        return sorted(
+            (r for r in grid.replies if r.metadata.message_type == "train"), key=lambda r: r.metadata.src_node_id
+        )
 
     sent = list(zip(trains(transfer), trains(plain), strict=True))
     assert len(sent) == 6
     for with_transfer, without in sent:
         for name in RELEASE_KEYS:
-            np.testing.assert_array_equal(with_transfer.content["arrays"][name].numpy(),
-                                          without.content["arrays"][name].numpy())
+            np.testing.assert_array_equal(
+                with_transfer.content["arrays"][name].numpy(), without.content["arrays"][name].numpy()
+            )
 
 
 def test_the_transfer_is_served_with_its_choice_and_the_spent_budget(private_runs):
@@ -290,8 +315,13 @@ def test_the_ledger_records_every_release_and_a_new_training_gets_no_fresh_budge
     for node, context in grid.contexts.items():
         # Prepare: the releases this market sent, counted from the messages themselves.
         market = f"m0{node - 1}"
-        sent = [r for r in grid.replies if r.metadata.message_type == "train"
-                and r.metadata.src_node_id == node and r.content["metrics"]["num-examples"] > 0]
+        sent = [
+            r
+            for r in grid.replies
+            if r.metadata.message_type == "train"
+            and r.metadata.src_node_id == node
+            and r.content["metrics"]["num-examples"] > 0
+        ]
         ledger = MarketPrivacy(context, market).load().ledger
 
         # Assert: one recorded Gaussian release per message, within budget, and the epsilon an
@@ -306,8 +336,10 @@ def test_the_ledger_records_every_release_and_a_new_training_gets_no_fresh_budge
         assert sent[-1].content["metrics"]["epsilon"] == pytest.approx(spent)
 
     # Execute: the server names a new training for the same markets (their contexts kept).
-    first = {node: MarketPrivacy(context, f"m0{node - 1}").load().ledger.noise_multiplier
-             for node, context in grid.contexts.items()}
+    first = {
+        node: MarketPrivacy(context, f"m0{node - 1}").load().ledger.noise_multiplier
+        for node, context in grid.contexts.items()
+    }
     again = _private_config(tmp_path, "fedals")
     for context in grid.contexts.values():
         context.run_config.update(again)
@@ -319,8 +351,13 @@ def test_the_ledger_records_every_release_and_a_new_training_gets_no_fresh_budge
     # drowned in far more noise, and the lifetime total stays within the budget.
     for node, context in grid.contexts.items():
         ledger = MarketPrivacy(context, f"m0{node - 1}").load().ledger
-        sent = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == node
-                and r.content["metrics"]["num-examples"] > 0]
+        sent = [
+            r
+            for r in grid.replies
+            if r.metadata.message_type == "train"
+            and r.metadata.src_node_id == node
+            and r.content["metrics"]["num-examples"] > 0
+        ]
         assert sum(steps for _, _, steps in ledger.history) == 3 + len(sent)
         assert not sent or ledger.noise_multiplier > 10 * first[node]
         assert ledger.epsilon() <= 4.0

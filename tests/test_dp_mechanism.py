@@ -32,8 +32,8 @@ from scipy import stats
 import common.private_train as private_train
 from common.markets import MarketSource, load_split
 from common.model import CatalogEmbedding, ModelConfig, SplitRecommender
-from common.private_train import UserSoftmaxLoss, private_steps, train_epochs_private
 from common.privacy import PrivacyBudget, PrivacyLedger, calibrated_ledger
+from common.private_train import UserSoftmaxLoss, private_steps, train_epochs_private
 from common.train import MarketTensors, TrainConfig, user_batch_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -79,8 +79,12 @@ def _train_observed(
 
     def recording_step(self, *args, **kwargs):
         observed.grads.append(
-            {id(p): p.grad.detach().clone() for group in self.param_groups for p in group["params"]
-             if p.grad is not None}
+            {
+                id(p): p.grad.detach().clone()
+                for group in self.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            }
         )
         return adam_step(self, *args, **kwargs)
 
@@ -176,8 +180,9 @@ def test_the_summed_gradient_before_noise_is_clipped_to_c_per_user(monkeypatch, 
     users, clip = data.split.num_users, budget.max_grad_norm
     # Precondition: unclipped, one batch's summed gradient is far above C per user.
     batch = torch.arange(config.batch_size)
-    inputs, real = user_batch_inputs(data, batch, config.user_positives, config.negatives,
-                                     torch.Generator().manual_seed(0))
+    inputs, real = user_batch_inputs(
+        data, batch, config.user_positives, config.negatives, torch.Generator().manual_seed(0)
+    )
     per_user = UserSoftmaxLoss()
     per_user.reduction = "sum"
     model.zero_grad()

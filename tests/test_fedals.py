@@ -14,8 +14,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from clients.client_app import app
 from common.ials import IALSConfig, pooled_ials, score_candidates, solve_users
-from common.ials_private import DEFAULT_MIN_BUYERS
-from common.ials_wire import STATISTICS_KEYS, check_item_side
 from common.ials_model import (
     ASSORTMENT_KEY,
     INITIAL_ROWS_KEY,
@@ -29,6 +27,8 @@ from common.ials_model import (
     initial_rows,
     interaction_ratings,
 )
+from common.ials_private import DEFAULT_MIN_BUYERS
+from common.ials_wire import STATISTICS_KEYS, check_item_side
 from common.market_config import MarketConfig
 from common.markets import MarketSource, load_split
 from common.metrics import ndcg_at_k, rank_of_positive
@@ -51,8 +51,14 @@ FACTORS = 8
 # regularisation, so that the run exercises every input of the item step.
 # float32 on the wire: the equality with pooled iALS to 1e-5 is the exact wire's (float16, the default,
 # is within 5e-4 of it: tests/test_ials.py).
-ALS = {"als-factors": FACTORS, "als-regularization": 0.1, "als-alpha": 5.0, "als-nu": 0.5, "als-confidence": "log",
-       "als-wire": "float32"}
+ALS = {
+    "als-factors": FACTORS,
+    "als-regularization": 0.1,
+    "als-alpha": 5.0,
+    "als-nu": 0.5,
+    "als-confidence": "log",
+    "als-wire": "float32",
+}
 ROUNDS = 3
 
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -61,8 +67,15 @@ pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filte
 def _run_config(**overrides) -> dict:
     with open(REPO / "pyproject.toml", "rb") as file:
         defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "method": "fedals", "synthetic-markets": 3, "history-length": 10,
-            "num-server-rounds": ROUNDS, **ALS, **overrides}
+    return {
+        **defaults,
+        "method": "fedals",
+        "synthetic-markets": 3,
+        "history-length": 10,
+        "num-server-rounds": ROUNDS,
+        **ALS,
+        **overrides,
+    }
 
 
 def _ials_config() -> IALSConfig:
@@ -89,9 +102,25 @@ def fedals_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fedals")
     settings = [f"--set={key}={value}" for key, value in ALS.items()]
     # The regions switch the minimum-buyers rule off (their node config): fedals then equals pooled iALS.
-    results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", str(ROUNDS), "--embedding-dim", "8",
-                            "--history-length", "10", "--methods", "local,fedals,pooled-ials", "--out", str(out),
-                            "--als-min-buyers", "1", *settings])
+    results = harness.main(
+        [
+            "--synthetic-markets",
+            "3",
+            "--num-server-rounds",
+            str(ROUNDS),
+            "--embedding-dim",
+            "8",
+            "--history-length",
+            "10",
+            "--methods",
+            "local,fedals,pooled-ials",
+            "--out",
+            str(out),
+            "--als-min-buyers",
+            "1",
+            *settings,
+        ]
+    )
     return out, results
 
 
@@ -277,6 +306,7 @@ def _corrupt(name: str, change: Callable[[np.ndarray, int], np.ndarray]) -> Call
         arrays[name] = change(arrays[name].copy(), SOURCE.catalog().size)
         content["arrays"] = ArrayRecord({key: Array(value) for key, value in arrays.items()})
         return content
+
     return corrupt
 
 
@@ -284,12 +314,19 @@ def _corrupt(name: str, change: Callable[[np.ndarray, int], np.ndarray]) -> Call
     ("corruption", "reason"),
     [
         pytest.param(_corrupt("items", lambda a, size: np.append(a[:-1], size)), "outside the catalog", id="rows"),
-        pytest.param(_corrupt("factor", lambda a, size: np.where(np.arange(len(a)) == 3, np.nan, a).astype(a.dtype)),
-                     "non-finite", id="nan"),
-        pytest.param(_corrupt("gram", lambda a, size: np.zeros((FACTORS + 2, FACTORS + 2), dtype=a.dtype)),
-                     "Gram", id="gram-width"),
-        pytest.param(_corrupt("factor", lambda a, size: np.append(a, a[:FACTORS])), "its ranks imply",
-                     id="factor-width"),
+        pytest.param(
+            _corrupt("factor", lambda a, size: np.where(np.arange(len(a)) == 3, np.nan, a).astype(a.dtype)),
+            "non-finite",
+            id="nan",
+        ),
+        pytest.param(
+            _corrupt("gram", lambda a, size: np.zeros((FACTORS + 2, FACTORS + 2), dtype=a.dtype)),
+            "Gram",
+            id="gram-width",
+        ),
+        pytest.param(
+            _corrupt("factor", lambda a, size: np.append(a, a[:FACTORS])), "its ranks imply", id="factor-width"
+        ),
     ],
 )
 def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
@@ -305,8 +342,16 @@ def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
     arrays = initial_arrays(ServerConfig.from_run_config(run_config), catalog)
 
     # Execute
-    final = run_rounds(grid, strategy, RunHistory(tmp_path, {}), settings, arrays, ConfigRecord({}), ConfigRecord(),
-                       arrays_problem=strategy.reply_problem)
+    final = run_rounds(
+        grid,
+        strategy,
+        RunHistory(tmp_path, {}),
+        settings,
+        arrays,
+        ConfigRecord({}),
+        ConfigRecord(),
+        arrays_problem=strategy.reply_problem,
+    )
 
     # Assert: the warning names node, market and problem; the items were solved from m00 alone
     # (rows nobody else touched are zero), and the round was recorded.
@@ -330,17 +375,28 @@ def test_a_deployed_region_trains_and_writes_its_served_model_to_its_state_dir(t
     catalog_path = tmp_path / "catalog.txt"
     SOURCE.catalog().save(catalog_path)
     run_config = _run_config(**{"num-server-rounds": 1, "catalog-path": str(catalog_path)})
-    node = {"market": "m02", "data-path": str(paths["m02"]), "catalog-path": str(catalog_path),
-            "state-dir": str(tmp_path / "state")}
+    node = {
+        "market": "m02",
+        "data-path": str(paths["m02"]),
+        "catalog-path": str(catalog_path),
+        "state-dir": str(tmp_path / "state"),
+    }
     catalog = SOURCE.catalog()
     strategy = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=1)
     grid = ScriptedGrid({5: _client(5, run_config, node)})
     settings = RoundSettings(num_rounds=1, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
 
     # Execute: one round, then the final evaluation.
-    run_rounds(grid, strategy, RunHistory(tmp_path / "server", {}), settings,
-               initial_arrays(ServerConfig.from_run_config(run_config), catalog), ConfigRecord({}),
-               ConfigRecord({"final-round": True}), arrays_problem=strategy.reply_problem)
+    run_rounds(
+        grid,
+        strategy,
+        RunHistory(tmp_path / "server", {}),
+        settings,
+        initial_arrays(ServerConfig.from_run_config(run_config), catalog),
+        ConfigRecord({}),
+        ConfigRecord({"final-round": True}),
+        arrays_problem=strategy.reply_problem,
+    )
 
     # Assert: the region serves fedals' model of round 1 from its state-dir, and kept nothing user-indexed to send.
     served = load_served_model(tmp_path / "state" / "model")
@@ -366,10 +422,12 @@ def test_a_resume_refuses_changed_als_settings():
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
-    [("als-factors", 0, "als-factors must be a positive whole number"),
-     ("als-alpha", 0.0, "als-alpha must be a positive number"),
-     ("als-nu", -1.0, "als-nu must be 0"),
-     ("als-confidence", "loud", "als-confidence must be one of binary, rating, log")],
+    [
+        ("als-factors", 0, "als-factors must be a positive whole number"),
+        ("als-alpha", 0.0, "als-alpha must be a positive number"),
+        ("als-nu", -1.0, "als-nu must be 0"),
+        ("als-confidence", "loud", "als-confidence must be one of binary, rating, log"),
+    ],
 )
 def test_a_bad_als_setting_is_refused_by_its_key(key, value, message):
     for reader in (MarketConfig, ServerConfig):

@@ -14,7 +14,14 @@ from common.markets import MarketSource, load_split
 from common.metrics import hit_rate_at_k, ndcg_at_k
 from common.model import ModelConfig, SplitRecommender
 from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
-from simulations.results import FINE_TUNED, federated_curves, final_step_curves, method_summary, selection_summary, write_results
+from simulations.results import (
+    FINE_TUNED,
+    federated_curves,
+    final_step_curves,
+    method_summary,
+    selection_summary,
+    write_results,
+)
 
 OFFSET = 7  # as in the pooled baseline: the market's users sit after other markets' in the user table
 
@@ -46,9 +53,11 @@ def _brute_force_rank_bounds(model: SplitRecommender, data: MarketTensors, on_te
     candidates = torch.as_tensor(items).expand(len(users), -1)
     with torch.no_grad():
         scores = model.eval()(users, history, mask, candidates).numpy()
-    validation_item = dict(zip(split.valid.users.tolist(), split.valid.candidates[:, 0].tolist()))
+    validation_item = dict(zip(split.valid.users.tolist(), split.valid.candidates[:, 0].tolist(), strict=True))
     lower, upper = [], []
-    for row, (user, positive) in enumerate(zip(eval_set.users.tolist(), eval_set.candidates[:, 0].tolist())):
+    for row, (user, positive) in enumerate(
+        zip(eval_set.users.tolist(), eval_set.candidates[:, 0].tolist(), strict=True)
+    ):
         excluded = set(split.train_items[split.train_users == user].tolist())
         if on_test:
             excluded.add(validation_item[user])
@@ -143,19 +152,25 @@ def _reply(val: float, test: float, full: float | None, users: int = 50) -> dict
     """A market's evaluation metrics as the history records them (full ones only if given)."""
     metrics = {"val-ndcg": val, "val-hr": val + 0.1, "test-ndcg": test, "test-hr": test + 0.1, "num-examples": users}
     if full is not None:
-        metrics |= {"val-full-ndcg": full + 0.01, "val-full-recall": full + 0.05,
-                    "test-full-ndcg": full, "test-full-recall": full + 0.04}
+        metrics |= {
+            "val-full-ndcg": full + 0.01,
+            "val-full-recall": full + 0.05,
+            "test-full-ndcg": full,
+            "test-full-recall": full + 0.04,
+        }
     return metrics
 
 
 def _history(with_full: bool = True) -> dict:
     full = (lambda value: value) if with_full else (lambda value: None)
-    return {"rounds": [
-        {"round": 0, "per_market": {"a": _reply(0.1, 0.1, full(0.01)), "b": _reply(0.1, 0.1, full(0.01))}},
-        # a is best on validation in round 1, b in round 2; round 2 has a's best full metrics (never selected).
-        {"round": 1, "per_market": {"a": _reply(0.5, 0.40, full(0.10)), "b": _reply(0.2, 0.20, full(0.02))}},
-        {"round": 2, "per_market": {"a": _reply(0.4, 0.45, full(0.30)), "b": _reply(0.3, 0.25, full(0.05))}},
-    ]}
+    return {
+        "rounds": [
+            {"round": 0, "per_market": {"a": _reply(0.1, 0.1, full(0.01)), "b": _reply(0.1, 0.1, full(0.01))}},
+            # a is best on validation in round 1, b in round 2; round 2 has a's best full metrics (never selected).
+            {"round": 1, "per_market": {"a": _reply(0.5, 0.40, full(0.10)), "b": _reply(0.2, 0.20, full(0.02))}},
+            {"round": 2, "per_market": {"a": _reply(0.4, 0.45, full(0.30)), "b": _reply(0.3, 0.25, full(0.05))}},
+        ]
+    }
 
 
 def test_results_report_full_metrics_from_the_best_validation_round_with_macro_and_worst():
@@ -169,7 +184,10 @@ def test_results_report_full_metrics_from_the_best_validation_round_with_macro_a
         {"ndcg@10": 0.325, "hr@10": 0.425, "full-ndcg@10": 0.075, "full-recall@10": 0.115}
     )
     assert summary["worst"] == {
-        "ndcg@10": 0.25, "hr@10": pytest.approx(0.35), "full-ndcg@10": 0.05, "full-recall@10": pytest.approx(0.09),
+        "ndcg@10": 0.25,
+        "hr@10": pytest.approx(0.35),
+        "full-ndcg@10": 0.05,
+        "full-recall@10": pytest.approx(0.09),
         "market": {"ndcg@10": "b", "hr@10": "b", "full-ndcg@10": "b", "full-recall@10": "b"},
     }
 
@@ -211,7 +229,7 @@ def test_results_without_full_metrics_keep_the_sampled_shape():
 def test_fine_tuned_full_metrics_reach_fedper_ft():
 
     history = _history()
-    for market, metrics in history["rounds"][-1]["per_market"].items():
+    for metrics in history["rounds"][-1]["per_market"].values():
         metrics |= {f"ft-{key}": value for key, value in _reply(0.6, 0.5, 0.2).items() if key != "num-examples"}
 
     summary = method_summary(final_step_curves(federated_curves(history), FINE_TUNED), seconds=1.0)
@@ -222,10 +240,14 @@ def test_fine_tuned_full_metrics_reach_fedper_ft():
 
 def test_table_and_csv_show_full_metrics_and_the_worst_market(tmp_path):
 
-    results = {"config": {}, "methods": {
-        "fedper": method_summary(federated_curves(_history()), seconds=1.0),
-        "old": method_summary(federated_curves(_history(with_full=False)), seconds=1.0),
-    }, "rounds": []}
+    results = {
+        "config": {},
+        "methods": {
+            "fedper": method_summary(federated_curves(_history()), seconds=1.0),
+            "old": method_summary(federated_curves(_history(with_full=False)), seconds=1.0),
+        },
+        "rounds": [],
+    }
 
     table = write_results(results, tmp_path)
 

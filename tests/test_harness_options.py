@@ -8,12 +8,23 @@ from simulations import run as harness
 
 def test_set_converts_each_value_to_the_type_of_its_default():
     args = harness.parse_args(
-        ["--set", "dp-batch-size=512", "--set", "dp-learning-rate=0.02", "--set", "fold-evaluation=false",
-         "--set", "dp-accountant=rdp"]
+        [
+            "--set",
+            "dp-batch-size=512",
+            "--set",
+            "dp-learning-rate=0.02",
+            "--set",
+            "fold-evaluation=false",
+            "--set",
+            "dp-accountant=rdp",
+        ]
     )
 
     assert args.app_config == {
-        "dp-batch-size": 512, "dp-learning-rate": 0.02, "fold-evaluation": False, "dp-accountant": "rdp"
+        "dp-batch-size": 512,
+        "dp-learning-rate": 0.02,
+        "fold-evaluation": False,
+        "dp-accountant": "rdp",
     }
     assert harness.run_config_for(args, "fedper", harness.Path("out"), 3)["dp-batch-size"] == 512
 
@@ -53,15 +64,31 @@ def test_market_epsilons_reach_the_run_config_and_cannot_be_set_twice(capsys):
 
 def test_a_market_epsilon_for_a_market_the_run_does_not_have_stops_the_harness(tmp_path):
     with pytest.raises(UserError, match=r"--dp-market-epsilons names \['m9'\], which are not markets of this run"):
-        harness.main(["--synthetic-markets", "2", "--dp-epsilon", "8", "--dp-market-epsilons", "m9=2",
-                      "--out", str(tmp_path)])
+        harness.main(
+            ["--synthetic-markets", "2", "--dp-epsilon", "8", "--dp-market-epsilons", "m9=2", "--out", str(tmp_path)]
+        )
 
     assert not any(tmp_path.iterdir())
 
 
 def _local_dp(tmp_path, name: str, *flags: str) -> dict:
-    return harness.main(["--methods", "local", "--synthetic-markets", "1", "--num-server-rounds", "1", "--embedding-dim", "8",
-                         "--dp-epsilon", "8", "--out", str(tmp_path / name), *flags])
+    return harness.main(
+        [
+            "--methods",
+            "local",
+            "--synthetic-markets",
+            "1",
+            "--num-server-rounds",
+            "1",
+            "--embedding-dim",
+            "8",
+            "--dp-epsilon",
+            "8",
+            "--out",
+            str(tmp_path / name),
+            *flags,
+        ]
+    )
 
 
 def test_dp_noise_is_secure_unless_an_insecure_run_is_asked_for_and_marked(tmp_path):

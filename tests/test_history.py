@@ -53,8 +53,14 @@ def test_a_broken_checkpoint_is_named(tmp_path):
 
 
 def _saved(**changes) -> dict:
-    saved = {"round": 2, "training-id": "t", "arrays": {"encoder.w": torch.ones(2)}, "strategy-state": {},
-             "fingerprint": {}, "markets": {}}
+    saved = {
+        "round": 2,
+        "training-id": "t",
+        "arrays": {"encoder.w": torch.ones(2)},
+        "strategy-state": {},
+        "fingerprint": {},
+        "markets": {},
+    }
     return {key: value for key, value in {**saved, **changes}.items() if value is not None}
 
 
@@ -83,7 +89,7 @@ def test_a_loadable_but_wrongly_shaped_checkpoint_is_named_with_its_problem(tmp_
     [
         ('{"config": {}, "rounds": [{"round": 0, "per_m', "not valid JSON .* line 1 column"),
         ('{"config": {}}', "not a run history: no list of 'rounds'"),
-        ('[]', "not a run history: no list of 'rounds'"),
+        ("[]", "not a run history: no list of 'rounds'"),
         ('{"rounds": [{"round": "0", "per_market": {}}]}', r"rounds\[0\] is not a round entry"),
         ('{"rounds": [{"round": 0}]}', r"rounds\[0\] is not a round entry"),
     ],
@@ -112,8 +118,12 @@ def test_history_and_checkpoint_are_private_and_written_through_unique_temporary
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     assert json.loads((tmp_path / "history.json").read_text())["rounds"][0]["seconds"] == 1.0
     assert RunHistory(tmp_path, {}).load_checkpoint().server_round == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.tmp", "history.json",
-                                                           "history.json.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt",
+        "checkpoint.tmp",
+        "history.json",
+        "history.json.tmp",
+    ]
 
 
 def test_the_summary_tells_replied_failed_and_absent_markets_apart_and_groups_rounds_alike(tmp_path):

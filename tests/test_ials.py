@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from common.ials import (
     IALSConfig,
-    _factor_segments,
     ItemFactors,
     MarketInteractions,
+    _factor_segments,
     fold_in,
     initial_item_factors,
     initial_item_gram,
@@ -69,9 +69,7 @@ def naive_ials(
 
 CONFIGS = [
     IALSConfig(factors=4, regularization=0.1, alpha=3.0, nu=0.0, iterations=5, init_std=0.3),
-    IALSConfig(
-        factors=6, regularization=0.02, alpha=5.0, nu=1.0, iterations=6, confidence="log", init_std=0.3, seed=3
-    ),
+    IALSConfig(factors=6, regularization=0.02, alpha=5.0, nu=1.0, iterations=6, confidence="log", init_std=0.3, seed=3),
     IALSConfig(factors=8, regularization=0.5, alpha=2.0, nu=0.5, iterations=4, confidence="rating", init_std=0.3),
 ]
 
@@ -232,8 +230,12 @@ def test_packing_round_trips_sums_of_rank_below_and_above_d(d, buyers, duplicate
     if duplicates and num_users > 1:
         users[1::2] = users[0]
     pairs = [(u, j) for j, k in enumerate(buyers) for u in rng.choice(num_users, size=k, replace=False)]
-    market = MarketInteractions(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]) * 7, num_users,
-                                ratings=rng.uniform(1, 5, len(pairs)))
+    market = MarketInteractions(
+        np.array([p[0] for p in pairs]),
+        np.array([p[1] for p in pairs]) * 7,
+        num_users,
+        ratings=rng.uniform(1, 5, len(pairs)),
+    )
     config = IALSConfig(factors=d, alpha=2.0, confidence="rating")
 
     # Execute

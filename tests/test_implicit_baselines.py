@@ -36,9 +36,22 @@ def implicit_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("implicit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(harness, "run_federated", _fake_federated)
-        results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", "1", "--embedding-dim", "8",
-                                "--history-length", "10", "--methods", "local,fedper,implicit-local,implicit-pooled",
-                                "--out", str(out)])
+        results = harness.main(
+            [
+                "--synthetic-markets",
+                "3",
+                "--num-server-rounds",
+                "1",
+                "--embedding-dim",
+                "8",
+                "--history-length",
+                "10",
+                "--methods",
+                "local,fedper,implicit-local,implicit-pooled",
+                "--out",
+                str(out),
+            ]
+        )
     return out, results
 
 
@@ -74,8 +87,10 @@ def test_pooled_shares_its_item_factors_across_markets_and_local_does_not(implic
     catalog = SOURCE.catalog()
 
     def tables(method: str) -> list[np.ndarray]:
-        return [load_served_model(out / "models" / method / market, catalog).model.state_dict()[ITEM_TABLE].numpy()
-                for market in SOURCE.markets]
+        return [
+            load_served_model(out / "models" / method / market, catalog).model.state_dict()[ITEM_TABLE].numpy()
+            for market in SOURCE.markets
+        ]
 
     pooled, local = tables("implicit-pooled"), tables("implicit-local")
     assert np.abs(pooled[0]).max() > 0
@@ -91,9 +106,12 @@ def test_the_selection_never_picks_a_reference(implicit_run):
     assert selection["candidates"] == ["local", "fedper"]
     assert {entry["chosen"] for entry in selection["per_market"].values()} == {"local"}
     # Not trivially so: an implicit reference beats local on validation somewhere.
-    assert any(results["methods"][method]["per_market"][market]["val-ndcg@10"]
-               > results["methods"]["local"]["per_market"][market]["val-ndcg@10"]
-               for method in IMPLICIT for market in SOURCE.markets)
+    assert any(
+        results["methods"][method]["per_market"][market]["val-ndcg@10"]
+        > results["methods"]["local"]["per_market"][market]["val-ndcg@10"]
+        for method in IMPLICIT
+        for market in SOURCE.markets
+    )
     assert not set(BASELINES) & set(METHODS)
 
 
@@ -105,8 +123,17 @@ def test_the_quality_benchmark_tables_the_references_and_judges_only_federated_m
     monkeypatch.setattr(benchmark.harness, "main", lambda argv: copy.deepcopy(results))
 
     # Execute
-    benchmark.main(["quality", "--num-seeds", "2", "--methods", "local,fedper,implicit-local,implicit-pooled",
-                    "--out", str(tmp_path)])
+    benchmark.main(
+        [
+            "quality",
+            "--num-seeds",
+            "2",
+            "--methods",
+            "local,fedper,implicit-local,implicit-pooled",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     # Assert
     report = json.loads((tmp_path / "results.json").read_text())
@@ -114,7 +141,8 @@ def test_the_quality_benchmark_tables_the_references_and_judges_only_federated_m
     assert report["acceptance"]["best_federated_method"] in {"fedper", "selection"}
     macro = report["summary"]["implicit-pooled"]["macro"]["ndcg@10"]["mean"]
     assert report["acceptance"]["macro_relative_to_implicit-pooled"] == pytest.approx(
-        report["acceptance"]["macro_ndcg@10"] / macro)
+        report["acceptance"]["macro_ndcg@10"] / macro
+    )
     header = (tmp_path / "quality.md").read_text().splitlines()[0]
     assert "implicit-local" in header and "implicit-pooled" in header  # the same table
 
@@ -131,6 +159,8 @@ def test_without_implicit_the_harness_refuses_the_references_in_one_line(monkeyp
 
 
 def test_the_apps_and_the_harness_do_not_import_implicit():
-    code = ("import sys, clients.client_app, server.server_app, simulations.run, simulations.benchmark; "
-            "sys.exit('implicit' in sys.modules)")
+    code = (
+        "import sys, clients.client_app, server.server_app, simulations.run, simulations.benchmark; "
+        "sys.exit('implicit' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0

@@ -19,7 +19,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from clients.join import (
-    build_model, check_state_dir, join_market, load_published, main as join_main, subsample_training_users,
+    build_model,
+    check_state_dir,
+    join_market,
+    load_published,
+    subsample_training_users,
+)
+from clients.join import (
+    main as join_main,
 )
 from clients.local_model import LOCAL_STATE_KEY
 from clients.state_store import MarketState, MarketStateStore
@@ -42,8 +49,9 @@ pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _run_config(**overrides) -> dict:
-    return run_config(**{"method": "fedper", "embedding-dim": DIM, "num-server-rounds": ROUNDS, "seed": SEED,
-                         **overrides})
+    return run_config(
+        **{"method": "fedper", "embedding-dim": DIM, "num-server-rounds": ROUNDS, "seed": SEED, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +70,24 @@ def federation(tmp_path_factory) -> dict:
     trained.mkdir()
     for market in ("m00", "m01"):
         shutil.copy(paths[market], trained / paths[market].name)
-    run_config = _run_config(**{"data-dir": str(trained), "catalog-path": str(catalog_path),
-                                "out-dir": str(root / "out" / "server"), "models-dir": str(root / "out" / "models")})
+    run_config = _run_config(
+        **{
+            "data-dir": str(trained),
+            "catalog-path": str(catalog_path),
+            "out-dir": str(root / "out" / "server"),
+            "models-dir": str(root / "out" / "models"),
+        }
+    )
     serve(run_config, 2, run_id=41)
-    return {"root": root, "paths": paths, "catalog": catalog, "catalog_path": catalog_path,
-            "run_config": run_config, "models": root / "out" / "models" / "fedper",
-            "server_out": root / "out" / "server"}
+    return {
+        "root": root,
+        "paths": paths,
+        "catalog": catalog,
+        "catalog_path": catalog_path,
+        "run_config": run_config,
+        "models": root / "out" / "models" / "fedper",
+        "server_out": root / "out" / "server",
+    }
 
 
 def _split(federation: dict, market: str = JOINER):
@@ -75,8 +95,21 @@ def _split(federation: dict, market: str = JOINER):
 
 
 def _join(federation: dict, out: Path, *extra: str) -> str:
-    return join_main(["--model-dir", str(federation["models"]), "--data", str(federation["paths"][JOINER]),
-                      "--catalog", str(federation["catalog_path"]), "--out", str(out), "--join-epochs", "3", *extra])
+    return join_main(
+        [
+            "--model-dir",
+            str(federation["models"]),
+            "--data",
+            str(federation["paths"][JOINER]),
+            "--catalog",
+            str(federation["catalog_path"]),
+            "--out",
+            str(out),
+            "--join-epochs",
+            "3",
+            *extra,
+        ]
+    )
 
 
 # --- publishing -------------------------------------------------------------------------------------------
@@ -93,7 +126,9 @@ def test_the_server_publishes_the_final_shared_arrays_when_the_training_ends(fed
     assert (published.training_id, published.round) == ("41", ROUNDS)
     checkpoint = torch.load(federation["server_out"] / "checkpoint.pt", weights_only=True)
     assert checkpoint["round"] == ROUNDS
-    assert set(published.arrays) == set(checkpoint["arrays"]) and all(n.startswith("encoder.") for n in published.arrays)
+    assert set(published.arrays) == set(checkpoint["arrays"]) and all(
+        n.startswith("encoder.") for n in published.arrays
+    )
     for name, array in published.arrays.items():
         assert torch.equal(array, checkpoint["arrays"][name])
     # In simulation the same file lies beside the markets' models, OUT/models/<method>/published.pt.
@@ -167,9 +202,23 @@ def test_another_catalog_is_refused_in_one_line_without_a_traceback(federation, 
 
     # Execute
     done = subprocess.run(
-        [sys.executable, "-m", "clients.join", "--model-dir", str(federation["models"]),
-         "--data", str(paths[JOINER]), "--catalog", str(tmp_path / "other.txt"), "--out", str(tmp_path / "joined")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "clients.join",
+            "--model-dir",
+            str(federation["models"]),
+            "--data",
+            str(paths[JOINER]),
+            "--catalog",
+            str(tmp_path / "other.txt"),
+            "--out",
+            str(tmp_path / "joined"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
     # Assert
@@ -205,8 +254,9 @@ def test_fine_tuning_after_the_head_never_keeps_a_model_worse_on_validation(fede
     # Assert: the best of four epochs is at least the best of their first two; an
     # encoder kept from the fine-tuning is the market's own, the published one otherwise.
     assert fine_tuned.valid.ndcg >= head_only.valid.ndcg and fine_tuned.epochs == 4
-    encoder_untouched = all(torch.equal(fine_tuned.model.state_dict()[name], array)
-                            for name, array in published.arrays.items())
+    encoder_untouched = all(
+        torch.equal(fine_tuned.model.state_dict()[name], array) for name, array in published.arrays.items()
+    )
     assert encoder_untouched == (fine_tuned.best_epoch <= 2)
 
 
@@ -240,19 +290,31 @@ def test_the_clientapp_of_the_region_restores_the_joined_head_in_the_next_traini
     # Prepare: the region joins into its state-dir and serves the joined model from there. Without
     # fine-tuning the served encoder is the published one, so the next training must evaluate exactly as it.
     state_dir = tmp_path / "state"
-    summary = _join(federation, state_dir / "model", "--state-dir", str(state_dir), "--market", JOINER,
-                    "--fine-tune-epochs", "0")
+    summary = _join(
+        federation, state_dir / "model", "--state-dir", str(state_dir), "--market", JOINER, "--fine-tune-epochs", "0"
+    )
     saved = MarketStateStore(state_dir, JOINER).load()
     served = load_served_model(state_dir / "model")
 
     # Execute: the region's SuperNode gets the next training's first message, the published arrays.
     published = load_published(federation["models"] / PUBLISHED_FILE)
-    node = {"market": JOINER, "data-path": str(federation["paths"][JOINER]),
-            "catalog-path": str(federation["catalog_path"]), "state-dir": str(state_dir)}
+    node = {
+        "market": JOINER,
+        "data-path": str(federation["paths"][JOINER]),
+        "catalog-path": str(federation["catalog_path"]),
+        "state-dir": str(state_dir),
+    }
     context = Context(run_id=2, node_id=9, node_config=node, state=RecordDict(), run_config=_run_config())
-    message = Message(RecordDict({"arrays": ArrayRecord(published.arrays),
-                                  "config": ConfigRecord({"server-round": 1, "training-id": "next"})}),
-                      dst_node_id=9, message_type=MessageType.EVALUATE)
+    message = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(published.arrays),
+                "config": ConfigRecord({"server-round": 1, "training-id": "next"}),
+            }
+        ),
+        dst_node_id=9,
+        message_type=MessageType.EVALUATE,
+    )
     reply = client_app(message, context)
 
     # Assert: the state holds the fitted head, which the ClientApp took: it evaluates exactly as the joined model.

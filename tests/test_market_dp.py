@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from opacus.accountants import RDPAccountant
-
 from flwr.serverapp import GaussianPrivacyEvent
+from opacus.accountants import RDPAccountant
 
 from server.rounds import restore_strategy_state, strategy_state
 from server.strategy import MarketDPConfig, build_strategy, market_dp_epsilon
@@ -63,8 +62,22 @@ def test_a_simulated_run_composes_one_gaussian_release_per_round(tmp_path):
 
     # Execute
     results = harness.main(
-        ["--synthetic-markets", "3", "--num-server-rounds", str(rounds), "--embedding-dim", "8", "--methods", "fedper",
-         "--market-dp-noise-multiplier", str(noise), "--market-dp-clipping-norm", "0.5", "--out", str(tmp_path)]
+        [
+            "--synthetic-markets",
+            "3",
+            "--num-server-rounds",
+            str(rounds),
+            "--embedding-dim",
+            "8",
+            "--methods",
+            "fedper",
+            "--market-dp-noise-multiplier",
+            str(noise),
+            "--market-dp-clipping-norm",
+            "0.5",
+            "--out",
+            str(tmp_path),
+        ]
     )
 
     # Assert: the epsilon after each round matches Opacus's RDP accountant for

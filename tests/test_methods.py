@@ -80,5 +80,7 @@ def test_fine_tuning_leaves_the_global_model_untouched_and_never_loses_on_valida
 def test_fedper_ft_is_fedper_plus_fine_tuning():
     fedper, fedper_ft = get_method("fedper"), get_method("fedper-ft")
 
-    assert replace(fedper_ft, name="fedper", fine_tune=False, description="", base="") == replace(fedper, description="")
+    assert replace(fedper_ft, name="fedper", fine_tune=False, description="", base="") == replace(
+        fedper, description=""
+    )
     assert fedper_ft.base == "fedper"  # its best federated round is served as fedper's model

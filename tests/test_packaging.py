@@ -24,8 +24,11 @@ from xmfl import app
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-LOCAL = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-            ["tool"]["setuptools"]["packages"]["find"]["include"])
+LOCAL = set(
+    tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]["find"][
+        "include"
+    ]
+)
 
 
 @pytest.mark.parametrize("package", ["common", "server", "clients", "simulations", "deploy", "xmfl"])
@@ -87,8 +90,9 @@ def closure(extras: tuple[str, ...]) -> frozenset[str]:
         for text in metadata.requires(requirement.name) or []:
             child = Requirement(text)
             active = [""] + sorted(requirement.extras)
-            if child.marker is None or any(child.marker.evaluate({**default_environment(), "extra": extra})
-                                           for extra in active):
+            if child.marker is None or any(
+                child.marker.evaluate({**default_environment(), "extra": extra}) for extra in active
+            ):
                 wanted.append(child)
     return frozenset(name for name in found if "[" not in name)
 
@@ -122,8 +126,11 @@ def test_every_import_is_installed_by_the_extras_of_whoever_runs_it(packages, ex
     distributions = metadata.packages_distributions()
     installed = closure(extras)
 
-    missing = {module: source for module, source in third_party_imports(packages).items()
-               if not {canonicalize_name(d) for d in distributions.get(module, [module])} & installed}
+    missing = {
+        module: source
+        for module, source in third_party_imports(packages).items()
+        if not {canonicalize_name(d) for d in distributions.get(module, [module])} & installed
+    }
 
     assert missing == {}
 

@@ -30,8 +30,10 @@ def _report(markets: list[str], budgets: list[str]) -> dict:
 
 def test_rounds_macro_divides_by_the_markets_that_replied_that_round():
     # Prepare: market b did not reply in round 2.
-    curves = {"a": [_point(0, 0.9, 0.2), _point(1, 0.9, 0.4), _point(2, 0.9, 0.6)],
-              "b": [_point(0, 0.9, 0.4), _point(1, 0.9, 0.6)]}
+    curves = {
+        "a": [_point(0, 0.9, 0.2), _point(1, 0.9, 0.4), _point(2, 0.9, 0.6)],
+        "b": [_point(0, 0.9, 0.4), _point(1, 0.9, 0.6)],
+    }
 
     # Execute
     rounds, macro = macro_per_round(curves)

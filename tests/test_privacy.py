@@ -15,8 +15,8 @@ from common.privacy import (
     PrivacyLedger,
     calibrate_noise,
     calibrated_ledger,
-    epsilon_of,
     default_delta,
+    epsilon_of,
     release_history,
     sample_rate,
     steps_per_epoch,
@@ -51,20 +51,27 @@ def test_epsilon_agrees_with_dp_accounting_within_one_percent(accountant, sigma,
 @pytest.mark.parametrize(("release", "sigma", "rate", "steps"), [(2.0, 1.0, 0.05, 300), (4.0, 0.9, 0.02, 1500)])
 def test_a_release_composed_with_steps_agrees_with_dp_accounting(accountant, release, sigma, rate, steps):
     # Prepare: the popularity release (a Gaussian step on all the data) followed by DP-SGD.
-    ledger = PrivacyLedger(PrivacyBudget(epsilon=100.0, delta=1e-5, accountant=accountant), sigma, rate,
-                           releases=[release])
+    ledger = PrivacyLedger(
+        PrivacyBudget(epsilon=100.0, delta=1e-5, accountant=accountant), sigma, rate, releases=[release]
+    )
 
     # Execute
     ledger.record(steps)
 
     # Assert
-    event = dp_accounting.ComposedDpEvent([
-        dp_accounting.GaussianDpEvent(release),
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps),
-    ])
-    independent = (pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4) if accountant == "prv"
-                   else rdp_privacy_accountant.RdpAccountant())
+    event = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.GaussianDpEvent(release),
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps
+            ),
+        ]
+    )
+    independent = (
+        pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        if accountant == "prv"
+        else rdp_privacy_accountant.RdpAccountant()
+    )
     assert ledger.epsilon() == pytest.approx(independent.compose(event).get_epsilon(1e-5), rel=0.01)
 
 
@@ -137,8 +144,11 @@ def test_steps_beyond_the_budget_are_refused_and_not_recorded():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"epsilon": 0.0, "delta": 1e-5}, "epsilon > 0"), ({"epsilon": 1.0, "delta": 1.0}, "delta < 1"),
-     ({"epsilon": 1.0, "delta": 1e-5, "accountant": "gdp"}, "Unknown accountant")],
+    [
+        ({"epsilon": 0.0, "delta": 1e-5}, "epsilon > 0"),
+        ({"epsilon": 1.0, "delta": 1.0}, "delta < 1"),
+        ({"epsilon": 1.0, "delta": 1e-5, "accountant": "gdp"}, "Unknown accountant"),
+    ],
 )
 def test_bad_budgets_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

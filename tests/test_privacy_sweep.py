@@ -17,6 +17,7 @@ def in_process(monkeypatch, server_task_identity):
     transport has its own tests)."""
     monkeypatch.setattr(harness, "run_federated", in_process_federated)
 
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -26,7 +27,9 @@ def _users(market: str) -> int:
 
 def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
     # The default method, fedals, with its private-transfer variant fedals-pt beside it.
-    privacy_sweep.main(["--dp-epsilons", "inf,2", "--synthetic-markets", "3", "--num-server-rounds", "2", "--out", str(tmp_path)])
+    privacy_sweep.main(
+        ["--dp-epsilons", "inf,2", "--synthetic-markets", "3", "--num-server-rounds", "2", "--out", str(tmp_path)]
+    )
 
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["config"]["method"] == "fedals"
@@ -68,8 +71,22 @@ def test_sweep_writes_results_csv_and_plot_and_respects_every_budget(tmp_path):
 
 def test_several_seeds_report_means_with_their_spread_and_keep_each_seeds_runs(tmp_path):
     # A DP-SGD method, which has no transfer variant: served chooses between local and fedper itself.
-    report = privacy_sweep.main(["--dp-epsilons", "2", "--synthetic-markets", "2", "--num-server-rounds", "1", "--num-seeds", "2",
-                                 "--method", "fedper", "--out", str(tmp_path)])
+    report = privacy_sweep.main(
+        [
+            "--dp-epsilons",
+            "2",
+            "--synthetic-markets",
+            "2",
+            "--num-server-rounds",
+            "1",
+            "--num-seeds",
+            "2",
+            "--method",
+            "fedper",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     seeds = report["seeds"]
     assert sorted(seeds) == [0, 1]
@@ -78,14 +95,16 @@ def test_several_seeds_report_means_with_their_spread_and_keep_each_seeds_runs(t
         assert metrics["ndcg@10"] == pytest.approx(sum(values) / 2)
         assert metrics["ndcg@10 std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
         assert metrics["val-ndcg@10"] == pytest.approx(
-            sum(seeds[seed]["runs"]["2"]["per_market"][market]["val-ndcg@10"] for seed in (0, 1)) / 2)
+            sum(seeds[seed]["runs"]["2"]["per_market"][market]["val-ndcg@10"] for seed in (0, 1)) / 2
+        )
         assert metrics["epsilon"] == max(seeds[seed]["runs"]["2"]["per_market"][market]["epsilon"] for seed in (0, 1))
         # Chosen per seed, then averaged; the choices joined in seed order.
         choices = [seeds[seed]["served"]["2"]["per_market"][market]["chosen"] for seed in (0, 1)]
         assert set(choices) <= {"local", "fedper"}
         assert report["served"]["2"]["per_market"][market]["chosen"] == ",".join(choices)
         assert report["served"]["2"]["per_market"][market]["ndcg@10"] == pytest.approx(
-            sum(seeds[seed]["served"]["2"]["per_market"][market]["ndcg@10"] for seed in (0, 1)) / 2)
+            sum(seeds[seed]["served"]["2"]["per_market"][market]["ndcg@10"] for seed in (0, 1)) / 2
+        )
     assert report["transfer"] == {}
     assert "retention" not in report  # no inf among the budgets: nothing to measure the gain against
     assert (tmp_path / "seed-1" / "eps-2" / "results.csv").exists()

@@ -17,17 +17,27 @@ from simulations.privacy_sweep import (
 
 def _summary(per_market: dict[str, tuple[float, float]], epsilon: float | None = None) -> dict:
     """A harness-like method summary from (validation, test) NDCG@10 per market; HR@10 is the test value + 0.1."""
-    markets = {m: {"ndcg@10": test, "hr@10": test + 0.1, "val-ndcg@10": val, "epsilon": epsilon,
-                   "delta": None if epsilon is None else 1e-4, "round": 3}
-               for m, (val, test) in per_market.items()}
+    markets = {
+        m: {
+            "ndcg@10": test,
+            "hr@10": test + 0.1,
+            "val-ndcg@10": val,
+            "epsilon": epsilon,
+            "delta": None if epsilon is None else 1e-4,
+            "round": 3,
+        }
+        for m, (val, test) in per_market.items()
+    }
     count = len(markets)
     macro = {metric: sum(m[metric] for m in markets.values()) / count for metric in ("ndcg@10", "hr@10")}
     return {"per_market": markets, "macro": macro}
 
 
 def _served(ndcg: dict[str, float]) -> dict:
-    return {"per_market": {m: {"ndcg@10": v} for m, v in ndcg.items()},
-            "macro": {"ndcg@10": sum(ndcg.values()) / len(ndcg)}}
+    return {
+        "per_market": {m: {"ndcg@10": v} for m, v in ndcg.items()},
+        "macro": {"ndcg@10": sum(ndcg.values()) / len(ndcg)},
+    }
 
 
 def test_fedals_has_its_private_transfer_variant_and_sgd_methods_have_none():
@@ -45,8 +55,14 @@ def test_served_keeps_the_validation_better_model_with_its_test_numbers_and_ties
 
     # Assert: the test numbers are the chosen model's, never the better test of the two.
     a, b, c = (served["per_market"][m] for m in "abc")
-    assert a == {"ndcg@10": 0.30, "hr@10": pytest.approx(0.40), "val-ndcg@10": 0.35, "chosen": "fedals-pt",
-                 "epsilon": 7.9, "delta": 1e-4}
+    assert a == {
+        "ndcg@10": 0.30,
+        "hr@10": pytest.approx(0.40),
+        "val-ndcg@10": 0.35,
+        "chosen": "fedals-pt",
+        "epsilon": 7.9,
+        "delta": 1e-4,
+    }
     assert (b["chosen"], b["ndcg@10"], b["epsilon"]) == ("local", 0.20, None)
     assert (c["chosen"], c["ndcg@10"], c["val-ndcg@10"]) == ("local", 0.10, 0.60)
     assert served["macro"]["ndcg@10"] == pytest.approx((0.30 + 0.20 + 0.10) / 3)
@@ -61,8 +77,11 @@ def test_served_refuses_summaries_of_different_markets():
 def test_retention_is_the_share_of_the_gain_at_inf_kept_per_market_and_of_the_macro_numbers():
     # Prepare: local a 0.30, b 0.50 (macro 0.40); served at inf a 0.40 (gain 0.10), b 0.50 (no gain).
     local = _served({"a": 0.30, "b": 0.50})
-    served = {"inf": _served({"a": 0.40, "b": 0.50}), "8": _served({"a": 0.38, "b": 0.52}),
-              "1": _served({"a": 0.28, "b": 0.50})}
+    served = {
+        "inf": _served({"a": 0.40, "b": 0.50}),
+        "8": _served({"a": 0.38, "b": 0.52}),
+        "1": _served({"a": 0.28, "b": 0.50}),
+    }
 
     # Execute
     retained = retention(served, local)
@@ -80,15 +99,19 @@ def test_retention_is_the_share_of_the_gain_at_inf_kept_per_market_and_of_the_ma
 
 def test_retention_is_none_where_served_at_inf_is_below_local_and_needs_inf():
     local = _served({"a": 0.50})
-    assert retention({"inf": _served({"a": 0.40}), "2": _served({"a": 0.45})}, local)["2"] == \
-        {"per_market": {"a": None}, "macro": None}
+    assert retention({"inf": _served({"a": 0.40}), "2": _served({"a": 0.45})}, local)["2"] == {
+        "per_market": {"a": None},
+        "macro": None,
+    }
     with pytest.raises(ValueError, match="without DP"):
         retention({"8": _served({"a": 0.40})}, local)
 
 
 def test_retention_table_has_budgets_as_columns_markets_and_macro_as_rows_in_percent():
-    retained = {"inf": {"per_market": {"a": 1.0, "b": None}, "macro": 1.0},
-                "2": {"per_market": {"a": 0.456, "b": None}, "macro": 0.5}}
+    retained = {
+        "inf": {"per_market": {"a": 1.0, "b": None}, "macro": 1.0},
+        "2": {"per_market": {"a": 0.456, "b": None}, "macro": 0.5},
+    }
 
     table = retention_table(retained)
 
@@ -98,8 +121,10 @@ def test_retention_table_has_budgets_as_columns_markets_and_macro_as_rows_in_per
 
 def test_means_over_seeds_keep_validation_and_join_each_seeds_choice():
     # Prepare: two seeds' served summaries of one market, choosing differently.
-    seeds = [served_summary(_summary({"a": (0.3, 0.4)}), _summary({"a": (0.5, 0.6)}, epsilon=3.0), "fedals-pt"),
-             served_summary(_summary({"a": (0.3, 0.2)}), _summary({"a": (0.1, 0.6)}, epsilon=2.5), "fedals-pt")]
+    seeds = [
+        served_summary(_summary({"a": (0.3, 0.4)}), _summary({"a": (0.5, 0.6)}, epsilon=3.0), "fedals-pt"),
+        served_summary(_summary({"a": (0.3, 0.2)}), _summary({"a": (0.1, 0.6)}, epsilon=2.5), "fedals-pt"),
+    ]
 
     # Execute
     mean = mean_over_seeds(seeds)
@@ -118,8 +143,16 @@ def _report(markets: list[str], budgets: list[str]) -> dict:
     runs = {b: _summary({m: (0.4, 0.45 if b == "inf" else 0.32) for m in markets}) for b in budgets}
     served = {b: served_summary(local, runs[b], "fedals-pt") for b in budgets}
     report = {"config": {"method": "fedals"}, "local": local, "runs": runs, "popular": runs, "served": served}
-    report = {key: ({b: mean_over_seeds([s]) for b, s in value.items()} if key in ("runs", "popular", "served")
-                    else mean_over_seeds([value]) if key == "local" else value) for key, value in report.items()}
+    report = {
+        key: (
+            {b: mean_over_seeds([s]) for b, s in value.items()}
+            if key in ("runs", "popular", "served")
+            else mean_over_seeds([value])
+            if key == "local"
+            else value
+        )
+        for key, value in report.items()
+    }
     if "inf" in budgets:
         report["retention"] = retention(report["served"], report["local"])
     return report

@@ -2,9 +2,8 @@
 
 import json
 import tomllib
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,22 +26,34 @@ BUDGET = 4.0
 def _run_config(dp_epsilon: float) -> dict:
     with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as file:
         defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "synthetic-markets": 3, "embedding-dim": 8, "num-server-rounds": 2,
-            "dp-epsilon": dp_epsilon, "dp-accountant": "rdp"}
+    return {
+        **defaults,
+        "synthetic-markets": 3,
+        "embedding-dim": 8,
+        "num-server-rounds": 2,
+        "dp-epsilon": dp_epsilon,
+        "dp-accountant": "rdp",
+    }
 
 
 def _train(run_config: dict, context: Context, server_round: int) -> Message:
     server = ServerConfig.from_run_config(run_config)
     config = server.train_config()
     config["server-round"] = server_round
-    message = Message(RecordDict({"arrays": initial_arrays(server), "config": config}),
-                      dst_node_id=7, message_type=MessageType.TRAIN)
+    message = Message(
+        RecordDict({"arrays": initial_arrays(server), "config": config}), dst_node_id=7, message_type=MessageType.TRAIN
+    )
     return app(message, context)
 
 
 def _context(run_config: dict) -> Context:
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
-                   state=RecordDict(), run_config=run_config)
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 2, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=run_config,
+    )
 
 
 def test_a_private_round_reports_epsilon_and_differs_from_the_non_private_one():
@@ -120,8 +131,11 @@ def _evaluate(run_config: dict, context: Context, server_round: int, fine_tune_e
     config = server.train_config()
     config["server-round"] = server_round
     config["fine-tune-epochs"] = fine_tune_epochs
-    message = Message(RecordDict({"arrays": initial_arrays(server), "config": config}),
-                      dst_node_id=7, message_type=MessageType.EVALUATE)
+    message = Message(
+        RecordDict({"arrays": initial_arrays(server), "config": config}),
+        dst_node_id=7,
+        message_type=MessageType.EVALUATE,
+    )
     return app(message, context)
 
 
@@ -157,16 +171,32 @@ def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
 def test_the_local_baseline_under_dp_spends_each_markets_budget_and_no_more(tmp_path):
     # Execute: each market alone, with the budget a federated market would get.
     # m01 has a budget of its own.
-    results = harness.main(["--synthetic-markets", "3", "--num-server-rounds", "2", "--embedding-dim", "8",
-                            "--methods", "local", "--dp-epsilon", str(BUDGET), "--dp-market-epsilons", "m01=1.5",
-                            "--out", str(tmp_path)])
+    results = harness.main(
+        [
+            "--synthetic-markets",
+            "3",
+            "--num-server-rounds",
+            "2",
+            "--embedding-dim",
+            "8",
+            "--methods",
+            "local",
+            "--dp-epsilon",
+            str(BUDGET),
+            "--dp-market-epsilons",
+            "m01=1.5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     # Assert: the budget is calibrated over both rounds, so round 2 spends nearly all of it.
     per_market = results["methods"]["local"]["per_market"]
     budgets = {market: 1.5 if market == "m01" else BUDGET for market in per_market}
     assert all(0 < result["epsilon"] <= budgets[market] for market, result in per_market.items())
-    assert all(result["epsilon"] > 0.95 * budgets[market] for market, result in per_market.items()
-               if result["round"] == 2)
+    assert all(
+        result["epsilon"] > 0.95 * budgets[market] for market, result in per_market.items() if result["round"] == 2
+    )
 
 
 def test_dp_sgd_samples_at_the_released_count_never_the_exact_one():
@@ -188,7 +218,8 @@ def test_dp_sgd_samples_at_the_released_count_never_the_exact_one():
     assert steps_per_epoch(released, batch) != steps_per_epoch(exact, batch)
     ledger = PrivacyLedger.from_state(entry["ledger"])
     assert [(rate, steps) for _, rate, steps in ledger.history] == [
-        (sample_rate(released, batch), int(run_config["local-epochs"]) * steps_per_epoch(released, batch))]
+        (sample_rate(released, batch), int(run_config["local-epochs"]) * steps_per_epoch(released, batch))
+    ]
     assert reply.content["metrics"]["num-examples"] == released
     assert reply.content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon())
 

@@ -15,7 +15,10 @@ from simulations.flower_runtime import FlowerRunError, SimulationSuperLink
 def test_output_lines_stop_waiting_at_the_deadline_while_the_process_writes_nothing():
     process = subprocess.Popen(
         [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
     )
     try:
         seen = []

@@ -6,7 +6,8 @@ from simulations.progress import RoundProgress
 STREAM = [
     "\x1b[92mINFO \x1b[0m:      [ROUND 1/2]",
     "\x1b[92mINFO \x1b[0m:      configure_train: Sampled 3 nodes (out of 3)",
-    "\x1b[36m(ClientAppActor pid=7)\x1b[0m \x1b[93mWARNING \x1b[0m:   Market m00 is out of privacy budget (lifetime epsilon 8.000)",
+    "\x1b[36m(ClientAppActor pid=7)\x1b[0m \x1b[93mWARNING \x1b[0m:   "
+    "Market m00 is out of privacy budget (lifetime epsilon 8.000)",
     "\x1b[91mERROR \x1b[0m:     The market's training failed: m01.csv line 2: rating 'x' is not a number",
     "\x1b[91mERROR \x1b[0m:     The market's training failed: m01.csv line 2: rating 'x' is not a number",
     "\x1b[93mWARNING \x1b[0m:   1 of 3 markets did not reply within 600 s; going on without them.",
@@ -31,8 +32,9 @@ def test_by_default_a_line_per_round_and_every_warning_and_error_once(capsys):
         "    ERROR: The market's training failed: m01.csv line 2: rating 'x' is not a number",
         "    WARNING: 1 of 3 markets did not reply within 600 s; going on without them.",
     ]
-    assert lines[3].startswith("    round 0/2: macro val NDCG@10 0.1500, test NDCG@10 0.4000 "
-                               "(2 of 3 markets replied; failed or silent: m01), ")
+    assert lines[3].startswith(
+        "    round 0/2: macro val NDCG@10 0.1500, test NDCG@10 0.4000 (2 of 3 markets replied; failed or silent: m01), "
+    )
     assert len(lines) == 4
 
 

@@ -105,8 +105,9 @@ def parse(name: str, argv: list[str], monkeypatch) -> set[str]:
     parse_known_args = argparse.ArgumentParser.parse_known_args
 
     def recording(self, *args, **kwargs):
-        shown.update(option for action in self._actions if action.help != argparse.SUPPRESS
-                     for option in action.option_strings)
+        shown.update(
+            option for action in self._actions if action.help != argparse.SUPPRESS for option in action.option_strings
+        )
         return parse_known_args(self, *args, **kwargs)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", recording)
@@ -148,8 +149,9 @@ def test_every_xmfl_command_of_the_readme_parses(line, monkeypatch, capsys):
     try:
         shown = parse(name, argv, monkeypatch)
     except SystemExit as exited:
-        pytest.fail(f"README: `{line}` is refused by `xmfl {name}` (exit {exited.code}): "
-                    f"{capsys.readouterr().err.strip()}")
+        pytest.fail(
+            f"README: `{line}` is refused by `xmfl {name}` (exit {exited.code}): {capsys.readouterr().err.strip()}"
+        )
 
     # argparse also accepts abbreviations and the hidden old spellings: the README spells options as --help does.
     unlisted = [token for token in argv if token.startswith("--") and token.split("=")[0] not in shown]

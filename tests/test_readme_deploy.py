@@ -43,8 +43,8 @@ REGIONS = ["m00", "m01"]
 
 def deploy_block(readme: str) -> str:
     """The fenced ``bash`` block of the README's Deploy section."""
-    section = readme[readme.index("\n## Deploy"):]
-    section = section[:section.index("\n## ", 1)]
+    section = readme[readme.index("\n## Deploy") :]
+    section = section[: section.index("\n## ", 1)]
     blocks = re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M)
     assert len(blocks) == 1, f"The Deploy section should hold one bash block, it holds {len(blocks)}."
     return blocks[0]
@@ -92,8 +92,15 @@ class Shell:
 
     def run(self, command: str, timeout: float = 600) -> str:
         """Run ``command`` to its end; its output, or a failure with it."""
-        finished = subprocess.run(["bash", "-eu", "-c", self.preamble + command], cwd=self.cwd, env=self.env,
-                                  capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        finished = subprocess.run(
+            ["bash", "-eu", "-c", self.preamble + command],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         output = finished.stdout + finished.stderr
         assert finished.returncode == 0, f"{command}\nexited with {finished.returncode}:\n{output[-3000:]}"
         return output
@@ -101,9 +108,15 @@ class Shell:
     def start(self, command: str, log: str) -> subprocess.Popen:
         """Start ``command`` in the background (bash waits for what it starts: one tree to stop)."""
         with open(self.logs / f"{log}.log", "ab") as out:
-            process = subprocess.Popen(["bash", "-eu", "-c", self.preamble + command + "\nwait"], cwd=self.cwd,
-                                       env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                ["bash", "-eu", "-c", self.preamble + command + "\nwait"],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started.append(process)
         for name in re.findall(r"--port \$(\w+)\b(?!\()", command):  # the servers it starts are up
             try:
@@ -116,9 +129,15 @@ class Shell:
         """Return once the operator's ``flwr ls`` reaches the SuperLink (its port opens before it serves)."""
         deadline = time.monotonic() + timeout
         while True:
-            listed = subprocess.run(["bash", "-eu", "-c", self.preamble + "FLWR_HOME=$XM/operator flwr ls xmarket"],
-                                    cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=60,
-                                    stdin=subprocess.DEVNULL)
+            listed = subprocess.run(
+                ["bash", "-eu", "-c", self.preamble + "FLWR_HOME=$XM/operator flwr ls xmarket"],
+                cwd=self.cwd,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
             if listed.returncode == 0:
                 return
             assert time.monotonic() < deadline, f"The SuperLink never served:\n{listed.stdout}{listed.stderr}"
@@ -153,9 +172,14 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
     settings_command, *steps = commands(deploy_block(README.read_text(encoding="utf-8")))
     nodes = free_ports(len(REGIONS))
     settings = {
-        "XM": str(tmp_path / "xm"), "DATA": str(tmp_path / "data"), "REGIONS": " ".join(REGIONS),
-        "PORT": str(free_port()), "INDEX": str(free_port()), "NODES": str(nodes),
-        "ROUNDS": "2", "MIN_NODES": str(len(REGIONS)),
+        "XM": str(tmp_path / "xm"),
+        "DATA": str(tmp_path / "data"),
+        "REGIONS": " ".join(REGIONS),
+        "PORT": str(free_port()),
+        "INDEX": str(free_port()),
+        "NODES": str(nodes),
+        "ROUNDS": "2",
+        "MIN_NODES": str(len(REGIONS)),
     }
     assert settings_names(settings_command) == set(settings), "the README's settings changed: update this test"
     runs = [step for step in steps if "flwr run" in step]
@@ -166,8 +190,13 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
     home = tmp_path / "home"
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "FLWR_HOME"}
-    env |= {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env |= {
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     shell = Shell(tmp_path, settings, env)
     try:
         xm = Path(settings["XM"])
@@ -175,7 +204,7 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
 
         # Execute: steps 0-4 in order, the training in the background until round 1 is checkpointed, a crash
         # of the SuperLink with its ServerApp, step 1 again, then the resume command.
-        for number, step in enumerate(steps[:steps.index(runs[0])]):
+        for number, step in enumerate(steps[: steps.index(runs[0])]):
             if re.search(r"(?<!&)&\s*$", step, re.M):
                 shell.start(step, f"step-{number}")
             else:
@@ -208,7 +237,9 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
         # keys and the signed app, and no private key but the SuperLink's; the app index was given none.
         server_key = Path(shell.expand(re.search(r"--ssl-keyfile (\S+)", superlink).group(1)))
         held = sorted(path.name for path in server_key.parent.rglob("*") if path.is_file() and holds_private_key(path))
-        assert held == [server_key.name] and {f"{r}.pub" for r in REGIONS} <= {p.name for p in server_key.parent.iterdir()}
+        assert held == [server_key.name] and {f"{r}.pub" for r in REGIONS} <= {
+            p.name for p in server_key.parent.iterdir()
+        }
         index = next(step for step in steps if "xmfl app-index" in step)
         given = [Path(shell.expand(path)) for path in re.findall(r"--[a-z-]+ (\$XM/\S+)", index)]
         assert given and not any(holds_private_key(path) for path in given)

@@ -28,8 +28,16 @@ pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filte
 
 
 def _run_config(**overrides) -> dict:
-    return {**harness.app_defaults(), "method": "fedals", "synthetic-markets": MARKETS, "als-factors": FACTORS,
-            "num-server-rounds": 3, "min-nodes": MARKETS, "poll-interval": 0.001, **overrides}
+    return {
+        **harness.app_defaults(),
+        "method": "fedals",
+        "synthetic-markets": MARKETS,
+        "als-factors": FACTORS,
+        "num-server-rounds": 3,
+        "min-nodes": MARKETS,
+        "poll-interval": 0.001,
+        **overrides,
+    }
 
 
 def _first_reply(run_config: dict, node_extra: dict | None = None, node: int = 1) -> dict[str, np.ndarray]:
@@ -38,8 +46,12 @@ def _first_reply(run_config: dict, node_extra: dict | None = None, node: int = 1
     hostile = HostileServer(run_config, nodes)
     config = MarketConfig.from_run_config(run_config).ials_config()
     gram = initial_item_gram(SOURCE.catalog().size, config.factors, config.seed, config.init_std)
-    arrays, _ = hostile.arrays(node, "train", {"gram": gram.astype(np.float32)},
-                               {"server-round": 1, INITIAL_ROWS_KEY: True, "training-id": "t-1"})
+    arrays, _ = hostile.arrays(
+        node,
+        "train",
+        {"gram": gram.astype(np.float32)},
+        {"server-round": 1, INITIAL_ROWS_KEY: True, "training-id": "t-1"},
+    )
     return arrays
 
 
@@ -54,9 +66,13 @@ def _round_one_users(run_config: dict):
     catalog = SOURCE.catalog()
     split = load_split(SOURCE, "m01", catalog)
     train = MarketInteractions(split.train_users, split.train_items, split.num_users)
-    users = solve_users(train, initial_rows(split.market_items, config),
-                        initial_item_gram(catalog.size, config.factors, config.seed, config.init_std),
-                        catalog.size, config)
+    users = solve_users(
+        train,
+        initial_rows(split.market_items, config),
+        initial_item_gram(catalog.size, config.factors, config.seed, config.init_std),
+        catalog.size,
+        config,
+    )
     return config, split, train, users
 
 
@@ -76,8 +92,13 @@ def test_the_sole_buyer_attack_on_a_real_reply_exposes_no_user():
     # Execute: the attacker reads every rank-1 factor as ±z_u (sign: the last coordinate is positive).
     statistics = unpack_statistics({k: v for k, v in _first_reply(run_config).items() if k != ASSORTMENT_KEY})
     starts = np.concatenate([[0], np.cumsum(statistics.ranks)[:-1]]).astype(int)
-    recovered = np.array([statistics.rows[s] * np.sign(statistics.rows[s][-1])
-                          for s, r in zip(starts, statistics.ranks, strict=True) if r == 1]).reshape(-1, FACTORS + 1)
+    recovered = np.array(
+        [
+            statistics.rows[s] * np.sign(statistics.rows[s][-1])
+            for s, r in zip(starts, statistics.ranks, strict=True)
+            if r == 1
+        ]
+    ).reshape(-1, FACTORS + 1)
     distance = np.linalg.norm(truth[:, None, :] - recovered[None, :, :], axis=2) if len(recovered) else np.ones((1, 1))
     exposed = int(np.sum(distance.min(axis=1) < 1e-2 * np.linalg.norm(truth, axis=1)))
 

@@ -40,8 +40,18 @@ def quick(tmp_path):
 def attacks_report(tmp_path_factory):
     """``xmfl benchmark attacks --quick`` (the README's command at the suite's size), once for the module."""
     out = tmp_path_factory.mktemp("attacks")
-    benchmark.main(["attacks", "--quick", "--synthetic-markets", "2", "--attacks",
-                    "counting-oracle,seeded-noise,delta-reset", "--out", str(out)])
+    benchmark.main(
+        [
+            "attacks",
+            "--quick",
+            "--synthetic-markets",
+            "2",
+            "--attacks",
+            "counting-oracle,seeded-noise,delta-reset",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads((out / "attacks.json").read_text(encoding="utf-8"))
     assert (out / "attacks.md").read_text(encoding="utf-8").startswith("| attack |")
     return report
@@ -53,8 +63,12 @@ def _round_one(server, node, factors=8):
     config = fedals_run_config(AttackSettings(), **{"als-factors": factors})
     initial = initial_rows(np.arange(catalog.size), MarketConfig.from_run_config(config).ials_config())
     gram = initial.factors.T @ initial.factors
-    return server.arrays(node, "train", {"gram": gram.astype(np.float32)},
-                         {"server-round": 1, "training-id": "t", INITIAL_ROWS_KEY: True})
+    return server.arrays(
+        node,
+        "train",
+        {"gram": gram.astype(np.float32)},
+        {"server-round": 1, "training-id": "t", INITIAL_ROWS_KEY: True},
+    )
 
 
 # --- seeded noise is the region's choice, never the run's ------------------------------------------
@@ -74,7 +88,9 @@ def test_a_run_config_asking_for_seeded_noise_cannot_make_it_removable(attacks_r
 
 
 def test_a_node_config_seeded_noise_value_that_is_not_a_boolean_is_refused_by_its_key():
-    with pytest.raises(ValueError, match=r"Market 'de': the node config's dp-insecure-seeded-noise must be true or false"):
+    with pytest.raises(
+        ValueError, match=r"Market 'de': the node config's dp-insecure-seeded-noise must be true or false"
+    ):
         RegionPolicy.from_node_config({"dp-insecure-seeded-noise": "no"}, "de")
     assert RegionPolicy.from_node_config({"dp-insecure-seeded-noise": "false"}).insecure_seeded_noise is False
 
@@ -101,10 +117,18 @@ def test_every_reply_of_a_dp_market_carries_only_what_dp_allows(quick):
     items = np.arange(len(arrays[ASSORTMENT_KEY]), dtype=np.int64)
     factors = np.random.default_rng(0).normal(size=(len(items), 8)).astype(np.float32)
     gram = factors.astype(np.float64).T @ factors.astype(np.float64)
-    evaluated = server.metrics(0, "evaluate", {"items": items, "factors": factors, "gram": gram},
-                               {"server-round": 1, "training-id": "t", "final-round": True})
-    _, received = server.arrays(0, "train", {"items": items, "factors": factors, "gram": gram},
-                                {"server-round": 2, "training-id": "t", "evaluate-received": True})
+    evaluated = server.metrics(
+        0,
+        "evaluate",
+        {"items": items, "factors": factors, "gram": gram},
+        {"server-round": 1, "training-id": "t", "final-round": True},
+    )
+    _, received = server.arrays(
+        0,
+        "train",
+        {"items": items, "factors": factors, "gram": gram},
+        {"server-round": 2, "training-id": "t", "evaluate-received": True},
+    )
 
     for reply in (metrics, evaluated, received):
         assert set(reply) <= DP_REPORTED
@@ -121,8 +145,12 @@ def test_a_gram_inconsistent_with_the_sent_factors_is_refused(quick):
 
     # A Gram of a table smaller than the factors sent (here: no table at all).
     with pytest.raises(MarketRefused, match="Gram is not YᵀY of a table holding the item factors it sent"):
-        server.metrics(0, "evaluate", {"items": np.arange(catalog.size), "factors": factors,
-                                       "gram": np.zeros((2, 2), np.float32)}, {"server-round": 1})
+        server.metrics(
+            0,
+            "evaluate",
+            {"items": np.arange(catalog.size), "factors": factors, "gram": np.zeros((2, 2), np.float32)},
+            {"server-round": 1},
+        )
 
 
 # --- the released rows and the user count --------------------------------------------------------
@@ -133,8 +161,14 @@ def test_under_dp_the_released_rows_do_not_depend_on_the_users(quick, tmp_path):
     federation = regions(quick, "rows", users=120)
     path = federation.node_configs[0]["data-path"]
     frame = pd.read_csv(path)
-    rare = pd.DataFrame({"userId": ["rare"] * 5, "itemId": ["only-rare-bought-this"] + list(frame.itemId[:4]),
-                         "rating": [5.0] * 5, "date": ["2020-01-01"] * 5})
+    rare = pd.DataFrame(
+        {
+            "userId": ["rare"] * 5,
+            "itemId": ["only-rare-bought-this"] + list(frame.itemId[:4]),
+            "rating": [5.0] * 5,
+            "date": ["2020-01-01"] * 5,
+        }
+    )
     sent = {}
     for name, data in (("without", frame), ("with", pd.concat([frame, rare]))):
         data.to_csv(path, index=False)
@@ -189,7 +223,12 @@ def test_colliding_rows_cannot_break_the_per_user_bound(seed, k, colliding):
     with_user = private_release(market, factors, np.arange(10), 0.0, noise_generator(0), release)
     without = private_release(neighbour, factors, np.arange(10), 0.0, noise_generator(0), release)
 
-    for name, bound in {"sums": math.sqrt(k), "counts": math.sqrt(k), "gram": 1.0, "interaction-gram": float(k)}.items():
+    for name, bound in {
+        "sums": math.sqrt(k),
+        "counts": math.sqrt(k),
+        "gram": 1.0,
+        "interaction-gram": float(k),
+    }.items():
         change = with_user[name].astype(np.float64) - without[name].astype(np.float64)
         assert np.linalg.norm(change) <= bound * (1 + 1e-5) + 1e-6, name
 
@@ -197,11 +236,20 @@ def test_colliding_rows_cannot_break_the_per_user_bound(seed, k, colliding):
 def test_two_unknown_items_of_one_user_on_one_overflow_row_are_one_interaction():
     # Prepare: every unknown item lands on the one overflow row (400); user u bought two of them.
     catalog = Catalog(tuple(f"i{n:03d}" for n in range(400)), overflow_rows=1)
-    bought = {"u": ["i000", "x1", "x2", "i001", "i002"], "v": [f"i{n:03d}" for n in range(150)],
-              "w": [f"i{n:03d}" for n in range(150, 400)]}
+    bought = {
+        "u": ["i000", "x1", "x2", "i001", "i002"],
+        "v": [f"i{n:03d}" for n in range(150)],
+        "w": [f"i{n:03d}" for n in range(150, 400)],
+    }
     rows = [(user, item) for user, items in bought.items() for item in items]
-    interactions = pd.DataFrame({"user": [u for u, _ in rows], "item": [i for _, i in rows],
-                                 "date": pd.Timestamp("2020-01-01"), "position": range(len(rows))})
+    interactions = pd.DataFrame(
+        {
+            "user": [u for u, _ in rows],
+            "item": [i for _, i in rows],
+            "date": pd.Timestamp("2020-01-01"),
+            "position": range(len(rows)),
+        }
+    )
 
     split = split_market("m", interactions, catalog, seed=0)
 

@@ -1,7 +1,7 @@
 """The server's reply handling: failed markets are logged and left out; all failing stops the run."""
 
-import pytest
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
@@ -12,8 +12,9 @@ pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def _sent(node: int) -> Message:
-    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
-                   message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type=MessageType.TRAIN
+    )
 
 
 def _ok(node: int) -> Message:
@@ -40,7 +41,9 @@ def test_failed_markets_are_left_out_and_the_rest_go_on():
 def test_every_market_failing_stops_the_run_with_every_reason():
     replies = [_failed(1, "catalog mismatch"), _failed(2, "bad.txt line 3")]
 
-    with pytest.raises(AllMarketsFailedError, match="catalog mismatch; bad.txt line 3|bad.txt line 3; catalog mismatch"):
+    with pytest.raises(
+        AllMarketsFailedError, match="catalog mismatch; bad.txt line 3|bad.txt line 3; catalog mismatch"
+    ):
         check_replies(4, asked=2, replies=replies)
 
 

@@ -71,11 +71,19 @@ START = {"encoder.w": np.zeros((2, 3), dtype=np.float32), "encoder.b": np.zeros(
 def _run(tmp_path: Path, nodes: dict[int, Responder], rounds: int = 1) -> tuple[dict[str, np.ndarray], dict]:
     """``rounds`` rounds of plain FedAvg over ``nodes``; the final arrays and the written history."""
     grid = ScriptedGrid(nodes)
-    settings = RoundSettings(num_rounds=rounds, timeout=5.0, poll_interval=0.001, fold_evaluation=True,
-                             training_id="t-1")
+    settings = RoundSettings(
+        num_rounds=rounds, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1"
+    )
     history = RunHistory(tmp_path, {})
-    final = run_rounds(grid, build_strategy(len(nodes), None), history, settings,
-                       ArrayRecord({k: Array(v) for k, v in START.items()}), ConfigRecord({}), ConfigRecord())
+    final = run_rounds(
+        grid,
+        build_strategy(len(nodes), None),
+        history,
+        settings,
+        ArrayRecord({k: Array(v) for k, v in START.items()}),
+        ConfigRecord({}),
+        ConfigRecord(),
+    )
     text = (tmp_path / "history.json").read_text()
     written = json.loads(text, parse_constant=lambda constant: pytest.fail(f"history.json holds {constant}"))
     return {k: v.numpy() for k, v in final.items()}, {entry["round"]: entry for entry in written["rounds"]}
@@ -94,6 +102,7 @@ def _replace(name: str, value: np.ndarray) -> Callable[[ArrayRecord], ArrayRecor
         out = {k: Array(v.numpy() + np.float32(0.1)) for k, v in sent.items()}
         out[name] = Array(value)
         return ArrayRecord(out)
+
     return arrays
 
 
@@ -105,8 +114,9 @@ def _replace(name: str, value: np.ndarray) -> Callable[[ArrayRecord], ArrayRecor
         pytest.param(_replace("encoder.b", np.zeros(3, dtype=np.float64)), id="float64"),
         pytest.param(_replace("encoder.b", np.zeros(4, dtype=np.float32)), id="shape"),
         pytest.param(_replace("head.user_embedding", np.zeros(3, dtype=np.float32)), id="extra-name"),
-        pytest.param(lambda sent: ArrayRecord({"encoder.w": Array(np.zeros((2, 3), dtype=np.float32))}),
-                     id="missing-name"),
+        pytest.param(
+            lambda sent: ArrayRecord({"encoder.w": Array(np.zeros((2, 3), dtype=np.float32))}), id="missing-name"
+        ),
     ],
 )
 def test_a_reply_with_bad_arrays_is_dropped_from_the_round_with_a_warning(tmp_path, flower_warnings, bad_arrays):
@@ -230,8 +240,17 @@ def test_when_no_market_trained_the_arrays_stay_as_they_were(tmp_path):
 def _run_config(out: Path, **overrides) -> dict:
     with open(REPO / "pyproject.toml", "rb") as file:
         defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "synthetic-markets": 2, "embedding-dim": 8, "min-nodes": 2, "num-server-rounds": 1,
-            "poll-interval": 0.001, "round-timeout": 5.0, "out-dir": str(out), **overrides}
+    return {
+        **defaults,
+        "synthetic-markets": 2,
+        "embedding-dim": 8,
+        "min-nodes": 2,
+        "num-server-rounds": 1,
+        "poll-interval": 0.001,
+        "round-timeout": 5.0,
+        "out-dir": str(out),
+        **overrides,
+    }
 
 
 def _serve(grid: Grid, run_config: dict, run_id: int = 1) -> dict[int, dict]:
@@ -282,8 +301,11 @@ def test_a_resumed_server_keeps_each_node_bound_to_its_market(tmp_path, flower_w
     _serve(ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.9)}), _run_config(tmp_path))
 
     # Execute: after the restart node 2 claims to be de.
-    history = _serve(ScriptedGrid({1: market("de", score=0.5), 2: market("de", score=0.9)}),
-                     _run_config(tmp_path, resume=True, **{"num-server-rounds": 2}), run_id=2)
+    history = _serve(
+        ScriptedGrid({1: market("de", score=0.5), 2: market("de", score=0.9)}),
+        _run_config(tmp_path, resume=True, **{"num-server-rounds": 2}),
+        run_id=2,
+    )
 
     # Assert
     assert history[2]["per_market"]["de"]["local/val-ndcg"] == 0.5
@@ -298,8 +320,9 @@ def test_a_resumed_server_continues_the_market_level_dp_account(tmp_path):
     first = _serve(ScriptedGrid(nodes), _run_config(tmp_path, **settings))
 
     # Execute: resume for rounds 2 and 3 in a new run.
-    history = _serve(ScriptedGrid(nodes), _run_config(tmp_path, resume=True, **settings, **{"num-server-rounds": 3}),
-                     run_id=2)
+    history = _serve(
+        ScriptedGrid(nodes), _run_config(tmp_path, resume=True, **settings, **{"num-server-rounds": 3}), run_id=2
+    )
 
     # Assert: epsilon after round r is that of r releases (an independent accountant), not of r - 1.
     assert history[1]["market-dp-epsilon"] == first[1]["market-dp-epsilon"]
@@ -328,13 +351,23 @@ def test_a_resumed_server_under_per_market_budgets_keeps_the_training_id(tmp_pat
 def test_a_market_that_falls_silent_is_named_in_the_log_the_history_and_the_summary(tmp_path, flower_warnings):
     # Prepare: jp replies in round 1 and is silent from round 2 on.
     jp = market("jp")
-    nodes = {1: market("de"), 2: lambda message: None if int(message.content["config"]["server-round"]) >= 2 else jp(message)}
+    nodes = {
+        1: market("de"),
+        2: lambda message: None if int(message.content["config"]["server-round"]) >= 2 else jp(message),
+    }
     settings = RoundSettings(num_rounds=2, timeout=0.3, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
     history = RunHistory(tmp_path, {})
 
     # Execute
-    run_rounds(ScriptedGrid(nodes), build_strategy(2, None), history, settings,
-               ArrayRecord({k: Array(v) for k, v in START.items()}), ConfigRecord({}), ConfigRecord())
+    run_rounds(
+        ScriptedGrid(nodes),
+        build_strategy(2, None),
+        history,
+        settings,
+        ArrayRecord({k: Array(v) for k, v in START.items()}),
+        ConfigRecord({}),
+        ConfigRecord(),
+    )
 
     # Assert: the warning and the history name jp, and so does the summary, which finds the files.
     assert any(m.getMessage().endswith("going on without them: market jp (node 2).") for m in flower_warnings)
@@ -376,8 +409,10 @@ def test_the_server_ends_a_training_with_its_summary(tmp_path):
 
     # Execute
     try:
-        _serve(ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.7)}),
-               _run_config(tmp_path, **{"num-server-rounds": 2}))
+        _serve(
+            ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.7)}),
+            _run_config(tmp_path, **{"num-server-rounds": 2}),
+        )
     finally:
         logging.getLogger("flwr").removeHandler(handler)
 

@@ -13,19 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from flwr.app import Context, RecordDict
 
 from clients import recommend as recommend_cli
-from clients.served import BEST_FILE_SUFFIX, BEST_INFO_KEY, KEPT_METRICS, remember_if_best, write_best_model
 from clients import score as score_cli
-from common import serving
+from clients.served import BEST_FILE_SUFFIX, BEST_INFO_KEY, KEPT_METRICS, remember_if_best, write_best_model
+from common import durable, serving
 from common.catalog import Catalog
 from common.markets import MarketSource, load_split
 from common.methods import get_method
 from common.metrics import ndcg_at_k, rank_of_positive
 from common.model import ModelConfig, SplitRecommender
-from common import durable
 from common.serving import (
     FORMAT_VERSION,
     SERVED_FILES,
@@ -66,8 +64,14 @@ def served_dir(tmp_path_factory):
     model, data, catalog = _trained()
     directory = tmp_path_factory.mktemp("served") / MARKET
     test = evaluate(model, data, on_test=True)
-    write_served_model(directory, model, data, catalog, _manifest(**{"test-ndcg": test.ndcg}),
-                       user_ids=market_user_ids(SOURCE.interactions(MARKET)))
+    write_served_model(
+        directory,
+        model,
+        data,
+        catalog,
+        _manifest(**{"test-ndcg": test.ndcg}),
+        user_ids=market_user_ids(SOURCE.interactions(MARKET)),
+    )
     return directory, model, data, catalog
 
 
@@ -86,10 +90,12 @@ def _test_pairs(data: MarketTensors, catalog: Catalog, user_ids: list[str]) -> p
     """The run's own test candidates as (userId, itemId) pairs, 100 a user, positive first."""
     test = data.split.test
     width = test.candidates.shape[1]
-    return pd.DataFrame({
-        "userId": np.repeat(np.asarray(user_ids, dtype=object)[test.users], width),
-        "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
-    })
+    return pd.DataFrame(
+        {
+            "userId": np.repeat(np.asarray(user_ids, dtype=object)[test.users], width),
+            "itemId": np.asarray(catalog.item_ids, dtype=object)[test.candidates.ravel()],
+        }
+    )
 
 
 def _served_test_ndcg(served: serving.ServedModel, data: MarketTensors, catalog: Catalog) -> float:
@@ -99,8 +105,9 @@ def _served_test_ndcg(served: serving.ServedModel, data: MarketTensors, catalog:
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
 
 
 # --- The directory: what it holds, written whole, refused when it does not fit.
@@ -142,8 +149,9 @@ def test_pooled_model_with_user_embeddings_is_cut_to_the_markets_users(tmp_path)
     model, data, catalog = _trained(user_embeddings=True, user_offset=37, extra_users=11)
     reported = evaluate(model, data, on_test=True).ndcg
 
-    write_served_model(tmp_path / "m", model, data, catalog, _manifest(),
-                       user_ids=market_user_ids(SOURCE.interactions(MARKET)))
+    write_served_model(
+        tmp_path / "m", model, data, catalog, _manifest(), user_ids=market_user_ids(SOURCE.interactions(MARKET))
+    )
     served = load_served_model(tmp_path / "m", catalog)
 
     user_rows = served.model.state_dict()["head.user_embedding.weight"]
@@ -168,8 +176,7 @@ def test_a_model_from_another_catalog_is_refused_with_a_clear_message(served_dir
 def test_a_catalog_file_that_does_not_match_the_manifest_is_refused(served_dir, tmp_path):
     directory, model, data, catalog = served_dir
     copy = tmp_path / "copy"
-    write_served_model(copy, model, data, catalog, _manifest(),
-                       user_ids=market_user_ids(SOURCE.interactions(MARKET)))
+    write_served_model(copy, model, data, catalog, _manifest(), user_ids=market_user_ids(SOURCE.interactions(MARKET)))
     Catalog(tuple(reversed(catalog.item_ids)), catalog.overflow_rows).save(copy / "catalog.txt")
 
     with pytest.raises(ServedModelError, match="holds a catalog .* not the one its manifest names"):
@@ -210,8 +217,7 @@ def test_a_version_1_model_with_dense_tables_still_loads(served_dir, tmp_path):
 def test_damaged_parameters_are_refused_naming_the_directory(served_dir, tmp_path):
     directory, model, data, catalog = served_dir
     copy = tmp_path / "copy"
-    write_served_model(copy, model, data, catalog, _manifest(),
-                       user_ids=market_user_ids(SOURCE.interactions(MARKET)))
+    write_served_model(copy, model, data, catalog, _manifest(), user_ids=market_user_ids(SOURCE.interactions(MARKET)))
     (copy / "model.pt").write_bytes((copy / "model.pt").read_bytes()[:100])
 
     with pytest.raises(ServedModelError, match=f"{copy} has unusable parameters"):
@@ -289,7 +295,9 @@ def test_recommend_returns_k_per_user_and_excludes_everything_bought(served_dir)
     assert (recommendations.groupby("userId").size() == 10).all()
     assert recommendations["userId"].nunique() == len(served.user_ids)
     assert recommendations.attrs["unknown_users"] == 0
-    assert not any(item in bought[user] for user, item in zip(recommendations["userId"], recommendations["itemId"]))
+    assert not any(
+        item in bought[user] for user, item in zip(recommendations["userId"], recommendations["itemId"], strict=True)
+    )
     assert set(recommendations["itemId"]) <= set(served.assortment)
     for _, ranked in recommendations.groupby("userId"):
         assert list(ranked["rank"]) == list(range(1, 11))
@@ -346,8 +354,9 @@ def test_extra_history_of_a_known_user_adds_to_what_is_known(served_dir):
     served = load_served_model(directory)
     user = served.user_ids[3]
     before = served.recommend([user], k=10)
-    recent = pd.DataFrame({"userId": [user, user], "itemId": list(before["itemId"][:2]),
-                           "date": ["2030-01-02", "2030-01-01"]})
+    recent = pd.DataFrame(
+        {"userId": [user, user], "itemId": list(before["itemId"][:2]), "date": ["2030-01-02", "2030-01-01"]}
+    )
 
     after = served.recommend([user], k=10, extra_history=recent)
 
@@ -359,8 +368,12 @@ def test_score_gives_unknown_items_nan_and_unknown_users_the_history_free_score(
     directory, model, _, _ = served_dir
     served = load_served_model(directory)
     item = served.assortment[0]
-    pairs = pd.DataFrame({"userId": [served.user_ids[0], "stranger", "stranger", served.user_ids[0]],
-                          "itemId": [item, item, "NO-SUCH-ITEM", "NO-SUCH-ITEM"]})
+    pairs = pd.DataFrame(
+        {
+            "userId": [served.user_ids[0], "stranger", "stranger", served.user_ids[0]],
+            "itemId": [item, item, "NO-SUCH-ITEM", "NO-SUCH-ITEM"],
+        }
+    )
 
     scored = served.score(pairs)
 
@@ -377,8 +390,11 @@ def test_score_as_of_test_refuses_extra_history_and_pairs_without_columns(served
     served = load_served_model(directory)
 
     with pytest.raises(ValueError, match="no extra history"):
-        served.score(pd.DataFrame({"userId": ["a"], "itemId": ["b"]}), pd.DataFrame({"userId": ["a"], "itemId": ["b"]}),
-                     as_of="test")
+        served.score(
+            pd.DataFrame({"userId": ["a"], "itemId": ["b"]}),
+            pd.DataFrame({"userId": ["a"], "itemId": ["b"]}),
+            as_of="test",
+        )
     with pytest.raises(ValueError, match="missing \\['itemId'\\]"):
         served.score(pd.DataFrame({"userId": ["a"]}))
 
@@ -410,11 +426,14 @@ def test_recommend_cli_history_changes_an_unknown_users_recommendations(served_d
     recommend_cli.main(["--model", str(directory), "--users", str(users), "--out", str(plain)])
     first = pd.read_csv(plain, sep="\t", dtype=str)["itemId"]
     history = tmp_path / "recent.txt"
-    history.write_text("userId itemId rate date\n" + "".join(
-        f"newcomer {item} 5.0 2024-01-0{day}\n" for day, item in enumerate(first[:3], start=1)))
+    history.write_text(
+        "userId itemId rate date\n"
+        + "".join(f"newcomer {item} 5.0 2024-01-0{day}\n" for day, item in enumerate(first[:3], start=1))
+    )
 
-    summary = recommend_cli.main(["--model", str(directory), "--users", str(users), "--history", str(history),
-                                  "--out", str(shaped)])
+    summary = recommend_cli.main(
+        ["--model", str(directory), "--users", str(users), "--history", str(history), "--out", str(shaped)]
+    )
 
     second = pd.read_csv(shaped, sep="\t", dtype=str)["itemId"]
     assert list(second) != list(first) and not set(second) & set(first[:3])
@@ -457,15 +476,33 @@ def test_score_cli_keeps_the_columns_and_counts_unknowns(served_dir, tmp_path):
     ("module", "arguments", "expected"),
     [
         ("clients.recommend", ["--model", "{absent}", "--all", "--out", "{out}"], "no such directory"),
-        ("clients.recommend", ["--model", "{model}", "--users", "{bad_users}", "--out", "{out}"], "lacks the column userId"),
+        (
+            "clients.recommend",
+            ["--model", "{model}", "--users", "{bad_users}", "--out", "{out}"],
+            "lacks the column userId",
+        ),
         ("clients.recommend", ["--model", "{model}", "--all", "--k", "0", "--out", "{out}"], "--k must be at least 1"),
-        ("clients.recommend", ["--model", "{model}", "--out", "{out}"], "one of the arguments --users --all is required"),
-        ("clients.recommend", ["--model", "{model}", "--all", "--catalog", "{other_catalog}", "--out", "{out}"],
-         "another catalog"),
-        ("clients.score", ["--model", "{model}", "--candidates", "{ragged}", "--out", "{out}"], "line 3: found 3 fields"),
+        (
+            "clients.recommend",
+            ["--model", "{model}", "--out", "{out}"],
+            "one of the arguments --users --all is required",
+        ),
+        (
+            "clients.recommend",
+            ["--model", "{model}", "--all", "--catalog", "{other_catalog}", "--out", "{out}"],
+            "another catalog",
+        ),
+        (
+            "clients.score",
+            ["--model", "{model}", "--candidates", "{ragged}", "--out", "{out}"],
+            "line 3: found 3 fields",
+        ),
         ("clients.score", ["--model", "{model}", "--candidates", "{absent}", "--out", "{out}"], "cannot be read"),
-        ("clients.recommend", ["--model", "{model}", "--all", "--history", "{bad_date}", "--out", "{out}"],
-         "line 2: date 'yesterday' is not an ISO 8601 date"),
+        (
+            "clients.recommend",
+            ["--model", "{model}", "--all", "--history", "{bad_date}", "--out", "{out}"],
+            "line 2: date 'yesterday' is not an ISO 8601 date",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_without_traceback(served_dir, tmp_path, module, arguments, expected):
@@ -474,9 +511,15 @@ def test_cli_errors_are_one_line_without_traceback(served_dir, tmp_path, module,
     (tmp_path / "ragged.tsv").write_text("userId\titemId\nu\ti\nu\ti\textra\n")
     (tmp_path / "bad_date.txt").write_text("userId itemId rate date\nu i 5.0 yesterday\n")
     Catalog(catalog.item_ids[1:], catalog.overflow_rows).save(tmp_path / "other.txt")
-    paths = {"absent": tmp_path / "absent", "out": tmp_path / "out.tsv", "model": directory,
-             "bad_users": tmp_path / "bad_users.tsv", "ragged": tmp_path / "ragged.tsv",
-             "other_catalog": tmp_path / "other.txt", "bad_date": tmp_path / "bad_date.txt"}
+    paths = {
+        "absent": tmp_path / "absent",
+        "out": tmp_path / "out.tsv",
+        "model": directory,
+        "bad_users": tmp_path / "bad_users.tsv",
+        "ragged": tmp_path / "ragged.tsv",
+        "other_catalog": tmp_path / "other.txt",
+        "bad_date": tmp_path / "bad_date.txt",
+    }
 
     result = _cli(module, *[argument.format(**paths) for argument in arguments])
 
@@ -529,23 +572,39 @@ def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_take_unde
     data = MarketTensors.from_split(split, 50)
     torch.manual_seed(0)
     model = SplitRecommender(ModelConfig(catalog.size, split.num_users))  # default sizes: 128-d, 50 items
-    write_served_model(tmp_path / "ca", model, data, catalog, _manifest(market="ca"),
-                       user_ids=market_user_ids(source.interactions("ca")))
+    write_served_model(
+        tmp_path / "ca",
+        model,
+        data,
+        catalog,
+        _manifest(market="ca"),
+        user_ids=market_user_ids(source.interactions("ca")),
+    )
     rng = np.random.default_rng(0)
     users = load_served_model(tmp_path / "ca").user_ids
     pd.DataFrame({"userId": rng.choice(users, 100_000), "itemId": rng.choice(catalog.item_ids, 100_000)}).to_csv(
-        tmp_path / "pairs.tsv", sep="\t", index=False)
+        tmp_path / "pairs.tsv", sep="\t", index=False
+    )
 
     started = time.perf_counter()
     recommended = _cli("clients.recommend", "--model", str(tmp_path / "ca"), "--all", "--out", str(tmp_path / "r.tsv"))
     recommend_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    scored = _cli("clients.score", "--model", str(tmp_path / "ca"), "--candidates", str(tmp_path / "pairs.tsv"),
-                  "--out", str(tmp_path / "s.tsv"))
+    scored = _cli(
+        "clients.score",
+        "--model",
+        str(tmp_path / "ca"),
+        "--candidates",
+        str(tmp_path / "pairs.tsv"),
+        "--out",
+        str(tmp_path / "s.tsv"),
+    )
     score_seconds = time.perf_counter() - started
 
-    print(f"ca: recommend --all {recommend_seconds:.2f} s ({recommended.stdout.strip()}); "
-          f"score 100k pairs {score_seconds:.2f} s ({scored.stdout.strip()})")
+    print(
+        f"ca: recommend --all {recommend_seconds:.2f} s ({recommended.stdout.strip()}); "
+        f"score 100k pairs {score_seconds:.2f} s ({scored.stdout.strip()})"
+    )
     assert recommended.returncode == 0 and scored.returncode == 0, recommended.stderr + scored.stderr
     assert f"{split.num_users} users, of which 0 unknown" in recommended.stdout
     assert recommend_seconds < 10 and score_seconds < 10
@@ -553,8 +612,13 @@ def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_take_unde
 
 def _region_context(state_dir: Path) -> Context:
     """A deployed region's context as a fresh SuperNode process starts it: empty state."""
-    return Context(run_id=1, node_id=7, node_config={"market": MARKET, "state-dir": str(state_dir)},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"market": MARKET, "state-dir": str(state_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def test_a_restarted_region_still_serves_the_best_round_of_the_whole_training(tmp_path):
@@ -601,10 +665,15 @@ def test_a_simulated_market_keeps_its_best_round_in_a_file_with_zero_rows_left_o
     table = "encoder.item_embedding.weight"
     with torch.no_grad():
         model.encoder.item_embedding.weight[1::2] = 0.0  # the odd rows and the second half: over half zero
-        model.encoder.item_embedding.weight[len(model.encoder.item_embedding.weight) // 2:] = 0.0
+        model.encoder.item_embedding.weight[len(model.encoder.item_embedding.weight) // 2 :] = 0.0
     best_state = {name: value.clone() for name, value in model.state_dict().items()}
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
-                      run_config={"models-dir": str(tmp_path), "method": "fedper"})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 1},
+        state=RecordDict(),
+        run_config={"models-dir": str(tmp_path), "method": "fedper"},
+    )
     metrics = {key: 0.1 for key in KEPT_METRICS} | {"val-ndcg": 0.5}
 
     # Execute: round 2 is the best; then the final round's served model is written.

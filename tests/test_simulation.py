@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from common.markets import MarketSource
-from common.synthetic import SyntheticConfig, write_markets
 from common.processes import output_lines, stop_process_tree
+from common.synthetic import SyntheticConfig, write_markets
 from simulations import run as harness
 from tests.served_check import served_test_ndcg
 
@@ -52,8 +52,20 @@ def _wait_for_lines(lines: Iterator[str], texts: list[str]) -> str:
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     results = harness.main(
-        ["--synthetic-markets", "3", "--num-server-rounds", "2", "--local-epochs", "1", "--embedding-dim", "16",
-         "--methods", "local,pooled,fedavg,fedper,fedrep,fedper-ft", "--out", str(out)]
+        [
+            "--synthetic-markets",
+            "3",
+            "--num-server-rounds",
+            "2",
+            "--local-epochs",
+            "1",
+            "--embedding-dim",
+            "16",
+            "--methods",
+            "local,pooled,fedavg,fedper,fedrep,fedper-ft",
+            "--out",
+            str(out),
+        ]
     )
     leftovers = [p for p in psutil.process_iter() if _orphaned_by_a_stopped_superlink(p)]
     return out, results, leftovers
@@ -67,7 +79,7 @@ def test_results_have_the_documented_shape(small_run):
     assert written == json.loads(json.dumps(results))
     assert set(written["methods"]) == {"local", "pooled", "fedavg", "fedper", "fedrep", "fedper-ft", "selection"}
     sampled, full = {"ndcg@10", "hr@10"}, {"full-ndcg@10", "full-recall@10"}
-    for name, summary in written["methods"].items():
+    for summary in written["methods"].values():
         assert set(summary["per_market"]) == {"m00", "m01", "m02"}
         # Full-assortment metrics beside the sampled ones, for every method.
         assert set(summary["macro"]) == {*sampled, *full}
@@ -125,12 +137,35 @@ def test_a_failing_and_an_out_of_budget_market_show_and_sigterm_stops_everything
     # so it runs out; m01's file goes bad once the harness has read it, so m01 fails every round.
     paths = write_markets(SyntheticConfig(markets=3, seed=0), tmp_path / "data")
     MarketSource(str(tmp_path / "data"), 0, 0).catalog().save(tmp_path / "catalog.txt")
-    command = [sys.executable, "-m", "simulations.run", "--data-dir", str(tmp_path / "data"),
-               "--set", f"catalog-path={tmp_path / 'catalog.txt'}", "--num-server-rounds", "50",
-               "--methods", "fedavg", "--embedding-dim", "8", "--dp-epsilon", "8", "--dp-market-epsilons", "m00=0.001",
-               "--out", str(tmp_path / "out")]
-    harness_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    command = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--set",
+        f"catalog-path={tmp_path / 'catalog.txt'}",
+        "--num-server-rounds",
+        "50",
+        "--methods",
+        "fedavg",
+        "--embedding-dim",
+        "8",
+        "--dp-epsilon",
+        "8",
+        "--dp-market-epsilons",
+        "m00=0.001",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    harness_process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         lines = output_lines(harness_process, timeout=420)  # one reader for the whole output
         _wait_for_lines(lines, ["3 markets (m00, m01, m02)"])

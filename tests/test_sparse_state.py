@@ -16,7 +16,11 @@ def test_compact_then_expand_gives_back_every_table_exactly(rows, width, filled,
     table = torch.zeros(rows, width)
     for row in (row for row in filled if row < rows):
         table[row] = torch.rand(width, generator=generator) + 0.1
-    state = {"table": table, "bias": torch.rand(rows, generator=generator), "dense": torch.rand(3, 2, generator=generator) + 0.1}
+    state = {
+        "table": table,
+        "bias": torch.rand(rows, generator=generator),
+        "dense": torch.rand(3, 2, generator=generator) + 0.1,
+    }
 
     # Execute
     compact = compact_state(state)

@@ -9,7 +9,7 @@ from common.split import NUM_NEGATIVES, split_market
 
 
 def _interactions(rows: list[tuple[str, str, str | None]]) -> pd.DataFrame:
-    users, items, dates = zip(*rows)
+    users, items, dates = zip(*rows, strict=True)
     return pd.DataFrame(
         {
             "user": list(users),

@@ -17,8 +17,13 @@ def _ledger() -> PrivacyLedger:
 
 def test_a_saved_state_comes_back_unchanged(tmp_path):
     store = MarketStateStore(tmp_path / "state", "de")
-    state = MarketState("run-1", 3, {"head.item_bias.weight": torch.arange(4.0)},
-                        own_arrays={"encoder.tower.bias": torch.ones(2)}, private=True)
+    state = MarketState(
+        "run-1",
+        3,
+        {"head.item_bias.weight": torch.arange(4.0)},
+        own_arrays={"encoder.tower.bias": torch.ones(2)},
+        private=True,
+    )
 
     store.save(state)
     restored = store.load()
@@ -68,8 +73,12 @@ def test_an_unreadable_state_file_is_named_and_left_in_place(tmp_path):
 
 @pytest.mark.parametrize(
     "saved",
-    [[1, 2, 3], {"training-id": "t"}, {"training-id": "t", "last-round": 1, "head": [1, 2]},
-     {"training-id": "t", "last-round": "x", "head": {}}],
+    [
+        [1, 2, 3],
+        {"training-id": "t"},
+        {"training-id": "t", "last-round": 1, "head": [1, 2]},
+        {"training-id": "t", "last-round": "x", "head": {}},
+    ],
 )
 def test_a_loadable_but_wrong_state_file_is_named(tmp_path, saved):
     # A file torch can load that is not a market state must not raise a bare TypeError or KeyError.

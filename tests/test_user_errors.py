@@ -1,4 +1,4 @@
-"""Errors a user can cause end in one line on stderr, ``error: ...``, and exit status 2; --verbose adds the traceback."""
+"""Errors a user can cause end in one line on stderr, ``error: ...``, exit status 2; --verbose adds the traceback."""
 
 import socket
 import subprocess
@@ -66,7 +66,9 @@ def test_a_bad_interaction_file_names_the_file_and_line(tmp_path, capsys):
 def test_a_bad_flag_or_config_value(capsys, argv, expected):
     line = fails_with(capsys, argv)
 
-    assert expected in line and line.endswith(f"(see xmfl {argv[0]}{' quality' if argv[0] == 'benchmark' else ''} --help)")
+    assert expected in line and line.endswith(
+        f"(see xmfl {argv[0]}{' quality' if argv[0] == 'benchmark' else ''} --help)"
+    )
 
 
 def test_a_port_in_use(tmp_path, capsys, monkeypatch):
@@ -77,8 +79,22 @@ def test_a_port_in_use(tmp_path, capsys, monkeypatch):
         port = taken.getsockname()[1]
         monkeypatch.setattr(flower_runtime, "free_port", lambda: port)
 
-        line = fails_with(capsys, ["simulate", "--synthetic-markets", "2", "--methods", "fedavg",
-                                   "--num-server-rounds", "1", "--embedding-dim", "8", "--out", str(tmp_path)])
+        line = fails_with(
+            capsys,
+            [
+                "simulate",
+                "--synthetic-markets",
+                "2",
+                "--methods",
+                "fedavg",
+                "--num-server-rounds",
+                "1",
+                "--embedding-dim",
+                "8",
+                "--out",
+                str(tmp_path),
+            ],
+        )
 
     assert line.startswith(f"error: Port {port} on 127.0.0.1, which the simulation's SuperLink")
 
@@ -105,8 +121,13 @@ def test_verbose_adds_the_traceback_before_the_line(tmp_path, capsys):
 
 
 def test_python_dash_m_ends_a_user_error_the_same_way(tmp_path):
-    finished = subprocess.run([sys.executable, "-m", "simulations.run", "--data-dir", str(tmp_path / "absent")],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--data-dir", str(tmp_path / "absent")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert finished.returncode == 2
     assert finished.stderr == f"error: market data directory {tmp_path / 'absent'} does not exist\n"

@@ -75,9 +75,13 @@ def test_ghost_clipping_norms_are_the_norms_of_each_users_whole_gradient():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private_model, _, criterion, _ = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(TensorDataset(users), batch_size=len(users)), criterion=UserSoftmaxLoss(),
-            noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="ghost",
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(users), batch_size=len(users)),
+            criterion=UserSoftmaxLoss(),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            grad_sample_mode="ghost",
         )
         inputs, real = user_batch_inputs(data, users, 4, 3, torch.Generator().manual_seed(1))
         criterion(private_model(*inputs), real).backward()

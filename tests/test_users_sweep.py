@@ -33,14 +33,15 @@ def test_the_first_crossing_counts_and_an_exact_hit_lands_on_its_size():
 
     # A dip after the first crossing does not move it: 0.6 at 1,000, 1.2 at 10,000: halfway, 10 ** 3.5.
     found = users_sweep.crossing([1000, 10_000, 100_000], [0.6, 1.2, 0.85])
-    assert found["users"] == pytest.approx(10 ** 3.5)
+    assert found["users"] == pytest.approx(10**3.5)
 
 
 def test_a_target_never_reached_or_reached_at_the_smallest_size_says_so():
     assert users_sweep.crossing([1000, 10_000, 100_000], [0.2, 0.5, 0.89]) == {"status": "not-reached", "users": None}
     assert users_sweep.crossing([1000, 10_000], [0.93, 0.97]) == {"status": "at-smallest", "users": 1000.0}
     assert "not reached up to 100,000" in users_sweep.describe(
-        {"status": "not-reached", "users": None}, [1000, 100_000], 0.9)
+        {"status": "not-reached", "users": None}, [1000, 100_000], 0.9
+    )
 
 
 def test_sizes_parse_sorted_and_bad_ones_are_refused():
@@ -51,8 +52,19 @@ def test_sizes_parse_sorted_and_bad_ones_are_refused():
 
 
 def test_the_largest_size_alone_takes_fewer_markets_and_rounds():
-    args = benchmark.parse_args(["dp-users", "--users", "1000,100000", "--largest-markets", "2",
-                                 "--largest-rounds", "5", "--num-server-rounds", "12"])
+    args = benchmark.parse_args(
+        [
+            "dp-users",
+            "--users",
+            "1000,100000",
+            "--largest-markets",
+            "2",
+            "--largest-rounds",
+            "5",
+            "--num-server-rounds",
+            "12",
+        ]
+    )
 
     small, large = (users_sweep.size_settings(args, size, 100_000) for size in (1000, 100_000))
 
@@ -63,8 +75,9 @@ def test_the_largest_size_alone_takes_fewer_markets_and_rounds():
 
 
 def test_user_blocks_draw_the_same_markets_as_all_users_at_once():
-    config = SyntheticConfig(markets=2, items=400, largest_market_users=130, smallest_market_users=130,
-                             mean_interactions=9, seed=3)
+    config = SyntheticConfig(
+        markets=2, items=400, largest_market_users=130, smallest_market_users=130, mean_interactions=9, seed=3
+    )
 
     whole = generate_markets(config)
     blocks = generate_markets(SyntheticConfig(**{**config.__dict__, "user_block": 50}))
@@ -90,8 +103,21 @@ def test_a_small_sweep_runs_both_trainings_per_size_and_writes_its_report(tmp_pa
     monkeypatch.setattr(harness_module, "run_federated", in_process_federated)
 
     # Execute: two sizes of two markets over a few hundred items, two rounds.
-    report = benchmark.main(["dp-users", "--users", "200,400", "--synthetic-markets", "2", "--items-per-market", "300",
-                             "--num-server-rounds", "2", "--out", str(tmp_path)])
+    report = benchmark.main(
+        [
+            "dp-users",
+            "--users",
+            "200,400",
+            "--synthetic-markets",
+            "2",
+            "--items-per-market",
+            "300",
+            "--num-server-rounds",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
 
     # Assert: per size, a non-private and a DP run happened, and their ratio is the fraction.
     for size in ("200", "400"):
@@ -103,20 +129,39 @@ def test_a_small_sweep_runs_both_trainings_per_size_and_writes_its_report(tmp_pa
         for method in ("fedals", "fedals-pt"):
             fraction = entry["fraction"][method]
             assert math.isfinite(fraction) and fraction > 0
-            assert fraction == pytest.approx(private["methods"][method]["macro"]["ndcg@10"]
-                                             / plain["methods"][method]["macro"]["ndcg@10"])
+            assert fraction == pytest.approx(
+                private["methods"][method]["macro"]["ndcg@10"] / plain["methods"][method]["macro"]["ndcg@10"]
+            )
         assert entry["generated"]["m00"]["users"] == int(size)
         assert 0 < entry["dp"]["fedals"]["run-epsilon"] <= 8 and "run-epsilon" not in entry["non-private"]["fedals"]
     assert set(report["crossing"]) == {"fedals", "fedals-pt"}
-    rows = list(csv.DictReader(open(tmp_path / "users.csv", encoding="utf-8")))
+    with open(tmp_path / "users.csv", encoding="utf-8") as table:
+        rows = list(csv.DictReader(table))
     assert [(row["users"], row["method"]) for row in rows] == [
-        ("200", "fedals"), ("200", "fedals-pt"), ("400", "fedals"), ("400", "fedals-pt")]
+        ("200", "fedals"),
+        ("200", "fedals-pt"),
+        ("400", "fedals"),
+        ("400", "fedals-pt"),
+    ]
     assert (tmp_path / "users.png").stat().st_size > 0 and "| 400 |" in (tmp_path / "users.md").read_text()
 
     # Execute again: every run is reused, none trains.
     monkeypatch.setattr(harness_module, "main", lambda argv: pytest.fail(f"trained again: {argv}"))
-    again = benchmark.main(["dp-users", "--users", "200,400", "--synthetic-markets", "2", "--items-per-market", "300",
-                            "--num-server-rounds", "2", "--out", str(tmp_path)])
+    again = benchmark.main(
+        [
+            "dp-users",
+            "--users",
+            "200,400",
+            "--synthetic-markets",
+            "2",
+            "--items-per-market",
+            "300",
+            "--num-server-rounds",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert again["sizes"]["400"]["fraction"] == entry["fraction"]
 
 

@@ -30,9 +30,17 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 def run(command: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """Run a command; a failure shows its output."""
-    finished = subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, **kwargs)
-    assert finished.returncode == 0, f"{command} exited {finished.returncode}:\n{finished.stdout[-4000:]}\n{finished.stderr[-4000:]}"
+    finished = subprocess.run(
+        [str(part) for part in command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
+    )
+    assert finished.returncode == 0, (
+        f"{command} exited {finished.returncode}:\n{finished.stdout[-4000:]}\n{finished.stderr[-4000:]}"
+    )
     return finished
 
 
@@ -46,8 +54,22 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy2(REPO / name, source / name)
     for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--wheel-dir", root / "dist", source], timeout=300)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            root / "dist",
+            source,
+        ],
+        timeout=300,
+    )
     (built,) = (root / "dist").glob("xmarket_fl-*.whl")
     return built
 
@@ -66,7 +88,8 @@ def test_the_wheel_carries_the_app_config_and_the_command_but_not_the_tests(whee
     assert wheel_metadata["Requires-Python"] == PYPROJECT["project"]["requires-python"]
     assert "xmfl = xmfl.cli:main" in entry_points
     assert {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name} == set(
-        PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
+        PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +98,10 @@ def installed(wheel, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv") / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=120)
     python = venv / "bin" / "python"
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel],
-        timeout=300)
+    run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel],
+        timeout=300,
+    )
     # Only after the install: pip must not see this environment's editable install of the same project.
     paths = sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})
     Path(paths["purelib"], "test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -92,17 +117,25 @@ def installed(wheel, tmp_path_factory) -> Path:
 def clean_environment(bin_dir: Path) -> dict[str, str]:
     """This process's environment with the fresh one's bin first, no PYTHONPATH and one BLAS thread."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]), OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", VIRTUAL_ENV=str(bin_dir.parent))
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        VIRTUAL_ENV=str(bin_dir.parent),
+    )
     return env
 
 
 def test_installed_packages_come_from_the_fresh_environment_not_the_checkout(installed, tmp_path):
-    code = "import common, simulations, xmfl.app; print(common.__file__); print(simulations.__file__); " \
-           "print(xmfl.app.checkout()); print(xmfl.app.app_config()['num-server-rounds'])"
+    code = (
+        "import common, simulations, xmfl.app; print(common.__file__); print(simulations.__file__); "
+        "print(xmfl.app.checkout()); print(xmfl.app.app_config()['num-server-rounds'])"
+    )
 
-    lines = run([installed / "python", "-c", code], timeout=120, cwd=tmp_path,
-                env=clean_environment(installed)).stdout.splitlines()
+    lines = run(
+        [installed / "python", "-c", code], timeout=120, cwd=tmp_path, env=clean_environment(installed)
+    ).stdout.splitlines()
 
     site_packages = installed.parent / "lib"
     assert all(Path(line).resolve().is_relative_to(site_packages.resolve()) for line in lines[:2]), lines
@@ -115,9 +148,21 @@ def test_installed_xmfl_simulate_runs_two_generated_markets_outside_the_checkout
 
     finished = run(
         # popular: the in-process baseline that trains nothing; fedavg: the app, through Flower's simulation engine.
-        [installed / "xmfl", "simulate", "--methods", "popular,fedavg", "--num-server-rounds", "1", "--synthetic-markets", "2",
-         "--out", "run"],
-        timeout=600, cwd=tmp_path, env=env,
+        [
+            installed / "xmfl",
+            "simulate",
+            "--methods",
+            "popular,fedavg",
+            "--num-server-rounds",
+            "1",
+            "--synthetic-markets",
+            "2",
+            "--out",
+            "run",
+        ],
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
     )
 
     results = tmp_path / "run" / "results.json"

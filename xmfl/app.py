@@ -57,7 +57,8 @@ def _project_text() -> str:
     if not packaged.is_file():
         raise FileNotFoundError(
             f"Neither a checkout's {PROJECT_FILE} nor the copy a wheel of {PROJECT} carries "
-            f"({packaged}) was found; reinstall the package (pip install xmarket-fl, or pip install -e . in a checkout)."
+            f"({packaged}) was found; reinstall the package "
+            "(pip install xmarket-fl, or pip install -e . in a checkout)."
         )
     return packaged.read_text(encoding="utf-8")
 
@@ -108,11 +109,17 @@ def write_app(target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``xmfl app --out DIR``: write the app where the user can run or build it."""
-    parser = ArgumentParser(prog="python -m xmfl.app", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="directory to write pyproject.toml and the app's packages to; it must not exist yet "
-                             "or be empty (required)")
+    parser = ArgumentParser(
+        prog="python -m xmfl.app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory to write pyproject.toml and the app's packages to; it must not exist yet "
+        "or be empty (required)",
+    )
     args = parser.parse_args(argv)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"{args.out} exists and is not an empty directory; give a new one")

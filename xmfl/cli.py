@@ -71,8 +71,9 @@ def run(name: str, argv: Sequence[str]) -> None:
     try:
         with invoked_as(module, f"{PROG} {name}"), warnings.catch_warnings():
             # Expected when the module was imported before (tests do): runpy runs a fresh copy as __main__.
-            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
-                                    category=RuntimeWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning
+            )
             runpy.run_module(module, run_name="__main__", alter_sys=False)
     finally:
         sys.argv = saved_argv

@@ -36,16 +36,26 @@ ATTACKS: dict[str, Attack] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``attacks`` benchmark's options."""
     parser.add_argument("--data-dir", default="", help="one interaction file per market (default: generated markets)")
-    parser.add_argument("--synthetic-markets", type=int, default=3,
-                        help="generated markets without --data-dir (default: %(default)s)")
-    parser.add_argument("--attacks", default=",".join(ATTACKS),
-                        help="comma-separated attacks to run (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the split, the generated data and the honest training (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small run (fewer users, rounds and queries), as the test suite runs it (default: off)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/attacks"),
-                        help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--synthetic-markets", type=int, default=3, help="generated markets without --data-dir (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS), help="comma-separated attacks to run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the split, the generated data and the honest training (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (fewer users, rounds and queries), as the test suite runs it (default: off)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/attacks"), help="output directory (default: %(default)s)"
+    )
 
 
 def table(report: dict[str, Any]) -> str:
@@ -59,23 +69,32 @@ def table(report: dict[str, Any]) -> str:
 def _headline(name: str, section: dict[str, Any]) -> str:
     if name == "counting-oracle":
         opted = section["region-opted-in-to-exact-metrics"]
-        return (f"{section['exact-answers']} of {section['queries']} exact counts at ε {section['epsilon']:g} | "
-                f"{opted['exact-answers']} of {opted['queries']} (region chose dp-exact-metrics)")
+        return (
+            f"{section['exact-answers']} of {section['queries']} exact counts at ε {section['epsilon']:g} | "
+            f"{opted['exact-answers']} of {opted['queries']} (region chose dp-exact-metrics)"
+        )
     if name == "seeded-noise":
         asked, chosen = section["asked-by-run-config"], section["region-chose-seeded-noise"]
-        return (f"noise removed in {asked['noise-removed-markets']} of {asked['markets-attacked']} markets | "
-                f"{chosen['noise-removed-markets']} of {chosen['markets-attacked']} (region chose seeded noise)")
+        return (
+            f"noise removed in {asked['noise-removed-markets']} of {asked['markets-attacked']} markets | "
+            f"{chosen['noise-removed-markets']} of {chosen['markets-attacked']} (region chose seeded noise)"
+        )
     if name == "delta-reset":
-        return (f"{section['fresh-releases']} fresh releases; lifetime ε {section['most-lifetime-epsilon-at-first-delta']:.3f}"
-                f" at δ {section['first-delta']:g} (cap {section['epsilon-cap']:g}) | "
-                f"asked δ {section['asked-delta']:g}")
+        return (
+            f"{section['fresh-releases']} fresh releases; "
+            f"lifetime ε {section['most-lifetime-epsilon-at-first-delta']:.3f}"
+            f" at δ {section['first-delta']:g} (cap {section['epsilon-cap']:g}) | "
+            f"asked δ {section['asked-delta']:g}"
+        )
     if name == "reconstruction":
         ndcg = section.get("macro-ndcg@10", {})
         undefended = section.get("undefended", {})
-        return (f"{section['exact-users']} of {section['users']} users' histories recovered exactly "
-                f"({section['exact-fraction']:.2%}); macro NDCG@10 {ndcg.get('defended', float('nan')):.4f} | "
-                f"undefended: {undefended.get('exact-users', '?')} users; macro NDCG@10 "
-                f"{ndcg.get('undefended', float('nan')):.4f}")
+        return (
+            f"{section['exact-users']} of {section['users']} users' histories recovered exactly "
+            f"({section['exact-fraction']:.2%}); macro NDCG@10 {ndcg.get('defended', float('nan')):.4f} | "
+            f"undefended: {undefended.get('exact-users', '?')} users; macro NDCG@10 "
+            f"{ndcg.get('undefended', float('nan')):.4f}"
+        )
     return json.dumps({k: v for k, v in section.items() if not isinstance(v, dict)})[:120] + " | "
 
 
@@ -92,10 +111,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(chosen) - set(ATTACKS))
     if unknown:
         raise ValueError(f"Unknown attacks {unknown}; choose among {', '.join(ATTACKS)}.")
-    settings = AttackSettings(data_dir=args.data_dir, synthetic_markets=args.synthetic_markets, seed=args.seed,
-                              out=args.out / "runs", quick=args.quick)
-    report: dict[str, Any] = {"config": {"data-dir": args.data_dir, "synthetic-markets": args.synthetic_markets,
-                                         "seed": args.seed, "quick": args.quick}, "attacks": {}, "seconds": {}}
+    settings = AttackSettings(
+        data_dir=args.data_dir,
+        synthetic_markets=args.synthetic_markets,
+        seed=args.seed,
+        out=args.out / "runs",
+        quick=args.quick,
+    )
+    report: dict[str, Any] = {
+        "config": {
+            "data-dir": args.data_dir,
+            "synthetic-markets": args.synthetic_markets,
+            "seed": args.seed,
+            "quick": args.quick,
+        },
+        "attacks": {},
+        "seconds": {},
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     for position, name in enumerate(chosen, 1):
         say(f"attack {position}/{len(chosen)}: {name}")

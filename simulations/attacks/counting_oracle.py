@@ -53,8 +53,12 @@ def _queries(regions_: Regions, catalog: Catalog, settings: AttackSettings, per_
 def _ask(server: HostileServer, node: int, factors: np.ndarray, gram: np.ndarray) -> dict[str, Any]:
     rows = np.arange(len(factors), dtype=np.int64)
     try:
-        return server.metrics(node, "evaluate", {"items": rows, "factors": factors, "gram": gram.astype(np.float32)},
-                              {"server-round": 1, "training-id": "oracle"})
+        return server.metrics(
+            node,
+            "evaluate",
+            {"items": rows, "factors": factors, "gram": gram.astype(np.float32)},
+            {"server-round": 1, "training-id": "oracle"},
+        )
     except MarketRefused as error:
         return {"refused": str(error)}
 
@@ -69,9 +73,14 @@ def _run(server: HostileServer, queries: dict[str, list], num_items: int) -> dic
             answer = metrics.get("val-hr")
             hit = answer is not None and abs(answer * validation_users - truth) < 1e-6
             exact += int(hit)
-            answers.append({"row": target, "true-count": truth,
-                            "answer": None if answer is None else answer * validation_users,
-                            "keys-sent": sorted(metrics)})
+            answers.append(
+                {
+                    "row": target,
+                    "true-count": truth,
+                    "answer": None if answer is None else answer * validation_users,
+                    "keys-sent": sorted(metrics),
+                }
+            )
         markets[market] = answers
     return {"exact-answers": exact, "queries": asked, "markets": markets}
 
@@ -84,7 +93,13 @@ def attack(settings: AttackSettings) -> dict[str, Any]:
     queries = _queries(federation, catalog, settings, 3 if settings.quick else 10)
     defended = _run(federation.server(run_config), queries, catalog.size)
     opted_in = _run(federation.server(run_config, **{EXACT_METRICS_KEY: True}), queries, catalog.size)
-    return {"epsilon": EPSILON, "exact-answers": defended["exact-answers"], "queries": defended["queries"],
-            "region-opted-in-to-exact-metrics": {"exact-answers": opted_in["exact-answers"],
-                                                 "queries": opted_in["queries"]},
-            "markets": defended["markets"]}
+    return {
+        "epsilon": EPSILON,
+        "exact-answers": defended["exact-answers"],
+        "queries": defended["queries"],
+        "region-opted-in-to-exact-metrics": {
+            "exact-answers": opted_in["exact-answers"],
+            "queries": opted_in["queries"],
+        },
+        "markets": defended["markets"],
+    }

@@ -42,9 +42,12 @@ def _training(server: HostileServer, gram: np.ndarray, training_id: str, rounds:
         count = 0
         for server_round in range(1, rounds + 1):
             try:
-                _, metrics = server.arrays(node, "train", {"gram": gram.astype(np.float32)},
-                                           {"server-round": server_round, "training-id": training_id,
-                                            INITIAL_ROWS_KEY: True})
+                _, metrics = server.arrays(
+                    node,
+                    "train",
+                    {"gram": gram.astype(np.float32)},
+                    {"server-round": server_round, "training-id": training_id, INITIAL_ROWS_KEY: True},
+                )
             except MarketRefused:
                 continue
             count += int(metrics.get("num-examples", 0) > 0)
@@ -57,8 +60,16 @@ def attack(settings: AttackSettings) -> dict[str, Any]:
     rounds = 3 if settings.quick else 10
     federation = regions(settings, "delta-reset", users=150 if settings.quick else 600)
     catalog = Catalog.load(federation.catalog_path)
-    first = fedals_run_config(settings, **{"dp-epsilon": EPSILON, "dp-delta": FIRST_DELTA, "als-factors": 8, "dp-accountant": "rdp",
-                                           "num-server-rounds": rounds})
+    first = fedals_run_config(
+        settings,
+        **{
+            "dp-epsilon": EPSILON,
+            "dp-delta": FIRST_DELTA,
+            "als-factors": 8,
+            "dp-accountant": "rdp",
+            "num-server-rounds": rounds,
+        },
+    )
     server = federation.server(first, **{"dp-epsilon": str(EPSILON)})
     initial = initial_rows(np.arange(catalog.size), config_from_context(server.contexts[0]).ials_config())
     gram = initial.factors.T @ initial.factors
@@ -71,10 +82,16 @@ def attack(settings: AttackSettings) -> dict[str, Any]:
         market = str(context.node_config["market"])
         ledger = MarketPrivacy(context, market).load().ledger
         multipliers = list(ledger.releases) + [s for s, rate, steps in ledger.history for _ in range(steps)]
-        markets[market] = {"fresh-releases": fresh[node], "ledger-delta": ledger.budget.delta,
-                           "lifetime-epsilon-at-first-delta": lifetime_epsilon(multipliers, FIRST_DELTA)}
-    return {"epsilon-cap": EPSILON, "first-delta": FIRST_DELTA, "asked-delta": ASKED_DELTA,
-            "fresh-releases": sum(m["fresh-releases"] for m in markets.values()),
-            "most-lifetime-epsilon-at-first-delta": max(m["lifetime-epsilon-at-first-delta"]
-                                                         for m in markets.values()),
-            "markets": markets}
+        markets[market] = {
+            "fresh-releases": fresh[node],
+            "ledger-delta": ledger.budget.delta,
+            "lifetime-epsilon-at-first-delta": lifetime_epsilon(multipliers, FIRST_DELTA),
+        }
+    return {
+        "epsilon-cap": EPSILON,
+        "first-delta": FIRST_DELTA,
+        "asked-delta": ASKED_DELTA,
+        "fresh-releases": sum(m["fresh-releases"] for m in markets.values()),
+        "most-lifetime-epsilon-at-first-delta": max(m["lifetime-epsilon-at-first-delta"] for m in markets.values()),
+        "markets": markets,
+    }

@@ -43,8 +43,13 @@ def regions(settings: AttackSettings, name: str, users: int = 300) -> Regions:
         files = discover_market_files(settings.data_dir)
         source = MarketSource(settings.data_dir, 0, settings.seed)
     else:
-        shape = SyntheticConfig(markets=settings.synthetic_markets, items=600, largest_market_users=users,
-                                smallest_market_users=max(40, users // 4), seed=settings.seed)
+        shape = SyntheticConfig(
+            markets=settings.synthetic_markets,
+            items=600,
+            largest_market_users=users,
+            smallest_market_users=max(40, users // 4),
+            seed=settings.seed,
+        )
         files = write_markets(shape, root / "data")
         source = MarketSource(str(root / "data"), 0, settings.seed)
     catalog_path = root / "catalog.txt"
@@ -56,8 +61,14 @@ def regions(settings: AttackSettings, name: str, users: int = 300) -> Regions:
         state.mkdir(parents=True, exist_ok=True)
         for stale in state.iterdir():  # a region that never spent: nothing from an earlier attack run
             stale.unlink()
-        configs.append({"market": market, "data-path": str(Path(files[market]).resolve()),
-                        "catalog-path": str(catalog_path.resolve()), "state-dir": str(state.resolve())})
+        configs.append(
+            {
+                "market": market,
+                "data-path": str(Path(files[market]).resolve()),
+                "catalog-path": str(catalog_path.resolve()),
+                "state-dir": str(state.resolve()),
+            }
+        )
     return Regions(markets, configs, catalog_path)
 
 

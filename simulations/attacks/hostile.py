@@ -41,8 +41,9 @@ class HostileServer:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
         self.run_config = dict(run_config)
         self.contexts = [
-            Context(run_id=1, node_id=node + 1, node_config=dict(config), state=RecordDict(),
-                    run_config=self.run_config)
+            Context(
+                run_id=1, node_id=node + 1, node_config=dict(config), state=RecordDict(), run_config=self.run_config
+            )
             for node, config in enumerate(node_configs)
         ]
 
@@ -51,18 +52,18 @@ class HostileServer:
         """Markets as the simulation engine starts them: a partition id each."""
         return cls(run_config, [{"partition-id": p, "num-partitions": markets} for p in range(markets)])
 
-    def ask(
-        self, node: int, message_type: str, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]
-    ) -> Message:
+    def ask(self, node: int, message_type: str, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> Message:
         """Send market ``node`` (0-based) one message; its reply.
 
         ``message_type`` is ``"train"`` or ``"evaluate"``. A market that raises (which Flower's
         runtime would send back as an error reply) raises :class:`MarketRefused` with the reason.
         """
-        content = RecordDict({
-            "arrays": ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()}),
-            "config": ConfigRecord(dict(config)),
-        })
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()}),
+                "config": ConfigRecord(dict(config)),
+            }
+        )
         message = Message(content, self.contexts[node].node_id, message_type)
         message.metadata.__dict__["_message_id"] = uuid4().hex  # what a SuperLink does
         try:
@@ -70,8 +71,9 @@ class HostileServer:
         except Exception as error:  # noqa: BLE001 - Flower's runtime turns it into an error reply
             raise MarketRefused(str(error)) from error
 
-    def metrics(self, node: int, message_type: str, arrays: Mapping[str, np.ndarray],
-                config: Mapping[str, Any]) -> dict[str, Any]:
+    def metrics(
+        self, node: int, message_type: str, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """The metrics of the reply to one message; :class:`MarketRefused` if it is an error."""
         reply = self.ask(node, message_type, arrays, config)
         if reply.has_error():
@@ -79,8 +81,9 @@ class HostileServer:
         records = reply.content.metric_records
         return dict(next(iter(records.values()))) if records else {}
 
-    def arrays(self, node: int, message_type: str, arrays: Mapping[str, np.ndarray],
-               config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def arrays(
+        self, node: int, message_type: str, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The arrays and metrics of the reply to one message; :class:`MarketRefused` if it is an error."""
         reply = self.ask(node, message_type, arrays, config)
         if reply.has_error():

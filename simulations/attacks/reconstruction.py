@@ -101,7 +101,7 @@ def _normalised(z: np.ndarray, t: float) -> np.ndarray | None:
 
 
 def _two_buyers(root: np.ndarray, t: float) -> list[np.ndarray]:
-    """Both ``z`` of a rank-2 sum given a 2×D factor ``L`` (``LᵀL = S``): the rotation taking ``L[:, -1]`` to ``t(1, 1)``."""
+    """Both ``z`` of a rank-2 sum from a 2×D factor ``L`` (``LᵀL = S``): the rotation of ``L[:, -1]`` to ``t(1, 1)``."""
     v = root[:, -1]
     angle = np.arctan2(1.0, 1.0) - np.arctan2(v[1], v[0])
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -163,7 +163,9 @@ class _Recovery:
         for begin in range(0, len(z), 512):
             block = z[begin : begin + 512]
             projected = np.add.reduceat((block @ self.basis.T) ** 2, starts, axis=1)
-            residual = np.sqrt(np.clip(norms[begin : begin + 512, None] - projected, 0.0, None) / norms[begin:begin + 512, None])
+            residual = np.sqrt(
+                np.clip(norms[begin : begin + 512, None] - projected, 0.0, None) / norms[begin : begin + 512, None]
+            )
             out[begin : begin + 512] = residual < _MEMBER_TOL
         return out
 
@@ -171,8 +173,9 @@ class _Recovery:
 
     def sole_buyers(self) -> int:
         reply = self.reply
-        return self.add(z for i in np.flatnonzero(reply.ranks == 1)
-                        if (z := _normalised(reply.factors[i][0], self.t)) is not None)
+        return self.add(
+            z for i in np.flatnonzero(reply.ranks == 1) if (z := _normalised(reply.factors[i][0], self.t)) is not None
+        )
 
     def two_buyers(self) -> int:
         reply = self.reply
@@ -195,16 +198,24 @@ class _Recovery:
         for a_begin in range(0, len(order), 256):
             a_items = np.arange(a_begin, min(a_begin + 256, len(order)))
             rows = slice(starts[a_items[0]], starts[a_items[-1]] + ranks[a_items[-1]])
-            overlap = np.add.reduceat(np.add.reduceat((stacked[rows] @ stacked.T) ** 2,
-                                                      starts[a_items] - starts[a_items[0]], axis=0), starts, axis=1)
+            overlap = np.add.reduceat(
+                np.add.reduceat((stacked[rows] @ stacked.T) ** 2, starts[a_items] - starts[a_items[0]], axis=0),
+                starts,
+                axis=1,
+            )
             for a_local, a in enumerate(a_items):
                 for b in np.flatnonzero(overlap[a_local] > 0.5):
                     if b <= a:  # sorted by rank: a nested pair has the smaller rank first
                         continue
                     ra, rb = ranks[a], ranks[b]
                     i, j = order[a], order[b]
-                    if nested and rb > ra and overlap[a_local, b] > ra - 0.02 and rb - ra <= 2 \
-                            and reply.counts[j] - reply.counts[i] == rb - ra:
+                    if (
+                        nested
+                        and rb > ra
+                        and overlap[a_local, b] > ra - 0.02
+                        and rb - ra <= 2
+                        and reply.counts[j] - reply.counts[i] == rb - ra
+                    ):
                         residual = reply.factors[j].T @ reply.factors[j] - reply.factors[i].T @ reply.factors[i]
                         found.extend(_split(residual, int(rb - ra), self.t))
                     elif intersect and ra + rb <= self.dim:
@@ -242,7 +253,7 @@ class _Recovery:
         if not self.candidates or not len(untestable):
             return tested, list(tested)
         x = np.array(self.candidates)[:, :-1] / np.sqrt(alpha)
-        factors = dict(zip(reply.received_rows.tolist(), range(len(reply.received_rows))))
+        factors = dict(zip(reply.received_rows.tolist(), range(len(reply.received_rows)), strict=True))
         y_test = reply.received[[factors[r] for r in tested_rows if r in factors]]
         in_test = np.array([r in factors for r in tested_rows])
         threshold = _threshold(x @ y_test.T, members[:, in_test]) if in_test.any() else np.inf
@@ -294,8 +305,9 @@ def recover(reply: _Reply, alpha: float) -> dict[str, tuple[list[frozenset], lis
     return snapshots
 
 
-def score_users(histories: list[frozenset], tested_items: set, tested: list[frozenset],
-                predicted: list[frozenset]) -> tuple[set, set]:
+def score_users(
+    histories: list[frozenset], tested_items: set, tested: list[frozenset], predicted: list[frozenset]
+) -> tuple[set, set]:
     """Users exposed and exactly recovered by candidate sets (module docstring), as sets of user indices."""
     tested_sets, predicted_sets = set(s for s in tested if s), set(predicted)
     exposed = {u for u, h in enumerate(histories) if (h & tested_items) and (h & tested_items) in tested_sets}
@@ -322,7 +334,9 @@ class _WatchingGrid(InProcessGrid):
         if message.metadata.message_type == "train" and not reply.has_error():
             record = next(iter(reply.content.array_records.values()))
             self.exchanges[(int(message.content["config"]["server-round"]), node)] = (
-                sent, {k: v.numpy() for k, v in record.items()})
+                sent,
+                {k: v.numpy() for k, v in record.items()},
+            )
         return reply
 
 
@@ -330,8 +344,9 @@ def _train(run_config: dict[str, Any], markets: int, node_extra: dict[str, Any])
     """One honest fedals training over the real apps; the grid (with every train exchange) and its history."""
     nodes = [{"partition-id": p, "num-partitions": markets, **node_extra} for p in range(markets)]
     grid = _WatchingGrid(HostileServer(run_config, nodes))
-    server_main(grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(),
-                              run_config=run_config))
+    server_main(
+        grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     history = json.loads((Path(run_config["out-dir"]) / "history.json").read_text(encoding="utf-8"))
     return grid, history
 
@@ -365,15 +380,27 @@ def attack(settings: AttackSettings, defended_min_buyers: int | None = None) -> 
         for user, item in zip(split.train_users, split.train_items, strict=True):
             per_user[user].add(int(item))
         histories[name] = [frozenset(h) for h in per_user]
-    base = {**harness.app_defaults(), "method": "fedals", "data-dir": settings.data_dir,
-            "synthetic-markets": settings.synthetic_markets, "seed": settings.seed, "min-nodes": len(markets),
-            "poll-interval": 0.001, "round-timeout": 600.0, **(_QUICK if settings.quick else {})}
+    base = {
+        **harness.app_defaults(),
+        "method": "fedals",
+        "data-dir": settings.data_dir,
+        "synthetic-markets": settings.synthetic_markets,
+        "seed": settings.seed,
+        "min-nodes": len(markets),
+        "poll-interval": 0.001,
+        "round-timeout": 600.0,
+        **(_QUICK if settings.quick else {}),
+    }
     base.pop(MIN_BUYERS_KEY, None)
     rounds = int(base["num-server-rounds"])
     attacked = [rounds]  # the last round's replies (any round's would do; the factors are the most trained)
     alpha = float(base["als-alpha"])
-    result: dict[str, Any] = {"attacked-rounds": attacked, "factors": int(base["als-factors"]),
-                              "wire": base["als-wire"], "rounds": rounds}
+    result: dict[str, Any] = {
+        "attacked-rounds": attacked,
+        "factors": int(base["als-factors"]),
+        "wire": base["als-wire"],
+        "rounds": rounds,
+    }
     sections = {}
     defended_node = {} if defended_min_buyers is None else {MIN_BUYERS_KEY: defended_min_buyers}
     result["min-buyers"] = {"defended": defended_min_buyers or DEFAULT_MIN_BUYERS, "undefended": 1}
@@ -400,13 +427,18 @@ def attack(settings: AttackSettings, defended_min_buyers: int | None = None) -> 
         for variant in VARIANTS:
             section["variants"][variant] = {
                 name: {"exposed-users": len(found[variant][name][0]), "exact-users": len(found[variant][name][1])}
-                for name in markets}
+                for name in markets
+            }
         for name in markets:
             users = sum(1 for h in histories[name] if h)
             exposed, exact = found["any"][name]
-            section["per-market"][name] = {"users": users, "exposed-users": len(exposed), "exact-users": len(exact),
-                                           "exact-fraction": len(exact) / max(users, 1),
-                                           "ndcg@10": per_market_ndcg.get(name)}
+            section["per-market"][name] = {
+                "users": users,
+                "exposed-users": len(exposed),
+                "exact-users": len(exact),
+                "exact-fraction": len(exact) / max(users, 1),
+                "ndcg@10": per_market_ndcg.get(name),
+            }
         totals = section["per-market"].values()
         section["users"] = sum(m["users"] for m in totals)
         section["exposed-users"] = sum(m["exposed-users"] for m in totals)
@@ -414,13 +446,20 @@ def attack(settings: AttackSettings, defended_min_buyers: int | None = None) -> 
         section["exact-fraction"] = section["exact-users"] / max(section["users"], 1)
         sections[label] = section
     defended, undefended = sections["defended"], sections["undefended"]
-    result.update({
-        "users": defended["users"], "exposed-users": defended["exposed-users"],
-        "exact-users": defended["exact-users"], "exact-fraction": defended["exact-fraction"],
-        "macro-ndcg@10": {"defended": defended["macro-ndcg@10"], "undefended": undefended["macro-ndcg@10"]},
-        "per-market": defended["per-market"], "variants": defended["variants"],
-        "undefended": {key: undefended[key] for key in ("users", "exposed-users", "exact-users", "exact-fraction",
-                                                          "per-market", "variants")},
-        "seconds": time.perf_counter() - started,
-    })
+    result.update(
+        {
+            "users": defended["users"],
+            "exposed-users": defended["exposed-users"],
+            "exact-users": defended["exact-users"],
+            "exact-fraction": defended["exact-fraction"],
+            "macro-ndcg@10": {"defended": defended["macro-ndcg@10"], "undefended": undefended["macro-ndcg@10"]},
+            "per-market": defended["per-market"],
+            "variants": defended["variants"],
+            "undefended": {
+                key: undefended[key]
+                for key in ("users", "exposed-users", "exact-users", "exact-fraction", "per-market", "variants")
+            },
+            "seconds": time.perf_counter() - started,
+        }
+    )
     return result

@@ -38,8 +38,12 @@ def _residual(server: HostileServer, node: int, num_items: int) -> dict[str, Any
     initial = initial_rows(np.arange(num_items), config.ials_config())
     gram = initial.factors.T @ initial.factors  # round 1: the Gram of the seeded table
     try:
-        sent, _ = server.arrays(node, "train", {"gram": gram.astype(np.float32)},
-                                {"server-round": 1, "training-id": "seeded", INITIAL_ROWS_KEY: True})
+        sent, _ = server.arrays(
+            node,
+            "train",
+            {"gram": gram.astype(np.float32)},
+            {"server-round": 1, "training-id": "seeded", INITIAL_ROWS_KEY: True},
+        )
     except MarketRefused as error:
         return {"refused": str(error)}
     # The attacker: regenerate the noise a seeded market draws, from what the run config says.
@@ -54,34 +58,48 @@ def _residual(server: HostileServer, node: int, num_items: int) -> dict[str, Any
     market = IALSMarket.from_split(split, config.history_length)
     ials = config.ials_config()
     users = solve_users(market.train, initial_rows(split.market_items, ials), gram, catalog.size, ials)
-    clean = private_release(market.train, users, public_assortment(region_policy(context, market_name), catalog),
-                            0.0, noise_generator(0))["sums"]
+    clean = private_release(
+        market.train, users, public_assortment(region_policy(context, market_name), catalog), 0.0, noise_generator(0)
+    )["sums"]
     noise_std = float(np.std(sent["sums"] - clean))
     residual = float(np.std(sent["sums"] - regenerated - clean))
     calibrated = sigma_sums * np.sqrt(ReleaseConfig().items_per_user)  # what the ledger paid for
-    return {"noise-std": noise_std, "calibrated-noise-std": float(calibrated), "residual-std": residual,
-            "removed": residual < 0.01 * noise_std}
+    return {
+        "noise-std": noise_std,
+        "calibrated-noise-std": float(calibrated),
+        "residual-std": residual,
+        "removed": residual < 0.01 * noise_std,
+    }
 
 
 def _run(server: HostileServer, num_items: int) -> dict[str, Any]:
-    markets = {str(c.node_config["market"]): _residual(server, n, num_items)
-               for n, c in enumerate(server.contexts)}
-    return {"noise-removed-markets": sum(int(m.get("removed", False)) for m in markets.values()),
-            "markets-attacked": len(markets), "markets": markets}
+    markets = {str(c.node_config["market"]): _residual(server, n, num_items) for n, c in enumerate(server.contexts)}
+    return {
+        "noise-removed-markets": sum(int(m.get("removed", False)) for m in markets.values()),
+        "markets-attacked": len(markets),
+        "markets": markets,
+    }
 
 
 def attack(settings: AttackSettings) -> dict[str, Any]:
     """Ask for seeded noise through the run config; then against regions that chose it themselves."""
     federation = regions(settings, "seeded-noise", users=150 if settings.quick else 600)
     catalog = Catalog.load(federation.catalog_path)
-    run_config = fedals_run_config(settings, **{"dp-epsilon": EPSILON, "dp-delta": DELTA, "als-factors": 8,
-                                                SEEDED_NOISE_KEY: True})
+    run_config = fedals_run_config(
+        settings, **{"dp-epsilon": EPSILON, "dp-delta": DELTA, "als-factors": 8, SEEDED_NOISE_KEY: True}
+    )
     ceilings = {"dp-epsilon": str(EPSILON), "dp-delta": str(DELTA)}
     asked = _run(federation.server(run_config, **ceilings), catalog.size)
     federation = regions(settings, "seeded-noise", users=150 if settings.quick else 600)  # fresh ledgers
     chosen = _run(federation.server(run_config, **ceilings, **{SEEDED_NOISE_KEY: "true"}), catalog.size)
-    return {"asked-by-run-config": {"noise-removed-markets": asked["noise-removed-markets"],
-                                    "markets-attacked": asked["markets-attacked"]},
-            "region-chose-seeded-noise": {"noise-removed-markets": chosen["noise-removed-markets"],
-                                          "markets-attacked": chosen["markets-attacked"]},
-            "markets": {"asked-by-run-config": asked["markets"], "region-chose-seeded-noise": chosen["markets"]}}
+    return {
+        "asked-by-run-config": {
+            "noise-removed-markets": asked["noise-removed-markets"],
+            "markets-attacked": asked["markets-attacked"],
+        },
+        "region-chose-seeded-noise": {
+            "noise-removed-markets": chosen["noise-removed-markets"],
+            "markets-attacked": chosen["markets-attacked"],
+        },
+        "markets": {"asked-by-run-config": asked["markets"], "region-chose-seeded-noise": chosen["markets"]},
+    }
