@@ -30,13 +30,13 @@ from clients.privacy_state import (
 )
 from clients.served import FINAL_KEY, remember_if_best, write_best_model
 from common.config import parse_bool
+from common.data.markets import market_seed
 from common.market_config import MarketConfig
-from common.markets import market_seed
 from common.methods import FineTuned, fine_tune, get_method, local_round
-from common.model import SplitRecommender, get_arrays
-from common.privacy import PrivacyBudgetExceeded
-from common.private_train import private_round, train_epochs_private
-from common.train import MarketTensors, TrainConfig, evaluate
+from common.neural.model import SplitRecommender, get_arrays
+from common.neural.train import MarketTensors, TrainConfig, evaluate
+from common.privacy.dp_sgd import private_round, train_epochs_private
+from common.privacy.ledger import PrivacyBudgetExceeded
 
 app = ClientApp()
 

@@ -37,11 +37,12 @@ import torch
 from flwr.app import Context
 from flwr.common import log
 
-from common.catalog import Catalog
-from common.model import SplitRecommender
-from common.published import published_path
-from common.serving import ServedModelError, load_served_model
-from common.split import MarketSplit
+from common.data.catalog import Catalog
+from common.data.split import MarketSplit
+from common.neural.model import SplitRecommender
+from common.serving.format import ServedModelError
+from common.serving.published import published_path
+from common.serving.query import load_served_model
 
 USER_TABLE = "head.user_embedding.weight"  # the head's per-user rows (user-embeddings = true)
 

@@ -15,9 +15,9 @@ with weight 0 and still evaluates.
 
 Nothing user-indexed is sent: user factors are solved afresh from the received items every
 round and never kept, so there is no head to persist in a deployed region. The model a market
-serves is the iALS factors as a split recommender (:mod:`common.ials_model`), its best
+serves is the iALS factors as a split recommender (:mod:`common.ials.model`), its best
 validation round written by :mod:`clients.served` at the final round, as for the other methods.
-``fedals-pt`` serves instead the private transfer (:mod:`common.transfer`): after the last
+``fedals-pt`` serves instead the private transfer (:mod:`common.ials.transfer`): after the last
 round the market refits its own data, without noise, on the received factors, and keeps the
 candidate best on its validation; nothing of that fit is sent.
 """
@@ -42,29 +42,23 @@ from clients.privacy_state import (
     training_noise_seed,
 )
 from clients.served import FINAL_KEY, KEPT_METRICS, remember_if_best, write_best_model
-from common.catalog import Catalog
 from common.config import parse_bool
-from common.data import read_interactions
-from common.dp_ials import noise_generator, private_release, zero_release
-from common.ials import IALSConfig, ItemFactors, market_item_statistics, solve_users
-from common.ials_model import (
-    ASSORTMENT_KEY,
-    INITIAL_ROWS_KEY,
-    IALSMarket,
-    evaluate_market,
-    initial_rows,
-    interaction_ratings,
-)
-from common.ials_private import merged, min_buyers, restricted, shared_items, solve_private_items
-from common.ials_wire import check_item_side, pack_statistics, unpack_item_factors
+from common.data.catalog import Catalog
+from common.data.interactions import read_interactions
+from common.data.markets import MarketSource
+from common.data.split import MarketSplit
+from common.ials.core import IALSConfig, ItemFactors
+from common.ials.dp import noise_generator, private_release, zero_release
+from common.ials.model import IALSMarket, evaluate_market, initial_rows, interaction_ratings
+from common.ials.private import merged, min_buyers, restricted, shared_items, solve_private_items
+from common.ials.steps import market_item_statistics, solve_users
+from common.ials.transfer import candidates, choose
+from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, check_item_side, pack_statistics, unpack_item_factors
 from common.market_config import MarketConfig
-from common.markets import MarketSource
 from common.methods import get_method
-from common.model import SplitRecommender
-from common.privacy import PrivacyBudgetExceeded
-from common.region import RegionPolicy, public_assortment
-from common.split import MarketSplit
-from common.transfer import candidates, choose
+from common.neural.model import SplitRecommender
+from common.privacy.ledger import PrivacyBudgetExceeded
+from common.privacy.region import RegionPolicy, public_assortment
 
 TRANSFER_PREFIX = "pt-"  # evaluate reply metrics of fedals-pt's served fit (as fedper-ft's "ft-")
 USER_GRAM_KEY = "user-gram"  # message array: the federation's augmented user Gram of the last aggregated round
@@ -97,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         statistics, metrics = _private_release(context, market, config, users, server_round, training_id, rows, policy)
     else:
         rows = split.market_items
-        # Only the items with at least `minimum` buyers here leave the market (common.ials_private).
+        # Only the items with at least `minimum` buyers here leave the market (common.ials.private).
         shared = restricted(market.train, shared_items(market.train, minimum))
         statistics = pack_statistics(market_item_statistics(shared, users, ials), config.als_wire)
         check_item_side(statistics, shared.items, ials.factors)

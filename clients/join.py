@@ -61,17 +61,17 @@ import torch
 
 from clients.recommend import run_cli
 from clients.state_store import LedgerStore, MarketState, MarketStateStore
-from common.catalog import Catalog
-from common.command import ArgumentParser, add_alias
-from common.data import read_interactions
-from common.markets import market_seed
+from common.data.catalog import Catalog
+from common.data.interactions import read_interactions
+from common.data.markets import market_seed
+from common.data.split import MarketSplit, split_market
 from common.methods import get_method
-from common.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
-from common.names import check_name
-from common.published import PUBLISHED_FILE, Published, check_catalog, load_published
-from common.serving import market_user_ids, write_served_model
-from common.split import MarketSplit, split_market
-from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.neural.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
+from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.runtime.command import ArgumentParser, add_alias
+from common.runtime.names import check_name
+from common.serving.format import market_user_ids, write_served_model
+from common.serving.published import PUBLISHED_FILE, Published, check_catalog, load_published
 
 JOIN_TRAINING_PREFIX = "join-"  # training id of a market state written here: join-<the published training's id>
 PROG = "python -m clients.join"

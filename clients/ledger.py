@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from clients.state_store import CorruptStateError, LedgerEntry, LedgerStore
-from common.command import ArgumentParser
-from common.privacy import PrivacyBudget, PrivacyLedger
+from common.privacy.ledger import PrivacyBudget, PrivacyLedger
+from common.runtime.command import ArgumentParser
 
 
 def show(store: LedgerStore) -> str:

@@ -19,15 +19,15 @@ from flwr.common import log
 from clients.continued import published_head
 from clients.privacy_state import region_policy, require_durable_ledger, state_dir
 from clients.state_store import LedgerStore, MarketState, MarketStateStore
-from common.catalog import Catalog
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_file_split, load_split, market_seed
+from common.data.split import MarketSplit
 from common.market_config import MarketConfig
-from common.markets import MarketSource, load_file_split, load_split, market_seed
 from common.methods import get_method
-from common.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
-from common.names import check_name
-from common.region import public_assortment
-from common.split import MarketSplit
-from common.train import MarketTensors
+from common.neural.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
+from common.neural.train import MarketTensors
+from common.privacy.region import public_assortment
+from common.runtime.names import check_name
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)

@@ -18,11 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 
 from clients.privacy_state import INSECURE_KEY
-from common.data import InteractionFileError
+from common.data.interactions import InteractionFileError
 from common.market_config import MarketConfig
-from common.privacy import PrivacyBudgetExceeded
-from common.region import RegionPolicy
-from common.train import RankingMetrics
+from common.neural.train import RankingMetrics
+from common.privacy.ledger import PrivacyBudgetExceeded
+from common.privacy.region import RegionPolicy
 
 MARKET_KEY = "market"  # the ConfigRecord naming the replying market
 RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)

@@ -19,12 +19,20 @@ from flwr.app import ConfigRecord, Context
 from flwr.common import log
 
 from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
-from common.dp_ials import noise_generator
+from common.data.markets import market_seed
+from common.ials.dp import noise_generator
 from common.market_config import MarketConfig
-from common.markets import market_seed
 from common.methods import get_method
-from common.model import SplitRecommender
-from common.privacy import (
+from common.neural.model import SplitRecommender
+from common.neural.train import MarketTensors, TrainConfig
+from common.privacy.dp_sgd import (
+    market_budget,
+    popularity_seed,
+    private_round_steps,
+    private_steps,
+    start_private_training,
+)
+from common.privacy.ledger import (
     PrivacyBudget,
     PrivacyBudgetExceeded,
     PrivacyLedger,
@@ -33,15 +41,7 @@ from common.privacy import (
     epsilon_of,
     release_history,
 )
-from common.private_train import (
-    market_budget,
-    popularity_seed,
-    private_round_steps,
-    private_steps,
-    start_private_training,
-)
-from common.region import SIMULATION_NODE_CONFIG_ENV, RegionPolicy
-from common.train import MarketTensors, TrainConfig
+from common.privacy.region import SIMULATION_NODE_CONFIG_ENV, RegionPolicy
 
 INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 PRIVACY_KEY = "privacy-ledger"  # the market's ledger kept in context.state when it has no state-dir

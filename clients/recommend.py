@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from common.catalog import Catalog
-from common.command import ArgumentParser, run_command
-from common.serving import load_served_model
-from common.tables import read_history, read_user_list, write_table
+from common.data.catalog import Catalog
+from common.runtime.command import ArgumentParser, run_command
+from common.serving.query import load_served_model
+from common.serving.tables import read_history, read_user_list, write_table
 
 
 def run_cli(main: Callable[[Sequence[str] | None], str], argv: Sequence[str] | None = None) -> int:

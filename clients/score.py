@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clients.recommend import model_options, run_cli
-from common.catalog import Catalog
-from common.command import ArgumentParser
-from common.serving import load_served_model
-from common.tables import read_history, read_pairs, write_table
+from common.data.catalog import Catalog
+from common.runtime.command import ArgumentParser
+from common.serving.query import load_served_model
+from common.serving.tables import read_history, read_pairs, write_table
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

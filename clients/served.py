@@ -37,13 +37,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 
 from clients.privacy_state import state_dir
-from common.catalog import Catalog
-from common.durable import atomic_torch_save
+from common.data.catalog import Catalog
 from common.methods import Method
-from common.model import SplitRecommender, set_arrays
-from common.serving import write_served_model
-from common.sparse_state import compact_state, expand_state
-from common.train import MarketTensors
+from common.neural.model import SplitRecommender, set_arrays
+from common.neural.train import MarketTensors
+from common.runtime.durable import atomic_torch_save
+from common.serving.format import write_served_model
+from common.serving.sparse_state import compact_state, expand_state
 
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then

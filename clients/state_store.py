@@ -13,7 +13,7 @@ live there:
   never by anything the server sends, and it is never reset by the code: an
   operator starts a new budget period on purpose (``python -m clients.ledger``).
 
-Both are written through :mod:`common.durable` (a unique 0600 temp file,
+Both are written through :mod:`common.runtime.durable` (a unique 0600 temp file,
 fsync, rename, fsync of the directory) under a lock per file.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from common.durable import atomic_torch_save, atomic_write_bytes, locked
-from common.names import check_name
-from common.privacy import PrivacyLedger
+from common.privacy.ledger import PrivacyLedger
+from common.runtime.durable import atomic_torch_save, atomic_write_bytes, locked
+from common.runtime.names import check_name
 
 LEDGER_FORMAT = 1  # version of <market>.ledger.json
 

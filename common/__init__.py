@@ -1,0 +1,11 @@
+"""The Flower-free bottom layer every other package builds on: data, models, privacy, serving.
+
+Subpackages group the code by concept (:mod:`common.data`, :mod:`common.neural`,
+:mod:`common.ials`, :mod:`common.privacy`, :mod:`common.serving`, :mod:`common.runtime`); the
+modules directly here are the few every stack shares: :mod:`common.config` (typed parsing of
+run and node config values), :mod:`common.methods` (the registry of methods) and
+:mod:`common.market_config` (the settings a market trains with). Nothing here imports Flower
+(``tests/test_packaging.py`` checks it), so a region's serving needs no federation runtime.
+"""
+
+__all__ = ["config", "data", "ials", "market_config", "methods", "neural", "privacy", "runtime", "serving"]

@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from common.config import from_kebab_case
-from common.ials import CONFIDENCES, IALSConfig
-from common.ials_wire import WIRE_DTYPES
-from common.privacy import ACCOUNTANTS
-from common.region import RegionPolicy
+from common.ials.core import CONFIDENCES, IALSConfig
+from common.ials.wire import WIRE_DTYPES
+from common.privacy.ledger import ACCOUNTANTS
+from common.privacy.region import RegionPolicy
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Literal
 
 import torch
 
-from common.model import SplitRecommender
-from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.neural.model import SplitRecommender
+from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Method:
     # in closed form inside each market and item factors on the server (clients.fedals, server.fedals).
     solver: Literal["sgd", "als"] = "sgd"
     # Private transfer: after the last round each market refits its own data, without noise, on the
-    # shared part it received, and serves the fit only if it wins on validation (common.transfer).
+    # shared part it received, and serves the fit only if it wins on validation (common.ials.transfer).
     # Nothing of the fit is sent: it is the model the market serves its own users.
     transfer: bool = False
 

@@ -34,7 +34,7 @@ import json
 import threading
 from pathlib import Path
 
-from common.command import ArgumentParser, run_command
+from common.runtime.command import ArgumentParser, run_command
 from deploy.keys import refuse_private_key
 from deploy.signed_app import SignedApp, load_signed_app, read_trusted_entities, verify
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.catalog import MAX_OVERFLOW_ROWS, Catalog
-from common.command import ArgumentParser
-from common.data import read_interactions
+from common.data.catalog import MAX_OVERFLOW_ROWS, Catalog
+from common.data.interactions import read_interactions
+from common.runtime.command import ArgumentParser
 
 
 def product_ids(path: Path, column: str) -> list[str]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.processes import free_port, stop_process_tree, wait_for_port
+from common.runtime.processes import free_port, stop_process_tree, wait_for_port
 from deploy.app_index import AppIndex, load_apps
 from deploy.app_keys import PRIVATE_FILE, TRUSTED_FILE, make_app_keys
 from deploy.make_credentials import make_credentials

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.command import ArgumentParser, run_command
+from common.runtime.command import ArgumentParser, run_command
 from deploy.keys import PUBLIC_MODE, write_file, write_private_key
 
 VALID_DAYS = 30  # development credentials should not outlive the experiment

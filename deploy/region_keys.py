@@ -22,8 +22,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.command import ArgumentParser, run_command
-from common.names import check_name
+from common.runtime.command import ArgumentParser, run_command
+from common.runtime.names import check_name
 from deploy.keys import PUBLIC_MODE, check_new, openssh_public_key, write_file, write_private_key
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from common.command import ArgumentParser, run_command
-from common.names import check_name
+from common.runtime.command import ArgumentParser, run_command
+from common.runtime.names import check_name
 from deploy.app_keys import APP_KEY_ID
 from deploy.signed_app import SignedApp, fab_app, save_signed_app, signed_message
 from xmfl.app import app_dir

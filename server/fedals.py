@@ -26,10 +26,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.dp_ials import private_release_problem, solve_private_items
-from common.ials import IALSConfig, ItemFactors, lookup_rows, solve_items
-from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_TABLE, encoder_state, reply_problem
-from common.ials_wire import pack_item_factors, unpack_statistics
+from common.ials.core import IALSConfig, ItemFactors, lookup_rows
+from common.ials.dp import private_release_problem, solve_private_items
+from common.ials.model import ITEM_TABLE, encoder_state
+from common.ials.steps import solve_items
+from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, pack_item_factors, reply_problem, unpack_statistics
 
 USER_GRAM_KEY = "user-gram"  # the markets' summed user Gram, for the items they keep (clients.fedals)
 _GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
@@ -51,7 +52,7 @@ class FedALS(FedAvg):
     min_nodes : int
         Markets that must be connected before a round starts.
     private : bool
-        The markets train under DP and reply with private releases (:mod:`common.dp_ials`),
+        The markets train under DP and reply with private releases (:mod:`common.ials.dp`),
         which the server solves with DP-fedals' item step; exact statistics are then refused.
     """
 
@@ -69,7 +70,7 @@ class FedALS(FedAvg):
         self.private = private
         self._rows: dict[int, np.ndarray] = {}  # node id -> its assortment rows, from its last reply
         # Σ_m of the markets' augmented user Grams of the last aggregated round (non-DP): sent back so
-        # that a market can solve the items it keeps to itself (common.ials_private).
+        # that a market can solve the items it keeps to itself (common.ials.private).
         self._user_gram: np.ndarray | None = None
         # The arrays of the current shared state, their non-zero rows (float32) and their Gram:
         # the rows alone, not a second dense copy of a table that can have a million rows.

@@ -1,8 +1,8 @@
 """What a federated run keeps on disk: per-market metrics per round, a checkpoint to resume from and,
-when the training ends, its published shared part (:mod:`common.published`) for markets that join later
+when the training ends, its published shared part (:mod:`common.serving.published`) for markets that join later
 and trainings that continue.
 
-Both files are replaced through :mod:`common.durable`: a uniquely named 0600
+Both files are replaced through :mod:`common.runtime.durable`: a uniquely named 0600
 temporary file, flushed to disk and renamed over the old one, so a crash
 leaves the previous round's file or the new one. Loading checks their
 structure and names the file and what is wrong instead of failing on a
@@ -22,8 +22,8 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.common import log
 
-from common.durable import atomic_torch_save, atomic_write_bytes
-from common.published import PUBLISHED_FILE, PUBLISHED_FORMAT, PUBLISHED_KEYS, PUBLISHED_VERSION
+from common.runtime.durable import atomic_torch_save, atomic_write_bytes
+from common.serving.published import PUBLISHED_FILE, PUBLISHED_FORMAT, PUBLISHED_KEYS, PUBLISHED_VERSION
 
 MARKET_KEY = "market"  # ConfigRecord in each reply naming the market (see clients.client_app)
 HISTORY_FILE = "history.json"

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from common.names import check_name
+from common.runtime.names import check_name
 from server.history import MARKET_KEY
 
 WEIGHT_KEY = "num-examples"  # the aggregation weight; a market out of privacy budget replies with 0

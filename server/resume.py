@@ -10,7 +10,7 @@ changed key with its old and new value.
 from collections.abc import Mapping
 from typing import Any
 
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 from common.methods import METHODS
 
 # Run-config keys a resume must not change. Privacy: the user-level DP-SGD

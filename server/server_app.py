@@ -18,15 +18,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.catalog import Catalog
 from common.config import from_kebab_case
-from common.ials import IALSConfig
-from common.ials_model import initial_encoder_state
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource
+from common.ials.core import IALSConfig
+from common.ials.model import initial_encoder_state
 from common.market_config import MarketConfig, check_als_settings, ials_config, parse_market_epsilons
-from common.markets import MarketSource
 from common.methods import get_method
-from common.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
-from common.published import load_published, published_path
+from common.neural.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
+from common.serving.published import load_published, published_path
 from server.fedals import FedALS
 from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory, check_new_training, summary_lines
 from server.replies import MarketBinding

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.catalog import Catalog
-from common.ials import IALSConfig, ItemFactors, pooled_ials
-from common.ials_model import IALSMarket, evaluate_factors, evaluate_market, interaction_ratings
-from common.markets import MarketSource, load_split, market_seed
-from common.model import ModelConfig, SplitRecommender
-from common.privacy import PrivacyBudget, epsilon_of, release_history, release_noise
-from common.private_train import (
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_split, market_seed
+from common.ials.core import IALSConfig, ItemFactors
+from common.ials.model import IALSMarket, evaluate_factors, evaluate_market, interaction_ratings
+from common.ials.reference import pooled_ials
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.privacy.dp_sgd import (
     dp_generator,
     market_budget,
     popularity_seed,
@@ -40,8 +41,8 @@ from common.private_train import (
     start_private_training,
     train_epochs_private,
 )
-from common.serving import market_user_ids, write_served_model
-from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.privacy.ledger import PrivacyBudget, epsilon_of, release_history, release_noise
+from common.serving.format import market_user_ids, write_served_model
 from simulations.progress import bar, over
 from simulations.results import select_on_validation
 

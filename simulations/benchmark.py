@@ -56,13 +56,13 @@ from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.command import ArgumentParser, add_alias, add_verbose, comma_list, run_command
-from common.ghost_norms import register_norm_samplers
-from common.markets import MarketSource, load_split
+from common.data.markets import MarketSource, load_split
 from common.methods import BASELINES
-from common.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
-from common.private_train import UserSoftmaxLoss, dp_generator, privacy_units
-from common.train import MarketTensors, user_batch_inputs
+from common.neural.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
+from common.neural.train import MarketTensors, user_batch_inputs
+from common.privacy.dp_sgd import UserSoftmaxLoss, dp_generator, privacy_units
+from common.privacy.ghost_norms import register_norm_samplers
+from common.runtime.command import ArgumentParser, add_alias, add_verbose, comma_list, run_command
 from simulations import continue_benchmark, join_benchmark, latency, scale_benchmark, users_sweep
 from simulations import run as harness
 from simulations.attacks import command as attacks
@@ -212,7 +212,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds of a DP-SGD step (Opacus, ghost clipping) against a non-private step.
 
     Same model, same batch, same optimiser. The DP-SGD step is timed twice: with
-    the project's norm samplers (:mod:`common.ghost_norms`) and with
+    the project's norm samplers (:mod:`common.privacy.ghost_norms`) and with
     Opacus's own, as the baseline they replace. The three are timed in
     alternating blocks so that machine noise hits them alike, and the median
     ratios are kept.
@@ -249,7 +249,7 @@ def dp_step(args: argparse.Namespace) -> dict[str, Any]:
             grad_sample_mode="ghost",
             noise_generator=dp_generator(),
         )
-    private_optimizer.secure_mode = True  # as common.private_train draws its noise: four Gaussians per draw
+    private_optimizer.secure_mode = True  # as common.privacy.dp_sgd draws its noise: four Gaussians per draw
     # Opacus looks the norm sampler up on every backward pass, so swapping the
     # registry entry switches the private step between the two implementations.
     norm_samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS

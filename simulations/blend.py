@@ -6,7 +6,7 @@ on its own validation split (:func:`common.blend.choose_blend`):
 
 * fedals' part is the item table fedals published after its last round
   (``OUT/models/fedals/published.pt``), the market's users solved on it as fedals' markets solve
-  them (:mod:`common.ials_model`): on the training interactions for validation, folded in with
+  them (:mod:`common.ials.model`): on the training interactions for validation, folded in with
   the validation interaction for test. It is the last round, not each market's best validation
   round that fedals serves, because the users of that round need the Gram of its whole table,
   which only the published round keeps. Under fedals' minimum-buyers rule (``als-min-buyers``,
@@ -25,15 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common.blend import choose_blend
-from common.catalog import Catalog
-from common.ials import IALSConfig, ItemFactors, solve_users
-from common.ials_model import ITEM_TABLE, HistoryHead, IALSMarket, history_means, ials_recommender, interaction_ratings
-from common.markets import MarketSource, load_split
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_split
+from common.ials.core import IALSConfig, ItemFactors
+from common.ials.model import ITEM_TABLE, HistoryHead, IALSMarket, history_means, ials_recommender, interaction_ratings
+from common.ials.steps import solve_users
 from common.methods import METHODS
-from common.model import SplitRecommender
-from common.published import load_published, published_path
-from common.serving import load_served_model, market_user_ids, write_served_model
+from common.neural.blend import choose_blend
+from common.neural.model import SplitRecommender
+from common.serving.format import market_user_ids, write_served_model
+from common.serving.published import load_published, published_path
+from common.serving.query import load_served_model
 from simulations.baselines import Progress, curve_point
 
 BLEND = "blend"
@@ -51,7 +53,7 @@ def ials_models(
     """fedals' split recommender of ``items`` in ``market`` as of validation and as of test.
 
     The two differ only in their user rows: users solved on the training interactions, and
-    folded in from the training plus the validation interaction (:mod:`common.ials_model`).
+    folded in from the training plus the validation interaction (:mod:`common.ials.model`).
 
     Parameters
     ----------

@@ -47,12 +47,12 @@ from typing import Any
 
 import pandas as pd
 
-from common.catalog import Catalog
-from common.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command
-from common.data import discover_market_files, read_interactions
+from common.data.catalog import Catalog
+from common.data.interactions import discover_market_files, read_interactions
+from common.data.split import split_market
+from common.data.synthetic import SyntheticConfig, generate_markets
 from common.methods import METHODS
-from common.split import split_market
-from common.synthetic import SyntheticConfig, generate_markets
+from common.runtime.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.results import Curve, federated_curves

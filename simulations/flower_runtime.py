@@ -24,9 +24,9 @@ from typing import Any
 
 import tomli_w
 
-from common.command import PortInUseError
-from common.processes import free_port, output_lines, stop_process_tree
-from common.region import SIMULATION_NODE_CONFIG_ENV
+from common.privacy.region import SIMULATION_NODE_CONFIG_ENV
+from common.runtime.command import PortInUseError
+from common.runtime.processes import free_port, output_lines, stop_process_tree
 from xmfl.app import app_dir
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
@@ -50,7 +50,7 @@ class SimulationSuperLink:
         Ray CPUs per ClientApp; 1 lets markets train in parallel on all cores.
     node_config : dict[str, Any], optional
         Every simulated market's node config beyond its partition (its region's own settings,
-        :mod:`common.region`), passed to them through the environment.
+        :mod:`common.privacy.region`), passed to them through the environment.
     """
 
     def __init__(

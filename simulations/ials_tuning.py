@@ -29,23 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common.command import ArgumentParser, run_command
-from common.ials import (
-    IALSConfig,
-    ItemFactors,
-    MarketInteractions,
-    confidence_weights,
-    market_item_statistics,
-    pooled_ials,
-    score_candidates,
-    solve_items,
-    solve_users,
-)
-from common.ials_model import interaction_ratings
-from common.ials_wire import federated_ials, pack_statistics, packed_length, unpack_statistics
-from common.markets import MarketSource
-from common.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
-from common.split import MarketSplit, split_market
+from common.data.markets import MarketSource
+from common.data.metrics import hit_rate_at_k, ndcg_at_k, rank_of_positive
+from common.data.split import MarketSplit, split_market
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, confidence_weights
+from common.ials.model import interaction_ratings
+from common.ials.reference import federated_ials, pooled_ials
+from common.ials.steps import market_item_statistics, score_candidates, solve_items, solve_users
+from common.ials.wire import pack_statistics, packed_length, unpack_statistics
+from common.runtime.command import ArgumentParser, run_command
 
 CHECKPOINTS = (4, 8, 12, 16, 20)  # iteration counts scored on validation within one run
 FEDPER_BYTES = 8368 * 128 * 4  # what fedper sends per market per round on this catalog

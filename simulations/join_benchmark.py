@@ -42,15 +42,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from clients.join import join_market, load_published, subsample_training_users  # noqa: E402
-from common.catalog import Catalog  # noqa: E402
-from common.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command  # noqa: E402
-from common.data import discover_market_files, read_interactions  # noqa: E402
-from common.markets import market_seed  # noqa: E402
+from common.data.catalog import Catalog  # noqa: E402
+from common.data.interactions import discover_market_files, read_interactions  # noqa: E402
+from common.data.markets import market_seed  # noqa: E402
+from common.data.split import MarketSplit, split_market  # noqa: E402
+from common.data.synthetic import SyntheticConfig, write_markets  # noqa: E402
 from common.methods import METHODS  # noqa: E402
-from common.model import ModelConfig, SplitRecommender  # noqa: E402
-from common.split import MarketSplit, split_market  # noqa: E402
-from common.synthetic import SyntheticConfig, write_markets  # noqa: E402
-from common.train import MarketTensors, TrainConfig, evaluate, train_epochs  # noqa: E402
+from common.neural.model import ModelConfig, SplitRecommender  # noqa: E402
+from common.neural.train import MarketTensors, TrainConfig, evaluate, train_epochs  # noqa: E402
+from common.runtime.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command  # noqa: E402
 from simulations import run as harness  # noqa: E402
 
 PUBLISHED = "published.pt"

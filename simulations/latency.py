@@ -24,10 +24,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common.command import add_alias
-from common.data import discover_market_files
-from common.markets import MarketSource
-from common.synthetic import SyntheticConfig, write_markets
+from common.data.interactions import discover_market_files
+from common.data.markets import MarketSource
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.runtime.command import add_alias
 from deploy.loopback import LoopbackFederation
 
 SETTINGS: dict[str, dict[str, Any]] = {

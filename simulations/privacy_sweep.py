@@ -49,8 +49,8 @@ from typing import Any
 
 import pandas as pd
 
-from common.command import ArgumentParser, add_alias, add_verbose, run_command
 from common.methods import METHODS, transfer_variant
+from common.runtime.command import ArgumentParser, add_alias, add_verbose, run_command
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.privacy_plot import plot

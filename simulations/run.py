@@ -28,11 +28,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.command import ArgumentParser, OutOfMemoryError, UserError, add_alias, add_verbose, comma_list, run_command
+from common.data.markets import MarketSource
 from common.market_config import MarketConfig, ials_config, parse_market_epsilons
-from common.markets import MarketSource
 from common.methods import BASELINES, METHODS
-from common.train import TrainConfig
+from common.neural.train import TrainConfig
+from common.runtime.command import (
+    ArgumentParser,
+    OutOfMemoryError,
+    UserError,
+    add_alias,
+    add_verbose,
+    comma_list,
+    run_command,
+)
 from server.server_app import ServerConfig
 from simulations.baselines import (
     BaselineSettings,
@@ -174,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="K",
         help="fedals without DP: the simulated regions' own minimum buyers of an item before its "
         "statistics leave the market (their node config's als-min-buyers; 1 sends every "
-        "item, as pooled iALS needs) (default: the code's, common.ials_private)",
+        "item, as pooled iALS needs) (default: the code's, common.ials.private)",
     )
     parser.add_argument(
         "--market-dp-noise-multiplier",
@@ -510,7 +518,7 @@ def simulation_node_config(args: argparse.Namespace) -> dict[str, Any]:
     experimenter's choice, as results.json's ``dp-noise`` says.
     """
     settings = {"dp-insecure-seeded-noise": bool(args.dp_insecure_seeded_noise), "dp-exact-metrics": True}
-    if getattr(args, "als_min_buyers", None) is not None:  # the regions' own fedals threshold (common.ials_private)
+    if getattr(args, "als_min_buyers", None) is not None:  # the regions' own fedals threshold (common.ials.private)
         settings["als-min-buyers"] = args.als_min_buyers
     return settings
 

@@ -2,7 +2,7 @@
 
     python -m simulations.benchmark scale --synthetic-markets 20 --items 1000000 --methods fedals,fedper --out OUT
 
-The federation is generated (:mod:`common.synthetic`, popularity-drawn candidates when the
+The federation is generated (:mod:`common.data.synthetic`, popularity-drawn candidates when the
 catalog is large) and written as one file per market plus the company catalog of every
 product, sold or not, so that the shared item table has ``--items`` rows while each market
 touches only the products its users bought. Each federated method then runs alone through
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from common.catalog import Catalog
-from common.command import add_alias, add_verbose
-from common.synthetic import SyntheticConfig, item_names, write_markets
+from common.data.catalog import Catalog
+from common.data.synthetic import SyntheticConfig, item_names, write_markets
+from common.runtime.command import add_alias, add_verbose
 from simulations import run as harness
 
 # Above this many catalog items the generator draws candidates instead of scoring every product.

@@ -3,7 +3,7 @@
     python -m simulations.benchmark dp-users --users 1000,10000,100000 --out OUT
 
 For each size in ``--users`` a federation of ``--synthetic-markets`` equal markets with
-that many users each is generated (:mod:`common.synthetic`), shaped like XMarket
+that many users each is generated (:mod:`common.data.synthetic`), shaped like XMarket
 Electronics' median market (``de``: 1,851 users, 2,179 items, 8.99 interactions per user,
 median 8): each market sells ``--items-per-market`` products of one shared catalog and each
 user has ``--interactions-per-user`` on average (5 + Poisson, as the 5-core files have at
@@ -40,19 +40,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.command import ArgumentParser, OptionError, add_verbose, comma_list, run_command  # noqa: E402
-from common.data import discover_market_files, read_interactions  # noqa: E402
+from common.data.interactions import discover_market_files, read_interactions  # noqa: E402
+from common.data.synthetic import SyntheticConfig, write_markets  # noqa: E402
 from common.methods import METHODS  # noqa: E402
-from common.synthetic import SyntheticConfig, write_markets  # noqa: E402
+from common.runtime.command import ArgumentParser, OptionError, add_verbose, comma_list, run_command  # noqa: E402
 from simulations import run as harness  # noqa: E402
 from simulations.progress import bar, say  # noqa: E402
 
-# XMarket Electronics' median market by users (de, 1,851 users of 239 to 4,668), as common.data
+# XMarket Electronics' median market by users (de, 1,851 users of 239 to 4,668), as common.data.interactions
 # reads it (repeated user-item pairs once): 2,179 distinct items, 16,647 interactions, 8.99
 # per user (median 8). median_market_shape() recomputes them from the files.
 MEDIAN_MARKET_ITEMS = 2179
 MEDIAN_MARKET_INTERACTIONS_PER_USER = 9
-# common.synthetic sells the 40% most popular products in every market and each other one with
+# common.data.synthetic sells the 40% most popular products in every market and each other one with
 # probability catalog_share: a market sells 0.4 + 0.6 * catalog_share of the catalog.
 CORE_SHARE = 0.4
 BLOCK_USERS = 10_000  # users whose choices are drawn at once (memory: block x items doubles)

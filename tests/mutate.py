@@ -51,7 +51,7 @@ MUTATIONS = [
     # (a) DP-SGD without noise.
     Mutation(
         "noise off",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "noise_multiplier=ledger.noise_multiplier,",
         "noise_multiplier=0.0,",
         DP_TESTS,
@@ -59,7 +59,7 @@ MUTATIONS = [
     # (b) Noise of the wrong scale: a tenth of what the ledger pays for.
     Mutation(
         "noise wrong",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "noise_multiplier=ledger.noise_multiplier,",
         "noise_multiplier=ledger.noise_multiplier / 10,",
         DP_TESTS,
@@ -67,7 +67,7 @@ MUTATIONS = [
     # (c) No effective clipping.
     Mutation(
         "clipping off",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "max_grad_norm=ledger.budget.max_grad_norm,",
         "max_grad_norm=1e9,",
         DP_TESTS,
@@ -75,7 +75,7 @@ MUTATIONS = [
     # (d) The loader samples at another rate than the ledger records: its batch size...
     Mutation(
         "loader rate differs",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "sample_rate=rate, generator=sampling)",
         "sample_rate=rate * 2, generator=sampling)",
         DP_TESTS,
@@ -83,7 +83,7 @@ MUTATIONS = [
     # ... or the ledger's rate formula differs from Opacus's 1 / ceil(examples / batch).
     Mutation(
         "ledger rate differs",
-        "common/privacy.py",
+        "common/privacy/ledger.py",
         "return 1.0 / ceil(num_examples / batch_size)",
         "return batch_size / num_examples",
         DP_TESTS,
@@ -91,7 +91,7 @@ MUTATIONS = [
     # (e) Fixed-size batches instead of Poisson sampling, which the accounting assumes.
     Mutation(
         "poisson off",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "    loader = DPDataLoader(TensorDataset(torch.arange(data.split.num_users)), sample_rate=rate, "
         "generator=sampling)",
         "    loader = torch.utils.data.DataLoader(TensorDataset(torch.arange(data.split.num_users)), "
@@ -101,14 +101,14 @@ MUTATIONS = [
     # DP-SGD's rate, steps and negatives from what the users bought or how many they are.
     Mutation(
         "dp-sgd rate from the exact count",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "    return data.released_users if data.released_users is not None else data.split.num_users",
         "    return data.split.num_users",
         ["tests/test_private_training.py"],
     ),
     Mutation(
         "dp-sgd negatives from the bought items",
-        "common/train.py",
+        "common/neural/train.py",
         "    rows = data.public_rows\n",
         "    rows = data.market_items\n",
         ["tests/test_private_training.py"],
@@ -128,7 +128,7 @@ MUTATIONS = [
     # The one decision every budget check goes through (the client's round, DP-SGD's epochs).
     Mutation(
         "enforcement removed",
-        "common/privacy.py",
+        "common/privacy/ledger.py",
         "        return self.epsilon_after(steps, rate) <= self.budget.epsilon",
         "        return True  # mutation: every step is affordable",
         ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
@@ -136,7 +136,7 @@ MUTATIONS = [
     # DP-fedals: what a market releases each round and what it reports.
     Mutation(
         "dp-fedals noise off",
-        "common/dp_ials.py",
+        "common/ials/dp.py",
         "    if noise_multiplier > 0:\n        root_k",
         "    if False:\n        root_k",
         DP_FEDALS_TESTS,
@@ -150,14 +150,14 @@ MUTATIONS = [
     ),
     Mutation(
         "dp-fedals per-user bound removed",
-        "common/dp_ials.py",
+        "common/ials/dp.py",
         "weight = np.minimum(1.0, np.sqrt(release.items_per_user / np.maximum(per_user, 1.0)))",
         "weight = np.ones_like(per_user)",
         DP_FEDALS_TESTS,
     ),
     Mutation(
         "dp-fedals pairs not distinct",
-        "common/dp_ials.py",
+        "common/ials/dp.py",
         "pairs = np.unique(users[inside] * max(len(rows), 1) + position[inside])",
         "pairs = users[inside] * max(len(rows), 1) + position[inside]",
         DP_FEDALS_TESTS,
@@ -235,7 +235,7 @@ MUTATIONS = [
     ),
     Mutation(
         "dp-sgd moves the bought rows",
-        "common/private_train.py",
+        "common/privacy/dp_sgd.py",
         "    outside[data.public_rows] = False",
         "    outside[data.market_items] = False",
         ["tests/test_private_training.py"],

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
-from common.markets import MarketSource, load_split
-from common.metrics import ndcg_at_k, rank_of_positive
-from common.serving import ServedModel, load_served_model
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_split
+from common.data.metrics import ndcg_at_k, rank_of_positive
+from common.serving.query import ServedModel, load_served_model
 
 
 def served_test_ndcg(directory: Path, source: MarketSource, market: str, catalog: Catalog) -> tuple[ServedModel, float]:

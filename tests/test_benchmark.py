@@ -11,8 +11,8 @@ import psutil
 import pytest
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 
-from common.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
-from common.model import CatalogEmbedding, PositionwiseLinear
+from common.neural.model import CatalogEmbedding, PositionwiseLinear
+from common.privacy.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
 from simulations import benchmark, scale_benchmark
 from simulations import run as harness_module
 from simulations.run import main as run_harness

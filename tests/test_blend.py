@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from common.blend import BLEND_WEIGHTS, blended_recommender, choose_blend, validation_score_scale
-from common.markets import MarketSource, load_split
-from common.model import ModelConfig, SplitRecommender
-from common.train import MarketTensors, evaluate
+from common.data.markets import MarketSource, load_split
+from common.neural.blend import BLEND_WEIGHTS, blended_recommender, choose_blend, validation_score_scale
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, evaluate
 from simulations import run as harness
 from tests.conftest import server_task_identity
 from tests.in_process import in_process_federated

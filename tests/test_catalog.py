@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.catalog import MAX_OVERFLOW_ROWS, Catalog
+from common.data.catalog import MAX_OVERFLOW_ROWS, Catalog
 
 
 def test_known_items_map_to_their_rows_and_unknown_ones_to_overflow():

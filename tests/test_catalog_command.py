@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 from deploy import catalog as command
 
 XMARKET_HEADER = "userId itemId rate date\n"

@@ -12,10 +12,10 @@ from clients.client_app import app
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, blend_with_own, config_from_context
 from clients.messages import RegionError
 from clients.privacy_state import COUNT_NOISE_MULTIPLIER, RELEASED_USERS, MarketPrivacy
-from common.catalog import Catalog
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource
+from common.data.synthetic import SyntheticConfig, write_markets
 from common.market_config import MarketConfig, parse_market_epsilons
-from common.markets import MarketSource
-from common.synthetic import SyntheticConfig, write_markets
 from server.server_app import ServerConfig, final_evaluate_config, initial_arrays
 from server.server_app import main as server_main
 

@@ -17,10 +17,10 @@ from clients.client_app import app
 from clients.local_model import LOCAL_STATE_KEY
 from clients.messages import DP_REPORTED, RegionError
 from clients.privacy_state import INSECURE_KEY, RELEASED_USERS, MarketPrivacy
-from common.markets import MarketSource, load_split
-from common.privacy import PrivacyBudget, default_delta, sample_rate
-from common.private_train import dp_generator, popularity_seed, private_popularity, release_noise
-from common.train import MarketTensors
+from common.data.markets import MarketSource, load_split
+from common.neural.train import MarketTensors
+from common.privacy.dp_sgd import dp_generator, popularity_seed, private_popularity, release_noise
+from common.privacy.ledger import PrivacyBudget, default_delta, sample_rate
 from server.server_app import ServerConfig, initial_arrays
 
 REPO = Path(__file__).resolve().parents[1]

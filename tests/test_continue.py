@@ -21,11 +21,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.join import PUBLISHED_FILE, load_published
 from clients.local_model import LOCAL_STATE_KEY, build_local_model
-from common.catalog import Catalog
-from common.data import read_interactions
-from common.serving import load_served_model
-from common.split import split_market
-from common.synthetic import SyntheticConfig, write_markets
+from common.data.catalog import Catalog
+from common.data.interactions import read_interactions
+from common.data.split import split_market
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.serving.query import load_served_model
 from server.server_app import ServerConfig, initial_arrays, published_arrays
 from simulations import continue_benchmark
 from simulations import run as harness

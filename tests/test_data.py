@@ -1,4 +1,4 @@
-"""Tests for common.data: reading, validating and de-duplicating market files."""
+"""Tests for common.data.interactions: reading, validating and de-duplicating market files."""
 
 import pickle
 import time
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data import InteractionFileError, discover_market_files, read_interactions
+from common.data.interactions import InteractionFileError, discover_market_files, read_interactions
 
 XMARKET_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "xmarket-electronics"
 

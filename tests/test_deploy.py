@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.catalog import Catalog
-from common.markets import MarketSource, load_file_split
-from common.privacy import steps_per_epoch
-from common.serving import load_served_model
-from common.synthetic import SyntheticConfig, write_markets
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_file_split
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.privacy.ledger import steps_per_epoch
+from common.serving.query import load_served_model
 from deploy.app_keys import PRIVATE_FILE, make_app_keys
 from deploy.keys import holds_private_key
 from deploy.loopback import APP_DIR, LoopbackFederation
@@ -245,7 +245,7 @@ def test_restarting_a_region_gives_up_with_a_clear_error_when_it_is_never_let_in
 
 
 def test_deploy_does_not_import_simulations():
-    # The dependency runs one way: simulations.latency uses deploy.loopback; both use common.processes.
+    # The dependency runs one way: simulations.latency uses deploy.loopback; both use common.runtime.processes.
     imported = set()
     for path in (APP_DIR / "deploy").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

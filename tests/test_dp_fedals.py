@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from clients.client_app import app as client_app
 from clients.privacy_state import COUNT_NOISE_MULTIPLIER, MarketPrivacy
-from common.dp_ials import (
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, confidence_weights, item_regularization
+from common.ials.dp import (
     RELEASE_KEYS,
     ReleaseConfig,
     block_noise_multipliers,
@@ -25,19 +26,11 @@ from common.dp_ials import (
     private_release,
     private_release_problem,
 )
-from common.ials import (
-    IALSConfig,
-    ItemFactors,
-    MarketInteractions,
-    confidence_weights,
-    item_regularization,
-    market_item_statistics,
-    solve_items,
-)
-from common.ials_model import ASSORTMENT_KEY
-from common.serving import load_served_model
-from common.train import RankingMetrics
-from common.transfer import OWN, Candidate, choose, solve_items_toward
+from common.ials.steps import market_item_statistics, solve_items
+from common.ials.transfer import OWN, Candidate, choose, solve_items_toward
+from common.ials.wire import ASSORTMENT_KEY
+from common.neural.train import RankingMetrics
+from common.serving.query import load_served_model
 from server.server_app import main as server_main
 from tests.conftest import server_task_identity
 from tests.in_process import ClientAppGrid

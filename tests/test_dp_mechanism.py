@@ -11,7 +11,7 @@ replacing any part of the mechanism:
   user), ``Z ~ N(0, sigma^2 C^2)`` per coordinate and ``B = rate * users`` the
   expected batch size;
 * the users of each Poisson batch, by wrapping ``user_batch_inputs`` where
-  ``common.private_train`` looks it up;
+  ``common.privacy.dp_sgd`` looks it up;
 * the ledger's ``history`` entries ``(noise_multiplier, sample_rate, steps)``.
 
 Noise and Poisson sampling are not reproducible from a seed (they come from
@@ -29,12 +29,12 @@ import pytest
 import torch
 from scipy import stats
 
-import common.private_train as private_train
-from common.markets import MarketSource, load_split
-from common.model import CatalogEmbedding, ModelConfig, SplitRecommender
-from common.privacy import PrivacyBudget, PrivacyLedger, calibrated_ledger
-from common.private_train import UserSoftmaxLoss, private_steps, train_epochs_private
-from common.train import MarketTensors, TrainConfig, user_batch_inputs
+import common.privacy.dp_sgd as private_train
+from common.data.markets import MarketSource, load_split
+from common.neural.model import CatalogEmbedding, ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, TrainConfig, user_batch_inputs
+from common.privacy.dp_sgd import UserSoftmaxLoss, private_steps, train_epochs_private
+from common.privacy.ledger import PrivacyBudget, PrivacyLedger, calibrated_ledger
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -13,12 +13,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.client_app import app
-from common.ials import IALSConfig, pooled_ials, score_candidates, solve_users
-from common.ials_model import (
-    ASSORTMENT_KEY,
-    INITIAL_ROWS_KEY,
+from common.data.markets import MarketSource, load_split
+from common.data.metrics import ndcg_at_k, rank_of_positive
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.ials.core import IALSConfig
+from common.ials.model import (
     ITEM_TABLE,
-    REPLY_KEYS,
     HistoryHead,
     IALSMarket,
     evaluate_market,
@@ -27,14 +27,13 @@ from common.ials_model import (
     initial_rows,
     interaction_ratings,
 )
-from common.ials_private import DEFAULT_MIN_BUYERS
-from common.ials_wire import STATISTICS_KEYS, check_item_side
+from common.ials.private import DEFAULT_MIN_BUYERS
+from common.ials.reference import pooled_ials
+from common.ials.steps import score_candidates, solve_users
+from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, REPLY_KEYS, STATISTICS_KEYS, check_item_side
 from common.market_config import MarketConfig
-from common.markets import MarketSource, load_split
-from common.metrics import ndcg_at_k, rank_of_positive
-from common.serving import load_served_model
-from common.synthetic import SyntheticConfig, write_markets
-from common.train import evaluate
+from common.neural.train import evaluate
+from common.serving.query import load_served_model
 from server.fedals import FedALS
 from server.history import RunHistory
 from server.resume import check_resumable, run_fingerprint
@@ -255,7 +254,7 @@ def test_a_train_reply_holds_item_side_statistics_and_numbers_only():
     assert list(reply.content.array_records) == ["arrays"]
     payload = {name: array.numpy() for name, array in reply.content["arrays"].items()}
     assert set(payload) == set(REPLY_KEYS)
-    # Only the items the market has at least DEFAULT_MIN_BUYERS buyers of are sent (common.ials_private).
+    # Only the items the market has at least DEFAULT_MIN_BUYERS buyers of are sent (common.ials.private).
     rows, buyers = np.unique(split.train_items, return_counts=True)
     check_item_side({name: payload[name] for name in STATISTICS_KEYS}, rows[buyers >= DEFAULT_MIN_BUYERS], FACTORS)
     np.testing.assert_array_equal(payload[ASSORTMENT_KEY], split.market_items)
@@ -359,7 +358,7 @@ def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
     assert len(refusals) == 1 and "node 2" in refusals[0] and "'m01'" in refusals[0] and reason in refusals[0]
     table = final[ITEM_TABLE].numpy()
     rows, buyers = np.unique(load_split(SOURCE, "m00", catalog).train_items, return_counts=True)
-    sent = rows[buyers >= DEFAULT_MIN_BUYERS]  # the rows m00 has enough buyers of to send (common.ials_private)
+    sent = rows[buyers >= DEFAULT_MIN_BUYERS]  # the rows m00 has enough buyers of to send (common.ials.private)
     np.testing.assert_array_equal(np.flatnonzero(table.any(axis=1)), sent)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [entry["round"] for entry in history["rounds"]] == [0, 1]

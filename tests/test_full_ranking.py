@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from common.markets import MarketSource, load_split
-from common.metrics import hit_rate_at_k, ndcg_at_k
-from common.model import ModelConfig, SplitRecommender
-from common.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.data.markets import MarketSource, load_split
+from common.data.metrics import hit_rate_at_k, ndcg_at_k
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 from simulations.results import (
     FINE_TUNED,
     federated_curves,

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from opacus.grad_sample.embedding import compute_embedding_norm_sample
 from opacus.grad_sample.linear import compute_linear_norm_sample
 
-from common.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
-from common.model import CatalogEmbedding, PositionwiseLinear
+from common.neural.model import CatalogEmbedding, PositionwiseLinear
+from common.privacy.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
 
 
 @settings(max_examples=40, deadline=None)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.command import UserError
+from common.runtime.command import UserError
 from simulations import run as harness
 
 

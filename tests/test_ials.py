@@ -5,20 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.ials import (
-    IALSConfig,
-    ItemFactors,
-    MarketInteractions,
-    _factor_segments,
-    fold_in,
-    initial_item_factors,
-    initial_item_gram,
-    market_item_statistics,
-    pooled_ials,
-    solve_items,
-    solve_users,
-)
-from common.ials_wire import check_item_side, federated_ials, pack_statistics, packed_length, unpack_statistics
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors, initial_item_gram
+from common.ials.kernels import _factor_segments
+from common.ials.reference import federated_ials, pooled_ials
+from common.ials.steps import fold_in, market_item_statistics, solve_items, solve_users
+from common.ials.wire import check_item_side, pack_statistics, packed_length, unpack_statistics
 
 NUM_ITEMS = 30
 

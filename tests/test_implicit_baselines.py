@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.ials_model import ITEM_TABLE
-from common.markets import MarketSource
+from common.data.markets import MarketSource
+from common.ials.model import ITEM_TABLE
 from common.methods import BASELINES, METHODS
-from common.serving import load_served_model
+from common.serving.query import load_served_model
 from simulations import benchmark
 from simulations import run as harness
 from simulations.baselines import IMPLICIT_SETTINGS, implicit_missing

@@ -30,12 +30,12 @@ from clients.join import (
 )
 from clients.local_model import LOCAL_STATE_KEY
 from clients.state_store import MarketState, MarketStateStore
-from common.catalog import Catalog
-from common.data import read_interactions
-from common.serving import load_served_model
-from common.split import split_market
-from common.synthetic import SyntheticConfig, write_markets
-from common.train import MarketTensors, evaluate
+from common.data.catalog import Catalog
+from common.data.interactions import read_interactions
+from common.data.split import split_market
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.neural.train import MarketTensors, evaluate
+from common.serving.query import load_served_model
 from server.history import PUBLISHED_FILE
 from tests.in_process import run_config, serve
 

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.markets import MarketSource, load_split
+from common.data.markets import MarketSource, load_split
 from common.methods import fine_tune, get_method, local_round
-from common.model import ModelConfig, SplitRecommender
-from common.train import MarketTensors, TrainConfig, evaluate
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, TrainConfig, evaluate
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.metrics import full_rank_of_positive, hit_rate_at_k, ndcg_at_k, rank_of_positive
+from common.data.metrics import full_rank_of_positive, hit_rate_at_k, ndcg_at_k, rank_of_positive
 
 
 def test_rank_counts_negatives_scoring_at_least_the_positive():

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.catalog import Catalog
-from common.markets import MarketSource, load_split
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_split
 from common.methods import get_method
-from common.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
-from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
+from common.neural.model import ModelConfig, SplitRecommender, get_arrays, set_arrays, shared_parameter_names
+from common.neural.train import MarketTensors, TrainConfig, evaluate, train_epochs
 
 
 def _model(user_embeddings: bool = True) -> SplitRecommender:

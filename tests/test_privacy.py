@@ -9,7 +9,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from common.privacy import (
+from common.privacy.ledger import (
     PrivacyBudget,
     PrivacyBudgetExceeded,
     PrivacyLedger,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common.markets import MarketSource
+from common.data.markets import MarketSource
 from simulations import privacy_sweep
 from simulations import run as harness
 from tests.in_process import in_process_federated

@@ -13,9 +13,9 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from clients.client_app import app
 from clients.messages import DP_REPORTED
 from clients.privacy_state import COUNT_NOISE_MULTIPLIER, PRIVACY_KEY, RELEASED_USERS
-from common.markets import MarketSource, load_split
-from common.privacy import PrivacyLedger, sample_rate, steps_per_epoch
-from common.train import MarketTensors, user_batch_inputs
+from common.data.markets import MarketSource, load_split
+from common.neural.train import MarketTensors, user_batch_inputs
+from common.privacy.ledger import PrivacyLedger, sample_rate, steps_per_epoch
 from server.server_app import ServerConfig, initial_arrays
 from simulations import run as harness
 

@@ -7,7 +7,7 @@ import time
 import psutil
 import pytest
 
-from common.processes import output_lines, stop_process_tree
+from common.runtime.processes import output_lines, stop_process_tree
 from simulations import flower_runtime
 from simulations.flower_runtime import FlowerRunError, SimulationSuperLink
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.catalog import Catalog
-from common.processes import free_port, stop_process_tree, wait_for_port
-from common.serving import load_served_model
-from common.synthetic import SyntheticConfig, write_markets
+from common.data.catalog import Catalog
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.runtime.processes import free_port, stop_process_tree, wait_for_port
+from common.serving.query import load_served_model
 from deploy.keys import holds_private_key
 from deploy.loopback import APP_DIR
 from tests.run_state import checkpointed_round, rounds_in_history

@@ -5,17 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.ials import (
-    MarketInteractions,
-    initial_item_gram,
-    market_item_statistics,
-    solve_items,
-    solve_users,
-)
-from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, initial_rows
-from common.ials_wire import unpack_statistics
+from common.data.markets import MarketSource, load_split
+from common.ials.core import MarketInteractions, initial_item_gram
+from common.ials.model import initial_rows
+from common.ials.steps import market_item_statistics, solve_items, solve_users
+from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, unpack_statistics
 from common.market_config import MarketConfig
-from common.markets import MarketSource, load_split
 from simulations import run as harness
 from simulations.attacks.hostile import HostileServer
 from simulations.attacks.settings import AttackSettings
@@ -113,7 +108,7 @@ def test_the_sole_buyer_attack_on_a_real_reply_exposes_no_user():
 
 def test_no_reply_of_any_round_holds_an_item_below_the_threshold(tmp_path):
     # Prepare: an honest training of 3 rounds; the attacker keeps every train exchange.
-    from common.ials_private import DEFAULT_MIN_BUYERS
+    from common.ials.private import DEFAULT_MIN_BUYERS
     from simulations.attacks.reconstruction import _train
 
     run_config = _run_config(**{"out-dir": str(tmp_path / "fedals"), "models-dir": str(tmp_path / "models")})
@@ -140,7 +135,7 @@ def test_no_reply_of_any_round_holds_an_item_below_the_threshold(tmp_path):
 
 
 def test_the_run_config_raises_the_threshold_but_never_lowers_it():
-    from common.ials_private import DEFAULT_MIN_BUYERS, min_buyers
+    from common.ials.private import DEFAULT_MIN_BUYERS, min_buyers
 
     assert min_buyers({}, {}, "m00") == DEFAULT_MIN_BUYERS
     assert min_buyers({"als-min-buyers": 1}, {}, "m00") == DEFAULT_MIN_BUYERS
@@ -153,7 +148,7 @@ def test_the_run_config_raises_the_threshold_but_never_lowers_it():
 @pytest.mark.parametrize("value", [0, -3, 2.5, "many", True, [2]])
 @pytest.mark.parametrize("where", ["node", "run"])
 def test_a_bad_threshold_is_refused_in_one_line_naming_the_key(value, where):
-    from common.ials_private import min_buyers
+    from common.ials.private import min_buyers
 
     run, node = ({"als-min-buyers": value}, {}) if where == "run" else ({}, {"als-min-buyers": value})
     with pytest.raises(ValueError) as error:
@@ -165,7 +160,7 @@ def test_a_bad_threshold_is_refused_in_one_line_naming_the_key(value, where):
 
 def test_through_the_real_client_only_the_node_config_lowers_the_threshold():
     # Prepare: the touched items of m01 and their buyers.
-    from common.ials_private import DEFAULT_MIN_BUYERS
+    from common.ials.private import DEFAULT_MIN_BUYERS
 
     rows, buyers = _buyers("m01")
 
@@ -193,7 +188,7 @@ def test_a_bad_node_threshold_refuses_the_round_naming_the_key():
 def test_a_market_solves_its_private_items_as_the_server_would():
     # Prepare: one market's users from the initial factors; the server's solve of all its items
     # from its statistics alone (the federation is this market).
-    from common.ials_private import solve_private_items
+    from common.ials.private import solve_private_items
 
     config, _, train, users = _round_one_users(_run_config())
     statistics = market_item_statistics(train, users, config)

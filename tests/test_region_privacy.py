@@ -16,14 +16,15 @@ from hypothesis import strategies as st
 
 from clients.messages import DP_REPORTED, public_reason
 from clients.privacy_state import COUNT_NOISE_MULTIPLIER, RELEASED_USERS, MarketPrivacy
-from common.catalog import Catalog
-from common.dp_ials import ReleaseConfig, noise_generator, private_release
-from common.ials import MarketInteractions
-from common.ials_model import ASSORTMENT_KEY, INITIAL_ROWS_KEY, initial_rows
+from common.data.catalog import Catalog
+from common.data.split import split_market
+from common.ials.core import MarketInteractions
+from common.ials.dp import ReleaseConfig, noise_generator, private_release
+from common.ials.model import initial_rows
+from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY
 from common.market_config import MarketConfig
-from common.privacy import PrivacyBudgetExceeded
-from common.region import RegionPolicy, public_assortment
-from common.split import split_market
+from common.privacy.ledger import PrivacyBudgetExceeded
+from common.privacy.region import RegionPolicy, public_assortment
 from simulations import benchmark
 from simulations.attacks import counting_oracle, delta_reset
 from simulations.attacks.federation import fedals_run_config, regions

@@ -18,21 +18,17 @@ from flwr.app import Context, RecordDict
 from clients import recommend as recommend_cli
 from clients import score as score_cli
 from clients.served import BEST_FILE_SUFFIX, BEST_INFO_KEY, KEPT_METRICS, remember_if_best, write_best_model
-from common import durable, serving
-from common.catalog import Catalog
-from common.markets import MarketSource, load_split
+from common.data.catalog import Catalog
+from common.data.markets import MarketSource, load_split
+from common.data.metrics import ndcg_at_k, rank_of_positive
 from common.methods import get_method
-from common.metrics import ndcg_at_k, rank_of_positive
-from common.model import ModelConfig, SplitRecommender
-from common.serving import (
-    FORMAT_VERSION,
-    SERVED_FILES,
-    ServedModelError,
-    load_served_model,
-    market_user_ids,
-    write_served_model,
-)
-from common.train import MarketTensors, TrainConfig, evaluate, train_epochs
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, TrainConfig, evaluate, train_epochs
+from common.runtime import durable
+from common.serving import format as serving
+from common.serving import query
+from common.serving.format import FORMAT_VERSION, SERVED_FILES, ServedModelError, market_user_ids, write_served_model
+from common.serving.query import load_served_model
 from server.resume import catalog_digest
 from simulations.baselines import BaselineSettings, run_local, run_pooled
 
@@ -98,7 +94,7 @@ def _test_pairs(data: MarketTensors, catalog: Catalog, user_ids: list[str]) -> p
     )
 
 
-def _served_test_ndcg(served: serving.ServedModel, data: MarketTensors, catalog: Catalog) -> float:
+def _served_test_ndcg(served: query.ServedModel, data: MarketTensors, catalog: Catalog) -> float:
     scores = served.score(_test_pairs(data, catalog, served.user_ids), as_of="test")["score"].to_numpy()
     return ndcg_at_k(rank_of_positive(scores.reshape(len(data.split.test.users), -1)))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.markets import MarketSource
-from common.processes import output_lines, stop_process_tree
-from common.synthetic import SyntheticConfig, write_markets
+from common.data.markets import MarketSource
+from common.data.synthetic import SyntheticConfig, write_markets
+from common.runtime.processes import output_lines, stop_process_tree
 from simulations import run as harness
 from tests.served_check import served_test_ndcg
 

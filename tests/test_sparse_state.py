@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.sparse_state import SPARSE_SUFFIX, compact_state, expand_state
+from common.serving.sparse_state import SPARSE_SUFFIX, compact_state, expand_state
 
 
 @settings(max_examples=40, deadline=None)

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.catalog import Catalog
-from common.split import NUM_NEGATIVES, split_market
+from common.data.catalog import Catalog
+from common.data.split import NUM_NEGATIVES, split_market
 
 
 def _interactions(rows: list[tuple[str, str, str | None]]) -> pd.DataFrame:

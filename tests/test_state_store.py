@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clients.state_store import CorruptStateError, LedgerEntry, LedgerStore, MarketState, MarketStateStore
-from common.privacy import PrivacyBudget, PrivacyLedger
+from common.privacy.ledger import PrivacyBudget, PrivacyLedger
 
 
 def _ledger() -> PrivacyLedger:

@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from common.data import read_interactions
-from common.synthetic import SyntheticConfig, generate_markets, market_names, write_markets
+from common.data.interactions import read_interactions
+from common.data.synthetic import SyntheticConfig, generate_markets, market_names, write_markets
 
 
 def test_generation_is_deterministic_under_a_seed():

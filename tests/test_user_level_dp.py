@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.ghost_norms import register_norm_samplers
-from common.markets import MarketSource, load_split
-from common.model import ModelConfig, SplitRecommender
-from common.private_train import UserSoftmaxLoss, dp_generator, private_popularity
-from common.train import MarketTensors, user_batch_inputs
+from common.data.markets import MarketSource, load_split
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, user_batch_inputs
+from common.privacy.dp_sgd import UserSoftmaxLoss, dp_generator, private_popularity
+from common.privacy.ghost_norms import register_norm_samplers
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

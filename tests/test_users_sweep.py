@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.command import OptionError
-from common.synthetic import SyntheticConfig, generate_markets
+from common.data.synthetic import SyntheticConfig, generate_markets
+from common.runtime.command import OptionError
 from simulations import benchmark, users_sweep
 from simulations import run as harness_module
 from tests.in_process import in_process_federated

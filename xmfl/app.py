@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common.command import ArgumentParser, run_command
+from common.runtime.command import ArgumentParser, run_command
 
 PROJECT = "xmarket-fl"  # [project] name: tells this project's pyproject.toml from any other
 PROJECT_FILE = "pyproject.toml"

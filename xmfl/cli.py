@@ -7,7 +7,7 @@ Each command runs a module exactly as ``python -m <module>`` does (which keeps
 working), with ``xmfl <command>`` as its name in usage and errors. Modules are
 imported only when their command runs, so ``xmfl --help`` is quick. An error the
 user can fix ends in one line, ``error: ...``, and exit status 2
-(:mod:`common.command`); ``--verbose`` adds its traceback.
+(:mod:`common.runtime.command`); ``--verbose`` adds its traceback.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from common.command import ArgumentParser, invoked_as, run_command
+from common.runtime.command import ArgumentParser, invoked_as, run_command
 
 PROG = "xmfl"
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from common.catalog import Catalog
-from common.markets import load_file_split
-from common.region import EXACT_METRICS_KEY
+from common.data.catalog import Catalog
+from common.data.markets import load_file_split
+from common.privacy.region import EXACT_METRICS_KEY
 from simulations.attacks.federation import Regions, fedals_run_config, regions
 from simulations.attacks.hostile import HostileServer, MarketRefused
 from simulations.attacks.settings import AttackSettings

@@ -18,8 +18,9 @@ import numpy as np
 
 from clients.local_model import config_from_context
 from clients.privacy_state import MarketPrivacy
-from common.catalog import Catalog
-from common.ials_model import INITIAL_ROWS_KEY, initial_rows
+from common.data.catalog import Catalog
+from common.ials.model import initial_rows
+from common.ials.wire import INITIAL_ROWS_KEY
 from simulations.attacks.federation import fedals_run_config, regions
 from simulations.attacks.hostile import HostileServer, MarketRefused
 from simulations.attacks.settings import AttackSettings

@@ -2,7 +2,7 @@
 
 Each market gets what its operator would give its SuperNode: its own interaction file, the
 company catalog, a state directory for its lifetime ledger, and its own policy keys
-(:mod:`common.region`). Generated markets are written to files first, so the market reads
+(:mod:`common.privacy.region`). Generated markets are written to files first, so the market reads
 its data the way a deployed region does.
 """
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.data import discover_market_files
-from common.markets import MarketSource
-from common.synthetic import SyntheticConfig, write_markets
+from common.data.interactions import discover_market_files
+from common.data.markets import MarketSource
+from common.data.synthetic import SyntheticConfig, write_markets
 from simulations import run as harness
 from simulations.attacks.hostile import HostileServer
 from simulations.attacks.settings import AttackSettings

@@ -52,11 +52,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
-from common.ials import segment_starts
-from common.ials_model import ASSORTMENT_KEY
-from common.ials_private import DEFAULT_MIN_BUYERS, MIN_BUYERS_KEY
-from common.ials_wire import unpack_statistics
-from common.markets import MarketSource, load_split
+from common.data.markets import MarketSource, load_split
+from common.ials.kernels import segment_starts
+from common.ials.private import DEFAULT_MIN_BUYERS, MIN_BUYERS_KEY
+from common.ials.wire import ASSORTMENT_KEY, unpack_statistics
 from server.server_app import main as server_main
 from simulations import run as harness
 from simulations.attacks.hostile import HostileServer, InProcessGrid

@@ -3,7 +3,7 @@
 A run config once could ask every market to draw its DP noise from the run's seed
 (``dp-insecure-seeded-noise``); whoever wrote the config then knows the seed, the market's
 name and the round, regenerates the noise and subtracts it from the release. The setting is
-now the region's own (its node config, :mod:`common.region`): the attack asks for it through
+now the region's own (its node config, :mod:`common.privacy.region`): the attack asks for it through
 the run config, and against regions whose node config chose it, to show that it works there.
 
 The score is the residual's size relative to the noise: the released sums minus the
@@ -17,12 +17,13 @@ import numpy as np
 
 from clients.local_model import config_from_context
 from clients.privacy_state import MarketPrivacy, region_policy, training_noise_seed
-from common.catalog import Catalog
-from common.dp_ials import ReleaseConfig, block_noise_multipliers, noise_generator, private_release
-from common.ials import solve_users
-from common.ials_model import INITIAL_ROWS_KEY, IALSMarket, initial_rows
-from common.markets import load_file_split
-from common.region import SEEDED_NOISE_KEY, RegionPolicy, public_assortment
+from common.data.catalog import Catalog
+from common.data.markets import load_file_split
+from common.ials.dp import ReleaseConfig, block_noise_multipliers, noise_generator, private_release
+from common.ials.model import IALSMarket, initial_rows
+from common.ials.steps import solve_users
+from common.ials.wire import INITIAL_ROWS_KEY
+from common.privacy.region import SEEDED_NOISE_KEY, RegionPolicy, public_assortment
 from simulations.attacks.federation import fedals_run_config, regions
 from simulations.attacks.hostile import HostileServer, MarketRefused
 from simulations.attacks.settings import AttackSettings

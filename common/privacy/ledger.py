@@ -7,7 +7,7 @@ so the ledger holds the accountant's whole history, restores it every round
 and serialises it with the market's state.
 
 Neighbouring relation: one user of the market with all their interactions
-(user-level DP; see :mod:`common.private_train` for why not one interaction).
+(user-level DP; see :mod:`common.privacy.dp_sgd` for why not one interaction).
 A market's units of privacy, and so its sample rate and default delta, are
 its users.
 """

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import full_rank_of_positive, hit_rate_at_k, ndcg_at_k, rank_of_positive
-from common.model import SplitRecommender
-from common.split import MarketSplit
+from common.data.metrics import full_rank_of_positive, hit_rate_at_k, ndcg_at_k, rank_of_positive
+from common.data.split import MarketSplit
+from common.neural.model import SplitRecommender
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.ials import (
-    IALSConfig,
-    ItemFactors,
-    initial_item_factors_table,
-    solve_items_toward,
-    solve_users,
-)
-from common.ials_model import IALSMarket, evaluate_market
-from common.model import SplitRecommender
-from common.train import RankingMetrics
+from common.ials.core import IALSConfig, ItemFactors, initial_item_factors_table
+from common.ials.model import IALSMarket, evaluate_market
+from common.ials.steps import solve_items_toward, solve_users
+from common.neural.model import SplitRecommender
+from common.neural.train import RankingMetrics
 
 PRIOR_WEIGHTS = (
     1.0,

@@ -1,7 +1,7 @@
 """DP-fedals: what a market releases each round under user-level DP, and the item step the server solves from it.
 
 Without DP a market sends, per item it sells, the exact factor of ``Σ_u z_u z_uᵀ`` over the item's
-buyers (:mod:`common.ials_wire`): an item bought by one user carries that user's factor. Under DP
+buyers (:mod:`common.ials.wire`): an item bought by one user carries that user's factor. Under DP
 (private ALS, Chien et al., ICML 2021, adapted to implicit feedback) a market instead releases
 sums in which one user moves a bounded amount, with Gaussian noise:
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.ials import IALSConfig, ItemFactors, MarketInteractions, item_regularization
-from common.ials_model import ASSORTMENT_KEY, floats_problem, rows_problem
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, item_regularization
+from common.ials.wire import ASSORTMENT_KEY, floats_problem, rows_problem
 
 RELEASE_KEYS = ("sums", "counts", "gram", "interaction-gram")
 _SOLVE_CHUNK = 1024  # items per batched d×d solve: 128 MB of float64 at d = 128

@@ -28,7 +28,7 @@ keep Opacus's own norm samplers.
 import torch
 from torch import nn
 
-from common.model import CatalogEmbedding, PositionwiseLinear
+from common.neural.model import CatalogEmbedding, PositionwiseLinear
 
 
 def embedding_norm_sample(

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from common.config import parse_value
-from common.ials import IALSConfig, ItemFactors, MarketInteractions, _buyer_rows, _solve_segments, item_regularization
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, item_regularization
+from common.ials.kernels import _solve_segments
+from common.ials.steps import _buyer_rows
 
 DEFAULT_MIN_BUYERS = 20  # buyers of an item in a market before its statistics leave the market
 MIN_BUYERS_KEY = "als-min-buyers"  # node config: the region's own threshold; run config: may only raise

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.model import ModelConfig, SplitRecommender
-from common.train import EVAL_CHUNK, MarketTensors, RankingMetrics, evaluate
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import EVAL_CHUNK, MarketTensors, RankingMetrics, evaluate
 
 BLEND_WEIGHTS = tuple(round(1.0 - step / 10, 1) for step in range(11))  # w of model A: 1.0, 0.9, ..., 0.0
 _ENCODE_CHUNK = 65536  # catalog rows encoded at once
@@ -150,7 +150,7 @@ def choose_blend(
     first_valid, first_test : SplitRecommender
         Model A as of validation and as of test. They may differ in their user rows: fedals'
         users are solved on the training interactions for validation and folded in with the
-        validation interaction for test (:mod:`common.ials_model`). Pass one model twice when
+        validation interaction for test (:mod:`common.ials.model`). Pass one model twice when
         it is the same for both.
     second : SplitRecommender
         Model B, the same for validation and test (its user vector comes from the history the

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 from common.methods import get_method
 
 PUBLISHED_FILE = "published.pt"

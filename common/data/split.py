@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 
 NUM_NEGATIVES = 99  # the published XMarket protocol ranks against 99 negatives
 

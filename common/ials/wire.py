@@ -8,24 +8,12 @@ anything user-indexed. :func:`federated_ials` runs the protocol in one process, 
 through this format, and must equal :func:`common.ials.pooled_ials`.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
-from common.ials import (
-    Callback,
-    IALSConfig,
-    IALSResult,
-    ItemFactors,
-    ItemStatistics,
-    MarketInteractions,
-    initial_item_factors_table,
-    initial_item_gram,
-    market_item_statistics,
-    segment_starts,
-    solve_items,
-    solve_users,
-)
+from common.ials.core import ItemFactors, ItemStatistics
+from common.ials.kernels import segment_starts
 
 STATISTICS_KEYS = ("items", "counts", "ranks", "factor", "gram")
 
@@ -173,52 +161,70 @@ def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors,
     )
 
 
-def federated_ials(
-    markets: Sequence[MarketInteractions],
-    num_items: int,
-    config: IALSConfig,
-    callback: Callback | None = None,
-    wire_dtype: str = "float32",
-) -> IALSResult:
-    """The fedals protocol in one process, every message through its wire format.
+ASSORTMENT_KEY = "assortment"  # reply array: the market's sorted assortment rows, what the server sends it next
+INITIAL_ROWS_KEY = "fedals-initial-rows"  # config: no rows sent, draw the seeded initial factors of your assortment
+REPLY_KEYS = (*STATISTICS_KEYS, ASSORTMENT_KEY)
 
-    Round t: the server sends each market its touched rows' factors and the Gram in float32
-    (round 1: the seeded initial rows and the Gram of the whole initial table); the market
-    solves its users and sends :func:`pack_statistics` of its item statistics (factors in
-    ``wire_dtype``); the server unpacks, sums and solves the items. A last download lets the
-    markets solve users on the final items.
 
-    Returns
-    -------
-    IALSResult
-        As :func:`pooled_ials`, plus the bytes each market uploaded and downloaded per round.
+# --- what a market replies ------------------------------------------------------------------------
+
+
+def rows_problem(name: str, rows: np.ndarray, num_items: int) -> str | None:
+    """What is wrong with a reply's catalog rows ``name``, or None: whole numbers, in the catalog, sorted, distinct."""
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        return f"array {name!r} is {rows.dtype} {rows.shape}, not a vector of whole numbers"
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
+        return f"array {name!r} holds rows outside the catalog's {num_items}"
+    if np.any(np.diff(rows) <= 0):
+        return f"array {name!r} is not sorted and distinct"
+    return None
+
+
+def floats_problem(name: str, array: np.ndarray) -> str | None:
+    """What is wrong with a reply's float array ``name``, or None: a float type, finite values."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return f"array {name!r} is {array.dtype}, not float"
+    if not np.isfinite(array).all():
+        return f"array {name!r} holds {int((~np.isfinite(array)).sum())} non-finite values"
+    return None
+
+
+def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -> str | None:
+    """What is wrong with a fedals train reply's arrays, or None.
+
+    A reply holds exactly :data:`REPLY_KEYS`: integer item rows inside the catalog, sorted and
+    distinct, the touched ``items`` among the ``assortment``; shapes consistent with ``dim``
+    and the ranks, and nothing that may carry a user axis (:func:`common.ials_wire.check_item_side`);
+    float, finite values.
+
+    Parameters
+    ----------
+    payload : Mapping[str, np.ndarray]
+        The reply's arrays by name.
+    num_items : int
+        Rows of the item table.
+    dim : int
+        The factor dimension d the server solves with.
     """
-    touched = [np.unique(market.items) for market in markets]
-    items = initial_item_factors_table(np.arange(0), config)
-    gram = initial_item_gram(num_items, config.factors, config.seed, config.init_std)
-    result = IALSResult([], items)
-    for step in range(config.iterations + 1):
-        downloads = [
-            pack_item_factors(initial_item_factors_table(rows, config) if step == 0 else items.subset(rows), gram)
-            for rows in touched
-        ]
-        result.download_bytes.append([payload_bytes(payload) for payload in downloads])
-        users = []
-        for market, payload in zip(markets, downloads, strict=True):
-            market_items, market_gram = unpack_item_factors(payload)
-            users.append(solve_users(market, market_items, market_gram, num_items, config))
-        if step and callback is not None:
-            callback(step, users, items)
-        if step == config.iterations:
-            result.user_factors = users
-            result.item_factors = items
-            return result
-        uploads = [
-            pack_statistics(market_item_statistics(market, x, config), wire_dtype)
-            for market, x in zip(markets, users, strict=True)
-            if len(market.items)
-        ]
-        result.upload_bytes.append([payload_bytes(payload) for payload in uploads])
-        items = solve_items([unpack_statistics(payload) for payload in uploads], config)
-        gram = items.gram()
-    raise AssertionError("unreachable")
+    if set(payload) != set(REPLY_KEYS):
+        missing, extra = sorted(set(REPLY_KEYS) - set(payload)), sorted(set(payload) - set(REPLY_KEYS))
+        return f"its arrays are not fedals' statistics: missing {missing}, unexpected {extra}"
+    for name in ("items", "counts", "ranks", ASSORTMENT_KEY):
+        if payload[name].ndim != 1 or not np.issubdtype(payload[name].dtype, np.integer):
+            return f"array {name!r} is {payload[name].dtype} {payload[name].shape}, not a vector of whole numbers"
+    for name in ("factor", "gram"):
+        if problem := floats_problem(name, payload[name]):
+            return problem
+    assortment, items = payload[ASSORTMENT_KEY], payload["items"]
+    for name, rows in ((ASSORTMENT_KEY, assortment), ("items", items)):
+        if problem := rows_problem(name, rows, num_items):
+            return problem
+    if not np.isin(items, assortment).all():
+        return "it has statistics of items outside the assortment it declares"
+    if payload["gram"].shape != (dim + 1, dim + 1):
+        return f"its Gram is {payload['gram'].shape}, not ({dim + 1}, {dim + 1}) for {dim} factors"
+    try:
+        check_item_side({name: payload[name] for name in STATISTICS_KEYS}, items, dim)
+    except ValueError as error:
+        return str(error)
+    return None

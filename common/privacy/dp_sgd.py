@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.ghost_norms import register_norm_samplers
-from common.markets import market_seed
+from common.data.markets import market_seed
 from common.methods import Method
-from common.model import CatalogEmbedding, SplitRecommender
-from common.privacy import (
+from common.neural.model import CatalogEmbedding, SplitRecommender
+from common.neural.train import MarketTensors, TrainConfig, user_batch_inputs
+from common.privacy.ghost_norms import register_norm_samplers
+from common.privacy.ledger import (
     PrivacyBudget,
     PrivacyBudgetExceeded,
     PrivacyLedger,
@@ -35,7 +36,6 @@ from common.privacy import (
     sample_rate,
     steps_per_epoch,
 )
-from common.train import MarketTensors, TrainConfig, user_batch_inputs
 
 
 def privacy_units(data: MarketTensors) -> int:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.catalog import Catalog
-from common.data import discover_market_files, read_interactions
-from common.split import MarketSplit, split_market
-from common.synthetic import SyntheticConfig, generate_markets
+from common.data.catalog import Catalog
+from common.data.interactions import discover_market_files, read_interactions
+from common.data.split import MarketSplit, split_market
+from common.data.synthetic import SyntheticConfig, generate_markets
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,12 @@ class ModelConfig:
 
 class CatalogEmbedding(nn.Embedding):
     """An embedding over catalog rows; a type of its own so that DP-SGD can give it a
-    faster exact per-example norm (see :mod:`common.ghost_norms`)."""
+    faster exact per-example norm (see :mod:`common.privacy.ghost_norms`)."""
 
 
 class PositionwiseLinear(nn.Linear):
     """A linear layer applied at every item position of an example; a type of its own so
-    that DP-SGD can give it a faster exact per-example norm (see :mod:`common.ghost_norms`)."""
+    that DP-SGD can give it a faster exact per-example norm (see :mod:`common.privacy.ghost_norms`)."""
 
 
 class ItemEncoder(nn.Module):

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from common.catalog import Catalog
 from common.config import parse_bool, parse_value
+from common.data.catalog import Catalog
 
 EPSILON_KEY, DELTA_KEY = "dp-epsilon", "dp-delta"
 SEEDED_NOISE_KEY = "dp-insecure-seeded-noise"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.durable import atomic_write_bytes
+from common.runtime.durable import atomic_write_bytes
 
 
 class ServingInputError(ValueError):

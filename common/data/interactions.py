@@ -25,8 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.command import UserError
-from common.names import check_name
+from common.runtime.command import UserError
+from common.runtime.names import check_name
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -51,7 +51,7 @@ _LATEST = pd.Timestamp.max.tz_localize("UTC")
 
 
 class InteractionFileError(UserError, ValueError):
-    """A market's interaction file cannot be used (a user error: :mod:`common.command`).
+    """A market's interaction file cannot be used (a user error: :mod:`common.runtime.command`).
 
     The message names the file, the line (or row) and the problem, e.g.
     ``de_5core.txt line 7: rating 'abc' is not a number``.

@@ -32,25 +32,21 @@ with :func:`common.ials_wire.pack_statistics` and its assortment's rows (:data:`
 which the server learns what to send it next; :func:`reply_problem` is the server's check of it.
 """
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from common.catalog import Catalog
-from common.ials import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors, solve_users
-from common.ials_wire import STATISTICS_KEYS, check_item_side
-from common.model import ModelConfig, SplitRecommender
-from common.split import MarketSplit
-from common.train import MarketTensors, RankingMetrics, evaluate
+from common.data.catalog import Catalog
+from common.data.split import MarketSplit
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors
+from common.ials.steps import solve_users
+from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.train import MarketTensors, RankingMetrics, evaluate
 
 ITEM_TABLE = "encoder.item_embedding.weight"  # the shared state's item factors Y over the catalog
 TOWER_WEIGHT, TOWER_BIAS = "encoder.tower.weight", "encoder.tower.bias"  # zero: the encoder is the identity on Y
-ASSORTMENT_KEY = "assortment"  # reply array: the market's sorted assortment rows, what the server sends it next
-INITIAL_ROWS_KEY = "fedals-initial-rows"  # config: no rows sent, draw the seeded initial factors of your assortment
-REPLY_KEYS = (*STATISTICS_KEYS, ASSORTMENT_KEY)
 HISTORY_RIDGE = 1e-2  # ridge of the fit of P, relative to the mean eigenvalue of Σ h̄_u h̄_uᵀ
 _INITIAL_CHUNK = 65536  # catalog rows drawn at once for the initial table
 
@@ -286,67 +282,3 @@ def initial_encoder_state(num_items: int, config: IALSConfig) -> dict[str, torch
         rows = np.arange(start, min(start + _INITIAL_CHUNK, num_items))
         table[rows] = initial_rows(rows, config).factors
     return encoder_state(table)
-
-
-# --- what a market replies ------------------------------------------------------------------------
-
-
-def rows_problem(name: str, rows: np.ndarray, num_items: int) -> str | None:
-    """What is wrong with a reply's catalog rows ``name``, or None: whole numbers, in the catalog, sorted, distinct."""
-    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
-        return f"array {name!r} is {rows.dtype} {rows.shape}, not a vector of whole numbers"
-    if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
-        return f"array {name!r} holds rows outside the catalog's {num_items}"
-    if np.any(np.diff(rows) <= 0):
-        return f"array {name!r} is not sorted and distinct"
-    return None
-
-
-def floats_problem(name: str, array: np.ndarray) -> str | None:
-    """What is wrong with a reply's float array ``name``, or None: a float type, finite values."""
-    if not np.issubdtype(array.dtype, np.floating):
-        return f"array {name!r} is {array.dtype}, not float"
-    if not np.isfinite(array).all():
-        return f"array {name!r} holds {int((~np.isfinite(array)).sum())} non-finite values"
-    return None
-
-
-def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -> str | None:
-    """What is wrong with a fedals train reply's arrays, or None.
-
-    A reply holds exactly :data:`REPLY_KEYS`: integer item rows inside the catalog, sorted and
-    distinct, the touched ``items`` among the ``assortment``; shapes consistent with ``dim``
-    and the ranks, and nothing that may carry a user axis (:func:`common.ials_wire.check_item_side`);
-    float, finite values.
-
-    Parameters
-    ----------
-    payload : Mapping[str, np.ndarray]
-        The reply's arrays by name.
-    num_items : int
-        Rows of the item table.
-    dim : int
-        The factor dimension d the server solves with.
-    """
-    if set(payload) != set(REPLY_KEYS):
-        missing, extra = sorted(set(REPLY_KEYS) - set(payload)), sorted(set(payload) - set(REPLY_KEYS))
-        return f"its arrays are not fedals' statistics: missing {missing}, unexpected {extra}"
-    for name in ("items", "counts", "ranks", ASSORTMENT_KEY):
-        if payload[name].ndim != 1 or not np.issubdtype(payload[name].dtype, np.integer):
-            return f"array {name!r} is {payload[name].dtype} {payload[name].shape}, not a vector of whole numbers"
-    for name in ("factor", "gram"):
-        if problem := floats_problem(name, payload[name]):
-            return problem
-    assortment, items = payload[ASSORTMENT_KEY], payload["items"]
-    for name, rows in ((ASSORTMENT_KEY, assortment), ("items", items)):
-        if problem := rows_problem(name, rows, num_items):
-            return problem
-    if not np.isin(items, assortment).all():
-        return "it has statistics of items outside the assortment it declares"
-    if payload["gram"].shape != (dim + 1, dim + 1):
-        return f"its Gram is {payload['gram'].shape}, not ({dim + 1}, {dim + 1}) for {dim} factors"
-    try:
-        check_item_side({name: payload[name] for name in STATISTICS_KEYS}, items, dim)
-    except ValueError as error:
-        return str(error)
-    return None

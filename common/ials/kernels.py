@@ -1,0 +1,203 @@
+"""Implicit alternating least squares (iALS), pooled and federated across markets.
+
+The model scores user ``u`` and item ``i`` with ``x_u · y_i`` and minimises Hu, Koren and
+Volinsky's weighted loss ("Collaborative Filtering for Implicit Feedback Datasets", ICDM 2008)
+with the frequency-scaled regularisation of Rendle, Krichene, Zhang and Koren ("Revisiting the
+Performance of iALS on Item Recommendation Benchmarks", RecSys 2022)::
+
+    L(X, Y) = Σ_(u,i) observed  c_ui (1 − x_u·y_i)²  +  Σ_(u,i) unobserved (x_u·y_i)²
+              + Σ_u λ_u ‖x_u‖²  +  Σ_i λ_i ‖y_i‖²
+
+    c_ui = 1 + α·w_ui          confidence; w_ui = 1 (binary), r_ui (rating) or log(1 + r_ui/ε)
+    λ_u  = λ·(|I_u| + |I|/α)^ν  |I_u| the user's training items, |I| the rows of the item table
+    λ_i  = λ·(|U_i| + |U|/α)^ν  |U_i| the item's buyers (all markets), |U| the users with one
+
+|I| is given by the caller (``num_items``: the catalog's rows, which every party knows); |U|
+counts the users with a training interaction (the markets' augmented Grams carry it).
+
+ν = 0 is plain iALS (implicit's ``AlternatingLeastSquares`` with ``alpha_implicit = 1 + α``
+on binary data, since implicit's confidence is ``alpha·r``). For binary confidence and any ν
+this loss is Rendle et al.'s ``Σ_S (ŷ−1)² + α0 Σ_all ŷ² + λ_R Σ (|I_u| + α0|I|)^ν ‖x_u‖² + …``
+with ``α0 = 1/α`` and ``λ_R = λ/(1 + α)``: divided by ``α0`` theirs is ours with the target
+``α/(1+α)`` instead of 1, which only rescales the factors (and so λ by ``(1+α)/α``).
+
+Each half-step is solved exactly. A user's normal equations are::
+
+    (YᵀY + Σ_(i∈I_u) (c_ui − 1) y_i y_iᵀ + λ_u I) x_u = Σ_(i∈I_u) c_ui y_i
+
+where ``YᵀY`` (the "every unobserved item is a zero with weight 1" term) runs over *all*
+items. A market therefore needs only the rows of the items its users touched plus the global
+Gram ``YᵀY`` (d×d), which the server sends. The item step is the mirror image::
+
+    (XᵀX + Σ_(u∈U_i) (c_ui − 1) x_u x_uᵀ + λ_i I) y_i = Σ_(u∈U_i) c_ui x_u
+
+and every term is a sum over users, so it splits across markets: ``XᵀX = Σ_m X_mᵀX_m``, and
+per item ``A_i = Σ_m A_i^m``, ``b_i = Σ_m b_i^m``. A market sends, for each item it touched,
+one matrix that holds both ``A_i^m`` and ``b_i^m``: with ``z_u = [√(c−1)·x_u, c/√(c−1)]``
+(d + 1 numbers per buyer), ``S_i^m = Σ_u z_u z_uᵀ`` carries ``A_i^m`` in its leading d×d block
+and ``b_i^m`` in its last column. ``S_i^m`` has rank ``r ≤ min(k_i, d + 1)`` for ``k_i``
+buyers, so the market sends its upper-trapezoidal factor ``R`` (r × (d+1), ``RᵀR = S``) packed
+row by row without the zeros below the diagonal: ``r(d+1) − r(r−1)/2`` numbers, which is the
+packed triangle of ``S`` when ``r = d + 1`` and ``k_i·(d+1) − k_i(k_i−1)/2`` when ``k_i ≤ d``.
+``R`` has a non-negative diagonal, which makes it *the* factor of ``S`` whenever its leading
+r×r block is regular (the generic case), so it is a function of the sum alone; otherwise (a
+zero pivot, e.g. two buyers with identical factors) it is recomputed from ``S`` itself. Nothing
+user-indexed leaves a market: item rows, buyer counts, the factors of per-item sums and the
+market's augmented Gram ``Σ_u [x_u, 1][x_u, 1]ᵀ`` (``XᵀX``, ``Σ_u x_u`` and the user count).
+
+Items nobody touched get a zero factor: with no buyer their right-hand side is zero, so zero
+is the exact solution of their least-squares problem. Pooled iALS on the same table does the
+same, and a zero row adds nothing to ``YᵀY``.
+
+Both solves use the eigenbasis of the Gram (``G = QΛQᵀ``) and the push-through identity
+``(D + FᵀF)⁻¹Fᵀt = D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹t`` with ``D = Λ + λ_s``: a row block of ``k < d`` rows
+costs a k×k solve instead of a d×d one, which is exact and keeps a pooled run at seconds.
+"""
+
+import numpy as np
+
+_CHUNK_ELEMENTS = 1 << 22  # padded rows × width per batched solve: 32 MB of float64
+_PIVOT_RTOL = 1e-10  # a pivot this small (relative to the factor's scale) is a zero pivot
+
+
+# --- the exact solver shared by both half-steps ----------------------------------------------
+
+
+def segment_starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each of consecutive segments of ``lengths`` starts in their concatenation."""
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Rows of each segment in a ``(segments, width, ...)`` block, zero-padded at the bottom."""
+    offsets = np.arange(width)
+    valid = offsets[None, :] < lengths[:, None]
+    index = np.where(valid, starts[:, None] + offsets[None, :], 0)
+    block = values[index] if len(values) else np.zeros((*index.shape, *values.shape[1:]))
+    block[~valid] = 0.0
+    return block
+
+
+def _buckets(lengths: np.ndarray, width: int) -> list[tuple[int, np.ndarray]]:
+    """Segments grouped by padded length (powers of two), in chunks of bounded memory."""
+    groups = []
+    nonzero = lengths > 0
+    padded = np.where(nonzero, 1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64), 0)
+    for size in np.unique(padded[nonzero]):
+        members = np.flatnonzero(padded == size)
+        per_chunk = max(1, _CHUNK_ELEMENTS // (int(size) * width))
+        groups.extend((int(size), members[i : i + per_chunk]) for i in range(0, len(members), per_chunk))
+    return groups
+
+
+def _solve_segments(
+    gram: np.ndarray,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    lengths: np.ndarray,
+    regularization: np.ndarray,
+    prior: np.ndarray | None = None,
+) -> np.ndarray:
+    """Solve ``(G + F_sᵀF_s + λ_s I) v_s = F_sᵀ t_s + p_s`` for every segment ``s`` of consecutive rows.
+
+    Parameters
+    ----------
+    gram : np.ndarray
+        ``(d, d)`` the shared PSD Gram ``G``.
+    rows : np.ndarray
+        ``(m, d)`` rows ``F`` (segment after segment).
+    targets : np.ndarray
+        ``(m,)`` targets ``t``.
+    lengths : np.ndarray
+        ``(s,)`` rows per segment.
+    regularization : np.ndarray
+        ``(s,)`` λ per segment.
+    prior : np.ndarray, optional
+        ``(s, d)`` an extra right-hand side ``p`` per segment (default zero): with ``μ`` added
+        to ``λ_s``, ``p_s = μ·y⁰_s`` pulls the solution toward ``y⁰_s`` (:func:`solve_items_toward`).
+
+    Returns
+    -------
+    np.ndarray
+        ``(s, d)`` solutions; ``(G + λ_s I)⁻¹p_s`` (zero without a prior) for empty segments.
+    """
+    dim = gram.shape[0]
+    eigenvalues, basis = np.linalg.eigh(gram)
+    inverse = 1.0 / (np.clip(eigenvalues, 0.0, None)[None, :] + regularization[:, None])  # D⁻¹ per segment
+    rotated = rows @ basis  # F in the eigenbasis, where G + λI is the diagonal D
+    starts = segment_starts(lengths)
+    # q = D⁻¹p: the solution of a segment without rows, and where the push-through starts from.
+    shifted = (
+        np.zeros((len(lengths), dim)) if prior is None else inverse * (np.asarray(prior, dtype=np.float64) @ basis)
+    )
+    solution = shifted.copy()
+    for size, members in _buckets(lengths, dim):
+        block = _padded(rotated, starts[members], lengths[members], size)  # (n, k, d)
+        target = _padded(targets, starts[members], lengths[members], size)  # (n, k)
+        inv = inverse[members]
+        if size < dim:  # push-through: v = q + D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹(t − Fq), a k×k solve; padded rows give I
+            capacitance = (block * inv[:, None, :]) @ block.transpose(0, 2, 1)
+            capacitance[:, np.arange(size), np.arange(size)] += 1.0
+            residual = target - (block @ shifted[members][..., None])[..., 0]
+            weights = np.linalg.solve(capacitance, residual[..., None])[..., 0]
+            solution[members] = shifted[members] + inv * (weights[:, None, :] @ block)[:, 0]
+        else:  # (D + FᵀF) v = Fᵀt + p, a d×d solve
+            matrix = block.transpose(0, 2, 1) @ block
+            matrix[:, np.arange(dim), np.arange(dim)] += 1.0 / inv
+            right = (target[:, None, :] @ block)[:, 0] + shifted[members] / inv
+            solution[members] = np.linalg.solve(matrix, right[..., None])[..., 0]
+    return solution @ basis.T
+
+
+def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A stable order grouping equal ``keys``, the distinct keys and each group's size."""
+    order = np.argsort(keys, kind="stable")
+    distinct, lengths = np.unique(keys[order], return_counts=True)
+    return order, distinct, lengths
+
+
+def _factor_segments(rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment of ``rows``, the upper-trapezoidal ``R`` with ``RᵀR = Σ z zᵀ`` (non-negative diagonal).
+
+    Returns each factor's row count and the factors stacked, ``(Σ ranks, width)``.
+    """
+    width = rows.shape[1]
+    ranks = np.minimum(lengths, width)
+    starts = segment_starts(lengths)
+    pieces, owners = [], []
+    for size, members in _buckets(lengths, width):
+        block = _padded(rows, starts[members], lengths[members], size)
+        # Zero padding rows stay zero under Householder QR, so the first r rows are the factor.
+        triangle = np.linalg.qr(block, mode="r")
+        height = triangle.shape[1]
+        diagonal = np.diagonal(triangle, axis1=1, axis2=2)
+        triangle *= np.where(diagonal < 0, -1.0, 1.0)[:, :, None]
+        scale = np.abs(triangle).max(axis=(1, 2))
+        within = np.arange(height)[None, :] < ranks[members, None]
+        pivots = np.abs(np.diagonal(triangle, axis1=1, axis2=2))
+        for position in np.flatnonzero(np.any(within & (pivots <= _PIVOT_RTOL * scale[:, None]), axis=1)):
+            segment = members[position]
+            summed = rows[starts[segment] : starts[segment] + lengths[segment]]
+            rank, factor = _canonical_factor(summed.T @ summed)
+            ranks[segment] = rank
+            triangle[position] = 0.0
+            triangle[position, :rank] = factor
+        within = np.arange(height)[None, :] < ranks[members, None]
+        pieces.append(triangle[within])
+        owners.append(np.repeat(members, ranks[members]))
+    if not pieces:
+        return ranks, np.zeros((0, width))
+    order = np.argsort(np.concatenate(owners), kind="stable")
+    return ranks, np.concatenate(pieces)[order]
+
+
+def _canonical_factor(summed: np.ndarray) -> tuple[int, np.ndarray]:
+    """An upper-trapezoidal factor computed from the PSD sum alone (for zero-pivot cases)."""
+    eigenvalues, vectors = np.linalg.eigh(summed)
+    keep = eigenvalues > _PIVOT_RTOL * max(eigenvalues.max(initial=0.0), 1e-300)
+    root = np.sqrt(eigenvalues[keep])[:, None] * vectors[:, keep].T
+    triangle = np.linalg.qr(root, mode="r")
+    triangle *= np.where(np.diagonal(triangle) < 0, -1.0, 1.0)[:, None]
+    return int(keep.sum()), triangle

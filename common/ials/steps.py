@@ -1,0 +1,195 @@
+"""iALS's half-steps: the user step a market solves, the item statistics it sends, the item step the server solves.
+
+Every step is exact (the normal equations of :mod:`common.ials.core`'s loss, solved by the
+batched kernels of :mod:`common.ials.kernels`); a market and the server run the same functions.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from common.ials.core import (
+    IALSConfig,
+    ItemFactors,
+    ItemStatistics,
+    MarketInteractions,
+    item_regularization,
+    user_regularization,
+)
+from common.ials.kernels import _factor_segments, _group, _solve_segments
+
+
+def solve_users(
+    market: MarketInteractions, items: ItemFactors, item_gram: np.ndarray, num_items: int, config: IALSConfig
+) -> np.ndarray:
+    """A market's user step: every user's exact factor given the item factors.
+
+    Parameters
+    ----------
+    market : MarketInteractions
+        The market's training interactions.
+    items : ItemFactors
+        Factors of (at least) the items the market's users interacted with.
+    item_gram : np.ndarray
+        ``(d, d)`` ``YᵀY`` over the whole item table, as the server sends it.
+    num_items : int
+        Rows of the item table, |I| of the frequency-scaled regularisation.
+    config : IALSConfig
+        Hyper-parameters.
+
+    Returns
+    -------
+    np.ndarray
+        ``(num_users, d)`` user factors; zero for a user without interactions.
+    """
+    weights = market.weights(config)
+    confidence = 1.0 + config.alpha * weights
+    root = np.sqrt(config.alpha * weights)
+    order, users, lengths = _group(market.users)
+    vectors = items.lookup(market.items[order]) * root[order, None]
+    solved = _solve_segments(
+        np.asarray(item_gram, dtype=np.float64),
+        vectors,
+        confidence[order] / root[order],
+        lengths,
+        user_regularization(lengths, num_items, config),
+    )
+    factors = np.zeros((market.num_users, items.dim))
+    factors[users] = solved
+    return factors
+
+
+def fold_in(
+    history: np.ndarray,
+    items: ItemFactors,
+    item_gram: np.ndarray,
+    num_items: int,
+    config: IALSConfig,
+    ratings: np.ndarray | None = None,
+) -> np.ndarray:
+    """The factor of a user known only by a history of catalog rows (serving unknown users).
+
+    The same solve as :func:`solve_users`; items without a factor count as zero vectors, and
+    an empty history gives the zero factor (every item scores 0).
+    """
+    history = np.asarray(history, dtype=np.int64)
+    market = MarketInteractions(np.zeros(len(history), dtype=np.int64), history, 1, ratings)
+    return solve_users(market, items, item_gram, num_items, config)[0]
+
+
+# --- a market's item statistics ----------------------------------------------------------------
+
+
+def market_item_statistics(market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig) -> ItemStatistics:
+    """What a market sends for the item step: per touched item, the factor of ``S_i^m``.
+
+    Parameters
+    ----------
+    market : MarketInteractions
+        The market's training interactions.
+    user_factors : np.ndarray
+        ``(num_users, d)`` the market's user factors from :func:`solve_users`.
+    config : IALSConfig
+        Hyper-parameters (α and the confidence form).
+
+    Returns
+    -------
+    ItemStatistics
+        Item-indexed sums over the market's users, and the market's augmented Gram.
+    """
+    items, counts, rows = _buyer_rows(market, user_factors, config)
+    ranks, factors = _factor_segments(rows, counts)
+    return ItemStatistics(items, counts, ranks, factors, _augmented_gram(user_factors))
+
+
+def _buyer_rows(
+    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The touched items, their buyer counts and one row ``z_u = [√(c−1)·x_u, c/√(c−1)]`` per
+    interaction, grouped by item."""
+    weights = market.weights(config)
+    root = np.sqrt(config.alpha * weights)
+    scaled = np.asarray(user_factors, dtype=np.float64)[market.users] * root[:, None]
+    rows = np.hstack([scaled, ((1.0 + config.alpha * weights) / root)[:, None]])
+    order, items, counts = _group(market.items)
+    return items, counts, rows[order]
+
+
+def _augmented_gram(user_factors: np.ndarray) -> np.ndarray:
+    """``Σ_u [x_u, 1][x_u, 1]ᵀ`` over users with a factor: ``XᵀX``, ``Σ_u x_u`` and their count."""
+    factors = np.asarray(user_factors, dtype=np.float64)
+    factors = factors[np.any(factors != 0.0, axis=1)]  # a user without interactions has none
+    with_one = np.hstack([factors, np.ones((len(factors), 1))])
+    return with_one.T @ with_one
+
+
+def solve_items_toward(
+    market: MarketInteractions, user_factors: np.ndarray, prior: ItemFactors, prior_weight: float, config: IALSConfig
+) -> ItemFactors:
+    """One market's exact item step over ``prior.rows``, pulled toward ``prior`` with weight μ ≥ 0.
+
+    ``(XᵀX + A_i + (λ_i + μ)I) y_i = b_i + μ y⁰_i`` with ``A_i = Σ_{u∈U_i}(c_ui−1)x_u x_uᵀ``,
+    ``b_i = Σ_{u∈U_i} c_ui x_u`` and ``λ_i`` from the market's users alone (its interactions must
+    lie in ``prior.rows``); rows no user bought shrink toward ``y⁰_i``. The private transfer's
+    local refit (:mod:`common.ials.transfer`); μ = 0 is the plain local iALS item step.
+    """
+    if prior_weight < 0:
+        raise ValueError(f"The prior's weight must be non-negative, got {prior_weight}.")
+    dim = prior.dim
+    items, counts, rows = _buyer_rows(market, user_factors, config)
+    if len(items) and not np.isin(items, prior.rows).all():
+        raise ValueError("The market has interactions on items outside the rows to solve.")
+    lengths = np.zeros(len(prior.rows), dtype=np.int64)
+    lengths[np.searchsorted(prior.rows, items)] = counts
+    gram = _augmented_gram(user_factors)
+    regularization = item_regularization(lengths, int(round(gram[dim, dim])), config) + prior_weight
+    factors = _solve_segments(
+        gram[:dim, :dim], rows[:, :dim], rows[:, dim], lengths, regularization, prior=prior_weight * prior.factors
+    )
+    return ItemFactors(prior.rows, factors)
+
+
+# --- the server's item step ----------------------------------------------------------------------
+
+
+def solve_items(statistics: Sequence[ItemStatistics], config: IALSConfig) -> ItemFactors:
+    """The server's item step: sum the markets' statistics and solve each touched item exactly.
+
+    ``(Σ_m XᵀX_m + Σ_m A_i^m + λ_i I) y_i = Σ_m b_i^m``, with the per-item sums formed from
+    the stacked factors. Items no market touched are not returned: their factor is zero.
+
+    Parameters
+    ----------
+    statistics : Sequence[ItemStatistics]
+        One per market (any order; markets without interactions may be left out).
+    config : IALSConfig
+        Hyper-parameters (λ, ν, α).
+
+    Returns
+    -------
+    ItemFactors
+        Factors of every item some market touched.
+    """
+    if not statistics:
+        raise ValueError("The item step needs the statistics of at least one market.")
+    dim = statistics[0].dim
+    if any(part.dim != dim for part in statistics):
+        raise ValueError(f"Markets sent statistics of different dimensions: {sorted({p.dim for p in statistics})}.")
+    gram = sum(part.gram for part in statistics)
+    row_items = np.concatenate([np.repeat(part.items, part.ranks) for part in statistics])
+    rows = np.concatenate([part.rows for part in statistics])
+    order, items, lengths = _group(row_items)
+    buyers = np.zeros(len(items))
+    for part in statistics:
+        buyers[np.searchsorted(items, part.items)] += part.counts
+    rows = rows[order]
+    regularization = item_regularization(buyers, int(round(gram[dim, dim])), config)
+    factors = _solve_segments(gram[:dim, :dim], rows[:, :dim], rows[:, dim], lengths, regularization)
+    return ItemFactors(items, factors)
+
+
+def score_candidates(
+    user_factors: np.ndarray, items: ItemFactors, users: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    """``x_u · y_i`` for each evaluated user's candidate rows: ``(n, candidates)``."""
+    return np.einsum("nd,ncd->nc", user_factors[users], items.lookup(candidates))

@@ -1,0 +1,3 @@
+"""What the commands need around the maths: durable writes, processes, names, errors a user fixes."""
+
+__all__ = ["command", "durable", "names", "processes"]

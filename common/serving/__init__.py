@@ -1,0 +1,9 @@
+"""What a region serves: the served-model format on disk, the query object, published shared parts, tables.
+
+:mod:`~common.serving.format` writes a served-model directory; :mod:`~common.serving.query`
+loads it and answers recommendations and scores; :mod:`~common.serving.published` is the
+shared part a training publishes; :mod:`~common.serving.sparse_state` stores mostly-zero tables
+by their rows; :mod:`~common.serving.tables` reads and writes the tables the commands exchange.
+"""
+
+__all__ = ["format", "published", "query", "sparse_state", "tables"]
