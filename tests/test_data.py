@@ -515,15 +515,25 @@ def test_real_xmarket_triplicate_keeps_latest_date():
 
 @pytest.mark.skipif(not XMARKET_DIR.is_dir(), reason=f"XMarket data absent at {XMARKET_DIR}")
 def test_real_xmarket_largest_market_loads_quickly():
-    # Prepare
+    # Prepare: the reference is pandas reading the same file with no checks, timed in the same run
+    # (a ratio, not seconds: a busy machine slows both).
     path = XMARKET_DIR / "ca_5core.txt"
     read_interactions(path)  # warm up imports and caches
 
-    # Execute
-    start = time.perf_counter()
-    frame = read_interactions(path)
-    seconds = time.perf_counter() - start
+    def best_of_three(read) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - start)
+        return min(times)
 
-    # Assert
+    # Execute
+    frame = read_interactions(path)
+    ours = best_of_three(lambda: read_interactions(path))
+    plain = best_of_three(lambda: pd.read_csv(path, sep=r"\s+", dtype=str))
+
+    # Assert: validation and de-duplication cost a few plain reads (measured 4-5x on a busy 2-core machine;
+    # a per-row Python loop would be ~100x).
     assert len(frame) == 43891
-    assert seconds < 1  # measured ~0.05 s
+    assert ours < 10 * plain, f"read_interactions took {ours:.3f} s, a plain read {plain:.3f} s"
