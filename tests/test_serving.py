@@ -561,7 +561,7 @@ def test_baselines_write_each_markets_model_at_its_best_validation_round(tmp_pat
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="the XMarket sample is not at ../shared/data")
-def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_take_under_10_s(tmp_path):
+def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_cost_a_few_starts_of_the_command(tmp_path):
     source = MarketSource(str(REAL_DATA), 6, 0)
     catalog = source.catalog()
     split = load_split(source, "ca", catalog)
@@ -582,6 +582,10 @@ def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_take_unde
         tmp_path / "pairs.tsv", sep="\t", index=False
     )
 
+    # The reference, timed in the same run: the same command only starting (imports, parsing) and exiting.
+    started = time.perf_counter()
+    _cli("clients.recommend", "--help")
+    start_seconds = time.perf_counter() - started
     started = time.perf_counter()
     recommended = _cli("clients.recommend", "--model", str(tmp_path / "ca"), "--all", "--out", str(tmp_path / "r.tsv"))
     recommend_seconds = time.perf_counter() - started
@@ -599,11 +603,12 @@ def test_recommend_all_and_score_100k_pairs_on_the_largest_real_market_take_unde
 
     print(
         f"ca: recommend --all {recommend_seconds:.2f} s ({recommended.stdout.strip()}); "
-        f"score 100k pairs {score_seconds:.2f} s ({scored.stdout.strip()})"
+        f"score 100k pairs {score_seconds:.2f} s ({scored.stdout.strip()}); a bare start {start_seconds:.2f} s"
     )
     assert recommended.returncode == 0 and scored.returncode == 0, recommended.stderr + scored.stderr
     assert f"{split.num_users} users, of which 0 unknown" in recommended.stdout
-    assert recommend_seconds < 10 and score_seconds < 10
+    # Serving a whole market or 100k pairs costs a few starts of the command, not minutes.
+    assert recommend_seconds < 5 * start_seconds and score_seconds < 5 * start_seconds
 
 
 def _region_context(state_dir: Path) -> Context:
