@@ -9,7 +9,8 @@ its markets send item-side statistics summed over their users instead.
 """
 
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -17,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients import fedals
 from clients.local_model import LOCAL_STATE_KEY, OWN_ARRAYS_KEY, build_local_model, persist
-from clients.messages import RECEIVED_PREFIX, Disclosure, errors_stay_in_region, evaluation_metrics, reply
+from clients.messages import Disclosure, errors_stay_in_region, evaluation_metrics, reply
 from clients.privacy_state import (
     MarketPrivacy,
     insecure_marker,
@@ -28,15 +29,38 @@ from clients.privacy_state import (
     round_ledger,
     training_noise_seed,
 )
-from clients.served import FINAL_KEY, remember_if_best, write_best_model
+from clients.served import remember_if_best, write_best_model
 from common.config import parse_bool
 from common.data.markets import market_seed
-from common.market_config import MarketConfig
 from common.methods import FineTuned, fine_tune, get_method, local_round
 from common.neural.model import SplitRecommender, get_arrays
 from common.neural.train import MarketTensors, TrainConfig, evaluate
 from common.privacy.dp_sgd import private_round, train_epochs_private
 from common.privacy.ledger import PrivacyBudgetExceeded
+from common.protocol import (
+    BATCH_SIZE_KEY,
+    CONFIG_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATION_METRICS,
+    FINAL_ROUND_KEY,
+    FINE_TUNE_EPOCHS_KEY,
+    FINE_TUNE_PREFIX,
+    HEAD_EPOCHS_KEY,
+    LEARNING_RATE_KEY,
+    LOCAL_EPOCHS_KEY,
+    NEGATIVES_KEY,
+    NUM_EXAMPLES_KEY,
+    RECEIVED_PREFIX,
+    SCORE_PENALTY_KEY,
+    SERVER_ROUND_KEY,
+    TRAIN_LOSS_KEY,
+    TRAIN_SECONDS_KEY,
+    TRAINED_KEY,
+    TRAINING_ID_KEY,
+    VAL_HR_KEY,
+    VAL_NDCG_KEY,
+)
+from common.run_config import RunConfig
 
 app = ClientApp()
 
@@ -44,16 +68,16 @@ app = ClientApp()
 def train_config_from(record: ConfigRecord) -> TrainConfig:
     """The round's local training settings as the server sent them."""
     return TrainConfig(
-        epochs=int(record["local-epochs"]),
-        head_epochs=int(record["head-epochs"]),
-        batch_size=int(record["batch-size"]),
-        learning_rate=float(record["learning-rate"]),
-        negatives=int(record["negatives"]),
-        score_penalty=float(record["score-penalty"]),
+        epochs=int(record[LOCAL_EPOCHS_KEY]),
+        head_epochs=int(record[HEAD_EPOCHS_KEY]),
+        batch_size=int(record[BATCH_SIZE_KEY]),
+        learning_rate=float(record[LEARNING_RATE_KEY]),
+        negatives=int(record[NEGATIVES_KEY]),
+        score_penalty=float(record[SCORE_PENALTY_KEY]),
     )
 
 
-def local_train_config(record: ConfigRecord, config: MarketConfig) -> TrainConfig:
+def local_train_config(record: ConfigRecord, config: RunConfig) -> TrainConfig:
     """The server's settings for the round, with DP-SGD's own batch size and step size under DP."""
     train = train_config_from(record)
     if config.dp_epsilon > 0:
@@ -70,7 +94,7 @@ def local_train_config(record: ConfigRecord, config: MarketConfig) -> TrainConfi
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the shared arrays and metrics only."""
     with errors_stay_in_region("training", _deployed_market(context)):
-        return fedals.train(msg, context) if _solved_by_als(context) else _train(msg, context)
+        return _family(context).train(msg, context)
 
 
 @app.evaluate()
@@ -82,7 +106,7 @@ def evaluate_market(msg: Message, context: Context) -> Message:
     the fork's metrics at its best epoch on validation.
     """
     with errors_stay_in_region("evaluation", _deployed_market(context)):
-        return fedals.evaluate(msg, context) if _solved_by_als(context) else _evaluate(msg, context)
+        return _family(context).evaluate(msg, context)
 
 
 def _deployed_market(context: Context) -> str | None:
@@ -91,24 +115,33 @@ def _deployed_market(context: Context) -> str | None:
     return str(market) if market is not None else None
 
 
-def _solved_by_als(context: Context) -> bool:
-    return get_method(str(context.run_config["method"])).solver == "als"
+@dataclass(frozen=True)
+class ClientFamily:
+    """A market's handlers of one method family (:mod:`common.methods`); the server's side is ``server.families``."""
+
+    train: Callable[[Message, Context], Message]  # one round of local work; the reply to send
+    evaluate: Callable[[Message, Context], Message]  # metrics of the received model; the reply to send
+
+
+def _family(context: Context) -> ClientFamily:
+    """The handlers of the run's method, chosen once per message by its family."""
+    return CLIENT_FAMILIES[get_method(str(context.run_config["method"])).family]
 
 
 def _train(msg: Message, context: Context) -> Message:
     model, data, config, shared, _ = build_local_model(msg, context)
-    round_config = msg.content["config"]
+    round_config = msg.content[CONFIG_RECORD]
     market = data.split.market
     policy = region_policy(context, market)
-    server_round = int(round_config["server-round"])
-    training_id = str(round_config.get("training-id", ""))
+    server_round = int(round_config[SERVER_ROUND_KEY])
+    training_id = str(round_config.get(TRAINING_ID_KEY, ""))
     seed = market_seed(market, config.seed) + 1000 * server_round
     method = get_method(config.method)
     train_config = local_train_config(round_config, config)
     privacy = MarketPrivacy(context, market)
     examples = data.split.num_train
     metrics: dict[str, Any] = {}
-    if parse_bool("evaluate-received", round_config.get("evaluate-received", False)):
+    if parse_bool(EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)):
         # The previous round's evaluation, folded into this message: the
         # received encoder with the head as the previous round left it.
         received = _evaluation_metrics(model, data, privacy.spent(config))
@@ -158,12 +191,12 @@ def _train(msg: Message, context: Context) -> Message:
     valid = evaluate(model, data, full=False)  # the server reads only the sampled metrics of a training reply
     metrics.update(
         {
-            "num-examples": examples,
-            "trained": int(examples > 0),
-            "train-loss": loss,
-            "train-seconds": train_seconds,
-            "val-ndcg": valid.ndcg,
-            "val-hr": valid.hit_rate,
+            NUM_EXAMPLES_KEY: examples,
+            TRAINED_KEY: int(examples > 0),
+            TRAIN_LOSS_KEY: loss,
+            TRAIN_SECONDS_KEY: train_seconds,
+            VAL_NDCG_KEY: valid.ndcg,
+            VAL_HR_KEY: valid.hit_rate,
         }
     )
     return reply(msg, market, metrics, ArrayRecord(sent), disclosure=Disclosure.of(config, policy))
@@ -174,13 +207,13 @@ def _evaluate(msg: Message, context: Context) -> Message:
     market = data.split.market
     privacy = MarketPrivacy(context, market)
     metrics = _evaluation_metrics(model, data, privacy.spent(config))
-    round_config = msg.content["config"]
-    server_round = int(round_config.get("server-round", 0))
-    remember_if_best(context, model, market, server_round, metrics, str(round_config.get("training-id", "")))
+    round_config = msg.content[CONFIG_RECORD]
+    server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
+    remember_if_best(context, model, market, server_round, metrics, str(round_config.get(TRAINING_ID_KEY, "")))
     fork = None
     # The fork is fedper-ft's alone, and never longer than the run's fine-tune-epochs, for which
     # the budget was calibrated: the server's message cannot make a market spend more.
-    epochs = min(int(round_config.get("fine-tune-epochs", 0)), config.fine_tune_epochs)
+    epochs = min(int(round_config.get(FINE_TUNE_EPOCHS_KEY, 0)), config.fine_tune_epochs)
     if get_method(config.method).fine_tune and epochs > 0:
         tuned_metrics, tuned = _fine_tune(msg, context, model, data, config, privacy, epochs)
         metrics.update(tuned_metrics)
@@ -188,13 +221,13 @@ def _evaluate(msg: Message, context: Context) -> Message:
             "state": tuned.state or model.state_dict(),
             "round": server_round,
             "metrics": {
-                key.removeprefix("ft-"): value
+                key.removeprefix(FINE_TUNE_PREFIX): value
                 for key, value in tuned_metrics.items()
-                if key.startswith(("ft-val", "ft-test"))
+                if key.removeprefix(FINE_TUNE_PREFIX) in EVALUATION_METRICS
             },
             "spent": privacy.spent(config),
         }
-    if parse_bool(FINAL_KEY, round_config.get(FINAL_KEY, False)):
+    if parse_bool(FINAL_ROUND_KEY, round_config.get(FINAL_ROUND_KEY, False)):
         write_best_model(context, model, data, catalog, get_method(config.method), fork)
     weight = released_weight(privacy) if config.dp_epsilon > 0 else None
     return reply(msg, market, metrics, disclosure=Disclosure.of(config, region_policy(context, market), weight))
@@ -205,20 +238,20 @@ def _fine_tune(
     context: Context,
     model: SplitRecommender,
     data: MarketTensors,
-    config: MarketConfig,
+    config: RunConfig,
     privacy: MarketPrivacy,
     epochs: int,
 ) -> tuple[dict[str, Any], FineTuned]:
     """fedper-ft's private fork, trained for ``epochs`` after the last round; its metrics and itself at the best
     validation epoch. Under DP an epoch the budget cannot pay for is not trained."""
-    round_config = msg.content["config"]
+    round_config = msg.content[CONFIG_RECORD]
     market = data.split.market
     seed = market_seed(market, config.seed) + 999_999
     train_config = local_train_config(round_config, config)
     if config.dp_epsilon <= 0:
         tuned = fine_tune(model, data, train_config, epochs, seed)
         return _fine_tune_metrics(tuned), tuned
-    training_id = str(round_config.get("training-id", ""))
+    training_id = str(round_config.get(TRAINING_ID_KEY, ""))
     policy = region_policy(context, market)
     noise_seed = training_noise_seed(policy, config, market, 999_999)
     with privacy.hold():
@@ -243,24 +276,23 @@ def _fine_tune(
 
         tuned = fine_tune(model, data, train_config, epochs, seed, train_epoch)
         privacy.save(entry)
-    persist(context, market, training_id, int(round_config.get("server-round", 0)), private=True)
+    persist(context, market, training_id, int(round_config.get(SERVER_ROUND_KEY, 0)), private=True)
     return _fine_tune_metrics(tuned) | entry.ledger.spent() | insecure_marker(policy, market), tuned
 
 
 def _fine_tune_metrics(tuned: FineTuned) -> dict[str, Any]:
-    return {
-        "ft-epochs": tuned.epochs,
-        "ft-val-ndcg": tuned.valid.ndcg,
-        "ft-val-hr": tuned.valid.hit_rate,
-        "ft-val-full-ndcg": tuned.valid.full_ndcg,
-        "ft-val-full-recall": tuned.valid.full_recall,
-        "ft-test-ndcg": tuned.test.ndcg,
-        "ft-test-hr": tuned.test.hit_rate,
-        "ft-test-full-ndcg": tuned.test.full_ndcg,
-        "ft-test-full-recall": tuned.test.full_recall,
-    }
+    """The fork's reply metrics: its epochs and its evaluation at the best one, each under ``ft-``."""
+    metrics = {"epochs": tuned.epochs} | evaluation_metrics(tuned.valid, tuned.test)
+    del metrics[NUM_EXAMPLES_KEY]  # the reply carries the evaluation's count already
+    return {FINE_TUNE_PREFIX + key: value for key, value in metrics.items()}
 
 
 def _evaluation_metrics(model: SplitRecommender, data: MarketTensors, privacy: dict[str, float]) -> dict[str, Any]:
     """Validation and test metrics of the model as it stands, with the privacy spent under DP."""
     return privacy | evaluation_metrics(evaluate(model, data), evaluate(model, data, on_test=True))
+
+
+CLIENT_FAMILIES: dict[str, ClientFamily] = {
+    "sgd": ClientFamily(train=_train, evaluate=_evaluate),
+    "als": ClientFamily(train=fedals.train, evaluate=fedals.evaluate),
+}

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from clients.local_model import config_from_context, resolve_market
-from clients.messages import RECEIVED_PREFIX, Disclosure, evaluation_metrics, reply
+from clients.messages import Disclosure, evaluation_metrics, reply
 from clients.privacy_state import (
     MarketPrivacy,
     insecure_marker,
@@ -41,7 +41,7 @@ from clients.privacy_state import (
     released_weight,
     training_noise_seed,
 )
-from clients.served import FINAL_KEY, KEPT_METRICS, remember_if_best, write_best_model
+from clients.served import remember_if_best, write_best_model
 from common.config import parse_bool
 from common.data.catalog import Catalog
 from common.data.interactions import read_interactions
@@ -54,14 +54,27 @@ from common.ials.private import merged, min_buyers, restricted, shared_items, so
 from common.ials.steps import market_item_statistics, solve_users
 from common.ials.transfer import candidates, choose
 from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, check_item_side, pack_statistics, unpack_item_factors
-from common.market_config import MarketConfig
 from common.methods import get_method
 from common.neural.model import SplitRecommender
 from common.privacy.ledger import PrivacyBudgetExceeded
 from common.privacy.region import RegionPolicy, public_assortment
+from common.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATION_METRICS,
+    FINAL_ROUND_KEY,
+    NUM_EXAMPLES_KEY,
+    RECEIVED_PREFIX,
+    SERVER_ROUND_KEY,
+    TRAIN_SECONDS_KEY,
+    TRAINED_KEY,
+    TRAINING_ID_KEY,
+    TRANSFER_PREFIX,
+    USER_GRAM_KEY,
+)
+from common.run_config import RunConfig
 
-TRANSFER_PREFIX = "pt-"  # evaluate reply metrics of fedals-pt's served fit (as fedper-ft's "ft-")
-USER_GRAM_KEY = "user-gram"  # message array: the federation's augmented user Gram of the last aggregated round
 PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user factors, for its private item step
 
 _markets: dict[tuple[str, int, str], IALSMarket] = {}
@@ -71,8 +84,8 @@ def train(msg: Message, context: Context) -> Message:
     """One ALS iteration's market side: the user step, and the item statistics it yields for the server."""
     market, catalog, config = _market(context)
     ials = config.ials_config()
-    round_config = msg.content["config"]
-    server_round = int(round_config["server-round"])
+    round_config = msg.content[CONFIG_RECORD]
+    server_round = int(round_config[SERVER_ROUND_KEY])
     split = market.split
     items, gram = _received(msg, market, catalog, ials)
     started = time.perf_counter()
@@ -81,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         minimum = min_buyers(context.run_config, node_settings(context), split.market)
         items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
     users = solve_users(market.train, items, gram, catalog.size, ials)
-    training_id = str(round_config.get("training-id", ""))
+    training_id = str(round_config.get(TRAINING_ID_KEY, ""))
     policy = region_policy(context, split.market)
     metrics: dict[str, Any]
     if config.dp_epsilon > 0:
@@ -96,9 +109,9 @@ def train(msg: Message, context: Context) -> Message:
         statistics = pack_statistics(market_item_statistics(shared, users, ials), config.als_wire)
         check_item_side(statistics, shared.items, ials.factors)
         _remember_users(context, users, server_round)
-        metrics = {"num-examples": split.num_train, "trained": int(split.num_train > 0)}
-    metrics["train-seconds"] = time.perf_counter() - started
-    if parse_bool("evaluate-received", round_config.get("evaluate-received", False)):
+        metrics = {NUM_EXAMPLES_KEY: split.num_train, TRAINED_KEY: int(split.num_train > 0)}
+    metrics[TRAIN_SECONDS_KEY] = time.perf_counter() - started
+    if parse_bool(EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)):
         # The previous round's item factors, evaluated with the users this round solved on them.
         received = _evaluate(context, market, catalog, config, items, gram, server_round - 1, training_id, users)[0]
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
@@ -116,16 +129,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Validation and test metrics of the received item factors; at the final round, the served model."""
     market, catalog, config = _market(context)
     ials = config.ials_config()
-    round_config = msg.content["config"]
+    round_config = msg.content[CONFIG_RECORD]
     items, gram = _received(msg, market, catalog, ials)
     if config.dp_epsilon == 0:
         minimum = min_buyers(context.run_config, node_settings(context), market.split.market)
         items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
-    server_round = int(round_config.get("server-round", 0))
+    server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
     metrics, model = _evaluate(
-        context, market, catalog, config, items, gram, server_round, str(round_config.get("training-id", ""))
+        context, market, catalog, config, items, gram, server_round, str(round_config.get(TRAINING_ID_KEY, ""))
     )
-    if parse_bool(FINAL_KEY, round_config.get(FINAL_KEY, False)):
+    if parse_bool(FINAL_ROUND_KEY, round_config.get(FINAL_ROUND_KEY, False)):
         method = get_method(config.method)
         fit = None
         if method.transfer:
@@ -140,7 +153,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _private_release(
     context: Context,
     market: IALSMarket,
-    config: MarketConfig,
+    config: RunConfig,
     users: np.ndarray,
     server_round: int,
     training_id: str,
@@ -173,8 +186,8 @@ def _private_release(
         if entry is not None:
             privacy.save(entry)
         metrics = {
-            "num-examples": examples,
-            "trained": int(examples > 0),
+            NUM_EXAMPLES_KEY: examples,
+            TRAINED_KEY: int(examples > 0),
             **privacy.spent(config),
             **insecure_marker(policy, name),
         }
@@ -185,7 +198,7 @@ def _transfer(
     context: Context,
     market: IALSMarket,
     catalog: Catalog,
-    config: MarketConfig,
+    config: RunConfig,
     items: ItemFactors,
     gram: np.ndarray,
     server_round: int,
@@ -198,12 +211,12 @@ def _transfer(
     choice = choose(candidates(market, items, gram, catalog.size, config.ials_config()))
     chosen = choice.chosen
     metrics = evaluation_metrics(chosen.valid, chosen.test)
-    metrics.pop("num-examples")
+    metrics.pop(NUM_EXAMPLES_KEY)
     spent = MarketPrivacy(context, market.split.market).spent(config)
     fit = {
         "state": chosen.model.state_dict(),
         "round": server_round,
-        "metrics": {key: metrics[key] for key in KEPT_METRICS},
+        "metrics": {key: metrics[key] for key in EVALUATION_METRICS},
         "spent": spent,
         "manifest": {
             "transfer": {
@@ -220,7 +233,7 @@ def _evaluate(
     context: Context,
     market: IALSMarket,
     catalog: Catalog,
-    config: MarketConfig,
+    config: RunConfig,
     items: ItemFactors,
     gram: np.ndarray,
     server_round: int,
@@ -255,10 +268,10 @@ def _with_private_items(
     item), the server's is kept. Without a Gram or kept users (round 1, a restarted node) the
     received factors are used as they are.
     """
-    if minimum <= 1 or USER_GRAM_KEY not in msg.content["arrays"] or PRIVATE_STATE not in context.state:
+    if minimum <= 1 or USER_GRAM_KEY not in msg.content[ARRAYS_RECORD] or PRIVATE_STATE not in context.state:
         return items, gram
     users = context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
-    user_gram = msg.content["arrays"][USER_GRAM_KEY].numpy().astype(np.float64)
+    user_gram = msg.content[ARRAYS_RECORD][USER_GRAM_KEY].numpy().astype(np.float64)
     dim = ials.factors
     if (
         users.shape != (market.split.num_users, dim)
@@ -281,7 +294,7 @@ def _remember_users(context: Context, users: np.ndarray, server_round: int) -> N
     context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round})
 
 
-def _market(context: Context) -> tuple[IALSMarket, Catalog, MarketConfig]:
+def _market(context: Context) -> tuple[IALSMarket, Catalog, RunConfig]:
     """This node's market as iALS sees it (cached per process), its catalog and the run's settings."""
     config = config_from_context(context)
     split, catalog = resolve_market(context, config)
@@ -295,7 +308,7 @@ def _market(context: Context) -> tuple[IALSMarket, Catalog, MarketConfig]:
 
 
 def _ratings(
-    context: Context, config: MarketConfig, split: MarketSplit, catalog: Catalog
+    context: Context, config: RunConfig, split: MarketSplit, catalog: Catalog
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ratings of the market's training and validation interactions, from its own file."""
     node = context.node_config
@@ -316,8 +329,8 @@ def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConf
         ``als-factors``, rows outside the catalog, or values that are not finite.
     """
     name = market.split.market
-    arrays = {key: array.numpy() for key, array in msg.content["arrays"].items() if key != USER_GRAM_KEY}
-    initial = parse_bool(INITIAL_ROWS_KEY, msg.content["config"].get(INITIAL_ROWS_KEY, False))
+    arrays = {key: array.numpy() for key, array in msg.content[ARRAYS_RECORD].items() if key != USER_GRAM_KEY}
+    initial = parse_bool(INITIAL_ROWS_KEY, msg.content[CONFIG_RECORD].get(INITIAL_ROWS_KEY, False))
     expected = {"gram"} if initial else {"items", "factors", "gram"}
     if set(arrays) != expected:
         raise ValueError(

@@ -70,6 +70,7 @@ from common.neural.model import ModelConfig, SplitRecommender, set_arrays, share
 from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
 from common.runtime.command import ArgumentParser, add_alias
 from common.runtime.names import check_name
+from common.selection import improves
 from common.serving.format import market_user_ids, write_served_model
 from common.serving.published import PUBLISHED_FILE, Published, check_catalog, load_published
 
@@ -214,14 +215,14 @@ def join_market(
         (model.head.parameters, head_epoch, epochs),
         (model.parameters, replace(head_epoch, learning_rate=fine_tune_learning_rate), fine_tune_epochs),
     ]
-    best_epoch, best_ndcg, best_state, epoch = 0, -math.inf, None, 0
+    best_epoch, best_ndcg, best_state, epoch = 0, None, None, 0
     model.encoder.requires_grad_(False)  # frozen in the head phase: no gradient is even computed for it
     for parameters, one_epoch, phase_epochs in phases:
         for _ in range(phase_epochs):
             epoch += 1
             train_epochs(model, [train_data], one_epoch, local_seed + epoch, parameters=parameters())
             ndcg = evaluate(model, data, full=False).ndcg
-            if best_state is None or ndcg > best_ndcg:
+            if improves(ndcg, best_ndcg):
                 best_epoch, best_ndcg = epoch, ndcg
                 best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         model.encoder.requires_grad_(True)

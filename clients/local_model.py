@@ -22,18 +22,19 @@ from clients.state_store import LedgerStore, MarketState, MarketStateStore
 from common.data.catalog import Catalog
 from common.data.markets import MarketSource, load_file_split, load_split, market_seed
 from common.data.split import MarketSplit
-from common.market_config import MarketConfig
 from common.methods import get_method
 from common.neural.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
 from common.neural.train import MarketTensors
 from common.privacy.region import public_assortment
+from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, TRAINING_ID_KEY
+from common.run_config import RunConfig
 from common.runtime.names import check_name
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)
 
 
-def config_from_context(context: Context) -> MarketConfig:
+def config_from_context(context: Context) -> RunConfig:
     """The run config, with the catalog a deployed region names in its node config.
 
     A deployed region (``market`` in its node config) never takes a filesystem
@@ -42,10 +43,10 @@ def config_from_context(context: Context) -> MarketConfig:
     run = context.run_config
     deployed = "market" in context.node_config
     catalog_path = context.node_config.get("catalog-path", "" if deployed else run["catalog-path"])
-    return MarketConfig.from_run_config({**run, "catalog-path": str(catalog_path)})
+    return RunConfig.from_run_config({**run, "catalog-path": str(catalog_path)})
 
 
-def resolve_market(context: Context, config: MarketConfig) -> tuple[MarketSplit, Catalog]:
+def resolve_market(context: Context, config: RunConfig) -> tuple[MarketSplit, Catalog]:
     """This node's market split and the catalog it maps items through."""
     node = context.node_config
     if "market" in node:
@@ -85,7 +86,7 @@ def _market_tensors(split: MarketSplit, history_length: int) -> MarketTensors:
 
 def build_local_model(
     msg: Message, context: Context
-) -> tuple[SplitRecommender, MarketTensors, MarketConfig, list[str], Catalog]:
+) -> tuple[SplitRecommender, MarketTensors, RunConfig, list[str], Catalog]:
     """The market's model: received arrays over its head (saved, init-from's or freshly seeded); also its catalog.
 
     Raises
@@ -110,7 +111,7 @@ def build_local_model(
     )
     shared = shared_parameter_names(model, get_method(config.method).share_head)
     if LOCAL_STATE_KEY not in context.state:
-        training_id = str(msg.content["config"].get("training-id", ""))
+        training_id = str(msg.content[CONFIG_RECORD].get(TRAINING_ID_KEY, ""))
         _restore_saved_state(context, model, split.market, training_id, private=config.dp_epsilon > 0)
     if LOCAL_STATE_KEY not in context.state:
         head = published_head(context, model, split, catalog, shared, private=config.dp_epsilon > 0)
@@ -118,7 +119,7 @@ def build_local_model(
             context.state[LOCAL_STATE_KEY] = ArrayRecord(head)
     if LOCAL_STATE_KEY in context.state:
         set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = msg.content[ARRAYS_RECORD].to_torch_state_dict()
     check_received(model, received, shared, split.market)
     set_arrays(model, blend_with_own(received, context, config))
     return model, data, config, shared, catalog
@@ -148,9 +149,7 @@ def check_received(model: SplitRecommender, received: dict[str, torch.Tensor], s
         raise ValueError(f"Market '{market}': the server's arrays {non_finite} hold NaN or infinite values.")
 
 
-def blend_with_own(
-    received: dict[str, torch.Tensor], context: Context, config: MarketConfig
-) -> dict[str, torch.Tensor]:
+def blend_with_own(received: dict[str, torch.Tensor], context: Context, config: RunConfig) -> dict[str, torch.Tensor]:
     """The shared arrays a market starts from: ``w * received + (1 - w) * its own last copy``.
 
     With ``w`` = 1 (the default without DP) this is plain FedAvg/FedPer. Under

@@ -17,15 +17,29 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from clients.privacy_state import INSECURE_KEY
 from common.data.interactions import InteractionFileError
-from common.market_config import MarketConfig
 from common.neural.train import RankingMetrics
 from common.privacy.ledger import PrivacyBudgetExceeded
 from common.privacy.region import RegionPolicy
-
-MARKET_KEY = "market"  # the ConfigRecord naming the replying market
-RECEIVED_PREFIX = "received-"  # train reply metrics of the received model, before training (see server.rounds)
+from common.protocol import (
+    ARRAYS_RECORD,
+    EXACT_METRICS_MARKER,
+    INSECURE_NOISE_MARKER,
+    MARKET_KEY,
+    MARKET_NAME_KEY,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    TEST_FULL_NDCG_KEY,
+    TEST_FULL_RECALL_KEY,
+    TEST_HR_KEY,
+    TEST_NDCG_KEY,
+    TRAINED_KEY,
+    VAL_FULL_NDCG_KEY,
+    VAL_FULL_RECALL_KEY,
+    VAL_HR_KEY,
+    VAL_NDCG_KEY,
+)
+from common.run_config import RunConfig
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")  # a value quoted in a message, e.g. a bad rating
 _PATH = re.compile(r"(?<![\w.~-])(?:~|\.{1,2})?/(?:[\w.-]+/)*([\w.-]+)")  # an absolute or ./ path: keep its last part
@@ -40,8 +54,8 @@ class RegionError(RuntimeError):
 # calibration and the released count), and the insecure-noise flag. Every other number
 # (validation and test metrics, losses, seconds) is computed from its users on parameters the
 # server chose: a query the server could steer, so it is not sent.
-DP_REPORTED = frozenset({"num-examples", "trained", "epsilon", "delta", INSECURE_KEY})
-EXACT_METRICS_MARKER = "dp-exact-metrics"  # reply metric: 1 when a DP market's region chose to send exact metrics
+# epsilon and delta are the keys of common.privacy.ledger.PrivacyLedger.spent.
+DP_REPORTED = frozenset({NUM_EXAMPLES_KEY, TRAINED_KEY, "epsilon", "delta", INSECURE_NOISE_MARKER})
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class Disclosure:
     weight: int | None = None
 
     @classmethod
-    def of(cls, config: MarketConfig, policy: RegionPolicy, weight: int | None = None) -> "Disclosure":
+    def of(cls, config: RunConfig, policy: RegionPolicy, weight: int | None = None) -> "Disclosure":
         """The disclosure of a market training with ``config`` in a region with ``policy``."""
         return cls(private=config.dp_epsilon > 0, exact_metrics=policy.exact_metrics, weight=weight)
 
@@ -68,7 +82,7 @@ class Disclosure:
             return {**metrics, EXACT_METRICS_MARKER: 1}
         kept = {key: value for key, value in metrics.items() if key in DP_REPORTED}
         if self.weight is not None:
-            kept["num-examples"] = self.weight
+            kept[NUM_EXAMPLES_KEY] = self.weight
         return kept
 
 
@@ -82,25 +96,25 @@ def reply(
 ) -> Message:
     """The reply to ``msg``: numbers as ``disclosure`` allows, the market's name, for training the shared arrays."""
     content = RecordDict(
-        {"metrics": MetricRecord(disclosure.filter(metrics)), MARKET_KEY: ConfigRecord({"name": market})}
+        {METRICS_RECORD: MetricRecord(disclosure.filter(metrics)), MARKET_KEY: ConfigRecord({MARKET_NAME_KEY: market})}
     )
     if arrays is not None:
-        content["arrays"] = arrays
+        content[ARRAYS_RECORD] = arrays
     return Message(content=content, reply_to=msg)
 
 
 def evaluation_metrics(valid: RankingMetrics, test: RankingMetrics) -> dict[str, Any]:
     """The metrics of an evaluation reply: sampled and full-ranking, on validation and test."""
     return {
-        "num-examples": test.users,
-        "val-ndcg": valid.ndcg,
-        "val-hr": valid.hit_rate,
-        "val-full-ndcg": valid.full_ndcg,
-        "val-full-recall": valid.full_recall,
-        "test-ndcg": test.ndcg,
-        "test-hr": test.hit_rate,
-        "test-full-ndcg": test.full_ndcg,
-        "test-full-recall": test.full_recall,
+        NUM_EXAMPLES_KEY: test.users,
+        VAL_NDCG_KEY: valid.ndcg,
+        VAL_HR_KEY: valid.hit_rate,
+        VAL_FULL_NDCG_KEY: valid.full_ndcg,
+        VAL_FULL_RECALL_KEY: valid.full_recall,
+        TEST_NDCG_KEY: test.ndcg,
+        TEST_HR_KEY: test.hit_rate,
+        TEST_FULL_NDCG_KEY: test.full_ndcg,
+        TEST_FULL_RECALL_KEY: test.full_recall,
     }
 
 

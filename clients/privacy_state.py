@@ -21,7 +21,6 @@ from flwr.common import log
 from clients.state_store import LedgerEntry, LedgerStore, MarketStateStore
 from common.data.markets import market_seed
 from common.ials.dp import noise_generator
-from common.market_config import MarketConfig
 from common.methods import get_method
 from common.neural.model import SplitRecommender
 from common.neural.train import MarketTensors, TrainConfig
@@ -42,8 +41,9 @@ from common.privacy.ledger import (
     release_history,
 )
 from common.privacy.region import SIMULATION_NODE_CONFIG_ENV, RegionPolicy
+from common.protocol import INSECURE_NOISE_MARKER as INSECURE_KEY
+from common.run_config import RunConfig
 
-INSECURE_KEY = "dp-insecure-seeded-noise"  # reply metric: 1 when this market's DP noise was seeded from the config
 PRIVACY_KEY = "privacy-ledger"  # the market's ledger kept in context.state when it has no state-dir
 # The user count a DP market releases once per calibration: Gaussian noise of this multiplier
 # (sensitivity 1 under adding or removing one user), composed in the ledger like every release.
@@ -89,7 +89,7 @@ def state_dir(context: Context) -> str | None:
     return str(value) if value else None
 
 
-def require_durable_ledger(context: Context, config: MarketConfig, market: str) -> None:
+def require_durable_ledger(context: Context, config: RunConfig, market: str) -> None:
     """Refuse DP in a deployed region that would forget its spending on a restart.
 
     Raises
@@ -150,7 +150,7 @@ class MarketPrivacy:
         else:
             self.context.state[PRIVACY_KEY] = ConfigRecord({"ledger": _entry_to_json(entry)})
 
-    def spent(self, config: MarketConfig) -> dict[str, float]:
+    def spent(self, config: RunConfig) -> dict[str, float]:
         """``epsilon`` spent over the market's lifetime and the ``delta`` it holds at; empty without DP."""
         if config.dp_epsilon <= 0:
             return {}
@@ -160,7 +160,7 @@ class MarketPrivacy:
 
 def round_ledger(
     privacy: MarketPrivacy,
-    config: MarketConfig,
+    config: RunConfig,
     model: SplitRecommender,
     data: MarketTensors,
     train: TrainConfig,
@@ -225,7 +225,7 @@ def round_ledger(
 
 
 def release_ledger(
-    privacy: MarketPrivacy, config: MarketConfig, num_users: int, training_id: str, policy: RegionPolicy
+    privacy: MarketPrivacy, config: RunConfig, num_users: int, training_id: str, policy: RegionPolicy
 ) -> LedgerEntry:
     """The ledger DP-fedals releases from: one Gaussian release of the whole data per round.
 
@@ -280,7 +280,7 @@ def release_user_count(num_users: int, policy: RegionPolicy, seed: int, market: 
     return max(1, int(round(noisy)))
 
 
-def period_delta(entry: LedgerEntry | None, config: MarketConfig, policy: RegionPolicy, released_users: int) -> float:
+def period_delta(entry: LedgerEntry | None, config: RunConfig, policy: RegionPolicy, released_users: int) -> float:
     """The δ a market accounts at: the lowest of the default, the run's, the region's and its budget period's.
 
     The default, 0.1 / the released user count, is a ceiling: a run may ask for a smaller δ,
@@ -330,7 +330,7 @@ def insecure_marker(policy: RegionPolicy, market: str) -> dict[str, int]:
     return {INSECURE_KEY: 1}
 
 
-def training_noise_seed(policy: RegionPolicy, config: MarketConfig, market: str, server_round: int) -> int | None:
+def training_noise_seed(policy: RegionPolicy, config: RunConfig, market: str, server_round: int) -> int | None:
     """The DP noise seed of an insecure reproducible run (the region's choice); None (secure noise) otherwise."""
     if not policy.insecure_seeded_noise:
         return None
@@ -349,7 +349,7 @@ def out_of_budget(entry: LedgerEntry | None, error: PrivacyBudgetExceeded, marke
     )
 
 
-def _tighten(ledger: PrivacyLedger, config: MarketConfig, policy: RegionPolicy, market: str) -> None:
+def _tighten(ledger: PrivacyLedger, config: RunConfig, policy: RegionPolicy, market: str) -> None:
     """Lower the ledger's budget to the config's and the region's, if one was lowered during the training."""
     deltas = [delta for delta in (ledger.budget.delta, config.dp_delta, policy.delta) if delta > 0]
     tightened = replace(ledger.budget, epsilon=min(ledger.budget.epsilon, config.dp_epsilon), delta=min(deltas))

@@ -2,8 +2,9 @@
 
 Every evaluation (folded into the next training message, or separate) the
 market compares the model it just evaluated with the best so far, by the
-rule the results use (:func:`simulations.results.select_on_validation`:
-rounds from 1, the first highest validation NDCG@10), and keeps the better
+rule the results use (:mod:`common.selection`, as
+:func:`simulations.results.select_on_validation` applies it: rounds from 1,
+the first highest validation NDCG@10), and keeps the better
 one in ``context.state``. When the server sends the last round's evaluation,
 the market writes that model as a served-model directory
 (:func:`common.serving.write_served_model`):
@@ -41,24 +42,16 @@ from common.data.catalog import Catalog
 from common.methods import Method
 from common.neural.model import SplitRecommender, set_arrays
 from common.neural.train import MarketTensors
+from common.protocol import EVALUATION_METRICS, VAL_NDCG_KEY
 from common.runtime.durable import atomic_torch_save
+from common.selection import improves
 from common.serving.format import write_served_model
 from common.serving.sparse_state import compact_state, expand_state
 
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
 BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
-FINAL_KEY = "final-round"  # evaluate config: the last evaluation of the training
-KEPT_METRICS = (  # the evaluation metrics a served model's manifest carries
-    "val-ndcg",
-    "val-hr",
-    "val-full-ndcg",
-    "val-full-recall",
-    "test-ndcg",
-    "test-hr",
-    "test-full-ndcg",
-    "test-full-recall",
-)
+KEPT_METRICS = EVALUATION_METRICS  # the evaluation metrics a served model's manifest carries: all of them
 
 
 def remember_if_best(
@@ -75,7 +68,7 @@ def remember_if_best(
     _restore_best(context, market)
     info = context.state.get(BEST_INFO_KEY)
     same_training = info is not None and str(info["training-id"]) == training_id
-    if same_training and float(metrics["val-ndcg"]) <= float(info["val-ndcg"]):
+    if not improves(float(metrics[VAL_NDCG_KEY]), float(info[VAL_NDCG_KEY]) if same_training else None):
         return
     context.state[BEST_INFO_KEY] = ConfigRecord(
         {"training-id": training_id, "round": server_round}

@@ -31,8 +31,8 @@ from common.ials.dp import private_release_problem, solve_private_items
 from common.ials.model import ITEM_TABLE, encoder_state
 from common.ials.steps import solve_items
 from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, pack_item_factors, reply_problem, unpack_statistics
+from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, NUM_EXAMPLES_KEY, SERVER_ROUND_KEY, USER_GRAM_KEY
 
-USER_GRAM_KEY = "user-gram"  # the markets' summed user Gram, for the items they keep (clients.fedals)
 _GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
 
 
@@ -63,7 +63,14 @@ class FedALS(FedAvg):
             raise ValueError(f"FedALS needs an item table of at least one row, got {num_items}.")
         if min_nodes < 1:
             raise ValueError(f"FedALS needs at least one market per round, got min_nodes={min_nodes}.")
-        super().__init__(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+        super().__init__(
+            weighted_by_key=NUM_EXAMPLES_KEY,
+            arrayrecord_key=ARRAYS_RECORD,
+            configrecord_key=CONFIG_RECORD,
+            min_train_nodes=min_nodes,
+            min_evaluate_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+        )
         self.config = config
         self.num_items = num_items
         self.seeded_start = seeded_start
@@ -114,7 +121,7 @@ class FedALS(FedAvg):
             if self.private:
                 releases.append((rows, payload))
                 metrics = next(iter(reply.content.metric_records.values()))
-                users += int(metrics.get("num-examples", 0))
+                users += int(metrics.get(NUM_EXAMPLES_KEY, 0))
             else:
                 statistics.append(unpack_statistics(payload))
         if not statistics and not releases:
@@ -183,9 +190,9 @@ class FedALS(FedAvg):
                 payload = pack_item_factors(ItemFactors(rows, lookup_rows(held.rows, held.factors, rows)), gram)
                 if self._user_gram is not None:
                     payload[USER_GRAM_KEY] = self._user_gram.astype(np.float32)
-            node_config = ConfigRecord({**config, "server-round": server_round, INITIAL_ROWS_KEY: initial})
+            node_config = ConfigRecord({**config, SERVER_ROUND_KEY: server_round, INITIAL_ROWS_KEY: initial})
             content = RecordDict(
-                {"arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}), "config": node_config}
+                {ARRAYS_RECORD: ArrayRecord({k: Array(v) for k, v in payload.items()}), CONFIG_RECORD: node_config}
             )
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         log(INFO, "fedals %s round %d: item factors for %d markets", message_type, server_round, len(messages))

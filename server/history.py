@@ -22,10 +22,11 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.common import log
 
+from common.protocol import MARKET_KEY, MARKET_NAME_KEY, TEST_HR_KEY, TEST_NDCG_KEY, VAL_HR_KEY, VAL_NDCG_KEY
 from common.runtime.durable import atomic_torch_save, atomic_write_bytes
+from common.selection import best_by
 from common.serving.published import PUBLISHED_FILE, PUBLISHED_FORMAT, PUBLISHED_KEYS, PUBLISHED_VERSION
 
-MARKET_KEY = "market"  # ConfigRecord in each reply naming the market (see clients.client_app)
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -124,17 +125,17 @@ class RunHistory:
     def log_round(self, server_round: int) -> None:
         """One line per market with the round's evaluation."""
         for market, metrics in sorted(self.rounds.get(server_round, {}).get("per_market", {}).items()):
-            if not {"val-ndcg", "val-hr", "test-ndcg", "test-hr"} <= set(metrics):
+            if not {VAL_NDCG_KEY, VAL_HR_KEY, TEST_NDCG_KEY, TEST_HR_KEY} <= set(metrics):
                 continue
             log(
                 INFO,
                 "round %d market %s: val NDCG@10 %.4f HR@10 %.4f | test NDCG@10 %.4f HR@10 %.4f",
                 server_round,
                 market,
-                metrics["val-ndcg"],
-                metrics["val-hr"],
-                metrics["test-ndcg"],
-                metrics["test-hr"],
+                metrics[VAL_NDCG_KEY],
+                metrics[VAL_HR_KEY],
+                metrics[TEST_NDCG_KEY],
+                metrics[TEST_HR_KEY],
             )
 
     def write(self) -> None:
@@ -288,15 +289,17 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
         lines.append(f"  {span}: {outcome}")
     macro = {}
     for r, entry in rounds.items():
-        evaluated = [metrics for metrics in entry["per_market"].values() if {"val-ndcg", "test-ndcg"} <= set(metrics)]
+        evaluated = [
+            metrics for metrics in entry["per_market"].values() if {VAL_NDCG_KEY, TEST_NDCG_KEY} <= set(metrics)
+        ]
         if evaluated:
             macro[r] = (
-                sum(m["val-ndcg"] for m in evaluated) / len(evaluated),
-                sum(m["test-ndcg"] for m in evaluated) / len(evaluated),
+                sum(m[VAL_NDCG_KEY] for m in evaluated) / len(evaluated),
+                sum(m[TEST_NDCG_KEY] for m in evaluated) / len(evaluated),
                 len(evaluated),
             )
     if macro:
-        best = max(macro, key=lambda r: macro[r][0])
+        best = best_by(macro, lambda r: macro[r][0])
         val, test, count = macro[best]
         lines.append(
             f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
@@ -311,7 +314,7 @@ def market_of(reply: Message) -> str | None:
     """The market a reply names, or None for an error or a reply without one."""
     if reply.has_error() or MARKET_KEY not in reply.content.config_records:
         return None
-    return str(reply.content.config_records[MARKET_KEY]["name"])
+    return str(reply.content.config_records[MARKET_KEY][MARKET_NAME_KEY])
 
 
 def _finite(value: Any) -> bool:

@@ -18,10 +18,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
+from common.protocol import MARKET_KEY, MARKET_NAME_KEY, NUM_EXAMPLES_KEY
 from common.runtime.names import check_name
-from server.history import MARKET_KEY
 
-WEIGHT_KEY = "num-examples"  # the aggregation weight; a market out of privacy budget replies with 0
 MAX_WEIGHT = 1e9  # no market holds a billion users or interactions: a larger weight is an attempt to dominate
 MAX_NAME = 64  # the longest market name common.names.check_name accepts; longer ones are cut in the log
 
@@ -88,11 +87,11 @@ class ReplyScreen:
     def __init__(
         self,
         binding: MarketBinding,
-        weight_keys: Iterable[str] = (WEIGHT_KEY,),
+        weight_keys: Iterable[str] = (NUM_EXAMPLES_KEY,),
         arrays_problem: ArraysProblem | None = None,
     ) -> None:
         self.binding = binding
-        self.weight_keys = tuple(dict.fromkeys((WEIGHT_KEY, *weight_keys)))
+        self.weight_keys = tuple(dict.fromkeys((NUM_EXAMPLES_KEY, *weight_keys)))
         self.arrays_problem = arrays_problem or same_arrays_problem
 
     def screen(
@@ -136,14 +135,14 @@ def metrics_of(content: RecordDict) -> MetricRecord:
     return next(iter(content.metric_records.values()))
 
 
-def weight_of(reply: Message, key: str = WEIGHT_KEY) -> float:
+def weight_of(reply: Message, key: str = NUM_EXAMPLES_KEY) -> float:
     """The aggregation weight ``key`` of an accepted reply."""
     return float(metrics_of(reply.content)[key])
 
 
 def _declared_market(content: RecordDict) -> str | None:
     record = content.config_records.get(MARKET_KEY)
-    name = record.get("name") if record is not None else None
+    name = record.get(MARKET_NAME_KEY) if record is not None else None
     return name if isinstance(name, str) else None
 
 
@@ -156,7 +155,7 @@ def _content_problem(
 ) -> str | None:
     """What is wrong with a reply's content, or None."""
     if market is None:
-        return f"it names no market (a ConfigRecord {MARKET_KEY!r} with a string 'name')"
+        return f"it names no market (a ConfigRecord {MARKET_KEY!r} with a string {MARKET_NAME_KEY!r})"
     if len(market) > MAX_NAME:
         return f"its market name is longer than {MAX_NAME} characters"
     try:

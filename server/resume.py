@@ -47,6 +47,8 @@ FINGERPRINT_KEYS = (
 # only: a checkpoint of another method, made before these keys existed, stays resumable.
 ALS_FINGERPRINT_KEYS = ("als-factors", "als-regularization", "als-alpha", "als-nu", "als-confidence")
 CATALOG_KEY = "catalog"  # the fingerprint's entry for the catalog's content
+# A family's own keys a resume must not change, beyond FINGERPRINT_KEYS (common.methods' families).
+FAMILY_FINGERPRINT_KEYS: dict[str, tuple[str, ...]] = {"sgd": (), "als": ALS_FINGERPRINT_KEYS}
 
 
 def catalog_digest(catalog: Catalog) -> str:
@@ -58,7 +60,7 @@ def run_fingerprint(run_config: Mapping[str, Any], catalog: Catalog) -> dict[str
     """The values of :data:`FINGERPRINT_KEYS` in ``run_config`` (None when absent) and the catalog's digest;
     for fedals also those of :data:`ALS_FINGERPRINT_KEYS`."""
     method = METHODS.get(str(run_config.get("method")))
-    keys = FINGERPRINT_KEYS + (ALS_FINGERPRINT_KEYS if method is not None and method.solver == "als" else ())
+    keys = FINGERPRINT_KEYS + FAMILY_FINGERPRINT_KEYS.get(method.family if method is not None else "", ())
     fingerprint = {key: _normalised(run_config.get(key)) for key in keys}
     fingerprint[CATALOG_KEY] = catalog_digest(catalog)
     return fingerprint

@@ -27,13 +27,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.protocol import (
+    ARRAYS_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    RECEIVED_PREFIX,
+    TRAINING_ID_KEY,
+)
 from server.history import Checkpoint, RunHistory, market_of
 from server.node_wait import DeadlineGrid
-from server.replies import WEIGHT_KEY, ArraysProblem, MarketBinding, ReplyScreen, weight_of
+from server.replies import ArraysProblem, MarketBinding, ReplyScreen, weight_of
 from server.strategy import aggregation_weight_key, market_dp_epsilon, required_nodes
-
-EVALUATE_RECEIVED_KEY = "evaluate-received"  # train config: evaluate the received model before training
-RECEIVED_PREFIX = "received-"  # train reply metrics measured on the received model
 
 
 class AllMarketsFailedError(RuntimeError):
@@ -174,8 +179,8 @@ def run_rounds(
     """
     weight_key = aggregation_weight_key(strategy)
     binding = binding if binding is not None else MarketBinding()
-    screen = ReplyScreen(binding, (WEIGHT_KEY, weight_key), arrays_problem)
-    base_config = {"training-id": settings.training_id}
+    screen = ReplyScreen(binding, (NUM_EXAMPLES_KEY, weight_key), arrays_problem)
+    base_config = {TRAINING_ID_KEY: settings.training_id}
     if not settings.fold_evaluation:
         _evaluate(grid, strategy, history, settings, screen, first_round - 1, arrays, ConfigRecord(base_config))
     for server_round in range(first_round, settings.num_rounds + 1):
@@ -288,7 +293,7 @@ def _for_aggregation(replies: list[Message], weight_key: str) -> list[Message]:
     for reply in replies:
         arrays = next(iter(reply.content.array_records.values()))
         weight = MetricRecord({weight_key: weight_of(reply, weight_key)})
-        reply.content = RecordDict({"arrays": arrays, "metrics": weight})
+        reply.content = RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: weight})
     return replies
 
 

@@ -8,7 +8,7 @@ loop with its own strategy (:mod:`server.fedals`), its shared arrays the
 encoder's item table of iALS factors.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -18,177 +18,60 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import from_kebab_case
 from common.data.catalog import Catalog
 from common.data.markets import MarketSource
-from common.ials.core import IALSConfig
-from common.ials.model import initial_encoder_state
-from common.market_config import MarketConfig, check_als_settings, ials_config, parse_market_epsilons
 from common.methods import get_method
-from common.neural.model import ModelConfig, SplitRecommender, get_arrays, shared_parameter_names
+from common.protocol import (
+    FINAL_ROUND_KEY,
+    FINE_TUNE_EPOCHS_KEY,
+)
+from common.run_config import RunConfig, parse_market_epsilons
 from common.serving.published import load_published, published_path
-from server.fedals import FedALS
+from server.families import server_family
 from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory, check_new_training, summary_lines
 from server.replies import MarketBinding
 from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
-from server.strategy import MarketDPConfig, build_strategy
-
-FINAL_ROUND_KEY = "final-round"  # evaluate config of the last round: each market writes its served model
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """Run settings of the ServerApp, read from ``[tool.flwr.app.config]``."""
-
-    method: str  # fedavg shares the head's non-user parameters too; fedper only the encoder
-    num_server_rounds: int  # federated rounds
-    local_epochs: int  # passes over its data a market makes per round
-    head_epochs: int  # fedrep: epochs on the head (encoder frozen) before the encoder epochs
-    fine_tune_epochs: int  # fedper-ft: epochs each market may fine-tune its fork after the last round
-    batch_size: int  # interactions per local step
-    learning_rate: float  # local Adam step size
-    negatives: int  # sampled negatives per positive in the local loss
-    score_penalty: float  # local regulariser on squared scores
-    embedding_dim: int  # width of the shared item vectors
-    history_length: int  # training items pooled into a user's vector
-    user_embeddings: bool  # a free vector per user; always local, so only the shape matters here
-    data_dir: str  # simulation: market files; empty for generated markets
-    synthetic_markets: int  # generated markets when data-dir is empty
-    catalog_path: str  # the company catalog; simulation builds one when empty
-    seed: int  # seeds the initial encoder (and, in clients, everything local)
-    min_nodes: int  # markets that must be connected before a round starts
-    round_timeout: float  # seconds to wait for replies; a market that died is left out of the round
-    node_timeout: float  # seconds a round waits for min-nodes markets to connect; then the run fails
-    poll_interval: float  # seconds between checks for replies (Flower's own loop waits 3 s)
-    fold_evaluation: bool  # evaluate each round's model in the next training message: one round trip per round
-    resume: bool  # continue from out-dir's checkpoint instead of starting afresh
-    init_from: str  # a published.pt (or a directory holding one) to start from; empty: seeded arrays
-    market_dp_noise_multiplier: float  # 0 turns market-level DP off; else noise std over the clipping norm
-    market_dp_clipping_norm: float  # L2 bound on one market's update of the shared arrays
-    market_dp_markets: int  # markets per round under market-level DP (all must reply)
-    market_dp_delta: float  # delta at which the market-level epsilon is reported
-    market_dp_max_epsilon: float  # 0 for no limit; rounds beyond it are refused
-    als_factors: int  # fedals: dimension d of the item factors, the width of its shared item table
-    als_regularization: float  # fedals: λ of the item step
-    als_alpha: float  # fedals: α, a positive's confidence is 1 + α·w
-    als_nu: float  # fedals: ν of the frequency-scaled regularisation
-    als_confidence: str  # fedals: how markets weigh a positive (binary, rating, log)
-    out_dir: str  # history.json and checkpoint.pt go here
-
-    def __post_init__(self) -> None:
-        check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
-        if self.solved_by_als and self.market_dp_noise_multiplier != 0:
-            raise ValueError(
-                f"{self.method} has no market-level DP: set market-dp-noise-multiplier to 0 (got "
-                f"{self.market_dp_noise_multiplier}) and dp-epsilon for its user-level DP, or choose an SGD method "
-                "(fedavg, fedper, fedrep, fedper-ft) for market-level DP."
-            )
-        if self.num_server_rounds < 1:
-            raise ValueError(f"num-server-rounds must be at least 1, got {self.num_server_rounds}.")
-        if self.min_nodes < 1:
-            raise ValueError(f"min-nodes must be at least 1, got {self.min_nodes}.")
-        if self.round_timeout <= 0 or self.poll_interval <= 0:
-            raise ValueError(
-                f"round-timeout and poll-interval must be positive, got {self.round_timeout} and {self.poll_interval}."
-            )
-        if not 0 < self.node_timeout < float("inf"):
-            raise ValueError(f"node-timeout must be a positive number of seconds, got {self.node_timeout}.")
-
-    @property
-    def solved_by_als(self) -> bool:
-        """The method is solved by ALS (fedals), not trained by SGD."""
-        return get_method(self.method).solver == "als"
-
-    @property
-    def shared_dim(self) -> int:
-        """Width of the shared item table: als-factors for fedals, embedding-dim otherwise."""
-        return self.als_factors if self.solved_by_als else self.embedding_dim
-
-    def ials_config(self) -> IALSConfig:
-        """fedals' iALS settings: one iteration per round, initial factors seeded by ``seed``."""
-        return ials_config(
-            self.als_factors,
-            self.als_regularization,
-            self.als_alpha,
-            self.als_nu,
-            self.als_confidence,
-            self.num_server_rounds,
-            self.seed,
-        )
-
-    def market_dp(self) -> MarketDPConfig | None:
-        """The market-level DP settings, or None when it is off."""
-        if self.market_dp_noise_multiplier == 0:
-            return None
-        return MarketDPConfig(
-            noise_multiplier=self.market_dp_noise_multiplier,
-            clipping_norm=self.market_dp_clipping_norm,
-            num_markets=self.market_dp_markets,
-            delta=self.market_dp_delta,
-            max_epsilon=self.market_dp_max_epsilon,
-        )
-
-    @classmethod
-    def from_run_config(cls, run_config: dict) -> "ServerConfig":
-        """Map the kebab-case run config keys onto the dataclass fields."""
-        return from_kebab_case(cls, run_config, "ServerApp")
-
-    def train_config(self) -> ConfigRecord:
-        """Per-round local training settings sent to every market."""
-        return ConfigRecord(
-            {
-                "local-epochs": self.local_epochs,
-                "head-epochs": self.head_epochs,
-                "batch-size": self.batch_size,
-                "learning-rate": self.learning_rate,
-                "negatives": self.negatives,
-                "score-penalty": self.score_penalty,
-            }
-        )
+def train_config(config: RunConfig) -> ConfigRecord:
+    """Per-round local training settings sent to every market."""
+    return ConfigRecord(config.train_settings())
 
 
-def final_evaluate_config(config: ServerConfig) -> ConfigRecord:
+def final_evaluate_config(config: RunConfig) -> ConfigRecord:
     """Extra evaluate settings of the last round: the markets write their served models; fedper-ft fine-tunes."""
     if not get_method(config.method).fine_tune:
         return ConfigRecord({FINAL_ROUND_KEY: True})
-    final = config.train_config()
-    final["fine-tune-epochs"] = config.fine_tune_epochs
+    final = train_config(config)
+    final[FINE_TUNE_EPOCHS_KEY] = config.fine_tune_epochs
     final[FINAL_ROUND_KEY] = True
     return final
 
 
-def load_catalog(config: ServerConfig) -> Catalog:
+def load_catalog(config: RunConfig) -> Catalog:
     """The company catalog; in simulation without one, the catalog of every market's items."""
     if config.catalog_path:
         return Catalog.load(config.catalog_path)
     return MarketSource(config.data_dir, config.synthetic_markets, config.seed).catalog()
 
 
-def initial_arrays(config: ServerConfig, catalog: Catalog | None = None) -> ArrayRecord:
+def initial_arrays(config: RunConfig, catalog: Catalog | None = None) -> ArrayRecord:
     """The seeded starting point of everything the method shares (over ``catalog``, loaded when None).
 
     fedals shares the encoder holding its seeded initial item factors, which markets draw
     for their own rows in round 1 (:func:`common.ials_model.initial_rows`).
     """
     catalog = catalog if catalog is not None else load_catalog(config)
-    if config.solved_by_als:
-        return ArrayRecord(initial_encoder_state(catalog.size, config.ials_config()))
-    torch.manual_seed(config.seed)
-    # The head's user table is never shared, so one placeholder user suffices here.
-    model = SplitRecommender(
-        ModelConfig(catalog.size, 1, config.embedding_dim, config.history_length, config.user_embeddings)
-    )
-    names = shared_parameter_names(model, get_method(config.method).share_head)
-    return ArrayRecord(get_arrays(model, names))
+    return server_family(config).initial_arrays(config, catalog)
 
 
-def published_arrays(config: ServerConfig, catalog: Catalog, seeded: ArrayRecord) -> ArrayRecord:
+def published_arrays(config: RunConfig, catalog: Catalog, seeded: ArrayRecord) -> ArrayRecord:
     """The shared arrays of the published file ``init-from`` names, where this training starts.
 
     Parameters
     ----------
-    config : ServerConfig
+    config : RunConfig
         The run's settings; ``init_from`` names a ``published.pt`` or a directory holding one.
     catalog : Catalog
         The run's catalog.
@@ -243,24 +126,16 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds of FedAvg, from a checkpoint when resuming."""
-    config = ServerConfig.from_run_config(context.run_config)
-    # A bad market setting would otherwise only show as every market failing round 1.
-    market_config = MarketConfig.from_run_config(context.run_config)
+    # Every key parsed and checked once, the markets' too: a bad market setting would otherwise
+    # only show as every market failing round 1.
+    config = RunConfig.from_run_config(context.run_config)
     if not config.resume:
         check_new_training(Path(config.out_dir))  # never overwrite an earlier training's files
     log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
     history = RunHistory(Path(config.out_dir), asdict(config))
     catalog = load_catalog(config)
-    if config.solved_by_als:
-        strategy = FedALS(
-            config.ials_config(),
-            catalog.size,
-            seeded_start=not config.init_from,
-            min_nodes=config.min_nodes,
-            private=market_config.dp_epsilon > 0,
-        )
-    else:
-        strategy = build_strategy(config.min_nodes, config.market_dp())
+    family = server_family(config)
+    strategy = family.strategy(config, catalog)
     fingerprint = run_fingerprint(context.run_config, catalog)
     arrays, first_round, training_id = initial_arrays(config, catalog), 1, str(context.run_id)
     binding = MarketBinding()
@@ -294,18 +169,18 @@ def main(grid: Grid, context: Context) -> None:
         training_id=training_id,
         node_timeout=config.node_timeout,
         fingerprint=fingerprint,
-        budgeted_markets=frozenset(parse_market_epsilons(market_config.dp_market_epsilons)),
+        budgeted_markets=frozenset(parse_market_epsilons(config.dp_market_epsilons)),
     )
     final = final_evaluate_config(config)
-    arrays_problem = strategy.reply_problem if isinstance(strategy, FedALS) else None
+    arrays_problem = family.reply_check(strategy)
     arrays = run_rounds(
-        grid, strategy, history, settings, arrays, config.train_config(), final, first_round, binding, arrays_problem
+        grid, strategy, history, settings, arrays, train_config(config), final, first_round, binding, arrays_problem
     )
     publish(history, arrays, config, catalog, training_id, config.num_server_rounds, context.run_config)
     log_summary(history, config, binding, context.run_config)
 
 
-def log_summary(history: RunHistory, config: ServerConfig, binding: MarketBinding, run_config: dict[str, Any]) -> None:
+def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding, run_config: dict[str, Any]) -> None:
     """The training's last lines: rounds, who replied, the best round, where its files and models are."""
     for line in summary_lines(history, config.num_server_rounds, binding.state().values()):
         log(INFO, "%s", line)
@@ -317,7 +192,7 @@ def log_summary(history: RunHistory, config: ServerConfig, binding: MarketBindin
 def publish(
     history: RunHistory,
     arrays: ArrayRecord,
-    config: ServerConfig,
+    config: RunConfig,
     catalog: Catalog,
     training_id: str,
     server_round: int,

@@ -15,7 +15,7 @@ from flwr.common import log
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-TRAINED_KEY = "trained"  # 1 when the market trained this round: an equal weight per market
+from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, NUM_EXAMPLES_KEY, TRAINED_KEY
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,23 @@ def build_strategy(min_nodes: int, market_dp: MarketDPConfig | None) -> Strategy
         Market-level DP settings, or None for plain FedAvg weighted by ``num-examples``.
     """
     if market_dp is None:
-        return FedAvg(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+        return FedAvg(
+            weighted_by_key=NUM_EXAMPLES_KEY,
+            arrayrecord_key=ARRAYS_RECORD,
+            configrecord_key=CONFIG_RECORD,
+            min_train_nodes=min_nodes,
+            min_evaluate_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+        )
+    # TRAINED_KEY weighs every market that trained alike, as the accountant requires.
     nodes = max(min_nodes, market_dp.num_markets)
     fedavg = FedAvg(
-        weighted_by_key=TRAINED_KEY, min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes
+        weighted_by_key=TRAINED_KEY,
+        arrayrecord_key=ARRAYS_RECORD,
+        configrecord_key=CONFIG_RECORD,
+        min_train_nodes=nodes,
+        min_evaluate_nodes=nodes,
+        min_available_nodes=nodes,
     )
     accountant = RdpAccountant(
         PrivacyConfig(
@@ -99,7 +112,7 @@ def _fedavg(strategy: Strategy) -> FedAvg | None:
 def aggregation_weight_key(strategy: Strategy) -> str:
     """The metric the strategy weights the average by: ``num-examples``, or ``trained`` under market-level DP."""
     fedavg = _fedavg(strategy)
-    return fedavg.weighted_by_key if fedavg is not None else "num-examples"
+    return fedavg.weighted_by_key if fedavg is not None else NUM_EXAMPLES_KEY
 
 
 def required_nodes(strategy: Strategy) -> int:

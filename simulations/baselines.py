@@ -42,6 +42,7 @@ from common.privacy.dp_sgd import (
     train_epochs_private,
 )
 from common.privacy.ledger import PrivacyBudget, epsilon_of, release_history, release_noise
+from common.selection import improves
 from common.serving.format import market_user_ids, write_served_model
 from simulations.progress import bar, over
 from simulations.results import select_on_validation
@@ -411,8 +412,8 @@ def run_implicit(
 class BestState:
     """A copy of the model at the best validation NDCG@10 seen so far, to serve it.
 
-    Offered every trained round; the first of equal points wins, as in
-    :func:`simulations.results.select_on_validation`, so the served model is
+    Offered every trained round; the first of equal points wins (:func:`common.selection.improves`),
+    as in :func:`simulations.results.select_on_validation`, so the served model is
     the one whose metrics results.json reports.
     """
 
@@ -422,7 +423,7 @@ class BestState:
 
     def offer(self, model: SplitRecommender, point: dict[str, float]) -> None:
         """Keep a copy of ``model`` if ``point`` (its metrics this round) beats the kept one."""
-        if self.point is None or point["val-ndcg"] > self.point["val-ndcg"]:
+        if improves(point["val-ndcg"], None if self.point is None else self.point["val-ndcg"]):
             self.point = point
             self.model = copy.deepcopy(model)
 

@@ -44,7 +44,7 @@ ALS_METHOD = "fedals"
 
 def blend_partner(methods: list[str]) -> str | None:
     """The neural federated method ``blend`` blends fedals with: the first one in ``methods``, or None."""
-    return next((m for m in methods if m in METHODS and METHODS[m].solver == "sgd"), None)
+    return next((m for m in methods if m in METHODS and METHODS[m].family == "sgd"), None)
 
 
 def ials_models(

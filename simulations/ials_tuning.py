@@ -38,6 +38,7 @@ from common.ials.reference import federated_ials, pooled_ials
 from common.ials.steps import market_item_statistics, score_candidates, solve_items, solve_users
 from common.ials.wire import pack_statistics, packed_length, unpack_statistics
 from common.runtime.command import ArgumentParser, run_command
+from common.selection import best_by
 
 CHECKPOINTS = (4, 8, 12, 16, 20)  # iteration counts scored on validation within one run
 FEDPER_BYTES = 8368 * 128 * 4  # what fedper sends per market per round on this catalog
@@ -294,7 +295,7 @@ def search(markets: list[Market], num_items: int, quick: bool, cache: Cache) -> 
     def run(config: IALSConfig, scaled: float, stage: str) -> dict:
         def compute() -> dict:
             curve, per_iteration = validation_curve(markets, num_items, config)
-            best_step = max(curve, key=curve.get)
+            best_step = best_by(curve, curve.get)
             return {
                 "stage": stage,
                 **asdict(config),

@@ -51,6 +51,7 @@ from common.methods import METHODS  # noqa: E402
 from common.neural.model import ModelConfig, SplitRecommender  # noqa: E402
 from common.neural.train import MarketTensors, TrainConfig, evaluate, train_epochs  # noqa: E402
 from common.runtime.command import ArgumentParser, OptionError, add_alias, add_verbose, run_command  # noqa: E402
+from common.selection import improves  # noqa: E402
 from simulations import run as harness  # noqa: E402
 
 PUBLISHED = "published.pt"
@@ -152,11 +153,11 @@ def local_on_fraction(
     train_data = data if train_split is split else MarketTensors.from_split(train_split, history_length)
     torch.manual_seed(local_seed)
     model = SplitRecommender(ModelConfig(catalog.size, split.num_users, embedding_dim, history_length, user_embeddings))
-    best_round, best_ndcg, best_state = 0, -math.inf, None
+    best_round, best_ndcg, best_state = 0, None, None
     for server_round in range(1, rounds + 1):
         train_epochs(model, [train_data], train, local_seed + server_round)
         ndcg = evaluate(model, data, full=False).ndcg
-        if ndcg > best_ndcg:  # the first best round, as simulations.results.select_on_validation
+        if improves(ndcg, best_ndcg):  # the first best round, as simulations.results.select_on_validation
             best_round, best_ndcg = server_round, ndcg
             best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     model.load_state_dict(best_state)

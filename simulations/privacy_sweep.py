@@ -51,6 +51,7 @@ import pandas as pd
 
 from common.methods import METHODS, transfer_variant
 from common.runtime.command import ArgumentParser, add_alias, add_verbose, run_command
+from common.selection import improves
 from simulations import run as harness
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.privacy_plot import plot
@@ -202,7 +203,7 @@ def served_summary(local: dict[str, Any], candidate: dict[str, Any], name: str) 
     per_market = {}
     for market, own in local["per_market"].items():
         other = candidate["per_market"][market]
-        chosen, pick = (name, other) if other[VALIDATION] > own[VALIDATION] else ("local", own)
+        chosen, pick = (name, other) if improves(other[VALIDATION], own[VALIDATION]) else ("local", own)
         per_market[market] = {
             **{key: pick[key] for key in (*METRICS, VALIDATION)},
             "chosen": chosen,

@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from common.selection import best_by
+
 Curve = list[dict[str, float]]  # one market's metrics per round, round 0 first
 
 SAMPLED_METRICS = ("ndcg@10", "hr@10")  # every market reports these
@@ -87,11 +89,14 @@ def final_step_curves(curves: dict[str, Curve], step: str) -> dict[str, Curve]:
 
 
 def select_on_validation(curve: Curve) -> dict[str, float]:
-    """The trained point (round >= 1) with the best validation NDCG@10; test is never looked at."""
+    """The trained point (round >= 1) with the best validation NDCG@10; test is never looked at.
+
+    The first of equal points wins (:mod:`common.selection`), as every market's served model does.
+    """
     trained = [point for point in curve if point["round"] >= 1]
     if not trained:
         raise ValueError("A curve needs at least one trained round to select from.")
-    return max(trained, key=lambda point: point["val-ndcg"])
+    return best_by(trained, lambda point: point["val-ndcg"])
 
 
 def method_summary(curves: dict[str, Curve], seconds: float) -> dict[str, Any]:
@@ -144,7 +149,8 @@ def selection_summary(methods: dict[str, dict[str, Any]], candidates: list[str])
     """
     per_market = {}
     for market in methods[candidates[0]]["per_market"]:
-        chosen = max(candidates, key=lambda name: methods[name]["per_market"][market]["val-ndcg@10"])
+        validation = {name: methods[name]["per_market"][market]["val-ndcg@10"] for name in candidates}
+        chosen = best_by(candidates, validation.__getitem__)
         per_market[market] = {**methods[chosen]["per_market"][market], "chosen": chosen}
     return {
         "per_market": per_market,

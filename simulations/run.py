@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from common.data.markets import MarketSource
-from common.market_config import MarketConfig, ials_config, parse_market_epsilons
+from common.ials.core import IALSConfig
 from common.methods import BASELINES, METHODS
 from common.neural.train import TrainConfig
+from common.run_config import RunConfig, parse_market_epsilons
 from common.runtime.command import (
     ArgumentParser,
     OutOfMemoryError,
@@ -41,7 +42,6 @@ from common.runtime.command import (
     comma_list,
     run_command,
 )
-from server.server_app import ServerConfig
 from simulations.baselines import (
     BaselineSettings,
     LocalPrivacy,
@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if BLEND in methods and (ALS_METHOD not in methods or blend_partner(methods) is None):
         parser.error(
             f"{BLEND} blends {ALS_METHOD} with a neural federated method: add {ALS_METHOD} and one of "
-            f"{', '.join(m for m in METHODS if METHODS[m].solver == 'sgd')} to --methods"
+            f"{', '.join(m for m in METHODS if METHODS[m].family == 'sgd')} to --methods"
         )
     if any(m.startswith("implicit-") for m in methods) and (missing := implicit_missing()) is not None:
         parser.error(missing)
@@ -245,8 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # run a bad setting only shows as every market failing its first round.
         for method in [m for m in methods if m in METHODS] or [defaults["method"]]:
             run_config = {**defaults, **run_config_for(args, method, Path(), 1)}
-            MarketConfig.from_run_config(run_config)
-            ServerConfig.from_run_config(run_config)
+            RunConfig.from_run_config(run_config)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -322,6 +321,12 @@ def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets
         # Simulation only: markets write their served models to <models-dir>/<method>/<market>.
         "models-dir": str((out_dir.parent / "models").resolve()),
     }
+
+
+def harness_ials_config(args: argparse.Namespace, defaults: dict[str, Any]) -> IALSConfig:
+    """The iALS settings fedals would train with in this run, for the references the harness computes itself."""
+    run_config = {**defaults, **run_config_for(args, "fedals", Path(), 1), "market-dp-noise-multiplier": 0.0}
+    return RunConfig.from_run_config(run_config).ials_config()
 
 
 def memory_need(markets: int, catalog_rows: int, embedding_dim: int, workers: int) -> int:
@@ -441,15 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif method == "popular":
             curves = run_popular(source, catalog, settings, say)
         elif method == "pooled-ials":
-            ials = ials_config(
-                defaults["als-factors"],
-                defaults["als-regularization"],
-                defaults["als-alpha"],
-                defaults["als-nu"],
-                defaults["als-confidence"],
-                args.num_server_rounds,
-                args.seed,
-            )
+            ials = harness_ials_config(args, defaults)
             curves = run_pooled_ials(source, catalog, settings, ials, say)
         elif method in ("implicit-local", "implicit-pooled"):
             curves = run_implicit(source, catalog, settings, method, say)
@@ -465,15 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if BLEND in args.methods:
         say(f"== {BLEND} ==")
         started = time.perf_counter()
-        ials = ials_config(
-            defaults["als-factors"],
-            defaults["als-regularization"],
-            defaults["als-alpha"],
-            defaults["als-nu"],
-            defaults["als-confidence"],
-            args.num_server_rounds,
-            args.seed,
-        )
+        ials = harness_ials_config(args, defaults)
         curves = run_blend(
             source, catalog, args.out / "models", blend_partner(args.methods), ials, args.history_length, say
         )

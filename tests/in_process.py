@@ -58,9 +58,21 @@ class ClientAppGrid(LocalGrid):
         return client_app(message, self.contexts[message.metadata.dst_node_id])
 
 
-def run_config(**overrides) -> dict:
-    """The app's defaults with the settings of an in-process training (no waiting, two markets), then ``overrides``."""
-    return {**harness.app_defaults(), "min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0, **overrides}
+SERVER_LOOP = {"min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0}  # no waiting, two markets
+
+
+def run_config(*settings: dict, server_loop: bool = True, **overrides) -> dict:
+    """A run config for the tests: the app's defaults (pyproject.toml's ``[tool.flwr.app.config]``),
+    with ``server_loop`` the settings of an in-process training (:data:`SERVER_LOOP`), then each dict
+    of ``settings`` in order, then ``overrides``.
+
+    A test module keeps its own values in a dict, e.g. ``run_config(RUN, **{"dp-epsilon": 8.0})``;
+    tests that only call the ClientApp or read configs pass ``server_loop=False`` to keep the defaults.
+    """
+    config = {**harness.app_defaults(), **(SERVER_LOOP if server_loop else {})}
+    for layer in settings:
+        config.update(layer)
+    return {**config, **overrides}
 
 
 def serve(

@@ -243,8 +243,8 @@ MUTATIONS = [
     Mutation(
         "fine-tune longer than calibrated",
         "clients/client_app.py",
-        'epochs = min(int(round_config.get("fine-tune-epochs", 0)), config.fine_tune_epochs)',
-        'epochs = int(round_config.get("fine-tune-epochs", 0))',
+        "epochs = min(int(round_config.get(FINE_TUNE_EPOCHS_KEY, 0)), config.fine_tune_epochs)",
+        "epochs = int(round_config.get(FINE_TUNE_EPOCHS_KEY, 0))",
         ["tests/test_private_training.py"],
     ),
     # fedals without DP: the minimum-buyers rule.

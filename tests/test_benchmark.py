@@ -21,6 +21,7 @@ from tests.in_process import in_process_federated
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.mark.slow  # the harness with a real SuperLink, twice (tests/README.md)
 def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
     # Execute: two seeds, three generated markets, one federated method.
     benchmark.main(
@@ -182,6 +183,7 @@ def test_the_memory_sampler_sees_a_childs_memory_and_stops_it_above_the_limit():
         child.wait()
 
 
+@pytest.mark.slow  # the harness with a real SuperLink (tests/README.md)
 def test_the_scale_benchmark_runs_fedals_over_a_catalog_larger_than_what_markets_sell(tmp_path):
     # Execute: the README's scale command at a small size: 2 markets, 3,000 catalog items, 1 round.
     report = benchmark.main(
@@ -214,6 +216,7 @@ def test_the_scale_benchmark_runs_fedals_over_a_catalog_larger_than_what_markets
     assert (tmp_path / "scale.json").exists() and "fedals" in (tmp_path / "scale.md").read_text()
 
 
+@pytest.mark.slow  # a loopback deployment: SuperLink and SuperNodes (tests/README.md)
 def test_the_latency_benchmark_compares_both_round_loops_on_a_real_deployment(tmp_path):
     # Execute: the README's latency command at a small size: 2 regions, 1 round per setting.
     report = benchmark.main(

@@ -1,8 +1,6 @@
 """What leaves a market: the ClientApp's replies, inspected message by message."""
 
 import re
-import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,24 +13,20 @@ from clients.privacy_state import COUNT_NOISE_MULTIPLIER, RELEASED_USERS, Market
 from common.data.catalog import Catalog
 from common.data.markets import MarketSource
 from common.data.synthetic import SyntheticConfig, write_markets
-from common.market_config import MarketConfig, parse_market_epsilons
-from server.server_app import ServerConfig, final_evaluate_config, initial_arrays
+from common.run_config import RunConfig, parse_market_epsilons
+from server.server_app import final_evaluate_config, initial_arrays, train_config
 from server.server_app import main as server_main
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.in_process import run_config as in_process_config
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
-def _run_config(**overrides) -> dict:
-    with open(REPO / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "synthetic-markets": 3, "embedding-dim": 8, "local-epochs": 1, **overrides}
+RUN = {"synthetic-markets": 3, "embedding-dim": 8, "local-epochs": 1}
 
 
 def _train_message(run_config: dict, server_round: int = 1) -> Message:
-    server = ServerConfig.from_run_config(run_config)
-    config = server.train_config()
+    server = RunConfig.from_run_config(run_config)
+    config = train_config(server)
     config["server-round"] = server_round
     content = RecordDict({"arrays": initial_arrays(server), "config": config})
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
@@ -60,7 +54,7 @@ def _strings_in(reply: Message) -> list[str]:
 )
 def test_a_train_reply_holds_shared_arrays_and_numbers_only(method, user_embeddings, kept_local):
     # Prepare
-    run_config = _run_config(method=method, **{"user-embeddings": user_embeddings})
+    run_config = in_process_config(RUN, server_loop=False, method=method, **{"user-embeddings": user_embeddings})
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
 
     # Execute
@@ -85,7 +79,7 @@ def test_a_train_reply_holds_shared_arrays_and_numbers_only(method, user_embeddi
 
 def test_under_dp_a_train_reply_weights_the_market_by_its_users_not_its_interactions():
     # Prepare: every market receives the average, so its weights must not be private counts.
-    run_config = _run_config(**{"dp-epsilon": 8.0, "dp-accountant": "rdp"})
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 8.0, "dp-accountant": "rdp"})
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
     interactions = MarketSource("", 3, 0).interactions("m01")
 
@@ -103,7 +97,7 @@ def test_under_dp_a_train_reply_weights_the_market_by_its_users_not_its_interact
 
 
 def test_an_evaluate_reply_holds_numbers_only():
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     context = _context(run_config, {"partition-id": 0, "num-partitions": 3})
     message = _train_message(run_config)
     evaluate = Message(
@@ -130,7 +124,7 @@ def test_an_evaluate_reply_holds_numbers_only():
 
 
 def test_the_head_persists_between_rounds_in_context_state():
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
 
     app(_train_message(run_config, 1), context)
@@ -144,7 +138,7 @@ def test_the_head_persists_between_rounds_in_context_state():
 
 def test_a_market_starts_from_the_global_weight_blend_of_received_and_own_arrays():
     # Prepare: the market trained once, so it holds its own copy of the shared arrays.
-    run_config = _run_config(**{"global-weight": 0.25})
+    run_config = in_process_config(RUN, server_loop=False, **{"global-weight": 0.25})
     context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
     reply = app(_train_message(run_config, 1), context)
     sent = reply.content["arrays"].to_torch_state_dict()
@@ -161,7 +155,7 @@ def test_a_market_starts_from_the_global_weight_blend_of_received_and_own_arrays
 
 
 def test_with_global_weight_one_a_market_keeps_no_copy_and_takes_the_received_arrays():
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     context = _context(run_config, {"partition-id": 2, "num-partitions": 3})
     app(_train_message(run_config, 1), context)
     received = {"encoder.tower.bias": torch.ones(8)}
@@ -172,7 +166,9 @@ def test_with_global_weight_one_a_market_keeps_no_copy_and_takes_the_received_ar
 
 @pytest.mark.parametrize("key", ["global-weight", "dp-global-weight"])
 def test_a_global_weight_outside_zero_to_one_is_refused(key):
-    context = _context(_run_config(**{key: 1.5}), {"partition-id": 2, "num-partitions": 3})
+    context = _context(
+        in_process_config(RUN, server_loop=False, **{key: 1.5}), {"partition-id": 2, "num-partitions": 3}
+    )
 
     with pytest.raises(ValueError, match=f"{key} must lie between 0 and 1, got 1.5"):
         config_from_context(context)
@@ -193,11 +189,11 @@ def test_a_global_weight_outside_zero_to_one_is_refused(key):
 )
 def test_a_bad_privacy_setting_is_refused_by_name(key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        MarketConfig.from_run_config(_run_config(**{key: value}))
+        RunConfig.from_run_config(in_process_config(RUN, server_loop=False, **{key: value}))
 
 
 def test_the_server_refuses_a_bad_market_setting_before_any_round(tmp_path):
-    run_config = _run_config(**{"dp-popularity-share": 1.5, "out-dir": str(tmp_path)})
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-popularity-share": 1.5, "out-dir": str(tmp_path)})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
 
     with pytest.raises(ValueError, match=re.escape("dp-popularity-share must lie in [0, 1)")):
@@ -211,7 +207,8 @@ def test_a_deployed_market_reads_its_own_file_through_the_company_catalog(tmp_pa
     paths = write_markets(SyntheticConfig(markets=2, seed=0), tmp_path)
     catalog_path = tmp_path / "catalog.txt"
     MarketSource("", 2, 0).catalog().save(catalog_path)
-    run_config = _run_config(**{"catalog-path": str(catalog_path)})  # the server's copy, for its initial arrays
+    # The server's copy of the catalog, for its initial arrays.
+    run_config = in_process_config(RUN, server_loop=False, **{"catalog-path": str(catalog_path)})
     node = {"market": "m01", "data-path": str(paths["m01"]), "catalog-path": str(catalog_path)}
 
     reply = app(_train_message(run_config), _context(run_config, node))
@@ -223,7 +220,7 @@ def test_a_deployed_market_reads_its_own_file_through_the_company_catalog(tmp_pa
 
 def test_a_deployed_market_without_a_catalog_is_told_so(tmp_path):
     paths = write_markets(SyntheticConfig(markets=1, seed=0), tmp_path)
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     node = {"market": "m00", "data-path": str(paths["m00"])}
 
     with pytest.raises(RegionError, match="needs the company catalog"):
@@ -238,9 +235,9 @@ def test_a_deployed_market_never_reads_a_path_the_server_sends(tmp_path, exists)
     probe = tmp_path / "probe.txt"
     if exists:
         MarketSource("", 1, 0).catalog().save(probe)
-    run_config = _run_config(**{"catalog-path": str(probe), "synthetic-markets": 1})
+    run_config = in_process_config(RUN, server_loop=False, **{"catalog-path": str(probe), "synthetic-markets": 1})
     node = {"market": "m00", "data-path": str(paths["m00"])}
-    message = _train_message(_run_config(**{"synthetic-markets": 1}))
+    message = _train_message(in_process_config(RUN, server_loop=False, **{"synthetic-markets": 1}))
 
     # Execute
     with pytest.raises(RegionError) as raised:
@@ -258,7 +255,9 @@ def test_an_error_reply_names_the_file_and_line_but_no_value_of_it(tmp_path):
     data = tmp_path / "regions" / "m00_5core.txt"
     data.parent.mkdir()
     data.write_text("userId itemId rating date\nU1 i1 5 2020-01-01\nSECRETUSER42 i2 notanumber 2020-01-02\n")
-    run_config = _run_config(**{"catalog-path": str(catalog_path), "synthetic-markets": 1})
+    run_config = in_process_config(
+        RUN, server_loop=False, **{"catalog-path": str(catalog_path), "synthetic-markets": 1}
+    )
     node = {"market": "m00", "data-path": str(data), "catalog-path": str(catalog_path)}
 
     # Execute
@@ -273,11 +272,11 @@ def test_an_error_reply_names_the_file_and_line_but_no_value_of_it(tmp_path):
 
 
 def test_the_last_fedper_ft_evaluation_fine_tunes_a_private_fork():
-    run_config = _run_config(method="fedper-ft", **{"fine-tune-epochs": 2})
+    run_config = in_process_config(RUN, server_loop=False, method="fedper-ft", **{"fine-tune-epochs": 2})
     context = _context(run_config, {"partition-id": 0, "num-partitions": 3})
     app(_train_message(run_config), context)
     head_before = context.state[LOCAL_STATE_KEY]["head.item_bias.weight"].numpy().copy()
-    final = final_evaluate_config(ServerConfig.from_run_config(run_config))
+    final = final_evaluate_config(RunConfig.from_run_config(run_config))
     message = _train_message(run_config)
     evaluate = Message(
         content=RecordDict({"arrays": message.content["arrays"], "config": final}),
@@ -322,17 +321,21 @@ def test_market_epsilons_parse_into_one_budget_per_named_market():
 )
 def test_a_bad_market_epsilon_is_refused_with_the_entry(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        MarketConfig.from_run_config(_run_config(**PRIVATE_RUN, **{"dp-market-epsilons": text}))
+        RunConfig.from_run_config(
+            in_process_config(RUN, server_loop=False, **PRIVATE_RUN, **{"dp-market-epsilons": text})
+        )
 
 
 def test_market_epsilons_without_dp_for_the_others_are_refused():
     with pytest.raises(ValueError, match="dp-market-epsilons needs dp-epsilon > 0"):
-        MarketConfig.from_run_config(_run_config(**{"dp-epsilon": 0.0, "dp-market-epsilons": "m01=2"}))
+        RunConfig.from_run_config(
+            in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0, "dp-market-epsilons": "m01=2"})
+        )
 
 
 def test_a_named_market_spends_its_own_budget_and_the_others_the_run_budget():
     # Prepare
-    run_config = _run_config(**PRIVATE_RUN, **{"dp-market-epsilons": "m01=2"})
+    run_config = in_process_config(RUN, server_loop=False, **PRIVATE_RUN, **{"dp-market-epsilons": "m01=2"})
 
     # Execute
     named = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3}))
@@ -344,7 +347,7 @@ def test_a_named_market_spends_its_own_budget_and_the_others_the_run_budget():
 
 
 def test_a_region_caps_the_run_budget_with_its_node_config():
-    run_config = _run_config(**PRIVATE_RUN)
+    run_config = in_process_config(RUN, server_loop=False, **PRIVATE_RUN)
 
     capped = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-epsilon": 1}))
 
@@ -352,7 +355,7 @@ def test_a_region_caps_the_run_budget_with_its_node_config():
 
 
 def test_a_regions_cap_never_raises_the_run_budget():
-    run_config = _run_config(**PRIVATE_RUN, **{"dp-market-epsilons": "m01=2"})
+    run_config = in_process_config(RUN, server_loop=False, **PRIVATE_RUN, **{"dp-market-epsilons": "m01=2"})
 
     metrics = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-epsilon": 5.0}))
 
@@ -360,7 +363,7 @@ def test_a_regions_cap_never_raises_the_run_budget():
 
 
 def test_a_region_caps_the_run_delta_with_its_node_config():
-    run_config = _run_config(**PRIVATE_RUN)
+    run_config = in_process_config(RUN, server_loop=False, **PRIVATE_RUN)
 
     capped = _trained(run_config, _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-delta": "1e-6"}))
 
@@ -370,7 +373,7 @@ def test_a_region_caps_the_run_delta_with_its_node_config():
 
 def test_a_regions_delta_cap_never_raises_the_default_delta():
     # Prepare: the run leaves delta at its default, 0.1 / the market's released user count.
-    run_config = _run_config(**PRIVATE_RUN)
+    run_config = in_process_config(RUN, server_loop=False, **PRIVATE_RUN)
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, "dp-delta": 0.5})
 
     # Execute
@@ -390,7 +393,7 @@ def test_a_regions_delta_cap_never_raises_the_default_delta():
     ],
 )
 def test_a_bad_ceiling_in_the_node_config_is_refused_by_its_key(ceiling, message):
-    run_config = _run_config(**PRIVATE_RUN)
+    run_config = in_process_config(RUN, server_loop=False, **PRIVATE_RUN)
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
 
     with pytest.raises(RegionError, match=re.escape(f"Market 'm01': {message}")):
@@ -399,7 +402,7 @@ def test_a_bad_ceiling_in_the_node_config_is_refused_by_its_key(ceiling, message
 
 @pytest.mark.parametrize("ceiling", [{"dp-epsilon": 1.0}, {"dp-delta": "1e-6"}])
 def test_a_region_that_demands_dp_refuses_a_run_without_it(ceiling):
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3, **ceiling})
     ((key, value),) = ceiling.items()
 
@@ -411,7 +414,7 @@ def test_a_region_that_demands_dp_refuses_a_run_without_it(ceiling):
 
 def test_a_cap_lowered_during_the_training_stops_the_market():
     # Prepare: round 1 of 2 under the run's budget alone.
-    run_config = _run_config(**{**PRIVATE_RUN, "num-server-rounds": 2})
+    run_config = in_process_config(RUN, server_loop=False, **{**PRIVATE_RUN, "num-server-rounds": 2})
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
     first = _trained(run_config, context, server_round=1)
 
@@ -427,7 +430,7 @@ def test_a_cap_lowered_during_the_training_stops_the_market():
 
 def test_a_delta_cap_lowered_during_the_training_stops_the_market_and_reports_at_the_new_delta():
     # Prepare: round 1 of 2 at the default delta.
-    run_config = _run_config(**{**PRIVATE_RUN, "num-server-rounds": 2})
+    run_config = in_process_config(RUN, server_loop=False, **{**PRIVATE_RUN, "num-server-rounds": 2})
     context = _context(run_config, {"partition-id": 1, "num-partitions": 3})
     first = _trained(run_config, context, server_round=1)
 

@@ -4,10 +4,8 @@ Each test plays the server against the real ClientApp, as an adversarial
 server would: it chooses the run config, the training ids and the arrays.
 """
 
-import tomllib
 from pathlib import Path
 
-import dp_accounting
 import opacus
 import pytest
 import torch
@@ -21,23 +19,29 @@ from common.data.markets import MarketSource, load_split
 from common.neural.train import MarketTensors
 from common.privacy.dp_sgd import dp_generator, popularity_seed, private_popularity, release_noise
 from common.privacy.ledger import PrivacyBudget, default_delta, sample_rate
-from server.server_app import ServerConfig, initial_arrays
+from common.run_config import RunConfig
+from server.server_app import initial_arrays, train_config
+from tests.in_process import run_config as in_process_config
+from tests.oracles import dp_accounting_epsilon
 
 REPO = Path(__file__).resolve().parents[1]
 MARKET, PARTITION = "m01", 1  # 522 users in the generated source below
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
-def _run_config(**overrides) -> dict:
-    with open(REPO / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    private = {"dp-epsilon": 4.0, "dp-accountant": "rdp", "num-server-rounds": 2, "dp-batch-size": 64}
-    return {**defaults, "synthetic-markets": 3, "embedding-dim": 8, **private, **overrides}
+RUN = {  # the run config of a private training over the generated markets
+    "synthetic-markets": 3,
+    "embedding-dim": 8,
+    "dp-epsilon": 4.0,
+    "dp-accountant": "rdp",
+    "num-server-rounds": 2,
+    "dp-batch-size": 64,
+}
 
 
 def _message(run_config: dict, server_round: int = 1, training_id: str = "t1", arrays=None) -> Message:
-    server = ServerConfig.from_run_config(run_config)
-    config = server.train_config()
+    server = RunConfig.from_run_config(run_config)
+    config = train_config(server)
     config["server-round"], config["training-id"] = server_round, training_id
     content = RecordDict({"arrays": arrays or initial_arrays(server), "config": config})
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
@@ -73,7 +77,7 @@ def _users() -> int:
 
 
 def test_two_private_rounds_with_the_same_config_send_different_arrays():
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
 
     first = _train(run_config, _context(run_config))
     second = _train(run_config, _context(run_config))
@@ -86,7 +90,7 @@ def test_two_private_rounds_with_the_same_config_send_different_arrays():
 
 def test_the_popularity_release_cannot_be_reproduced_from_the_config():
     # Prepare: what a server knowing the seed and the market name would compute.
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     context = _context(run_config)
     source = MarketSource("", 3, 0)
     catalog = source.catalog()
@@ -105,7 +109,7 @@ def test_the_popularity_release_cannot_be_reproduced_from_the_config():
 
 
 def test_a_region_that_chose_seeded_noise_gets_a_reproducible_run_marked_insecure():
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     seeded = {"dp-insecure-seeded-noise": "true"}  # the region's own node config
 
     first = _train(run_config, _context(run_config, **seeded))
@@ -119,7 +123,7 @@ def test_a_region_that_chose_seeded_noise_gets_a_reproducible_run_marked_insecur
 
 def test_a_run_config_asking_for_seeded_noise_gets_secure_noise():
     # The run config is whoever reaches the SuperLink: its request must not make DP-SGD's noise removable.
-    run_config = _run_config(**{"dp-insecure-seeded-noise": True})
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-insecure-seeded-noise": True})
 
     first = _train(run_config, _context(run_config))
     second = _train(run_config, _context(run_config))
@@ -132,21 +136,11 @@ def test_a_run_config_asking_for_seeded_noise_gets_secure_noise():
 # 2. The ledger records what the steps ran at.
 
 
-def _independent_epsilon(history: list[tuple[float, float, int]], releases: list[float], delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant()
-    for sigma in releases:
-        accountant.compose(dp_accounting.GaussianDpEvent(sigma))
-    for sigma, rate, steps in history:
-        event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return accountant.get_epsilon(delta)
-
-
 def test_a_training_resumed_with_a_larger_batch_is_accounted_at_the_rate_it_ran():
     # Prepare: calibrated at batch 64 (rate 1/9 for about 522 users: the released count's), then
     # resumed within the same training with a batch of all users (rate 1/2 or 1 by the count released then).
     users = _users()
-    calibrated = _run_config(**{"dp-epsilon": 8.0, "num-server-rounds": 3})
+    calibrated = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 8.0, "num-server-rounds": 3})
     context = _context(calibrated)
     _train(calibrated, context, 1)
     first_count = MarketPrivacy(context, MARKET).load().calibration[RELEASED_USERS]
@@ -161,7 +155,7 @@ def test_a_training_resumed_with_a_larger_batch_is_accounted_at_the_rate_it_ran(
     ledger = _ledger(context)
     second_count = MarketPrivacy(context, MARKET).load().calibration[RELEASED_USERS]
     assert {rate for _, rate, _ in ledger.history} == {sample_rate(first_count, 64), sample_rate(second_count, users)}
-    expected = _independent_epsilon(ledger.history, ledger.releases, ledger.budget.delta)
+    expected = dp_accounting_epsilon(ledger.budget.delta, ledger.history, ledger.releases)
     assert metrics["epsilon"] == pytest.approx(expected, rel=0.02)
     assert metrics["epsilon"] <= 8.0
 
@@ -170,7 +164,7 @@ def test_a_training_resumed_with_a_larger_batch_is_accounted_at_the_rate_it_ran(
 
 
 def test_a_deployed_region_under_dp_refuses_to_train_without_a_state_dir(tmp_path):
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     catalog = tmp_path / "catalog.txt"
     source = MarketSource("", 3, 0)
     source.catalog().save(catalog)
@@ -189,7 +183,7 @@ def test_a_deployed_region_under_dp_refuses_to_train_without_a_state_dir(tmp_pat
 
 
 def test_a_new_training_id_does_not_reset_what_the_region_spent(tmp_path):
-    run_config = _run_config(**{"num-server-rounds": 1, "dp-epsilon": 8.0})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 1, "dp-epsilon": 8.0})
     first = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1, "t1"))
 
     # Execute: a restarted SuperNode, and a server that names a new training.
@@ -202,7 +196,7 @@ def test_a_new_training_id_does_not_reset_what_the_region_spent(tmp_path):
 
 
 def test_the_node_ceiling_bounds_the_lifetime_over_many_trainings(tmp_path):
-    run_config = _run_config(**{"num-server-rounds": 1, "dp-epsilon": 8.0})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 1, "dp-epsilon": 8.0})
     spent = []
     for training in ("t1", "t2", "t3"):
         context = _context(run_config, **{"state-dir": str(tmp_path), "dp-epsilon": "3"})
@@ -214,7 +208,7 @@ def test_the_node_ceiling_bounds_the_lifetime_over_many_trainings(tmp_path):
 
 def test_the_ledger_survives_a_head_that_no_longer_fits(tmp_path):
     # Prepare: round 1 with history-only users, then the same training with user embeddings (another head shape).
-    run_config = _run_config(**{"num-server-rounds": 3, "dp-epsilon": 8.0})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 3, "dp-epsilon": 8.0})
     first = _metrics(_train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1))
     reshaped = {**run_config, "user-embeddings": True}
 
@@ -226,7 +220,7 @@ def test_the_ledger_survives_a_head_that_no_longer_fits(tmp_path):
 
 
 def test_a_lost_ledger_stops_dp_training_and_says_what_is_lost(tmp_path):
-    run_config = _run_config(**{"num-server-rounds": 3})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 3})
     _train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1)
     (tmp_path / f"{MARKET}.ledger.json").unlink()  # an operator "moves the file away"
 
@@ -235,7 +229,7 @@ def test_a_lost_ledger_stops_dp_training_and_says_what_is_lost(tmp_path):
 
 
 def test_an_unreadable_ledger_stops_dp_training(tmp_path):
-    run_config = _run_config(**{"num-server-rounds": 3})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 3})
     _train(run_config, _context(run_config, **{"state-dir": str(tmp_path)}), 1)
     (tmp_path / f"{MARKET}.ledger.json").write_text('{"format": 1, "market": "m01", "ledger": {')
 
@@ -248,7 +242,7 @@ def test_an_unreadable_ledger_stops_dp_training(tmp_path):
 
 def test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained(monkeypatch):
     # Prepare: one round's budget, spent in round 1; no blending with the market's own copy.
-    run_config = _run_config(**{"num-server-rounds": 1, "dp-global-weight": 1.0})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 1, "dp-global-weight": 1.0})
     context = _context(run_config)
     _train(run_config, context, 1)
     steps_before = _ledger(context).steps
@@ -279,7 +273,7 @@ def test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained(monkeyp
 
 def test_the_head_a_market_trained_is_the_head_it_evaluates_next_round():
     # Prepare: round 1 without DP, then a head marked by hand in context.state.
-    run_config = _run_config(**{"dp-epsilon": 0.0})
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0})
     context = _context(run_config)
     _train(run_config, context, 1)
     head = context.state[LOCAL_STATE_KEY].to_torch_state_dict()
@@ -306,8 +300,8 @@ def test_the_head_a_market_trained_is_the_head_it_evaluates_next_round():
     ],
 )
 def test_arrays_that_are_not_finite_float32_are_refused(spoil, problem):
-    run_config = _run_config(**{"dp-epsilon": 0.0})
-    arrays = initial_arrays(ServerConfig.from_run_config(run_config)).to_torch_state_dict()
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0})
+    arrays = initial_arrays(RunConfig.from_run_config(run_config)).to_torch_state_dict()
     name = next(iter(arrays))
     arrays[name] = spoil(arrays[name].clone())
 
@@ -316,7 +310,7 @@ def test_arrays_that_are_not_finite_float32_are_refused(spoil, problem):
 
 
 def test_a_market_name_cannot_escape_the_state_dir(tmp_path):
-    run_config = _run_config(**{"dp-epsilon": 0.0})
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0})
     state = tmp_path / "state"
     context = Context(
         run_id=1,
@@ -336,7 +330,7 @@ def test_an_operator_starts_a_new_budget_period_on_purpose_and_it_stays_on_recor
     from clients.ledger import main as ledger_command
 
     # δ set, and the released count seeded (the region's choice), so both periods' first rounds match.
-    run_config = _run_config(**{"num-server-rounds": 3, "dp-delta": 1e-5})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 3, "dp-delta": 1e-5})
     node = {"state-dir": str(tmp_path), "dp-insecure-seeded-noise": True}
     first = _metrics(_train(run_config, _context(run_config, **node), 1))
     arguments = ["--state-dir", str(tmp_path), "--market", MARKET]
@@ -359,10 +353,10 @@ def test_under_dp_a_head_trained_without_dp_is_not_restored(tmp_path, dp_epsilon
     from clients.local_model import build_local_model
     from clients.state_store import MarketStateStore
 
-    plain = _run_config(**{"dp-epsilon": 0.0})
+    plain = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0})
     _train(plain, _context(plain, **{"state-dir": str(tmp_path)}))
     saved = MarketStateStore(tmp_path, MARKET).load().head["head.item_bias.weight"]
-    run_config = _run_config(**{"dp-epsilon": dp_epsilon})
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": dp_epsilon})
 
     # Execute: a restarted SuperNode builds its model for the next training.
     model = build_local_model(_message(run_config, 1, "t2"), _context(run_config, **{"state-dir": str(tmp_path)}))[0]

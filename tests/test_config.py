@@ -1,12 +1,15 @@
-"""common.config: run and node config values parsed by their type."""
+"""common.config and common.run_config: run and node config values parsed by their type, into one model."""
+
+from dataclasses import fields
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from common.config import parse_bool, parse_value
-from common.market_config import MarketConfig
+from common.run_config import RunConfig
 from simulations import run as harness
+from xmfl.app import app_config
 
 
 @pytest.mark.parametrize(
@@ -36,7 +39,7 @@ def test_a_value_that_is_not_a_boolean_is_refused_in_one_line_naming_the_key(tex
 
 def test_a_run_config_boolean_written_as_false_is_false():
     # bool("false") is True: a cast would have turned the setting on.
-    config = MarketConfig.from_run_config({**harness.app_defaults(), "user-embeddings": "false"})
+    config = RunConfig.from_run_config({**harness.app_defaults(), "user-embeddings": "false"})
 
     assert config.user_embeddings is False
 
@@ -50,3 +53,25 @@ def test_whole_numbers_round_trip_through_text(number):
 def test_a_number_of_the_wrong_kind_is_refused_naming_the_key(kind, text):
     with pytest.raises(ValueError, match="^seed must be"):
         parse_value("seed", kind, text)
+
+
+def test_the_run_config_model_has_one_field_per_key_of_the_app_config():
+    # Prepare: the app's defaults, the one place they live.
+    defaults = app_config()
+
+    # Execute
+    config = RunConfig.from_run_config(defaults)
+
+    # Assert: every key is a field and every field a key; values parsed by type.
+    assert {field.name.replace("_", "-") for field in fields(RunConfig)} == set(defaults)
+    assert config.method == defaults["method"] and isinstance(config.fold_evaluation, bool)
+
+
+def test_the_run_config_refuses_a_text_false_that_is_not_a_boolean_and_reads_false_as_false():
+    defaults = app_config()
+
+    assert RunConfig.from_run_config({**defaults, "resume": "false"}).resume is False
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        RunConfig.from_run_config({**defaults, "resume": "no"})
+    with pytest.raises(ValueError, match="Unknown federated method"):
+        RunConfig.from_run_config({**defaults, "method": "fedsgd"})

@@ -25,11 +25,13 @@ from common.data.catalog import Catalog
 from common.data.interactions import read_interactions
 from common.data.split import split_market
 from common.data.synthetic import SyntheticConfig, write_markets
+from common.run_config import RunConfig
 from common.serving.query import load_served_model
-from server.server_app import ServerConfig, initial_arrays, published_arrays
+from server.server_app import initial_arrays, published_arrays, train_config
 from simulations import continue_benchmark
 from simulations import run as harness
-from tests.in_process import in_process_federated, run_config, serve
+from tests.in_process import in_process_federated, serve
+from tests.in_process import run_config as in_process_config
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -41,17 +43,7 @@ USER_TABLE = "head.user_embedding.weight"
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
-def _run_config(**overrides) -> dict:
-    return run_config(
-        **{
-            "method": "fedper",
-            "user-embeddings": True,
-            "embedding-dim": DIM,
-            "num-server-rounds": 1,
-            "seed": SEED,
-            **overrides,
-        }
-    )
+RUN = {"method": "fedper", "user-embeddings": True, "embedding-dim": DIM, "num-server-rounds": 1, "seed": SEED}
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +61,19 @@ def trained(tmp_path_factory) -> dict:
     catalog_path = root / "catalog.txt"
     catalog.save(catalog_path)
     models = root / "out" / "models"
-    first = _run_config(
+    first = in_process_config(
+        RUN,
         **{
             "data-dir": str(before),
             "catalog-path": str(catalog_path),
             "out-dir": str(root / "out" / "server"),
             "models-dir": str(models),
-        }
+        },
     )
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # module scope: before the fixture
     serve(first)
-    grown = _run_config(
-        **{"data-dir": str(root / "full"), "catalog-path": str(catalog_path), "init-from": str(models / "fedper")}
+    grown = in_process_config(
+        RUN, **{"data-dir": str(root / "full"), "catalog-path": str(catalog_path), "init-from": str(models / "fedper")}
     )
     return {"root": root, "catalog": catalog, "models": models / "fedper", "grown": grown}
 
@@ -96,8 +89,8 @@ def _fresh_and_restored(run_config: dict, partition: int = 1) -> tuple[dict, dic
             state=RecordDict(),
             run_config=config,
         )
-        server = ServerConfig.from_run_config(config)
-        content = RecordDict({"arrays": initial_arrays(server), "config": server.train_config()})
+        server = RunConfig.from_run_config(config)
+        content = RecordDict({"arrays": initial_arrays(server), "config": train_config(server)})
         model, *_ = build_local_model(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
         heads.append({name: value.clone() for name, value in model.state_dict().items() if name.startswith("head.")})
     return heads[0], heads[1], context
@@ -127,7 +120,7 @@ def test_the_server_starts_from_the_published_shared_arrays(trained, tmp_path):
 
 def test_a_method_that_shares_the_same_arrays_may_start_from_them(trained):
     # fedrep shares what fedper shares (the encoder): the published arrays fit, whatever trained them.
-    config = ServerConfig.from_run_config({**trained["grown"], "method": "fedrep"})
+    config = RunConfig.from_run_config({**trained["grown"], "method": "fedrep"})
 
     arrays = published_arrays(config, trained["catalog"], initial_arrays(config, trained["catalog"]))
 
@@ -150,7 +143,7 @@ def test_a_published_file_of_other_settings_is_refused_naming_the_setting(traine
     catalog = trained["catalog"]
     if other_catalog:
         catalog = Catalog.from_items([*catalog.item_ids, "P-NEW"])
-    config = ServerConfig.from_run_config({**trained["grown"], **overrides})
+    config = RunConfig.from_run_config({**trained["grown"], **overrides})
 
     # Execute / Assert: one ValueError names the file, the setting and both values.
     with pytest.raises(ValueError, match="Cannot start from .*published.pt \\(init-from\\)") as refused:
@@ -220,8 +213,8 @@ def test_a_deployed_region_does_not_read_init_from(trained, tmp_path):
         run_config=trained["grown"],
         node_config={"market": "m01", "data-path": str(market_file), "catalog-path": catalog_path},
     )
-    server = ServerConfig.from_run_config(trained["grown"])
-    content = RecordDict({"arrays": initial_arrays(server), "config": server.train_config()})
+    server = RunConfig.from_run_config(trained["grown"])
+    content = RecordDict({"arrays": initial_arrays(server), "config": train_config(server)})
 
     build_local_model(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
 

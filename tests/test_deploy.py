@@ -29,6 +29,7 @@ from simulations.run import app_defaults
 from tests.run_state import checkpointed_round, rounds_in_history
 
 REGIONS = ["m00", "m01", "m02"]
+# Marked slow: every test that starts a SuperLink or a SuperNode as a real process (tests/README.md).
 
 
 def _run_config(out: Path, **settings) -> str:
@@ -72,6 +73,7 @@ def federation(tmp_path_factory):
         yield running
 
 
+@pytest.mark.slow
 def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_its_error(federation):
     # Prepare: three good regions and one whose file has a bad rating on line 3.
     out = federation.root / "out"
@@ -101,6 +103,7 @@ def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_
         )
 
 
+@pytest.mark.slow
 def test_an_unregistered_node_is_refused(federation):
     federation.start_supernode("m00", key="intruder")
 
@@ -109,6 +112,7 @@ def test_an_unregistered_node_is_refused(federation):
     assert "Failed to activate SuperNode" in federation.log("intruder")
 
 
+@pytest.mark.slow
 def test_the_server_host_holds_no_private_key_but_its_tls_key(federation):
     # The regions' keys and the app-signing key were made in their own folders; the server host got public halves.
     server = federation.root / "server"
@@ -119,6 +123,7 @@ def test_the_server_host_holds_no_private_key_but_its_tls_key(federation):
     assert (server / "app.signed").exists() and not (server / PRIVATE_FILE).exists()
 
 
+@pytest.mark.slow
 def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
     # Prepare: the same app sent from the checkout (unsigned), and signed offline by a key no region trusts
     # (a server operator's own key, say).
@@ -153,6 +158,7 @@ def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
         assert "Receiving: train message" in new and "Start `flwr-clientapp`" not in new
 
 
+@pytest.mark.slow
 def test_three_regions_complete_a_fedals_run_over_tls(federation):
     # Prepare: federated implicit ALS on the same regions (the malformed one fails every round).
     out = federation.root / "out-fedals"
@@ -176,6 +182,7 @@ def test_three_regions_complete_a_fedals_run_over_tls(federation):
     assert torch.load(out / "published.pt", weights_only=True)["method"] == "fedals"
 
 
+@pytest.mark.slow
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
     # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2;
     # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon. 5 rounds: m02, killed
@@ -232,6 +239,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         assert "dp-market-epsilons names ['m0O'], but no such market replied" in federation.log("run")
 
 
+@pytest.mark.slow
 def test_restarting_a_region_gives_up_with_a_clear_error_when_it_is_never_let_in(tmp_path):
     # Prepare: no SuperLink, so the restarted SuperNode keeps trying to connect and is never let in.
     with LoopbackFederation(tmp_path, {"m00": {"data-path": str(tmp_path / "unused.txt")}}) as federation:

@@ -8,7 +8,6 @@ every message a market sends, and every release its lifetime ledger recorded.
 import copy
 from itertools import count
 
-import dp_accounting
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -35,6 +34,7 @@ from server.server_app import main as server_main
 from tests.conftest import server_task_identity
 from tests.in_process import ClientAppGrid
 from tests.in_process import run_config as in_process_config
+from tests.oracles import dp_accounting_epsilon
 
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::UserWarning")]
 _run_ids = count(5000)
@@ -294,14 +294,6 @@ def test_the_transfer_is_served_with_its_choice_and_the_spent_budget(private_run
     assert load_served_model(tmp_path / "models" / "fedals" / "m00").manifest["method"] == "fedals"
 
 
-def _independent_epsilon(releases: list[float], delta: float) -> float:
-    """Google's dp_accounting RDP accountant over the ledger's Gaussian releases (sample rate 1)."""
-    accountant = dp_accounting.rdp.RdpAccountant()
-    for sigma in releases:
-        accountant.compose(dp_accounting.GaussianDpEvent(sigma))
-    return accountant.get_epsilon(delta)
-
-
 def test_the_ledger_records_every_release_and_a_new_training_gets_no_fresh_budget(private_runs, tmp_path):
     grid, _ = private_runs["fedals"]
 
@@ -325,7 +317,9 @@ def test_the_ledger_records_every_release_and_a_new_training_gets_no_fresh_budge
         assert spent <= 4.0
         # The ledger's other releases: the user count, released once per calibration.
         assert ledger.releases == [COUNT_NOISE_MULTIPLIER]
-        assert spent == pytest.approx(_independent_epsilon(ledger.releases + recorded, ledger.budget.delta), rel=1e-3)
+        assert spent == pytest.approx(
+            dp_accounting_epsilon(ledger.budget.delta, releases=ledger.releases + recorded), rel=1e-3
+        )
         assert sent[-1].content["metrics"]["epsilon"] == pytest.approx(spent)
 
     # Execute: the server names a new training for the same markets (their contexts kept).

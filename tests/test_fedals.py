@@ -2,9 +2,7 @@
 
 import json
 import re
-import tomllib
 from collections.abc import Callable
-from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
@@ -31,19 +29,19 @@ from common.ials.private import DEFAULT_MIN_BUYERS
 from common.ials.reference import pooled_ials
 from common.ials.steps import score_candidates, solve_users
 from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, REPLY_KEYS, STATISTICS_KEYS, check_item_side
-from common.market_config import MarketConfig
 from common.neural.train import evaluate
+from common.run_config import RunConfig
 from common.serving.query import load_served_model
 from server.fedals import FedALS
 from server.history import RunHistory
 from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, run_rounds
-from server.server_app import ServerConfig, initial_arrays
+from server.server_app import initial_arrays
 from simulations import run as harness
 from tests.in_process import ScriptedGrid
+from tests.in_process import run_config as in_process_config
 from tests.served_check import served_test_ndcg
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCE = MarketSource("", 3, 0)
 FACTORS = 8
 # Not the defaults: the log confidence needs the ratings and ν > 0 the frequency-scaled
@@ -63,22 +61,11 @@ ROUNDS = 3
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _run_config(**overrides) -> dict:
-    with open(REPO / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {
-        **defaults,
-        "method": "fedals",
-        "synthetic-markets": 3,
-        "history-length": 10,
-        "num-server-rounds": ROUNDS,
-        **ALS,
-        **overrides,
-    }
+RUN = {"method": "fedals", "synthetic-markets": 3, "history-length": 10, "num-server-rounds": ROUNDS, **ALS}
 
 
 def _ials_config() -> IALSConfig:
-    return MarketConfig.from_run_config(_run_config()).ials_config()
+    return RunConfig.from_run_config(in_process_config(RUN, server_loop=False)).ials_config()
 
 
 def _market(name: str, history_length: int = 10) -> IALSMarket:
@@ -216,12 +203,12 @@ def test_the_split_recommender_scores_each_known_user_with_their_ials_factor():
 
 def test_the_servers_initial_table_holds_the_rows_markets_draw_themselves():
     # Prepare: in round 1 a market is sent the Gram alone and draws its rows' seeded factors.
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     catalog = SOURCE.catalog()
     rows = load_split(SOURCE, "m02", catalog).market_items
 
     # Execute
-    table = initial_arrays(ServerConfig.from_run_config(run_config), catalog)[ITEM_TABLE].numpy()
+    table = initial_arrays(RunConfig.from_run_config(run_config), catalog)[ITEM_TABLE].numpy()
     drawn = initial_rows(rows, _ials_config())
 
     # Assert: bit for bit, and the tower is the identity (zero).
@@ -234,13 +221,13 @@ def test_the_servers_initial_table_holds_the_rows_markets_draw_themselves():
 
 def test_a_train_reply_holds_item_side_statistics_and_numbers_only():
     # Prepare: the strategy's own round-1 message to one market (m01).
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     catalog = SOURCE.catalog()
     strategy = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=1)
     client = _client(1, run_config)
     grid = ScriptedGrid({7: client})
     config = ConfigRecord({"training-id": "t-1", "evaluate-received": True})
-    arrays = initial_arrays(ServerConfig.from_run_config(run_config), catalog)
+    arrays = initial_arrays(RunConfig.from_run_config(run_config), catalog)
     message = list(strategy.configure_train(1, arrays, config, grid))[0]
     message.metadata.__dict__["_message_id"] = uuid4().hex
     split = load_split(SOURCE, "m01", catalog)
@@ -275,9 +262,9 @@ def test_a_market_the_server_has_no_rows_for_gets_the_whole_table_and_sends_the_
     # Prepare: the same market twice at round 1 of a seeded training: once as a known-to-be-new node
     # (the Gram alone, initial rows drawn locally), once as a node of a training started elsewhere
     # (init-from: the server sends its whole table).
-    run_config = _run_config(**{"num-server-rounds": 2})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 2})
     catalog = SOURCE.catalog()
-    arrays = initial_arrays(ServerConfig.from_run_config(run_config), catalog)
+    arrays = initial_arrays(RunConfig.from_run_config(run_config), catalog)
     config = ConfigRecord({"training-id": "t-1"})
     replies = []
     for seeded_start in (True, False):
@@ -332,13 +319,13 @@ def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
     tmp_path, flower_warnings, corruption, reason
 ):
     # Prepare: m00 is honest, m01 sends a corrupted reply; one round of the real loop.
-    run_config = _run_config(**{"num-server-rounds": 1})
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 1})
     catalog = SOURCE.catalog()
     honest, dishonest = _client(0, run_config), _client(1, run_config)
     grid = ScriptedGrid({1: honest, 2: lambda message: corruption(dishonest(message))})
     strategy = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=2)
     settings = RoundSettings(num_rounds=1, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
-    arrays = initial_arrays(ServerConfig.from_run_config(run_config), catalog)
+    arrays = initial_arrays(RunConfig.from_run_config(run_config), catalog)
 
     # Execute
     final = run_rounds(
@@ -373,7 +360,9 @@ def test_a_deployed_region_trains_and_writes_its_served_model_to_its_state_dir(t
     paths = write_markets(SyntheticConfig(markets=3, seed=0), tmp_path / "data")
     catalog_path = tmp_path / "catalog.txt"
     SOURCE.catalog().save(catalog_path)
-    run_config = _run_config(**{"num-server-rounds": 1, "catalog-path": str(catalog_path)})
+    run_config = in_process_config(
+        RUN, server_loop=False, **{"num-server-rounds": 1, "catalog-path": str(catalog_path)}
+    )
     node = {
         "market": "m02",
         "data-path": str(paths["m02"]),
@@ -391,7 +380,7 @@ def test_a_deployed_region_trains_and_writes_its_served_model_to_its_state_dir(t
         strategy,
         RunHistory(tmp_path / "server", {}),
         settings,
-        initial_arrays(ServerConfig.from_run_config(run_config), catalog),
+        initial_arrays(RunConfig.from_run_config(run_config), catalog),
         ConfigRecord({}),
         ConfigRecord({"final-round": True}),
         arrays_problem=strategy.reply_problem,
@@ -408,15 +397,19 @@ def test_fedals_under_market_level_dp_is_refused_up_front():
     # Market-level DP clips and noises averaged updates; fedals sums statistics instead (its DP is
     # user-level, in each market: tests/test_dp_fedals.py).
     with pytest.raises(ValueError, match="fedals has no market-level DP: set market-dp-noise-multiplier to 0"):
-        ServerConfig.from_run_config(_run_config(**{"market-dp-noise-multiplier": 1.0}))
+        RunConfig.from_run_config(in_process_config(RUN, server_loop=False, **{"market-dp-noise-multiplier": 1.0}))
 
 
 def test_a_resume_refuses_changed_als_settings():
     catalog = SOURCE.catalog()
-    saved = run_fingerprint(_run_config(), catalog)
+    saved = run_fingerprint(in_process_config(RUN, server_loop=False), catalog)
 
     with pytest.raises(ValueError, match=re.escape("als-alpha: 5.0 -> 10.0")):
-        check_resumable(saved, run_fingerprint(_run_config(**{"als-alpha": 10.0}), catalog), "checkpoint.pt")
+        check_resumable(
+            saved,
+            run_fingerprint(in_process_config(RUN, server_loop=False, **{"als-alpha": 10.0}), catalog),
+            "checkpoint.pt",
+        )
 
 
 @pytest.mark.parametrize(
@@ -429,6 +422,5 @@ def test_a_resume_refuses_changed_als_settings():
     ],
 )
 def test_a_bad_als_setting_is_refused_by_its_key(key, value, message):
-    for reader in (MarketConfig, ServerConfig):
-        with pytest.raises(ValueError, match=re.escape(message)):
-            reader.from_run_config(_run_config(**{key: value}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig.from_run_config(in_process_config(RUN, server_loop=False, **{key: value}))

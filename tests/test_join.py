@@ -37,7 +37,8 @@ from common.data.synthetic import SyntheticConfig, write_markets
 from common.neural.train import MarketTensors, evaluate
 from common.serving.query import load_served_model
 from server.history import PUBLISHED_FILE
-from tests.in_process import run_config, serve
+from tests.in_process import run_config as in_process_config
+from tests.in_process import serve
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -48,10 +49,7 @@ JOINER = "m02"
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
-def _run_config(**overrides) -> dict:
-    return run_config(
-        **{"method": "fedper", "embedding-dim": DIM, "num-server-rounds": ROUNDS, "seed": SEED, **overrides}
-    )
+RUN = {"method": "fedper", "embedding-dim": DIM, "num-server-rounds": ROUNDS, "seed": SEED}
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +68,14 @@ def federation(tmp_path_factory) -> dict:
     trained.mkdir()
     for market in ("m00", "m01"):
         shutil.copy(paths[market], trained / paths[market].name)
-    run_config = _run_config(
+    run_config = in_process_config(
+        RUN,
         **{
             "data-dir": str(trained),
             "catalog-path": str(catalog_path),
             "out-dir": str(root / "out" / "server"),
             "models-dir": str(root / "out" / "models"),
-        }
+        },
     )
     serve(run_config, 2, run_id=41)
     return {
@@ -304,7 +303,7 @@ def test_the_clientapp_of_the_region_restores_the_joined_head_in_the_next_traini
         "catalog-path": str(federation["catalog_path"]),
         "state-dir": str(state_dir),
     }
-    context = Context(run_id=2, node_id=9, node_config=node, state=RecordDict(), run_config=_run_config())
+    context = Context(run_id=2, node_id=9, node_config=node, state=RecordDict(), run_config=in_process_config(RUN))
     message = Message(
         RecordDict(
             {

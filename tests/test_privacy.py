@@ -2,10 +2,7 @@
 
 import json
 
-import dp_accounting
 import pytest
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -21,19 +18,9 @@ from common.privacy.ledger import (
     sample_rate,
     steps_per_epoch,
 )
+from tests.oracles import dp_accounting_epsilon
 
 SETTINGS = [(1.0, 0.01, 1000), (0.8, 0.004, 5000), (2.0, 0.05, 300), (1.2, 0.02, 2000)]
-
-
-def _independent_epsilon(accountant: str, sigma: float, rate: float, steps: int, delta: float) -> float:
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps
-    )
-    if accountant == "prv":
-        independent = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
-    else:
-        independent = rdp_privacy_accountant.RdpAccountant()
-    return independent.compose(event).get_epsilon(delta)
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -43,7 +30,7 @@ def test_epsilon_agrees_with_dp_accounting_within_one_percent(accountant, sigma,
 
     ledger.record(steps)
 
-    expected = _independent_epsilon(accountant, sigma, rate, steps, 1e-5)
+    expected = dp_accounting_epsilon(1e-5, [(sigma, rate, steps)], accountant=accountant)
     assert ledger.epsilon() == pytest.approx(expected, rel=0.01)
 
 
@@ -59,20 +46,8 @@ def test_a_release_composed_with_steps_agrees_with_dp_accounting(accountant, rel
     ledger.record(steps)
 
     # Assert
-    event = dp_accounting.ComposedDpEvent(
-        [
-            dp_accounting.GaussianDpEvent(release),
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps
-            ),
-        ]
-    )
-    independent = (
-        pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
-        if accountant == "prv"
-        else rdp_privacy_accountant.RdpAccountant()
-    )
-    assert ledger.epsilon() == pytest.approx(independent.compose(event).get_epsilon(1e-5), rel=0.01)
+    expected = dp_accounting_epsilon(1e-5, [(sigma, rate, steps)], [release], accountant=accountant)
+    assert ledger.epsilon() == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])

@@ -1,9 +1,7 @@
 """DP-SGD in a market: what it reports, what it keeps, and when it stops."""
 
 import json
-import tomllib
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,29 +14,21 @@ from clients.privacy_state import COUNT_NOISE_MULTIPLIER, PRIVACY_KEY, RELEASED_
 from common.data.markets import MarketSource, load_split
 from common.neural.train import MarketTensors, user_batch_inputs
 from common.privacy.ledger import PrivacyLedger, sample_rate, steps_per_epoch
-from server.server_app import ServerConfig, initial_arrays
+from common.run_config import RunConfig
+from server.server_app import initial_arrays, train_config
 from simulations import run as harness
+from tests.in_process import run_config as in_process_config
 
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore")]
 BUDGET = 4.0
 
 
-def _run_config(dp_epsilon: float) -> dict:
-    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {
-        **defaults,
-        "synthetic-markets": 3,
-        "embedding-dim": 8,
-        "num-server-rounds": 2,
-        "dp-epsilon": dp_epsilon,
-        "dp-accountant": "rdp",
-    }
+RUN = {"synthetic-markets": 3, "embedding-dim": 8, "num-server-rounds": 2, "dp-accountant": "rdp"}
 
 
 def _train(run_config: dict, context: Context, server_round: int) -> Message:
-    server = ServerConfig.from_run_config(run_config)
-    config = server.train_config()
+    server = RunConfig.from_run_config(run_config)
+    config = train_config(server)
     config["server-round"] = server_round
     message = Message(
         RecordDict({"arrays": initial_arrays(server), "config": config}), dst_node_id=7, message_type=MessageType.TRAIN
@@ -58,11 +48,14 @@ def _context(run_config: dict) -> Context:
 
 def test_a_private_round_reports_epsilon_and_differs_from_the_non_private_one():
     # Prepare
-    private, public = _context(_run_config(BUDGET)), _context(_run_config(0.0))
+    private, public = (
+        _context(in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET})),
+        _context(in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0})),
+    )
 
     # Execute: the same seed, with and without DP-SGD.
-    private_reply = _train(_run_config(BUDGET), private, 1)
-    public_reply = _train(_run_config(0.0), public, 1)
+    private_reply = _train(in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET}), private, 1)
+    public_reply = _train(in_process_config(RUN, server_loop=False, **{"dp-epsilon": 0.0}), public, 1)
 
     # Assert
     epsilon = private_reply.content["metrics"]["epsilon"]
@@ -76,7 +69,7 @@ def test_a_private_round_reports_epsilon_and_differs_from_the_non_private_one():
 
 def test_dp_sgd_moves_only_the_regions_public_rows_never_the_set_its_users_bought(tmp_path):
     # Prepare: a product list of half the items the market's users bought and as many they did not.
-    run_config = _run_config(BUDGET)
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET})
     source = MarketSource("", 3, 0)
     catalog = source.catalog()
     bought = load_split(source, source.markets[2], catalog).market_items
@@ -85,7 +78,7 @@ def test_dp_sgd_moves_only_the_regions_public_rows_never_the_set_its_users_bough
     (tmp_path / "products.txt").write_text("\n".join(catalog.item_ids[row] for row in listed), encoding="utf-8")
     context = _context(run_config)
     context.node_config["assortment-path"] = str(tmp_path / "products.txt")
-    sent = initial_arrays(ServerConfig.from_run_config(run_config))["encoder.item_embedding.weight"].numpy()
+    sent = initial_arrays(RunConfig.from_run_config(run_config))["encoder.item_embedding.weight"].numpy()
 
     # Execute
     reply = _train(run_config, context, 1)
@@ -99,7 +92,7 @@ def test_dp_sgd_moves_only_the_regions_public_rows_never_the_set_its_users_bough
 
 
 def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
-    run_config = _run_config(BUDGET)
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET})
     context = _context(run_config)
 
     first = _train(run_config, context, 1).content["metrics"]["epsilon"]
@@ -114,7 +107,7 @@ def test_the_ledger_composes_over_rounds_and_the_budget_is_never_exceeded():
 
 
 def test_a_market_out_of_budget_stops_training_and_carries_no_weight():
-    run_config = _run_config(BUDGET)
+    run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET})
     context = _context(run_config)
     _train(run_config, context, 1)
     _train(run_config, context, 2)
@@ -127,8 +120,8 @@ def test_a_market_out_of_budget_stops_training_and_carries_no_weight():
 
 
 def _evaluate(run_config: dict, context: Context, server_round: int, fine_tune_epochs: int) -> Message:
-    server = ServerConfig.from_run_config(run_config)
-    config = server.train_config()
+    server = RunConfig.from_run_config(run_config)
+    config = train_config(server)
     config["server-round"] = server_round
     config["fine-tune-epochs"] = fine_tune_epochs
     message = Message(
@@ -140,7 +133,12 @@ def _evaluate(run_config: dict, context: Context, server_round: int, fine_tune_e
 
 
 def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
-    run_config = {**_run_config(BUDGET), "method": "fedrep", "head-epochs": 1, "local-epochs": 1}
+    run_config = {
+        **in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET}),
+        "method": "fedrep",
+        "head-epochs": 1,
+        "local-epochs": 1,
+    }
     context = _context(run_config)
 
     first = _train(run_config, context, 1).content["metrics"]
@@ -156,7 +154,11 @@ def test_fedrep_under_dp_spends_head_and_encoder_epochs_within_the_budget():
 
 
 def test_fedper_ft_under_dp_keeps_budget_for_the_fork_and_reports_its_epsilon():
-    run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 2}
+    run_config = {
+        **in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET}),
+        "method": "fedper-ft",
+        "fine-tune-epochs": 2,
+    }
     context = _context(run_config)
     context.node_config["dp-exact-metrics"] = True  # the region's choice: the fork's metrics leave with it
     _train(run_config, context, 1)
@@ -202,7 +204,7 @@ def test_the_local_baseline_under_dp_spends_each_markets_budget_and_no_more(tmp_
 def test_dp_sgd_samples_at_the_released_count_never_the_exact_one():
     # Prepare: batches of 2 users, so that the rate tells the count to within 2; the region's seeded
     # noise makes the released count reproducible (it differs from the exact one: checked below).
-    run_config = {**_run_config(BUDGET), "dp-batch-size": 2}
+    run_config = {**in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET}), "dp-batch-size": 2}
     context = _context(run_config)
     context.node_config["dp-insecure-seeded-noise"] = True
 
@@ -241,7 +243,12 @@ def test_dp_sgd_draws_negatives_from_the_public_rows_only():
 def test_a_fine_tune_the_budget_cannot_pay_for_is_not_trained_and_its_numbers_stay_home():
     # Prepare: a fedper-ft training calibrated for 3 rounds and a 1-epoch fork; after round 1 the
     # server asks for a 50-epoch fork, which the rounds' unspent budget could pay for in part.
-    run_config = {**_run_config(BUDGET), "method": "fedper-ft", "fine-tune-epochs": 1, "num-server-rounds": 3}
+    run_config = {
+        **in_process_config(RUN, server_loop=False, **{"dp-epsilon": BUDGET}),
+        "method": "fedper-ft",
+        "fine-tune-epochs": 1,
+        "num-server-rounds": 3,
+    }
     context = _context(run_config)
     _train(run_config, context, 1)
     spent = json.loads(str(context.state[PRIVACY_KEY]["ledger"]))

@@ -33,6 +33,7 @@ def test_output_lines_stop_waiting_at_the_deadline_while_the_process_writes_noth
         stop_process_tree(process)
 
 
+@pytest.mark.slow  # a real SuperLink (tests/README.md)
 def test_a_run_that_hangs_without_output_is_stopped_at_its_timeout(tmp_path, monkeypatch):
     # Prepare: a real SuperLink, and a `flwr` that never writes a line nor exits.
     silent = tmp_path / "silent-flwr"

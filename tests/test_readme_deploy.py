@@ -5,16 +5,17 @@ The block's first command sets what every other command reads (``XM``, ``DATA``,
 own values (2 generated regions, 2 rounds, free ports, everything under
 ``tmp_path``, a fresh ``HOME`` and no ``FLWR_HOME``) and runs every other
 command verbatim through bash, in order. A command that starts a server (ends in
-``&``) runs in the background, and the test waits for its port as a person would
-before the next step. The training is started in the background so that the
-server can be crashed after round 1; the test then starts the SuperLink again
-with step 1 and continues with the README's resume command (this replaces the
-killed-server test of ``tests/test_deploy.py``). That a second training refuses
-the finished one's ``out-dir`` is tested in ``tests/test_server_loop.py``. The
-block's parties keep their keys apart: the test checks that the folder of the
-SuperLink's TLS files (the server host's) holds no private key but the
-SuperLink's, and that the app-signing key and each region's key are elsewhere.
-Every process is stopped by PID with its descendants.
+``&``) runs in the background, and the test waits until that server (not any
+other program) listens on its port, as a person would, before the next step. The
+training is started in the background so that the server can be crashed after
+round 1; the test then starts the SuperLink again with step 1 and continues with
+the README's resume command (this replaces the killed-server test of
+``tests/test_deploy.py``). That a second training refuses the finished one's
+``out-dir`` is tested in ``tests/test_server_loop.py``. The block's parties keep
+their keys apart: the test checks that the folder of the SuperLink's TLS files
+(the server host's) holds no private key but the SuperLink's, and that the
+app-signing key and each region's key are elsewhere. Every process is stopped by
+PID with its descendants.
 """
 
 import os
@@ -27,10 +28,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
+import pytest
 
 from common.data.catalog import Catalog
 from common.data.synthetic import SyntheticConfig, write_markets
-from common.runtime.processes import free_port, stop_process_tree, wait_for_port
+from common.runtime.processes import free_port, stop_process_tree
 from common.serving.query import load_served_model
 from deploy.keys import holds_private_key
 from deploy.loopback import APP_DIR
@@ -39,6 +42,8 @@ from tests.run_state import checkpointed_round, rounds_in_history
 README = APP_DIR / "README.md"
 BIN = Path(sys.executable).parent
 REGIONS = ["m00", "m01"]
+
+pytestmark = pytest.mark.slow  # every Flower process of the README, for real (tests/README.md)
 
 
 def deploy_block(readme: str) -> str:
@@ -77,6 +82,32 @@ def free_ports(count: int) -> int:
             return base
         except OSError:
             continue
+
+
+def other_free_ports(count: int, taken: range) -> list[int]:
+    """``count`` free ports on loopback, different from each other and from ``taken``."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports and port not in taken:
+            ports.append(port)
+    return ports
+
+
+def listens(process: subprocess.Popen, port: int) -> bool:
+    """Whether ``process`` or a descendant listens on TCP ``port``: not some other program that took the port."""
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for member in tree:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in member.net_connections("tcp")):
+                return True
+        except psutil.Error:
+            continue
+    return False
 
 
 class Shell:
@@ -119,10 +150,16 @@ class Shell:
             )
         self.started.append(process)
         for name in re.findall(r"--port \$(\w+)\b(?!\()", command):  # the servers it starts are up
-            try:
-                wait_for_port(int(self.settings[name]), timeout=90)
-            except TimeoutError:
-                raise AssertionError(f"{command}\nnever listened on ${name}:\n{self.log(log)[-3000:]}") from None
+            # Its own listener, not just any: the port was only free when picked, and another program (Ray's
+            # workers of a test run beside this one, say) may have taken it since; then the server exits.
+            port, deadline = int(self.settings[name]), time.monotonic() + 90
+            while not listens(process, port):
+                assert process.poll() is None, (
+                    f"{command}\nexited with {process.returncode} before listening on ${name} ({port}):\n"
+                    f"{self.log(log)[-3000:]}"
+                )
+                assert time.monotonic() < deadline, f"{command}\nnever listened on ${name}:\n{self.log(log)[-3000:]}"
+                time.sleep(0.2)
         return process
 
     def wait_until_serving(self, timeout: float = 90) -> None:
@@ -171,12 +208,13 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
     # Prepare: the README's commands; the test's values for the settings they read; 2 regions' data.
     settings_command, *steps = commands(deploy_block(README.read_text(encoding="utf-8")))
     nodes = free_ports(len(REGIONS))
+    port, index = other_free_ports(2, taken=range(nodes + 1, nodes + len(REGIONS) + 1))
     settings = {
         "XM": str(tmp_path / "xm"),
         "DATA": str(tmp_path / "data"),
         "REGIONS": " ".join(REGIONS),
-        "PORT": str(free_port()),
-        "INDEX": str(free_port()),
+        "PORT": str(port),
+        "INDEX": str(index),
         "NODES": str(nodes),
         "ROUNDS": "2",
         "MIN_NODES": str(len(REGIONS)),
@@ -209,9 +247,11 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
                 shell.start(step, f"step-{number}")
             else:
                 shell.run(step)
-        shell.start(runs[0], "training")
+        training = shell.start(runs[0], "training")
         deadline = time.monotonic() + 300
         while checkpointed_round(out) < 1:
+            ended = training.poll() is not None and checkpointed_round(out) < 1
+            assert not ended, f"The training ended before round 1:\n{shell.log('training')[-3000:]}"
             assert time.monotonic() < deadline, f"No round was checkpointed:\n{shell.log('training')[-3000:]}"
             time.sleep(0.2)
         stop_process_tree(next(p for p in shell.started if superlink in " ".join(p.args)), crash=True)

@@ -10,10 +10,10 @@ from common.ials.core import MarketInteractions, initial_item_gram
 from common.ials.model import initial_rows
 from common.ials.steps import market_item_statistics, solve_items, solve_users
 from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, unpack_statistics
-from common.market_config import MarketConfig
-from simulations import run as harness
+from common.run_config import RunConfig
 from simulations.attacks.hostile import HostileServer
 from simulations.attacks.settings import AttackSettings
+from tests.in_process import run_config as in_process_config
 
 MARKETS = 2
 SOURCE = MarketSource("", MARKETS, 0)
@@ -22,24 +22,21 @@ FACTORS = 8
 pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _run_config(**overrides) -> dict:
-    return {
-        **harness.app_defaults(),
-        "method": "fedals",
-        "synthetic-markets": MARKETS,
-        "als-factors": FACTORS,
-        "num-server-rounds": 3,
-        "min-nodes": MARKETS,
-        "poll-interval": 0.001,
-        **overrides,
-    }
+RUN = {
+    "method": "fedals",
+    "synthetic-markets": MARKETS,
+    "als-factors": FACTORS,
+    "num-server-rounds": 3,
+    "min-nodes": MARKETS,
+    "poll-interval": 0.001,
+}
 
 
 def _first_reply(run_config: dict, node_extra: dict | None = None, node: int = 1) -> dict[str, np.ndarray]:
     """The real ClientApp's reply arrays to the round-1 message of an honest server."""
     nodes = [{"partition-id": p, "num-partitions": MARKETS, **(node_extra or {})} for p in range(MARKETS)]
     hostile = HostileServer(run_config, nodes)
-    config = MarketConfig.from_run_config(run_config).ials_config()
+    config = RunConfig.from_run_config(run_config).ials_config()
     gram = initial_item_gram(SOURCE.catalog().size, config.factors, config.seed, config.init_std)
     arrays, _ = hostile.arrays(
         node,
@@ -57,7 +54,7 @@ def _buyers(market: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _round_one_users(run_config: dict):
     """Market m01's iALS settings, split, training interactions and users as it solves them in round 1."""
-    config = MarketConfig.from_run_config(run_config).ials_config()
+    config = RunConfig.from_run_config(run_config).ials_config()
     catalog = SOURCE.catalog()
     split = load_split(SOURCE, "m01", catalog)
     train = MarketInteractions(split.train_users, split.train_items, split.num_users)
@@ -77,7 +74,7 @@ def _round_one_users(run_config: dict):
 def test_the_sole_buyer_attack_on_a_real_reply_exposes_no_user():
     # Prepare: what market m01 computes in round 1 (its seeded rows, the initial Gram), to know
     # each user's true z_u = [√α·x_u, (1+α)/√α]; then the reply it actually sends.
-    run_config = _run_config()
+    run_config = in_process_config(RUN, server_loop=False)
     config, split, train, users = _round_one_users(run_config)
     alpha = config.alpha
     truth = np.hstack([np.sqrt(alpha) * users, np.full((len(users), 1), (1 + alpha) / np.sqrt(alpha))])
@@ -111,7 +108,9 @@ def test_no_reply_of_any_round_holds_an_item_below_the_threshold(tmp_path):
     from common.ials.private import DEFAULT_MIN_BUYERS
     from simulations.attacks.reconstruction import _train
 
-    run_config = _run_config(**{"out-dir": str(tmp_path / "fedals"), "models-dir": str(tmp_path / "models")})
+    run_config = in_process_config(
+        RUN, server_loop=False, **{"out-dir": str(tmp_path / "fedals"), "models-dir": str(tmp_path / "models")}
+    )
 
     # Execute
     grid, history = _train(run_config, MARKETS, {})
@@ -165,9 +164,9 @@ def test_through_the_real_client_only_the_node_config_lowers_the_threshold():
     rows, buyers = _buyers("m01")
 
     # Execute: the run config asks for 1 (ignored: it may only raise); the node config asks for 1 and for 30.
-    from_run = _first_reply(_run_config(**{"als-min-buyers": 1}))
-    from_node = _first_reply(_run_config(), {"als-min-buyers": 1})
-    raised = _first_reply(_run_config(**{"als-min-buyers": 30}), {"als-min-buyers": 1})
+    from_run = _first_reply(in_process_config(RUN, server_loop=False, **{"als-min-buyers": 1}))
+    from_node = _first_reply(in_process_config(RUN, server_loop=False), {"als-min-buyers": 1})
+    raised = _first_reply(in_process_config(RUN, server_loop=False, **{"als-min-buyers": 30}), {"als-min-buyers": 1})
 
     # Assert
     np.testing.assert_array_equal(from_run["items"], rows[buyers >= DEFAULT_MIN_BUYERS])
@@ -179,7 +178,7 @@ def test_a_bad_node_threshold_refuses_the_round_naming_the_key():
     from simulations.attacks.hostile import MarketRefused
 
     with pytest.raises(MarketRefused, match="als-min-buyers"):
-        _first_reply(_run_config(), {"als-min-buyers": "none"})
+        _first_reply(in_process_config(RUN, server_loop=False), {"als-min-buyers": "none"})
 
 
 # --- the market-private item step is the server's solve.
@@ -190,7 +189,7 @@ def test_a_market_solves_its_private_items_as_the_server_would():
     # from its statistics alone (the federation is this market).
     from common.ials.private import solve_private_items
 
-    config, _, train, users = _round_one_users(_run_config())
+    config, _, train, users = _round_one_users(in_process_config(RUN, server_loop=False))
     statistics = market_item_statistics(train, users, config)
     expected = solve_items([statistics], config)
 

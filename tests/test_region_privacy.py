@@ -22,9 +22,9 @@ from common.ials.core import MarketInteractions
 from common.ials.dp import ReleaseConfig, noise_generator, private_release
 from common.ials.model import initial_rows
 from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY
-from common.market_config import MarketConfig
 from common.privacy.ledger import PrivacyBudgetExceeded
 from common.privacy.region import RegionPolicy, public_assortment
+from common.run_config import RunConfig
 from simulations import benchmark
 from simulations.attacks import counting_oracle, delta_reset
 from simulations.attacks.federation import fedals_run_config, regions
@@ -62,7 +62,7 @@ def _round_one(server, node, factors=8):
     """A round-1 train message (the seeded table's Gram) to market ``node``; its arrays and metrics."""
     catalog = Catalog.load(server.contexts[node].node_config["catalog-path"])
     config = fedals_run_config(AttackSettings(), **{"als-factors": factors})
-    initial = initial_rows(np.arange(catalog.size), MarketConfig.from_run_config(config).ials_config())
+    initial = initial_rows(np.arange(catalog.size), RunConfig.from_run_config(config).ials_config())
     gram = initial.factors.T @ initial.factors
     return server.arrays(
         node,

@@ -24,6 +24,7 @@ from server.rounds import AllMarketsFailedError, RoundSettings, run_rounds
 from server.server_app import main as server_main
 from server.strategy import build_strategy
 from tests.in_process import Responder, ScriptedGrid
+from tests.in_process import run_config as in_process_config
 
 REPO = Path(__file__).resolve().parents[1]
 DROP = object()  # a metric override that removes the metric
@@ -237,20 +238,8 @@ def test_when_no_market_trained_the_arrays_stay_as_they_were(tmp_path):
 # --- the ServerApp: node timeout and resume ---------------------------------------------------------------
 
 
-def _run_config(out: Path, **overrides) -> dict:
-    with open(REPO / "pyproject.toml", "rb") as file:
-        defaults = tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-    return {
-        **defaults,
-        "synthetic-markets": 2,
-        "embedding-dim": 8,
-        "min-nodes": 2,
-        "num-server-rounds": 1,
-        "poll-interval": 0.001,
-        "round-timeout": 5.0,
-        "out-dir": str(out),
-        **overrides,
-    }
+# With the in-process loop settings (tests/in_process.py); the output goes to {"out-dir": ...}.
+RUN = {"synthetic-markets": 2, "embedding-dim": 8, "num-server-rounds": 1, "round-timeout": 5.0}
 
 
 def _serve(grid: Grid, run_config: dict, run_id: int = 1) -> dict[int, dict]:
@@ -266,7 +255,7 @@ def test_waiting_for_markets_gives_up_after_node_timeout(tmp_path, monkeypatch):
 
     # Execute / Assert
     with pytest.raises(RuntimeError, match="Only 1 of the 2 nodes .* node-timeout \\(0.3 s\\)"):
-        _serve(grid, _run_config(tmp_path, **{"node-timeout": 0.3}))
+        _serve(grid, in_process_config(RUN, {"out-dir": str(tmp_path)}, **{"node-timeout": 0.3}))
 
 
 @pytest.mark.parametrize(
@@ -281,11 +270,14 @@ def test_waiting_for_markets_gives_up_after_node_timeout(tmp_path, monkeypatch):
 def test_a_resume_that_changes_a_privacy_or_shape_setting_is_refused(tmp_path, key, value, named):
     # Prepare: one completed round.
     nodes = {1: market("de"), 2: market("jp")}
-    _serve(ScriptedGrid(nodes), _run_config(tmp_path))
+    _serve(ScriptedGrid(nodes), in_process_config(RUN, {"out-dir": str(tmp_path)}))
 
     # Execute / Assert
     with pytest.raises(ValueError, match=f"Cannot resume from .*checkpoint.pt.*{named}"):
-        _serve(ScriptedGrid(nodes), _run_config(tmp_path, resume=True, **{"num-server-rounds": 2, key: value}))
+        _serve(
+            ScriptedGrid(nodes),
+            in_process_config(RUN, {"out-dir": str(tmp_path)}, resume=True, **{"num-server-rounds": 2, key: value}),
+        )
 
 
 def test_every_privacy_setting_of_the_app_is_fingerprinted():
@@ -298,12 +290,15 @@ def test_every_privacy_setting_of_the_app_is_fingerprinted():
 
 def test_a_resumed_server_keeps_each_node_bound_to_its_market(tmp_path, flower_warnings):
     # Prepare: round 1 with de on node 1 and jp on node 2.
-    _serve(ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.9)}), _run_config(tmp_path))
+    _serve(
+        ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.9)}),
+        in_process_config(RUN, {"out-dir": str(tmp_path)}),
+    )
 
     # Execute: after the restart node 2 claims to be de.
     history = _serve(
         ScriptedGrid({1: market("de", score=0.5), 2: market("de", score=0.9)}),
-        _run_config(tmp_path, resume=True, **{"num-server-rounds": 2}),
+        in_process_config(RUN, {"out-dir": str(tmp_path)}, resume=True, **{"num-server-rounds": 2}),
         run_id=2,
     )
 
@@ -317,11 +312,13 @@ def test_a_resumed_server_continues_the_market_level_dp_account(tmp_path):
     noise, delta = 2.0, 1e-5
     settings = {"market-dp-noise-multiplier": noise, "market-dp-clipping-norm": 0.5, "market-dp-markets": 2}
     nodes = {1: market("de"), 2: market("jp")}
-    first = _serve(ScriptedGrid(nodes), _run_config(tmp_path, **settings))
+    first = _serve(ScriptedGrid(nodes), in_process_config(RUN, {"out-dir": str(tmp_path)}, **settings))
 
     # Execute: resume for rounds 2 and 3 in a new run.
     history = _serve(
-        ScriptedGrid(nodes), _run_config(tmp_path, resume=True, **settings, **{"num-server-rounds": 3}), run_id=2
+        ScriptedGrid(nodes),
+        in_process_config(RUN, {"out-dir": str(tmp_path)}, resume=True, **settings, **{"num-server-rounds": 3}),
+        run_id=2,
     )
 
     # Assert: epsilon after round r is that of r releases (an independent accountant), not of r - 1.
@@ -336,11 +333,15 @@ def test_a_resumed_server_under_per_market_budgets_keeps_the_training_id(tmp_pat
     # Prepare: user-level DP with de's own budget; run 7 completes round 1.
     settings = {"dp-epsilon": 8.0, "dp-market-epsilons": "de=4", "num-server-rounds": 1}
     nodes = {1: market("de"), 2: market("jp")}
-    _serve(ScriptedGrid(nodes), _run_config(tmp_path, **settings), run_id=7)
+    _serve(ScriptedGrid(nodes), in_process_config(RUN, {"out-dir": str(tmp_path)}, **settings), run_id=7)
 
     # Execute: run 8 resumes.
     grid = ScriptedGrid(nodes)
-    history = _serve(grid, _run_config(tmp_path, resume=True, **{**settings, "num-server-rounds": 3}), run_id=8)
+    history = _serve(
+        grid,
+        in_process_config(RUN, {"out-dir": str(tmp_path)}, resume=True, **{**settings, "num-server-rounds": 3}),
+        run_id=8,
+    )
 
     # Assert: every message of the resumed run names training 7, so each market goes on with its ledger.
     assert grid.sent and {str(m.content["config"]["training-id"]) for m in grid.sent} == {"7"}
@@ -383,12 +384,16 @@ def test_a_market_that_falls_silent_is_named_in_the_log_the_history_and_the_summ
 def test_a_second_training_in_the_same_out_dir_is_refused_while_resume_continues_it(tmp_path):
     # Prepare: one completed training of one round.
     nodes = {1: market("de"), 2: market("jp")}
-    _serve(ScriptedGrid(nodes), _run_config(tmp_path))
+    _serve(ScriptedGrid(nodes), in_process_config(RUN, {"out-dir": str(tmp_path)}))
     before = {name: (tmp_path / name).read_bytes() for name in ("history.json", "checkpoint.pt", "published.pt")}
 
     # Execute / Assert: a new training there is refused in one line naming the folder and both ways out ...
     with pytest.raises(ValueError) as refused:
-        _serve(ScriptedGrid(nodes), _run_config(tmp_path, **{"num-server-rounds": 2}), run_id=2)
+        _serve(
+            ScriptedGrid(nodes),
+            in_process_config(RUN, {"out-dir": str(tmp_path)}, **{"num-server-rounds": 2}),
+            run_id=2,
+        )
     assert str(refused.value) == (
         f"out-dir {tmp_path} already holds a training's history.json, checkpoint.pt, published.pt, which a new "
         "training would overwrite: give this training a new out-dir, or set resume=true to continue that training."
@@ -396,7 +401,11 @@ def test_a_second_training_in_the_same_out_dir_is_refused_while_resume_continues
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
     # ... and resume=true continues it in the same folder.
-    history = _serve(ScriptedGrid(nodes), _run_config(tmp_path, resume=True, **{"num-server-rounds": 2}), run_id=3)
+    history = _serve(
+        ScriptedGrid(nodes),
+        in_process_config(RUN, {"out-dir": str(tmp_path)}, resume=True, **{"num-server-rounds": 2}),
+        run_id=3,
+    )
     assert sorted(history) == [0, 1, 2]
 
 
@@ -411,7 +420,7 @@ def test_the_server_ends_a_training_with_its_summary(tmp_path):
     try:
         _serve(
             ScriptedGrid({1: market("de", score=0.5), 2: market("jp", score=0.7)}),
-            _run_config(tmp_path, **{"num-server-rounds": 2}),
+            in_process_config(RUN, {"out-dir": str(tmp_path)}, **{"num-server-rounds": 2}),
         )
     finally:
         logging.getLogger("flwr").removeHandler(handler)

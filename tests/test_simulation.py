@@ -16,7 +16,10 @@ from common.runtime.processes import output_lines, stop_process_tree
 from simulations import run as harness
 from tests.served_check import served_test_ndcg
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.slow,  # a real SuperLink and the simulation engine (tests/README.md)
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 
 def _orphaned_by_a_stopped_superlink(process: psutil.Process) -> bool:

@@ -27,6 +27,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
+pytestmark = pytest.mark.slow  # builds and installs a wheel, then a real simulation (tests/README.md)
+
 
 def run(command: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """Run a command; a failure shows its output."""

@@ -29,6 +29,7 @@ from common.ials.model import IALSMarket, evaluate_market
 from common.ials.steps import solve_items_toward, solve_users
 from common.neural.model import SplitRecommender
 from common.neural.train import RankingMetrics
+from common.selection import best_by
 
 PRIOR_WEIGHTS = (
     1.0,
@@ -120,8 +121,5 @@ def choose(evaluated: Sequence[Candidate]) -> TransferChoice:
     """
     if not evaluated:
         raise ValueError("Private transfer needs at least one candidate to choose from.")
-    best = evaluated[0]
-    for candidate in evaluated[1:]:
-        if candidate.valid.ndcg > best.valid.ndcg:
-            best = candidate
+    best = best_by(evaluated, lambda candidate: candidate.valid.ndcg)
     return TransferChoice(best, {candidate.name: candidate.valid.ndcg for candidate in evaluated})

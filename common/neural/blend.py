@@ -24,6 +24,7 @@ import torch
 
 from common.neural.model import ModelConfig, SplitRecommender
 from common.neural.train import EVAL_CHUNK, MarketTensors, RankingMetrics, evaluate
+from common.selection import best_by
 
 BLEND_WEIGHTS = tuple(round(1.0 - step / 10, 1) for step in range(11))  # w of model A: 1.0, 0.9, ..., 0.0
 _ENCODE_CHUNK = 65536  # catalog rows encoded at once
@@ -176,7 +177,7 @@ def choose_blend(
     curve = tuple(
         (w, evaluate(blended_recommender(first_valid, second, *factors(w)), data, full=False).ndcg) for w in weights
     )
-    weight = max(curve, key=lambda point: point[1])[0]  # max keeps the first of equal points
+    weight = best_by(curve, lambda point: point[1])[0]  # the first of equal points wins
     valid = evaluate(blended_recommender(first_valid, second, *factors(weight)), data)
     model = blended_recommender(first_test, second, *factors(weight))
     return BlendChoice(weight, scales, valid, evaluate(model, data, on_test=True), model, curve)

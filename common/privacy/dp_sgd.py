@@ -13,14 +13,14 @@ that of their mean loss over up to ``user_positives`` of their training items.
 
 import os
 import warnings
-from dataclasses import replace
+from itertools import count
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.data.markets import market_seed
-from common.methods import Method
+from common.methods import Method, local_round
 from common.neural.model import CatalogEmbedding, SplitRecommender
 from common.neural.train import MarketTensors, TrainConfig, user_batch_inputs
 from common.privacy.ghost_norms import register_norm_samplers
@@ -130,12 +130,14 @@ def private_round(
     """
     if not can_afford_round(data, method, config, ledger):
         raise PrivacyBudgetExceeded(f"Market '{data.split.market}' cannot afford another round of {method.name}.")
-    second = None if noise_seed is None else noise_seed + 1
-    if method.alternating:
-        head_phase = replace(config, epochs=config.head_epochs)
-        train_epochs_private(model, data, head_phase, ledger, seed, trainable=model.head, noise_seed=noise_seed)
-        return train_epochs_private(model, data, config, ledger, seed + 1, trainable=model.encoder, noise_seed=second)
-    return train_epochs_private(model, data, config, ledger, seed, noise_seed=noise_seed)
+    phases = count()
+
+    def train(model: SplitRecommender, config: TrainConfig, seed: int, trainable: nn.Module | None) -> float:
+        phase = next(phases)  # FedRep's second phase draws fresh noise seeds
+        phase_seed = None if noise_seed is None else noise_seed + phase
+        return train_epochs_private(model, data, config, ledger, seed, trainable=trainable, noise_seed=phase_seed)
+
+    return local_round(model, data, method, config, seed, train=train)
 
 
 def private_popularity(

@@ -56,6 +56,7 @@ from common.data.markets import MarketSource, load_split
 from common.ials.kernels import segment_starts
 from common.ials.private import DEFAULT_MIN_BUYERS, MIN_BUYERS_KEY
 from common.ials.wire import ASSORTMENT_KEY, unpack_statistics
+from common.selection import improves
 from server.server_app import main as server_main
 from simulations import run as harness
 from simulations.attacks.hostile import HostileServer, InProcessGrid
@@ -351,11 +352,17 @@ def _train(run_config: dict[str, Any], markets: int, node_extra: dict[str, Any])
 
 
 def _macro_ndcg(history: dict) -> tuple[float, dict[str, float]]:
-    """Test NDCG@10 at each market's best validation round (as the harness reports), and the macro mean."""
+    """Test NDCG@10 at each market's best validation round (as the harness reports), and the macro mean.
+
+    Round 0, the untrained starting point, is never a candidate (:func:`simulations.results.select_on_validation`).
+    """
     best: dict[str, tuple[float, float]] = {}
     for entry in history["rounds"]:
+        if entry["round"] < 1:
+            continue
         for market, metrics in entry["per_market"].items():
-            if "test-ndcg" in metrics and metrics["val-ndcg"] > best.get(market, (-1.0, 0.0))[0]:
+            kept = best[market][0] if market in best else None
+            if "test-ndcg" in metrics and improves(metrics["val-ndcg"], kept):
                 best[market] = (metrics["val-ndcg"], metrics["test-ndcg"])
     per_market = {market: test for market, (_, test) in sorted(best.items())}
     return float(np.mean(list(per_market.values()))), per_market

@@ -1,8 +1,12 @@
-"""The run settings every market trains with, and the DP ceilings a region puts on them.
+"""The run config as one model: every key of the app config in pyproject.toml, parsed once by its type.
 
-Pure settings and their validation: the ClientApp builds a market's config from
-them, and the ServerApp and the simulation harness check them up front, so that
-a bad setting is refused by its key before any market trains.
+Whoever submits a run writes it; the ServerApp, every market and the simulation harness read
+the same :class:`RunConfig` (``RunConfig.from_run_config``), so a key has one field, one comment
+and one check, and a bad setting is refused by its key before any market trains. What a side
+uses is its view: the server the rounds, timeouts and market-level DP; a market the model, the
+local training and its DP budget (:meth:`RunConfig.for_market` applies its region's ceilings).
+Nothing here can weaken a region's protection: those settings come from its node config
+(:mod:`common.privacy.region`).
 """
 
 import math
@@ -13,19 +17,31 @@ from typing import Any
 from common.config import from_kebab_case
 from common.ials.core import CONFIDENCES, IALSConfig
 from common.ials.wire import WIRE_DTYPES
+from common.methods import get_method
 from common.privacy.ledger import ACCOUNTANTS
 from common.privacy.region import RegionPolicy
+from common.protocol import (
+    BATCH_SIZE_KEY,
+    HEAD_EPOCHS_KEY,
+    LEARNING_RATE_KEY,
+    LOCAL_EPOCHS_KEY,
+    NEGATIVES_KEY,
+    SCORE_PENALTY_KEY,
+)
 
 
 @dataclass(frozen=True)
-class MarketConfig:
-    """Run settings a market needs before it sees any message.
+class RunConfig:
+    """Every run setting, by the kebab-case key's snake-case name (``dp-epsilon``: ``dp_epsilon``)."""
 
-    The ServerApp and the harness read it too, to refuse a bad setting before
-    any market trains; so it lives in ``common`` and neither side imports the other.
-    """
-
-    method: str  # federated method; decides which parameters are shared
+    method: str  # federated method (common.methods): its family and which parameters are shared
+    num_server_rounds: int  # federated rounds; also the length over which a DP budget is spread
+    local_epochs: int  # passes over its data a market makes per round
+    head_epochs: int  # fedrep: epochs on the head (encoder frozen) before the encoder epochs
+    batch_size: int  # interactions per local step
+    learning_rate: float  # local Adam step size
+    negatives: int  # sampled negatives per positive in the local loss
+    score_penalty: float  # local regulariser on squared scores
     embedding_dim: int  # must match the server's encoder
     history_length: int  # training items pooled into a user's vector
     user_embeddings: bool  # a free vector per user besides the pooled history
@@ -33,7 +49,6 @@ class MarketConfig:
     synthetic_markets: int  # simulation without data-dir: markets to generate
     catalog_path: str  # the company catalog; simulation builds one when empty
     seed: int  # seeds splits, negatives, initial heads and local shuffling
-    num_server_rounds: int  # the run's length, over which the DP budget is spread
     fine_tune_epochs: int  # fedper-ft: the fork's epochs, part of the DP budget
     dp_epsilon: float  # 0 trains without DP; otherwise the most a market's lifetime spending may reach in this run
     dp_market_epsilons: str  # "de=4,jp=2": named markets' own budgets in place of dp-epsilon
@@ -54,8 +69,39 @@ class MarketConfig:
     # fedals: float type of the statistics a market sends: float16 halves them (within 2x fedper's
     # upload at d=128), float32 makes fedals equal pooled iALS to 1e-5 (docs/fedals.md)
     als_wire: str
+    min_nodes: int  # markets that must be connected before a round starts
+    round_timeout: float  # seconds to wait for replies; a market that died is left out of the round
+    node_timeout: float  # seconds a round waits for min-nodes markets to connect; then the run fails
+    poll_interval: float  # seconds between checks for replies (Flower's own loop waits 3 s)
+    fold_evaluation: bool  # evaluate each round's model in the next training message: one round trip per round
+    resume: bool  # continue from out-dir's checkpoint instead of starting afresh
+    init_from: str  # a published.pt (or a directory holding one) to start from; empty: seeded arrays
+    market_dp_noise_multiplier: float  # server-side market-level DP: 0 is off; else noise std over the clipping norm
+    market_dp_clipping_norm: float  # L2 bound on one market's update of the shared arrays
+    market_dp_markets: int  # markets per round under market-level DP (all must reply)
+    market_dp_delta: float  # delta at which the market-level epsilon is reported
+    market_dp_max_epsilon: float  # 0 for no limit; rounds beyond it are refused
+    out_dir: str  # the server's history.json, checkpoint.pt and published.pt go here
+    models_dir: str  # simulation only: markets write served models to <models-dir>/<method>/<market>
 
     def __post_init__(self) -> None:
+        get_method(self.method)  # a ValueError naming the methods if unknown
+        if self.solved_by_als and self.market_dp_noise_multiplier != 0:
+            raise ValueError(
+                f"{self.method} has no market-level DP: set market-dp-noise-multiplier to 0 (got "
+                f"{self.market_dp_noise_multiplier}) and dp-epsilon for its user-level DP, or choose an SGD method "
+                "(fedavg, fedprox, fedper, fedrep, fedper-ft) for market-level DP."
+            )
+        if self.num_server_rounds < 1:
+            raise ValueError(f"num-server-rounds must be at least 1, got {self.num_server_rounds}.")
+        if self.min_nodes < 1:
+            raise ValueError(f"min-nodes must be at least 1, got {self.min_nodes}.")
+        if self.round_timeout <= 0 or self.poll_interval <= 0:
+            raise ValueError(
+                f"round-timeout and poll-interval must be positive, got {self.round_timeout} and {self.poll_interval}."
+            )
+        if not 0 < self.node_timeout < float("inf"):
+            raise ValueError(f"node-timeout must be a positive number of seconds, got {self.node_timeout}.")
         check_als_settings(self.als_factors, self.als_regularization, self.als_alpha, self.als_nu, self.als_confidence)
         if self.als_wire not in WIRE_DTYPES:
             raise ValueError(f"als-wire must be one of {', '.join(WIRE_DTYPES)}, got '{self.als_wire}'.")
@@ -88,6 +134,27 @@ class MarketConfig:
         if self.dp_accountant not in ACCOUNTANTS:
             raise ValueError(f"Unknown dp-accountant '{self.dp_accountant}'; choose one of {ACCOUNTANTS}.")
 
+    @property
+    def solved_by_als(self) -> bool:
+        """The method is of the als family (fedals), not trained by SGD."""
+        return get_method(self.method).family == "als"
+
+    @property
+    def shared_dim(self) -> int:
+        """Width of the shared item table: als-factors for fedals, embedding-dim otherwise."""
+        return self.als_factors if self.solved_by_als else self.embedding_dim
+
+    def train_settings(self) -> dict[str, int | float]:
+        """The per-round local training settings the server sends every market (common.protocol)."""
+        return {
+            LOCAL_EPOCHS_KEY: self.local_epochs,
+            HEAD_EPOCHS_KEY: self.head_epochs,
+            BATCH_SIZE_KEY: self.batch_size,
+            LEARNING_RATE_KEY: self.learning_rate,
+            NEGATIVES_KEY: self.negatives,
+            SCORE_PENALTY_KEY: self.score_penalty,
+        }
+
     def ials_config(self) -> IALSConfig:
         """fedals' iALS settings: one iteration per round, initial factors seeded by ``seed``."""
         return ials_config(
@@ -104,7 +171,7 @@ class MarketConfig:
         """The received arrays' share in the market's model: dp-global-weight under DP."""
         return self.dp_global_weight if self.dp_epsilon > 0 else self.global_weight
 
-    def for_market(self, market: str, policy: RegionPolicy) -> "MarketConfig":
+    def for_market(self, market: str, policy: RegionPolicy) -> "RunConfig":
         """The config with ``market``'s own budget as ``dp_epsilon``.
 
         Parameters
@@ -133,9 +200,17 @@ class MarketConfig:
         return replace(self, dp_epsilon=min(epsilon, policy.epsilon_ceiling))
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "MarketConfig":
-        """Read the run config alone; raises ``ValueError`` on a bad setting."""
-        return from_kebab_case(cls, run_config, "markets")
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Parse every key of ``run_config`` by its type (:func:`common.config.from_kebab_case`).
+
+        Raises
+        ------
+        KeyError
+            If a key is missing, naming it.
+        ValueError
+            On a value of the wrong type or out of range, naming the key.
+        """
+        return from_kebab_case(cls, run_config, "run")
 
 
 def check_als_settings(factors: int, regularization: float, alpha: float, nu: float, confidence: str) -> None:
