@@ -305,7 +305,7 @@ class ImplicitALS:
     iterations: int
 
 
-# Chosen on validation (macro NDCG@10, seed 0) by simulations.ials_tuning's implicit grid on
+# Chosen on validation (macro NDCG@10, seed 0) by simulations.benchmarks.ials_tuning's implicit grid on
 # XMarket Electronics: d ∈ {64, 128} × reg ∈ {0.05 … 3000} × alpha ∈ {10 … 3000}, 15 iterations
 # (/work/runs/ials-tuning/log.txt, "implicit" lines; docs/fedals.md).
 IMPLICIT_SETTINGS = {
@@ -346,7 +346,7 @@ def run_implicit(
     Evaluated as ``pooled-ials`` is (:func:`common.ials_model.evaluate_factors`): validation with
     the users implicit fitted on the training interactions, test with users folded in by
     implicit's ``recalculate_user`` from training plus the validation interaction (the item
-    factors never see it), as :mod:`simulations.ials_tuning` tuned it. One point per market, at
+    factors never see it), as :mod:`simulations.benchmarks.ials_tuning` tuned it. One point per market, at
     round ``als.iterations``; ``--rounds`` does not apply. The served model holds implicit's
     factors as a split recommender.
     """

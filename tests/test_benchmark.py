@@ -13,8 +13,9 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 
 from common.neural.model import CatalogEmbedding, PositionwiseLinear
 from common.privacy.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
-from simulations import benchmark, scale_benchmark
 from simulations import run as harness_module
+from simulations.benchmarks import command as benchmark
+from simulations.benchmarks import scale_benchmark
 from simulations.run import main as run_harness
 from tests.in_process import in_process_federated
 

@@ -28,8 +28,8 @@ from common.data.synthetic import SyntheticConfig, write_markets
 from common.run_config import RunConfig
 from common.serving.query import load_served_model
 from server.server_app import initial_arrays, published_arrays, train_config
-from simulations import continue_benchmark
 from simulations import run as harness
+from simulations.benchmarks import continue_benchmark
 from tests.in_process import in_process_federated, serve
 from tests.in_process import run_config as in_process_config
 

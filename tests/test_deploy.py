@@ -253,7 +253,8 @@ def test_restarting_a_region_gives_up_with_a_clear_error_when_it_is_never_let_in
 
 
 def test_deploy_does_not_import_simulations():
-    # The dependency runs one way: simulations.latency uses deploy.loopback; both use common.runtime.processes.
+    # The dependency runs one way: simulations.benchmarks.latency uses deploy.loopback;
+    # both use common.runtime.processes.
     imported = set()
     for path in (APP_DIR / "deploy").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

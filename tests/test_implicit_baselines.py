@@ -13,9 +13,9 @@ from common.data.markets import MarketSource
 from common.ials.model import ITEM_TABLE
 from common.methods import BASELINES, METHODS
 from common.serving.query import load_served_model
-from simulations import benchmark
 from simulations import run as harness
 from simulations.baselines import IMPLICIT_SETTINGS, implicit_missing
+from simulations.benchmarks import command as benchmark
 from tests.served_check import served_test_ndcg
 
 REPO = Path(__file__).resolve().parents[1]

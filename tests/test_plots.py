@@ -3,7 +3,7 @@
 import matplotlib.pyplot as plt
 import pytest
 
-from simulations.privacy_plot import plot, privacy_figure
+from simulations.benchmarks.privacy_plot import plot, privacy_figure
 from simulations.results import macro_per_round, plot_rounds, rounds_figure
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from common.data.markets import MarketSource
-from simulations import privacy_sweep
 from simulations import run as harness
+from simulations.benchmarks import privacy_sweep
 from tests.in_process import in_process_federated
 
 
@@ -18,7 +18,7 @@ def in_process(monkeypatch, server_task_identity):
     monkeypatch.setattr(harness, "run_federated", in_process_federated)
 
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]  # whole sweeps of the real apps (tests/README.md)
 
 
 def _users(market: str) -> int:

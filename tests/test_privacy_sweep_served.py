@@ -3,8 +3,8 @@
 import matplotlib.pyplot as plt
 import pytest
 
-from simulations.privacy_plot import privacy_figure
-from simulations.privacy_sweep import (
+from simulations.benchmarks.privacy_plot import privacy_figure
+from simulations.benchmarks.privacy_sweep import (
     NO_GAIN,
     mean_over_seeds,
     retention,

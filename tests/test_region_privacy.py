@@ -25,11 +25,11 @@ from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY
 from common.privacy.ledger import PrivacyBudgetExceeded
 from common.privacy.region import RegionPolicy, public_assortment
 from common.run_config import RunConfig
-from simulations import benchmark
 from simulations.attacks import counting_oracle, delta_reset
 from simulations.attacks.federation import fedals_run_config, regions
 from simulations.attacks.hostile import MarketRefused
 from simulations.attacks.settings import AttackSettings
+from simulations.benchmarks import command as benchmark
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import pytest
 
 from common.data.synthetic import SyntheticConfig, generate_markets
 from common.runtime.command import OptionError
-from simulations import benchmark, users_sweep
 from simulations import run as harness_module
+from simulations.benchmarks import command as benchmark
+from simulations.benchmarks import users_sweep
 from tests.in_process import in_process_federated
 
 XMARKET = Path(__file__).resolve().parents[2] / "shared" / "data" / "xmarket-electronics"
@@ -97,6 +98,7 @@ def test_the_defaults_are_xmarket_electronics_median_market():
     assert round(shape["mean-interactions-per-user"]) == users_sweep.MEDIAN_MARKET_INTERACTIONS_PER_USER
 
 
+@pytest.mark.slow  # a whole sweep of the real apps in this process (tests/README.md)
 @pytest.mark.usefixtures("server_task_identity")
 def test_a_small_sweep_runs_both_trainings_per_size_and_writes_its_report(tmp_path, monkeypatch):
     # Prepare: the federated trainings in this process (a SuperLink and Ray cost ~30 s a run).

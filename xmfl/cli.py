@@ -31,9 +31,11 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "simulate": Command("simulations.run", "simulate markets here: federated methods beside baselines"),
-    "privacy-sweep": Command("simulations.privacy_sweep", "federated quality against each market's DP budget"),
+    "privacy-sweep": Command(
+        "simulations.benchmarks.privacy_sweep", "federated quality against each market's DP budget"
+    ),
     "benchmark": Command("simulations.benchmark", "quality, scale, dp-*, latency, join, continue, attacks"),
-    "ials-tuning": Command("simulations.ials_tuning", "tune fedals' iALS settings on validation"),
+    "ials-tuning": Command("simulations.benchmarks.ials_tuning", "tune fedals' iALS settings on validation"),
     "catalog": Command("deploy.catalog", "write the company catalog from a product list or market files"),
     "credentials": Command("deploy.make_credentials", "server host: the SuperLink's TLS certificate and key (dev CA)"),
     "region-keys": Command("deploy.region_keys", "a region, on its machine: its SuperNode key pair"),

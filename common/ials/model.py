@@ -17,7 +17,7 @@ A known user then scores ``x_u · y_i`` whatever ``P`` is (to float32 rounding);
 without history gets the mean user's ranking ``x̄ · y_i`` (close to popularity), and one with a
 history ``(x̄ + P·h̄) · y_i``, a linear stand-in for folding them in.
 
-Evaluation follows the project's protocol, as :mod:`simulations.ials_tuning` measures iALS:
+Evaluation follows the project's protocol, as :mod:`simulations.benchmarks.ials_tuning` measures iALS:
 validation ranks with ``x_u`` solved on the training interactions; test with ``x_u`` folded in
 from the training interactions plus the validation interaction (the item factors never see it),
 just as the neural methods' test history holds the validation item. The user embeddings are

@@ -1,6 +1,6 @@
 """Privacy-budget experiment: federated quality against each market's epsilon.
 
-    python -m simulations.privacy_sweep --dp-epsilons inf,8,4,2,1 --data-dir DIR --out OUT
+    python -m simulations.benchmarks.privacy_sweep --dp-epsilons inf,8,4,2,1 --data-dir DIR --out OUT
 
 For every epsilon the federated method (``--method``, fedals by default:
 federated implicit ALS with DP item-side releases; fedper, fedrep, ... train
@@ -53,8 +53,8 @@ from common.methods import METHODS, transfer_variant
 from common.runtime.command import ArgumentParser, add_alias, add_verbose, run_command
 from common.selection import improves
 from simulations import run as harness
+from simulations.benchmarks.privacy_plot import plot
 from simulations.flower_runtime import exit_cleanly_on_sigterm
-from simulations.privacy_plot import plot
 from simulations.progress import bar, say
 from simulations.results import mean_and_std
 
@@ -349,7 +349,7 @@ def sweep_frame(runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the options and run the sweep."""
     parser = ArgumentParser(
-        prog="python -m simulations.privacy_sweep",
+        prog="python -m simulations.benchmarks.privacy_sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

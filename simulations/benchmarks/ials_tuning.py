@@ -14,7 +14,7 @@ where float32 would not fit) and the exact one (float32, equal to pooled iALS to
 
 Usage::
 
-    python -m simulations.ials_tuning --data-dir ../shared/data/xmarket-electronics --out OUT
+    python -m simulations.benchmarks.ials_tuning --data-dir ../shared/data/xmarket-electronics --out OUT
 
 writes ``OUT/ials_tuning.json`` (every grid point, the chosen points' per-market tables,
 payload measurements, implicit references) and prints a summary; ``OUT/grid.jsonl`` caches
@@ -451,7 +451,7 @@ def federated_check(markets: list[Market], num_items: int, config: IALSConfig, w
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m simulations.ials_tuning", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m simulations.benchmarks.ials_tuning", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data-dir",
         default="../shared/data/xmarket-electronics",

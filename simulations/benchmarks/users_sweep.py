@@ -516,7 +516,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m simulations.users_sweep``: the same as ``python -m simulations.benchmark dp-users``."""
+    """``python -m simulations.benchmarks.users_sweep``: the same as ``python -m simulations.benchmark dp-users``."""
     parser = ArgumentParser(
         prog="python -m simulations.benchmark dp-users",
         description=__doc__,

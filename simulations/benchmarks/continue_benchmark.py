@@ -1,6 +1,6 @@
 """Continue on new data: a training that starts from the saved model against one from scratch.
 
-    python -m simulations.continue_benchmark --data-dir DIR --method fedrep --out OUT
+    python -m simulations.benchmarks.continue_benchmark --data-dir DIR --method fedrep --out OUT
     python -m simulations.benchmark continue --data-dir DIR --out OUT      (the same)
 
 A region's file has grown. Instead of training again from scratch, a new
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     exit_cleanly_on_sigterm()
     parser = ArgumentParser(
-        prog="python -m simulations.continue_benchmark",
+        prog="python -m simulations.benchmarks.continue_benchmark",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -411,7 +411,7 @@ def join(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m simulations.join_benchmark``: the same as ``python -m simulations.benchmark join``."""
+    """``python -m simulations.benchmarks.join_benchmark``: the same as ``python -m simulations.benchmark join``."""
     parser = ArgumentParser(
         prog="python -m simulations.benchmark join",
         description=__doc__,

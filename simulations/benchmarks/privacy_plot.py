@@ -1,6 +1,6 @@
 """The privacy sweep's figure: NDCG@10 against epsilon per market and macro, and retention of the gain.
 
-:func:`plot` draws ``OUT/privacy.png`` from the report :mod:`simulations.privacy_sweep` writes
+:func:`plot` draws ``OUT/privacy.png`` from the report :mod:`simulations.benchmarks.privacy_sweep` writes
 to ``results.json``; the report's ``served`` and ``retention`` sections are optional.
 """
 
