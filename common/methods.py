@@ -163,8 +163,9 @@ def local_round(
     ``train`` runs the epochs (default :func:`plain_epochs`; DP-SGD passes its own, see
     :func:`common.privacy.dp_sgd.private_round`), so the method's branches are written once.
     FedRep trains the head first (``config.head_epochs``), then the encoder. FedProx adds
-    ``μ (w − w_received)`` to the gradient of every shared parameter: the gradient of the proximal
-    term (a market's own parameters, its user rows, are not received and have no anchor).
+    ``μ (w − w₀)`` to the gradient of every shared parameter, ``w₀`` the round's starting point (the
+    received parameters, blended with the market's own copy when ``global-weight`` is below 1): the
+    gradient of the proximal term. A market's own parameters (its user rows) have no anchor.
     """
     if method.family != "sgd":
         raise ValueError(f"local_round trains sgd-family methods; '{method.name}' is of family '{method.family}'.")

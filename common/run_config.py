@@ -85,7 +85,12 @@ class RunConfig:
     models_dir: str  # simulation only: markets write served models to <models-dir>/<method>/<market>
 
     def __post_init__(self) -> None:
-        get_method(self.method)  # a ValueError naming the methods if unknown
+        method = get_method(self.method)  # a ValueError naming the methods if unknown
+        if method.proximal_mu and (self.dp_epsilon > 0 or self.dp_market_epsilons.strip()):
+            raise ValueError(
+                f"{self.method} adds a proximal term to plain training only (under DP-SGD it would be clipped with "
+                "each user's gradient): set dp-epsilon to 0 and dp-market-epsilons empty, or choose fedavg."
+            )
         if self.solved_by_als and self.market_dp_noise_multiplier != 0:
             raise ValueError(
                 f"{self.method} has no market-level DP: set market-dp-noise-multiplier to 0 (got "

@@ -75,3 +75,20 @@ def test_the_run_config_refuses_a_text_false_that_is_not_a_boolean_and_reads_fal
         RunConfig.from_run_config({**defaults, "resume": "no"})
     with pytest.raises(ValueError, match="Unknown federated method"):
         RunConfig.from_run_config({**defaults, "method": "fedsgd"})
+
+
+def test_fedprox_under_dp_is_refused_by_its_keys_before_any_market_trains():
+    defaults = {**app_config(), "method": "fedprox"}
+
+    with pytest.raises(ValueError, match="proximal term to plain training only"):
+        RunConfig.from_run_config({**defaults, "dp-epsilon": 4.0})
+    with pytest.raises(ValueError, match="proximal term to plain training only"):
+        RunConfig.from_run_config({**defaults, "dp-epsilon": 4.0, "dp-market-epsilons": "m00=2"})
+    assert RunConfig.from_run_config(defaults).method == "fedprox"
+
+
+def test_the_harness_ials_references_train_with_the_runs_als_settings():
+    # pooled-ials and blend are computed in the harness: with the --set values fedals trains with.
+    args = harness.parse_args(["--methods", "local,pooled-ials", "--set", "als-factors=16"])
+
+    assert harness.harness_ials_config(args, app_config()).factors == 16
