@@ -263,6 +263,22 @@ MUTATIONS = [
         '                loss = float("nan")  # mutation: the weight stays',
         ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
     ),
+    # FedProx's proximal term would be clipped with the users' gradients under DP-SGD: refused up front.
+    Mutation(
+        "fedprox under dp accepted",
+        "common/run_config.py",
+        "if method.proximal_mu and (self.dp_epsilon > 0",
+        "if False and (self.dp_epsilon > 0",
+        ["tests/test_config.py"],
+    ),
+    # A trainer other than plain training (DP-SGD's) running FedProx's hooks.
+    Mutation(
+        "fedprox with any trainer",
+        "common/methods.py",
+        "if method.proximal_mu and train is not None:",
+        "if False:",
+        ["tests/test_methods.py"],
+    ),
 ]
 
 IMPORT_CHECK = (
