@@ -1,57 +1,12 @@
-"""Implicit alternating least squares (iALS), pooled and federated across markets.
+"""Batched linear algebra of iALS: solve many small ridge systems over ragged segments at once.
 
-The model scores user ``u`` and item ``i`` with ``x_u · y_i`` and minimises Hu, Koren and
-Volinsky's weighted loss ("Collaborative Filtering for Implicit Feedback Datasets", ICDM 2008)
-with the frequency-scaled regularisation of Rendle, Krichene, Zhang and Koren ("Revisiting the
-Performance of iALS on Item Recommendation Benchmarks", RecSys 2022)::
-
-    L(X, Y) = Σ_(u,i) observed  c_ui (1 − x_u·y_i)²  +  Σ_(u,i) unobserved (x_u·y_i)²
-              + Σ_u λ_u ‖x_u‖²  +  Σ_i λ_i ‖y_i‖²
-
-    c_ui = 1 + α·w_ui          confidence; w_ui = 1 (binary), r_ui (rating) or log(1 + r_ui/ε)
-    λ_u  = λ·(|I_u| + |I|/α)^ν  |I_u| the user's training items, |I| the rows of the item table
-    λ_i  = λ·(|U_i| + |U|/α)^ν  |U_i| the item's buyers (all markets), |U| the users with one
-
-|I| is given by the caller (``num_items``: the catalog's rows, which every party knows); |U|
-counts the users with a training interaction (the markets' augmented Grams carry it).
-
-ν = 0 is plain iALS (implicit's ``AlternatingLeastSquares`` with ``alpha_implicit = 1 + α``
-on binary data, since implicit's confidence is ``alpha·r``). For binary confidence and any ν
-this loss is Rendle et al.'s ``Σ_S (ŷ−1)² + α0 Σ_all ŷ² + λ_R Σ (|I_u| + α0|I|)^ν ‖x_u‖² + …``
-with ``α0 = 1/α`` and ``λ_R = λ/(1 + α)``: divided by ``α0`` theirs is ours with the target
-``α/(1+α)`` instead of 1, which only rescales the factors (and so λ by ``(1+α)/α``).
-
-Each half-step is solved exactly. A user's normal equations are::
-
-    (YᵀY + Σ_(i∈I_u) (c_ui − 1) y_i y_iᵀ + λ_u I) x_u = Σ_(i∈I_u) c_ui y_i
-
-where ``YᵀY`` (the "every unobserved item is a zero with weight 1" term) runs over *all*
-items. A market therefore needs only the rows of the items its users touched plus the global
-Gram ``YᵀY`` (d×d), which the server sends. The item step is the mirror image::
-
-    (XᵀX + Σ_(u∈U_i) (c_ui − 1) x_u x_uᵀ + λ_i I) y_i = Σ_(u∈U_i) c_ui x_u
-
-and every term is a sum over users, so it splits across markets: ``XᵀX = Σ_m X_mᵀX_m``, and
-per item ``A_i = Σ_m A_i^m``, ``b_i = Σ_m b_i^m``. A market sends, for each item it touched,
-one matrix that holds both ``A_i^m`` and ``b_i^m``: with ``z_u = [√(c−1)·x_u, c/√(c−1)]``
-(d + 1 numbers per buyer), ``S_i^m = Σ_u z_u z_uᵀ`` carries ``A_i^m`` in its leading d×d block
-and ``b_i^m`` in its last column. ``S_i^m`` has rank ``r ≤ min(k_i, d + 1)`` for ``k_i``
-buyers, so the market sends its upper-trapezoidal factor ``R`` (r × (d+1), ``RᵀR = S``) packed
-row by row without the zeros below the diagonal: ``r(d+1) − r(r−1)/2`` numbers, which is the
-packed triangle of ``S`` when ``r = d + 1`` and ``k_i·(d+1) − k_i(k_i−1)/2`` when ``k_i ≤ d``.
-``R`` has a non-negative diagonal, which makes it *the* factor of ``S`` whenever its leading
-r×r block is regular (the generic case), so it is a function of the sum alone; otherwise (a
-zero pivot, e.g. two buyers with identical factors) it is recomputed from ``S`` itself. Nothing
-user-indexed leaves a market: item rows, buyer counts, the factors of per-item sums and the
-market's augmented Gram ``Σ_u [x_u, 1][x_u, 1]ᵀ`` (``XᵀX``, ``Σ_u x_u`` and the user count).
-
-Items nobody touched get a zero factor: with no buyer their right-hand side is zero, so zero
-is the exact solution of their least-squares problem. Pooled iALS on the same table does the
-same, and a zero row adds nothing to ``YᵀY``.
-
-Both solves use the eigenbasis of the Gram (``G = QΛQᵀ``) and the push-through identity
-``(D + FᵀF)⁻¹Fᵀt = D⁻¹Fᵀ(I + FD⁻¹Fᵀ)⁻¹t`` with ``D = Λ + λ_s``: a row block of ``k < d`` rows
-costs a k×k solve instead of a d×d one, which is exact and keeps a pooled run at seconds.
+Every half-step of :mod:`common.ials.steps` solves, per user or item, ``(G + Σ_j w_j w_jᵀ + λ I) x =
+Σ_j c_j w_j`` with a shared Gram ``G`` and a few rows ``w_j`` of its own. ``G`` is diagonalised once
+(``eigh``); rows are grouped into segments (one per user or item), padded to a common width in
+buckets of similar length, and each bucket is solved in one batched ``numpy.linalg.solve``: through
+the k×k push-through (Woodbury) system when a segment has fewer rows than d, else the d×d system.
+:data:`_CHUNK_ELEMENTS` bounds a batch's memory. Written by hand because no library solves ragged
+batches of this shape (``implicit`` solves one row at a time in compiled code).
 """
 
 import numpy as np
