@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 pytestmark = pytest.mark.slow  # builds and installs a wheel, then a real simulation (tests/README.md)
+# The top-level packages the wheel ships ("common.*" in packages.find adds common's subpackages).
+TOP_PACKAGES = sorted({name.split(".")[0] for name in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]})
 
 
 def run(command: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -54,7 +56,7 @@ def wheel(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
+    for package in TOP_PACKAGES:
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     run(
         [
@@ -89,9 +91,9 @@ def test_the_wheel_carries_the_app_config_and_the_command_but_not_the_tests(whee
     assert tomllib.loads(app_file)["tool"]["flwr"] == PYPROJECT["tool"]["flwr"]
     assert wheel_metadata["Requires-Python"] == PYPROJECT["project"]["requires-python"]
     assert "xmfl = xmfl.cli:main" in entry_points
-    assert {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name} == set(
-        PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    )
+    assert {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name} == set(TOP_PACKAGES)
+    # The subpackages too (packages.find lists them as "common.*").
+    assert {"common/ials/core.py", "common/serving/query.py", "simulations/benchmarks/command.py"} <= set(names)
 
 
 @pytest.fixture(scope="module")
