@@ -307,7 +307,7 @@ class ImplicitALS:
 
 # Chosen on validation (macro NDCG@10, seed 0) by simulations.benchmarks.ials_tuning's implicit grid on
 # XMarket Electronics: d ∈ {64, 128} × reg ∈ {0.05 … 3000} × alpha ∈ {10 … 3000}, 15 iterations
-# (/work/runs/ials-tuning/log.txt, "implicit" lines; docs/fedals.md).
+# (the "implicit" lines of the ials-tuning log; the grid and its results are in docs/fedals.md).
 IMPLICIT_SETTINGS = {
     # grid's best for each market alone: val 0.5152, test 0.4394
     "implicit-local": ImplicitALS(factors=128, regularization=300.0, alpha=300.0, iterations=15),
