@@ -7,7 +7,7 @@ run and node config values), :mod:`common.methods` (the registry of methods),
 :mod:`common.run_config` (the one run-config model every side reads), :mod:`common.selection`
 (the one rule that picks the best round on validation) and :mod:`common.protocol` (the wire
 contract: every key the ServerApp and the markets' ClientApps exchange). Nothing here imports Flower
-(``tests/test_packaging.py`` checks it), so a region's serving needs no federation runtime.
+(``tests/xmfl/test_packaging.py`` checks it), so a region's serving needs no federation runtime.
 """
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The one wire contract: every key the ServerApp (:mod:`server`) and the markets' ClientApps (:mod:`clients`) exchange.
 
 Both apps import their message keys from here and spell none of them themselves
-(``tests/test_protocol.py`` checks it), so that a key renamed on one side cannot
+(``tests/common/test_protocol.py`` checks it), so that a key renamed on one side cannot
 silently go missing on the other. Neither app imports the other; this module imports
 nothing at all. Each key below names the record it lives in, who writes it and who
 reads it.

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.runtime.processes import free_port, stop_process_tree, wait_for_port
+from common.runtime.processes import PortTakenError, free_port, stop_process_tree, wait_for_listener
 from deploy.app_index import AppIndex, load_apps
 from deploy.app_keys import PRIVATE_FILE, TRUSTED_FILE, make_app_keys
 from deploy.make_credentials import make_credentials
@@ -65,6 +65,7 @@ class LoopbackFederation:
         self.home = self.root / "flwr-home"
         self.port = free_port()
         self.superlink: subprocess.Popen | None = None
+        self.superlink_started = False  # once it has, the regions know its port: a restart keeps it
         self.supernodes: dict[str, subprocess.Popen] = {}
         self.others: list[subprocess.Popen] = []
         self.home.mkdir(parents=True, exist_ok=True)
@@ -80,10 +81,7 @@ class LoopbackFederation:
         shutil.copy(self.release / "app.signed", self.server)
         [self.app] = load_apps([self.server / "app.signed"], self.release / TRUSTED_FILE)
         self.index = AppIndex([self.app])
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.server / "ca.crt"}"\n'
-        )
+        self._write_connection()
         # One BLAS thread: OpenBLAS's fork handler can deadlock a process that forks while it computes.
         self.env = dict(
             os.environ,
@@ -95,6 +93,13 @@ class LoopbackFederation:
             # The SuperLink fetches `@publisher/app==version` apps, with their signatures, from here.
             FLWR_SUPERGRID_API_URL=self.index.url,
             **(environment or {}),
+        )
+
+    def _write_connection(self) -> None:
+        """The `flwr` CLI's connection to this federation's SuperLink."""
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.server / "ca.crt"}"\n'
         )
 
     def __enter__(self) -> "LoopbackFederation":
@@ -119,33 +124,50 @@ class LoopbackFederation:
                 start_new_session=True,
             )
 
-    def start_superlink(self) -> None:
-        """Start (or restart) the SuperLink: TLS, node authentication, state in a database file."""
-        self.superlink = self._start(
-            [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile",
-                str(self.server / "ca.crt"),
-                "--ssl-certfile",
-                str(self.server / "server.pem"),
-                "--ssl-keyfile",
-                str(self.server / "server.key"),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                # Registered node keys survive a SuperLink restart.
-                "--database",
-                str(self.root / "superlink.db"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            "superlink",
-        )
-        try:
-            wait_for_port(self.port)
-        except TimeoutError as error:
-            raise TimeoutError(f"{error} The SuperLink's log ends:\n{self.log('superlink')[-2000:]}") from None
+    def start_superlink(self, attempts: int = 3) -> None:
+        """Start (or restart) the SuperLink: TLS, node authentication, state in a database file.
+
+        The first start moves to another free port, at most ``attempts`` times, when another
+        process took the chosen one before the SuperLink bound it; a restart keeps its port
+        (the regions know it) and fails if the port was taken.
+        """
+        first_start = not self.superlink_started
+        for attempt in range(attempts):
+            self.superlink = self._start(self._superlink_command(), "superlink")
+            try:
+                wait_for_listener(self.superlink, self.port)
+                self.superlink_started = True
+                return
+            except (PortTakenError, ChildProcessError) as error:
+                stop_process_tree(self.superlink)
+                self.superlink = None
+                taken = isinstance(error, PortTakenError) or "address already in use" in self.log("superlink").lower()
+                if not (taken and first_start) or attempt == attempts - 1:
+                    raise RuntimeError(f"{error} The SuperLink's log ends:\n{self.log('superlink')[-2000:]}") from None
+                self.port = free_port()
+                self._write_connection()
+            except TimeoutError as error:
+                raise TimeoutError(f"{error} The SuperLink's log ends:\n{self.log('superlink')[-2000:]}") from None
+
+    def _superlink_command(self) -> list[str]:
+        return [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(self.server / "ca.crt"),
+            "--ssl-certfile",
+            str(self.server / "server.pem"),
+            "--ssl-keyfile",
+            str(self.server / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            # Registered node keys survive a SuperLink restart.
+            "--database",
+            str(self.root / "superlink.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
 
     def kill_superlink(self) -> None:
         """Kill the SuperLink and the ServerApp it runs, as a crash would."""

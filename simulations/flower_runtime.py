@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +25,7 @@ import tomli_w
 
 from common.privacy.region import SIMULATION_NODE_CONFIG_ENV
 from common.runtime.command import PortInUseError
-from common.runtime.processes import free_port, output_lines, stop_process_tree
+from common.runtime.processes import PortTakenError, free_port, output_lines, stop_process_tree, wait_for_listener
 from xmfl.app import app_dir
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
@@ -97,8 +96,18 @@ class SimulationSuperLink:
         env[SIMULATION_NODE_CONFIG_ENV] = json.dumps(self.node_config)
         return env
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink and wait until it accepts connections."""
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Start the SuperLink and wait until it listens; on another free port, at most ``attempts``
+        times, when another process takes the chosen one first."""
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                return
+            except PortInUseError:
+                if attempt == attempts - 1:
+                    raise
+
+    def _start_once(self, timeout: float) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         if not _port_is_free(self.port):
@@ -126,20 +135,24 @@ class SimulationSuperLink:
             start_new_session=True,  # its children join its group, so stop() reaches them all
         )
         log_file.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self.stop()
-                if ADDRESS_IN_USE in (self.log_dir / "superlink.log").read_text(errors="replace").lower():
-                    raise self._port_in_use()
-                raise FlowerRunError(f"flower-superlink exited with code {code}; see {self.log_dir / 'superlink.log'}.")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise FlowerRunError(f"flower-superlink did not listen on port {self.port} within {timeout:.0f} s.")
+        try:
+            wait_for_listener(self._process, self.port, timeout)
+        except PortTakenError:
+            self.stop()
+            raise self._port_in_use() from None
+        except ChildProcessError:
+            code = self._process.returncode
+            self.stop()
+            if ADDRESS_IN_USE in (self.log_dir / "superlink.log").read_text(errors="replace").lower():
+                raise self._port_in_use() from None
+            raise FlowerRunError(
+                f"flower-superlink exited with code {code}; see {self.log_dir / 'superlink.log'}."
+            ) from None
+        except TimeoutError:
+            self.stop()
+            raise FlowerRunError(
+                f"flower-superlink did not listen on port {self.port} within {timeout:.0f} s."
+            ) from None
 
     def _port_in_use(self) -> PortInUseError:
         return PortInUseError(

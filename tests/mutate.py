@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DP_TESTS = ["tests/test_dp_mechanism.py"]
-DP_FEDALS_TESTS = ["tests/test_dp_fedals.py", "tests/test_region_privacy.py"]
-REGION_TESTS = ["tests/test_region_privacy.py"]
+DP_TESTS = ["tests/common/privacy/test_dp_mechanism.py"]
+DP_FEDALS_TESTS = ["tests/common/ials/test_dp_fedals.py", "tests/simulations/attacks/test_region_privacy.py"]
+REGION_TESTS = ["tests/simulations/attacks/test_region_privacy.py"]
 
 
 @dataclass(frozen=True)
@@ -104,16 +104,16 @@ MUTATIONS = [
         "common/privacy/dp_sgd.py",
         "    return data.released_users if data.released_users is not None else data.split.num_users",
         "    return data.split.num_users",
-        ["tests/test_private_training.py"],
+        ["tests/clients/test_private_training.py"],
     ),
     Mutation(
         "dp-sgd negatives from the bought items",
         "common/neural/train.py",
         "    rows = data.public_rows\n",
         "    rows = data.market_items\n",
-        ["tests/test_private_training.py"],
+        ["tests/clients/test_private_training.py"],
     ),
-    # The client app: covered by tests/test_client_app.py; its owner adjusts these two. In
+    # The client app: covered by tests/clients/test_client_app.py; its owner adjusts these two. In
     # build_local_model, a market's saved head is no longer restored (the lines moved from
     # clients/client_app.py to clients/local_model.py unchanged).
     # The head a market trained is put back into its model from context.state every round.
@@ -123,7 +123,7 @@ MUTATIONS = [
         "    if LOCAL_STATE_KEY in context.state:\n"
         "        set_arrays(model, context.state[LOCAL_STATE_KEY].to_torch_state_dict())\n",
         "    if LOCAL_STATE_KEY in context.state:\n        pass  # mutation: the market's saved head is not restored\n",
-        ["tests/test_client_privacy.py::test_the_head_a_market_trained_is_the_head_it_evaluates_next_round"],
+        ["tests/clients/test_client_privacy.py::test_the_head_a_market_trained_is_the_head_it_evaluates_next_round"],
     ),
     # The one decision every budget check goes through (the client's round, DP-SGD's epochs).
     Mutation(
@@ -131,7 +131,7 @@ MUTATIONS = [
         "common/privacy/ledger.py",
         "        return self.epsilon_after(steps, rate) <= self.budget.epsilon",
         "        return True  # mutation: every step is affordable",
-        ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
+        ["tests/clients/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
     ),
     # DP-fedals: what a market releases each round and what it reports.
     Mutation(
@@ -238,14 +238,14 @@ MUTATIONS = [
         "common/privacy/dp_sgd.py",
         "    outside[data.public_rows] = False",
         "    outside[data.market_items] = False",
-        ["tests/test_private_training.py"],
+        ["tests/clients/test_private_training.py"],
     ),
     Mutation(
         "fine-tune longer than calibrated",
         "clients/client_app.py",
         "epochs = min(int(round_config.get(FINE_TUNE_EPOCHS_KEY, 0)), config.fine_tune_epochs)",
         "epochs = int(round_config.get(FINE_TUNE_EPOCHS_KEY, 0))",
-        ["tests/test_private_training.py"],
+        ["tests/clients/test_private_training.py"],
     ),
     # fedals without DP: the minimum-buyers rule.
     Mutation(
@@ -253,7 +253,7 @@ MUTATIONS = [
         "clients/fedals.py",
         "        shared = restricted(market.train, shared_items(market.train, minimum))",
         "        shared = market.train",
-        ["tests/test_reconstruction.py"],
+        ["tests/simulations/attacks/test_reconstruction.py"],
     ),
     # An out-of-budget market keeps its weight in the average.
     Mutation(
@@ -261,7 +261,7 @@ MUTATIONS = [
         "clients/client_app.py",
         '                loss, examples = float("nan"), 0',
         '                loss = float("nan")  # mutation: the weight stays',
-        ["tests/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
+        ["tests/clients/test_client_privacy.py::test_a_market_out_of_budget_neither_trains_nor_sends_what_it_trained"],
     ),
     # FedProx's proximal term would be clipped with the users' gradients under DP-SGD: refused up front.
     Mutation(
@@ -269,7 +269,7 @@ MUTATIONS = [
         "common/run_config.py",
         "if method.proximal_mu and (self.dp_epsilon > 0",
         "if False and (self.dp_epsilon > 0",
-        ["tests/test_config.py"],
+        ["tests/common/test_config.py"],
     ),
     # A trainer other than plain training (DP-SGD's) running FedProx's hooks.
     Mutation(
@@ -277,7 +277,7 @@ MUTATIONS = [
         "common/methods.py",
         "if method.proximal_mu and train is not None:",
         "if False:",
-        ["tests/test_methods.py"],
+        ["tests/common/test_methods.py"],
     ),
 ]
 

@@ -16,21 +16,71 @@ from collections.abc import Iterator
 
 import psutil
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this process: never handed out twice
+
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on loopback that nothing listens on right now and this process has not handed out before.
+
+    The port is not held: another process may bind it before the caller's child does. Start the
+    child, then confirm with :func:`wait_for_listener` that the listener is the child's.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    """Return once something listens on ``port`` on loopback; ``TimeoutError`` after ``timeout`` s."""
+class PortTakenError(OSError):
+    """Another process, not the one started for it, listens on (or binds) the port."""
+
+
+def _tree(process: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _listeners(port: int) -> set[int | None]:
+    """PIDs of the processes listening on TCP ``port`` (``None`` for one this user may not see)."""
+    return {
+        connection.pid
+        for connection in psutil.net_connections(kind="tcp")
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port
+    }
+
+
+def wait_for_listener(process: subprocess.Popen, port: int, timeout: float = 30.0) -> None:
+    """Return once ``process`` (or a process it started) listens on ``port`` on loopback.
+
+    Raises
+    ------
+    PortTakenError
+        If a process outside ``process``'s tree listens on ``port`` (instead of it, or beside it
+        through ``SO_REUSEPORT``): the port was taken between :func:`free_port` and the bind.
+    ChildProcessError
+        If ``process`` exits first.
+    TimeoutError
+        If nothing listens after ``timeout`` s.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        listeners = _listeners(port)
+        ours = {member.pid for member in _tree(process)}
+        # gRPC binds with SO_REUSEPORT: a second server can share the port, so every listener must be ours.
+        if listeners - ours:
+            raise PortTakenError(f"Port {port} on 127.0.0.1 is held by another process, not the one started for it.")
+        if listeners:
+            return
+        if process.poll() is not None:
+            raise ChildProcessError(
+                f"The process meant to listen on port {port} exited with code {process.returncode}."
+            )
         time.sleep(0.2)
     raise TimeoutError(f"Nothing listens on port {port} after {timeout} s.")
 
