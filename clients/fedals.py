@@ -53,7 +53,15 @@ from common.ials.model import IALSMarket, evaluate_market, initial_rows, interac
 from common.ials.private import merged, min_buyers, restricted, shared_items, solve_private_items
 from common.ials.steps import market_item_statistics, solve_users
 from common.ials.transfer import candidates, choose
-from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, check_item_side, pack_statistics, unpack_item_factors
+from common.ials.wire import (
+    ASSORTMENT_KEY,
+    INITIAL_ROWS_KEY,
+    ITEM_SIDE_KEYS,
+    check_item_side,
+    item_rows_problem,
+    pack_statistics,
+    unpack_item_factors,
+)
 from common.methods import get_method
 from common.neural.model import SplitRecommender
 from common.privacy.ledger import PrivacyBudgetExceeded
@@ -87,13 +95,13 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content[CONFIG_RECORD]
     server_round = int(round_config[SERVER_ROUND_KEY])
     split = market.split
-    items, gram = _received(msg, market, catalog, ials)
+    items, gram, item_rows = _received(msg, market, catalog, ials)
     started = time.perf_counter()
     minimum = 1
     if config.dp_epsilon == 0:
         minimum = min_buyers(context.run_config, node_settings(context), split.market)
-        items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
-    users = solve_users(market.train, items, gram, catalog.size, ials)
+        items, gram, item_rows = _with_private_items(context, msg, market, items, gram, item_rows, ials, minimum)
+    users = solve_users(market.train, items, gram, item_rows, ials)
     training_id = str(round_config.get(TRAINING_ID_KEY, ""))
     policy = region_policy(context, split.market)
     metrics: dict[str, Any]
@@ -113,7 +121,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics[TRAIN_SECONDS_KEY] = time.perf_counter() - started
     if parse_bool(EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)):
         # The previous round's item factors, evaluated with the users this round solved on them.
-        received = _evaluate(context, market, catalog, config, items, gram, server_round - 1, training_id, users)[0]
+        received = _evaluate(
+            context, market, catalog, config, (items, gram, item_rows), server_round - 1, training_id, users
+        )[0]
         metrics.update({RECEIVED_PREFIX + key: value for key, value in received.items()})
     sent = statistics | {ASSORTMENT_KEY: np.asarray(rows, dtype=np.int64)}
     return reply(
@@ -130,19 +140,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     market, catalog, config = _market(context)
     ials = config.ials_config()
     round_config = msg.content[CONFIG_RECORD]
-    items, gram = _received(msg, market, catalog, ials)
+    items, gram, item_rows = _received(msg, market, catalog, ials)
     if config.dp_epsilon == 0:
         minimum = min_buyers(context.run_config, node_settings(context), market.split.market)
-        items, gram = _with_private_items(context, msg, market, items, gram, ials, minimum)
+        items, gram, item_rows = _with_private_items(context, msg, market, items, gram, item_rows, ials, minimum)
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
+    item_side = (items, gram, item_rows)
     metrics, model = _evaluate(
-        context, market, catalog, config, items, gram, server_round, str(round_config.get(TRAINING_ID_KEY, ""))
+        context, market, catalog, config, item_side, server_round, str(round_config.get(TRAINING_ID_KEY, ""))
     )
     if parse_bool(FINAL_ROUND_KEY, round_config.get(FINAL_ROUND_KEY, False)):
         method = get_method(config.method)
         fit = None
         if method.transfer:
-            transfer_metrics, fit = _transfer(context, market, catalog, config, items, gram, server_round)
+            transfer_metrics, fit = _transfer(context, market, catalog, config, item_side, server_round)
             metrics.update(transfer_metrics)
         write_best_model(context, model, market.tensors, catalog, method, fit)
     policy = region_policy(context, market.split.market)
@@ -199,16 +210,17 @@ def _transfer(
     market: IALSMarket,
     catalog: Catalog,
     config: RunConfig,
-    items: ItemFactors,
-    gram: np.ndarray,
+    item_side: tuple[ItemFactors, np.ndarray, int],
     server_round: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """fedals-pt's private transfer after the last round: its reply metrics and the fit to serve.
 
-    The candidates are fitted on the market's own data and the factors it received; only
-    their evaluation metrics are reported.
+    The candidates are fitted on the market's own data and the factors it received
+    (``item_side``: the factors, the Gram and the rows with a factor); only their evaluation
+    metrics are reported.
     """
-    choice = choose(candidates(market, items, gram, catalog.size, config.ials_config()))
+    items, gram, item_rows = item_side
+    choice = choose(candidates(market, items, gram, catalog.size, config.ials_config(), shared_rows=item_rows))
     chosen = choice.chosen
     metrics = evaluation_metrics(chosen.valid, chosen.test)
     metrics.pop(NUM_EXAMPLES_KEY)
@@ -234,17 +246,20 @@ def _evaluate(
     market: IALSMarket,
     catalog: Catalog,
     config: RunConfig,
-    items: ItemFactors,
-    gram: np.ndarray,
+    item_side: tuple[ItemFactors, np.ndarray, int],
     server_round: int,
     training_id: str,
     users: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], SplitRecommender]:
-    """The metrics of ``items`` in the market (with the privacy spent under DP) and its model.
+    """The metrics of the received ``item_side`` (factors, Gram, rows with a factor) in the
+    market (with the privacy spent under DP) and its model.
 
     The model is kept as the served candidate if its round is the best so far.
     """
-    valid, test, model = evaluate_market(market, items, gram, catalog.size, config.ials_config(), users)
+    items, gram, item_rows = item_side
+    valid, test, model = evaluate_market(
+        market, items, gram, catalog.size, config.ials_config(), users, item_rows=item_rows
+    )
     metrics = MarketPrivacy(context, market.split.market).spent(config) | evaluation_metrics(valid, test)
     remember_if_best(context, model, market.split.market, server_round, metrics, training_id)
     return metrics, model
@@ -256,10 +271,12 @@ def _with_private_items(
     market: IALSMarket,
     items: ItemFactors,
     gram: np.ndarray,
+    item_rows: int,
     ials: IALSConfig,
     minimum: int,
-) -> tuple[ItemFactors, np.ndarray]:
-    """The received factors with the market's private rows, and the Gram with theirs added.
+) -> tuple[ItemFactors, np.ndarray, int]:
+    """The received factors with the market's private rows, the Gram with theirs added, and
+    the rows with a factor counting them.
 
     The items the market has fewer than ``minimum`` buyers of never leave it; it solves them
     itself (:func:`common.ials_private.solve_private_items`) from its users of the last round it
@@ -269,7 +286,7 @@ def _with_private_items(
     received factors are used as they are.
     """
     if minimum <= 1 or USER_GRAM_KEY not in msg.content[ARRAYS_RECORD] or PRIVATE_STATE not in context.state:
-        return items, gram
+        return items, gram, item_rows
     users = context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
     user_gram = msg.content[ARRAYS_RECORD][USER_GRAM_KEY].numpy().astype(np.float64)
     dim = ials.factors
@@ -285,7 +302,7 @@ def _with_private_items(
     private = restricted(market.train, shared_items(market.train, minimum), keep=False)
     solved = solve_private_items(private, users, user_gram, ials)
     items, used = merged(items, solved)
-    return items, gram + used.gram()
+    return items, gram + used.gram(), item_rows + used.held_rows()
 
 
 def _remember_users(context: Context, users: np.ndarray, server_round: int) -> None:
@@ -319,8 +336,13 @@ def _ratings(
     return interaction_ratings(split, interactions, catalog)
 
 
-def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConfig) -> tuple[ItemFactors, np.ndarray]:
-    """The item factors of the market's rows and the Gram the server sent, checked.
+def _received(
+    msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConfig
+) -> tuple[ItemFactors, np.ndarray, int]:
+    """The item factors of the market's rows, the Gram and the table's rows with a factor the server sent, checked.
+
+    In round 1 of a seeded start the server sends the Gram alone: every catalog row holds its
+    seeded factor, so all of them count.
 
     Raises
     ------
@@ -331,7 +353,7 @@ def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConf
     name = market.split.market
     arrays = {key: array.numpy() for key, array in msg.content[ARRAYS_RECORD].items() if key != USER_GRAM_KEY}
     initial = parse_bool(INITIAL_ROWS_KEY, msg.content[CONFIG_RECORD].get(INITIAL_ROWS_KEY, False))
-    expected = {"gram"} if initial else {"items", "factors", "gram"}
+    expected = {"gram"} if initial else set(ITEM_SIDE_KEYS)
     if set(arrays) != expected:
         raise ValueError(
             f"Market '{name}' expected the arrays {sorted(expected)} of fedals' server but received "
@@ -339,8 +361,14 @@ def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConf
         )
     if initial:
         items, gram = initial_rows(market.split.market_items, ials), arrays["gram"].astype(np.float64)
+        item_rows = catalog.size
     else:
-        items, gram = unpack_item_factors(arrays)
+        try:
+            items, gram, item_rows = unpack_item_factors(arrays)
+        except ValueError as error:
+            raise ValueError(f"Market '{name}': the server's {error}.") from None
+        if problem := item_rows_problem(item_rows, items, catalog.size):
+            raise ValueError(f"Market '{name}': the server's {problem}.")
     dim = ials.factors
     if gram.shape != (dim, dim) or items.dim != dim:
         raise ValueError(
@@ -356,7 +384,7 @@ def _received(msg: Message, market: IALSMarket, catalog: Catalog, ials: IALSConf
         raise ValueError(f"Market '{name}': the server's item factors hold NaN or infinite values.")
     if problem := gram_problem(items, gram):
         raise ValueError(f"Market '{name}': {problem}; the market evaluates and trains only on a consistent table.")
-    return items, gram
+    return items, gram, item_rows
 
 
 def gram_problem(items: ItemFactors, gram: np.ndarray) -> str | None:

@@ -187,7 +187,8 @@ class FedALS(FedAvg):
                 payload = {"gram": gram.astype(np.float32)}
             else:
                 rows = self._rows.get(node, held.rows)
-                payload = pack_item_factors(ItemFactors(rows, lookup_rows(held.rows, held.factors, rows)), gram)
+                factors = ItemFactors(rows, lookup_rows(held.rows, held.factors, rows))
+                payload = pack_item_factors(factors, gram, len(held.rows))
                 if self._user_gram is not None:
                     payload[USER_GRAM_KEY] = self._user_gram.astype(np.float32)
             node_config = ConfigRecord({**config, SERVER_ROUND_KEY: server_round, INITIAL_ROWS_KEY: initial})

@@ -271,7 +271,9 @@ def run_pooled_ials(
         nonlocal started
         gram = items.gram()
         for market, user_factors in zip(markets, users, strict=True):
-            valid, test, model = evaluate_market(market, items, gram, catalog.size, config, user_factors)
+            valid, test, model = evaluate_market(
+                market, items, gram, catalog.size, config, user_factors, item_rows=items.held_rows()
+            )
             curves[market.split.market].append(curve_point(valid, test, step))
             best_states[market.split.market].offer(model, curves[market.split.market][-1])
         macro = sum(curve[-1]["val-ndcg"] for curve in curves.values()) / len(curves)
@@ -333,6 +335,15 @@ def _implicit_threads() -> int:
         return 1
 
 
+@dataclass(frozen=True)
+class ImplicitFit:
+    """What :func:`fit_implicit` measured: each market's curve and the time of the ALS iterations."""
+
+    curves: dict[str, list[dict[str, float]]]  # one point per market, as run_implicit returns
+    iteration_seconds: list[float]  # wall time of each ALS iteration (users then items) of every fit, in order
+    threads: int  # implicit's threads
+
+
 def run_implicit(
     source: MarketSource,
     catalog: Catalog,
@@ -348,7 +359,26 @@ def run_implicit(
     implicit's ``recalculate_user`` from training plus the validation interaction (the item
     factors never see it), as :mod:`simulations.benchmarks.ials_tuning` tuned it. One point per market, at
     round ``als.iterations``; ``--rounds`` does not apply. The served model holds implicit's
-    factors as a split recommender.
+    factors as a split recommender. Threads: OMP_NUM_THREADS (:func:`fit_implicit` takes them).
+    """
+    return fit_implicit(source, catalog, settings, method, progress, als).curves
+
+
+def fit_implicit(
+    source: MarketSource,
+    catalog: Catalog,
+    settings: BaselineSettings,
+    method: str,
+    progress: Progress,
+    als: ImplicitALS | None = None,
+    threads: int | None = None,
+) -> ImplicitFit:
+    """:func:`run_implicit` with ``threads`` implicit threads (None: OMP_NUM_THREADS, else 1), timed.
+
+    ``iteration_seconds`` holds, per ALS iteration, the wall time implicit itself measures
+    around its two half-steps (users, then items), reported through its fit callback: neither
+    building the interaction matrix, implicit's transpose and initialisation, nor evaluation
+    is in it.
     """
     if (missing := implicit_missing()) is not None:
         raise RuntimeError(missing)
@@ -357,6 +387,9 @@ def run_implicit(
     from scipy import sparse
 
     als = als or IMPLICIT_SETTINGS[method]
+    threads = _implicit_threads() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"implicit needs at least one thread, got {threads}.")
     markets = [
         IALSMarket.from_split(load_split(source, market, catalog), settings.history_length) for market in source.markets
     ]
@@ -370,6 +403,7 @@ def run_implicit(
         return sparse.csr_matrix((ones, (users, items)), shape=(rows, catalog.size))
 
     curves: dict[str, list[dict[str, float]]] = {}
+    iteration_seconds: list[float] = []
     groups = [markets] if method == "implicit-pooled" else [[market] for market in markets]
     for group in over(groups, len(groups), method, "market" if len(groups) > 1 else "fit"):
         started = time.perf_counter()
@@ -382,9 +416,13 @@ def run_implicit(
                 alpha=als.alpha,
                 iterations=als.iterations,
                 random_state=settings.seed,
-                num_threads=_implicit_threads(),
+                num_threads=threads,
             )
-            model.fit(matrix([market.train for market in group], users_total), show_progress=False)
+            model.fit(
+                matrix([market.train for market in group], users_total),
+                show_progress=False,
+                callback=lambda _iteration, seconds, _loss: iteration_seconds.append(seconds),
+            )
             items = ItemFactors(np.arange(catalog.size), np.asarray(model.item_factors, dtype=np.float64))
             offset = 0
             for market in group:
@@ -406,7 +444,7 @@ def run_implicit(
                     f"{method} {name}: val NDCG@10 {valid.ndcg:.4f}, test {test.ndcg:.4f} "
                     f"({time.perf_counter() - started:.1f} s since the fit began)"
                 )
-    return curves
+    return ImplicitFit(curves, iteration_seconds, threads)
 
 
 class BestState:

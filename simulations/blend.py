@@ -48,7 +48,7 @@ def blend_partner(methods: list[str]) -> str | None:
 
 
 def ials_models(
-    market: IALSMarket, items: ItemFactors, gram: np.ndarray, num_items: int, config: IALSConfig
+    market: IALSMarket, items: ItemFactors, gram: np.ndarray, num_items: int, config: IALSConfig, item_rows: int
 ) -> tuple[SplitRecommender, SplitRecommender]:
     """fedals' split recommender of ``items`` in ``market`` as of validation and as of test.
 
@@ -64,13 +64,15 @@ def ials_models(
     gram : np.ndarray
         ``(d, d)`` ``YᵀY`` over the whole item table.
     num_items : int
-        Rows of the item table.
+        Rows of the item table (the catalog's).
     config : IALSConfig
         fedals' settings, to solve the users with.
+    item_rows : int
+        Rows of the table with a factor (the rows ``gram`` sums over): |I| of the user solves.
     """
     tensors = market.tensors
-    trained = solve_users(market.train, items, gram, num_items, config)
-    folded = solve_users(market.with_valid, items, gram, num_items, config)
+    trained = solve_users(market.train, items, gram, item_rows, config)
+    folded = solve_users(market.with_valid, items, gram, item_rows, config)
     means = history_means(items, tensors.history, tensors.history_mask)
     head = HistoryHead.fit(trained, means)
     length = tensors.history.shape[1]
@@ -137,7 +139,7 @@ def run_blend(
             raise ValueError(f"{served.directory} is not the served model of market {name} of this run.")
         rows = split.market_items  # the rows fedals sends the market: its assortment
         items = ItemFactors(rows, table[rows].astype(np.float64))
-        first_valid, first_test = ials_models(market, items, gram, catalog.size, config)
+        first_valid, first_test = ials_models(market, items, gram, catalog.size, config, len(touched))
         choice = choose_blend(first_valid, first_test, served.model, market.tensors)
         point = curve_point(choice.valid, choice.test, published.round)
         curves[name] = [point]

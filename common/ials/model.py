@@ -202,6 +202,8 @@ def evaluate_market(
     num_items: int,
     config: IALSConfig,
     user_factors: np.ndarray | None = None,
+    *,
+    item_rows: int,
 ) -> tuple[RankingMetrics, RankingMetrics, SplitRecommender]:
     """Validation and test metrics of the item factors ``items`` in ``market``, and the model to serve.
 
@@ -218,11 +220,13 @@ def evaluate_market(
     gram : np.ndarray
         ``(d, d)`` ``YᵀY`` over the whole item table.
     num_items : int
-        Rows of the item table.
+        Rows of the item table (the catalog's): the served model's size.
     config : IALSConfig
         Hyper-parameters of the user solves.
     user_factors : np.ndarray, optional
         The users solved on the training interactions against ``items``, when already at hand.
+    item_rows : int
+        Rows of the whole table that hold a factor: |I| of the user solves (``common.ials.steps.solve_users``).
 
     Returns
     -------
@@ -230,8 +234,8 @@ def evaluate_market(
         Validation and test metrics, and the model as of the test evaluation.
     """
     if user_factors is None:
-        user_factors = solve_users(market.train, items, gram, num_items, config)
-    folded = solve_users(market.with_valid, items, gram, num_items, config)
+        user_factors = solve_users(market.train, items, gram, item_rows, config)
+    folded = solve_users(market.with_valid, items, gram, item_rows, config)
     return evaluate_factors(market, items, num_items, user_factors, folded)
 
 

@@ -67,7 +67,7 @@ def pooled_ials(
     items = initial_item_factors_table(np.arange(num_items), config)
     gram = items.gram()
     for step in range(config.iterations + 1):
-        users = [solve_users(market, items, gram, num_items, config) for market in markets]
+        users = [solve_users(market, items, gram, items.held_rows(), config) for market in markets]
         if step and callback is not None:
             callback(step, users, items)
         if step == config.iterations:
@@ -109,15 +109,16 @@ def federated_ials(
     gram = initial_item_gram(num_items, config.factors, config.seed, config.init_std)
     result = IALSResult([], items)
     for step in range(config.iterations + 1):
+        held = num_items if step == 0 else items.held_rows()  # every row holds its seeded factor at first
         downloads = [
-            pack_item_factors(initial_item_factors_table(rows, config) if step == 0 else items.subset(rows), gram)
+            pack_item_factors(initial_item_factors_table(rows, config) if step == 0 else items.subset(rows), gram, held)
             for rows in touched
         ]
         result.download_bytes.append([payload_bytes(payload) for payload in downloads])
         users = []
         for market, payload in zip(markets, downloads, strict=True):
-            market_items, market_gram = unpack_item_factors(payload)
-            users.append(solve_users(market, market_items, market_gram, num_items, config))
+            market_items, market_gram, item_rows = unpack_item_factors(payload)
+            users.append(solve_users(market, market_items, market_gram, item_rows, config))
         if step and callback is not None:
             callback(step, users, items)
         if step == config.iterations:

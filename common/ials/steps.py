@@ -20,7 +20,7 @@ from common.ials.kernels import _factor_segments, _group, _solve_segments
 
 
 def solve_users(
-    market: MarketInteractions, items: ItemFactors, item_gram: np.ndarray, num_items: int, config: IALSConfig
+    market: MarketInteractions, items: ItemFactors, item_gram: np.ndarray, item_rows: int, config: IALSConfig
 ) -> np.ndarray:
     """A market's user step: every user's exact factor given the item factors.
 
@@ -32,8 +32,9 @@ def solve_users(
         Factors of (at least) the items the market's users interacted with.
     item_gram : np.ndarray
         ``(d, d)`` ``YᵀY`` over the whole item table, as the server sends it.
-    num_items : int
-        Rows of the item table, |I| of the frequency-scaled regularisation.
+    item_rows : int
+        Rows of the whole item table that hold a factor (``ItemFactors.held_rows`` of the
+        server's table, as it sends it): |I| of the frequency-scaled regularisation.
     config : IALSConfig
         Hyper-parameters.
 
@@ -52,7 +53,7 @@ def solve_users(
         vectors,
         confidence[order] / root[order],
         lengths,
-        user_regularization(lengths, num_items, config),
+        user_regularization(lengths, item_rows, config),
     )
     factors = np.zeros((market.num_users, items.dim))
     factors[users] = solved
@@ -63,7 +64,7 @@ def fold_in(
     history: np.ndarray,
     items: ItemFactors,
     item_gram: np.ndarray,
-    num_items: int,
+    item_rows: int,
     config: IALSConfig,
     ratings: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -74,7 +75,7 @@ def fold_in(
     """
     history = np.asarray(history, dtype=np.int64)
     market = MarketInteractions(np.zeros(len(history), dtype=np.int64), history, 1, ratings)
-    return solve_users(market, items, item_gram, num_items, config)[0]
+    return solve_users(market, items, item_gram, item_rows, config)[0]
 
 
 # --- a market's item statistics ----------------------------------------------------------------

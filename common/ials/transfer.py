@@ -44,14 +44,16 @@ def refit(
     market: IALSMarket,
     start: ItemFactors,
     prior_weight: float,
-    num_items: int,
     config: IALSConfig,
     iterations: int,
 ) -> ItemFactors:
-    """``iterations`` ALS iterations on the market's training data from ``start``, each pulled toward ``start``."""
+    """``iterations`` ALS iterations on the market's training data from ``start``, each pulled toward ``start``.
+
+    The fit's table is the market's own, so |I| of its user solves is that table's rows with a factor.
+    """
     items = start
     for _ in range(iterations):
-        users = solve_users(market.train, items, items.gram(), num_items, config)
+        users = solve_users(market.train, items, items.gram(), items.held_rows(), config)
         items = solve_items_toward(market.train, users, start, prior_weight, config)
     return items
 
@@ -82,6 +84,8 @@ def candidates(
     config: IALSConfig,
     prior_weights: Sequence[float] = PRIOR_WEIGHTS,
     refit_iterations: int = REFIT_ITERATIONS,
+    *,
+    shared_rows: int,
 ) -> list[Candidate]:
     """Every candidate of the module docstring, evaluated on the market's validation and test splits.
 
@@ -94,22 +98,24 @@ def candidates(
     shared_gram : np.ndarray
         ``(d, d)`` the Gram the server sent with them (over the whole shared table).
     num_items : int
-        Rows of the item table.
+        Rows of the item table (the catalog's).
     config : IALSConfig
         fedals' settings; ``config.iterations`` is the ``own`` fit's iterations.
     prior_weights : Sequence[float]
         μ of the ``prior-μ`` candidates.
     refit_iterations : int
         Iterations of each ``prior-μ`` refit.
+    shared_rows : int
+        Rows of the shared table with a factor, as the server sent it with ``shared_gram``.
     """
-    own = refit(market, initial_item_factors_table(shared.rows, config), 0.0, num_items, config, config.iterations)
-    fits = [(OWN, own, own.gram()), (SHARED, shared, shared_gram)]
+    own = refit(market, initial_item_factors_table(shared.rows, config), 0.0, config, config.iterations)
+    fits = [(OWN, own, own.gram(), own.held_rows()), (SHARED, shared, shared_gram, shared_rows)]
     for weight in prior_weights:
-        fitted = refit(market, shared, weight, num_items, config, refit_iterations)
-        fits.append((f"prior-{weight:g}", fitted, fitted.gram()))
+        fitted = refit(market, shared, weight, config, refit_iterations)
+        fits.append((f"prior-{weight:g}", fitted, fitted.gram(), fitted.held_rows()))
     evaluated = []
-    for name, items, gram in fits:
-        valid, test, model = evaluate_market(market, items, gram, num_items, config)
+    for name, items, gram, rows in fits:
+        valid, test, model = evaluate_market(market, items, gram, num_items, config, item_rows=rows)
         evaluated.append(Candidate(name, valid, test, model))
     return evaluated
 

@@ -2,10 +2,11 @@
 
 A market's :class:`common.ials.ItemStatistics` travel as the item rows, their buyer counts and
 ranks, the packed upper-trapezoidal factors (:func:`pack_statistics`: float32, or float16 to
-halve them) and the augmented Gram; the server sends each market the item factors of its rows
-and the Gram ``YᵀY`` (:func:`pack_item_factors`). :func:`check_item_side` refuses a payload with
-anything user-indexed. :func:`federated_ials` runs the protocol in one process, every message
-through this format, and must equal :func:`common.ials.pooled_ials`.
+halve them) and the augmented Gram; the server sends each market the item factors of its rows,
+the Gram ``YᵀY`` and the count of the table's rows with a factor (:func:`pack_item_factors`).
+:func:`check_item_side` refuses a payload with anything user-indexed. :func:`federated_ials` runs
+the protocol in one process, every message through this format, and must equal
+:func:`common.ials.pooled_ials`.
 """
 
 from collections.abc import Mapping
@@ -144,21 +145,45 @@ def check_item_side(payload: Mapping[str, np.ndarray], touched_items: np.ndarray
             raise ValueError(f"Array '{name}' has shape {shape}: a d-sized array must be d×d (or (d+1)×(d+1)).")
 
 
-def pack_item_factors(items: ItemFactors, gram: np.ndarray) -> dict[str, np.ndarray]:
-    """What the server sends a market: its rows' factors and the global Gram, float32."""
+ITEM_ROWS_KEY = "item-rows"  # array (1,) int64, server -> market: the table's rows with a factor (|I|)
+ITEM_SIDE_KEYS = ("items", "factors", "gram", ITEM_ROWS_KEY)  # what pack_item_factors sends
+
+
+def pack_item_factors(items: ItemFactors, gram: np.ndarray, item_rows: int) -> dict[str, np.ndarray]:
+    """What the server sends a market: its rows' factors, the global Gram (float32) and how many
+    rows of the whole table hold a factor (|I| of the user regularisation, :mod:`common.ials.core`)."""
     return {
         "items": items.rows.astype(np.int64),
         "factors": items.factors.astype(np.float32),
         "gram": gram.astype(np.float32),
+        ITEM_ROWS_KEY: np.array([item_rows], dtype=np.int64),
     }
 
 
-def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors, np.ndarray]:
-    """The item factors and Gram :func:`pack_item_factors` packed (in float64)."""
+def unpack_item_factors(payload: Mapping[str, np.ndarray]) -> tuple[ItemFactors, np.ndarray, int]:
+    """The item factors and Gram :func:`pack_item_factors` packed (in float64), and the rows with a factor."""
+    count = np.asarray(payload[ITEM_ROWS_KEY])
+    if count.shape != (1,) or not np.issubdtype(count.dtype, np.integer):
+        raise ValueError(f"{ITEM_ROWS_KEY!r} is {count.dtype} {count.shape}, not one whole number")
     return (
         ItemFactors(np.asarray(payload["items"]), np.asarray(payload["factors"], dtype=np.float64)),
         np.asarray(payload["gram"], dtype=np.float64),
+        int(count[0]),
     )
+
+
+def item_rows_problem(item_rows: int, items: ItemFactors, num_items: int) -> str | None:
+    """What is wrong with the server's count of rows with a factor, or None.
+
+    It must lie between the non-zero rows the server sent the market and the catalog's rows:
+    a count outside that cannot describe a table holding the sent factors.
+    """
+    if not items.held_rows() <= item_rows <= num_items:
+        return (
+            f"{ITEM_ROWS_KEY!r} {item_rows} is not between the {items.held_rows()} non-zero rows it sent "
+            f"and the catalog's {num_items} rows"
+        )
+    return None
 
 
 ASSORTMENT_KEY = "assortment"  # reply array: the market's sorted assortment rows, what the server sends it next

@@ -22,6 +22,8 @@ import numpy as np
 
 from common.data.catalog import Catalog
 from common.data.markets import load_file_split
+from common.ials.core import ItemFactors
+from common.ials.wire import pack_item_factors
 from common.privacy.region import EXACT_METRICS_KEY
 from simulations.attacks.federation import Regions, fedals_run_config, regions
 from simulations.attacks.hostile import HostileServer, MarketRefused
@@ -56,7 +58,7 @@ def _ask(server: HostileServer, node: int, factors: np.ndarray, gram: np.ndarray
         return server.metrics(
             node,
             "evaluate",
-            {"items": rows, "factors": factors, "gram": gram.astype(np.float32)},
+            pack_item_factors(ItemFactors(rows, factors), gram, len(rows)),
             {"server-round": 1, "training-id": "oracle"},
         )
     except MarketRefused as error:

@@ -119,7 +119,7 @@ def test_metrics(markets: list[Market], num_items: int, config: IALSConfig) -> d
     gram = items.gram()
     per_market = {}
     for market, train_users in zip(markets, result.user_factors, strict=True):
-        folded = solve_users(market.with_valid, items, gram, num_items, config)
+        folded = solve_users(market.with_valid, items, gram, items.held_rows(), config)
         valid = rank_metrics(market.split, train_users, items, False)
         test = rank_metrics(market.split, folded, items, True)
         per_market[market.split.market] = {
@@ -421,7 +421,7 @@ def federated_check(markets: list[Market], num_items: int, config: IALSConfig, w
     fed_items, fed_gram = federated.item_factors, federated.item_factors.gram()
     users = federated.user_factors
     valid = [rank_metrics(m.split, x, fed_items, False)[0] for m, x in zip(markets, users, strict=True)]
-    folded = [solve_users(m.with_valid, fed_items, fed_gram, num_items, config) for m in markets]
+    folded = [solve_users(m.with_valid, fed_items, fed_gram, fed_items.held_rows(), config) for m in markets]
     test = [rank_metrics(m.split, x, fed_items, True)[0] for m, x in zip(markets, folded, strict=True)]
     # One round's work, split into what each market and the server do.
     items, gram = pooled.item_factors, pooled.item_factors.gram()
@@ -429,7 +429,7 @@ def federated_check(markets: list[Market], num_items: int, config: IALSConfig, w
     for market in markets:
         began = time.perf_counter()
         market_items = items.subset(np.unique(market.train.items))
-        market_users = solve_users(market.train, market_items, gram, num_items, config)
+        market_users = solve_users(market.train, market_items, gram, items.held_rows(), config)
         payloads.append(pack_statistics(market_item_statistics(market.train, market_users, config), wire_dtype))
         market_seconds[market.split.market] = time.perf_counter() - began
     began = time.perf_counter()

@@ -16,10 +16,39 @@ can be read off (``bytes per touched item`` constant across markets, or not). ``
 adds the local baseline, the same training without Flower, for the orchestration overhead.
 A method that fails (out of memory, a message too large) is reported with its error instead
 of stopping the others.
+
+Quality and speed against a reference: after the federated methods, ``implicit-pooled`` (the
+``implicit`` library's ALS on all markets pooled, :func:`simulations.baselines.fit_implicit`, at
+its tuned settings) runs in this process on the same market files and seed, so on the same
+split and evaluation candidates, with as many threads as the federation had workers training
+at once (:func:`federation_workers`: Ray's CPUs, one per ClientApp, at most one per market).
+It is called directly rather than through the harness so that its threads are passed, not
+read from ``OMP_NUM_THREADS``, and its fit is timed apart from loading and evaluation. Its
+catalog is every product the markets sell (what the harness's own ``implicit-pooled`` uses):
+the company catalog lists the same products in the same sorted order, so every split and
+candidate is the same item for item, while implicit does not solve for the unsold products'
+factors. ``--no-reference`` skips it.
+
+What is timed on each side, both in this run:
+
+- a federated method's ``mean-seconds-per-round`` is the harness's round time: from the
+  ServerApp sending a round's training messages until it has aggregated the replies (and,
+  in the last round or without folded evaluation, evaluated the result), so it holds the
+  markets' local work, their evaluation of the previous round's model folded into training,
+  Flower's transport and the server's aggregation; the last round also writes the served models.
+- implicit's ``seconds-per-iteration`` is the wall time of its ALS iterations (the user and
+  item half-steps, as implicit's fit callback measures them) over their number: building the
+  interaction matrix, implicit's transpose and initialisation, and evaluation are left out.
+
+Per federated method the report adds ``ndcg-ratio-to-implicit`` (its macro test NDCG@10 over
+implicit-pooled's) and ``round-to-iteration-ratio`` (its mean seconds per round over
+implicit-pooled's seconds per iteration).
 """
 
 import argparse
+import inspect
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,12 +58,19 @@ import numpy as np
 import psutil
 
 from common.data.catalog import Catalog
+from common.data.markets import MarketSource
 from common.data.synthetic import SyntheticConfig, item_names, write_markets
-from common.runtime.command import add_alias, add_verbose
+from common.neural.train import TrainConfig
+from common.runtime.command import UserError, add_alias, add_verbose
 from simulations import run as harness
+from simulations.baselines import BaselineSettings, fit_implicit, implicit_missing
+from simulations.flower_runtime import SimulationSuperLink
+from simulations.progress import say
+from simulations.results import method_summary
 
 # Above this many catalog items the generator draws candidates instead of scoring every product.
 DENSE_GENERATION_LIMIT = 20_000
+REFERENCE = "implicit-pooled"  # the reference every federated method is compared with
 
 
 class TreeMemorySampler:
@@ -143,6 +179,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", default="fedals,fedper", help="comma-separated federated methods (default: %(default)s)"
     )
     parser.add_argument("--local", action="store_true", help="also run the local baseline (default: off)")
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help=f"skip the {REFERENCE} reference and the ratios to it (default: it runs, after the federated methods)",
+    )
     parser.add_argument(
         "--memory-limit-gib",
         type=float,
@@ -284,28 +326,90 @@ def run_method(
     return report
 
 
+def federation_workers(markets: int) -> int:
+    """Markets the simulation engine trains at once: Ray's CPUs over the CPUs of one ClientApp, at most ``markets``.
+
+    Flower sizes its pool of Ray workers as Ray's CPUs (:func:`ray._private.utils.get_num_cpus`,
+    which also reads a container's CPU limit) over the CPUs per ClientApp, the default of
+    :class:`SimulationSuperLink` that :mod:`simulations.run` starts it with; with fewer markets
+    than workers, only as many as there are markets train at once. Ray is imported here only,
+    after the federated runs, so that the memory they report does not hold it.
+    """
+    try:
+        from ray._private.utils import get_num_cpus  # Ray's own count; private, hence the fallback
+    except ImportError:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    else:
+        cpus = get_num_cpus()
+    per_client = inspect.signature(SimulationSuperLink).parameters["cpus_per_client"].default
+    return max(1, min(markets, int(cpus // per_client)))
+
+
+def implicit_reference(data_dir: Path, seed: int, threads: int) -> dict[str, Any]:
+    """implicit-pooled on the market files in ``data_dir`` with ``threads`` threads: its quality and its fit's speed.
+
+    The split, negatives and settings are those of the harness (:func:`simulations.run.main`
+    with ``--data-dir data_dir --seed seed``): the market files and the seed make the split
+    and candidates, the app config's history length the evaluated users' histories.
+    """
+    defaults = harness.app_defaults()
+    source = MarketSource(str(data_dir), seed=seed)
+    settings = BaselineSettings(
+        rounds=1,  # implicit reports one point, after its tuned iterations
+        train=TrainConfig(),  # not used by implicit
+        embedding_dim=defaults["embedding-dim"],
+        history_length=defaults["history-length"],
+        user_embeddings=defaults["user-embeddings"],
+        seed=seed,
+    )
+    started = time.perf_counter()
+    fitted = fit_implicit(source, source.catalog(), settings, REFERENCE, say, threads=threads)
+    summary = method_summary(fitted.curves, time.perf_counter() - started)
+    return {
+        "macro-ndcg@10": summary["macro"]["ndcg@10"],
+        "seconds-per-iteration": float(np.sum(fitted.iteration_seconds)) / len(fitted.iteration_seconds),
+        "threads": fitted.threads,
+        "iterations": len(fitted.iteration_seconds),
+        "seconds": summary["seconds"],  # loading, fit and evaluation
+    }
+
+
+def add_ratios(report: dict[str, Any]) -> None:
+    """Each federated method's ``ndcg-ratio-to-implicit`` and ``round-to-iteration-ratio`` to the reference."""
+    reference = report.get("references", {}).get(REFERENCE, {})
+    if "error" in reference or not reference:
+        return
+    for entry in report["methods"].values():
+        if "error" not in entry:
+            entry["ndcg-ratio-to-implicit"] = entry["macro-ndcg@10"] / reference["macro-ndcg@10"]
+            entry["round-to-iteration-ratio"] = entry["mean-seconds-per-round"] / reference["seconds-per-iteration"]
+
+
 def table(report: dict[str, Any]) -> str:
     """The report as a markdown table, one row per method."""
     lines = [
         f"{report['markets']} markets, catalog of {report['items']:,} items, {report['rounds']} rounds; "
         f"markets touch {min(report['touched-items'].values()):,} to {max(report['touched-items'].values()):,} items",
         "",
-        "| method | s/round | peak tree PSS (GiB) | peak tree RSS (GiB) | up MB/round (largest market) "
+        "| method | s/round | macro NDCG@10 | NDCG / implicit-pooled | s/round / implicit-pooled s/iteration "
+        "| peak tree PSS (GiB) | peak tree RSS (GiB) | up MB/round (largest market) "
         "| up bytes/touched item | up r² vs touched items | up r² vs interactions | down MB/round (largest) "
         "| down bytes/touched item | down r² |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     largest = max(report["touched-items"], key=report["touched-items"].get)
     for method, entry in report["methods"].items():
         if "error" in entry:
             lines.append(
-                f"| {method} | failed: {entry['error'][:160]} | {entry['peak-tree-pss-mib'] / 1024:.2f} | "
+                f"| {method} | failed: {entry['error'][:160]} | | | | {entry['peak-tree-pss-mib'] / 1024:.2f} | "
                 f"{entry['peak-tree-rss-mib'] / 1024:.2f} | | | | | | | |"
             )
             continue
         big = entry["traffic"].get(largest, {})
         lines.append(
-            f"| {method} | {entry['mean-seconds-per-round']:.1f} | {entry['peak-tree-pss-mib'] / 1024:.2f} | "
+            f"| {method} | {entry['mean-seconds-per-round']:.1f} | {entry['macro-ndcg@10']:.4f} | "
+            f"{_ratio(entry, 'ndcg-ratio-to-implicit')} | {_ratio(entry, 'round-to-iteration-ratio')} | "
+            f"{entry['peak-tree-pss-mib'] / 1024:.2f} | "
             f"{entry['peak-tree-rss-mib'] / 1024:.2f} | "
             f"{big.get('upload-bytes', float('nan')) / 1e6:.1f} | {entry['upload']['bytes-per-touched-item']:.0f} | "
             f"{entry['upload']['r2']:.3f} | {entry['upload-by-interactions']['r2']:.3f} | "
@@ -313,7 +417,26 @@ def table(report: dict[str, Any]) -> str:
             f"{entry['download']['bytes-per-touched-item']:.0f} | "
             f"{entry['download']['r2']:.3f} |"
         )
+    lines.extend(["", reference_line(report)] if "references" in report else [])
     return "\n".join(lines)
+
+
+def _ratio(entry: dict[str, Any], key: str) -> str:
+    """A ratio of the table, or a dash without the reference."""
+    return f"{entry[key]:.3f}" if key in entry else "–"
+
+
+def reference_line(report: dict[str, Any]) -> str:
+    """The table's line on the reference: its quality, speed and threads, or its error."""
+    reference = report["references"][REFERENCE]
+    if "error" in reference:
+        return f"{REFERENCE} (reference) failed: {reference['error']}"
+    return (
+        f"{REFERENCE} (reference, same data, split and candidates, {reference['threads']} threads as the "
+        f"federation's workers): macro NDCG@10 {reference['macro-ndcg@10']:.4f} after {reference['iterations']} "
+        f"iterations, {reference['seconds-per-iteration']:.2f} s per iteration (the ALS iterations alone); "
+        "the ratios above divide each method's macro NDCG@10 and mean s/round by these."
+    )
 
 
 def scale(args: argparse.Namespace) -> dict[str, Any]:
@@ -321,6 +444,8 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     methods = [method.strip() for method in args.methods.split(",") if method.strip()]
     if not methods:
         raise ValueError("The scale benchmark needs at least one method in --methods.")
+    if args.reference and (missing := implicit_missing()) is not None:
+        raise UserError(f"The {REFERENCE} reference: {missing}; or pass --no-reference.")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     catalog_path, touched, interactions = write_federation(args, args.out / "data")
@@ -342,6 +467,16 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         report["methods"][method] = run_method(
             args, method, args.out / "data" / "markets", catalog_path, touched, report["interactions"]
         )
+        (args.out / "scale.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if args.reference:
+        threads = federation_workers(args.synthetic_markets)
+        say(f"== {REFERENCE} (reference, {threads} threads) ==")
+        try:
+            reference = implicit_reference(args.out / "data" / "markets", args.seed, threads)
+        except Exception as error:  # noqa: BLE001 - reported beside the federated numbers, which stand
+            reference = {"error": f"{type(error).__name__}: {error}", "threads": threads}
+        report["references"] = {REFERENCE: reference}
+        add_ratios(report)
         (args.out / "scale.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     text = table(report)
     (args.out / "scale.md").write_text(text + "\n", encoding="utf-8")

@@ -183,12 +183,13 @@ def test_the_split_recommender_scores_each_known_user_with_their_ials_factor():
     validation_model = ials_recommender(items, catalog.size, head, head.offsets(users, means), 10)
 
     # Execute
-    valid, test, test_model = evaluate_market(market, items, gram, catalog.size, config, users)
+    valid, test, test_model = evaluate_market(
+        market, items, gram, catalog.size, config, users, item_rows=items.held_rows()
     )
 
     # Assert: on validation x_u (training interactions), on test x_u folded in with the
     # validation interaction; the model's scores and NDCG@10 are iALS's on every list.
-    folded = solve_users(market.with_valid, items, gram, catalog.size, config)
+    folded = solve_users(market.with_valid, items, gram, items.held_rows(), config)
     for model, factors, eval_set, on_test, metrics in (
         (validation_model, users, market.split.valid, False, valid),
         (test_model, folded, market.split.test, True, test),

@@ -44,8 +44,9 @@ def naive_ials(
     buyers = np.count_nonzero(preference.sum(axis=1))  # |U|: users with an interaction
     for step in range(config.iterations + 1):
         users = np.zeros((offsets[-1], config.factors))
+        held = np.count_nonzero(item_factors.any(axis=1))  # |I|: rows with a factor (all of them at first)
         for u in range(offsets[-1]):
-            reg = config.regularization * (preference[u].sum() + num_items / config.alpha) ** config.nu
+            reg = config.regularization * (preference[u].sum() + held / config.alpha) ** config.nu
             weighted = item_factors.T * confidence[u]
             users[u] = np.linalg.solve(weighted @ item_factors + reg * eye, weighted @ preference[u])
         if step == config.iterations:
@@ -164,9 +165,9 @@ def test_fold_in_matches_the_user_step_and_handles_empty_and_unknown_histories()
     ratings = market.ratings[market.users == 3]
 
     # Execute
-    folded = fold_in(history, items, gram, NUM_ITEMS, config, ratings)
-    empty = fold_in(np.array([], dtype=np.int64), items, gram, NUM_ITEMS, config, np.array([]))
-    unknown = fold_in(np.array([29]), items, gram, NUM_ITEMS, config, np.array([5.0]))
+    folded = fold_in(history, items, gram, items.held_rows(), config, ratings)
+    empty = fold_in(np.array([], dtype=np.int64), items, gram, items.held_rows(), config, np.array([]))
+    unknown = fold_in(np.array([29]), items, gram, items.held_rows(), config, np.array([5.0]))
 
     # Assert
     np.testing.assert_allclose(folded, result.user_factors[0][3], atol=1e-12)

@@ -21,7 +21,7 @@ from common.data.split import split_market
 from common.ials.core import MarketInteractions
 from common.ials.dp import ReleaseConfig, noise_generator, private_release
 from common.ials.model import initial_rows
-from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY
+from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, ITEM_ROWS_KEY
 from common.privacy.ledger import PrivacyBudgetExceeded
 from common.privacy.region import RegionPolicy, public_assortment
 from common.run_config import RunConfig
@@ -121,13 +121,13 @@ def test_every_reply_of_a_dp_market_carries_only_what_dp_allows(quick):
     evaluated = server.metrics(
         0,
         "evaluate",
-        {"items": items, "factors": factors, "gram": gram},
+        {"items": items, "factors": factors, "gram": gram, ITEM_ROWS_KEY: np.array([len(items)])},
         {"server-round": 1, "training-id": "t", "final-round": True},
     )
     _, received = server.arrays(
         0,
         "train",
-        {"items": items, "factors": factors, "gram": gram},
+        {"items": items, "factors": factors, "gram": gram, ITEM_ROWS_KEY: np.array([len(items)])},
         {"server-round": 2, "training-id": "t", "evaluate-received": True},
     )
 
@@ -149,7 +149,12 @@ def test_a_gram_inconsistent_with_the_sent_factors_is_refused(quick):
         server.metrics(
             0,
             "evaluate",
-            {"items": np.arange(catalog.size), "factors": factors, "gram": np.zeros((2, 2), np.float32)},
+            {
+                "items": np.arange(catalog.size),
+                "factors": factors,
+                "gram": np.zeros((2, 2), np.float32),
+                ITEM_ROWS_KEY: np.array([catalog.size]),
+            },
             {"server-round": 1},
         )
 
