@@ -7,25 +7,66 @@ The model directory is one a training wrote (simulation: OUT/models/<method>/<ma
 Each user gets the K best items of the market's assortment that they have not
 bought; a user the model does not know gets the market's history-free ranking,
 or one shaped by their interactions in --history. The output has the header
-``userId rank itemId score``; one line sums up users, unknown users and seconds.
+``userId rank itemId score``; one line sums up users, unknown users, seconds
+and users ranked per second.
+
+Users are ranked a batch at a time and each batch is written as it is done: the
+scores of a batch take at most --batch-memory (a million-item assortment: 268
+users in 1 GiB), so a market of any number of users needs the model plus one
+batch. A progress bar with ETA shows on stderr when it is a terminal.
 """
 
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from common.data.catalog import Catalog
 from common.runtime.command import ArgumentParser, run_command
-from common.serving.query import load_served_model
-from common.serving.tables import read_history, read_user_list, write_table
+from common.serving.query import SCORE_MEMORY, load_served_model, users_per_batch
+from common.serving.streaming import write_table_chunks
+from common.serving.tables import read_history, read_user_list
+
+COLUMNS = ("userId", "rank", "itemId", "score")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], str], argv: Sequence[str] | None = None) -> int:
     """Run ``main`` and print its summary; a bad model, file or value ends in one line on stderr and status 2."""
     run_command(lambda arguments: print(main(arguments), flush=True), argv, also=(ValueError, OSError))
     return 0
+
+
+class _NoBar:
+    """What a progress bar is without tqdm (installed with the simulation extra): nothing."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def update(self, count: int = 1) -> None:
+        return None
+
+
+def progress_bar(total: int | None, description: str, unit: str) -> AbstractContextManager[Any]:
+    """A tqdm bar with ETA on stderr, off when stderr is not a terminal (or tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(
+        total=total,
+        desc=description,
+        unit=unit,
+        file=sys.stderr,
+        disable=None,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def model_options(parser: argparse.ArgumentParser) -> None:
@@ -71,14 +112,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, required=True, metavar="FILE", help="output TSV: userId rank itemId score (required)"
     )
+    parser.add_argument(
+        "--batch-users",
+        type=int,
+        metavar="N",
+        help="users ranked at once (default: as many as --batch-memory holds the scores of, at most 4096)",
+    )
+    parser.add_argument(
+        "--batch-memory",
+        type=int,
+        default=SCORE_MEMORY // 2**20,
+        metavar="MIB",
+        help="MiB one batch's scores may take, batch users x assortment items x 4 bytes (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k must be at least 1, got {args.k}")
+    if args.batch_users is not None and args.batch_users < 1:
+        parser.error(f"--batch-users must be at least 1, got {args.batch_users}")
+    if args.batch_memory < 1:
+        parser.error(f"--batch-memory must be at least 1 MiB, got {args.batch_memory}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Write the recommendations; returns the one-line summary."""
+    """Write the recommendations a batch of users at a time; returns the one-line summary."""
     args = parse_args(argv)
     started = time.perf_counter()
     catalog = Catalog.load(args.catalog) if args.catalog else None
@@ -88,13 +146,28 @@ def main(argv: Sequence[str] | None = None) -> str:
         users = served.user_ids + (list(history["userId"]) if history is not None else [])
     else:
         users = read_user_list(args.users)
-    recommendations = served.recommend(users, args.k, extra_history=history)
-    write_table(recommendations, args.out)
-    count = recommendations["userId"].nunique() if len(recommendations) else 0
+    users = list(dict.fromkeys(str(user) for user in users))
+    batch = args.batch_users or users_per_batch(len(served.assortment), args.batch_memory * 2**20)
+    batches = served.recommend_batches(users, args.k, served.recent_history(history), batch)
+    totals = {"unknown": 0, "rows": 0, "with_any": 0}
+
+    def counted(bar: Any) -> Iterator[Any]:
+        for frame in batches:
+            totals["unknown"] += frame.attrs["unknown_users"]
+            totals["rows"] += len(frame)
+            totals["with_any"] += frame["userId"].nunique()  # a user is in one batch only
+            bar.update(frame.attrs["users"])
+            yield frame
+
+    ranking = time.perf_counter()
+    with progress_bar(len(users), f"{served.market}: recommend", "user") as bar:
+        write_table_chunks(counted(bar), args.out, COLUMNS)
+    ranking_seconds = time.perf_counter() - ranking
     return (
-        f"{served.market}: {len(set(users))} users, of which {recommendations.attrs['unknown_users']} unknown; "
-        f"{len(recommendations)} recommendations ({count} users with any) in "
-        f"{time.perf_counter() - started:.2f} s -> {args.out}"
+        f"{served.market}: {len(users)} users, of which {totals['unknown']} unknown; "
+        f"{totals['rows']} recommendations ({totals['with_any']} users with any) in "
+        f"{time.perf_counter() - started:.2f} s; {len(users) / max(ranking_seconds, 1e-9):,.0f} users/s ranked "
+        f"and written in batches of {batch} -> {args.out}"
     )
 
 

@@ -7,20 +7,30 @@ space-separated; .csv and .parquet work too; other columns are kept). The
 output is the same table plus a ``score`` column, higher meaning more likely
 bought. A user the model does not know is scored by the market's
 history-free model (or their --history); an item the catalog does not list
-scores NaN. One line sums up pairs, unknown users and items, and seconds.
+scores NaN. One line sums up pairs, unknown users and items, seconds and pairs
+scored per second.
+
+The candidates are read, scored and written --chunk-pairs at a time, so ten
+million pairs take the model plus one chunk; a progress bar with ETA shows on
+stderr when it is a terminal.
 """
 
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from clients.recommend import model_options, run_cli
+import numpy as np
+import pandas as pd
+
+from clients.recommend import model_options, progress_bar, run_cli
 from common.data.catalog import Catalog
 from common.runtime.command import ArgumentParser
 from common.serving.query import load_served_model
-from common.serving.tables import read_history, read_pairs, write_table
+from common.serving.streaming import CHUNK_ROWS, count_rows, read_table_chunks, write_table_chunks
+from common.serving.tables import read_history
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,23 +50,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="output TSV: the candidates plus a score column (required)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--chunk-pairs",
+        type=int,
+        default=CHUNK_ROWS,
+        metavar="N",
+        help="pairs read, scored and written at once (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.chunk_pairs < 1:
+        parser.error(f"--chunk-pairs must be at least 1, got {args.chunk_pairs}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Write the scored candidates; returns the one-line summary."""
+    """Write the scored candidates a chunk at a time; returns the one-line summary."""
     args = parse_args(argv)
     started = time.perf_counter()
     catalog = Catalog.load(args.catalog) if args.catalog else None
     served = load_served_model(args.model, catalog)
-    history = read_history(args.history) if args.history else None
-    pairs = read_pairs(args.candidates)
-    scored = served.score(pairs, extra_history=history)
-    write_table(pairs.assign(score=scored["score"].to_numpy()), args.out)
+    history = served.recent_history(read_history(args.history)) if args.history else None
+    # Distinct users and unknown items over all chunks: a flag per known user, the unknown ones by name.
+    seen_known = np.zeros(len(served.user_ids), dtype=bool)
+    unknown_users: set[str] = set()
+    unknown_items: set[str] = set()
+    totals = {"pairs": 0, "nan": 0}
+
+    def scored_chunks(bar: Any) -> Iterator[pd.DataFrame]:
+        for pairs in read_table_chunks(args.candidates, ["userId", "itemId"], rows=args.chunk_pairs):
+            scored = served.score(pairs, extra_history=history)
+            users = pd.unique(scored["userId"])
+            index = served.user_index(users)
+            seen_known[index[index >= 0]] = True
+            unknown_users.update(users[index < 0])
+            items = pd.unique(scored["itemId"])
+            unknown_items.update(items[~served.known_items(items)])
+            totals["pairs"] += len(pairs)
+            totals["nan"] += int(scored["score"].isna().sum())
+            bar.update(len(pairs))
+            yield pairs.assign(score=scored["score"].to_numpy())
+
+    scoring = time.perf_counter()
+    with progress_bar(count_rows(args.candidates), f"{served.market}: score", "pair") as bar:
+        write_table_chunks(scored_chunks(bar), args.out)
+    rate = totals["pairs"] / max(time.perf_counter() - scoring, 1e-9)
     return (
-        f"{served.market}: {len(pairs)} pairs of {pairs['userId'].nunique()} users, "
-        f"{scored.attrs['unknown_users']} unknown users, {scored.attrs['unknown_items']} unknown items "
-        f"({int(scored['score'].isna().sum())} pairs scored NaN) in {time.perf_counter() - started:.2f} s -> {args.out}"
+        f"{served.market}: {totals['pairs']} pairs of {int(seen_known.sum()) + len(unknown_users)} users, "
+        f"{len(unknown_users)} unknown users, {len(unknown_items)} unknown items "
+        f"({totals['nan']} pairs scored NaN) in {time.perf_counter() - started:.2f} s; "
+        f"{rate:,.0f} pairs/s read, scored and written -> {args.out}"
     )
 
 

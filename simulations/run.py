@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--methods",
-        default="local,pooled,fedavg,fedper",
+        default="fedals,local,pooled-ials,fedper",
         help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}; {BLEND} "
         f"blends {ALS_METHOD} with the first neural federated method listed, per market on "
         "validation (default: %(default)s)",

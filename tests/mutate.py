@@ -205,6 +205,20 @@ MUTATIONS = [
         REGION_TESTS,
     ),
     Mutation(
+        "item-rows unchecked",
+        "clients/fedals.py",
+        "        if problem := item_rows_problem(item_rows, items, catalog.size):",
+        "        if False:",
+        REGION_TESTS,
+    ),
+    Mutation(
+        "catalog rows as |I|",
+        "common/ials/reference.py",
+        "        users = [solve_users(market, items, gram, items.held_rows(), config) for market in markets]",
+        "        users = [solve_users(market, items, gram, num_items, config) for market in markets]",
+        ["tests/common/ials/test_ials.py"],
+    ),
+    Mutation(
         "lost ledger unnoticed",
         "clients/state_store.py",
         "            if self.marker.exists():",

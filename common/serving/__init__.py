@@ -3,7 +3,8 @@
 :mod:`~common.serving.format` writes a served-model directory; :mod:`~common.serving.query`
 loads it and answers recommendations and scores; :mod:`~common.serving.published` is the
 shared part a training publishes; :mod:`~common.serving.sparse_state` stores mostly-zero tables
-by their rows; :mod:`~common.serving.tables` reads and writes the tables the commands exchange.
+by their rows; :mod:`~common.serving.tables` reads and writes the tables the commands exchange,
+and :mod:`~common.serving.streaming` the same a chunk at a time.
 """
 
-__all__ = ["format", "published", "query", "sparse_state", "tables"]
+__all__ = ["format", "published", "query", "sparse_state", "streaming", "tables"]

@@ -8,6 +8,7 @@
     python -m simulations.benchmark continue --data-dir DIR --holdout 0.2 --out OUT
     python -m simulations.benchmark dp-users --users 1000,10000,100000 --out OUT
     python -m simulations.benchmark attacks --data-dir DIR --out OUT
+    python -m simulations.benchmark serving --users 10000 --items 1000000 --out OUT
 
 ``quality`` runs every method on the same splits for several seeds (a progress
 bar with ETA counts the runs, on a terminal) and
@@ -19,6 +20,10 @@ seconds per federated round against the same local training without Flower.
 through the harness, reporting seconds per round, bytes per market per round against the
 items each market touches, and the peak memory of the whole process tree (see
 ``simulations.benchmarks.scale_benchmark``).
+
+``serving`` times ``xmfl recommend --all`` (batched, bounded memory) against a plain batched
+matrix product with top-k over the same factors, and ``score`` over many pairs, with the peak
+memory of each (see ``simulations.benchmarks.serving_benchmark``).
 
 ``join`` holds out each market in turn, federates the others, and has the
 held-out market join with a share of its users, against training alone on the
@@ -56,6 +61,7 @@ from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import simulations.benchmarks.serving_benchmark as serving_benchmark
 from common.data.markets import MarketSource, load_split
 from common.methods import BASELINES
 from common.neural.model import CatalogEmbedding, ModelConfig, PositionwiseLinear, SplitRecommender
@@ -393,6 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "attacks", help="the attacks on a region's privacy, against the real ClientApp: attacks.json and a table"
         )
     )
+    serving_benchmark.add_arguments(
+        commands.add_parser("serving", help="recommend --all over a generated market against matmul + argpartition")
+    )
     args = parser.parse_args(argv)
     if args.command == "quality":
         if args.num_seeds < 1:
@@ -414,6 +423,7 @@ def main(argv: list[str] | None = None) -> Any:
         "latency": latency.latency,
         "dp-users": users_sweep.sweep,
         "attacks": attacks.run,
+        "serving": serving_benchmark.serving,
     }[args.command](args)
 
 

@@ -21,7 +21,7 @@ from tests.in_process import run_config as in_process_config
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
-RUN = {"synthetic-markets": 3, "embedding-dim": 8, "local-epochs": 1}
+RUN = {"method": "fedper", "synthetic-markets": 3, "embedding-dim": 8, "local-epochs": 1}
 
 
 def _train_message(run_config: dict, server_round: int = 1) -> Message:

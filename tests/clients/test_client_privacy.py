@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filte
 
 
 RUN = {  # the run config of a private training over the generated markets
+    "method": "fedper",  # a DP-SGD method: the tests of DP-fedals name fedals
     "synthetic-markets": 3,
     "embedding-dim": 8,
     "dp-epsilon": 4.0,

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filte
 BUDGET = 4.0
 
 
-RUN = {"synthetic-markets": 3, "embedding-dim": 8, "num-server-rounds": 2, "dp-accountant": "rdp"}
+RUN = {"method": "fedper", "synthetic-markets": 3, "embedding-dim": 8, "num-server-rounds": 2, "dp-accountant": "rdp"}
 
 
 def _train(run_config: dict, context: Context, server_round: int) -> Message:

@@ -239,7 +239,7 @@ def test_when_no_market_trained_the_arrays_stay_as_they_were(tmp_path):
 
 
 # With the in-process loop settings (tests/in_process.py); the output goes to {"out-dir": ...}.
-RUN = {"synthetic-markets": 2, "embedding-dim": 8, "num-server-rounds": 1, "round-timeout": 5.0}
+RUN = {"method": "fedper", "synthetic-markets": 2, "embedding-dim": 8, "num-server-rounds": 1, "round-timeout": 5.0}
 
 
 def _serve(grid: Grid, run_config: dict, run_id: int = 1) -> dict[int, dict]:

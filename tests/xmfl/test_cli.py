@@ -49,7 +49,7 @@ def command_helps() -> list[list[str]]:
     """``[command]`` for every command, and ``[benchmark, sub]`` for each benchmark."""
     return [[name] for name in cli.COMMANDS] + [
         ["benchmark", name]
-        for name in ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency", "attacks")
+        for name in ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency", "attacks", "serving")
     ]
 
 

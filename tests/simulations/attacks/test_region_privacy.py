@@ -159,6 +159,24 @@ def test_a_gram_inconsistent_with_the_sent_factors_is_refused(quick):
         )
 
 
+@pytest.mark.parametrize("count", [0, 10**9])
+def test_a_count_of_rows_with_a_factor_the_sent_table_cannot_have_is_refused(quick, count):
+    # Prepare: consistent factors and Gram, with |I| below the non-zero rows sent or above the catalog.
+    federation = regions(quick, "item-rows", users=120)
+    server = federation.server(fedals_run_config(quick, **{"als-factors": 2}))
+    catalog = Catalog.load(federation.catalog_path)
+    factors, gram = counting_oracle.crafted_table(catalog.size, 3)
+
+    # Execute / Assert: |I| sets every user's regularisation, so the market refuses what no table has.
+    with pytest.raises(MarketRefused, match="item-rows"):
+        server.metrics(
+            0,
+            "evaluate",
+            {"items": np.arange(catalog.size), "factors": factors, "gram": gram, ITEM_ROWS_KEY: np.array([count])},
+            {"server-round": 1},
+        )
+
+
 # --- the released rows and the user count --------------------------------------------------------
 
 
