@@ -29,8 +29,8 @@ from clients.recommend import model_options, progress_bar, run_cli
 from common.data.catalog import Catalog
 from common.runtime.command import ArgumentParser
 from common.serving.query import load_served_model
-from common.serving.streaming import CHUNK_ROWS, count_rows, read_table_chunks, write_table_chunks
-from common.serving.tables import read_history
+from common.serving.streaming import count_rows, write_table_chunks
+from common.serving.tables import CHUNK_ROWS, read_history, read_table_chunks
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
