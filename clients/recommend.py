@@ -24,6 +24,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from common.data.catalog import Catalog
 from common.runtime.command import ArgumentParser, run_command
 from common.serving.query import SCORE_MEMORY, load_served_model, users_per_batch
@@ -39,25 +41,8 @@ def run_cli(main: Callable[[Sequence[str] | None], str], argv: Sequence[str] | N
     return 0
 
 
-class _NoBar:
-    """What a progress bar is without tqdm (installed with the simulation extra): nothing."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-    def update(self, count: int = 1) -> None:
-        return None
-
-
 def progress_bar(total: int | None, description: str, unit: str) -> AbstractContextManager[Any]:
-    """A tqdm bar with ETA on stderr, off when stderr is not a terminal (or tqdm is not installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
+    """A tqdm bar with ETA on stderr, off when stderr is not a terminal."""
     return tqdm(
         total=total,
         desc=description,

@@ -32,6 +32,8 @@ from common.serving.query import load_served_model
 from common.serving.streaming import count_rows, write_table_chunks
 from common.serving.tables import CHUNK_ROWS, read_history, read_table_chunks
 
+DISTINCT_CAP = 1_000_000  # distinct unknown users (and items) counted exactly; beyond, the summary says "at least"
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(
@@ -70,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     catalog = Catalog.load(args.catalog) if args.catalog else None
     served = load_served_model(args.model, catalog)
     history = served.recent_history(read_history(args.history)) if args.history else None
-    # Distinct users and unknown items over all chunks: a flag per known user, the unknown ones by name.
+    # Distinct users and unknown items over all chunks: a flag per known user, the unknown ones by
+    # name up to DISTINCT_CAP each (memory stays bounded; beyond it the summary says "at least").
     seen_known = np.zeros(len(served.user_ids), dtype=bool)
     unknown_users: set[str] = set()
     unknown_items: set[str] = set()
@@ -82,21 +85,28 @@ def main(argv: Sequence[str] | None = None) -> str:
             users = pd.unique(scored["userId"])
             index = served.user_index(users)
             seen_known[index[index >= 0]] = True
-            unknown_users.update(users[index < 0])
+            if len(unknown_users) < DISTINCT_CAP:
+                unknown_users.update(users[index < 0][: DISTINCT_CAP - len(unknown_users)])
             items = pd.unique(scored["itemId"])
-            unknown_items.update(items[~served.known_items(items)])
+            if len(unknown_items) < DISTINCT_CAP:
+                unknown_items.update(items[~served.known_items(items)][: DISTINCT_CAP - len(unknown_items)])
             totals["pairs"] += len(pairs)
             totals["nan"] += int(scored["score"].isna().sum())
             bar.update(len(pairs))
             yield pairs.assign(score=scored["score"].to_numpy())
 
     scoring = time.perf_counter()
-    with progress_bar(count_rows(args.candidates), f"{served.market}: score", "pair") as bar:
+    total = count_rows(args.candidates) if sys.stderr.isatty() else None  # a second read only for a bar shown
+    with progress_bar(total, f"{served.market}: score", "pair") as bar:
         write_table_chunks(scored_chunks(bar), args.out)
     rate = totals["pairs"] / max(time.perf_counter() - scoring, 1e-9)
+
+    def many(found: set[str]) -> str:
+        return f"at least {len(found)}" if len(found) >= DISTINCT_CAP else str(len(found))
+
     return (
         f"{served.market}: {totals['pairs']} pairs of {int(seen_known.sum()) + len(unknown_users)} users, "
-        f"{len(unknown_users)} unknown users, {len(unknown_items)} unknown items "
+        f"{many(unknown_users)} unknown users, {many(unknown_items)} unknown items "
         f"({totals['nan']} pairs scored NaN) in {time.perf_counter() - started:.2f} s; "
         f"{rate:,.0f} pairs/s read, scored and written -> {args.out}"
     )

@@ -29,7 +29,8 @@ Config (server -> market, in :data:`CONFIG_RECORD`)
 Arrays (in :data:`ARRAYS_RECORD`)
     fedals' array names live beside their packing in :mod:`common.ials.wire`
     (``STATISTICS_KEYS`` and ``ASSORTMENT_KEY`` = ``REPLY_KEYS`` from a market; the item
-    factors and Gram of ``pack_item_factors`` to it); the server adds :data:`USER_GRAM_KEY`.
+    factors, Gram and ``item-rows`` count of ``pack_item_factors`` to it, ``ITEM_SIDE_KEYS``); the
+    server adds :data:`USER_GRAM_KEY`.
     The SGD methods' arrays are named by the model's parameters.
 
 Metrics (market -> server, in :data:`METRICS_RECORD`)

@@ -133,6 +133,7 @@ class LoopbackFederation:
         """
         first_start = not self.superlink_started
         for attempt in range(attempts):
+            logged = len(self.log("superlink"))  # this attempt's lines start here
             self.superlink = self._start(self._superlink_command(), "superlink")
             try:
                 wait_for_listener(self.superlink, self.port)
@@ -141,7 +142,8 @@ class LoopbackFederation:
             except (PortTakenError, ChildProcessError) as error:
                 stop_process_tree(self.superlink)
                 self.superlink = None
-                taken = isinstance(error, PortTakenError) or "address already in use" in self.log("superlink").lower()
+                said = self.log("superlink")[logged:].lower()
+                taken = isinstance(error, PortTakenError) or "address already in use" in said
                 if not (taken and first_start) or attempt == attempts - 1:
                     raise RuntimeError(f"{error} The SuperLink's log ends:\n{self.log('superlink')[-2000:]}") from None
                 self.port = free_port()

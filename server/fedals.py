@@ -137,7 +137,11 @@ class FedALS(FedAvg):
         table[solved.rows] = solved.factors
         arrays = ArrayRecord(encoder_state(table))
         del table  # the arrays hold it now; the rows below are all the server keeps besides
-        self._state = (arrays, *_nonzero_rows_and_gram(solved.rows, solved.factors.astype(np.float32)))
+        # A row solved to exactly zero (all its buyers' factors zero) holds no factor: it is left
+        # out here as a resumed server, reading the table, leaves it out, so |I| is the same.
+        factors = solved.factors.astype(np.float32)
+        held = factors.any(axis=1)
+        self._state = (arrays, *_nonzero_rows_and_gram(solved.rows[held], factors[held]))
         log(
             INFO,
             "fedals round %d: solved %d item rows from %d markets' %s (%d bytes received)",

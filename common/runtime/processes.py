@@ -46,13 +46,35 @@ def _tree(process: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
-def _listeners(port: int) -> set[int | None]:
-    """PIDs of the processes listening on TCP ``port`` (``None`` for one this user may not see)."""
+# Addresses whose listener shares 127.0.0.1:port with ours (the wildcard ones, and loopback itself).
+_CLASHING = {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"}
+
+
+def _listeners(port: int) -> set[int | None] | None:
+    """PIDs of the processes listening on loopback TCP ``port`` (``None`` for one this user may not
+    see), or None where the system lets only root list every socket (macOS)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
     return {
         connection.pid
-        for connection in psutil.net_connections(kind="tcp")
-        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port
+        for connection in connections
+        if connection.status == psutil.CONN_LISTEN
+        and connection.laddr
+        and connection.laddr.port == port
+        and connection.laddr.ip in _CLASHING
     }
+
+
+def _tree_listens(process: subprocess.Popen, port: int) -> bool:
+    """Whether a process of ``process``'s tree listens on ``port`` (its own sockets: no root needed)."""
+    for member in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            for connection in member.net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+                    return True
+    return False
 
 
 def wait_for_listener(process: subprocess.Popen, port: int, timeout: float = 30.0) -> None:
@@ -70,13 +92,20 @@ def wait_for_listener(process: subprocess.Popen, port: int, timeout: float = 30.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        before = {member.pid for member in _tree(process)}
         listeners = _listeners(port)
-        ours = {member.pid for member in _tree(process)}
-        # gRPC binds with SO_REUSEPORT: a second server can share the port, so every listener must be ours.
-        if listeners - ours:
-            raise PortTakenError(f"Port {port} on 127.0.0.1 is held by another process, not the one started for it.")
-        if listeners:
-            return
+        if listeners is None:  # no view of other users' sockets: ours listening is all we can check
+            if _tree_listens(process, port):
+                return
+        else:
+            ours = before | {member.pid for member in _tree(process)}
+            # gRPC binds with SO_REUSEPORT: a second server can share the port, so every listener must be ours.
+            if listeners - ours:
+                raise PortTakenError(
+                    f"Port {port} on 127.0.0.1 is held by another process, not the one started for it."
+                )
+            if listeners:
+                return
         if process.poll() is not None:
             raise ChildProcessError(
                 f"The process meant to listen on port {port} exited with code {process.returncode}."
