@@ -33,9 +33,16 @@ REGIONS = ["m00", "m01", "m02"]
 
 
 def _run_config(out: Path, **settings) -> str:
-    """The run config of a deployed test run: small model, the regions' catalog, output to ``out``."""
+    """The run config of a deployed test run: fedper (heads and DP-SGD ledgers to check) unless the test
+    names another method, a small model, the regions' catalog, output to ``out``."""
     catalog = out.parent / "data" / "catalog.txt"
-    values = {"embedding-dim": 8, "catalog-path": f"'{catalog}'", "out-dir": f"'{out}'", **settings}
+    values = {
+        "method": "'fedper'",
+        "embedding-dim": 8,
+        "catalog-path": f"'{catalog}'",
+        "out-dir": f"'{out}'",
+        **settings,
+    }
     return " ".join(f"{key.replace('_', '-')}={value}" for key, value in values.items())
 
 

@@ -133,12 +133,15 @@ def test_recommend_cli_takes_its_batch_from_the_memory_budget(model_dir, tmp_pat
     assert f"in batches of {2**20 // (4 * ITEMS)} ->" in summary  # 87 users of 3,000 items in 1 MiB
 
 
-def test_top_k_ranks_nan_below_every_number():
-    scores = np.array([[np.nan, 1.0, 2.0, -np.inf], [3.0, 0.0, 1.0, 2.0]], dtype=np.float32)
+def test_top_k_ranks_nan_as_minus_infinity_below_every_finite_number():
+    scores = np.array([[np.nan, 1.0, 2.0, -np.inf], [3.0, 0.0, 1.0, 2.0], [np.nan, 5.0, 0.5, 4.0]], dtype=np.float32)
 
     values, columns = top_k(scores.copy(), 3)
 
-    assert columns[0, :2].tolist() == [2, 1] and values[0, 2] == -np.inf
+    # Row 0: the NaN (column 0) and -inf (column 3) tie for the third place, as -inf.
+    assert columns[0, :2].tolist() == [2, 1] and values[0, 2] == -np.inf and columns[0, 2] in (0, 3)
+    # Row 2: the NaN would come first under torch.topk; here it is not among the three best.
+    assert columns[2].tolist() == [1, 3, 2] and values[2].tolist() == [5.0, 4.0, 0.5]
     assert columns[1].tolist() == [0, 3, 2] and values[1].tolist() == [3.0, 2.0, 1.0]
 
 
