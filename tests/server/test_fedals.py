@@ -258,6 +258,9 @@ def test_a_train_reply_holds_item_side_statistics_and_numbers_only():
     second = list(strategy.configure_train(2, aggregated, ConfigRecord({}), grid))[0]
     np.testing.assert_array_equal(second.content["arrays"]["items"].numpy(), split.market_items)
     assert not second.content["config"][INITIAL_ROWS_KEY]
+    # With them, |I|: the rows of the whole table with a factor, as a server reading the table counts them.
+    table = aggregated[ITEM_TABLE].numpy()
+    assert second.content["arrays"]["item-rows"].numpy().tolist() == [np.count_nonzero(table.any(axis=1))]
 
 
 def test_a_market_the_server_has_no_rows_for_gets_the_whole_table_and_sends_the_same_statistics():
