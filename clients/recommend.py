@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from common.data.catalog import Catalog
 from common.runtime.command import ArgumentParser, run_command
-from common.serving.query import SCORE_MEMORY, load_served_model, users_per_batch
+from common.serving.batching import SCORE_MEMORY, users_per_batch
+from common.serving.query import load_served_model
 from common.serving.streaming import write_table_chunks
 from common.serving.tables import read_history, read_user_list
 

@@ -4,7 +4,8 @@
 loads it and answers recommendations and scores; :mod:`~common.serving.published` is the
 shared part a training publishes; :mod:`~common.serving.sparse_state` stores mostly-zero tables
 by their rows; :mod:`~common.serving.tables` reads and writes the tables the commands exchange,
-and :mod:`~common.serving.streaming` the same a chunk at a time.
+and :mod:`~common.serving.streaming` the same a chunk at a time; :mod:`~common.serving.batching`
+sizes the batches of users ranked at once and ranks them.
 """
 
-__all__ = ["format", "published", "query", "sparse_state", "streaming", "tables"]
+__all__ = ["batching", "format", "published", "query", "sparse_state", "streaming", "tables"]

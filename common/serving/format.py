@@ -260,3 +260,47 @@ def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def read_manifest(directory: Path, catalog: Catalog | None = None) -> tuple[dict[str, Any], Catalog]:
+    """The manifest and the catalog of the served model in ``directory``, checked (format version,
+    the catalog's fingerprint against the manifest's and against ``catalog``'s when given).
+
+    Raises
+    ------
+    ServedModelError
+        In one sentence naming the directory and what does not match.
+    """
+    if not directory.is_dir():
+        raise ServedModelError(f"{directory} is not a served model: there is no such directory.")
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ServedModelError(f"{directory} is not a served model: it has no {MANIFEST}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ServedModelError(f"The served model {directory} has an unreadable {MANIFEST} ({err}).") from err
+    if not isinstance(manifest, dict):
+        raise ServedModelError(f"The served model {directory} has a {MANIFEST} that is not a JSON object.")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ServedModelError(
+            f"The served model {directory} has format version {version!r} (written by xmarket-fl "
+            f"{manifest.get('package_version', 'unknown')}), but xmarket-fl {package_version()} reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))} only."
+        )
+    try:
+        stored = Catalog.load(directory / CATALOG_FILE)
+    except (OSError, ValueError) as err:
+        raise ServedModelError(f"The served model {directory} has an unusable catalog: {err}") from err
+    expected = manifest.get("catalog_fingerprint")
+    if stored.fingerprint() != expected:
+        raise ServedModelError(
+            f"The served model {directory} holds a catalog ({stored.fingerprint()}) that is not "
+            f"the one its manifest names ({expected})."
+        )
+    if catalog is not None and catalog.fingerprint() != expected:
+        raise ServedModelError(
+            f"The served model {directory} was trained on another catalog ({expected}) "
+            f"than the one given ({catalog.fingerprint()})."
+        )
+    return manifest, stored

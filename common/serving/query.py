@@ -8,9 +8,7 @@ yields one batch of users' recommendations at a time, whose scores take at most 
 (:func:`users_per_batch`), so that a million-user market streams to a file.
 """
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,84 +18,24 @@ import torch
 
 from common.data.catalog import Catalog
 from common.neural.model import ModelConfig, SplitRecommender
+from common.serving.batching import (
+    ITEM_BATCH,
+    PAIR_BATCH,
+    USER_BATCH,
+    Histories,
+    RecentHistory,
+    history_rows,
+    ranges,
+    top_k,
+    users_per_batch,
+)
 from common.serving.format import (
-    CATALOG_FILE,
-    MANIFEST,
     MARKET_FILE,
     MODEL_FILE,
-    READABLE_VERSIONS,
     ServedModelError,
-    package_version,
+    read_manifest,
 )
 from common.serving.sparse_state import expand_state
-
-USER_BATCH = 1024  # users whose vectors are made at once (score's users, the reference's factors)
-PAIR_BATCH = 65536  # (user, item) pairs scored at once
-SCORE_MEMORY = 1 << 30  # bytes of one batch's scores: 268 users over a 1,000,064-item assortment
-MAX_USER_BATCH = 4096  # users ranked at once, however small the assortment
-ITEM_BATCH = 65536  # catalog rows encoded at once (the assortment for ranking, the items of pairs to score)
-SCORE_BYTES = 4  # a float32 score
-
-
-def users_per_batch(columns: int, memory: int = SCORE_MEMORY) -> int:
-    """Users ranked at once so that their scores over ``columns`` items take at most ``memory`` bytes.
-
-    The scores of a batch (``users x columns`` float32, one buffer reused by every batch) are
-    what grows with the assortment; the rest of a batch is ``k`` results a user. At least 1 and at
-    most :data:`MAX_USER_BATCH` users.
-    """
-    if memory < 1:
-        raise ValueError(f"The scores' memory budget must be positive, got {memory} bytes.")
-    return max(1, min(MAX_USER_BATCH, memory // max(1, columns * SCORE_BYTES)))
-
-
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best scores of each row and their columns, best first.
-
-    A NaN ranks as ``-inf``, below every finite number (``recommend`` drops both): it comes
-    only when a row has fewer than ``k`` finite columns. (``torch.topk`` ranks NaN first; a row
-    where it does is ranked again with its NaN as ``-inf``.) ``torch.topk`` over the rows in parallel, rather than
-    ``numpy.argpartition``: 8 times faster over a million items on 2 cores.
-    """
-    width = min(k, scores.shape[1])
-    values, columns = torch.from_numpy(scores).topk(width, dim=1)
-    values, columns = values.numpy(), columns.numpy()
-    with_nan = np.flatnonzero(np.isnan(values).any(axis=1))
-    if len(with_nan):
-        rows = scores[with_nan]
-        rows[np.isnan(rows)] = -np.inf
-        again_values, again_columns = torch.from_numpy(rows).topk(width, dim=1)
-        values[with_nan], columns[with_nan] = again_values.numpy(), again_columns.numpy()
-    return values, columns
-
-
-@dataclass(frozen=True)
-class _Histories:
-    """Interactions of a batch of users, flat: ``positions[i]`` is the batch row of ``rows[i]``, oldest first."""
-
-    positions: np.ndarray
-    rows: np.ndarray
-
-
-@dataclass(frozen=True)
-class RecentHistory:
-    """Interactions given at query time, grouped by user once (:meth:`ServedModel.recent_history`).
-
-    User ``users[i]``'s are the catalog rows ``rows[offsets[i]:offsets[i + 1]]``, oldest first;
-    a batch of users finds its own without going through everyone's.
-    """
-
-    users: pd.Index
-    offsets: np.ndarray
-    rows: np.ndarray
-
-
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(position, index)`` of every index in ``range(starts[p], ends[p])`` for each position ``p``, in order."""
-    counts = ends - starts
-    positions = np.repeat(np.arange(len(starts)), counts)
-    flat = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
-    return positions, flat
 
 
 class ServedModel:
@@ -237,7 +175,7 @@ class ServedModel:
         """
         if extra_history is None or isinstance(extra_history, RecentHistory):
             return extra_history
-        frame = self._extra(extra_history)
+        frame = history_rows(extra_history, self.catalog)
         if frame is None:
             return None
         codes, users = pd.factorize(frame["userId"])
@@ -411,42 +349,22 @@ class ServedModel:
         result.attrs["unknown_items"] = int((rows < 0).sum())
         return result
 
-    def _extra(self, extra_history: pd.DataFrame | None) -> pd.DataFrame | None:
-        """``extra_history`` as columns ``userId``, ``row``, oldest first within each user."""
-        if extra_history is None or extra_history.empty:
-            return None
-        missing = [column for column in ("userId", "itemId") if column not in extra_history.columns]
-        if missing:
-            raise ValueError(f"Extra history needs columns userId and itemId; missing {missing}.")
-        frame = pd.DataFrame(
-            {
-                "userId": extra_history["userId"].astype(str).to_numpy(),
-                "row": self.catalog.rows(extra_history["itemId"].astype(str)),
-            }
-        )
-        if "date" in extra_history.columns:
-            # As the split orders a market file: by date, undated first, file order breaking ties.
-            dates = pd.to_datetime(extra_history["date"]).to_numpy()
-            frame = frame.assign(date=dates).sort_values("date", kind="stable", na_position="first")
-            frame = frame.drop(columns="date")
-        return frame.reset_index(drop=True)
-
     def _histories(
         self, users: list[str], indices: np.ndarray, extra: RecentHistory | None, as_of_test: bool
-    ) -> _Histories:
+    ) -> Histories:
         """Everything known of a batch of users: stored interactions, then extra ones, each item once."""
         known = indices >= 0
         starts = np.where(known, self._offsets[np.maximum(indices, 0)], 0)
         ends = np.where(known, self._offsets[np.maximum(indices, 0) + 1], 0)
         if as_of_test:
             ends = ends - np.where(known, self._test_held_out[np.maximum(indices, 0)], 0)
-        positions, flat = _ranges(starts, ends)
+        positions, flat = ranges(starts, ends)
         rows = self._history[flat]
         if extra is None:
-            return _Histories(positions, rows)
+            return Histories(positions, rows)
         where = extra.users.get_indexer(pd.Index(users, dtype=object))
         found = where >= 0
-        added_positions, added = _ranges(
+        added_positions, added = ranges(
             np.where(found, extra.offsets[np.maximum(where, 0)], 0),
             np.where(found, extra.offsets[np.maximum(where, 0) + 1], 0),
         )
@@ -458,9 +376,9 @@ class ServedModel:
         keys = positions * self.catalog.size + rows
         _, last_from_end = np.unique(keys[::-1], return_index=True)
         keep = np.sort(len(keys) - 1 - last_from_end)
-        return _Histories(positions[keep], rows[keep])
+        return Histories(positions[keep], rows[keep])
 
-    def _user_vectors(self, indices: np.ndarray, histories: _Histories) -> torch.Tensor:
+    def _user_vectors(self, indices: np.ndarray, histories: Histories) -> torch.Tensor:
         """User vectors as the model's head makes them from each user's last history_length items.
 
         The mean of the encoded items is summed over the items a user has, not over a padded
@@ -505,38 +423,7 @@ def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> 
         model config. One sentence names the directory and what does not match.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise ServedModelError(f"{directory} is not a served model: there is no such directory.")
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ServedModelError(f"{directory} is not a served model: it has no {MANIFEST}.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ServedModelError(f"The served model {directory} has an unreadable {MANIFEST} ({err}).") from err
-    if not isinstance(manifest, dict):
-        raise ServedModelError(f"The served model {directory} has a {MANIFEST} that is not a JSON object.")
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise ServedModelError(
-            f"The served model {directory} has format version {version!r} (written by xmarket-fl "
-            f"{manifest.get('package_version', 'unknown')}), but xmarket-fl {package_version()} reads "
-            f"versions {', '.join(map(str, READABLE_VERSIONS))} only."
-        )
-    try:
-        stored = Catalog.load(directory / CATALOG_FILE)
-    except (OSError, ValueError) as err:
-        raise ServedModelError(f"The served model {directory} has an unusable catalog: {err}") from err
-    expected = manifest.get("catalog_fingerprint")
-    if stored.fingerprint() != expected:
-        raise ServedModelError(
-            f"The served model {directory} holds a catalog ({stored.fingerprint()}) that is not "
-            f"the one its manifest names ({expected})."
-        )
-    if catalog is not None and catalog.fingerprint() != expected:
-        raise ServedModelError(
-            f"The served model {directory} was trained on another catalog ({expected}) "
-            f"than the one given ({catalog.fingerprint()})."
-        )
+    manifest, stored = read_manifest(directory, catalog)
     try:
         config = ModelConfig(**manifest["model_config"])
         model = SplitRecommender(config)

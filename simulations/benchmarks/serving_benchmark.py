@@ -45,8 +45,9 @@ from common.data.catalog import Catalog
 from common.data.split import EvalSet, MarketSplit
 from common.neural.model import ModelConfig, SplitRecommender
 from common.neural.train import MarketTensors
+from common.serving.batching import SCORE_MEMORY, users_per_batch
 from common.serving.format import write_served_model
-from common.serving.query import SCORE_MEMORY, load_served_model, users_per_batch
+from common.serving.query import load_served_model
 
 MARKET = "big"
 OVERFLOW_ROWS = 64

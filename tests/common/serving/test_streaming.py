@@ -11,7 +11,8 @@ import pytest
 
 from clients import recommend as recommend_cli
 from clients import score as score_cli
-from common.serving.query import MAX_USER_BATCH, load_served_model, top_k, users_per_batch
+from common.serving.batching import MAX_USER_BATCH, top_k, users_per_batch
+from common.serving.query import load_served_model
 from common.serving.streaming import count_rows, write_table_chunks
 from common.serving.tables import ServingInputError, read_table, read_table_chunks, write_table
 from simulations.benchmarks import command as benchmark_command
