@@ -212,6 +212,13 @@ MUTATIONS = [
         REGION_TESTS,
     ),
     Mutation(
+        "zero rows counted",
+        "server/fedals.py",
+        "        held = factors.any(axis=1)",
+        "        held = np.ones(len(factors), dtype=bool)",
+        ["tests/server/test_fedals.py::test_an_item_solved_to_zero_holds_no_factor_and_is_not_counted_in_item_rows"],
+    ),
+    Mutation(
         "catalog rows as |I|",
         "common/ials/reference.py",
         "        users = [solve_users(market, items, gram, items.held_rows(), config) for market in markets]",

@@ -14,7 +14,7 @@ from clients.client_app import app
 from common.data.markets import MarketSource, load_split
 from common.data.metrics import ndcg_at_k, rank_of_positive
 from common.data.synthetic import SyntheticConfig, write_markets
-from common.ials.core import IALSConfig
+from common.ials.core import IALSConfig, MarketInteractions
 from common.ials.model import (
     ITEM_TABLE,
     HistoryHead,
@@ -27,8 +27,15 @@ from common.ials.model import (
 )
 from common.ials.private import DEFAULT_MIN_BUYERS
 from common.ials.reference import pooled_ials
-from common.ials.steps import score_candidates, solve_users
-from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, REPLY_KEYS, STATISTICS_KEYS, check_item_side
+from common.ials.steps import market_item_statistics, score_candidates, solve_users
+from common.ials.wire import (
+    ASSORTMENT_KEY,
+    INITIAL_ROWS_KEY,
+    REPLY_KEYS,
+    STATISTICS_KEYS,
+    check_item_side,
+    pack_statistics,
+)
 from common.neural.train import evaluate
 from common.run_config import RunConfig
 from common.serving.query import load_served_model
@@ -261,6 +268,32 @@ def test_a_train_reply_holds_item_side_statistics_and_numbers_only():
     # With them, |I|: the rows of the whole table with a factor, as a server reading the table counts them.
     table = aggregated[ITEM_TABLE].numpy()
     assert second.content["arrays"]["item-rows"].numpy().tolist() == [np.count_nonzero(table.any(axis=1))]
+
+
+def test_an_item_solved_to_zero_holds_no_factor_and_is_not_counted_in_item_rows():
+    # Prepare: a market whose second user has a zero factor and alone bought row 5, so row 5's
+    # statistics are zero and its solved factor is exactly zero; rows 0 and 1 get factors.
+    catalog = SOURCE.catalog()
+    config = _ials_config()
+    strategy = FedALS(config, catalog.size, seeded_start=True, min_nodes=1)
+    grid = ScriptedGrid({7: lambda message: None})
+    arrays = initial_arrays(RunConfig.from_run_config(in_process_config(RUN, server_loop=False)), catalog)
+    message = list(strategy.configure_train(1, arrays, ConfigRecord({}), grid))[0]
+    message.metadata.__dict__["_message_id"] = uuid4().hex
+    market = MarketInteractions(np.array([0, 0, 1]), np.array([0, 1, 5]), 2, ratings=np.array([5.0, 4.0, 3.0]))
+    users = np.vstack([np.random.default_rng(0).normal(size=FACTORS), np.zeros(FACTORS)])
+    statistics = pack_statistics(market_item_statistics(market, users, config), "float32")
+    payload = statistics | {ASSORTMENT_KEY: np.array([0, 1, 5], dtype=np.int64)}
+    content = RecordDict({"arrays": ArrayRecord({name: Array(value) for name, value in payload.items()})})
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, [Message(content, reply_to=message)])
+    second = list(strategy.configure_train(2, aggregated, ConfigRecord({}), grid))[0]
+
+    # Assert: |I| counts rows 0 and 1, as a server resuming from this table (and pooled iALS) would.
+    table = aggregated[ITEM_TABLE].numpy()
+    assert not table[5].any() and table[[0, 1]].any(axis=1).all()
+    assert second.content["arrays"]["item-rows"].numpy().tolist() == [2]
 
 
 def test_a_market_the_server_has_no_rows_for_gets_the_whole_table_and_sends_the_same_statistics():
