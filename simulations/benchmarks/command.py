@@ -76,7 +76,9 @@ from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.progress import over, say
 from simulations.results import mean_and_std
 
-ALL_METHODS = "local,pooled,fedavg,fedper,fedrep,fedper-ft"
+# fedals, the default method, first; its references (local, pooled iALS, implicit) beside it; then the
+# neural federated methods and their pooled reference.
+ALL_METHODS = "fedals,local,pooled-ials,implicit-pooled,pooled,fedavg,fedper,fedrep,fedper-ft"
 # Best published test NDCG@10 per market (99 negatives, XMarket Electronics),
 # from models that also train on the large US market: Bonab et al. CIKM 2021;
 # Bhargav et al. ECIR 2023. Macro: the best single global model, MA-NMF++.

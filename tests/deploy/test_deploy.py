@@ -166,35 +166,11 @@ def test_regions_refuse_an_app_that_is_not_the_signed_one(federation, tmp_path):
 
 
 @pytest.mark.slow
-def test_three_regions_complete_a_fedals_run_over_tls(federation):
-    # Prepare: federated implicit ALS on the same regions (the malformed one fails every round).
-    out = federation.root / "out-fedals"
-
-    # Execute
-    federation.run(_run_config(out, method="'fedals'", als_factors=8, min_nodes=4, num_server_rounds=2))
-
-    # Assert: every good region took part in every round, sending item statistics, and serves
-    # fedals' model of the round its validation picked from its own state-dir.
-    history = rounds_in_history(out)
-    assert set(history) == {0, 1, 2}
-    assert all(history[r]["per_market"][region]["upload-bytes"] > 0 for r in (1, 2) for region in REGIONS)
-    catalog = Catalog.load(federation.root / "data" / "catalog.txt")
-    for region in REGIONS:
-        served = load_served_model(federation.root / "state" / region / "model", catalog)
-        best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
-        assert served.manifest["method"] == "fedals" and served.manifest["round"] == best
-        assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(
-            history[best]["per_market"][region]["test-ndcg"]
-        )
-    assert torch.load(out / "published.pt", weights_only=True)["method"] == "fedals"
-
-
-@pytest.mark.slow
 def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_ledger(tmp_path):
     # Prepare: three regions training under DP-SGD, so each keeps a privacy ledger; m01 caps its budget at 2;
-    # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon. 5 rounds: m02, killed
-    # in round 3, is let in again as round 3 gives up on it (both wait for the same missed heartbeats), so it
-    # trains again in round 5 at the latest.
+    # the run gives a budget to "m0O", a misspelt m00, which therefore keeps dp-epsilon. 4 rounds: m02, killed
+    # in round 2, is let in again as round 2 gives up on it (both wait for the same missed heartbeats), so it
+    # trains again in round 4 at the latest.
     out = tmp_path / "out"
     nodes = _regions(tmp_path)
     nodes["m01"]["dp-epsilon"] = "2.0"
@@ -204,7 +180,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
             _run_config(
                 out,
                 min_nodes=2,
-                num_server_rounds=5,
+                num_server_rounds=4,
                 dp_epsilon=8.0,
                 dp_accountant="'rdp'",
                 dp_market_epsilons="'m0O=4'",
@@ -212,8 +188,8 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
             )
         )
 
-        # Execute: kill m02 as round 3 starts; restart it until the SuperLink lets it back in.
-        _wait_for(lambda: checkpointed_round(out) >= 2, "round 2", 300, federation)
+        # Execute: kill m02 as round 2 starts; restart it until the SuperLink lets it back in.
+        _wait_for(lambda: checkpointed_round(out) >= 1, "round 1", 300, federation)
         federation.kill_supernode("m02")
         federation.restart_supernode("m02")
         code = run.wait(timeout=600)
@@ -222,14 +198,14 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         # its ledger counting every round it trained.
         assert code == 0, federation.log("run")[-3000:]
         history = rounds_in_history(out)
-        assert max(history) == 5
-        assert all({"m00", "m01"} <= set(history[r]["per_market"]) for r in range(1, 6))
+        assert max(history) == 4
+        assert all({"m00", "m01"} <= set(history[r]["per_market"]) for r in range(1, 5))
         assert "Market m02 rejoins training" in federation.log("m02")
         assert re.search(r"round \d: market m02 \(node \d+\) failed", federation.log("run"))
-        assert any("m02" in history[r].get("failed", []) for r in range(3, 6))
-        trained = [r for r in range(1, 6) if history[r]["per_market"].get("m02", {}).get("local/trained") == 1]
+        assert any("m02" in history[r].get("failed", []) for r in range(2, 5))
+        trained = [r for r in range(1, 5) if history[r]["per_market"].get("m02", {}).get("local/trained") == 1]
         saved = torch.load(tmp_path / "state" / "m02" / "m02.pt", weights_only=True)
-        assert saved["last-round"] == max(trained) > 2
+        assert saved["last-round"] == max(trained) > 1
         regions = federation.regions["m02"]
         split = load_file_split(regions["data-path"], "m02", Catalog.load(regions["catalog-path"]), seed=0)
         saved_ledger = json.loads((tmp_path / "state" / "m02" / "m02.ledger.json").read_text())
@@ -241,7 +217,7 @@ def test_a_region_killed_mid_run_leaves_the_run_going_and_rejoins_with_head_and_
         assert [entry[2] for entry in ledger["history"]] == [steps_per_round * len(trained)]
         epsilons = [history[r]["per_market"]["m02"]["local/epsilon"] for r in trained]
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
-        final = history[5]["per_market"]
+        final = history[4]["per_market"]
         assert 1.5 < final["m01"]["epsilon"] <= 2.0 < final["m00"]["epsilon"] <= 8.0
         assert "dp-market-epsilons names ['m0O'], but no such market replied" in federation.log("run")
 

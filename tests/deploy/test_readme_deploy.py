@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
 
 from common.data.catalog import Catalog
 from common.data.synthetic import SyntheticConfig, write_markets
@@ -269,10 +270,19 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
         assert set(history[2]["per_market"]) == set(REGIONS)
         assert "Training summary: 2 of 2 rounds completed, 2 markets known" in resumed
         assert "rounds 1-2: all 2 markets replied" in resumed
-        # Each region serves the round its validation picked, from its own state-dir, over the catalog xmfl wrote.
+        # Every region sent item statistics in every round and serves fedals' model of the round its validation
+        # picked, from its own state-dir, over the catalog xmfl wrote; the server published fedals' item side.
+        assert all(history[r]["per_market"][region]["upload-bytes"] > 0 for r in (1, 2) for region in REGIONS)
         catalog = Catalog.load(xm / "catalog.txt")
         for region in REGIONS:
-            assert load_served_model(xm / region / "state" / "model", catalog).manifest["market"] == region
+            served = load_served_model(xm / region / "state" / "model", catalog)
+            best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
+            assert served.manifest["market"] == region and served.manifest["method"] == "fedals"
+            assert served.manifest["round"] == best
+            assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(
+                history[best]["per_market"][region]["test-ndcg"]
+            )
+        assert torch.load(out / "published.pt", weights_only=True)["method"] == "fedals"
         # Who holds which key: the server host's folder (that of the SuperLink's TLS key) holds the regions' public
         # keys and the signed app, and no private key but the SuperLink's; the app index was given none.
         server_key = Path(shell.expand(re.search(r"--ssl-keyfile (\S+)", superlink).group(1)))

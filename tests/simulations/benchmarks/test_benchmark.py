@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.mark.slow  # the harness with a real SuperLink, twice (tests/README.md)
 def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
-    # Execute: two seeds, three generated markets, one federated method.
+    # Execute: two seeds, three generated markets, the default federated method and two references.
     benchmark.main(
         [
             "quality",
@@ -38,7 +38,7 @@ def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
             "--num-seeds",
             "2",
             "--methods",
-            "local,pooled,fedper",
+            "fedals,local,pooled-ials",
             "--out",
             str(tmp_path),
         ]
@@ -47,12 +47,15 @@ def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
     # Assert: the summary is the mean and std of the per-seed results.
     report = json.loads((tmp_path / "results.json").read_text())
     runs = report["runs"]
-    per_seed = [run["methods"]["fedper"]["per_market"]["m00"]["ndcg@10"] for run in runs]
-    summary = report["summary"]["fedper"]["per_market"]["m00"]["ndcg@10"]
+    per_seed = [run["methods"]["fedals"]["per_market"]["m00"]["ndcg@10"] for run in runs]
+    summary = report["summary"]["fedals"]["per_market"]["m00"]["ndcg@10"]
     assert summary["mean"] == pytest.approx(statistics.fmean(per_seed))
     assert summary["std"] == pytest.approx(statistics.stdev(per_seed))
-    assert set(report["summary"]) == {"local", "pooled", "fedper", "selection"}
-    assert report["acceptance"]["best_federated_method"] in {"fedper", "selection"}
+    assert set(report["summary"]) == {"fedals", "local", "pooled-ials", "selection"}
+    assert report["acceptance"]["best_federated_method"] in {"fedals", "selection"}
+    best = report["acceptance"]["best_federated_method"]
+    macro = {method: report["summary"][method]["macro"]["ndcg@10"]["mean"] for method in (best, "pooled-ials")}
+    assert report["acceptance"]["macro_relative_to_pooled-ials"] == pytest.approx(macro[best] / macro["pooled-ials"])
     assert report["overhead"]["ratio"] > 0
     table = (tmp_path / "quality.md").read_text()
     assert "published best" in table and "0.379" in table
