@@ -25,8 +25,12 @@ from tests.in_process import in_process_federated
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.mark.slow  # the harness with a real SuperLink, twice (tests/README.md)
-def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path):
+@pytest.mark.usefixtures("server_task_identity")
+def test_quality_benchmark_reports_mean_and_std_over_seeds(tmp_path, monkeypatch):
+    # Prepare: the federated training in this process (a SuperLink and Ray cost ~25 s a seed; test_simulation
+    # covers them).
+    monkeypatch.setattr(harness_module, "run_federated", in_process_federated)
+
     # Execute: two seeds, three generated markets, the default federated method and two references.
     benchmark.main(
         [
