@@ -219,6 +219,13 @@ MUTATIONS = [
         ["tests/server/test_fedals.py::test_an_item_solved_to_zero_holds_no_factor_and_is_not_counted_in_item_rows"],
     ),
     Mutation(
+        "every user ranked in full",
+        "common/neural/train.py",
+        "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",
+        "        ranked_in_full[:] = True",
+        ["tests/common/data/test_full_ranking.py"],
+    ),
+    Mutation(
         "catalog rows as |I|",
         "common/ials/reference.py",
         "        users = [solve_users(market, items, gram, items.held_rows(), config) for market in markets]",

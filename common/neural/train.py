@@ -243,6 +243,13 @@ class RankingMetrics:
 
 
 EVAL_CHUNK = 1024  # users scored at once: (chunk, market items) floats, 32 MB for 8k items
+# Users of a market ranked against its whole assortment (full NDCG and recall): every user up to
+# this many, else this many spread evenly over the market's evaluated users. Full ranking costs
+# users x assortment x d per evaluation, the rest of an evaluation users x 100 x d: a market of a
+# million users selling half a million products would spend an hour a round on it. The cap
+# leaves every XMarket market (at most 4,668 users) ranked in full; sampled NDCG and HR always
+# count every user.
+FULL_RANKING_USERS = 5_000
 
 
 @torch.no_grad()
@@ -261,7 +268,8 @@ def evaluate(
     history and candidate vectors looked up among the encoded items (the same
     scores as the model's forward pass, which a test checks), against their
     sampled candidates and, with ``full``, against all items in one matrix
-    product.
+    product, for at most :data:`FULL_RANKING_USERS` users evenly spaced among
+    the evaluated ones (:func:`full_ranking_users`).
     """
     eval_set = data.split.test if on_test else data.split.valid
     if len(eval_set.users) == 0:
@@ -278,6 +286,8 @@ def evaluate(
     item_bias = model.head.item_bias(market_items).squeeze(-1)
     if full:
         positives, excluded = _full_ranking_columns(data, on_test)
+        ranked_in_full = np.zeros(len(users), dtype=bool)
+        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True
     for chunk in torch.arange(len(users)).split(EVAL_CHUNK):
         history, mask = data.user_history(users[chunk], for_test=on_test)
         # History items are the market's own: their encodings are rows of item_vectors.
@@ -286,9 +296,11 @@ def evaluate(
         sampled = candidate_columns[chunk]
         scores = torch.einsum("bd,bcd->bc", user_vectors, item_vectors[sampled]) + item_bias[sampled]
         ranks.append(rank_of_positive(scores.numpy()))
-        if full:
-            all_scores = torch.addmm(item_bias, user_vectors, item_vectors.T)
+        if full and ranked_in_full[chunk.numpy()].any():
             rows = chunk.numpy()  # a one-element tensor would index numpy as a scalar
+            chosen = ranked_in_full[rows]
+            rows = rows[chosen]
+            all_scores = torch.addmm(item_bias, user_vectors[torch.as_tensor(chosen)], item_vectors.T)
             full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
     all_ranks = np.concatenate(ranks)
     metrics = RankingMetrics(ndcg=ndcg_at_k(all_ranks, k), hit_rate=hit_rate_at_k(all_ranks, k), users=len(all_ranks))
@@ -296,6 +308,20 @@ def evaluate(
         return metrics
     all_full_ranks = np.concatenate(full_ranks)
     return replace(metrics, full_ndcg=ndcg_at_k(all_full_ranks, k), full_recall=hit_rate_at_k(all_full_ranks, k))
+
+
+def full_ranking_users(users: int, cap: int = FULL_RANKING_USERS) -> np.ndarray:
+    """Which of ``users`` evaluated users (positions) are ranked against the whole assortment: all of
+    them up to ``cap``, else ``cap`` positions spread evenly from the first to the last.
+
+    Evenly spaced rather than drawn, so that every round, method and seed ranks the same users
+    without a generator to keep in step.
+    """
+    if cap < 1:
+        raise ValueError(f"At least one user must be ranked in full, got a cap of {cap}.")
+    if users <= cap:
+        return np.arange(users)
+    return np.unique(np.linspace(0, users - 1, cap).round().astype(np.int64))
 
 
 def _full_ranking_columns(data: MarketTensors, on_test: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
+import common.neural.train as train_module
 from common.data.markets import MarketSource, load_split
 from common.data.metrics import hit_rate_at_k, ndcg_at_k
 from common.neural.model import ModelConfig, SplitRecommender
-from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
+from common.neural.train import (
+    MarketTensors,
+    RankingMetrics,
+    TrainConfig,
+    evaluate,
+    full_ranking_users,
+    train_epochs,
+)
 from simulations.results import (
     FINE_TUNED,
     federated_curves,
@@ -84,6 +92,36 @@ def test_full_metrics_match_a_brute_force_ranking_of_every_market_item(trained, 
     assert hit_rate_at_k(upper) <= metrics.full_recall <= hit_rate_at_k(lower)
     assert (upper - lower).sum() <= 2  # near-ties are rare: the bracket is tight
     assert 0.0 < metrics.full_recall < 1.0
+
+
+@pytest.mark.parametrize("on_test", [False, True], ids=["validation", "test"])
+def test_above_the_cap_only_evenly_spaced_users_are_ranked_in_full_and_every_user_is_sampled(
+    trained, on_test, monkeypatch
+):
+    # Prepare: a cap of 7 users, below the market's count; the brute-force ranks of every user.
+    model, data = trained
+    lower, upper = _brute_force_rank_bounds(model, data, on_test)
+    uncapped = evaluate(model, data, on_test=on_test)
+    monkeypatch.setattr(train_module, "FULL_RANKING_USERS", 7)
+    chosen = full_ranking_users(len(lower), 7)
+
+    # Execute
+    capped = evaluate(model, data, on_test=on_test)
+
+    # Assert: the full metrics are those of the 7 chosen users; the sampled ones still count every user.
+    assert len(chosen) == 7 < len(lower)
+    assert ndcg_at_k(upper[chosen]) <= capped.full_ndcg <= ndcg_at_k(lower[chosen])
+    assert hit_rate_at_k(upper[chosen]) <= capped.full_recall <= hit_rate_at_k(lower[chosen])
+    assert (capped.ndcg, capped.hit_rate, capped.users) == (uncapped.ndcg, uncapped.hit_rate, uncapped.users)
+
+
+def test_full_ranking_users_are_all_up_to_the_cap_then_evenly_spaced_from_first_to_last():
+    assert full_ranking_users(3, cap=5).tolist() == [0, 1, 2]
+    assert full_ranking_users(5, cap=5).tolist() == [0, 1, 2, 3, 4]
+    assert full_ranking_users(10, cap=4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4)
+    assert full_ranking_users(11, cap=1).tolist() == [0]
+    with pytest.raises(ValueError, match="At least one user"):
+        full_ranking_users(10, cap=0)
 
 
 @pytest.mark.parametrize("on_test", [False, True], ids=["validation", "test"])
