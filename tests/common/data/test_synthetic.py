@@ -1,10 +1,19 @@
 """The synthetic federation: deterministic, uneven, and shaped like XMarket."""
 
+import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.data.interactions import read_interactions
-from common.data.synthetic import SyntheticConfig, generate_markets, market_names, write_markets
+from common.data.synthetic import (
+    SyntheticConfig,
+    _popularity_pool,
+    generate_markets,
+    market_names,
+    write_markets,
+)
 
 
 def test_generation_is_deterministic_under_a_seed():
@@ -71,3 +80,24 @@ def test_a_large_catalog_generates_from_candidates_with_distinct_items_per_user(
 def test_too_few_candidates_per_interaction_are_refused():
     with pytest.raises(ValueError, match="candidates"):
         SyntheticConfig(mean_interactions=10, candidates=20)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    weights=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=40),
+    rows=st.integers(1, 30),
+    width=st.integers(1, 9),
+    chunk=st.integers(1, 31),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_chunked_popularity_pool_draws_what_numpy_choice_draws(weights, rows, width, chunk, seed):
+    # Prepare: a popularity distribution, and numpy's own draw of the pool from one generator.
+    p = np.asarray(weights) / np.sum(weights)
+    expected = np.random.default_rng(seed).choice(len(p), size=(rows, width), p=p)
+
+    # Execute: the same draw chunk by chunk from an identically seeded generator.
+    pool = _popularity_pool(np.random.default_rng(seed), p, (rows, width), chunk)
+
+    # Assert: the same items, so that generated federations do not change with the chunking.
+    np.testing.assert_array_equal(pool, expected)
+    assert pool.dtype == np.int32
