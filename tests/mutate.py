@@ -219,6 +219,20 @@ MUTATIONS = [
         ["tests/server/test_fedals.py::test_an_item_solved_to_zero_holds_no_factor_and_is_not_counted_in_item_rows"],
     ),
     Mutation(
+        "tuning steered by test",
+        "simulations/tune.py",
+        '        return scores["val-ndcg@10"]',
+        '        return scores["test-ndcg@10"]',
+        ["tests/simulations/test_tune.py"],
+    ),
+    Mutation(
+        "tuning takes DP settings",
+        "simulations/tune.py",
+        '        if key.startswith("dp-") or key.startswith("market-dp-"):',
+        "        if False:",
+        ["tests/simulations/test_tune.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",
