@@ -154,6 +154,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="seeds the data, the trainings and the sampler (default: 0)"
     )
     parser.add_argument(
+        "--als-min-buyers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the simulated regions' own minimum buyers of an item before its statistics leave the "
+        "market, as xmfl simulate's option (default: the code's, common.ials.private)",
+    )
+    parser.add_argument(
         "--set",
         dest="fixed",
         action="append",
@@ -201,6 +209,7 @@ def run_trial(args: argparse.Namespace, number: int, settings: dict[str, Any]) -
         "--num-server-rounds",
         str(settings["num-server-rounds"]),
         *(["--verbose"] if args.verbose else []),
+        *(["--als-min-buyers", str(args.als_min_buyers)] if args.als_min_buyers is not None else []),
     ]
     for key, value in settings.items():
         if key != "num-server-rounds":

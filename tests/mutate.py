@@ -233,6 +233,13 @@ MUTATIONS = [
         ["tests/simulations/test_tune.py"],
     ),
     Mutation(
+        "user blocks misaligned",
+        "common/ials/steps.py",
+        "            regularization[first:last],",
+        "            regularization[: last - first],",
+        ["tests/common/ials/test_ials.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",

@@ -8,6 +8,7 @@ market alone sees too few interactions to learn item factors; the federation
 learns them from everyone, which is what the project exists to exploit.
 """
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def market_names(count: int) -> list[str]:
 
 def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
     """Interaction tables per market, columns ``userId itemId rating date``."""
+    return dict(iter_markets(config))
+
+
+def iter_markets(config: SyntheticConfig) -> Iterator[tuple[str, pd.DataFrame]]:
+    """:func:`generate_markets` one market at a time: only one market's table is held at once."""
     rng = np.random.default_rng(config.seed)
     item_factors = rng.normal(0.0, 1.0 / np.sqrt(config.factors), (config.items, config.factors))
     base_popularity = rng.normal(0.0, 1.0, config.items)
@@ -79,7 +85,6 @@ def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
     core = base_popularity > np.quantile(base_popularity, 0.6)
     item_ids = item_names(config.items)
 
-    tables = {}
     for rank, market in enumerate(market_names(config.markets)):
         users = max(
             config.smallest_market_users,
@@ -104,8 +109,7 @@ def generate_markets(config: SyntheticConfig) -> dict[str, pd.DataFrame]:
         frame = _interaction_frame(rng, market, chosen, counts, item_ids[items])
         frame["rating"] = rng.choice([3.0, 4.0, 5.0], size=len(frame), p=[0.2, 0.3, 0.5])
         frame["date"] = pd.Timestamp("2020-01-01") + pd.to_timedelta(frame["step"], unit="D")
-        tables[market] = frame[["userId", "itemId", "rating", "date"]]
-    return tables
+        yield market, frame[["userId", "itemId", "rating", "date"]]
 
 
 def _interaction_frame(
@@ -188,13 +192,20 @@ def _popularity_pool(rng: np.random.Generator, p: np.ndarray, shape: tuple[int, 
     return pool
 
 
-def write_markets(config: SyntheticConfig, directory: str | Path) -> dict[str, Path]:
-    """Generate the markets and write one CSV per market into ``directory``."""
+def write_markets(
+    config: SyntheticConfig, directory: str | Path, progress: Callable[[str, int], None] | None = None
+) -> dict[str, Path]:
+    """Generate the markets and write one CSV per market into ``directory``, one market at a time.
+
+    ``progress(market, interactions)`` is called after each market is written.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for market, frame in generate_markets(config).items():
+    for market, frame in iter_markets(config):
         path = directory / f"{market}.csv"
         frame.to_csv(path, index=False, date_format="%Y-%m-%d")
         paths[market] = path
+        if progress is not None:
+            progress(market, len(frame))
     return paths

@@ -18,6 +18,10 @@ from common.ials.core import (
 )
 from common.ials.kernels import _factor_segments, _group, _solve_segments
 
+# Interactions per block of the user step and of a market's item statistics: each block holds
+# one float64 row of d (+1) values per interaction, 0.5 GB at d = 128, whatever the market's size.
+BLOCK_INTERACTIONS = 1 << 19
+
 
 def solve_users(
     market: MarketInteractions, items: ItemFactors, item_gram: np.ndarray, item_rows: int, config: IALSConfig
@@ -47,17 +51,37 @@ def solve_users(
     confidence = 1.0 + config.alpha * weights
     root = np.sqrt(config.alpha * weights)
     order, users, lengths = _group(market.users)
-    vectors = items.lookup(market.items[order]) * root[order, None]
-    solved = _solve_segments(
-        np.asarray(item_gram, dtype=np.float64),
-        vectors,
-        confidence[order] / root[order],
-        lengths,
-        user_regularization(lengths, item_rows, config),
-    )
+    regularization = user_regularization(lengths, item_rows, config)
+    gram = np.asarray(item_gram, dtype=np.float64)
     factors = np.zeros((market.num_users, items.dim))
-    factors[users] = solved
+    # Users in blocks of at most BLOCK_INTERACTIONS interactions: one row of d floats per
+    # interaction, so a market of 10^7 interactions never holds 10^7 × d of them at once.
+    for first, last, start, stop in _segment_blocks(lengths):
+        block = order[start:stop]
+        factors[users[first:last]] = _solve_segments(
+            gram,
+            items.lookup(market.items[block]) * root[block, None],
+            confidence[block] / root[block],
+            lengths[first:last],
+            regularization[first:last],
+        )
     return factors
+
+
+def _segment_blocks(lengths: np.ndarray, limit: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Consecutive segments in blocks of at most ``limit`` rows (a longer segment alone).
+
+    Returns ``(first, last, start, stop)`` per block: segments ``[first, last)``, rows ``[start, stop)``.
+    """
+    limit = BLOCK_INTERACTIONS if limit is None else limit
+    ends = np.cumsum(lengths)
+    blocks, first, start = [], 0, 0
+    while first < len(lengths):
+        last = max(first + 1, int(np.searchsorted(ends, start + limit, side="right")))
+        stop = int(ends[last - 1])
+        blocks.append((first, last, start, stop))
+        first, start = last, stop
+    return blocks
 
 
 def fold_in(
@@ -98,22 +122,35 @@ def market_item_statistics(market: MarketInteractions, user_factors: np.ndarray,
     ItemStatistics
         Item-indexed sums over the market's users, and the market's augmented Gram.
     """
-    items, counts, rows = _buyer_rows(market, user_factors, config)
-    ranks, factors = _factor_segments(rows, counts)
-    return ItemStatistics(items, counts, ranks, factors, _augmented_gram(user_factors))
+    weights = market.weights(config)
+    root = np.sqrt(config.alpha * weights)
+    order, items, counts = _group(market.items)
+    factors = np.asarray(user_factors, dtype=np.float64)
+    ranks, pieces = np.zeros(len(items), dtype=np.int64), []
+    # Items in blocks of at most BLOCK_INTERACTIONS buyer rows, as the user step's blocks.
+    for first, last, start, stop in _segment_blocks(counts):
+        block = order[start:stop]
+        rows = _z_rows(factors[market.users[block]], weights[block], root[block], config)
+        ranks[first:last], piece = _factor_segments(rows, counts[first:last])
+        pieces.append(piece)
+    stacked = np.concatenate(pieces) if pieces else np.zeros((0, factors.shape[1] + 1))
+    return ItemStatistics(items, counts, ranks, stacked, _augmented_gram(user_factors))
 
 
 def _buyer_rows(
     market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The touched items, their buyer counts and one row ``z_u = [√(c−1)·x_u, c/√(c−1)]`` per
-    interaction, grouped by item."""
+    interaction, grouped by item (all at once: for the private and reference paths)."""
     weights = market.weights(config)
-    root = np.sqrt(config.alpha * weights)
-    scaled = np.asarray(user_factors, dtype=np.float64)[market.users] * root[:, None]
-    rows = np.hstack([scaled, ((1.0 + config.alpha * weights) / root)[:, None]])
     order, items, counts = _group(market.items)
-    return items, counts, rows[order]
+    factors = np.asarray(user_factors, dtype=np.float64)[market.users[order]]
+    return items, counts, _z_rows(factors, weights[order], np.sqrt(config.alpha * weights[order]), config)
+
+
+def _z_rows(factors: np.ndarray, weights: np.ndarray, root: np.ndarray, config: IALSConfig) -> np.ndarray:
+    """``z = [√(c−1)·x, c/√(c−1)]`` for interactions of user factors ``factors``, weights and ``√(α·w)``."""
+    return np.hstack([factors * root[:, None], ((1.0 + config.alpha * weights) / root)[:, None]])
 
 
 def _augmented_gram(user_factors: np.ndarray) -> np.ndarray:

@@ -210,7 +210,12 @@ def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, d
         candidates=0 if args.items <= DENSE_GENERATION_LIMIT else 512,
         seed=args.seed,
     )
-    paths = write_markets(config, directory / "markets")
+    started = time.perf_counter()
+
+    def written(market: str, rows: int) -> None:
+        say(f"generated market {market}: {rows:,} interactions ({time.perf_counter() - started:.0f} s so far)")
+
+    paths = write_markets(config, directory / "markets", written)
     catalog_path = directory / "catalog.txt"
     Catalog.from_items(item_names(args.items).tolist()).save(catalog_path)
     touched, interactions = {}, {}

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors, initial_item_gram
 from common.ials.kernels import _factor_segments
 from common.ials.reference import federated_ials, pooled_ials
+from common.ials import steps
 from common.ials.steps import fold_in, market_item_statistics, solve_items, solve_users
 from common.ials.wire import check_item_side, pack_statistics, packed_length, unpack_statistics
 
@@ -370,3 +371,37 @@ def test_a_float16_wire_halves_the_factor_and_stays_close_to_pooled():
         pack_statistics(market_item_statistics(markets[0], pooled.user_factors[0], config), "int8")
     with pytest.raises(ValueError, match="float32"):
         pack_statistics(market_item_statistics(markets[0], 1e5 * pooled.user_factors[0], config), "float16")
+
+
+def test_segment_blocks_by_hand():
+    # Prepare: segments of 3, 5, 2, 9 and 1 rows; blocks of at most 8 rows.
+    lengths = np.array([3, 5, 2, 9, 1])
+
+    # Execute
+    blocks = steps._segment_blocks(lengths, limit=8)
+
+    # Assert: 3+5 fill a block, 2 alone (2+9 > 8), 9 alone though over the limit, then 1.
+    assert blocks == [(0, 2, 0, 8), (2, 3, 8, 10), (3, 4, 10, 19), (4, 5, 19, 20)]
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_user_step_and_statistics_in_blocks_equal_one_block(monkeypatch, block):
+    # Prepare: a market, its users solved and its statistics computed in one block.
+    config = CONFIGS[1]
+    market = three_markets()[0]
+    items = ItemFactors(np.arange(NUM_ITEMS), initial_item_factors(np.arange(NUM_ITEMS), config.factors, 0, 0.3))
+    gram = items.gram()
+    whole_users = solve_users(market, items, gram, NUM_ITEMS, config)
+    whole = market_item_statistics(market, whole_users, config)
+
+    # Execute: the same in blocks of `block` interactions.
+    monkeypatch.setattr(steps, "BLOCK_INTERACTIONS", block)
+    users = solve_users(market, items, gram, NUM_ITEMS, config)
+    statistics = market_item_statistics(market, users, config)
+
+    # Assert: the same factors and statistics, item by item.
+    np.testing.assert_allclose(users, whole_users, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(statistics.items, whole.items)
+    np.testing.assert_array_equal(statistics.counts, whole.counts)
+    np.testing.assert_array_equal(statistics.ranks, whole.ranks)
+    np.testing.assert_allclose(statistics.rows, whole.rows, rtol=0, atol=1e-12)
