@@ -68,7 +68,7 @@ from common.data.split import MarketSplit, split_market
 from common.methods import get_method
 from common.neural.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
 from common.neural.train import MarketTensors, RankingMetrics, TrainConfig, evaluate, train_epochs
-from common.runtime.command import ArgumentParser, add_alias
+from common.runtime.command import ArgumentParser, add_alias, add_verbose
 from common.runtime.names import check_name
 from common.selection import improves
 from common.serving.format import market_user_ids, write_served_model
@@ -386,6 +386,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "in its next training (default: none)",
     )
     add_alias(parser, "--epochs", "--join-epochs")
+    add_verbose(parser)
     args = parser.parse_args(argv)
     if args.join_epochs < 1 or args.fine_tune_epochs < 0 or args.fine_tune_learning_rate <= 0:
         parser.error(

@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from common.data.catalog import Catalog
-from common.runtime.command import ArgumentParser, run_command
+from common.runtime.command import ArgumentParser, add_verbose, run_command
 from common.serving.batching import SCORE_MEMORY, users_per_batch
 from common.serving.query import load_served_model
 from common.serving.streaming import write_table_chunks
@@ -111,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="MIB",
         help="MiB one batch's scores may take, batch users x assortment items x 4 bytes (default: %(default)s)",
     )
+    add_verbose(parser)
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k must be at least 1, got {args.k}")

@@ -27,7 +27,7 @@ import pandas as pd
 
 from clients.recommend import model_options, progress_bar, run_cli
 from common.data.catalog import Catalog
-from common.runtime.command import ArgumentParser
+from common.runtime.command import ArgumentParser, add_verbose
 from common.serving.query import load_served_model
 from common.serving.streaming import count_rows, write_table_chunks
 from common.serving.tables import CHUNK_ROWS, read_history, read_table_chunks
@@ -59,6 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="pairs read, scored and written at once (default: %(default)s)",
     )
+    add_verbose(parser)
     args = parser.parse_args(argv)
     if args.chunk_pairs < 1:
         parser.error(f"--chunk-pairs must be at least 1, got {args.chunk_pairs}")

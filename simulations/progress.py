@@ -29,6 +29,9 @@ MARKET_EVALUATION = re.compile(
     r"round (\d+) market (\S+): val NDCG@10 ([0-9.]+) HR@10 [0-9.]+ \| test NDCG@10 ([0-9.]+)"
 )
 SHOWN_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+# Flower's warnings that are not the user's concern: the harness sets the federation's size
+# itself (the first), and stops the simulation's actors at the end of every run (the second).
+NOT_SHOWN = ("default simulated SuperNodes changed", "Manually terminating ClientAppActor")
 
 
 def say(message: str) -> None:
@@ -102,7 +105,7 @@ class RoundProgress:
                 say("    " + message)
             return
         self.flush()  # a round's market lines come together: any other line ends them
-        if level in SHOWN_LEVELS:
+        if level in SHOWN_LEVELS and not any(text in message for text in NOT_SHOWN):
             shown = f"    {level}: {message}"
             if shown != self.last_shown:  # Ray logs a market's error twice
                 say(shown)

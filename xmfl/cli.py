@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from common.runtime.command import ArgumentParser, invoked_as, run_command
+from common.runtime.command import ArgumentParser, UserError, invoked_as, run_command
 
 PROG = "xmfl"
 
@@ -66,8 +66,24 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# Modules that only an extra installs, and the extra (pyproject.toml's optional-dependencies).
+EXTRA_OF_MODULE = {
+    "ray": "simulation",
+    "matplotlib": "simulation",
+    "tomli_w": "simulation",
+    "optuna": "simulation",
+    "implicit": "benchmark",
+}
+
+
 def run(name: str, argv: Sequence[str]) -> None:
-    """Run command ``name``'s module as ``__main__`` with ``argv``, as ``python -m`` would."""
+    """Run command ``name``'s module as ``__main__`` with ``argv``, as ``python -m`` would.
+
+    Raises
+    ------
+    UserError
+        If the command needs a module that only one of the package's extras installs.
+    """
     module = COMMANDS[name].module
     saved_argv = sys.argv
     sys.argv = [f"{PROG} {name}", *argv]  # argv[0] names the parsers that take their name from it
@@ -78,6 +94,14 @@ def run(name: str, argv: Sequence[str]) -> None:
                 "ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning
             )
             runpy.run_module(module, run_name="__main__", alter_sys=False)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        raise UserError(
+            f"{PROG} {name} needs the '{extra}' extra (module '{error.name}' is missing): "
+            f"pip install 'xmarket-fl[{extra}]'"
+        ) from error
     finally:
         sys.argv = saved_argv
 

@@ -4,6 +4,7 @@ from simulations.progress import RoundProgress
 
 # Lines as `flwr run --stream` passes them on: Flower's colours, and a market's lines through Ray.
 STREAM = [
+    "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
     "\x1b[92mINFO \x1b[0m:      [ROUND 1/2]",
     "\x1b[92mINFO \x1b[0m:      configure_train: Sampled 3 nodes (out of 3)",
     "\x1b[36m(ClientAppActor pid=7)\x1b[0m \x1b[93mWARNING \x1b[0m:   "
@@ -14,6 +15,7 @@ STREAM = [
     "\x1b[92mINFO \x1b[0m:      round 0 market m00: val NDCG@10 0.1000 HR@10 0.2000 | test NDCG@10 0.3000 HR@10 0.4000",
     "\x1b[92mINFO \x1b[0m:      round 0 market m02: val NDCG@10 0.2000 HR@10 0.3000 | test NDCG@10 0.5000 HR@10 0.6000",
     "\x1b[92mINFO \x1b[0m:      round 1: bytes down/up per market: m00 10/10, m02 10/10",
+    "\x1b[36m(raylet)\x1b[0m \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor",
 ]
 
 

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from tests.cli_check import ENDS_WITH_DEFAULT, option_entries, run_help
+from tests.cli_check import ENDS_WITH_DEFAULT, fails_with, option_entries, run_help
 from xmfl import cli
 
 pytestmark = pytest.mark.usefixtures("keep_sigterm_handler")  # tests/conftest.py
@@ -108,3 +108,22 @@ def test_xmfl_app_writes_an_app_flower_can_build_and_refuses_a_used_directory(tm
         cli.main(["app", "--out", str(tmp_path / "app")])
     assert exited.value.code == 2
     assert "is not an empty directory" in capsys.readouterr().err
+
+
+def test_a_command_missing_an_extras_module_names_the_extra_in_one_line(capsys, monkeypatch):
+    # Prepare: matplotlib not installed, as in a base install (a None entry fails its import).
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+    # Execute
+    error = fails_with(capsys, ["simulate", "--synthetic-markets", "2"])
+
+    # Assert: the extra to install, in one line.
+    assert "pip install 'xmarket-fl[simulation]'" in error and "matplotlib" in error
+
+
+def test_serving_and_joining_commands_take_verbose(capsys):
+    # Execute and Assert: --verbose is an option of each (its help names it).
+    for command in ("recommend", "score", "join"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "--verbose" in capsys.readouterr().out

@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.ials import steps
 from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors, initial_item_gram
 from common.ials.kernels import _factor_segments
 from common.ials.reference import federated_ials, pooled_ials
-from common.ials import steps
 from common.ials.steps import fold_in, market_item_statistics, solve_items, solve_users
 from common.ials.wire import check_item_side, pack_statistics, packed_length, unpack_statistics
 
