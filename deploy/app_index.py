@@ -39,6 +39,7 @@ from deploy.keys import refuse_private_key
 from deploy.signed_app import SignedApp, load_signed_app, read_trusted_entities, verify
 
 NO_KEY_HERE = "sign the app offline with xmfl sign-app, where the app-signing key is, and serve the file it writes"
+MAX_REQUEST_BYTES = 4096  # a fetch request names an app and a version: a few dozen bytes
 
 
 class AppIndex:
@@ -60,7 +61,17 @@ class AppIndex:
             def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
                 if self.path != "/hub/fetch-fab":
                     return self._answer(404, {"detail": f"{self.path} is not served here."})
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                length = self.headers.get("Content-Length", "0")
+                if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+                    # Read nothing: the declared length is the sender's to choose.
+                    self.close_connection = True
+                    return self._answer(413, {"detail": f"A fetch request is at most {MAX_REQUEST_BYTES} bytes."})
+                try:
+                    request = json.loads(self.rfile.read(int(length)) or b"{}")
+                except ValueError:
+                    return self._answer(400, {"detail": "The request body is not JSON."})
+                if not isinstance(request, dict):
+                    return self._answer(400, {"detail": "The request body is not a JSON object."})
                 spec = f"{request.get('app_id')}=={request.get('app_version')}"
                 if (app := index.apps.get(spec)) is None:
                     return self._answer(404, {"detail": f"No app {spec} is served here."})

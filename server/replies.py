@@ -7,7 +7,13 @@ something else (fedals' item statistics: :meth:`server.fedals.FedALS.reply_probl
 the aggregation weights must be bounded whole numbers, and the market name it
 declares must be the one its node declared first. A reply that breaks any of
 these is dropped from the round with a WARNING naming its node and market; it
-never crashes the ServerApp or skews the aggregate.
+never crashes the ServerApp. Metric names are bounded in number and form, and
+the server escapes and bounds a region's error text before logging it.
+
+What the screen does not do: a weight is the market's own claim, so a market
+may claim up to :data:`MAX_WEIGHT` and dominate a weighted average, and a
+fedals reply inside its shape checks still steers the items it names; a
+screened reply is well-formed, not honest.
 """
 
 import math
@@ -19,10 +25,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
 from common.protocol import MARKET_KEY, MARKET_NAME_KEY, NUM_EXAMPLES_KEY
-from common.runtime.names import check_name
+from common.runtime.names import check_metric_name, check_name, printable
 
 MAX_WEIGHT = 1e9  # no market holds a billion users or interactions: a larger weight is an attempt to dominate
 MAX_NAME = 64  # the longest market name common.names.check_name accepts; longer ones are cut in the log
+MAX_METRICS = 64  # metrics in one reply: a market sends about 20; more is an attempt to flood the history
 
 # (a train reply's arrays, the arrays the server sent) -> what is wrong with the reply's, or None
 ArraysProblem = Callable[[ArrayRecord, ArrayRecord], str | None]
@@ -164,9 +171,14 @@ def _content_problem(
         return str(error)
     if len(content.metric_records) != 1:
         return f"it holds {len(content.metric_records)} MetricRecords, not one"
+    metrics = metrics_of(content)
+    if len(metrics) > MAX_METRICS:
+        return f"it holds {len(metrics)} metrics, more than {MAX_METRICS}"
+    for key in metrics:
+        if (problem := check_metric_name(key)) is not None:
+            return problem
     if sent is None:
         return None
-    metrics = metrics_of(content)
     for key in weight_keys:
         if (problem := _weight_problem(metrics.get(key))) is not None:
             return f"its aggregation weight {key!r} {problem}"
@@ -179,7 +191,7 @@ def _weight_problem(weight: object) -> str | None:
     if weight is None:
         return "is missing"
     if isinstance(weight, bool) or not isinstance(weight, int | float):
-        return f"is not a number ({weight!r})"
+        return f"is not a number ({printable(repr(weight), 80)})"
     if not math.isfinite(weight) or weight != int(weight) or not 0 <= weight <= MAX_WEIGHT:
         return f"is {weight!r}, not a whole number from 0 to {MAX_WEIGHT:.0e}"
     return None

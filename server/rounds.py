@@ -35,6 +35,7 @@ from common.protocol import (
     RECEIVED_PREFIX,
     TRAINING_ID_KEY,
 )
+from common.runtime.names import printable
 from server.history import Checkpoint, RunHistory, market_of
 from server.node_wait import DeadlineGrid
 from server.replies import ArraysProblem, MarketBinding, ReplyScreen, weight_of
@@ -128,9 +129,9 @@ def check_replies(
     refused = list(refused)
     for reply in failed:
         node = (destination or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, node), reply.error.reason)
+        log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, node), printable(reply.error.reason))
     if asked and len(failed) + len(refused) == asked:
-        reasons = "; ".join(sorted({reply.error.reason for reply in failed} | set(refused)))
+        reasons = "; ".join(sorted({printable(reply.error.reason) for reply in failed} | set(refused)))
         raise AllMarketsFailedError(
             f"Round {server_round}: every market replied with an error or a refused reply: {reasons}"
         )

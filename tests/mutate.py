@@ -240,6 +240,27 @@ MUTATIONS = [
         ["tests/common/ials/test_ials.py"],
     ),
     Mutation(
+        "region error reason logged verbatim",
+        "server/rounds.py",
+        'log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, node), printable(reply.error.reason))',
+        'log(WARNING, "round %d: %s failed: %s", server_round, _name(binding, node), reply.error.reason)',
+        ["tests/server/test_rounds.py"],
+    ),
+    Mutation(
+        "metric names unchecked",
+        "server/replies.py",
+        "        if (problem := check_metric_name(key)) is not None:",
+        "        if (problem := None) is not None:",
+        ["tests/server/test_rounds.py"],
+    ),
+    Mutation(
+        "app-index reads any declared length",
+        "deploy/app_index.py",
+        "                if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:",
+        "                if not length.lstrip('-').isdigit():",
+        ["tests/deploy/test_deploy_keys.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",

@@ -36,3 +36,27 @@ def check_name(name: str, kind: str = "market") -> str:
             "starting with a letter or digit."
         )
     return name
+
+
+MAX_TEXT = 300  # characters of a region's text (an error reason) the server logs or keeps
+# A metric's name: as the protocol's keys and their prefixes, at most 64 characters.
+_METRIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@/-]{0,63}")
+
+
+def printable(text: object, limit: int = MAX_TEXT) -> str:
+    """``text`` safe for one log line: control characters escaped, at most ``limit`` characters.
+
+    Text a region controls (an error reason) reaches the server's log and files; a newline or
+    terminal escape in it could forge log lines, and its length is the sender's to choose.
+    """
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text)[: limit + 1])
+    if len(shown) > limit or len(str(text)) > limit:
+        return shown[:limit] + f"... ({len(str(text))} characters)"
+    return shown
+
+
+def check_metric_name(name: object) -> str | None:
+    """What is wrong with ``name`` as a metric's name, or None (letters, digits, ``_.@/-``; at most 64)."""
+    if not isinstance(name, str) or not _METRIC.fullmatch(name):
+        return f"metric name {printable(name, 80)!r} is not 1 to 64 letters, digits or '_.@/-'"
+    return None

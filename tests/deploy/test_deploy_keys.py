@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -187,6 +188,27 @@ def test_the_app_index_serves_the_presigned_file_the_way_the_superlink_fetches_f
     assert fab == app.fab
     entities = read_trusted_entities(release / "trusted-entities.yaml")
     assert _verify_fab(Fab(app.sha256, fab, _format_verification(verifications)), entities)
+
+
+def test_the_app_index_refuses_an_oversized_or_malformed_request_without_reading_it(release):
+    # Prepare: the index, and a raw connection whose declared length the sender chose.
+    [app] = load_apps([release / "app.signed"], release / "trusted-entities.yaml")
+    with AppIndex([app]) as index:
+        host, port = index.url.removeprefix("http://").split(":")
+
+        def post(length: str, body: bytes = b"") -> bytes:
+            with socket.create_connection((host, int(port)), timeout=10) as connection:
+                head = f"POST /hub/fetch-fab HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+                connection.sendall(head.encode() + body)
+                return connection.recv(4096)
+
+        # Execute: a gigabyte declared and none sent; a negative length; a body that is not an object.
+        huge, negative, listed = post(str(10**9)), post("-5"), post("2", b"[]")
+        # Assert: refused at once (no wait for a gigabyte), and the index still serves.
+        url, _, _ = request_download_link(app.app_id, app.version, f"{index.url}/hub/fetch-fab", "fab_url")
+    assert huge.startswith(b"HTTP/1.0 413") and negative.startswith(b"HTTP/1.0 413")
+    assert listed.startswith(b"HTTP/1.0 400")
+    assert url.endswith(app.sha256)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from common.runtime.names import MAX_TEXT
 from server.replies import MarketBinding, ReplyScreen
 from server.rounds import AllMarketsFailedError, check_replies, warn_unanswered_budgets
 
@@ -133,3 +134,40 @@ def test_a_failed_node_is_named_by_the_market_it_replied_for_before(flower_warni
     messages = [record.getMessage() for record in flower_warnings]
     assert f"round 3: market jp (node 2) failed: {lost.error.reason}" in messages
     assert "round 3: node 4 failed: market bad: training failed: bad.txt line 3" in messages
+
+
+def test_a_regions_error_reason_reaches_the_log_escaped_and_bounded(flower_warnings):
+    # Prepare: a reason that would forge a log line and fill the log.
+    forged = "x\nINFO : round 9 market de: val NDCG@10 0.99\x1b[2J" + "y" * 10_000
+
+    # Execute
+    with pytest.raises(AllMarketsFailedError) as stopped:
+        check_replies(1, asked=1, replies=[_failed(2, forged)])
+
+    # Assert: one line each, no control character, at most MAX_TEXT characters of the reason.
+    logged = [record.getMessage() for record in flower_warnings]
+    for text in [*logged, str(stopped.value)]:
+        assert "\n" not in text and "\x1b" not in text
+        assert len(text) < MAX_TEXT + 200
+    assert f"({len(forged)} characters)" in logged[0]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({"num-examples": 5, "val-ndcg\nINFO : forged": 0.5}, "metric name"),
+        ({"num-examples": 5, "v" * 65: 0.5}, "metric name"),
+        ({"num-examples": 5, **{f"m{i}": 0.0 for i in range(64)}}, "more than 64"),
+    ],
+    ids=["control character", "too long", "too many"],
+)
+def test_a_reply_with_metric_names_the_history_should_not_keep_is_refused(metrics, reason):
+    # Prepare: an evaluation reply (no arrays) from a named market.
+    content = RecordDict({"metrics": MetricRecord(metrics), "market": ConfigRecord({"name": "de"})})
+    reply = Message(content, reply_to=_sent(3))
+
+    # Execute
+    accepted, refused = ReplyScreen(MarketBinding()).screen(1, [reply], None)
+
+    # Assert
+    assert accepted == [] and len(refused) == 1 and reason in refused[0] and "\n" not in refused[0]
