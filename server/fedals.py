@@ -30,7 +30,14 @@ from common.ials.core import IALSConfig, ItemFactors, lookup_rows
 from common.ials.dp import private_release_problem, solve_private_items
 from common.ials.model import ITEM_TABLE, encoder_state
 from common.ials.steps import solve_items
-from common.ials.wire import ASSORTMENT_KEY, INITIAL_ROWS_KEY, pack_item_factors, reply_problem, unpack_statistics
+from common.ials.wire import (
+    ASSORTMENT_KEY,
+    INITIAL_ROWS_KEY,
+    declared_reply_problem,
+    pack_item_factors,
+    reply_problem,
+    unpack_statistics,
+)
 from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, NUM_EXAMPLES_KEY, SERVER_ROUND_KEY, USER_GRAM_KEY
 
 _GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
@@ -163,6 +170,10 @@ class FedALS(FedAvg):
         sent : ArrayRecord
             The encoder state the round started from (unused: markets reply with statistics).
         """
+        if not self.private:  # sizes from the declarations first: nothing is decoded before they pass
+            declared = {name: (array.dtype, tuple(array.shape), len(array.data)) for name, array in arrays.items()}
+            if (problem := declared_reply_problem(declared, self.num_items, self.config.factors)) is not None:
+                return problem
         try:
             payload = {name: array.numpy() for name, array in arrays.items()}
         except Exception as error:  # noqa: BLE001 - any undecodable payload is the sender's fault

@@ -261,6 +261,13 @@ MUTATIONS = [
         ["tests/deploy/test_deploy_keys.py"],
     ),
     Mutation(
+        "fedals reply decoded before its declared sizes are checked",
+        "server/fedals.py",
+        "        if not self.private:  # sizes from the declarations first: nothing is decoded before they pass",
+        "        if False:",
+        ["tests/server/test_fedals.py::test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",

@@ -214,6 +214,53 @@ def floats_problem(name: str, array: np.ndarray) -> str | None:
     return None
 
 
+INTEGER_WIRE = ("int64", "int32")  # the integer arrays' types on the wire
+NPY_HEADER = 4096  # bytes an array's serialised form may hold beyond its values (numpy's .npy header)
+
+
+def declared_reply_problem(
+    declared: Mapping[str, tuple[str, tuple[int, ...], int]], num_items: int, dim: int
+) -> str | None:
+    """What is wrong with a fedals reply from its arrays' declared types and sizes alone, or None.
+
+    Checked before anything is decoded, so that a reply's size is bounded by what its market
+    may send: at most the catalog's rows in its assortment, statistics of at most those items,
+    at most ``(d+1)(d+2)/2`` packed values per item (a full-rank factor), a (d+1)² Gram, and
+    serialised bytes that match the declared shape.
+
+    Parameters
+    ----------
+    declared : Mapping[str, tuple[str, tuple[int, ...], int]]
+        Per array name, its declared dtype, declared shape and the length of its serialised bytes.
+    num_items : int
+        Rows of the item table.
+    dim : int
+        The factor dimension d.
+    """
+    if set(declared) != set(REPLY_KEYS):
+        missing, extra = sorted(set(REPLY_KEYS) - set(declared)), sorted(set(declared) - set(REPLY_KEYS))
+        return f"its arrays are not fedals' statistics: missing {missing}, unexpected {extra}"
+    expected = {name: INTEGER_WIRE for name in ("items", "counts", "ranks", ASSORTMENT_KEY)}
+    expected |= {"factor": WIRE_DTYPES, "gram": ("float32",)}
+    for name, (dtype, shape, size) in declared.items():
+        if dtype not in expected[name]:
+            return f"array {name!r} is declared {dtype}, not one of {expected[name]}"
+        if len(shape) != (2 if name == "gram" else 1) or any(not n >= 0 for n in shape):
+            return f"array {name!r} is declared with shape {shape}"
+        if size > int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + NPY_HEADER:
+            return f"array {name!r} holds {size} bytes, more than its declared {dtype} {shape}"
+    length = {name: declared[name][1][0] for name in declared}
+    if length[ASSORTMENT_KEY] > num_items:
+        return f"its assortment declares {length[ASSORTMENT_KEY]} rows, more than the catalog's {num_items}"
+    if not length["items"] == length["counts"] == length["ranks"] <= length[ASSORTMENT_KEY]:
+        return "its item-indexed arrays differ in length or exceed its assortment"
+    if length["factor"] > length["items"] * (dim + 1) * (dim + 2) // 2:
+        return f"its factor declares {length['factor']} values, more than full-rank factors of its items hold"
+    if declared["gram"][1] != (dim + 1, dim + 1):
+        return f"its Gram is declared {declared['gram'][1]}, not ({dim + 1}, {dim + 1}) for {dim} factors"
+    return None
+
+
 def reply_problem(payload: Mapping[str, np.ndarray], num_items: int, dim: int) -> str | None:
     """What is wrong with a fedals train reply's arrays, or None.
 

@@ -348,9 +348,7 @@ def _corrupt(name: str, change: Callable[[np.ndarray, int], np.ndarray]) -> Call
             "Gram",
             id="gram-width",
         ),
-        pytest.param(
-            _corrupt("factor", lambda a, size: np.append(a, a[:FACTORS])), "its ranks imply", id="factor-width"
-        ),
+        pytest.param(_corrupt("factor", lambda a, size: a[:-1]), "its ranks imply", id="factor-width"),
     ],
 )
 def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
@@ -388,6 +386,53 @@ def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
     history = json.loads((tmp_path / "history.json").read_text())
     assert [entry["round"] for entry in history["rounds"]] == [0, 1]
     assert "local/num-examples" not in history["rounds"][1]["per_market"].get("m01", {})
+
+
+def _declared(dtype: str, shape: tuple[int, ...], data: bytes = b"") -> Array:
+    """An array whose declaration says ``dtype`` and ``shape`` whatever its bytes hold."""
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
+def _declared_reply(**changes: Array) -> ArrayRecord:
+    """An honest-looking reply of 5 items, each of one buyer, with ``changes`` put in."""
+    arrays = {
+        "items": Array(np.arange(5, dtype=np.int64)),
+        "counts": Array(np.ones(5, dtype=np.int32)),
+        "ranks": Array(np.ones(5, dtype=np.int32)),
+        "factor": Array(np.ones(5 * (FACTORS + 1), dtype=np.float16)),
+        "gram": Array(np.eye(FACTORS + 1, dtype=np.float32)),
+        "assortment": Array(np.arange(8, dtype=np.int64)),
+    }
+    return ArrayRecord({**arrays, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (
+            {"assortment": Array(dtype="int64", shape=(10**9,), stype="numpy.ndarray", data=b"")},
+            "more than the catalog",
+        ),
+        ({"factor": Array(dtype="float16", shape=(10**9,), stype="numpy.ndarray", data=b"")}, "full-rank factors"),
+        ({"factor": Array(dtype="float64", shape=(45,), stype="numpy.ndarray", data=b"")}, "not one of"),
+        ({"gram": Array(dtype="float32", shape=(3, 3), stype="numpy.ndarray", data=b"")}, "Gram is declared"),
+        ({"items": Array(dtype="int64", shape=(5,), stype="numpy.ndarray", data=b"x" * 10**6)}, "bytes, more than"),
+        ({"user-factors": Array(np.zeros((3, FACTORS)))}, "unexpected ['user-factors']"),
+    ],
+    ids=["assortment", "factor-length", "factor-type", "gram", "bytes", "extra-key"],
+)
+def test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding(monkeypatch, changes, reason):
+    # Prepare: a strategy over the generated catalog; decoding any array fails the test.
+    strategy = FedALS(_ials_config(), SOURCE.catalog().size, seeded_start=True, min_nodes=1)
+    honest = _declared_reply()
+    assert strategy.reply_problem(honest, ArrayRecord()) is None  # the declarations and values of an honest shape pass
+    monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("a declared-too-large reply was decoded"))
+
+    # Execute
+    problem = strategy.reply_problem(_declared_reply(**changes), ArrayRecord())
+
+    # Assert
+    assert problem is not None and reason in problem
 
 
 # --- A deployed region, and DP.
