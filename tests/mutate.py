@@ -265,7 +265,9 @@ MUTATIONS = [
         "server/fedals.py",
         "        if not self.private:  # sizes from the declarations first: nothing is decoded before they pass",
         "        if False:",
-        ["tests/server/test_fedals.py::test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding"],
+        [
+            "tests/server/test_fedals.py::test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding"
+        ],
     ),
     Mutation(
         "every user ranked in full",

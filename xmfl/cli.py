@@ -35,7 +35,7 @@ COMMANDS: dict[str, Command] = {
         "simulations.benchmarks.privacy_sweep", "federated quality against each market's DP budget"
     ),
     "benchmark": Command("simulations.benchmark", "quality, scale, serving, dp-*, latency, join, continue, attacks"),
-    "tune": Command("simulations.tune", "search fedals' settings with Optuna, each trial a federated training"),
+    "tune": Command("simulations.tune", "search fedals' settings, each trial a federated training"),
     "ials-tuning": Command("simulations.benchmarks.ials_tuning", "tune fedals' iALS settings on validation"),
     "catalog": Command("deploy.catalog", "write the company catalog from a product list or market files"),
     "credentials": Command("deploy.make_credentials", "server host: the SuperLink's TLS certificate and key (dev CA)"),

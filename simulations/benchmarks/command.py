@@ -9,6 +9,7 @@
     python -m simulations.benchmark dp-users --users 1000,10000,100000 --out OUT
     python -m simulations.benchmark attacks --data-dir DIR --out OUT
     python -m simulations.benchmark serving --users 10000 --items 1000000 --out OUT
+    python -m simulations.benchmark dims --data-dir DIR --dims 64,128,256,512 --out OUT
 
 ``quality`` runs every method on the same splits for several seeds (a progress
 bar with ETA counts the runs, on a terminal) and
@@ -39,6 +40,9 @@ market at which it reaches 90% (see ``simulations.benchmarks.users_sweep``).
 
 ``attacks`` plays a hostile server against the real ClientApp of every market and reports what
 each attack on a region's privacy got (see ``simulations.attacks``).
+
+``dims`` runs fedals at several factor dimensions on the same split and reports quality, seconds
+and bytes per interaction for each (see ``simulations.benchmarks.dims``).
 
 ``latency`` runs a real deployment on loopback (see ``simulations.benchmarks.latency``)
 with Flower's default round loop and with this project's, and reports the
@@ -71,7 +75,7 @@ from common.privacy.ghost_norms import register_norm_samplers
 from common.runtime.command import ArgumentParser, add_alias, add_verbose, comma_list, run_command
 from simulations import run as harness
 from simulations.attacks import command as attacks
-from simulations.benchmarks import continue_benchmark, join_benchmark, latency, scale_benchmark, users_sweep
+from simulations.benchmarks import continue_benchmark, dims, join_benchmark, latency, scale_benchmark, users_sweep
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.progress import over, say
 from simulations.results import mean_and_std
@@ -404,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serving_benchmark.add_arguments(
         commands.add_parser("serving", help="recommend --all over a generated market against matmul + argpartition")
     )
+    dims.add_arguments(
+        commands.add_parser("dims", help="fedals at several factor dimensions: quality, seconds, bytes per interaction")
+    )
     args = parser.parse_args(argv)
     if args.command == "quality":
         if args.num_seeds < 1:
@@ -426,6 +433,7 @@ def main(argv: list[str] | None = None) -> Any:
         "dp-users": users_sweep.sweep,
         "attacks": attacks.run,
         "serving": serving_benchmark.serving,
+        "dims": dims.run,
     }[args.command](args)
 
 

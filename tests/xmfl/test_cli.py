@@ -45,11 +45,25 @@ def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
         assert len(error) == 1 and error[0].startswith("error:") and error[0].endswith("(see xmfl --help)")
 
 
+BENCHMARKS = ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency", "attacks", "serving", "dims")
+
+
 def command_helps() -> list[list[str]]:
     """``[command]`` for every command, and ``[benchmark, sub]`` for each benchmark."""
     return [[name] for name in cli.COMMANDS] + [
         ["benchmark", name]
-        for name in ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency", "attacks", "serving")
+        for name in (
+            "quality",
+            "scale",
+            "dp-step",
+            "dp-users",
+            "join",
+            "continue",
+            "latency",
+            "attacks",
+            "serving",
+            "dims",
+        )
     ]
 
 
