@@ -29,6 +29,9 @@ from common.protocol import (
     SCORE_PENALTY_KEY,
 )
 
+# The server's ways of combining SGD updates (server.strategy maps each to Flower's strategy).
+AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -81,6 +84,8 @@ class RunConfig:
     market_dp_markets: int  # markets per round under market-level DP (all must reply)
     market_dp_delta: float  # delta at which the market-level epsilon is reported
     market_dp_max_epsilon: float  # 0 for no limit; rounds beyond it are refused
+    aggregation: str  # SGD methods: fedavg (weighted by claimed counts) or a robust rule of Flower's (AGGREGATIONS)
+    aggregation_malicious: int  # krum, multikrum: markets assumed hostile
     out_dir: str  # the server's history.json, checkpoint.pt and published.pt go here
     models_dir: str  # simulation only: markets write served models to <models-dir>/<method>/<market>
 
@@ -138,6 +143,15 @@ class RunConfig:
             )
         if self.dp_accountant not in ACCOUNTANTS:
             raise ValueError(f"Unknown dp-accountant '{self.dp_accountant}'; choose one of {ACCOUNTANTS}.")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"Unknown aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}.")
+        if self.aggregation != "fedavg" and (self.solved_by_als or self.market_dp_noise_multiplier != 0):
+            raise ValueError(
+                f"aggregation '{self.aggregation}' combines SGD updates without market-level DP: fedals sums "
+                "statistics and market-level DP's accountant needs fedavg; set aggregation to fedavg."
+            )
+        if self.aggregation_malicious < 0:
+            raise ValueError(f"aggregation-malicious must not be negative, got {self.aggregation_malicious}.")
 
     @property
     def solved_by_als(self) -> bool:

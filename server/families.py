@@ -78,7 +78,9 @@ def _als_strategy(config: RunConfig, catalog: Catalog) -> FedALS:
 SERVER_FAMILIES: dict[str, ServerFamily] = {
     "sgd": ServerFamily(
         initial_arrays=_sgd_arrays,
-        strategy=lambda config, catalog: build_strategy(config.min_nodes, market_dp(config)),
+        strategy=lambda config, catalog: build_strategy(
+            config.min_nodes, market_dp(config), config.aggregation, config.aggregation_malicious
+        ),
         reply_check=lambda strategy: None,
     ),
     "als": ServerFamily(

@@ -1,4 +1,8 @@
-"""The aggregation strategy: Flower's FedAvg, optionally with market-level DP on the server.
+"""The aggregation strategy: Flower's FedAvg or one of its robust rules, optionally with market-level DP.
+
+FedAvg weighs each market by the count it reports; ``aggregation`` (the run config) chooses
+instead Flower's FedMedian, FedTrimmedAvg, Krum or MultiKrum, which ignore the claimed weights,
+so that one market can neither claim the whole average nor pull it arbitrarily far.
 
 Market-level DP wraps FedAvg in Flower's ``DifferentialPrivacyServerSideFixedClipping``:
 each market's update of the shared arrays is clipped to an L2 norm, the
@@ -8,12 +12,22 @@ individual users, and its accountant requires every market to weigh the same
 in the average and exactly ``num-markets`` of them to reply each round.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
+from typing import Any
 
 from flwr.common import log
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, NUM_EXAMPLES_KEY, TRAINED_KEY
 
@@ -41,24 +55,49 @@ class MarketDPConfig:
             raise ValueError(f"The market-level epsilon budget must not be negative, got {self.max_epsilon}.")
 
 
-def build_strategy(min_nodes: int, market_dp: MarketDPConfig | None) -> Strategy:
-    """FedAvg over all connected markets, wrapped in market-level DP when configured.
+# How each name of common.run_config.AGGREGATIONS combines the markets' updates: Flower's
+# strategy, and its options from (aggregation-malicious f, markets per round n). The robust
+# ones ignore the weights the markets claim.
+AGGREGATION_STRATEGIES: dict[str, tuple[type[FedAvg], Callable[[int, int], dict[str, Any]]]] = {
+    "fedavg": (FedAvg, lambda f, n: {}),
+    "fedmedian": (FedMedian, lambda f, n: {}),
+    "fedtrimmedavg": (FedTrimmedAvg, lambda f, n: {"beta": 0.2}),
+    "krum": (Krum, lambda f, n: {"num_malicious_nodes": f}),
+    "multikrum": (MultiKrum, lambda f, n: {"num_malicious_nodes": f, "num_nodes_to_select": max(1, n - f)}),
+}
+
+
+def build_strategy(
+    min_nodes: int, market_dp: MarketDPConfig | None, aggregation: str = "fedavg", malicious: int = 1
+) -> Strategy:
+    """The aggregation over all connected markets, wrapped in market-level DP when configured.
 
     Parameters
     ----------
     min_nodes : int
         Markets that must be connected before a round starts.
     market_dp : MarketDPConfig or None
-        Market-level DP settings, or None for plain FedAvg weighted by ``num-examples``.
+        Market-level DP settings (FedAvg only), or None.
+    aggregation : str, default "fedavg"
+        A key of :data:`AGGREGATION_STRATEGIES`: FedAvg weighted by ``num-examples``, or one of
+        Flower's robust rules.
+    malicious : int, default 1
+        Krum and MultiKrum: the markets assumed hostile.
     """
+    if aggregation not in AGGREGATION_STRATEGIES:
+        raise ValueError(f"Unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATION_STRATEGIES)}.")
+    if market_dp is not None and aggregation != "fedavg":
+        raise ValueError("Market-level DP aggregates with fedavg only: its accountant assumes an equal-weight mean.")
     if market_dp is None:
-        return FedAvg(
+        kind, options = AGGREGATION_STRATEGIES[aggregation]
+        return kind(
             weighted_by_key=NUM_EXAMPLES_KEY,
             arrayrecord_key=ARRAYS_RECORD,
             configrecord_key=CONFIG_RECORD,
             min_train_nodes=min_nodes,
             min_evaluate_nodes=min_nodes,
             min_available_nodes=min_nodes,
+            **options(malicious, min_nodes),
         )
     # TRAINED_KEY weighs every market that trained alike, as the accountant requires.
     nodes = max(min_nodes, market_dp.num_markets)

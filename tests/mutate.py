@@ -270,6 +270,13 @@ MUTATIONS = [
         ],
     ),
     Mutation(
+        "fedmedian aggregates as fedavg",
+        "server/strategy.py",
+        '    "fedmedian": (FedMedian, lambda f, n: {}),',
+        '    "fedmedian": (FedAvg, lambda f, n: {}),',
+        ["tests/server/test_aggregation.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",

@@ -92,3 +92,23 @@ def test_the_harness_ials_references_train_with_the_runs_als_settings():
     args = harness.parse_args(["--methods", "local,pooled-ials", "--set", "als-factors=16"])
 
     assert harness.harness_ials_config(args, app_config()).factors == 16
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "fedavg", "aggregation": "mean"}, "Unknown aggregation 'mean'"),
+        ({"method": "fedals", "aggregation": "fedmedian"}, "set aggregation to fedavg"),
+        ({"method": "fedavg", "aggregation": "krum", "market-dp-noise-multiplier": 1.0}, "set aggregation to fedavg"),
+        ({"method": "fedavg", "aggregation": "krum", "aggregation-malicious": -1}, "must not be negative"),
+    ],
+    ids=["unknown", "fedals", "market-dp", "negative"],
+)
+def test_an_aggregation_the_run_cannot_use_is_refused_by_its_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_run_config({**app_config(), **settings})
+
+
+def test_a_robust_aggregation_of_an_sgd_method_is_accepted():
+    config = RunConfig.from_run_config({**app_config(), "method": "fedper", "aggregation": "fedmedian"})
+    assert config.aggregation == "fedmedian" and config.aggregation_malicious == 1
