@@ -45,7 +45,6 @@ import tomli_w
 from common.runtime.command import ArgumentParser, UserError, run_command
 from common.selection import best_by
 from simulations import run as harness
-from simulations.flower_runtime import FlowerRunError
 from simulations.progress import say
 
 TUNABLE_METHODS = ("fedals",)  # methods with a search space below
@@ -149,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=SearchSpace().rounds[1],
         help="most server rounds a trial may draw; a trial draws from min(4, this) up (default: %(default)s)",
     )
-    parser.add_argument("--trials", type=int, default=30, help="trials in all, resumed ones included (default: 30)")
+    parser.add_argument(
+        "--trials", type=int, default=30, help="trials in all, resumed and failed ones included (default: 30)"
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the data, the trainings and the sampler (default: 0)"
     )
@@ -241,6 +242,9 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     )
     if not study.trials:
         study.enqueue_trial(default_settings(harness.app_defaults(), space))
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # A trial left running by an interrupted search: failed, and the search goes on.
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
     started = time.perf_counter()
     remaining = args.trials - len([t for t in study.trials if t.state.is_finished()])
 
@@ -263,8 +267,9 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
         return scores["val-ndcg@10"]
 
     if remaining > 0:
-        # A training that fails (a market's error, a timeout) fails its trial, not the search.
-        study.optimize(objective, n_trials=remaining, catch=(FlowerRunError,))
+        # A training that fails (a market's error, a timeout: the harness's RuntimeError and
+        # FlowerRunError) fails its trial, not the search.
+        study.optimize(objective, n_trials=remaining, catch=(RuntimeError,))
     report = tune_report(study)
     best = report["best"]
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -4,6 +4,7 @@ import json
 import shlex
 import tomllib
 
+import optuna
 import pytest
 
 from common import protocol
@@ -40,19 +41,22 @@ def test_tuning_picks_the_best_trial_on_validation_and_resumes(tmp_path, in_proc
     # Prepare: two generated markets, trials of at most 2 rounds.
     argv = ["--synthetic-markets", "2", "--max-rounds", "2", "--out", str(tmp_path)]
 
-    # Execute: two trials, then the same search asked for three (one more runs).
+    # Execute: two trials; a third left running, as by a search that was killed; then the same
+    # search asked for four in all (the stale trial fails, one more runs).
     tune.main([*argv, "--trials", "2"])
-    report = tune.main([*argv, "--trials", "3"])
+    optuna.load_study(study_name="fedals-seed0", storage=f"sqlite:///{tmp_path / 'tune.db'}").ask()
+    report = tune.main([*argv, "--trials", "4"])
 
-    # Assert: three trials, the first the app's defaults (rounds clipped into the space).
-    trials = report["trials"]
-    assert [t["number"] for t in trials] == [0, 1, 2]
+    # Assert: four trials, the first the app's defaults (rounds clipped into the space).
+    states = [t["state"] for t in report["trials"]]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    trials = [t for t in report["trials"] if t["state"] == "COMPLETE"]
+    assert [t["number"] for t in trials] == [0, 1, 3]
     assert len(list((tmp_path / "trials").iterdir())) == 3
     assert trials[0]["settings"] == tune.default_settings(
         harness_module.app_defaults(), tune.SearchSpace(rounds=(2, 2))
     )
     for trial in trials:
-        assert trial["state"] == "COMPLETE"
         # Each trial's score is the macro of its markets' validation NDCG@10 at their best rounds.
         results = json.loads((tmp_path / "trials" / f"{trial['number']:03d}" / "results.json").read_text())
         per_market = results["methods"]["fedals"]["per_market"]
