@@ -305,9 +305,32 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
             f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
             f"test {test:.4f}, over the {count} markets evaluated)"
         )
+    served = served_rounds(history)
+    if served:
+        lines.append(
+            "  round each market serves (its best by its own validation NDCG@10): "
+            + ", ".join(f"{market} {served[market]}" for market in sorted(served))
+        )
     files = [history.out_dir / name for name in (HISTORY_FILE, CHECKPOINT_FILE, PUBLISHED_FILE)]
     lines.append(f"  files: {', '.join(str(path) for path in files if path.exists()) or 'none'}")
     return lines
+
+
+def served_rounds(history: RunHistory) -> dict[str, int]:
+    """Per market, the trained round it serves: the first with its highest reported validation NDCG@10.
+
+    The rule each market applies to its own validation (:mod:`common.selection`); under DP a
+    market reports noisy metrics while it keeps its served round by the exact ones, so there
+    the two may differ.
+    """
+    scores: dict[str, dict[int, float]] = {}
+    for r, entry in sorted(history.rounds.items()):
+        if r < 1:
+            continue
+        for market, metrics in entry["per_market"].items():
+            if VAL_NDCG_KEY in metrics:
+                scores.setdefault(market, {})[r] = metrics[VAL_NDCG_KEY]
+    return {market: best_by(rounds, lambda r, rounds=rounds: rounds[r]) for market, rounds in scores.items()}
 
 
 def market_of(reply: Message) -> str | None:

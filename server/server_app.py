@@ -185,8 +185,8 @@ def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding, 
     for line in summary_lines(history, config.num_server_rounds, binding.state().values()):
         log(INFO, "%s", line)
     models_dir = str(run_config.get("models-dir", ""))
-    served = Path(models_dir) / config.method / "<market>" if models_dir else "<state-dir>/model in each region"
-    log(INFO, "  served models (each market's best round by its own validation): %s", served)
+    served = Path(models_dir) / config.method / "<market>" if models_dir else "in each region, its state-dir's model/"
+    log(INFO, "  served models: %s", served)
 
 
 def publish(

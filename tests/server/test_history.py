@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from server.history import Checkpoint, RunHistory, summary_lines
+from server.history import Checkpoint, RunHistory, served_rounds, summary_lines
 
 
 def _checkpoint(server_round: int = 2) -> Checkpoint:
@@ -149,5 +149,16 @@ def test_the_summary_tells_replied_failed_and_absent_markets_apart_and_groups_ro
         "  round 3: replied: de; failed or silent: jp, node 7; absent: fr",
         "  round 4: replied: de; absent: fr, jp",
         "  best round by macro validation NDCG@10: 2 (validation 0.7000, test 0.6000, over the 2 markets evaluated)",
+        "  round each market serves (its best by its own validation NDCG@10): de 1, fr 1, jp 2",
         "  files: none",
     ]
+
+
+def test_the_round_each_market_serves_is_its_first_best_on_validation(tmp_path):
+    # Prepare: de peaks in round 2, jp ties rounds 1 and 3; round 0 (untrained) scores highest and is never served.
+    history = RunHistory(tmp_path, {})
+    for r, de, jp in ((0, 0.9, 0.9), (1, 0.2, 0.5), (2, 0.4, 0.3), (3, 0.3, 0.5)):
+        history.rounds[r] = {"round": r, "per_market": {"de": {"val-ndcg": de}, "jp": {"val-ndcg": jp}}}
+
+    # Execute and Assert
+    assert served_rounds(history) == {"de": 2, "jp": 1}

@@ -378,7 +378,8 @@ def test_a_market_that_falls_silent_is_named_in_the_log_the_history_and_the_summ
     assert lines[1] == "  round 1: all 2 markets replied"
     assert lines[2] == "  round 2: replied: de; failed or silent: jp"
     assert lines[3].startswith("  best round by macro validation NDCG@10: ")
-    assert lines[4] == f"  files: {tmp_path / 'history.json'}, {tmp_path / 'checkpoint.pt'}"
+    assert lines[4] == "  round each market serves (its best by its own validation NDCG@10): de 1"
+    assert lines[5] == f"  files: {tmp_path / 'history.json'}, {tmp_path / 'checkpoint.pt'}"
 
 
 def test_a_second_training_in_the_same_out_dir_is_refused_while_resume_continues_it(tmp_path):
@@ -430,5 +431,7 @@ def test_the_server_ends_a_training_with_its_summary(tmp_path):
     start = lines.index("Training summary: 2 of 2 rounds completed, 2 markets known")
     assert lines[start + 1] == "  rounds 1-2: all 2 markets replied"
     assert lines[start + 2].startswith("  best round by macro validation NDCG@10: 1 (validation 0.6000, test 0.6000")
-    assert str(tmp_path / "published.pt") in lines[start + 3]
-    assert lines[start + 4].endswith("<state-dir>/model in each region")
+    # Each market's validation is the same every round: the first of equal rounds is served.
+    assert lines[start + 3] == "  round each market serves (its best by its own validation NDCG@10): de 1, jp 1"
+    assert str(tmp_path / "published.pt") in lines[start + 4]
+    assert lines[start + 5] == "  served models: in each region, its state-dir's model/"
