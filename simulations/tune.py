@@ -240,6 +240,9 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=args.seed),
     )
+    # A resumed search draws on from a stream of its own: the seed alone would repeat the first
+    # trials' random draws (TPE samples at random until it has 10 complete trials).
+    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
     if not study.trials:
         study.enqueue_trial(default_settings(harness.app_defaults(), space))
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

@@ -277,6 +277,13 @@ MUTATIONS = [
         ["tests/server/test_aggregation.py"],
     ),
     Mutation(
+        "resumed tuning repeats its draws",
+        "simulations/tune.py",
+        "    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))",
+        "    study.sampler = optuna.samplers.TPESampler(seed=args.seed)",
+        ["tests/simulations/test_tune.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",

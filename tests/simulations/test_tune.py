@@ -52,6 +52,7 @@ def test_tuning_picks_the_best_trial_on_validation_and_resumes(tmp_path, in_proc
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
     trials = [t for t in report["trials"] if t["state"] == "COMPLETE"]
     assert [t["number"] for t in trials] == [0, 1, 3]
+    assert trials[2]["settings"] != trials[1]["settings"]  # the resumed search does not repeat its first draws
     assert len(list((tmp_path / "trials").iterdir())) == 3
     assert trials[0]["settings"] == tune.default_settings(
         harness_module.app_defaults(), tune.SearchSpace(rounds=(2, 2))
