@@ -145,13 +145,24 @@ class RunConfig:
             raise ValueError(f"Unknown dp-accountant '{self.dp_accountant}'; choose one of {ACCOUNTANTS}.")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"Unknown aggregation '{self.aggregation}'; choose one of {', '.join(AGGREGATIONS)}.")
-        if self.aggregation != "fedavg" and (self.solved_by_als or self.market_dp_noise_multiplier != 0):
-            raise ValueError(
-                f"aggregation '{self.aggregation}' combines SGD updates without market-level DP: fedals sums "
-                "statistics and market-level DP's accountant needs fedavg; set aggregation to fedavg."
-            )
-        if self.aggregation_malicious < 0:
-            raise ValueError(f"aggregation-malicious must not be negative, got {self.aggregation_malicious}.")
+        # fedals sums statistics and ignores the aggregation, which is the SGD methods' own.
+        if self.aggregation != "fedavg" and not self.solved_by_als:
+            if self.market_dp_noise_multiplier != 0:
+                raise ValueError(
+                    f"aggregation '{self.aggregation}' cannot run under market-level DP, whose accountant "
+                    "assumes fedavg's equal-weight mean; set aggregation to fedavg."
+                )
+            if self.aggregation_malicious < 0:
+                raise ValueError(f"aggregation-malicious must not be negative, got {self.aggregation_malicious}.")
+            needed = {"fedtrimmedavg": 5, "krum": 2 * self.aggregation_malicious + 3}
+            needed["multikrum"] = needed["krum"]
+            if self.min_nodes < needed.get(self.aggregation, 1):
+                # FedTrimmedAvg cuts int(0.2·n) per side (nothing below 5 markets); Krum needs n ≥ 2f + 3.
+                raise ValueError(
+                    f"aggregation '{self.aggregation}' needs at least {needed[self.aggregation]} markets per round "
+                    f"(min-nodes, got {self.min_nodes}) to leave a hostile market out; lower "
+                    "aggregation-malicious or choose fedmedian."
+                )
 
     @property
     def solved_by_als(self) -> bool:

@@ -58,17 +58,19 @@ class AppIndex:
         index = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # seconds a connection may take to send what it declared; then it is dropped
+
             def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
                 if self.path != "/hub/fetch-fab":
                     return self._answer(404, {"detail": f"{self.path} is not served here."})
                 length = self.headers.get("Content-Length", "0")
-                if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+                if not (length.isascii() and length.isdigit()) or int(length) > MAX_REQUEST_BYTES:
                     # Read nothing: the declared length is the sender's to choose.
                     self.close_connection = True
                     return self._answer(413, {"detail": f"A fetch request is at most {MAX_REQUEST_BYTES} bytes."})
                 try:
                     request = json.loads(self.rfile.read(int(length)) or b"{}")
-                except ValueError:
+                except (ValueError, RecursionError):
                     return self._answer(400, {"detail": "The request body is not JSON."})
                 if not isinstance(request, dict):
                     return self._answer(400, {"detail": "The request body is not a JSON object."})

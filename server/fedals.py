@@ -34,12 +34,14 @@ from common.ials.wire import (
     ASSORTMENT_KEY,
     INITIAL_ROWS_KEY,
     declared_reply_problem,
+    npy_header_problem,
     pack_item_factors,
     reply_problem,
     unpack_statistics,
 )
 from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, NUM_EXAMPLES_KEY, SERVER_ROUND_KEY, USER_GRAM_KEY
 
+NUMPY_STYPE = "numpy.ndarray"  # how Flower's Array serialises a numpy array (its .npy bytes)
 _GRAM_BLOCK = 65536  # rows per block of the Gram's sum: 64 MB of float64 at 128 factors
 
 
@@ -174,6 +176,11 @@ class FedALS(FedAvg):
             declared = {name: (array.dtype, tuple(array.shape), len(array.data)) for name, array in arrays.items()}
             if (problem := declared_reply_problem(declared, self.num_items, self.config.factors)) is not None:
                 return problem
+            for name, array in arrays.items():  # ... and the bytes hold what is declared, header first
+                if array.stype != NUMPY_STYPE:
+                    return f"array {name!r} is not serialised as a numpy array"
+                if (problem := npy_header_problem(array.data, array.dtype, tuple(array.shape))) is not None:
+                    return f"array {name!r}: {problem}"
         try:
             payload = {name: array.numpy() for name, array in arrays.items()}
         except Exception as error:  # noqa: BLE001 - any undecodable payload is the sender's fault

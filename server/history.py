@@ -244,7 +244,9 @@ def check_new_training(out_dir: Path) -> None:
         )
 
 
-def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] = ()) -> list[str]:
+def summary_lines(
+    history: RunHistory, num_rounds: int, markets: Iterable[str] = (), serves_a_round: bool = True
+) -> list[str]:
     """What a finished training did, for its last lines in the log.
 
     Parameters
@@ -255,6 +257,9 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
         The training's last round.
     markets : Iterable[str]
         Markets known to take part (the node-to-market binding); those in the history count too.
+    serves_a_round : bool, default True
+        Whether a market serves one of the training's rounds (not so for fedper-ft and
+        fedals-pt, which serve a fit made after the last round): then the summary names it.
 
     Returns
     -------
@@ -305,7 +310,7 @@ def summary_lines(history: RunHistory, num_rounds: int, markets: Iterable[str] =
             f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
             f"test {test:.4f}, over the {count} markets evaluated)"
         )
-    served = served_rounds(history)
+    served = served_rounds(history) if serves_a_round else {}
     if served:
         lines.append(
             "  round each market serves (its best by its own validation NDCG@10): "

@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from common.protocol import MARKET_KEY, MARKET_NAME_KEY, NUM_EXAMPLES_KEY
+from common.protocol import MARKET_KEY, MARKET_NAME_KEY, NUM_EXAMPLES_KEY, TRAINED_KEY
 from common.runtime.names import check_metric_name, check_name, printable
 
 MAX_WEIGHT = 1e9  # no market holds a billion users or interactions: a larger weight is an attempt to dominate
@@ -126,6 +126,7 @@ class ReplyScreen:
             if reason is None:
                 reason = self.binding.conflict(node, market)
             if reason is not None:
+                reason = printable(reason)  # it may quote what the sender declared
                 shown = repr(market) if market is None or len(market) <= MAX_NAME else repr(market[:MAX_NAME] + "...")
                 refused.append(f"node {node} (market {shown}): {reason}")
                 log(
@@ -174,9 +175,14 @@ def _content_problem(
     metrics = metrics_of(content)
     if len(metrics) > MAX_METRICS:
         return f"it holds {len(metrics)} metrics, more than {MAX_METRICS}"
-    for key in metrics:
+    for key, value in metrics.items():
         if (problem := check_metric_name(key)) is not None:
             return problem
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"metric {key!r} is not a number"
+    if TRAINED_KEY in metrics and metrics[TRAINED_KEY] not in (0, 1):
+        # An equal-weight average (market-level DP) weighs every market by it: one market is one.
+        return f"its {TRAINED_KEY!r} is {metrics[TRAINED_KEY]!r}, not 0 or 1"
     if sent is None:
         return None
     for key in weight_keys:

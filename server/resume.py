@@ -48,7 +48,13 @@ FINGERPRINT_KEYS = (
 ALS_FINGERPRINT_KEYS = ("als-factors", "als-regularization", "als-alpha", "als-nu", "als-confidence")
 CATALOG_KEY = "catalog"  # the fingerprint's entry for the catalog's content
 # A family's own keys a resume must not change, beyond FINGERPRINT_KEYS (common.methods' families).
-FAMILY_FINGERPRINT_KEYS: dict[str, tuple[str, ...]] = {"sgd": (), "als": ALS_FINGERPRINT_KEYS}
+# The SGD methods' aggregation rule: a resume may not switch it mid-training.
+FAMILY_FINGERPRINT_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": ("aggregation", "aggregation-malicious"),
+    "als": ALS_FINGERPRINT_KEYS,
+}
+# Keys fingerprinted since a later version, with the value a checkpoint made before them was trained with.
+ADDED_LATER: dict[str, Any] = {"aggregation": "fedavg", "aggregation-malicious": 1.0}
 
 
 def catalog_digest(catalog: Catalog) -> str:
@@ -83,6 +89,7 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], checkp
     ValueError
         Naming every changed key with its value in the checkpoint and now.
     """
+    saved = {**{key: value for key, value in ADDED_LATER.items() if key in current}, **saved}
     changed = [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))

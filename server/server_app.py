@@ -182,7 +182,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding, run_config: dict[str, Any]) -> None:
     """The training's last lines: rounds, who replied, the best round, where its files and models are."""
-    for line in summary_lines(history, config.num_server_rounds, binding.state().values()):
+    method = get_method(config.method)
+    serves_a_round = not (method.fine_tune or method.transfer)
+    for line in summary_lines(history, config.num_server_rounds, binding.state().values(), serves_a_round):
         log(INFO, "%s", line)
     models_dir = str(run_config.get("models-dir", ""))
     served = Path(models_dir) / config.method / "<market>" if models_dir else "in each region, its state-dir's model/"

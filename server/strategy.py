@@ -91,7 +91,9 @@ def build_strategy(
     if market_dp is None:
         kind, options = AGGREGATION_STRATEGIES[aggregation]
         return kind(
-            weighted_by_key=NUM_EXAMPLES_KEY,
+            # A robust rule weighs every market that trained alike (MultiKrum averages its chosen
+            # updates by this key): "trained" is 0 or 1 (server.replies), never a market's claim of size.
+            weighted_by_key=NUM_EXAMPLES_KEY if kind is FedAvg else TRAINED_KEY,
             arrayrecord_key=ARRAYS_RECORD,
             configrecord_key=CONFIG_RECORD,
             min_train_nodes=min_nodes,

@@ -90,6 +90,8 @@ def default_settings(defaults: dict[str, Any], space: SearchSpace) -> dict[str, 
 def trial_scores(results: dict[str, Any], method: str) -> dict[str, Any]:
     """Macro validation and test NDCG@10 of one trial, from the markets' best rounds on validation."""
     per_market = results["methods"][method]["per_market"]
+    if not per_market:
+        raise RuntimeError("no market reported a validation metric")
     return {
         "val-ndcg@10": sum(m["val-ndcg@10"] for m in per_market.values()) / len(per_market),
         "test-ndcg@10": sum(m["ndcg@10"] for m in per_market.values()) / len(per_market),
@@ -243,8 +245,16 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     # A resumed search draws on from a stream of its own: the seed alone would repeat the first
     # trials' random draws (TPE samples at random until it has 10 complete trials).
     study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
-    if not study.trials:
-        study.enqueue_trial(default_settings(harness.app_defaults(), space))
+    problem = search_problem(args)
+    if study.user_attrs.get("problem", problem) != problem:
+        raise UserError(
+            f"{args.out / 'tune.db'} holds a search of other data or settings ({study.user_attrs['problem']}); "
+            "give this search another --out"
+        )
+    study.set_user_attr("problem", problem)
+    defaults = default_settings(harness.app_defaults(), space)
+    if not any(t.params == defaults for t in study.trials if t.state != optuna.trial.TrialState.FAIL):
+        study.enqueue_trial(defaults)  # the first trial (again, if it failed): the search never ends below it
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # A trial left running by an interrupted search: failed, and the search goes on.
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
@@ -272,12 +282,15 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
     if remaining > 0:
         # A training that fails (a market's error, a timeout: the harness's RuntimeError and
         # FlowerRunError) fails its trial, not the search.
-        study.optimize(objective, n_trials=remaining, catch=(RuntimeError,))
+        study.optimize(objective, n_trials=remaining, catch=(RuntimeError, ValueError, MemoryError))
     report = tune_report(study)
     best = report["best"]
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "best-settings.txt").write_text(set_line(best["settings"]) + "\n", encoding="utf-8")
-    (args.out / "best-config.toml").write_text(config_file(best["settings"]), encoding="utf-8")
+    fixed = harness.parse_app_config(args.fixed, harness.app_defaults(), reserved=set())  # typed as the app's
+    node = f" --als-min-buyers {args.als_min_buyers}" if args.als_min_buyers is not None else ""
+    line = set_line({**best["settings"], **fixed}) + node  # what every trial also ran with
+    (args.out / "best-settings.txt").write_text(line + "\n", encoding="utf-8")
+    (args.out / "best-config.toml").write_text(config_file({**best["settings"], **fixed}), encoding="utf-8")
     plot_search(report["trials"], args.out / "tune.png")
     say(
         f"best of {len(report['trials'])} trials (trial {best['number']}): validation {best['val-ndcg@10']:.4f}, "
@@ -285,6 +298,19 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
         f"Wrote {args.out / 'tune.json'}, best-settings.txt, best-config.toml and tune.png"
     )
     return report
+
+
+def search_problem(args: argparse.Namespace) -> dict[str, Any]:
+    """What a search's trials are scored on: a resumed search must be the same problem."""
+    return {
+        "data-dir": str(args.data_dir),
+        "synthetic-markets": args.synthetic_markets if not args.data_dir else None,
+        "method": args.method,
+        "seed": args.seed,
+        "max-rounds": args.max_rounds,
+        "als-min-buyers": args.als_min_buyers,
+        "set": sorted(args.fixed),
+    }
 
 
 def trial_scores_or_fail(args: argparse.Namespace, number: int, settings: dict[str, Any]) -> dict[str, Any]:

@@ -256,7 +256,7 @@ MUTATIONS = [
     Mutation(
         "app-index reads any declared length",
         "deploy/app_index.py",
-        "                if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:",
+        "                if not (length.isascii() and length.isdigit()) or int(length) > MAX_REQUEST_BYTES:",
         "                if not length.lstrip('-').isdigit():",
         ["tests/deploy/test_deploy_keys.py"],
     ),
@@ -282,6 +282,34 @@ MUTATIONS = [
         "    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))",
         "    study.sampler = optuna.samplers.TPESampler(seed=args.seed)",
         ["tests/simulations/test_tune.py"],
+    ),
+    Mutation(
+        "refusal reasons logged verbatim",
+        "server/replies.py",
+        "                reason = printable(reason)  # it may quote what the sender declared",
+        "                reason = reason",
+        ["tests/server/test_rounds.py"],
+    ),
+    Mutation(
+        "npy header not checked",
+        "server/fedals.py",
+        "                if (problem := npy_header_problem(array.data, array.dtype, tuple(array.shape))) is not None:",
+        "                if (problem := None) is not None:",
+        ["tests/server/test_fedals.py::test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding"],
+    ),
+    Mutation(
+        "robust rules weighted by claimed counts",
+        "server/strategy.py",
+        "            weighted_by_key=NUM_EXAMPLES_KEY if kind is FedAvg else TRAINED_KEY,",
+        "            weighted_by_key=NUM_EXAMPLES_KEY,",
+        ["tests/server/test_aggregation.py"],
+    ),
+    Mutation(
+        "trained claims any count",
+        "server/replies.py",
+        "    if TRAINED_KEY in metrics and metrics[TRAINED_KEY] not in (0, 1):",
+        "    if False:",
+        ["tests/server/test_rounds.py"],
     ),
     Mutation(
         "every user ranked in full",

@@ -9,6 +9,7 @@ the protocol in one process, every message through this format, and must equal
 :func:`common.ials.pooled_ials`.
 """
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
@@ -239,14 +240,14 @@ def declared_reply_problem(
     """
     if set(declared) != set(REPLY_KEYS):
         missing, extra = sorted(set(REPLY_KEYS) - set(declared)), sorted(set(declared) - set(REPLY_KEYS))
-        return f"its arrays are not fedals' statistics: missing {missing}, unexpected {extra}"
+        return f"its arrays are not fedals' statistics: missing {missing}, unexpected {len(extra)} ({extra[:5]})"
     expected = {name: INTEGER_WIRE for name in ("items", "counts", "ranks", ASSORTMENT_KEY)}
     expected |= {"factor": WIRE_DTYPES, "gram": ("float32",)}
     for name, (dtype, shape, size) in declared.items():
         if dtype not in expected[name]:
-            return f"array {name!r} is declared {dtype}, not one of {expected[name]}"
+            return f"array {name!r} is not declared as one of {expected[name]}"
         if len(shape) != (2 if name == "gram" else 1) or any(not n >= 0 for n in shape):
-            return f"array {name!r} is declared with shape {shape}"
+            return f"array {name!r} is declared with {len(shape)} dimensions or a negative one"
         if size > int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + NPY_HEADER:
             return f"array {name!r} holds {size} bytes, more than its declared {dtype} {shape}"
     length = {name: declared[name][1][0] for name in declared}
@@ -258,6 +259,27 @@ def declared_reply_problem(
         return f"its factor declares {length['factor']} values, more than full-rank factors of its items hold"
     if declared["gram"][1] != (dim + 1, dim + 1):
         return f"its Gram is declared {declared['gram'][1]}, not ({dim + 1}, {dim + 1}) for {dim} factors"
+    return None
+
+
+def npy_header_problem(data: bytes, dtype: str, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with serialised array bytes whose ``.npy`` header is not ``dtype`` and ``shape``, or None.
+
+    ``numpy.load`` allocates what the header claims before it reads the values; reading the
+    header alone first keeps a reply from claiming more than its declaration, which the
+    caller has bounded.
+    """
+    stream = io.BytesIO(data)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        read = readers.get(np.lib.format.read_magic(stream))
+        if read is None:
+            return "its bytes are not an array of a known .npy version"
+        header_shape, fortran_order, header_dtype = read(stream)
+    except (ValueError, SyntaxError, EOFError, TypeError) as error:
+        return f"its bytes are not an array ({type(error).__name__})"
+    if tuple(header_shape) != tuple(shape) or header_dtype != np.dtype(dtype) or fortran_order:
+        return "its bytes hold another array than it declares"
     return None
 
 

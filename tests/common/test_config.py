@@ -98,17 +98,21 @@ def test_the_harness_ials_references_train_with_the_runs_als_settings():
     ("settings", "message"),
     [
         ({"method": "fedavg", "aggregation": "mean"}, "Unknown aggregation 'mean'"),
-        ({"method": "fedals", "aggregation": "fedmedian"}, "set aggregation to fedavg"),
         ({"method": "fedavg", "aggregation": "krum", "market-dp-noise-multiplier": 1.0}, "set aggregation to fedavg"),
         ({"method": "fedavg", "aggregation": "krum", "aggregation-malicious": -1}, "must not be negative"),
+        ({"method": "fedavg", "aggregation": "krum", "min-nodes": 4}, "at least 5 markets"),
+        ({"method": "fedavg", "aggregation": "fedtrimmedavg", "min-nodes": 4}, "at least 5 markets"),
     ],
-    ids=["unknown", "fedals", "market-dp", "negative"],
+    ids=["unknown", "market-dp", "negative", "krum below 2f+3", "trimmed mean below 5"],
 )
 def test_an_aggregation_the_run_cannot_use_is_refused_by_its_key(settings, message):
     with pytest.raises(ValueError, match=message):
         RunConfig.from_run_config({**app_config(), **settings})
 
 
-def test_a_robust_aggregation_of_an_sgd_method_is_accepted():
-    config = RunConfig.from_run_config({**app_config(), "method": "fedper", "aggregation": "fedmedian"})
-    assert config.aggregation == "fedmedian" and config.aggregation_malicious == 1
+def test_a_robust_aggregation_is_accepted_for_an_sgd_method_and_ignored_by_fedals():
+    for method in ("fedper", "fedals"):  # fedals sums statistics: the harness may run it beside fedper
+        config = RunConfig.from_run_config({**app_config(), "method": method, "aggregation": "fedmedian"})
+        assert config.aggregation == "fedmedian" and config.aggregation_malicious == 1
+    krum = {**app_config(), "method": "fedavg", "aggregation": "krum", "min-nodes": 5}
+    assert RunConfig.from_run_config(krum).min_nodes == 5

@@ -204,10 +204,12 @@ def test_the_app_index_refuses_an_oversized_or_malformed_request_without_reading
 
         # Execute: a gigabyte declared and none sent; a negative length; a body that is not an object.
         huge, negative, listed = post(str(10**9)), post("-5"), post("2", b"[]")
+        superscript, nested = post("\u00b2"), post("4000", b"[" * 4000)
         # Assert: refused at once (no wait for a gigabyte), and the index still serves.
         url, _, _ = request_download_link(app.app_id, app.version, f"{index.url}/hub/fetch-fab", "fab_url")
     assert huge.startswith(b"HTTP/1.0 413") and negative.startswith(b"HTTP/1.0 413")
-    assert listed.startswith(b"HTTP/1.0 400")
+    assert listed.startswith(b"HTTP/1.0 400") and nested.startswith(b"HTTP/1.0 400")
+    assert superscript.startswith(b"HTTP/1.0 413")
     assert url.endswith(app.sha256)
 
 

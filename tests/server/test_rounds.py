@@ -152,14 +152,30 @@ def test_a_regions_error_reason_reaches_the_log_escaped_and_bounded(flower_warni
     assert f"({len(forged)} characters)" in logged[0]
 
 
+def test_a_refusal_quoting_what_the_sender_declared_is_escaped_and_bounded():
+    # Prepare: an array whose declared dtype forges a log line and runs to 100,000 characters.
+    forged = "float32\n2099 INFO round 9: forged" + "A" * 100_000
+    arrays = ArrayRecord({"encoder.w": Array(dtype=forged, shape=(3,), stype="numpy.ndarray", data=b"")})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 5})})
+    content["market"] = ConfigRecord({"name": "de"})
+
+    # Execute
+    accepted, refused = ReplyScreen(MarketBinding()).screen(1, [Message(content, reply_to=_sent(3))], SENT)
+
+    # Assert: refused, in one bounded line.
+    assert accepted == [] and "\n" not in refused[0] and len(refused[0]) < MAX_TEXT + 100
+
+
 @pytest.mark.parametrize(
     ("metrics", "reason"),
     [
         ({"num-examples": 5, "val-ndcg\nINFO : forged": 0.5}, "metric name"),
         ({"num-examples": 5, "v" * 65: 0.5}, "metric name"),
         ({"num-examples": 5, **{f"m{i}": 0.0 for i in range(64)}}, "more than 64"),
+        ({"num-examples": 5, "val-ndcg": [0.5, 0.9]}, "is not a number"),
+        ({"num-examples": 5, "trained": 10**9}, "not 0 or 1"),
     ],
-    ids=["control character", "too long", "too many"],
+    ids=["control character", "too long", "too many", "a list", "trained claims more than one market"],
 )
 def test_a_reply_with_metric_names_the_history_should_not_keep_is_refused(metrics, reason):
     # Prepare: an evaluation reply (no arrays) from a named market.

@@ -9,6 +9,7 @@ import pytest
 
 from common import protocol
 from common.ials.wire import REPLY_KEYS
+from common.runtime.command import UserError
 from simulations import run as harness_module
 from simulations import tune
 from tests import in_process
@@ -38,8 +39,8 @@ def in_process_trials(monkeypatch):
 
 @pytest.mark.usefixtures("server_task_identity")
 def test_tuning_picks_the_best_trial_on_validation_and_resumes(tmp_path, in_process_trials):
-    # Prepare: two generated markets, trials of at most 2 rounds.
-    argv = ["--synthetic-markets", "2", "--max-rounds", "2", "--out", str(tmp_path)]
+    # Prepare: two generated markets, trials of at most 2 rounds, a setting every trial keeps.
+    argv = ["--synthetic-markets", "2", "--max-rounds", "2", "--set", "als-wire=float32", "--out", str(tmp_path)]
 
     # Execute: two trials; a third left running, as by a search that was killed; then the same
     # search asked for four in all (the stale trial fails, one more runs).
@@ -67,15 +68,19 @@ def test_tuning_picks_the_best_trial_on_validation_and_resumes(tmp_path, in_proc
     assert report["best"]["number"] == best["number"]
     assert report["best"]["settings"] == best["settings"]
     assert json.loads((tmp_path / "tune.json").read_text())["best"] == report["best"]
-    # The written settings are the best's, in forms simulate and flwr run accept.
+    # The written settings are the best's and the kept ones, in forms simulate and flwr run accept.
     config = tomllib.loads((tmp_path / "best-config.toml").read_text())
-    assert config == best["settings"]
+    assert config == {**best["settings"], "als-wire": "float32"}
     line = shlex.split((tmp_path / "best-settings.txt").read_text())
     parsed = harness_module.parse_args(line)
     assert parsed.num_server_rounds == best["settings"]["num-server-rounds"]
-    assert {k: v for k, v in parsed.app_config.items()} == {
-        k: v for k, v in best["settings"].items() if k != "num-server-rounds"
+    assert parsed.app_config == {
+        **{k: v for k, v in best["settings"].items() if k != "num-server-rounds"},
+        "als-wire": "float32",
     }
+    # A resumed search of another problem is refused, naming the file.
+    with pytest.raises(UserError, match="holds a search of other data or settings"):
+        tune.main([*argv[:-2], "--max-rounds", "3", "--out", str(tmp_path), "--trials", "4"])
     assert (tmp_path / "tune.png").stat().st_size > 0
 
 
