@@ -295,7 +295,9 @@ MUTATIONS = [
         "server/fedals.py",
         "                if (problem := npy_header_problem(array.data, array.dtype, tuple(array.shape))) is not None:",
         "                if (problem := None) is not None:",
-        ["tests/server/test_fedals.py::test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding"],
+        [
+            "tests/server/test_fedals.py::test_a_reply_declaring_more_than_its_market_may_send_is_refused_before_decoding"
+        ],
     ),
     Mutation(
         "robust rules weighted by claimed counts",
