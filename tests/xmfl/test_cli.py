@@ -128,8 +128,8 @@ def test_a_command_missing_an_extras_module_names_the_extra_in_one_line(capsys, 
     # Prepare: matplotlib not installed, as in a base install (a None entry fails its import).
     monkeypatch.setitem(sys.modules, "matplotlib", None)
 
-    # Execute
-    error = fails_with(capsys, ["simulate", "--synthetic-markets", "2"])
+    # Execute: a command that imports it first thing.
+    error = fails_with(capsys, ["tune", "--trials", "1"])
 
     # Assert: the extra to install, in one line.
     assert "pip install 'xmarket-fl[simulation]'" in error and "matplotlib" in error
