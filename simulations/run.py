@@ -175,15 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "that whoever knows the config can remove the noise; results.json marks such a run "
         "(default: off, noise from the operating system's secure source)",
     )
-    parser.add_argument(
-        "--als-min-buyers",
-        type=int,
-        default=None,
-        metavar="K",
-        help="fedals without DP: the simulated regions' own minimum buyers of an item before its "
-        "statistics leave the market (their node config's als-min-buyers; 1 sends every "
-        "item, as pooled iALS needs) (default: the code's, common.ials.private)",
-    )
+    add_min_buyers(parser)
     parser.add_argument(
         "--market-dp-noise-multiplier",
         type=float,
@@ -249,6 +241,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def add_min_buyers(parser: argparse.ArgumentParser) -> None:
+    """``--als-min-buyers``: the simulated regions' own minimum, for the harness and the commands that run it."""
+    parser.add_argument(
+        "--als-min-buyers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="fedals without DP: the simulated regions' own minimum buyers of an item before its "
+        "statistics leave the market (their node config's als-min-buyers; 1 sends every "
+        "item, as pooled iALS needs) (default: the code's, common.ials.private)",
+    )
+
+
+def data_options(args: argparse.Namespace) -> list[str]:
+    """The harness options naming ``args``' markets (``--data-dir`` or generated) and their regions' minimum."""
+    options = ["--data-dir", args.data_dir] if args.data_dir else ["--synthetic-markets", str(args.synthetic_markets)]
+    return options + (["--als-min-buyers", str(args.als_min_buyers)] if args.als_min_buyers is not None else [])
 
 
 def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved: set[str]) -> dict[str, Any]:

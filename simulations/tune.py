@@ -156,14 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the data, the trainings and the sampler (default: 0)"
     )
-    parser.add_argument(
-        "--als-min-buyers",
-        type=int,
-        default=None,
-        metavar="K",
-        help="the simulated regions' own minimum buyers of an item before its statistics leave the "
-        "market, as xmfl simulate's option (default: the code's, common.ials.private)",
-    )
+    harness.add_min_buyers(parser)
     parser.add_argument(
         "--set",
         dest="fixed",
@@ -202,7 +195,7 @@ def run_trial(args: argparse.Namespace, number: int, settings: dict[str, Any]) -
     """One federated training at ``settings``; its scores."""
     out = args.out / "trials" / f"{number:03d}"
     argv = [
-        *(["--data-dir", args.data_dir] if args.data_dir else ["--synthetic-markets", str(args.synthetic_markets)]),
+        *harness.data_options(args),
         "--methods",
         args.method,
         "--seed",
@@ -212,7 +205,6 @@ def run_trial(args: argparse.Namespace, number: int, settings: dict[str, Any]) -
         "--num-server-rounds",
         str(settings["num-server-rounds"]),
         *(["--verbose"] if args.verbose else []),
-        *(["--als-min-buyers", str(args.als_min_buyers)] if args.als_min_buyers is not None else []),
     ]
     for key, value in settings.items():
         if key != "num-server-rounds":

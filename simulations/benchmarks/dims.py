@@ -33,14 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dims", default="64,128,256,512", help="factor dimensions d (default: %(default)s)")
     parser.add_argument("--num-server-rounds", type=int, default=15, help="rounds of each run (default: %(default)s)")
-    parser.add_argument(
-        "--als-min-buyers",
-        type=int,
-        default=None,
-        metavar="K",
-        help="the simulated regions' minimum buyers before an item's statistics leave a market "
-        "(default: the code's, common.ials.private)",
-    )
+    harness.add_min_buyers(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/dims"), help="output dir (default: %(default)s)")
     add_verbose(parser, "every run's per-market lines")
@@ -75,8 +68,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for d in dims:
         say(f"== fedals at d = {d} ==")
         argv = [
-            *(["--data-dir", args.data_dir] if args.data_dir else ["--synthetic-markets", str(args.synthetic_markets)]),
-            *(["--methods", "fedals", "--seed"]),
+            *harness.data_options(args),
+            "--methods",
+            "fedals",
+            "--seed",
             str(args.seed),
             "--num-server-rounds",
             str(args.num_server_rounds),
@@ -84,7 +79,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(args.out / f"d{d}"),
             "--set",
             f"als-factors={d}",
-            *(["--als-min-buyers", str(args.als_min_buyers)] if args.als_min_buyers is not None else []),
             *(["--verbose"] if args.verbose else []),
         ]
         results = harness.main(argv)
