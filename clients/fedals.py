@@ -14,7 +14,10 @@ release per round recorded in the market's lifetime ledger before it is made
 with weight 0 and still evaluates.
 
 Nothing user-indexed is sent: user factors are solved afresh from the received items every
-round and never kept, so there is no head to persist in a deployed region. The model a market
+round and kept only in the market, for its step over the items that never leave it
+(:func:`_with_private_items`): in ``context.state`` and, in a deployed region, in its
+``state-dir`` for the last two rounds it trained (:data:`USERS_FILE`), so that a restarted
+SuperNode or a resumed server trains and evaluates a round as the lost attempt did. The model a market
 serves is the iALS factors as a split recommender (:mod:`common.ials.model`), its best
 validation round written by :mod:`clients.served` at the final round, as for the other methods.
 ``fedals-pt`` serves instead the private transfer (:mod:`common.ials.transfer`): after the last
@@ -22,11 +25,16 @@ round the market refits its own data, without noise, on the received factors, an
 candidate best on its validation; nothing of that fit is sent.
 """
 
+import glob
 import time
+from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.common import log
 
 from clients.local_model import config_from_context, resolve_market
 from clients.messages import Disclosure, evaluation_metrics, reply
@@ -39,6 +47,7 @@ from clients.privacy_state import (
     release_ledger,
     released_users,
     released_weight,
+    state_dir,
     training_noise_seed,
 )
 from clients.served import remember_if_best, write_best_model
@@ -82,8 +91,12 @@ from common.protocol import (
     USER_GRAM_KEY,
 )
 from common.run_config import RunConfig
+from common.runtime.durable import atomic_torch_save
 
 PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user factors, for its private item step
+# <state-dir>/<market>.fedals-users-<round>.pt: a deployed market's user factors of a round it trained,
+# with the training's id; the last two rounds are kept (a resumed server repeats the round after its checkpoint).
+USERS_FILE = "{market}.fedals-users-{round}.pt"
 
 _markets: dict[tuple[str, int, str], IALSMarket] = {}
 
@@ -116,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
         shared = restricted(market.train, shared_items(market.train, minimum))
         statistics = pack_statistics(market_item_statistics(shared, users, ials), config.als_wire)
         check_item_side(statistics, shared.items, ials.factors)
-        _remember_users(context, users, server_round)
+        _remember_users(context, split.market, users, server_round, training_id)
         metrics = {NUM_EXAMPLES_KEY: split.num_train, TRAINED_KEY: int(split.num_train > 0)}
     metrics[TRAIN_SECONDS_KEY] = time.perf_counter() - started
     if parse_bool(EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)):
@@ -285,9 +298,14 @@ def _with_private_items(
     item), the server's is kept. Without a Gram or kept users (round 1, a restarted node) the
     received factors are used as they are.
     """
-    if minimum <= 1 or USER_GRAM_KEY not in msg.content[ARRAYS_RECORD] or PRIVATE_STATE not in context.state:
+    if minimum <= 1 or USER_GRAM_KEY not in msg.content[ARRAYS_RECORD]:
         return items, gram, item_rows
-    users = context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
+    round_config = msg.content[CONFIG_RECORD]
+    server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
+    before = server_round - 1 if msg.metadata.message_type == MessageType.TRAIN else server_round
+    users = _kept_users(context, market.split.market, before, str(round_config.get(TRAINING_ID_KEY, "")))
+    if users is None:
+        return items, gram, item_rows
     user_gram = msg.content[ARRAYS_RECORD][USER_GRAM_KEY].numpy().astype(np.float64)
     dim = ials.factors
     if (
@@ -305,10 +323,64 @@ def _with_private_items(
     return items, gram + used.gram(), item_rows + used.held_rows()
 
 
-def _remember_users(context: Context, users: np.ndarray, server_round: int) -> None:
-    """Keep this round's user factors in the market (``context.state``) for its next private item step."""
+def _remember_users(context: Context, market: str, users: np.ndarray, server_round: int, training_id: str) -> None:
+    """Keep this round's user factors in the market for its next private item step.
+
+    In ``context.state``, and in a deployed region's ``state-dir`` as :data:`USERS_FILE`
+    (written atomically; files of rounds before the previous one are removed).
+    """
     context.state[PRIVATE_STATE] = ArrayRecord({"users": Array(np.ascontiguousarray(users))})
-    context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round})
+    context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round, "training-id": training_id})
+    directory = state_dir(context) if "market" in context.node_config else None
+    if directory is None:
+        return
+    atomic_torch_save(
+        Path(directory) / USERS_FILE.format(market=market, round=server_round),
+        {"training-id": training_id, "round": server_round, "users": torch.from_numpy(np.array(users))},
+    )
+    for path, kept_round in _users_files(directory, market):
+        if kept_round < server_round - 1:
+            path.unlink(missing_ok=True)
+
+
+def _users_files(directory: str, market: str) -> list[tuple[Path, int]]:
+    """The market's :data:`USERS_FILE` files in ``directory`` with their rounds, latest first."""
+    prefix, suffix = USERS_FILE.split("{round}")
+    prefix = prefix.format(market=market)
+    found = []
+    for path in Path(directory).glob(f"{glob.escape(prefix)}*{suffix}"):
+        number = path.name[len(prefix) : -len(suffix)]
+        if number.isdigit():
+            found.append((path, int(number)))
+    return sorted(found, key=lambda entry: -entry[1])
+
+
+def _kept_users(context: Context, market: str, before: int, training_id: str) -> np.ndarray | None:
+    """The user factors of the last round up to ``before`` the market trained, or None.
+
+    ``context.state`` holds those of the last round this process trained; a fresh context
+    (a restarted SuperNode, or a resumed server's new run) reads them from the state-dir's
+    :data:`USERS_FILE` of the same training. An unreadable file is reported and skipped: the
+    market then uses the received factors as they are, as in round 1.
+    """
+    if PRIVATE_STATE in context.state:
+        return context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
+    directory = state_dir(context) if "market" in context.node_config else None
+    if directory is None:
+        return None
+    for path, kept_round in _users_files(directory, market):
+        if kept_round > before:
+            continue
+        try:
+            saved = torch.load(path, weights_only=True)
+            users = saved["users"].numpy().astype(np.float64)
+            same = str(saved["training-id"]) == training_id and int(saved["round"]) == kept_round
+        except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
+            log(WARNING, "Market %s: %s is unreadable (%s); it is not used.", market, path, error)
+            continue
+        if same:
+            return users
+    return None
 
 
 def _market(context: Context) -> tuple[IALSMarket, Catalog, RunConfig]:

@@ -12,14 +12,17 @@ The round loop (:mod:`server.rounds`) keeps the shared state as the encoder's st
 checkpoints, resumes and ``published.pt`` are those of the other methods. A node's rows come
 from its previous reply; a node the server has none for gets, in the first round of a
 seeded training, the Gram alone and draws its seeded initial rows itself, and otherwise the
-whole table (a new or restarted node, or a resumed server).
+whole table (a new node). A resumed server sends what the interrupted one would have: the
+nodes' rows and the federation's user Gram are part of the checkpoint
+(:meth:`FedALS.state_dict`), so a resumed round evaluates and trains as the lost attempt did.
 """
 
 from collections.abc import Iterable
 from logging import INFO
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -91,6 +94,47 @@ class FedALS(FedAvg):
         # The arrays of the current shared state, their non-zero rows (float32) and their Gram:
         # the rows alone, not a second dense copy of a table that can have a million rows.
         self._state: tuple[ArrayRecord, _Held, np.ndarray] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed server needs to send the next round as this one would: each node's
+        rows and the user Gram of the last aggregated round, as tensors (``checkpoint.pt``)."""
+        state: dict[str, Any] = {"rows": {str(node): torch.from_numpy(rows) for node, rows in self._rows.items()}}
+        if self._user_gram is not None:
+            state["user-gram"] = torch.from_numpy(np.array(self._user_gram, dtype=np.float64))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put :meth:`state_dict`'s output back.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not shaped as :meth:`state_dict` writes it for these settings
+            (rows inside the table, a (d + 1)² finite Gram), naming what is wrong.
+        """
+        rows, gram = state.get("rows", {}), state.get("user-gram")
+        if not isinstance(rows, dict):
+            raise ValueError(f"The checkpoint's fedals state holds a {type(rows).__name__} of rows, not a dict.")
+        dim = self.config.factors
+        kept = {}
+        for node, value in rows.items():
+            if (
+                not str(node).isdigit()
+                or not torch.is_tensor(value)
+                or value.dtype != torch.int64
+                or value.ndim != 1
+                or (len(value) and not (int(value.min()) >= 0 and int(value.max()) < self.num_items))
+            ):
+                raise ValueError(
+                    f"The checkpoint's fedals state holds rows for node {node!r} that are not rows of this table."
+                )
+            kept[int(node)] = value.numpy().copy()
+        if gram is not None and (
+            not torch.is_tensor(gram) or tuple(gram.shape) != (dim + 1, dim + 1) or not torch.isfinite(gram).all()
+        ):
+            raise ValueError(f"The checkpoint's fedals user Gram is not ({dim + 1}, {dim + 1}) finite values.")
+        self._rows = kept
+        self._user_gram = None if gram is None else gram.numpy().astype(np.float64)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

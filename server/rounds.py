@@ -316,13 +316,20 @@ def _evaluate(
 
 
 def strategy_state(strategy: Strategy) -> dict:
-    """What a resumed server needs of the strategy: the market-level DP accountant, if any."""
+    """What a resumed server needs of the strategy: the market-level DP accountant, if any, and
+    the strategy's own state where it keeps one (fedals: the nodes' rows and the user Gram)."""
     accountant = getattr(strategy, "accountant", None)
-    return {"accountant": accountant.state_dict()} if accountant is not None else {}
+    state = {"accountant": accountant.state_dict()} if accountant is not None else {}
+    if callable(getattr(strategy, "state_dict", None)):
+        state["strategy"] = strategy.state_dict()
+    return state
 
 
 def restore_strategy_state(strategy: Strategy, state: dict) -> None:
     """Put a checkpoint's strategy state back.
+
+    A checkpoint without the strategy's own state (written before it was kept) resumes
+    as a restarted server did: fedals then sends each node the whole table once.
 
     Raises
     ------
@@ -330,6 +337,8 @@ def restore_strategy_state(strategy: Strategy, state: dict) -> None:
         If the strategy keeps a market-level DP accountant and ``state`` has
         none: resuming would restart epsilon from 0.
     """
+    if callable(getattr(strategy, "load_state_dict", None)) and isinstance(state.get("strategy"), dict):
+        strategy.load_state_dict(state["strategy"])
     accountant = getattr(strategy, "accountant", None)
     if accountant is None:
         return

@@ -402,6 +402,20 @@ MUTATIONS = [
         "if False:",
         ["tests/common/test_methods.py"],
     ),
+    Mutation(
+        "a checkpoint without fedals' rows and user Gram",
+        "server/rounds.py",
+        'state["strategy"] = strategy.state_dict()',
+        "pass",
+        ["tests/server/test_fedals.py"],
+    ),
+    Mutation(
+        "a fresh region context without its kept users",
+        "clients/fedals.py",
+        "        if same:\n            return users",
+        "        if False:\n            return users",
+        ["tests/server/test_fedals.py"],
+    ),
 ]
 
 IMPORT_CHECK = (

@@ -37,12 +37,13 @@ from common.ials.wire import (
     pack_statistics,
 )
 from common.neural.train import evaluate
+from common.protocol import USER_GRAM_KEY
 from common.run_config import RunConfig
 from common.serving.query import load_served_model
 from server.fedals import FedALS
-from server.history import RunHistory
+from server.history import Checkpoint, RunHistory
 from server.resume import check_resumable, run_fingerprint
-from server.rounds import RoundSettings, run_rounds
+from server.rounds import RoundSettings, restore_strategy_state, run_rounds, strategy_state
 from server.server_app import initial_arrays
 from simulations import run as harness
 from tests.in_process import ScriptedGrid
@@ -509,3 +510,68 @@ def test_a_resume_refuses_changed_als_settings():
 def test_a_bad_als_setting_is_refused_by_its_key(key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         RunConfig.from_run_config(in_process_config(RUN, server_loop=False, **{key: value}))
+
+
+def test_a_resumed_server_and_a_fresh_region_repeat_the_interrupted_round_exactly(tmp_path):
+    # Prepare: a deployed region (m02, with a state-dir) and the default minimum of buyers, so that it solves the
+    # items it keeps from its users of round 1 and the server's user Gram. Round 1 runs and is checkpointed; the
+    # round-2 attempt that the crash loses runs too (it leaves the users of round 2 in the state-dir).
+    paths = write_markets(SyntheticConfig(markets=3, seed=0), tmp_path / "data")
+    catalog_path = tmp_path / "catalog.txt"
+    SOURCE.catalog().save(catalog_path)
+    run_config = in_process_config(
+        {key: value for key, value in RUN.items() if key != "als-wire"},
+        server_loop=False,
+        **{"catalog-path": str(catalog_path)},
+    )
+    node = {"market": "m02", "data-path": str(paths["m02"]), "catalog-path": str(catalog_path)}
+    node["state-dir"] = str(tmp_path / "state")
+    catalog = SOURCE.catalog()
+    config = ConfigRecord({"training-id": "t-1", "evaluate-received": True})
+
+    def attempt(strategy, client, server_round, arrays):
+        message = list(strategy.configure_train(server_round, arrays, config, ScriptedGrid({5: client})))[0]
+        message.metadata.__dict__["_message_id"] = uuid4().hex
+        return message, Message(client(message), reply_to=message)
+
+    first = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=1)
+    region = _client(5, run_config, node)
+    _, reply = attempt(first, region, 1, initial_arrays(RunConfig.from_run_config(run_config), catalog))
+    arrays, _ = first.aggregate_train(1, [reply])
+    history = RunHistory(tmp_path / "server", {})
+    history.save_checkpoint(Checkpoint(1, "t-1", arrays.to_torch_state_dict(), strategy_state(first)))
+    lost_message, lost_reply = attempt(first, region, 2, arrays)
+
+    # Execute: a new server from the checkpoint, and the region with a fresh context (a resumed run is a new run).
+    checkpoint = history.load_checkpoint()
+    resumed = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=1)
+    restore_strategy_state(resumed, checkpoint.strategy_state)
+    message, again = attempt(resumed, _client(5, run_config, node), 2, ArrayRecord(checkpoint.arrays))
+
+    # Assert: the same message (the region's rows and the user Gram), the same evaluation of round 1 and the same
+    # statistics; the region kept its users of the last two rounds only.
+    for name, array in lost_message.content["arrays"].items():
+        np.testing.assert_array_equal(message.content["arrays"][name].numpy(), array.numpy())
+    assert set(message.content["arrays"]) == set(lost_message.content["arrays"]) >= {USER_GRAM_KEY}
+    metrics = {key: value for key, value in again.content["metrics"].items() if "seconds" not in key}
+    assert metrics == {key: value for key, value in lost_reply.content["metrics"].items() if "seconds" not in key}
+    for name, array in lost_reply.content["arrays"].items():
+        np.testing.assert_array_equal(again.content["arrays"][name].numpy(), array.numpy())
+    assert sorted(path.name for path in (tmp_path / "state").glob("m02.fedals-users-*.pt")) == [
+        "m02.fedals-users-1.pt",
+        "m02.fedals-users-2.pt",
+    ]
+
+
+def test_a_checkpoints_fedals_state_outside_the_table_is_refused():
+    # Prepare: the state of a server that knows one node's rows, then the same with a row beyond the table.
+    strategy = FedALS(_ials_config(), 10, seeded_start=True, min_nodes=1)
+    good = {"rows": {"5": torch.tensor([0, 3, 9])}, "user-gram": torch.eye(FACTORS + 1, dtype=torch.float64)}
+
+    # Execute and assert
+    strategy.load_state_dict(good)
+    assert strategy.state_dict()["rows"]["5"].tolist() == [0, 3, 9]
+    with pytest.raises(ValueError, match="node '5' that are not rows of this table"):
+        strategy.load_state_dict({"rows": {"5": torch.tensor([0, 10])}})
+    with pytest.raises(ValueError, match="user Gram is not"):
+        strategy.load_state_dict({"rows": {}, "user-gram": torch.eye(FACTORS, dtype=torch.float64)})
