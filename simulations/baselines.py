@@ -248,13 +248,20 @@ def run_pooled(
 
 
 def run_pooled_ials(
-    source: MarketSource, catalog: Catalog, settings: BaselineSettings, config: IALSConfig, progress: Progress
+    source: MarketSource,
+    catalog: Catalog,
+    settings: BaselineSettings,
+    config: IALSConfig,
+    progress: Progress,
+    iteration_seconds: list[float] | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """iALS on all markets' training data in one process (:func:`common.ials.pooled_ials`), never private.
 
     After each iteration every market is evaluated as fedals evaluates it: its own users solved
     against the pooled item factors, through the same split recommender
     (:func:`common.ials_model.evaluate_market`); its served model is its best validation iteration.
+    ``iteration_seconds``, if given, receives each iteration's wall time with its evaluation
+    (reading the markets and writing the served models left out): fedals' round without Flower.
     """
     markets = []
     for market in source.markets:
@@ -277,10 +284,10 @@ def run_pooled_ials(
             curves[market.split.market].append(curve_point(valid, test, step))
             best_states[market.split.market].offer(model, curves[market.split.market][-1])
         macro = sum(curve[-1]["val-ndcg"] for curve in curves.values()) / len(curves)
-        progress(
-            f"pooled-ials iteration {step}/{config.iterations}: macro val NDCG@10 {macro:.4f} "
-            f"({time.perf_counter() - started:.1f} s)"
-        )
+        seconds = time.perf_counter() - started
+        if iteration_seconds is not None:
+            iteration_seconds.append(seconds)
+        progress(f"pooled-ials iteration {step}/{config.iterations}: macro val NDCG@10 {macro:.4f} ({seconds:.1f} s)")
         started = time.perf_counter()
 
     pooled_ials([market.train for market in markets], catalog.size, config, evaluate_iteration)

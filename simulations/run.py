@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curves = run_popular(source, catalog, settings, say)
         elif method == "pooled-ials":
             ials = harness_ials_config(args, defaults)
-            curves = run_pooled_ials(source, catalog, settings, ials, say)
+            iteration_seconds: list[float] = []
+            curves = run_pooled_ials(source, catalog, settings, ials, say, iteration_seconds)
         elif method in ("implicit-local", "implicit-pooled"):
             curves = run_implicit(source, catalog, settings, method, say)
         else:
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record_method(results, curves_by_method, METHODS[method].base, curves, seconds)
             curves = final_step_curves(curves, TRANSFERRED if METHODS[method].transfer else FINE_TUNED)
         record_method(results, curves_by_method, method, curves, seconds)
+        if method == "pooled-ials":  # one iteration with its evaluation: a fedals round without Flower
+            results["methods"][method]["iteration-seconds"] = iteration_seconds
     if BLEND in args.methods:
         say(f"== {BLEND} ==")
         started = time.perf_counter()

@@ -283,6 +283,26 @@ def test_the_scale_benchmark_without_reference_reports_the_federated_numbers_onl
     assert "references" not in written and "ndcg-ratio-to-implicit" not in written["methods"]["fedals"]
 
 
+def test_the_scale_benchmarks_overhead_of_fedals_is_against_pooled_ials_iterations(tmp_path, monkeypatch):
+    # Prepare: the federated method stands in at 0.5 s a round; pooled-ials, its work without Flower, is real.
+    monkeypatch.setattr(harness_module, "run_federated", _fake_federated)
+
+    # Execute
+    report = benchmark.main(
+        ["scale", *SCALE_SIZE, "--num-server-rounds", "2", "--methods", "fedals", "--local", "--no-reference"]
+        + ["--out", str(tmp_path)]
+    )
+
+    # Assert: the ratio is fedals' round over pooled-ials' mean timed iteration (evaluation in, reading out).
+    entry = report["methods"]["fedals"]
+    results = json.loads((tmp_path / "fedals" / "results.json").read_text())
+    iterations = results["methods"]["pooled-ials"]["iteration-seconds"]
+    assert entry["in-process"] == "pooled-ials" and len(iterations) == 2
+    assert entry["local-seconds-per-round-without-flower"] == pytest.approx(sum(iterations) / 2)
+    assert entry["overhead-ratio"] == pytest.approx(0.5 / entry["local-seconds-per-round-without-flower"])
+    assert sum(iterations) < results["methods"]["pooled-ials"]["seconds"]
+
+
 @pytest.mark.slow  # the harness with a real SuperLink (tests/README.md)
 def test_the_scale_benchmark_runs_fedals_over_a_catalog_larger_than_what_markets_sell(tmp_path):
     # Execute: the README's scale command at a small size: 2 markets, 3,000 catalog items, 1 round.
