@@ -26,6 +26,7 @@ candidate best on its validation; nothing of that fit is sent.
 """
 
 import glob
+import hashlib
 import time
 from logging import WARNING
 from pathlib import Path
@@ -97,6 +98,7 @@ PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user
 # <state-dir>/<market>.fedals-users-<round>.pt: a deployed market's user factors of a round it trained,
 # with the training's id; the last two rounds are kept (a resumed server repeats the round after its checkpoint).
 USERS_FILE = "{market}.fedals-users-{round}.pt"
+MAX_ROUND = 1_000_000  # a round number beyond any training's; a file is not named after one
 
 _markets: dict[tuple[str, int, str], IALSMarket] = {}
 
@@ -129,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         shared = restricted(market.train, shared_items(market.train, minimum))
         statistics = pack_statistics(market_item_statistics(shared, users, ials), config.als_wire)
         check_item_side(statistics, shared.items, ials.factors)
-        _remember_users(context, split.market, users, server_round, training_id)
+        _remember_users(context, market, users, server_round, training_id)
         metrics = {NUM_EXAMPLES_KEY: split.num_train, TRAINED_KEY: int(split.num_train > 0)}
     metrics[TRAIN_SECONDS_KEY] = time.perf_counter() - started
     if parse_bool(EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)):
@@ -303,7 +305,7 @@ def _with_private_items(
     round_config = msg.content[CONFIG_RECORD]
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
     before = server_round - 1 if msg.metadata.message_type == MessageType.TRAIN else server_round
-    users = _kept_users(context, market.split.market, before, str(round_config.get(TRAINING_ID_KEY, "")))
+    users = _kept_users(context, market, before, str(round_config.get(TRAINING_ID_KEY, "")))
     if users is None:
         return items, gram, item_rows
     user_gram = msg.content[ARRAYS_RECORD][USER_GRAM_KEY].numpy().astype(np.float64)
@@ -323,24 +325,46 @@ def _with_private_items(
     return items, gram + used.gram(), item_rows + used.held_rows()
 
 
-def _remember_users(context: Context, market: str, users: np.ndarray, server_round: int, training_id: str) -> None:
+def _remember_users(
+    context: Context, market: IALSMarket, users: np.ndarray, server_round: int, training_id: str
+) -> None:
     """Keep this round's user factors in the market for its next private item step.
 
     In ``context.state``, and in a deployed region's ``state-dir`` as :data:`USERS_FILE`
-    (written atomically; files of rounds before the previous one are removed).
+    (written atomically, with the training's id and the digest of the data they were solved
+    on). Of the market's files only this round's and the latest earlier one stay: whatever
+    rounds a server names, the region keeps at most two. A round number outside
+    ``1 … MAX_ROUND`` is not written; a failed write is reported and the training goes on
+    (a later restart then solves as in round 1).
     """
     context.state[PRIVATE_STATE] = ArrayRecord({"users": Array(np.ascontiguousarray(users))})
     context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round, "training-id": training_id})
     directory = state_dir(context) if "market" in context.node_config else None
-    if directory is None:
+    if directory is None or not 1 <= server_round <= MAX_ROUND:
         return
-    atomic_torch_save(
-        Path(directory) / USERS_FILE.format(market=market, round=server_round),
-        {"training-id": training_id, "round": server_round, "users": torch.from_numpy(np.array(users))},
-    )
-    for path, kept_round in _users_files(directory, market):
-        if kept_round < server_round - 1:
+    name = market.split.market
+    saved = {"training-id": training_id, "round": server_round, "data": _digest(market)}
+    try:
+        atomic_torch_save(
+            Path(directory) / USERS_FILE.format(market=name, round=server_round),
+            saved | {"users": torch.from_numpy(np.array(users))},
+        )
+    except OSError as error:
+        log(WARNING, "Market %s: its users of round %d were not kept (%s).", name, server_round, error)
+        return
+    earlier = [kept for _, kept in _users_files(directory, name) if kept < server_round]
+    for path, kept_round in _users_files(directory, name):
+        if kept_round != server_round and kept_round != max(earlier, default=None):
             path.unlink(missing_ok=True)
+
+
+def _digest(market: IALSMarket) -> str:
+    """A digest of the training interactions the user factors are solved on: a file of other data is not used."""
+    train = market.train
+    digest = hashlib.sha256(f"{train.num_users}:{len(train.users)}".encode())
+    digest.update(np.ascontiguousarray(train.users, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(train.items, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _users_files(directory: str, market: str) -> list[tuple[Path, int]]:
@@ -355,30 +379,35 @@ def _users_files(directory: str, market: str) -> list[tuple[Path, int]]:
     return sorted(found, key=lambda entry: -entry[1])
 
 
-def _kept_users(context: Context, market: str, before: int, training_id: str) -> np.ndarray | None:
+def _kept_users(context: Context, market: IALSMarket, before: int, training_id: str) -> np.ndarray | None:
     """The user factors of the last round up to ``before`` the market trained, or None.
 
     ``context.state`` holds those of the last round this process trained; a fresh context
     (a restarted SuperNode, or a resumed server's new run) reads them from the state-dir's
-    :data:`USERS_FILE` of the same training. An unreadable file is reported and skipped: the
-    market then uses the received factors as they are, as in round 1.
+    :data:`USERS_FILE` of the same training and the same data. A file that is unreadable or
+    of other data is reported and skipped: the market then uses the received factors as they
+    are, as in round 1.
     """
     if PRIVATE_STATE in context.state:
         return context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
     directory = state_dir(context) if "market" in context.node_config else None
     if directory is None:
         return None
-    for path, kept_round in _users_files(directory, market):
+    name = market.split.market
+    for path, kept_round in _users_files(directory, name):
         if kept_round > before:
             continue
         try:
             saved = torch.load(path, weights_only=True)
             users = saved["users"].numpy().astype(np.float64)
             same = str(saved["training-id"]) == training_id and int(saved["round"]) == kept_round
+            same_data = str(saved["data"]) == _digest(market) and users.shape[0] == market.split.num_users
         except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
-            log(WARNING, "Market %s: %s is unreadable (%s); it is not used.", market, path, error)
+            log(WARNING, "Market %s: %s is unreadable (%s); it is not used.", name, path, error)
             continue
-        if same:
+        if same and not same_data:
+            log(WARNING, "Market %s: %s holds users of other data than the market's now; not used.", name, path)
+        elif same:
             return users
     return None
 

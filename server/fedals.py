@@ -97,8 +97,17 @@ class FedALS(FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed server needs to send the next round as this one would: each node's
-        rows and the user Gram of the last aggregated round, as tensors (``checkpoint.pt``)."""
-        state: dict[str, Any] = {"rows": {str(node): torch.from_numpy(rows) for node, rows in self._rows.items()}}
+        rows and the user Gram of the last aggregated round, as tensors (``checkpoint.pt``).
+
+        A node whose rows are the whole table (under DP without a product list, the catalog)
+        is listed under ``whole-table`` instead of carrying them: a checkpoint of a thousand
+        markets over a million rows stays small.
+        """
+        whole = [node for node, rows in self._rows.items() if len(rows) == self.num_items]
+        state: dict[str, Any] = {
+            "rows": {str(node): torch.from_numpy(rows) for node, rows in self._rows.items() if node not in whole},
+            "whole-table": torch.tensor(whole, dtype=torch.int64),
+        }
         if self._user_gram is not None:
             state["user-gram"] = torch.from_numpy(np.array(self._user_gram, dtype=np.float64))
         return state
@@ -113,28 +122,26 @@ class FedALS(FedAvg):
             (rows inside the table, a (d + 1)² finite Gram), naming what is wrong.
         """
         rows, gram = state.get("rows", {}), state.get("user-gram")
-        if not isinstance(rows, dict):
-            raise ValueError(f"The checkpoint's fedals state holds a {type(rows).__name__} of rows, not a dict.")
+        whole = state.get("whole-table", torch.zeros(0, dtype=torch.int64))
+        if not isinstance(rows, dict) or not torch.is_tensor(whole) or whole.dtype != torch.int64 or whole.ndim != 1:
+            raise ValueError("The checkpoint's fedals state is not a map of node rows and a list of nodes.")
         dim = self.config.factors
-        kept = {}
+        kept = {int(node): np.arange(self.num_items, dtype=np.int64) for node in whole.tolist()}
         for node, value in rows.items():
-            if (
-                not str(node).isdigit()
-                or not torch.is_tensor(value)
-                or value.dtype != torch.int64
-                or value.ndim != 1
-                or (len(value) and not (int(value.min()) >= 0 and int(value.max()) < self.num_items))
-            ):
+            if not (str(node).isdigit() and _row_tensor(value, self.num_items)):
                 raise ValueError(
                     f"The checkpoint's fedals state holds rows for node {node!r} that are not rows of this table."
                 )
             kept[int(node)] = value.numpy().copy()
-        if gram is not None and (
-            not torch.is_tensor(gram) or tuple(gram.shape) != (dim + 1, dim + 1) or not torch.isfinite(gram).all()
+        if gram is not None and not (
+            torch.is_tensor(gram)
+            and gram.dtype == torch.float64
+            and tuple(gram.shape) == (dim + 1, dim + 1)
+            and bool(torch.isfinite(gram).all())
         ):
-            raise ValueError(f"The checkpoint's fedals user Gram is not ({dim + 1}, {dim + 1}) finite values.")
+            raise ValueError(f"The checkpoint's fedals user Gram is not ({dim + 1}, {dim + 1}) finite float64 values.")
         self._rows = kept
-        self._user_gram = None if gram is None else gram.numpy().astype(np.float64)
+        self._user_gram = None if gram is None else gram.numpy().copy()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -279,6 +286,13 @@ class FedALS(FedAvg):
             del table
             self._state = (arrays, *_nonzero_rows_and_gram(rows, factors))
         return self._state[1], self._state[2]
+
+
+def _row_tensor(value: Any, num_items: int) -> bool:
+    """Whether ``value`` is a dense 1-D int64 tensor of rows inside a table of ``num_items`` rows."""
+    if not torch.is_tensor(value) or value.layout != torch.strided or value.dtype != torch.int64 or value.ndim != 1:
+        return False
+    return len(value) == 0 or (int(value.min()) >= 0 and int(value.max()) < num_items)
 
 
 class _Held(NamedTuple):

@@ -340,8 +340,8 @@ def run_method(
     if args.local:
         baseline = results["methods"][in_process]
         # pooled-ials times its iterations apart from reading the markets; local, its whole run
-        local = float(np.mean(baseline["iteration-seconds"])) if "iteration-seconds" in baseline else None
-        local = local or baseline["seconds"] / args.num_server_rounds
+        timed = baseline.get("iteration-seconds") or [baseline["seconds"] / args.num_server_rounds]
+        local = float(np.mean(timed))
         report["in-process"] = in_process
         report["local-seconds-per-round-without-flower"] = local
         report["overhead-ratio"] = report["mean-seconds-per-round"] / local

@@ -1,5 +1,6 @@
 """fedals end to end: equal to pooled iALS through Flower, item-side messages, refused bad replies, served models."""
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -10,6 +11,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from clients import fedals as fedals_client
 from clients.client_app import app
 from common.data.markets import MarketSource, load_split
 from common.data.metrics import ndcg_at_k, rank_of_positive
@@ -575,3 +577,45 @@ def test_a_checkpoints_fedals_state_outside_the_table_is_refused():
         strategy.load_state_dict({"rows": {"5": torch.tensor([0, 10])}})
     with pytest.raises(ValueError, match="user Gram is not"):
         strategy.load_state_dict({"rows": {}, "user-gram": torch.eye(FACTORS, dtype=torch.float64)})
+
+
+def test_a_region_keeps_two_users_files_whatever_rounds_a_server_names_and_skips_other_data(tmp_path):
+    # Prepare: a deployed region's market and a fresh context each time, as after a restart.
+    paths = write_markets(SyntheticConfig(markets=3, seed=0), tmp_path / "data")
+    node = {"market": "m02", "data-path": str(paths["m02"]), "state-dir": str(tmp_path / "state")}
+    market = _market("m02")
+    users = np.random.default_rng(0).normal(size=(market.split.num_users, FACTORS))
+
+    def fresh() -> Context:
+        return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+
+    # Execute: rounds named out of order, negative and absurd.
+    for server_round in (3, 7, 9, 8, -2, 10**300):
+        fedals_client._remember_users(fresh(), market, users * server_round % 7, server_round, "t-1")
+
+    # Assert: round 8 and the latest before it (7) stay, 9 (a lost attempt's) went; -2 and 10³⁰⁰ were never written.
+    kept = sorted(path.name for path in (tmp_path / "state").glob("m02.fedals-users-*.pt"))
+    assert kept == ["m02.fedals-users-7.pt", "m02.fedals-users-8.pt"]
+    np.testing.assert_array_equal(fedals_client._kept_users(fresh(), market, 7, "t-1"), users * 7 % 7)
+    assert fedals_client._kept_users(fresh(), market, 8, "another training") is None
+    # Users solved on other data (a market whose file changed while the server was down) are not used.
+    changed = MarketInteractions(market.train.users, market.train.items[::-1].copy(), market.train.num_users)
+    other = dataclasses.replace(market, train=changed)  # the same market and users, other interactions
+    assert fedals_client._kept_users(fresh(), other, 8, "t-1") is None
+
+
+def test_a_checkpoints_fedals_state_keeps_whole_table_nodes_as_a_list():
+    # Prepare: one node with some rows, one with the whole table (DP without a product list).
+    strategy = FedALS(_ials_config(), 10, seeded_start=True, min_nodes=1)
+    strategy.load_state_dict({"rows": {"5": torch.tensor([1, 2])}, "whole-table": torch.tensor([6])})
+
+    # Execute
+    state = strategy.state_dict()
+
+    # Assert: the whole table is not copied into the checkpoint, and comes back as every row.
+    assert set(state["rows"]) == {"5"} and state["whole-table"].tolist() == [6]
+    resumed = FedALS(_ials_config(), 10, seeded_start=True, min_nodes=1)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["whole-table"].tolist() == [6]
+    with pytest.raises(ValueError, match="not rows of this table"):
+        resumed.load_state_dict({"rows": {"5": torch.tensor([1.0, 2.0])}})
