@@ -44,6 +44,7 @@ from common.privacy.dp_sgd import (
 from common.privacy.ledger import PrivacyBudget, epsilon_of, release_history, release_noise
 from common.selection import improves
 from common.serving.format import market_user_ids, write_served_model
+from common.serving.sparse_state import compact_state, expand_state
 from simulations.progress import bar, over
 from simulations.results import select_on_validation
 
@@ -226,7 +227,7 @@ def run_pooled(
         ModelConfig(catalog.size, offset, settings.embedding_dim, settings.history_length, settings.user_embeddings)
     )
     curves = {data.split.market: [market_curve(model, data, 0)] for data in markets}
-    best_states = {data.split.market: BestState() for data in markets}
+    best_states = {data.split.market: _best_state(settings, "pooled", data.split.market) for data in markets}
     for server_round in over(range(1, settings.rounds + 1), settings.rounds, "pooled", "round"):
         started = time.perf_counter()
         loss = train_epochs(model, markets, settings.train, settings.seed + server_round)
@@ -245,6 +246,13 @@ def run_pooled(
             best = select_on_validation(curves[market])
             best_states[market].write(settings.models_dir / "pooled" / market, "pooled", data, source, catalog, best)
     return curves
+
+
+def _best_state(settings: BaselineSettings, method: str, market: str) -> "BestState":
+    """A market's best-round keeper for a pooled baseline: in a file beside its served model, if it has one."""
+    if settings.models_dir is None:
+        return BestState()
+    return BestState(spill=settings.models_dir / method / f"{market}.best.pt")
 
 
 def run_pooled_ials(
@@ -271,7 +279,7 @@ def run_pooled_ials(
             ratings = interaction_ratings(split, source.interactions(market), catalog)
         markets.append(IALSMarket.from_split(split, settings.history_length, ratings))
     curves: dict[str, list[dict[str, float]]] = {market.split.market: [] for market in markets}
-    best_states = {market.split.market: BestState() for market in markets}
+    best_states = {market.split.market: _best_state(settings, "pooled-ials", market.split.market) for market in markets}
     started = time.perf_counter()
 
     def evaluate_iteration(step: int, users: list[np.ndarray], items: ItemFactors) -> None:
@@ -459,18 +467,35 @@ class BestState:
 
     Offered every trained round; the first of equal points wins (:func:`common.selection.improves`),
     as in :func:`simulations.results.select_on_validation`, so the served model is
-    the one whose metrics results.json reports.
+    the one whose metrics results.json reports. With ``spill``, the copy is kept in that file
+    (its mostly-zero tables by their non-zero rows, :func:`common.serving.sparse_state.compact_state`)
+    instead of in memory, removed once written: the pooled baselines keep one per market, and a
+    thousand markets' copies of a catalog-size model do not fit in memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spill: Path | None = None) -> None:
         self.point: dict[str, float] | None = None
         self.model: SplitRecommender | None = None
+        self.spill = spill
+        self.config: ModelConfig | None = None  # of the spilled model
 
     def offer(self, model: SplitRecommender, point: dict[str, float]) -> None:
         """Keep a copy of ``model`` if ``point`` (its metrics this round) beats the kept one."""
         if improves(point["val-ndcg"], None if self.point is None else self.point["val-ndcg"]):
             self.point = point
-            self.model = copy.deepcopy(model)
+            if self.spill is None:
+                self.model = copy.deepcopy(model)
+                return
+            self.spill.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(compact_state(model.state_dict()), self.spill)  # scratch: written as the served model
+            self.config = model.config
+
+    def _kept(self) -> SplitRecommender | None:
+        if self.spill is None or self.config is None:
+            return self.model
+        model = SplitRecommender(self.config)
+        model.load_state_dict(expand_state(torch.load(self.spill, weights_only=True), into=model.state_dict()))
+        return model
 
     def write(
         self,
@@ -482,7 +507,8 @@ class BestState:
         selected: dict[str, float],
     ) -> None:
         """Write the kept model as ``data``'s served model; ``selected`` is the point results.json reports."""
-        if self.model is None or self.point is None or self.point["round"] != selected["round"]:
+        model = self._kept()
+        if model is None or self.point is None or self.point["round"] != selected["round"]:
             raise RuntimeError(
                 f"{method} {data.split.market}: the kept model is of round "
                 f"{None if self.point is None else self.point['round']}, results report round {selected['round']}."
@@ -498,4 +524,6 @@ class BestState:
             "delta": selected.get("delta"),
         }
         user_ids = market_user_ids(source.interactions(data.split.market))
-        write_served_model(directory, self.model, data, catalog, manifest, user_ids=user_ids)
+        write_served_model(directory, model, data, catalog, manifest, user_ids=user_ids)
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)

@@ -410,6 +410,20 @@ MUTATIONS = [
         ["tests/server/test_fedals.py"],
     ),
     Mutation(
+        "a region keeps every users file a server makes it write",
+        "clients/fedals.py",
+        "            path.unlink(missing_ok=True)\n\n\ndef _digest",
+        "            pass\n\n\ndef _digest",
+        ["tests/server/test_fedals.py"],
+    ),
+    Mutation(
+        "a region uses users solved on other data",
+        "clients/fedals.py",
+        "        if same and not same_data:",
+        "        if False:",
+        ["tests/server/test_fedals.py"],
+    ),
+    Mutation(
         "a fresh region context without its kept users",
         "clients/fedals.py",
         "        if same:\n            return users",

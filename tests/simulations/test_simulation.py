@@ -210,3 +210,5 @@ def test_every_method_serves_each_market_the_model_it_reports(small_run):
 
             # Assert: the served model is the one whose test NDCG@10 results.json reports for the market.
             assert ndcg == pytest.approx(reported["ndcg@10"], abs=1e-6), (method, market)
+    # The pooled baselines kept each market's best round in a file until they wrote it: none is left.
+    assert list((out / "models").rglob("*.best.pt")) == []
