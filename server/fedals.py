@@ -109,7 +109,7 @@ class FedALS(FedAvg):
             "whole-table": torch.tensor(whole, dtype=torch.int64),
         }
         if self._user_gram is not None:
-            state["user-gram"] = torch.from_numpy(np.array(self._user_gram, dtype=np.float64))
+            state[USER_GRAM_KEY] = torch.from_numpy(np.array(self._user_gram, dtype=np.float64))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -121,7 +121,7 @@ class FedALS(FedAvg):
             If ``state`` is not shaped as :meth:`state_dict` writes it for these settings
             (rows inside the table, a (d + 1)² finite Gram), naming what is wrong.
         """
-        rows, gram = state.get("rows", {}), state.get("user-gram")
+        rows, gram = state.get("rows", {}), state.get(USER_GRAM_KEY)
         whole = state.get("whole-table", torch.zeros(0, dtype=torch.int64))
         if not isinstance(rows, dict) or not torch.is_tensor(whole) or whole.dtype != torch.int64 or whole.ndim != 1:
             raise ValueError("The checkpoint's fedals state is not a map of node rows and a list of nodes.")

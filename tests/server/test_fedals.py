@@ -568,7 +568,7 @@ def test_a_resumed_server_and_a_fresh_region_repeat_the_interrupted_round_exactl
 def test_a_checkpoints_fedals_state_outside_the_table_is_refused():
     # Prepare: the state of a server that knows one node's rows, then the same with a row beyond the table.
     strategy = FedALS(_ials_config(), 10, seeded_start=True, min_nodes=1)
-    good = {"rows": {"5": torch.tensor([0, 3, 9])}, "user-gram": torch.eye(FACTORS + 1, dtype=torch.float64)}
+    good = {"rows": {"5": torch.tensor([0, 3, 9])}, USER_GRAM_KEY: torch.eye(FACTORS + 1, dtype=torch.float64)}
 
     # Execute and assert
     strategy.load_state_dict(good)
@@ -576,7 +576,7 @@ def test_a_checkpoints_fedals_state_outside_the_table_is_refused():
     with pytest.raises(ValueError, match="node '5' that are not rows of this table"):
         strategy.load_state_dict({"rows": {"5": torch.tensor([0, 10])}})
     with pytest.raises(ValueError, match="user Gram is not"):
-        strategy.load_state_dict({"rows": {}, "user-gram": torch.eye(FACTORS, dtype=torch.float64)})
+        strategy.load_state_dict({"rows": {}, USER_GRAM_KEY: torch.eye(FACTORS, dtype=torch.float64)})
 
 
 def test_a_region_keeps_two_users_files_whatever_rounds_a_server_names_and_skips_other_data(tmp_path):
