@@ -426,8 +426,8 @@ MUTATIONS = [
     Mutation(
         "a fresh region context without its kept users",
         "clients/fedals.py",
-        "        if same:\n            return users",
-        "        if False:\n            return users",
+        "        elif same:\n            return users",
+        "        elif False:\n            return users",
         ["tests/server/test_fedals.py"],
     ),
 ]
