@@ -16,7 +16,7 @@ with weight 0 and still evaluates.
 Nothing user-indexed is sent: user factors are solved afresh from the received items every
 round and kept only in the market, for its step over the items that never leave it
 (:func:`_with_private_items`): in ``context.state`` and, in a deployed region, in its
-``state-dir`` for the last two rounds it trained (:data:`USERS_FILE`), so that a restarted
+``state-dir`` for the last two rounds it trained (:class:`clients.state_store.UsersStore`), so that a restarted
 SuperNode or a resumed server trains and evaluates a round as the lost attempt did. The model a market
 serves is the iALS factors as a split recommender (:mod:`common.ials.model`), its best
 validation round written by :mod:`clients.served` at the final round, as for the other methods.
@@ -25,15 +25,12 @@ round the market refits its own data, without noise, on the received factors, an
 candidate best on its validation; nothing of that fit is sent.
 """
 
-import glob
 import hashlib
 import time
 from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.common import log
 
@@ -52,12 +49,13 @@ from clients.privacy_state import (
     training_noise_seed,
 )
 from clients.served import remember_if_best, write_best_model
+from clients.state_store import UsersStore
 from common.config import parse_bool
 from common.data.catalog import Catalog
 from common.data.interactions import read_interactions
 from common.data.markets import MarketSource
 from common.data.split import MarketSplit
-from common.ials.core import IALSConfig, ItemFactors
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions
 from common.ials.dp import noise_generator, private_release, zero_release
 from common.ials.model import IALSMarket, evaluate_market, initial_rows, interaction_ratings
 from common.ials.private import merged, min_buyers, restricted, shared_items, solve_private_items
@@ -92,15 +90,11 @@ from common.protocol import (
     USER_GRAM_KEY,
 )
 from common.run_config import RunConfig
-from common.runtime.durable import atomic_torch_save
 
 PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user factors, for its private item step
-# <state-dir>/<market>.fedals-users-<round>.pt: a deployed market's user factors of a round it trained,
-# with the training's id; the last two rounds are kept (a resumed server repeats the round after its checkpoint).
-USERS_FILE = "{market}.fedals-users-{round}.pt"
-MAX_ROUND = 1_000_000  # a round number beyond any training's; a file is not named after one
 
 _markets: dict[tuple[str, int, str], IALSMarket] = {}
+_digests: dict[str, tuple[MarketInteractions, str]] = {}  # market -> (its training interactions, their digest)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -330,86 +324,60 @@ def _remember_users(
 ) -> None:
     """Keep this round's user factors in the market for its next private item step.
 
-    In ``context.state``, and in a deployed region's ``state-dir`` as :data:`USERS_FILE`
-    (written atomically, with the training's id and the digest of the data they were solved
-    on). Of the market's files only this round's and the latest earlier one stay: whatever
-    rounds a server names, the region keeps at most two. A round number outside
-    ``1 … MAX_ROUND`` is not written; a failed write is reported and the training goes on
-    (a later restart then solves as in round 1).
+    In ``context.state``, and in a deployed region's ``state-dir``
+    (:class:`clients.state_store.UsersStore`). A failed write is reported and the training
+    goes on (a later restart then solves as in round 1).
     """
     context.state[PRIVATE_STATE] = ArrayRecord({"users": Array(np.ascontiguousarray(users))})
     context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round, "training-id": training_id})
     directory = state_dir(context) if "market" in context.node_config else None
-    if directory is None or not 1 <= server_round <= MAX_ROUND:
+    if directory is None:
         return
-    name = market.split.market
-    saved = {"training-id": training_id, "round": server_round, "data": _digest(market)}
     try:
-        atomic_torch_save(
-            Path(directory) / USERS_FILE.format(market=name, round=server_round),
-            saved | {"users": torch.from_numpy(np.array(users))},
-        )
+        UsersStore(directory, market.split.market).save(users, server_round, training_id, _digest(market))
     except OSError as error:
-        log(WARNING, "Market %s: its users of round %d were not kept (%s).", name, server_round, error)
-        return
-    earlier = [kept for _, kept in _users_files(directory, name) if kept < server_round]
-    for path, kept_round in _users_files(directory, name):
-        if kept_round != server_round and kept_round != max(earlier, default=None):
-            path.unlink(missing_ok=True)
+        log(WARNING, "Market %s: its users of round %d were not kept (%s).", market.split.market, server_round, error)
 
 
 def _digest(market: IALSMarket) -> str:
-    """A digest of the training interactions the user factors are solved on: a file of other data is not used."""
+    """A digest of the training interactions the user factors are solved on (once per market and process)."""
+    cached = _digests.get(market.split.market)
+    if cached is not None and cached[0] is market.train:
+        return cached[1]
     train = market.train
     digest = hashlib.sha256(f"{train.num_users}:{len(train.users)}".encode())
     digest.update(np.ascontiguousarray(train.users, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(train.items, dtype=np.int64).tobytes())
+    _digests[market.split.market] = (train, digest.hexdigest())
     return digest.hexdigest()
-
-
-def _users_files(directory: str, market: str) -> list[tuple[Path, int]]:
-    """The market's :data:`USERS_FILE` files in ``directory`` with their rounds, latest first."""
-    prefix, suffix = USERS_FILE.split("{round}")
-    prefix = prefix.format(market=market)
-    found = []
-    for path in Path(directory).glob(f"{glob.escape(prefix)}*{suffix}"):
-        number = path.name[len(prefix) : -len(suffix)]
-        if number.isdigit():
-            found.append((path, int(number)))
-    return sorted(found, key=lambda entry: -entry[1])
 
 
 def _kept_users(context: Context, market: IALSMarket, before: int, training_id: str) -> np.ndarray | None:
     """The user factors of the last round up to ``before`` the market trained, or None.
 
     ``context.state`` holds those of the last round this process trained; a fresh context
-    (a restarted SuperNode, or a resumed server's new run) reads them from the state-dir's
-    :data:`USERS_FILE` of the same training and the same data. A file that is unreadable or
-    of other data is reported and skipped: the market then uses the received factors as they
-    are, as in round 1.
+    (a restarted SuperNode, or a resumed server's new run) reads them from the state-dir, of
+    the same training and the same data. A file that cannot be used is reported and skipped:
+    the market then uses the received factors as they are, as in round 1.
     """
     if PRIVATE_STATE in context.state:
         return context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
     directory = state_dir(context) if "market" in context.node_config else None
     if directory is None:
         return None
-    name = market.split.market
-    for path, kept_round in _users_files(directory, name):
-        if kept_round > before:
-            continue
-        try:
-            saved = torch.load(path, weights_only=True)
-            users = saved["users"].numpy().astype(np.float64)
-            same = str(saved["training-id"]) == training_id and int(saved["round"]) == kept_round
-            same_data = str(saved["data"]) == _digest(market) and users.shape[0] == market.split.num_users
-        except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
-            log(WARNING, "Market %s: %s is unreadable (%s); it is not used.", name, path, error)
-            continue
-        if same and not same_data:
-            log(WARNING, "Market %s: %s holds users of other data than the market's now; not used.", name, path)
-        elif same:
-            return users
-    return None
+    users, skipped = UsersStore(directory, market.split.market).load(before, training_id, _digest(market))
+    for problem in skipped:
+        log(WARNING, "Market %s: %s; it is not used.", market.split.market, problem)
+    if users is not None and users.shape[0] != market.split.num_users:
+        log(
+            WARNING,
+            "Market %s: its kept users are %d, not its %d; not used.",
+            market.split.market,
+            *users.shape[:1],
+            market.split.num_users,
+        )
+        return None
+    return users
 
 
 def _market(context: Context) -> tuple[IALSMarket, Catalog, RunConfig]:

@@ -13,16 +13,22 @@ live there:
   never by anything the server sends, and it is never reset by the code: an
   operator starts a new budget period on purpose (``python -m clients.ledger``).
 
+fedals without DP adds ``<market>.fedals-users-<round>.pt`` (:class:`UsersStore`): the
+market's user factors of a round it trained, for its step over the items it keeps to itself
+after a restart or a resumed server. At most two are kept, and they never leave the region.
+
 Both are written through :mod:`common.runtime.durable` (a unique 0600 temp file,
 fsync, rename, fsync of the directory) under a lock per file.
 """
 
+import glob
 import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.privacy.ledger import PrivacyLedger
@@ -187,6 +193,69 @@ class LedgerStore:
             f"period on purpose with `python -m clients.ledger new-period --state-dir {self.path.parent} "
             f"--market {self.market}`, which records that the earlier spending is no longer counted."
         )
+
+
+class UsersStore:
+    """``<state-dir>/<market>.fedals-users-<round>.pt``: a market's user factors of its last two rounds.
+
+    Each file holds the training's id and a digest of the data the factors were solved on, so
+    that a file of another training or of data the market has since changed is never used.
+    """
+
+    MAX_ROUND = 1_000_000  # a round number beyond any training's; no file is named after one
+
+    def __init__(self, state_dir: str | Path, market: str) -> None:
+        self.directory = Path(state_dir)
+        self.prefix = f"{check_name(market)}.fedals-users-"
+
+    def save(self, users: np.ndarray, server_round: int, training_id: str, data: str) -> None:
+        """Keep ``users`` of ``server_round``; of the other files only the latest earlier round stays.
+
+        Whatever rounds a server names, the market keeps at most two files; a round outside
+        ``1 … MAX_ROUND`` is not written.
+        """
+        if not 1 <= server_round <= self.MAX_ROUND:
+            return
+        saved = {"training-id": training_id, "round": server_round, "data": data}
+        atomic_torch_save(self._path(server_round), saved | {"users": torch.from_numpy(np.array(users))})
+        files = self._files()
+        earlier = max((kept for _, kept in files if kept < server_round), default=None)
+        for path, kept in files:
+            if kept not in (server_round, earlier):
+                path.unlink(missing_ok=True)
+
+    def load(self, before: int, training_id: str, data: str) -> tuple[np.ndarray | None, list[str]]:
+        """The users of the latest round up to ``before`` of this training and data (or None),
+        and why each file passed over could not be used (unreadable, or of other data)."""
+        skipped: list[str] = []
+        for path, kept in self._files():
+            if kept > before:
+                continue
+            try:
+                saved = torch.load(path, weights_only=True)
+                users = saved["users"].numpy().astype(np.float64)
+                same = str(saved["training-id"]) == training_id and int(saved["round"]) == kept
+                same_data = str(saved["data"]) == data
+            except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
+                skipped.append(f"{path} is unreadable ({error})")
+                continue
+            if same and not same_data:
+                skipped.append(f"{path} holds users of other data than the market's now")
+            elif same:
+                return users, skipped
+        return None, skipped
+
+    def _path(self, server_round: int) -> Path:
+        return self.directory / f"{self.prefix}{server_round}.pt"
+
+    def _files(self) -> list[tuple[Path, int]]:
+        """The market's files with their rounds, latest first."""
+        found = []
+        for path in self.directory.glob(f"{glob.escape(self.prefix)}*.pt"):
+            number = path.name[len(self.prefix) : -len(".pt")]
+            if number.isdigit():
+                found.append((path, int(number)))
+        return sorted(found, key=lambda entry: -entry[1])
 
 
 def _tensors(value: Any) -> dict[str, torch.Tensor]:
