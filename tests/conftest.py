@@ -1,4 +1,4 @@
-"""Fixtures the test modules share."""
+"""Fixtures the test modules share, and the order in which the suite's files run."""
 
 import logging
 import signal
@@ -31,3 +31,14 @@ def keep_sigterm_handler():
     handler = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, handler)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files that hold slow tests first, each file's tests in their own order.
+
+    The suite runs on two workers, a file to a worker (``--dist loadfile`` in ``pyproject.toml``), so a
+    module's fixtures are built once. The slow files (real Flower processes, whole simulations) take
+    minutes each; started last, one of them would run alone while the other worker idles.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort keeps each file's order
