@@ -22,8 +22,9 @@ parts of the model continue where the earlier training left them:
   the round the shared part was published after (the last one).
 
 Deployed regions never read ``init-from``: a region takes no filesystem path
-from the server, and it restores the head it saved in its own ``state-dir``
-across trainings (:func:`clients.local_model._restore_saved_state`). There
+from the server: the server names the training it continues in every message,
+and the region starts from the head it kept of that training in its own
+``state-dir`` (:func:`clients.local_model._restore_saved_state`). There
 ``init-from`` is read by the ServerApp alone.
 """
 

@@ -34,7 +34,8 @@ and ``state-dir``; ``--state-dir STATE --market NAME`` here writes the fitted
 head into that state-dir as ``STATE/<NAME>.pt`` (a
 :class:`clients.state_store.MarketState` of training ``join-<training id>``,
 round 0, no own arrays), and the ClientApp restores it at its first message of
-the next training (:func:`clients.local_model._restore_saved_state`), with the
+the next training that continues the published one (its server's ``init-from``;
+:func:`clients.local_model._restore_saved_state`), with the
 server's shared arrays over it. Under fedavg the head's non-user parameters are
 shared, so the next training replaces them with the server's; under fedper and
 fedrep the whole head carries over. With ``--out STATE/model`` the region
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 
 from clients.recommend import run_cli
-from clients.state_store import LedgerStore, MarketState, MarketStateStore
+from clients.state_store import JOIN_TRAINING_PREFIX, LedgerStore, MarketState, MarketStateStore
 from common.data.catalog import Catalog
 from common.data.interactions import read_interactions
 from common.data.markets import market_seed
@@ -74,7 +75,6 @@ from common.selection import improves
 from common.serving.format import market_user_ids, write_served_model
 from common.serving.published import PUBLISHED_FILE, Published, check_catalog, load_published
 
-JOIN_TRAINING_PREFIX = "join-"  # training id of a market state written here: join-<the published training's id>
 PROG = "python -m clients.join"
 
 

@@ -26,7 +26,7 @@ from common.methods import get_method
 from common.neural.model import ModelConfig, SplitRecommender, set_arrays, shared_parameter_names
 from common.neural.train import MarketTensors
 from common.privacy.region import public_assortment
-from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, TRAINING_ID_KEY
+from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, CONTINUES_KEY, TRAINING_ID_KEY
 from common.run_config import RunConfig
 from common.runtime.names import check_name
 
@@ -112,7 +112,8 @@ def build_local_model(
     shared = shared_parameter_names(model, get_method(config.method).share_head)
     if LOCAL_STATE_KEY not in context.state:
         training_id = str(msg.content[CONFIG_RECORD].get(TRAINING_ID_KEY, ""))
-        _restore_saved_state(context, model, split.market, training_id, private=config.dp_epsilon > 0)
+        continues = str(msg.content[CONFIG_RECORD].get(CONTINUES_KEY, ""))
+        _restore_saved_state(context, model, split.market, training_id, continues, private=config.dp_epsilon > 0)
     if LOCAL_STATE_KEY not in context.state:
         head = published_head(context, model, split, catalog, shared, private=config.dp_epsilon > 0)
         if head is not None:
@@ -183,9 +184,14 @@ def state_store(context: Context, market: str) -> MarketStateStore | None:
 
 
 def _restore_saved_state(
-    context: Context, model: SplitRecommender, market: str, training_id: str, private: bool
+    context: Context, model: SplitRecommender, market: str, training_id: str, continues: str, private: bool
 ) -> None:
-    """Put the saved head (and own arrays) into a fresh ``context.state``, if they fit the model.
+    """Put a saved head (and own arrays) into a fresh ``context.state``, if one belongs here and fits the model.
+
+    The head of this very training is restored (a restarted SuperNode rejoins). A new training
+    starts from the market's head of the training it continues (``continues``, the training whose
+    published part the server started from, or that a join of the region came from), and from a
+    new head when it continues none: a new training is never warm-started by accident.
 
     Under DP (``private``) only a head trained under DP alone is restored:
     everything that shapes what a market sends must be trained with DP, and a
@@ -195,8 +201,13 @@ def _restore_saved_state(
     :mod:`clients.privacy_state`).
     """
     store = state_store(context, market)
-    saved = store.load() if store is not None else None
+    latest = store.load() if store is not None else None
+    if latest is None:
+        return
+    saved = latest if latest.training_id == training_id else store.load_training(continues) if continues else None
     if saved is None:
+        why = f"does not have a head of training {continues}" if continues else "continues no earlier training"
+        log(INFO, "Market %s starts training %s with a new head: it %s.", market, training_id, why)
         return
     if private and not saved.private:
         log(
@@ -224,7 +235,7 @@ def _restore_saved_state(
     else:
         log(
             INFO,
-            "Market %s starts training %s from the head it saved in training %s (round %d).",
+            "Market %s starts training %s from the head it saved in training %s (round %d), which it continues.",
             market,
             training_id,
             saved.training_id,

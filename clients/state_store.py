@@ -6,7 +6,10 @@ live there:
 
 * ``<market>.pt``: the head, the market's own copy of the shared arrays, the
   training and round they come from (:class:`MarketStateStore`). Losing it
-  loses a trained head, nothing more.
+  loses a trained head, nothing more. When a new training first saves its head,
+  the head of the training before moves to ``<market>.heads/<training-id>.pt``:
+  heads are kept per training, so a later training that continues an earlier
+  one (``init-from``) starts from that training's head, whatever ran between.
 * ``<market>.ledger.json``: the region's lifetime privacy ledger
   (:class:`LedgerStore`): every DP release the market ever made, whatever
   training or server it was for. It is keyed by the region's market alone,
@@ -23,6 +26,7 @@ fsync, rename, fsync of the directory) under a lock per file.
 
 import glob
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ from common.runtime.durable import atomic_torch_save, atomic_write_bytes, locked
 from common.runtime.names import check_name
 
 LEDGER_FORMAT = 1  # version of <market>.ledger.json
+JOIN_TRAINING_PREFIX = "join-"  # training id of a head clients.join wrote: join-<the published training's id>
 
 
 @dataclass(frozen=True)
@@ -65,27 +70,53 @@ class CorruptStateError(ValueError):
 
 
 class MarketStateStore:
-    """``<state-dir>/<market>.pt``, replaced atomically after every round."""
+    """``<state-dir>/<market>.pt``, replaced atomically after every round; earlier trainings' heads beside it."""
 
     def __init__(self, state_dir: str | Path, market: str) -> None:
         self.path = Path(state_dir) / f"{check_name(market)}.pt"
+        self.kept = Path(state_dir) / f"{check_name(market)}.heads"  # <training-id>.pt: a head per earlier training
 
     def load(self) -> MarketState | None:
-        """The saved state, or None when the market has none yet.
+        """The saved state of the latest training, or None when the market has none yet.
 
         Raises
         ------
         CorruptStateError
             If the file cannot be read or does not hold a market state.
         """
-        if not self.path.exists():
+        return self._read(self.path)
+
+    def load_training(self, training_id: str) -> MarketState | None:
+        """The head the market saved in ``training_id`` (or joined from its published part), or None.
+
+        Raises
+        ------
+        CorruptStateError
+            If the file holding it cannot be read or does not hold a market state.
+        """
+        wanted = {training_id, f"{JOIN_TRAINING_PREFIX}{training_id}"}
+        latest = self.load()
+        if latest is not None and latest.training_id in wanted:
+            return latest
+        for name in sorted(wanted):
+            path = self.kept / f"{check_name(name, 'training')}.pt"
+            if path.exists():
+                return self._read(path)
+        return None
+
+    def trainings(self) -> list[str]:
+        """The trainings whose heads are kept beside the latest one."""
+        return sorted(path.stem for path in self.kept.glob("*.pt")) if self.kept.is_dir() else []
+
+    def _read(self, path: Path) -> MarketState | None:
+        if not path.exists():
             return None
         try:
-            saved = torch.load(self.path, weights_only=True)
+            saved = torch.load(path, weights_only=True)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
-            raise self._corrupt(f"cannot be read ({error})") from error
+            raise self._corrupt(f"cannot be read ({error})", path) from error
         if not isinstance(saved, dict):
-            raise self._corrupt(f"holds a {type(saved).__name__}, not a market state")
+            raise self._corrupt(f"holds a {type(saved).__name__}, not a market state", path)
         try:
             state = MarketState(
                 training_id=str(saved["training-id"]),
@@ -96,7 +127,7 @@ class MarketStateStore:
                 ledger=bool(saved.get("has-ledger", saved.get("private", False) or saved.get("ledger") is not None)),
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise self._corrupt(f"is not a market state ({type(error).__name__}: {error})") from error
+            raise self._corrupt(f"is not a market state ({type(error).__name__}: {error})", path) from error
         return state
 
     def legacy_ledger(self) -> dict[str, Any] | None:
@@ -107,7 +138,11 @@ class MarketStateStore:
         return saved.get("ledger") if isinstance(saved, dict) else None
 
     def save(self, state: MarketState) -> None:
-        """Write the state so that a crash leaves either the old or the new file, never half of one."""
+        """Write the state so that a crash leaves either the old or the new file, never half of one.
+
+        A head of another training in ``<market>.pt`` is first moved to ``<market>.heads/``; an
+        unreadable one is left there for the operator, and the new head is not saved.
+        """
         payload = {
             "training-id": state.training_id,
             "last-round": state.last_round,
@@ -117,11 +152,15 @@ class MarketStateStore:
             "has-ledger": state.ledger,
         }
         with locked(self.path):
+            earlier = self._read(self.path)
+            if earlier is not None and earlier.training_id != state.training_id:
+                self.kept.mkdir(parents=True, exist_ok=True)
+                os.replace(self.path, self.kept / f"{check_name(earlier.training_id, 'training')}.pt")
             atomic_torch_save(self.path, payload)
 
-    def _corrupt(self, problem: str) -> CorruptStateError:
+    def _corrupt(self, problem: str, path: Path) -> CorruptStateError:
         return CorruptStateError(
-            f"{self.path}: the saved market state {problem}. Move it away to start the market with a new head; "
+            f"{path}: the saved market state {problem}. Move it away to start the market with a new head; "
             "its privacy ledger is kept apart and is not affected."
         )
 

@@ -19,7 +19,7 @@ Records of a message (the keys of its ``RecordDict``)
 
 Config (server -> market, in :data:`CONFIG_RECORD`)
     Every message: :data:`SERVER_ROUND_KEY` (FedAvg and :mod:`server.fedals` write it),
-    :data:`TRAINING_ID_KEY`. Train messages: :data:`TRAIN_CONFIG_KEYS` (written by
+    :data:`TRAINING_ID_KEY`, :data:`CONTINUES_KEY`. Train messages: :data:`TRAIN_CONFIG_KEYS` (written by
     ``server.server_app.RunConfig.train_config``, read by
     ``clients.client_app.train_config_from``) and :data:`EVALUATE_RECEIVED_KEY`. The last
     round's evaluate message: :data:`FINAL_ROUND_KEY`, and for fedper-ft
@@ -57,6 +57,9 @@ MARKET_NAME_KEY = "name"  # in MARKET_KEY's record: the market's name (a str com
 # --- config, server -> market -----------------------------------------------------------------
 SERVER_ROUND_KEY = "server-round"  # int, every message: the round (FedAvg writes it; round 0 is the start)
 TRAINING_ID_KEY = "training-id"  # str, every message: the training; markets key their ledgers and state on it
+# str, every message: the training whose published shared part this one started from (init-from), "" for a
+# training from scratch; a deployed region starts from its head of that training, or else from a new head.
+CONTINUES_KEY = "continues-training"
 LOCAL_EPOCHS_KEY = "local-epochs"  # int, train: passes over its data a market makes this round
 HEAD_EPOCHS_KEY = "head-epochs"  # int, train: fedrep's epochs on the head before the encoder's
 BATCH_SIZE_KEY = "batch-size"  # int, train: interactions per local step (DP-SGD uses the market's own)
@@ -111,6 +114,7 @@ __all__ = [
     "ARRAYS_RECORD",
     "BATCH_SIZE_KEY",
     "CONFIG_RECORD",
+    "CONTINUES_KEY",
     "EVALUATE_RECEIVED_KEY",
     "EVALUATION_METRICS",
     "EXACT_METRICS_MARKER",

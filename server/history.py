@@ -41,6 +41,7 @@ class Checkpoint:
     strategy_state: dict[str, Any] = field(default_factory=dict)  # e.g. the market-level DP accountant
     fingerprint: dict[str, Any] = field(default_factory=dict)  # settings a resume must not change (server.resume)
     markets: dict[int, str] = field(default_factory=dict)  # node id -> the market it speaks for
+    continues: str = ""  # the training whose published part this one started from (init-from), or ""
 
 
 # Key in checkpoint.pt -> (the Checkpoint field, the type it must have, what it is)
@@ -154,6 +155,7 @@ class RunHistory:
                 "strategy-state": dict(checkpoint.strategy_state),
                 "fingerprint": dict(checkpoint.fingerprint),
                 "markets": {int(node): str(market) for node, market in checkpoint.markets.items()},
+                "continues": checkpoint.continues,
             },
         )
 
@@ -381,7 +383,12 @@ def _checkpoint_from(saved: Any, path: Path) -> Checkpoint:
         raise ValueError(f"{path}: 'markets' must map node ids to distinct market names, got {markets!r}.")
     if not all(isinstance(key, str) for key in values["fingerprint"]):
         raise ValueError(f"{path}: 'fingerprint' must map setting names to values.")
-    return Checkpoint(**values)
+    continues = saved.get("continues", "")  # absent in checkpoints of earlier versions: a training from scratch
+    if not isinstance(continues, str):
+        raise ValueError(
+            f"{path}: 'continues' (the training it started from) is a {type(continues).__name__}, not a str."
+        )
+    return Checkpoint(**values, continues=continues)
 
 
 def _rounds_from(path: Path) -> list[dict[str, Any]]:

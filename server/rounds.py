@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.protocol import (
     ARRAYS_RECORD,
+    CONTINUES_KEY,
     EVALUATE_RECEIVED_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
@@ -55,6 +56,8 @@ class RoundSettings:
     poll_interval: float  # seconds between checks for replies
     fold_evaluation: bool  # evaluate each round's model inside the next round's training message
     training_id: str  # sent with every message; markets key their privacy ledgers on it
+    # sent with every message: the training whose published part this one started from (init-from), or ""
+    continues: str = ""
     budgeted_markets: frozenset[str] = frozenset()  # markets dp-market-epsilons names; checked against the replies
     node_timeout: float = 600.0  # seconds a round waits for the strategy's minimum of nodes to connect
     fingerprint: Mapping[str, Any] = field(default_factory=dict)  # stored in each checkpoint (server.resume)
@@ -181,7 +184,7 @@ def run_rounds(
     weight_key = aggregation_weight_key(strategy)
     binding = binding if binding is not None else MarketBinding()
     screen = ReplyScreen(binding, (NUM_EXAMPLES_KEY, weight_key), arrays_problem)
-    base_config = {TRAINING_ID_KEY: settings.training_id}
+    base_config = {TRAINING_ID_KEY: settings.training_id, CONTINUES_KEY: settings.continues}
     if not settings.fold_evaluation:
         _evaluate(grid, strategy, history, settings, screen, first_round - 1, arrays, ConfigRecord(base_config))
     for server_round in range(first_round, settings.num_rounds + 1):
@@ -220,6 +223,7 @@ def run_rounds(
             Checkpoint(
                 server_round=server_round,
                 training_id=settings.training_id,
+                continues=settings.continues,
                 arrays=arrays.to_torch_state_dict(),
                 strategy_state=strategy_state(strategy),
                 fingerprint=dict(settings.fingerprint),

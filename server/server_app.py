@@ -66,8 +66,11 @@ def initial_arrays(config: RunConfig, catalog: Catalog | None = None) -> ArrayRe
     return server_family(config).initial_arrays(config, catalog)
 
 
-def published_arrays(config: RunConfig, catalog: Catalog, seeded: ArrayRecord) -> ArrayRecord:
-    """The shared arrays of the published file ``init-from`` names, where this training starts.
+def published_arrays(config: RunConfig, catalog: Catalog, seeded: ArrayRecord) -> tuple[ArrayRecord, str]:
+    """The shared arrays of the published file ``init-from`` names, where this training starts, and its training.
+
+    The training's id goes to the markets with every message (``CONTINUES_KEY``): a deployed region
+    continues from its own head of that training.
 
     Parameters
     ----------
@@ -117,7 +120,7 @@ def published_arrays(config: RunConfig, catalog: Catalog, seeded: ArrayRecord) -
         published.round,
         published.path,
     )
-    return ArrayRecord(published.arrays)
+    return ArrayRecord(published.arrays), published.training_id
 
 
 app = ServerApp()
@@ -137,7 +140,7 @@ def main(grid: Grid, context: Context) -> None:
     family = server_family(config)
     strategy = family.strategy(config, catalog)
     fingerprint = run_fingerprint(context.run_config, catalog)
-    arrays, first_round, training_id = initial_arrays(config, catalog), 1, str(context.run_id)
+    arrays, first_round, training_id, continues = initial_arrays(config, catalog), 1, str(context.run_id), ""
     binding = MarketBinding()
     checkpoint = history.load_checkpoint() if config.resume else None
     if checkpoint is not None:
@@ -146,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
         check_resumable(checkpoint.fingerprint, fingerprint, where)
         check_same_arrays(checkpoint.arrays, arrays, where)
         arrays = ArrayRecord(checkpoint.arrays)
-        first_round, training_id = checkpoint.server_round + 1, checkpoint.training_id
+        first_round, training_id, continues = checkpoint.server_round + 1, checkpoint.training_id, checkpoint.continues
         restore_strategy_state(strategy, checkpoint.strategy_state)
         # The binding survives the resume: a registered SuperNode keeps its node id.
         binding = MarketBinding(checkpoint.markets)
@@ -154,7 +157,7 @@ def main(grid: Grid, context: Context) -> None:
         if config.resume:
             log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
         if config.init_from:
-            arrays = published_arrays(config, catalog, arrays)
+            arrays, continues = published_arrays(config, catalog, arrays)
     if first_round > config.num_server_rounds:
         log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
         # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.
@@ -167,6 +170,7 @@ def main(grid: Grid, context: Context) -> None:
         poll_interval=config.poll_interval,
         fold_evaluation=config.fold_evaluation,
         training_id=training_id,
+        continues=continues,
         node_timeout=config.node_timeout,
         fingerprint=fingerprint,
         budgeted_markets=frozenset(parse_market_epsilons(config.dp_market_epsilons)),

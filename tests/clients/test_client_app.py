@@ -13,6 +13,7 @@ from clients.privacy_state import COUNT_NOISE_MULTIPLIER, RELEASED_USERS, Market
 from common.data.catalog import Catalog
 from common.data.markets import MarketSource
 from common.data.synthetic import SyntheticConfig, write_markets
+from common.protocol import CONTINUES_KEY, TRAINING_ID_KEY
 from common.run_config import RunConfig, parse_market_epsilons
 from server.server_app import final_evaluate_config, initial_arrays, train_config
 from server.server_app import main as server_main
@@ -442,3 +443,34 @@ def test_a_delta_cap_lowered_during_the_training_stops_the_market_and_reports_at
     assert second["trained"] == 0
     assert second["delta"] == 1e-12 < first["delta"]
     assert second["epsilon"] > 8.0 >= first["epsilon"]
+
+
+# --- which head a deployed region starts a training from ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("training", "continues", "restored"),
+    [("t1", "", True), ("t2", "", False), ("t2", "t1", True), ("t2", "t0", False)],
+)
+def test_a_region_starts_a_new_training_from_a_new_head_unless_it_continues_one(
+    tmp_path, training, continues, restored
+):
+    # Prepare: training t1 trained a round and saved its head in the region's state-dir.
+    from clients.local_model import build_local_model
+    from clients.state_store import MarketStateStore
+
+    run_config = in_process_config(RUN, server_loop=False)
+    node = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path)}
+    first = _train_message(run_config)
+    first.content["config"][TRAINING_ID_KEY] = "t1"
+    app(first, _context(run_config, node))
+    saved = MarketStateStore(tmp_path, MarketSource("", 3, 0).markets[1]).load().head["head.item_bias.weight"]
+
+    # Execute: a SuperNode (restarted: a fresh context) gets a message of the same training, of a new
+    # training from scratch, of one continuing t1, and of one continuing a training it has no head of.
+    message = _train_message(run_config)
+    message.content["config"][TRAINING_ID_KEY], message.content["config"][CONTINUES_KEY] = training, continues
+    model = build_local_model(message, _context(run_config, node))[0]
+
+    # Assert: only the same training and a continuation of t1 start from t1's head.
+    assert torch.equal(model.head.item_bias.weight.detach(), saved) == restored

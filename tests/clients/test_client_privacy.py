@@ -17,6 +17,7 @@ from common.data.markets import MarketSource, load_split
 from common.neural.train import MarketTensors
 from common.privacy.dp_sgd import dp_generator, popularity_seed, private_popularity, release_noise
 from common.privacy.ledger import PrivacyBudget, default_delta, sample_rate
+from common.protocol import CONTINUES_KEY
 from common.run_config import RunConfig
 from server.server_app import initial_arrays, train_config
 from tests.in_process import run_config as in_process_config
@@ -37,10 +38,12 @@ RUN = {  # the run config of a private training over the generated markets
 }
 
 
-def _message(run_config: dict, server_round: int = 1, training_id: str = "t1", arrays=None) -> Message:
+def _message(
+    run_config: dict, server_round: int = 1, training_id: str = "t1", arrays=None, continues: str = ""
+) -> Message:
     server = RunConfig.from_run_config(run_config)
     config = train_config(server)
-    config["server-round"], config["training-id"] = server_round, training_id
+    config["server-round"], config["training-id"], config[CONTINUES_KEY] = server_round, training_id, continues
     content = RecordDict({"arrays": arrays or initial_arrays(server), "config": config})
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
 
@@ -356,8 +359,9 @@ def test_under_dp_a_head_trained_without_dp_is_not_restored(tmp_path, dp_epsilon
     saved = MarketStateStore(tmp_path, MARKET).load().head["head.item_bias.weight"]
     run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": dp_epsilon})
 
-    # Execute: a restarted SuperNode builds its model for the next training.
-    model = build_local_model(_message(run_config, 1, "t2"), _context(run_config, **{"state-dir": str(tmp_path)}))[0]
+    # Execute: a restarted SuperNode builds its model for the next training, which continues the first.
+    message = _message(run_config, 1, "t2", continues="t1")
+    model = build_local_model(message, _context(run_config, **{"state-dir": str(tmp_path)}))[0]
 
     # Assert: without DP it continues from the saved head; under DP it starts a new one,
     # since a head fitted without DP would shape what the market sends.

@@ -24,6 +24,7 @@ from common.data.catalog import Catalog
 from common.data.interactions import read_interactions
 from common.data.split import split_market
 from common.data.synthetic import SyntheticConfig, write_markets
+from common.protocol import CONTINUES_KEY
 from common.run_config import RunConfig
 from common.serving.query import load_served_model
 from server.server_app import initial_arrays, published_arrays, train_config
@@ -109,21 +110,24 @@ def test_the_server_starts_from_the_published_shared_arrays(trained, tmp_path):
     # Execute
     grid = serve(run_config)
 
-    # Assert: the first message (round 1's training, which evaluates round 0 too) carries the published arrays.
-    published = load_published(trained["models"] / PUBLISHED_FILE).arrays
+    # Assert: the first message (round 1's training, which evaluates round 0 too) carries the published arrays,
+    # and every message names the training it continues (a deployed region starts from its head of that one).
+    published = load_published(trained["models"] / PUBLISHED_FILE)
     first = grid.sent[0].content["arrays"].to_torch_state_dict()
-    assert list(first) == list(published)
-    assert all(torch.equal(first[name], published[name]) for name in published)
+    assert list(first) == list(published.arrays)
+    assert all(torch.equal(first[name], published.arrays[name]) for name in published.arrays)
+    assert {str(message.content["config"][CONTINUES_KEY]) for message in grid.sent} == {published.training_id}
 
 
 def test_a_method_that_shares_the_same_arrays_may_start_from_them(trained):
     # fedrep shares what fedper shares (the encoder): the published arrays fit, whatever trained them.
     config = RunConfig.from_run_config({**trained["grown"], "method": "fedrep"})
 
-    arrays = published_arrays(config, trained["catalog"], initial_arrays(config, trained["catalog"]))
+    arrays, continues = published_arrays(config, trained["catalog"], initial_arrays(config, trained["catalog"]))
 
-    published = load_published(trained["models"] / PUBLISHED_FILE).arrays
-    assert all(torch.equal(arrays.to_torch_state_dict()[name], published[name]) for name in published)
+    published = load_published(trained["models"] / PUBLISHED_FILE)
+    assert all(torch.equal(arrays.to_torch_state_dict()[name], published.arrays[name]) for name in published.arrays)
+    assert continues == published.training_id  # sent to every market: a region continues its head of that training
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from common.data.interactions import read_interactions
 from common.data.split import split_market
 from common.data.synthetic import SyntheticConfig, write_markets
 from common.neural.train import MarketTensors, evaluate
+from common.protocol import CONTINUES_KEY
 from common.serving.query import load_served_model
 from server.history import PUBLISHED_FILE
 from tests.in_process import run_config as in_process_config
@@ -308,7 +309,8 @@ def test_the_clientapp_of_the_region_restores_the_joined_head_in_the_next_traini
         RecordDict(
             {
                 "arrays": ArrayRecord(published.arrays),
-                "config": ConfigRecord({"server-round": 1, "training-id": "next"}),
+                # the next training continues the one the region joined (the server's init-from)
+                "config": ConfigRecord({"server-round": 1, "training-id": "next", CONTINUES_KEY: "41"}),
             }
         ),
         dst_node_id=9,

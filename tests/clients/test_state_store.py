@@ -35,6 +35,34 @@ def test_a_saved_state_comes_back_unchanged(tmp_path):
     assert sorted(path.name for path in (tmp_path / "state").iterdir()) == ["de.pt", "de.pt.lock"]
 
 
+def test_a_new_training_keeps_the_head_of_the_one_before_and_each_is_found_by_its_training(tmp_path):
+    # Prepare: training 7 saved its head twice, then clients.join a head from training 9's published part.
+    store = MarketStateStore(tmp_path, "de")
+    store.save(MarketState("7", 1, {"head.w": torch.zeros(2)}))
+    store.save(MarketState("7", 2, {"head.w": torch.ones(2)}))
+
+    # Execute: training 8 saves its first head, then a join from training 9's published part.
+    store.save(MarketState("8", 1, {"head.w": torch.full((2,), 8.0)}))
+    store.save(MarketState("join-9", 0, {"head.w": torch.full((2,), 9.0)}))
+
+    # Assert: the latest is the join; 7's last head and 8's are kept, each found by its training;
+    # a join's head is found by the training it joined; an unknown training has none.
+    assert store.load().training_id == "join-9"
+    assert store.trainings() == ["7", "8"]
+    assert store.load_training("7").last_round == 2 and torch.equal(
+        store.load_training("7").head["head.w"], torch.ones(2)
+    )
+    assert torch.equal(store.load_training("8").head["head.w"], torch.full((2,), 8.0))
+    assert store.load_training("9").training_id == "join-9"
+    assert store.load_training("10") is None
+
+
+def test_a_training_id_that_is_not_a_name_is_refused_before_it_reaches_a_path(tmp_path):
+    store = MarketStateStore(tmp_path, "de")
+    with pytest.raises(ValueError, match="training"):
+        store.load_training("../../etc/passwd")
+
+
 def test_state_and_ledger_files_are_private_to_their_owner(tmp_path):
     # Prepare: a permissive umask must not make a head (per-user embeddings) readable by others.
     old = os.umask(0o022)

@@ -17,6 +17,7 @@ def _checkpoint(server_round: int = 2) -> Checkpoint:
         strategy_state={"accountant": {"n": 2}},
         fingerprint={"method": "fedper", "dp-epsilon": 8.0},
         markets={11: "de", 12: "jp"},
+        continues="training-3",
     )
 
 
@@ -38,6 +39,7 @@ def test_resuming_keeps_the_completed_rounds_and_drops_the_unfinished_one(tmp_pa
     assert checkpoint.strategy_state == {"accountant": {"n": 2}}
     assert checkpoint.fingerprint == {"method": "fedper", "dp-epsilon": 8.0}
     assert checkpoint.markets == {11: "de", 12: "jp"}
+    assert checkpoint.continues == "training-3"  # a resumed continuation still names the training it continues
     assert sorted(resumed.rounds) == [0, 1, 2]
 
 
@@ -75,6 +77,7 @@ def _saved(**changes) -> dict:
         (_saved(markets=None), r"lacks \['markets'\]"),
         (_saved(markets={1: "de", 2: "de"}), "distinct market names"),
         (_saved(round=-1), "not a completed round"),
+        (_saved(continues=7), "'continues' .* is a int, not a str"),
     ],
 )
 def test_a_loadable_but_wrongly_shaped_checkpoint_is_named_with_its_problem(tmp_path, saved, problem):
@@ -82,6 +85,12 @@ def test_a_loadable_but_wrongly_shaped_checkpoint_is_named_with_its_problem(tmp_
 
     with pytest.raises(ValueError, match=f"checkpoint.pt: .*{problem}"):
         RunHistory(tmp_path, {}).load_checkpoint()
+
+
+def test_a_checkpoint_of_an_earlier_version_continues_no_training(tmp_path):
+    torch.save(_saved(), tmp_path / "checkpoint.pt")  # written before checkpoints named the training continued
+
+    assert RunHistory(tmp_path, {}).load_checkpoint().continues == ""
 
 
 @pytest.mark.parametrize(
