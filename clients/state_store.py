@@ -8,8 +8,9 @@ live there:
   training and round they come from (:class:`MarketStateStore`). Losing it
   loses a trained head, nothing more. When a new training first saves its head,
   the head of the training before moves to ``<market>.heads/<training-id>.pt``:
-  heads are kept per training, so a later training that continues an earlier
-  one (``init-from``) starts from that training's head, whatever ran between.
+  heads are kept per training (the latest :data:`KEPT_HEADS`), so a later
+  training that continues an earlier one (``init-from``) starts from that
+  training's head, whatever ran between.
 * ``<market>.ledger.json``: the region's lifetime privacy ledger
   (:class:`LedgerStore`): every DP release the market ever made, whatever
   training or server it was for. It is keyed by the region's market alone,
@@ -40,6 +41,9 @@ from common.runtime.durable import atomic_torch_save, atomic_write_bytes, locked
 from common.runtime.names import check_name
 
 LEDGER_FORMAT = 1  # version of <market>.ledger.json
+# Earlier trainings' heads kept beside the latest: the oldest beyond these are removed, so that a server naming
+# ever new trainings cannot fill the region's disk with heads (each up to the market's users times d floats).
+KEPT_HEADS = 8
 JOIN_TRAINING_PREFIX = "join-"  # training id of a head clients.join wrote: join-<the published training's id>
 
 
@@ -156,6 +160,9 @@ class MarketStateStore:
             if earlier is not None and earlier.training_id != state.training_id:
                 self.kept.mkdir(parents=True, exist_ok=True)
                 os.replace(self.path, self.kept / f"{check_name(earlier.training_id, 'training')}.pt")
+                kept = sorted(self.kept.glob("*.pt"), key=lambda path: path.stat().st_mtime_ns)
+                for path in kept[:-KEPT_HEADS]:
+                    path.unlink(missing_ok=True)
             atomic_torch_save(self.path, payload)
 
     def _corrupt(self, problem: str, path: Path) -> CorruptStateError:

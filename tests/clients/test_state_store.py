@@ -3,11 +3,12 @@
 import os
 import stat
 import threading
+import time
 
 import pytest
 import torch
 
-from clients.state_store import CorruptStateError, LedgerEntry, LedgerStore, MarketState, MarketStateStore
+from clients.state_store import KEPT_HEADS, CorruptStateError, LedgerEntry, LedgerStore, MarketState, MarketStateStore
 from common.privacy.ledger import PrivacyBudget, PrivacyLedger
 
 
@@ -55,6 +56,18 @@ def test_a_new_training_keeps_the_head_of_the_one_before_and_each_is_found_by_it
     assert torch.equal(store.load_training("8").head["head.w"], torch.full((2,), 8.0))
     assert store.load_training("9").training_id == "join-9"
     assert store.load_training("10") is None
+
+
+def test_a_server_naming_ever_new_trainings_leaves_a_bounded_number_of_heads(tmp_path):
+    store = MarketStateStore(tmp_path, "de")
+
+    for training in range(KEPT_HEADS + 5):
+        store.save(MarketState(str(training), 1, {"head.w": torch.zeros(2)}))
+        time.sleep(0.02)  # heads are aged by their files' times, which the file system keeps in ticks of a few ms
+
+    # the latest in de.pt, the KEPT_HEADS trainings before it kept, the older ones gone
+    assert store.load().training_id == str(KEPT_HEADS + 4)
+    assert sorted(map(int, store.trainings())) == list(range(4, KEPT_HEADS + 4))
 
 
 def test_a_training_id_that_is_not_a_name_is_refused_before_it_reaches_a_path(tmp_path):
