@@ -228,7 +228,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
             "spent": privacy.spent(config),
         }
     if parse_bool(FINAL_ROUND_KEY, round_config.get(FINAL_ROUND_KEY, False)):
-        write_best_model(context, model, data, catalog, get_method(config.method), fork)
+        training_id = str(round_config.get(TRAINING_ID_KEY, ""))
+        write_best_model(context, model, data, catalog, get_method(config.method), training_id, fork)
     weight = released_weight(privacy) if config.dp_epsilon > 0 else None
     return reply(msg, market, metrics, disclosure=Disclosure.of(config, region_policy(context, market), weight))
 

@@ -164,7 +164,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         if method.transfer:
             transfer_metrics, fit = _transfer(context, market, catalog, config, item_side, server_round)
             metrics.update(transfer_metrics)
-        write_best_model(context, model, market.tensors, catalog, method, fit)
+        training_id = str(round_config.get(TRAINING_ID_KEY, ""))
+        write_best_model(context, model, market.tensors, catalog, method, training_id, fit)
     policy = region_policy(context, market.split.market)
     weight = released_weight(MarketPrivacy(context, market.split.market)) if config.dp_epsilon > 0 else None
     return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy, weight))

@@ -3,7 +3,7 @@
     python -m clients.join --model-dir OUT/models/fedper --data uk.txt --catalog catalog.txt \\
         --out OUT/models/join-fedper/uk
     python -m clients.join --published published.pt --data uk.txt --catalog catalog.txt \\
-        --out STATE/model --state-dir STATE --market uk [--join-epochs 10] [--fine-tune-epochs 15] [--seed 0] \\
+        --out STATE/models/join --state-dir STATE --market uk [--join-epochs 10] [--fine-tune-epochs 15] [--seed 0] \\
         [--fraction 1]
 
 When a training ends the ServerApp publishes its final shared arrays as
@@ -38,8 +38,9 @@ the next training that continues the published one (its server's ``init-from``;
 :func:`clients.local_model._restore_saved_state`), with the
 server's shared arrays over it. Under fedavg the head's non-user parameters are
 shared, so the next training replaces them with the server's; under fedper and
-fedrep the whole head carries over. With ``--out STATE/model`` the region
-serves the joined model until the next training writes its own there.
+fedrep the whole head carries over. With ``--out STATE/models/join`` the joined
+model sits beside the region's trainings' models, and ``xmfl models --use join``
+serves it (:mod:`clients.models`).
 
 Privacy: the head is fitted without DP. The served model is never sent, so that
 is as a market alone would do (see the threat model). But a head that seeds a

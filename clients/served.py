@@ -9,7 +9,11 @@ one in ``context.state``. When the server sends the last round's evaluation,
 the market writes that model as a served-model directory
 (:func:`common.serving.write_served_model`):
 
-* a deployed region into ``<state-dir>/model`` (never a path from the server);
+* a deployed region into ``<state-dir>/models/<training-id>`` (never a path from the
+  server; the training's id is a checked name): one served model per training, so a
+  later training never replaces the model a region serves. Which one ``recommend``
+  and ``score`` use is the operator's choice, ``<state-dir>/current``, set with
+  ``xmfl models --use`` (:mod:`clients.models`), never by a training;
 * in simulation into the run config's ``models-dir``, ``<models-dir>/<method>/<market>``;
   fedper-ft also writes its best federated round as its base method's model
   (``<models-dir>/fedper/<market>``), since one run yields both.
@@ -44,6 +48,7 @@ from common.neural.model import SplitRecommender, set_arrays
 from common.neural.train import MarketTensors
 from common.protocol import EVALUATION_METRICS, VAL_NDCG_KEY
 from common.runtime.durable import atomic_torch_save
+from common.runtime.names import check_name
 from common.selection import improves
 from common.serving.format import write_served_model
 from common.serving.sparse_state import compact_state, expand_state
@@ -51,6 +56,7 @@ from common.serving.sparse_state import compact_state, expand_state
 BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the best validation round so far
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
 BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
+MODELS_DIR = "models"  # <state-dir>/models/<training-id>: a deployed region's served model of each training
 KEPT_METRICS = EVALUATION_METRICS  # the evaluation metrics a served model's manifest carries: all of them
 
 
@@ -132,11 +138,11 @@ def _read_best(path: Path, market: str) -> dict[str, Any] | None:
         return None
 
 
-def served_model_dir(context: Context, market: str, method: str) -> Path | None:
+def served_model_dir(context: Context, market: str, method: str, training_id: str) -> Path | None:
     """Where the market writes its served model for ``method``, or None when it has nowhere to."""
     if "market" in context.node_config:
         directory = state_dir(context)
-        return Path(directory) / "model" if directory else None
+        return Path(directory) / MODELS_DIR / check_name(training_id, "training") if directory else None
     models_dir = str(context.run_config.get("models-dir", ""))
     return Path(models_dir) / method / market if models_dir else None
 
@@ -147,12 +153,15 @@ def write_best_model(
     data: MarketTensors,
     catalog: Catalog,
     method: Method,
+    training_id: str,
     fork: dict[str, Any] | None = None,
 ) -> None:
     """Write the best round kept so far as the served model; fedper-ft and fedals-pt serve their ``fork``.
 
     Parameters
     ----------
+    training_id : str
+        The training the model comes from: named in its manifest, and a deployed region's folder for it.
     fork : dict, optional
         ``{"state": state_dict, "round": r, "metrics": {...}, "spent": {...}}`` of
         fedper-ft's fine-tuned model or fedals-pt's private transfer, served in place of
@@ -162,12 +171,16 @@ def write_best_model(
     market = data.split.market
     _restore_best(context, market)
     best = _best_round(context, market)
+
+    def write(name: str, chosen: dict[str, Any]) -> None:
+        _write(served_model_dir(context, market, name, training_id), model, data, catalog, name, chosen, training_id)
+
     if fork is not None:
-        _write(served_model_dir(context, market, method.name), model, data, catalog, method.name, fork)
+        write(method.name, fork)
         if best is not None and method.base and "market" not in context.node_config:
-            _write(served_model_dir(context, market, method.base), model, data, catalog, method.base, best)
+            write(method.base, best)
     elif best is not None:
-        _write(served_model_dir(context, market, method.name), model, data, catalog, method.name, best)
+        write(method.name, best)
     path = best_file(context, market)
     if "market" not in context.node_config and path is not None:
         path.unlink(missing_ok=True)  # written as the served model; a simulation's file has no other use
@@ -206,6 +219,7 @@ def _write(
     catalog: Catalog,
     method: str,
     chosen: dict[str, Any],
+    training_id: str,
 ) -> None:
     if directory is None:
         return
@@ -213,6 +227,7 @@ def _write(
     set_arrays(model, expand_state(chosen["state"], into=model.state_dict()))
     manifest = {
         "method": method,
+        "training-id": training_id,
         "market": data.split.market,
         "round": chosen["round"],
         "metrics": chosen["metrics"],

@@ -191,7 +191,11 @@ def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding, 
     for line in summary_lines(history, config.num_server_rounds, binding.state().values(), serves_a_round):
         log(INFO, "%s", line)
     models_dir = str(run_config.get("models-dir", ""))
-    served = Path(models_dir) / config.method / "<market>" if models_dir else "in each region, its state-dir's model/"
+    served = (
+        Path(models_dir) / config.method / "<market>"
+        if models_dir
+        else "in each region, <state-dir>/models/<training-id>/ (xmfl models --use makes it the one served)"
+    )
     log(INFO, "  served models: %s", served)
 
 

@@ -46,6 +46,7 @@ COMMANDS: dict[str, Command] = {
     "app-index": Command("deploy.app_index", "server host: serve the offline-signed app to the SuperLink"),
     "recommend": Command("clients.recommend", "top-K recommendations per user from a served model"),
     "score": Command("clients.score", "score (user, item) pairs with a served model"),
+    "models": Command("clients.models", "a region's model of each training, and the one it serves"),
     "join": Command("clients.join", "a late market fits its head on a training's shared part"),
     "ledger": Command("clients.ledger", "show a region's DP ledger, or start a new budget period"),
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clients.models import main as models_main
 from common.data.catalog import Catalog
 from common.data.markets import MarketSource, load_file_split
 from common.data.synthetic import SyntheticConfig, write_markets
@@ -102,9 +103,13 @@ def test_three_regions_complete_a_run_over_tls_while_a_malformed_region_reports_
     # the round its validation picked, checked against the company catalog.
     catalog = Catalog.load(federation.root / "data" / "catalog.txt")
     for region in REGIONS:
-        served = load_served_model(federation.root / "state" / region / "model", catalog)
+        # The training's model is served once the region's operator makes it current.
+        state = federation.root / "state" / region
+        assert not (state / "current").exists() and models_main(["--state-dir", str(state), "--use", "latest"]) == 0
+        served = load_served_model(state / "current", catalog)
         best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
         assert served.manifest["market"] == region and served.manifest["round"] == best
+        assert served.manifest["training-id"] == (state / "current").resolve().name
         assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(
             history[best]["per_market"][region]["test-ndcg"]
         )

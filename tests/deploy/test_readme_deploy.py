@@ -275,7 +275,8 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
         assert all(history[r]["per_market"][region]["upload-bytes"] > 0 for r in (1, 2) for region in REGIONS)
         catalog = Catalog.load(xm / "catalog.txt")
         for region in REGIONS:
-            served = load_served_model(xm / region / "state" / "model", catalog)
+            (model,) = (xm / region / "state" / "models").iterdir()  # one training: one served model
+            served = load_served_model(model, catalog)
             best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
             assert served.manifest["market"] == region and served.manifest["method"] == "fedals"
             assert served.manifest["round"] == best

@@ -634,11 +634,12 @@ def test_a_restarted_region_still_serves_the_best_round_of_the_whole_training(tm
     # Execute: the restarted SuperNode evaluates a worse round 3 and then writes its served model.
     restarted = _region_context(tmp_path)
     remember_if_best(restarted, model, MARKET, 3, metrics | {"val-ndcg": 0.4}, "training-1")
-    write_best_model(restarted, model, data, catalog, get_method("fedper"))
+    write_best_model(restarted, model, data, catalog, get_method("fedper"), "training-1")
 
-    # Assert: the served model is round 2's, parameters and manifest both.
-    served = load_served_model(tmp_path / "model", catalog)
+    # Assert: the served model is round 2's, parameters and manifest both, in the training's own folder.
+    served = load_served_model(tmp_path / "models" / "training-1", catalog)
     assert served.manifest["round"] == 2 and served.manifest["metrics"]["val-ndcg"] == 0.5
+    assert served.manifest["training-id"] == "training-1"
     for name, value in best_state.items():
         assert torch.equal(served.model.state_dict()[name], value), name
 
@@ -684,7 +685,7 @@ def test_a_simulated_market_keeps_its_best_round_in_a_file_with_zero_rows_left_o
     with torch.no_grad():
         for value in model.parameters():
             value.add_(1.0)
-    write_best_model(context, model, data, catalog, get_method("fedper"))
+    write_best_model(context, model, data, catalog, get_method("fedper"), "training-1")
 
     # Assert: the engine's context held no model, the file stored only the non-zero item rows,
     # the served model is round 2's exactly, and the file is gone once served.
