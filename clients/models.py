@@ -12,7 +12,8 @@ decides when a new model goes live, after looking at its numbers. The link is re
 atomically (a new link renamed over the old one), so a ``recommend`` starting during the
 switch reads the old model or the new one, never a mix. A model that does not load (no
 manifest, another format version, a catalog that does not match its manifest) is never
-made current.
+made current. A region keeps its newest served models (:data:`clients.served.KEPT_MODELS`)
+and the current one; a training removes older ones.
 """
 
 import argparse
@@ -23,13 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clients.served import MODELS_DIR
+from clients.served import CURRENT, MODELS_DIR
 from common.protocol import TEST_NDCG_KEY, VAL_NDCG_KEY
 from common.runtime.command import ArgumentParser
 from common.runtime.names import check_name
 from common.serving.format import MANIFEST, ServedModelError, read_manifest
 
-CURRENT = "current"  # STATE/current -> models/<training-id>: the model recommend and score are pointed at
 LATEST = "latest"  # --use latest: the training whose model was written last
 
 

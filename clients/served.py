@@ -33,6 +33,7 @@ Nothing of it is sent: the served model stays in the region.
 """
 
 import pickle
+import shutil
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ BEST_MODEL_KEY = "best-model"  # the whole model (shared part and head) at the b
 BEST_INFO_KEY = "best-model-info"  # that round, its metrics and the privacy spent then
 BEST_FILE_SUFFIX = ".best.pt"  # <state-dir>/<market>.best.pt: the two above, kept across a SuperNode restart
 MODELS_DIR = "models"  # <state-dir>/models/<training-id>: a deployed region's served model of each training
+CURRENT = "current"  # <state-dir>/current -> models/<training-id>: the one served, set by the operator (clients.models)
+# Served models a region keeps: beyond these the oldest go, never the current one, so that a server naming ever
+# new trainings cannot fill the region's disk (a model holds the catalog's item table: 0.5 GB at 10^6 items, d 128).
+KEPT_MODELS = 8
 KEPT_METRICS = EVALUATION_METRICS  # the evaluation metrics a served model's manifest carries: all of them
 
 
@@ -181,9 +186,32 @@ def write_best_model(
             write(method.base, best)
     elif best is not None:
         write(method.name, best)
+    if "market" in context.node_config and state_dir(context):
+        _prune(Path(state_dir(context)) / MODELS_DIR)
     path = best_file(context, market)
     if "market" not in context.node_config and path is not None:
         path.unlink(missing_ok=True)  # written as the served model; a simulation's file has no other use
+
+
+def _prune(models: Path) -> None:
+    """Remove the oldest served models beyond :data:`KEPT_MODELS`, never the one ``current`` points at.
+
+    Hidden entries (a model being written, its lock) are not served models and are left alone.
+    """
+    if not models.is_dir():
+        return
+    current = models.parent / CURRENT
+    served = current.resolve() if current.is_symlink() else None
+    folders = sorted(
+        (path for path in models.iterdir() if path.is_dir() and not path.name.startswith(".")),
+        key=lambda path: path.stat().st_mtime_ns,
+    )
+    for folder in [path for path in folders if path.resolve() != served][: max(0, len(folders) - KEPT_MODELS)]:
+        log(
+            INFO, "Removing the served model %s: a region keeps %d, the current one and the newest", folder, KEPT_MODELS
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        (models / f".{folder.name}.lock").unlink(missing_ok=True)  # its writers' lock (common.runtime.durable)
 
 
 def _best_round(context: Context, market: str) -> dict[str, Any] | None:

@@ -3,10 +3,12 @@
 import json
 import os
 import re
+import time
 
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
+from clients import served
 from clients.client_app import app
 from clients.models import main as models_main
 from common.data.markets import MarketSource
@@ -93,4 +95,22 @@ def test_a_model_that_is_not_there_or_does_not_load_is_never_made_current(tmp_pa
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(problem, err)
+    assert load_served_model(state / "current").manifest["training-id"] == "101"
+
+
+def test_a_region_keeps_a_bounded_number_of_models_and_never_removes_the_one_it_serves(tmp_path, monkeypatch):
+    # Prepare: a region that keeps 2 models serves training 101's.
+    monkeypatch.setattr(served, "KEPT_MODELS", 2)
+    state = tmp_path / "state"
+    _finish_training(tmp_path, "101", seed=0)
+    assert models_main(["--state-dir", str(state), "--use", "101"]) == 0
+
+    # Execute: a server names three more trainings.
+    for training in ("102", "103", "104"):
+        time.sleep(0.02)  # models are aged by their folders' times, kept in ticks of a few ms
+        _finish_training(tmp_path, training, seed=0)
+
+    # Assert: the served model and the newest are kept, the rest removed.
+    assert sorted(path.name for path in (state / "models").iterdir() if path.is_dir()) == ["101", "104"]
+    assert sorted(path.name for path in (state / "models").iterdir() if not path.is_dir()) == [".101.lock", ".104.lock"]
     assert load_served_model(state / "current").manifest["training-id"] == "101"
