@@ -8,6 +8,9 @@ loop with its own strategy (:mod:`server.fedals`), its shared arrays the
 encoder's item table of iALS factors.
 """
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from logging import INFO
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
 from common.data.catalog import Catalog
@@ -123,6 +127,39 @@ def published_arrays(config: RunConfig, catalog: Catalog, seeded: ArrayRecord) -
     return ArrayRecord(published.arrays), published.training_id
 
 
+class RunRefusedError(ValueError):
+    """The run's settings or files cannot start this training; the message says why and how to fix it."""
+
+
+class _OneLineRefusal(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; a refused run is the operator's to fix: one line.
+
+    Flower still marks the run failed (``flwr ls`` shows ``finished:failed``), since the exception
+    still ends the ServerApp; only its log record loses the traceback, which says nothing the
+    message does not.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RunRefusedError):
+            record.msg, record.args = "The training was refused: %s", (str(record.exc_info[1]),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+FLOWER_LOGGER.addFilter(_OneLineRefusal())
+
+
+@contextmanager
+def refusing() -> Iterator[None]:
+    """Turn a ValueError or OSError of the block (bad settings, files in the way) into a :class:`RunRefusedError`."""
+    try:
+        yield
+    except RunRefusedError:
+        raise
+    except (ValueError, OSError) as error:
+        raise RunRefusedError(str(error)) from None
+
+
 app = ServerApp()
 
 
@@ -131,33 +168,35 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds of FedAvg, from a checkpoint when resuming."""
     # Every key parsed and checked once, the markets' too: a bad market setting would otherwise
     # only show as every market failing round 1.
-    config = RunConfig.from_run_config(context.run_config)
-    if not config.resume:
-        check_new_training(Path(config.out_dir))  # never overwrite an earlier training's files
-    log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
-    history = RunHistory(Path(config.out_dir), asdict(config))
-    catalog = load_catalog(config)
-    family = server_family(config)
-    strategy = family.strategy(config, catalog)
-    fingerprint = run_fingerprint(context.run_config, catalog)
-    arrays, first_round, training_id, continues = initial_arrays(config, catalog), 1, str(context.run_id), ""
-    binding = MarketBinding()
-    checkpoint = history.load_checkpoint() if config.resume else None
-    if checkpoint is not None:
-        # The checkpoint wins over init-from: its arrays already descend from wherever the training started.
-        where = str(Path(config.out_dir) / CHECKPOINT_FILE)
-        check_resumable(checkpoint.fingerprint, fingerprint, where)
-        check_same_arrays(checkpoint.arrays, arrays, where)
-        arrays = ArrayRecord(checkpoint.arrays)
-        first_round, training_id, continues = checkpoint.server_round + 1, checkpoint.training_id, checkpoint.continues
-        restore_strategy_state(strategy, checkpoint.strategy_state)
-        # The binding survives the resume: a registered SuperNode keeps its node id.
-        binding = MarketBinding(checkpoint.markets)
-    else:
-        if config.resume:
-            log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
-        if config.init_from:
-            arrays, continues = published_arrays(config, catalog, arrays)
+    with refusing():  # what the run's settings and files cannot start is refused in one line
+        config = RunConfig.from_run_config(context.run_config)
+        if not config.resume:
+            check_new_training(Path(config.out_dir))  # never overwrite an earlier training's files
+        log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
+        history = RunHistory(Path(config.out_dir), asdict(config))
+        catalog = load_catalog(config)
+        family = server_family(config)
+        strategy = family.strategy(config, catalog)
+        fingerprint = run_fingerprint(context.run_config, catalog)
+        arrays, first_round, training_id, continues = initial_arrays(config, catalog), 1, str(context.run_id), ""
+        binding = MarketBinding()
+        checkpoint = history.load_checkpoint() if config.resume else None
+        if checkpoint is not None:
+            # The checkpoint wins over init-from: its arrays already descend from wherever the training started.
+            where = str(Path(config.out_dir) / CHECKPOINT_FILE)
+            check_resumable(checkpoint.fingerprint, fingerprint, where)
+            check_same_arrays(checkpoint.arrays, arrays, where)
+            arrays = ArrayRecord(checkpoint.arrays)
+            first_round, training_id = checkpoint.server_round + 1, checkpoint.training_id
+            continues = checkpoint.continues
+            restore_strategy_state(strategy, checkpoint.strategy_state)
+            # The binding survives the resume: a registered SuperNode keeps its node id.
+            binding = MarketBinding(checkpoint.markets)
+        else:
+            if config.resume:
+                log(INFO, "Nothing to resume in %s: starting afresh", config.out_dir)
+            if config.init_from:
+                arrays, continues = published_arrays(config, catalog, arrays)
     if first_round > config.num_server_rounds:
         log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
         # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.

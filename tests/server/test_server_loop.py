@@ -5,15 +5,19 @@ objects); only the markets behind it are scripted functions, so that a test
 can make one of them send what a broken or hostile region would.
 """
 
+import io
 import json
 import logging
 import tomllib
 from collections.abc import Callable
+from logging import ERROR
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import strategy_utils
 from opacus.accountants import RDPAccountant
@@ -21,6 +25,7 @@ from opacus.accountants import RDPAccountant
 from server.history import RunHistory, summary_lines
 from server.resume import FINGERPRINT_KEYS
 from server.rounds import AllMarketsFailedError, RoundSettings, run_rounds
+from server.server_app import RunRefusedError
 from server.server_app import main as server_main
 from server.strategy import build_strategy
 from tests.in_process import Responder, ScriptedGrid
@@ -389,7 +394,7 @@ def test_a_second_training_in_the_same_out_dir_is_refused_while_resume_continues
     before = {name: (tmp_path / name).read_bytes() for name in ("history.json", "checkpoint.pt", "published.pt")}
 
     # Execute / Assert: a new training there is refused in one line naming the folder and both ways out ...
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(RunRefusedError) as refused:
         _serve(
             ScriptedGrid(nodes),
             in_process_config(RUN, {"out-dir": str(tmp_path)}, **{"num-server-rounds": 2}),
@@ -435,3 +440,25 @@ def test_the_server_ends_a_training_with_its_summary(tmp_path):
     assert lines[start + 3] == "  round each market serves (its best by its own validation NDCG@10): de 1, jp 1"
     assert str(tmp_path / "published.pt") in lines[start + 4]
     assert lines[start + 5] == "  served models: in each region, its state-dir's model/"
+
+
+def test_flower_logs_a_refused_run_in_one_line_and_any_other_failure_with_its_traceback():
+    # Prepare: a handler on Flower's logger, which logs a ServerApp's exception as run_serverapp does.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    FLOWER_LOGGER.addHandler(handler)
+
+    # Execute
+    try:
+        for error in (RunRefusedError("out-dir /x already holds a training's files."), KeyError("a bug")):
+            try:
+                raise error
+            except Exception as ex:
+                log(ERROR, "%s raised an exception", "ServerApp", exc_info=ex)
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+
+    # Assert: the refusal is one line with its reason; the bug keeps its traceback.
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "The training was refused: out-dir /x already holds a training's files."
+    assert lines[1] == "ServerApp raised an exception" and lines[2].startswith("Traceback")
