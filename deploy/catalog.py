@@ -5,7 +5,8 @@
 
 The catalog is the company's product list, not personal data: row ``r`` of the shared item
 table means the same product in every market. Build it from the product list (one ID per
-line in a ``.txt`` file, or a column of a ``.csv`` or ``.parquet`` file), or, where the
+line in a ``.txt`` file, whose first line is skipped when it is the ``--column`` name, a
+header; or a column of a ``.csv`` or ``.parquet`` file), or, where the
 company has no list at hand, from market interaction files on one machine that may read
 them all (the item IDs only). Products a region sells after the catalog was written land
 in the catalog's overflow rows and still train.
@@ -27,7 +28,7 @@ from common.runtime.command import ArgumentParser
 
 
 def product_ids(path: Path, column: str) -> list[str]:
-    """The product IDs a product list holds, in file order.
+    """The product IDs a product list holds, in file order; a ``.txt`` file's first line ``column`` is a header.
 
     Raises
     ------
@@ -38,6 +39,7 @@ def product_ids(path: Path, column: str) -> list[str]:
     try:
         if suffix == ".txt":
             ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+            ids = ids[1:] if ids and ids[0] == column else ids  # a header line naming the ID column is no product
         elif suffix in (".csv", ".parquet"):
             table = pd.read_csv(path, dtype=str) if suffix == ".csv" else pd.read_parquet(path)
             if column not in table.columns:
@@ -117,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    first, last = catalog.item_ids[0], catalog.item_ids[-1]
     print(
-        f"Wrote {args.out}: {len(catalog.item_ids):,} products and {catalog.overflow_rows} overflow rows "
-        f"({catalog.fingerprint()})"
+        f"Wrote {args.out}: {len(catalog.item_ids):,} products ('{first}' to '{last}' in catalog order) and "
+        f"{catalog.overflow_rows} overflow rows ({catalog.fingerprint()})"
     )
     return 0
 

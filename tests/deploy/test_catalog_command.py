@@ -23,6 +23,20 @@ def test_a_csv_product_list_becomes_a_sorted_catalog_that_loads(tmp_path, capsys
     assert "2 products" in capsys.readouterr().out
 
 
+def test_a_txt_product_list_with_a_header_line_does_not_take_it_for_a_product(tmp_path, capsys):
+    # Prepare: one ID a line, the first line naming the column, as exports often have.
+    products = tmp_path / "products.txt"
+    products.write_text("itemId\nB2\nA1\n", encoding="utf-8")
+
+    # Execute
+    code = command.main(["--products", str(products), "--out", str(tmp_path / "catalog.txt")])
+
+    # Assert: the header is no product, and the summary shows what was taken.
+    assert code == 0
+    assert Catalog.load(tmp_path / "catalog.txt").item_ids == ("A1", "B2")
+    assert "2 products ('A1' to 'B2' in catalog order)" in capsys.readouterr().out
+
+
 def test_market_files_give_the_union_of_their_items(tmp_path):
     # Prepare: two XMarket-format markets sharing item i2.
     files = []
