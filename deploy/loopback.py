@@ -26,6 +26,7 @@ from deploy.make_credentials import make_credentials
 from deploy.region_keys import make_region_keys
 from deploy.sign_app import sign_app
 from deploy.signed_app import save_signed_app
+from server.paths import SERVER_ROOT_ENV
 from xmfl.app import app_dir
 
 APP_DIR = app_dir()  # the app `flwr run` submits: the checkout, or a copy of the installed app (xmfl/app.py)
@@ -92,6 +93,8 @@ class LoopbackFederation:
             MKL_NUM_THREADS="1",
             # The SuperLink fetches `@publisher/app==version` apps, with their signatures, from here.
             FLWR_SUPERGRID_API_URL=self.index.url,
+            # The server host's folder that every path of a run must stay inside (server.paths).
+            **{SERVER_ROOT_ENV: str(root)},
             **(environment or {}),
         )
 

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from logging import INFO
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -33,6 +32,7 @@ from common.run_config import RunConfig, parse_market_epsilons
 from common.serving.published import load_published, published_path
 from server.families import server_family
 from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory, check_new_training, summary_lines
+from server.paths import TrainingLock, confine, server_root
 from server.replies import MarketBinding
 from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
@@ -169,7 +169,17 @@ def main(grid: Grid, context: Context) -> None:
     # Every key parsed and checked once, the markets' too: a bad market setting would otherwise
     # only show as every market failing round 1.
     with refusing():  # what the run's settings and files cannot start is refused in one line
-        config = RunConfig.from_run_config(context.run_config)
+        config = confine(RunConfig.from_run_config(context.run_config), server_root())
+        lock = TrainingLock.acquire(Path(config.out_dir))
+    try:
+        _train(grid, context, config)
+    finally:
+        lock.release()
+
+
+def _train(grid: Grid, context: Context, config: RunConfig) -> None:
+    """The training ``config`` describes, its out-dir locked."""
+    with refusing():
         if not config.resume:
             check_new_training(Path(config.out_dir))  # never overwrite an earlier training's files
         log(INFO, "Federated %s for %d rounds, writing to %s", config.method, config.num_server_rounds, config.out_dir)
@@ -200,8 +210,8 @@ def main(grid: Grid, context: Context) -> None:
     if first_round > config.num_server_rounds:
         log(INFO, "All %d rounds were completed before; nothing to resume", config.num_server_rounds)
         # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.
-        publish(history, arrays, config, catalog, training_id, first_round - 1, context.run_config)
-        log_summary(history, config, binding, context.run_config)
+        publish(history, arrays, config, catalog, training_id, first_round - 1)
+        log_summary(history, config, binding)
         return
     settings = RoundSettings(
         num_rounds=config.num_server_rounds,
@@ -219,20 +229,19 @@ def main(grid: Grid, context: Context) -> None:
     arrays = run_rounds(
         grid, strategy, history, settings, arrays, train_config(config), final, first_round, binding, arrays_problem
     )
-    publish(history, arrays, config, catalog, training_id, config.num_server_rounds, context.run_config)
-    log_summary(history, config, binding, context.run_config)
+    publish(history, arrays, config, catalog, training_id, config.num_server_rounds)
+    log_summary(history, config, binding)
 
 
-def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding, run_config: dict[str, Any]) -> None:
+def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding) -> None:
     """The training's last lines: rounds, who replied, the best round, where its files and models are."""
     method = get_method(config.method)
     serves_a_round = not (method.fine_tune or method.transfer)
     for line in summary_lines(history, config.num_server_rounds, binding.state().values(), serves_a_round):
         log(INFO, "%s", line)
-    models_dir = str(run_config.get("models-dir", ""))
     served = (
-        Path(models_dir) / config.method / "<market>"
-        if models_dir
+        Path(config.models_dir) / config.method / "<market>"
+        if config.models_dir
         else "in each region, <state-dir>/models/<training-id>/ (xmfl models --use makes it the one served)"
     )
     log(INFO, "  served models: %s", served)
@@ -245,14 +254,12 @@ def publish(
     catalog: Catalog,
     training_id: str,
     server_round: int,
-    run_config: dict[str, Any],
 ) -> None:
     """Publish ``arrays``, the shared arrays after ``server_round``, the last round, for markets that join later.
 
     In ``out-dir``; in simulation also as ``<models-dir>/<method>/published.pt``,
     beside the markets' served models (see :mod:`clients.join`).
     """
-    models_dir = str(run_config.get("models-dir", ""))
     about = {
         "method": config.method,
         "embedding-dim": config.shared_dim,
@@ -262,7 +269,7 @@ def publish(
         "training-id": training_id,
         "round": server_round,
     }
-    copies = [Path(models_dir) / config.method / PUBLISHED_FILE] if models_dir else []
+    copies = [Path(config.models_dir) / config.method / PUBLISHED_FILE] if config.models_dir else []
     history.publish(arrays, about, copies)
 
 

@@ -26,6 +26,7 @@ import tomli_w
 from common.privacy.region import SIMULATION_NODE_CONFIG_ENV
 from common.runtime.command import PortInUseError
 from common.runtime.processes import PortTakenError, free_port, output_lines, stop_process_tree, wait_for_listener
+from server.paths import SERVER_ROOT_ENV
 from xmfl.app import app_dir
 
 CONNECTION = "harness"  # name of the SuperLink connection in the private FLWR_HOME
@@ -94,6 +95,9 @@ class SimulationSuperLink:
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         # The simulated markets' own node config (Flower gives them only their partition).
         env[SIMULATION_NODE_CONFIG_ENV] = json.dumps(self.node_config)
+        # The user's own run config on the user's own machine: its paths may be anywhere, unless the user
+        # bounded them (server.paths).
+        env.setdefault(SERVER_ROOT_ENV, "/")
         return env
 
     def start(self, timeout: float = 60.0, attempts: int = 3) -> None:

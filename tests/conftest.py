@@ -6,6 +6,17 @@ import signal
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.paths import SERVER_ROOT_ENV
+
+
+@pytest.fixture(autouse=True)
+def server_root(monkeypatch):
+    """The in-process ServerApp's bound on run paths: the whole file system, as the simulation harness sets it.
+
+    A test of the bound itself sets or removes it; a loopback deployment sets its own (deploy.loopback).
+    """
+    monkeypatch.setenv(SERVER_ROOT_ENV, "/")
+
 
 @pytest.fixture
 def server_task_identity():

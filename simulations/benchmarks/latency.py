@@ -29,6 +29,7 @@ from common.data.markets import MarketSource
 from common.data.synthetic import SyntheticConfig, write_markets
 from common.runtime.command import add_alias
 from deploy.loopback import LoopbackFederation
+from server.paths import SERVER_ROOT_ENV
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "flower-defaults": {
@@ -74,7 +75,9 @@ def measure(name: str, regions: dict[str, dict[str, str]], catalog: Path, args: 
         **setting["run_config"],
     }
     print(f"{name}: {len(regions)} regions, {args.num_server_rounds} rounds ...", flush=True)
-    with LoopbackFederation(root, regions, setting["environment"]) as federation:
+    # The runs' paths (out-dir under this setting's folder, the catalog beside both) lie inside --out.
+    environment = {SERVER_ROOT_ENV: str(args.out.resolve()), **setting["environment"]}
+    with LoopbackFederation(root, regions, environment) as federation:
         federation.start_all()
         federation.run(" ".join(f"{key}={value}" for key, value in run_config.items()), timeout=3600)
     history = json.loads((out_dir / "history.json").read_text())
