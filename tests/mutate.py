@@ -430,6 +430,38 @@ MUTATIONS = [
         "            elif False:\n                return users, skipped",
         ["tests/server/test_fedals.py"],
     ),
+    # A run-config path on the server host that leads outside XMFL_SERVER_ROOT is accepted.
+    Mutation(
+        "paths unconfined",
+        "server/paths.py",
+        "        if path != root and root not in path.parents:",
+        "        if False:",
+        ["tests/server/test_paths.py"],
+    ),
+    # Two ServerApps train in one out-dir at once: the lock does not exclude.
+    Mutation(
+        "out-dir not locked",
+        "server/paths.py",
+        "fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "pass",
+        ["tests/server/test_paths.py"],
+    ),
+    # A deployed region warm-starts a new training from whatever head it saved last.
+    Mutation(
+        "new training warm-started",
+        "clients/local_model.py",
+        "else store.load_training(continues) if continues else None",
+        "else latest",
+        ["tests/clients/test_client_app.py"],
+    ),
+    # A training's end removes the model the region serves.
+    Mutation(
+        "current model pruned",
+        "clients/served.py",
+        "if path.resolve() != served][",
+        "if True][",
+        ["tests/clients/test_models.py"],
+    ),
 ]
 
 IMPORT_CHECK = (
