@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from common.data.catalog import Catalog
-from common.neural.model import ModelConfig, SplitRecommender
+from common.neural.model import SplitRecommender
 from common.serving.batching import (
     ITEM_BATCH,
     PAIR_BATCH,
@@ -29,6 +29,7 @@ from common.serving.batching import (
     top_k,
     users_per_batch,
 )
+from common.serving.checks import MARKET_ENTRIES, check_market_data, model_config, read_mapped
 from common.serving.format import (
     MARKET_FILE,
     MODEL_FILE,
@@ -66,6 +67,7 @@ class ServedModel:
         self.user_ids = list(user_ids)
         self._users = pd.Index(self.user_ids)
         self._items = pd.Index(catalog.item_ids)
+        check_market_data(directory, user_ids, history_offsets, history_items, test_held_out, assortment)
         self._offsets = history_offsets.numpy().astype(np.int64)
         self._history = history_items.numpy().astype(np.int64)
         self._test_held_out = test_held_out.numpy().astype(np.int64)
@@ -425,13 +427,14 @@ def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> 
     directory = Path(directory)
     manifest, stored = read_manifest(directory, catalog)
     try:
-        config = ModelConfig(**manifest["model_config"])
+        market = read_mapped(directory / MARKET_FILE, MARKET_ENTRIES)
+        # The model's sizes, checked against the catalog and the market's users before it is allocated.
+        config = model_config(manifest.get("model_config"), stored.size, len(market["user_ids"]))
         model = SplitRecommender(config)
         # A table stored by its rows is expanded into the model's own: no second dense copy.
-        stored_state = torch.load(directory / MODEL_FILE, weights_only=True)
+        stored_state = read_mapped(directory / MODEL_FILE)
         model.load_state_dict(expand_state(stored_state, into=model.state_dict()))
         del stored_state
-        market = torch.load(directory / MARKET_FILE, weights_only=True)
         served = ServedModel(directory, manifest, model, stored, **market)
     except ServedModelError:
         raise

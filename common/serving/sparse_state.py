@@ -42,16 +42,21 @@ def expand_state(
     ------
     ValueError
         If a table's stored rows do not fit its stored length or its values, or ``into`` has a
-        tensor of another shape.
+        tensor of another shape or none of that name; checked before anything is allocated,
+        so a small file cannot make a large table.
     """
     state = {}
     for name, tensor in compact.items():
         if name.endswith(SPARSE_SUFFIX):
             continue
+        if into is not None and name not in into:
+            raise ValueError(f"The stored state holds {name}, which the model does not have.")
         sparse = compact.get(name + SPARSE_SUFFIX)
         if sparse is None:
             state[name] = tensor
             continue
+        if sparse.dim() != 1 or len(sparse) < 1 or sparse.dtype != torch.int64:
+            raise ValueError(f"The stored rows of {name} are not a 1-d int64 tensor of its length and rows.")
         length, rows = int(sparse[0]), sparse[1:]
         if (
             tensor.dim() != 2
