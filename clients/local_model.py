@@ -201,13 +201,17 @@ def _restore_saved_state(
     :mod:`clients.privacy_state`).
     """
     store = state_store(context, market)
-    latest = store.load() if store is not None else None
-    if latest is None:
+    if store is None:
         return
-    saved = latest if latest.training_id == training_id else store.load_training(continues) if continues else None
+    latest = store.load()
+    if latest is not None and latest.training_id == training_id:
+        saved = latest
+    else:
+        saved = store.load_training(continues) if continues else None
     if saved is None:
-        why = f"does not have a head of training {continues}" if continues else "continues no earlier training"
-        log(INFO, "Market %s starts training %s with a new head: it %s.", market, training_id, why)
+        if latest is not None or continues:
+            why = f"has no head of training {continues}" if continues else "continues no earlier training"
+            log(INFO, "Market %s starts training %s with a new head: it %s.", market, training_id, why)
         return
     if private and not saved.private:
         log(

@@ -450,8 +450,8 @@ MUTATIONS = [
     Mutation(
         "new training warm-started",
         "clients/local_model.py",
-        "else store.load_training(continues) if continues else None",
-        "else latest",
+        "saved = store.load_training(continues) if continues else None",
+        "saved = latest",
         ["tests/clients/test_client_app.py"],
     ),
     # A training's end removes the model the region serves.
