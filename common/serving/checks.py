@@ -7,6 +7,7 @@ so a small file can make the loader allocate no more than what it holds and what
 and market justify.
 """
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from common.serving.format import ServedModelError
 MARKET_ENTRIES = {"user_ids", "history_offsets", "history_items", "test_held_out", "assortment"}
 MAX_DIM = 65_536  # an embedding wider than any model this package trains: a manifest claiming more is not one
 MAX_HISTORY = 1_000_000  # likewise for the history length
+# What reading a damaged or foreign file raises: a torch.load of a damaged pickle fails in many ways (a fuzz of
+# the files, tests/common/serving/test_checks.py, found IndexError and UnpicklingError besides the usual ones).
+LOAD_ERRORS = (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, IndexError, pickle.UnpicklingError)
 
 
 def read_mapped(path: Path, entries: set[str] | None = None) -> dict[str, Any]:

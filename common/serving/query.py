@@ -29,7 +29,7 @@ from common.serving.batching import (
     top_k,
     users_per_batch,
 )
-from common.serving.checks import MARKET_ENTRIES, check_market_data, model_config, read_mapped
+from common.serving.checks import LOAD_ERRORS, MARKET_ENTRIES, check_market_data, model_config, read_mapped
 from common.serving.format import (
     MARKET_FILE,
     MODEL_FILE,
@@ -438,7 +438,7 @@ def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> 
         served = ServedModel(directory, manifest, model, stored, **market)
     except ServedModelError:
         raise
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError) as err:
+    except LOAD_ERRORS as err:
         reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
         reason = reason or type(err).__name__
         raise ServedModelError(

@@ -107,7 +107,7 @@ def test_the_stored_rows_of_a_table_are_checked_like_its_values():
         query.expand_state(compact)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     name=st.sampled_from([MANIFEST, MODEL_FILE, MARKET_FILE]),
     cut=st.one_of(st.none(), st.floats(0.0, 1.0)),
