@@ -9,13 +9,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from server.paths import SERVER_ROOT_ENV
 
 
-@pytest.fixture(autouse=True)
-def server_root(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def server_root():
     """The in-process ServerApp's bound on run paths: the whole file system, as the simulation harness sets it.
 
-    A test of the bound itself sets or removes it; a loopback deployment sets its own (deploy.loopback).
+    Session-wide, so that module fixtures that train see it too. A test of the bound itself sets or
+    removes it with its own monkeypatch; a loopback deployment sets its own (deploy.loopback).
     """
-    monkeypatch.setenv(SERVER_ROOT_ENV, "/")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SERVER_ROOT_ENV, "/")
+        yield
 
 
 @pytest.fixture
