@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulations.attacks import counting_oracle, delta_reset, reconstruction, seeded_noise
+from simulations.attacks import counting_oracle, delta_reset, reconstruction, seeded_noise, server_paths
 from simulations.attacks.settings import AttackSettings
 from simulations.progress import say
 
@@ -29,6 +29,7 @@ ATTACKS: dict[str, Attack] = {
     "counting-oracle": counting_oracle.attack,
     "seeded-noise": seeded_noise.attack,
     "delta-reset": delta_reset.attack,
+    "server-paths": server_paths.attack,
 }
 # The attacks of a malicious region on everyone's model (poisoning) go beside these.
 
@@ -85,6 +86,13 @@ def _headline(name: str, section: dict[str, Any]) -> str:
             f"lifetime ε {section['most-lifetime-epsilon-at-first-delta']:.3f}"
             f" at δ {section['first-delta']:g} (cap {section['epsilon-cap']:g}) | "
             f"asked δ {section['asked-delta']:g}"
+        )
+    if name == "server-paths":
+        bounded, everything = section["root-set"], section["root-is-everything"]
+        return (
+            f"{bounded['refused']} of {bounded['attempts']} hostile run configs refused, "
+            f"{len(bounded['files-created-outside-root'])} files made outside the root | "
+            f"root /: {everything['refused']} refused, {len(everything['files-created-outside-root'])} files made"
         )
     if name == "reconstruction":
         ndcg = section.get("macro-ndcg@10", {})

@@ -48,7 +48,7 @@ def attacks_report(tmp_path_factory):
             "--synthetic-markets",
             "2",
             "--attacks",
-            "counting-oracle,seeded-noise,delta-reset",
+            "counting-oracle,seeded-noise,delta-reset,server-paths",
             "--out",
             str(out),
         ]
@@ -322,3 +322,20 @@ def test_a_budget_error_leaves_the_region_as_a_fixed_text():
     reason = public_reason(PrivacyBudgetExceeded("Market 'de' cannot afford 121 more DP-SGD steps: epsilon 8.1"))
 
     assert not any(character.isdigit() for character in reason)
+
+
+# --- a run config cannot reach outside the server host's root ------------------------------------
+
+
+def test_hostile_run_configs_reach_nothing_outside_the_server_hosts_root(attacks_report):
+    bounded, everything = (
+        attacks_report["server-paths"]["root-set"],
+        attacks_report["server-paths"]["root-is-everything"],
+    )
+
+    # With the root set, every hostile run config is refused and nothing is made outside it.
+    assert bounded["refused"] == bounded["attempts"] == 5 and bounded["files-created-outside-root"] == []
+    # The attack works where the root is everything: the out-dirs outside are made (with the training's lock),
+    # while the device catalog and the live out-dir are refused by their own checks whatever the root.
+    assert {"out", "climbed"} <= set(everything["files-created-outside-root"])
+    assert everything["outcomes"]["catalog-device"] == everything["outcomes"]["resume-live-out-dir"] == "refused"
