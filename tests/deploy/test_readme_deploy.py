@@ -223,7 +223,8 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
     assert settings_names(settings_command) == set(settings), "the README's settings changed: update this test"
     runs = [step for step in steps if "flwr run" in step]
     assert len(runs) == 2 and "resume=true" not in runs[0] and "resume=true" in runs[1]
-    assert steps[-1] == runs[1]
+    serving = steps[steps.index(runs[1]) + 1 :]  # what each region does once the training ended
+    assert len(serving) == 1 and "xmfl models" in serving[0] and "--use latest" in serving[0]
     superlink = next(step for step in steps if "flower-superlink" in step)
     _regions_data(tmp_path / "data")
     home = tmp_path / "home"
@@ -274,9 +275,11 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
         # picked, from its own state-dir, over the catalog xmfl wrote; the server published fedals' item side.
         assert all(history[r]["per_market"][region]["upload-bytes"] > 0 for r in (1, 2) for region in REGIONS)
         catalog = Catalog.load(xm / "catalog.txt")
+        for region in REGIONS:  # nothing served until a region's operator chose the training's model
+            assert not (xm / region / "state" / "current").exists()
+        shell.run(serving[0])
         for region in REGIONS:
-            (model,) = (xm / region / "state" / "models").iterdir()  # one training: one served model
-            served = load_served_model(model, catalog)
+            served = load_served_model(xm / region / "state" / "current", catalog)
             best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
             assert served.manifest["market"] == region and served.manifest["method"] == "fedals"
             assert served.manifest["round"] == best
