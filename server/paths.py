@@ -22,6 +22,8 @@ paths, and the check is a few lines of :mod:`os.path` over the fields this app r
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +39,20 @@ SERVER_PATHS = {
     "catalog_path": "catalog-path",
     "data_dir": "data-dir",
 }
+
+
+@contextmanager
+def process_root(root: str) -> Iterator[None]:
+    """This process's root for the ServerApps it runs in-process (an attack's own runs), restored after."""
+    saved = os.environ.get(SERVER_ROOT_ENV)
+    os.environ[SERVER_ROOT_ENV] = root
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(SERVER_ROOT_ENV, None)
+        else:
+            os.environ[SERVER_ROOT_ENV] = saved
 
 
 def server_root(environment: dict[str, str] | None = None) -> Path:

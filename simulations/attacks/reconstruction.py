@@ -57,6 +57,7 @@ from common.ials.kernels import segment_starts
 from common.ials.private import DEFAULT_MIN_BUYERS, MIN_BUYERS_KEY
 from common.ials.wire import ASSORTMENT_KEY, unpack_statistics
 from common.selection import improves
+from server.paths import process_root
 from server.server_app import main as server_main
 from simulations import run as harness
 from simulations.attacks.hostile import HostileServer, InProcessGrid
@@ -344,9 +345,10 @@ def _train(run_config: dict[str, Any], markets: int, node_extra: dict[str, Any])
     """One honest fedals training over the real apps; the grid (with every train exchange) and its history."""
     nodes = [{"partition-id": p, "num-partitions": markets, **node_extra} for p in range(markets)]
     grid = _WatchingGrid(HostileServer(run_config, nodes))
-    server_main(
-        grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    )
+    with process_root("/"):  # the attack's own training, in this process, writing where the attack says
+        server_main(
+            grid, Context(run_id=next(_run_ids), node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+        )
     history = json.loads((Path(run_config["out-dir"]) / "history.json").read_text(encoding="utf-8"))
     return grid, history
 

@@ -18,7 +18,6 @@ runs), where every path is inside. No market is connected: a run that gets past 
 fails when it asks for nodes, after it has made its out-dir.
 """
 
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from server.paths import SERVER_ROOT_ENV, TrainingLock
+from server.paths import TrainingLock, process_root
 from server.server_app import RunRefusedError
 from server.server_app import main as server_main
 from simulations import run as harness
@@ -62,20 +61,14 @@ class _NoMarkets(Grid):
 
 def _submit(run_config: dict[str, Any], root: str) -> str:
     """Run the ServerApp on ``run_config`` with the server host's root ``root``: "refused", or how it failed."""
-    saved = os.environ.get(SERVER_ROOT_ENV)
-    os.environ[SERVER_ROOT_ENV] = root
     try:
-        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-        server_main(_NoMarkets(), context)
+        with process_root(root):
+            context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+            server_main(_NoMarkets(), context)
     except RunRefusedError:
         return "refused"
     except RuntimeError as error:  # past the checks, the run fails when it asks for markets
         return f"ran on: {error}"
-    finally:
-        if saved is None:
-            os.environ.pop(SERVER_ROOT_ENV, None)
-        else:
-            os.environ[SERVER_ROOT_ENV] = saved
     return "ran on"
 
 
