@@ -93,10 +93,9 @@ class LoopbackFederation:
             MKL_NUM_THREADS="1",
             # The SuperLink fetches `@publisher/app==version` apps, with their signatures, from here.
             FLWR_SUPERGRID_API_URL=self.index.url,
-            # The server host's folder that every path of a run must stay inside (server.paths).
-            **{SERVER_ROOT_ENV: str(root)},
-            **(environment or {}),
         )
+        # The server host's folder that every path of a run must stay inside (server.paths); the caller's wins.
+        self.env |= {SERVER_ROOT_ENV: str(root), **(environment or {})}
 
     def _write_connection(self) -> None:
         """The `flwr` CLI's connection to this federation's SuperLink."""

@@ -475,7 +475,7 @@ def test_a_deployed_region_trains_and_writes_its_served_model_to_its_state_dir(t
     )
 
     # Assert: the region serves fedals' model of round 1 from its state-dir, and kept nothing user-indexed to send.
-    served = load_served_model(tmp_path / "state" / "model")
+    served = load_served_model(tmp_path / "state" / "models" / "t-1")  # the training's own folder
     assert served.manifest["method"] == "fedals" and served.manifest["round"] == 1
     assert served.model.config.dim == FACTORS and served.model.config.user_embeddings
     assert (tmp_path / "state" / "m02.best.pt").exists()

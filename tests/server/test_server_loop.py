@@ -439,7 +439,9 @@ def test_the_server_ends_a_training_with_its_summary(tmp_path):
     # Each market's validation is the same every round: the first of equal rounds is served.
     assert lines[start + 3] == "  round each market serves (its best by its own validation NDCG@10): de 1, jp 1"
     assert str(tmp_path / "published.pt") in lines[start + 4]
-    assert lines[start + 5] == "  served models: in each region, its state-dir's model/"
+    assert lines[start + 5] == (
+        "  served models: in each region, <state-dir>/models/<training-id>/ (xmfl models --use makes it the one served)"
+    )
 
 
 def test_flower_logs_a_refused_run_in_one_line_and_any_other_failure_with_its_traceback():
