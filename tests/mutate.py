@@ -542,7 +542,8 @@ def run_tests(tests: list[str], copy: Path, verbose: bool, keep_going: bool = Fa
         raise RuntimeError(f"the copy's packages are not the ones imported: {check.stdout}{check.stderr}")
     stop = [] if keep_going else ["-x"]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", *stop, "-q", "-p", "no:cacheprovider", *tests],
+        # -n 0: one process, so that -x stops at the first failure (under xdist it ends as "interrupted", status 2)
+        [sys.executable, "-m", "pytest", *stop, "-n", "0", "-q", "-p", "no:cacheprovider", *tests],
         cwd=copy,
         env=env,
         capture_output=True,

@@ -13,7 +13,7 @@ from server.server_app import main as server_main
 from tests.in_process import ScriptedGrid
 from tests.in_process import run_config as in_process_config
 
-RUN = {"method": "fedper", "synthetic-markets": 2, "embedding-dim": 8, "num-server-rounds": 1}
+RUN = {"method": "fedper", "synthetic-markets": 2, "embedding-dim": 8, "num-server-rounds": 1, "node-timeout": 1.0}
 
 
 def _config(**paths: str) -> RunConfig:
