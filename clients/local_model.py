@@ -207,7 +207,7 @@ def _restore_saved_state(
     if latest is not None and latest.training_id == training_id:
         saved = latest
     else:
-        saved = store.load_training(continues) if continues else None
+        saved = store.load_training(continues, latest) if continues else None
     if saved is None:
         if latest is not None or continues:
             why = f"has no head of training {continues}" if continues else "continues no earlier training"

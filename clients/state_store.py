@@ -90,7 +90,7 @@ class MarketStateStore:
         """
         return self._read(self.path)
 
-    def load_training(self, training_id: str) -> MarketState | None:
+    def load_training(self, training_id: str, latest: MarketState | None = None) -> MarketState | None:
         """The head the market saved in ``training_id`` (or joined from its published part), or None.
 
         Raises
@@ -99,7 +99,7 @@ class MarketStateStore:
             If the file holding it cannot be read or does not hold a market state.
         """
         wanted = {training_id, f"{JOIN_TRAINING_PREFIX}{training_id}"}
-        latest = self.load()
+        latest = latest or self.load()  # the caller's copy of <market>.pt, when it has read it already
         if latest is not None and latest.training_id in wanted:
             return latest
         for name in sorted(wanted):
@@ -112,11 +112,11 @@ class MarketStateStore:
         """The trainings whose heads are kept beside the latest one."""
         return sorted(path.stem for path in self.kept.glob("*.pt")) if self.kept.is_dir() else []
 
-    def _read(self, path: Path) -> MarketState | None:
+    def _read(self, path: Path, mmap: bool = False) -> MarketState | None:
         if not path.exists():
             return None
         try:
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, weights_only=True, mmap=mmap)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             raise self._corrupt(f"cannot be read ({error})", path) from error
         if not isinstance(saved, dict):
@@ -156,7 +156,8 @@ class MarketStateStore:
             "has-ledger": state.ledger,
         }
         with locked(self.path):
-            earlier = self._read(self.path)
+            # Memory-mapped: after every round only the earlier head's training id is wanted, not its tensors.
+            earlier = self._read(self.path, mmap=True)
             if earlier is not None and earlier.training_id != state.training_id:
                 self.kept.mkdir(parents=True, exist_ok=True)
                 os.replace(self.path, self.kept / f"{check_name(earlier.training_id, 'training')}.pt")

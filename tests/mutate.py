@@ -450,7 +450,7 @@ MUTATIONS = [
     Mutation(
         "new training warm-started",
         "clients/local_model.py",
-        "saved = store.load_training(continues) if continues else None",
+        "saved = store.load_training(continues, latest) if continues else None",
         "saved = latest",
         ["tests/clients/test_client_app.py"],
     ),
