@@ -3,7 +3,7 @@
 Train message: the item factors of the market's assortment and the Gram ``YᵀY`` (in round 1
 the Gram alone, and the market draws its seeded initial rows itself). The market solves its
 users (:func:`common.ials.solve_users`), evaluates the received factors when the server folds
-the evaluation into the message, and replies with :func:`common.ials_wire.pack_statistics` of its
+the evaluation into the message, and replies with :func:`common.ials.packed.pack_market_statistics` of its
 item statistics (checked item-side with :func:`common.ials_wire.check_item_side` before they leave),
 its assortment's rows and numbers. Evaluate message: the same factors, evaluated.
 
@@ -58,8 +58,9 @@ from common.data.split import MarketSplit
 from common.ials.core import IALSConfig, ItemFactors, MarketInteractions
 from common.ials.dp import noise_generator, private_release, zero_release
 from common.ials.model import IALSMarket, evaluate_market, initial_rows, interaction_ratings
+from common.ials.packed import pack_market_statistics
 from common.ials.private import merged, min_buyers, restricted, shared_items, solve_private_items
-from common.ials.steps import market_item_statistics, solve_users
+from common.ials.steps import solve_users
 from common.ials.transfer import candidates, choose
 from common.ials.wire import (
     ASSORTMENT_KEY,
@@ -67,7 +68,6 @@ from common.ials.wire import (
     ITEM_SIDE_KEYS,
     check_item_side,
     item_rows_problem,
-    pack_statistics,
     unpack_item_factors,
 )
 from common.methods import get_method
@@ -123,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         rows = split.market_items
         # Only the items with at least `minimum` buyers here leave the market (common.ials.private).
         shared = restricted(market.train, shared_items(market.train, minimum))
-        statistics = pack_statistics(market_item_statistics(shared, users, ials), config.als_wire)
+        statistics = pack_market_statistics(shared, users, ials, config.als_wire)
         check_item_side(statistics, shared.items, ials.factors)
         _remember_users(context, market, users, server_round, training_id)
         metrics = {NUM_EXAMPLES_KEY: split.num_train, TRAINED_KEY: int(split.num_train > 0)}

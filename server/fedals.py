@@ -4,7 +4,8 @@ Each round the server sends every market the item factors of its assortment and 
 ``YᵀY`` of the whole table; the market solves its users against them and replies with
 item-side statistics summed over its users (:func:`common.ials_wire.pack_statistics`) and its
 assortment's rows; the server sums the statistics and solves every touched item exactly
-(:func:`common.ials.solve_items`). The item factors equal pooled iALS of the same settings
+(:func:`common.ials.packed.solve_items_packed`: items in blocks, read from the replies' packed
+float16 or float32 bytes without a copy). The item factors equal pooled iALS of the same settings
 (:func:`common.ials.pooled_ials`) up to the float32 wire. No user-indexed value is sent.
 
 The round loop (:mod:`server.rounds`) keeps the shared state as the encoder's state dict
@@ -32,7 +33,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from common.ials.core import IALSConfig, ItemFactors, lookup_rows
 from common.ials.dp import private_release_problem, solve_private_items
 from common.ials.model import ITEM_TABLE, encoder_state
-from common.ials.steps import solve_items
+from common.ials.packed import PackedStatistics, npy_view, solve_items_packed
 from common.ials.wire import (
     ASSORTMENT_KEY,
     INITIAL_ROWS_KEY,
@@ -40,7 +41,6 @@ from common.ials.wire import (
     npy_header_problem,
     pack_item_factors,
     reply_problem,
-    unpack_statistics,
 )
 from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, NUM_EXAMPLES_KEY, SERVER_ROUND_KEY, USER_GRAM_KEY
 
@@ -174,7 +174,9 @@ class FedALS(FedAvg):
         statistics, releases, users, received = [], [], 0, 0
         for reply in replies:
             record = next(iter(reply.content.array_records.values()))
-            payload = {name: array.numpy() for name, array in record.items()}
+            # Views of the message's bytes, not copies: at a million-user market the packed
+            # factors alone are gigabytes (the reply screen has checked every header).
+            payload = {name: npy_view(array.data) for name, array in record.items()}
             received += sum(len(array.data) for array in record.values())
             rows = payload.pop(ASSORTMENT_KEY).astype(np.int64)
             self._rows[reply.metadata.src_node_id] = rows
@@ -183,13 +185,13 @@ class FedALS(FedAvg):
                 metrics = next(iter(reply.content.metric_records.values()))
                 users += int(metrics.get(NUM_EXAMPLES_KEY, 0))
             else:
-                statistics.append(unpack_statistics(payload))
+                statistics.append(PackedStatistics.from_payload(payload))
         if not statistics and not releases:
             return None, None
         solved = (
             solve_private_items(releases, max(users, 1), self.config)
             if self.private
-            else solve_items(statistics, self.config)
+            else solve_items_packed(statistics, self.config)
         )
         if not self.private:
             self._user_gram = sum(part.gram for part in statistics)

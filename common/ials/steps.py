@@ -4,7 +4,7 @@ Every step is exact (the normal equations of :mod:`common.ials.core`'s loss, sol
 batched kernels of :mod:`common.ials.kernels`); a market and the server run the same functions.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -122,19 +122,36 @@ def market_item_statistics(market: MarketInteractions, user_factors: np.ndarray,
     ItemStatistics
         Item-indexed sums over the market's users, and the market's augmented Gram.
     """
+    items, counts, ranks, blocks = statistics_blocks(market, user_factors, config)
+    pieces = [rows for _, _, rows in blocks]
+    stacked = np.concatenate(pieces) if pieces else np.zeros((0, np.shape(user_factors)[1] + 1))
+    return ItemStatistics(items, counts, ranks, stacked, _augmented_gram(user_factors))
+
+
+def statistics_blocks(
+    market: MarketInteractions, user_factors: np.ndarray, config: IALSConfig, block: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Iterator[tuple[int, int, np.ndarray]]]:
+    """:func:`market_item_statistics` one block at a time, items in blocks of at most ``block`` buyer rows.
+
+    Returns the market's touched items, their buyer counts, their ranks and an iterator of
+    ``(first, last, rows)``: the stacked factor rows of items ``[first, last)``. ``ranks[first:last]``
+    holds those items' ranks once their block is yielded.
+    """
     weights = market.weights(config)
     root = np.sqrt(config.alpha * weights)
     order, items, counts = _group(market.items)
     factors = np.asarray(user_factors, dtype=np.float64)
-    ranks, pieces = np.zeros(len(items), dtype=np.int64), []
-    # Items in blocks of at most BLOCK_INTERACTIONS buyer rows, as the user step's blocks.
-    for first, last, start, stop in _segment_blocks(counts):
-        block = order[start:stop]
-        rows = _z_rows(factors[market.users[block]], weights[block], root[block], config)
-        ranks[first:last], piece = _factor_segments(rows, counts[first:last])
-        pieces.append(piece)
-    stacked = np.concatenate(pieces) if pieces else np.zeros((0, factors.shape[1] + 1))
-    return ItemStatistics(items, counts, ranks, stacked, _augmented_gram(user_factors))
+    ranks = np.zeros(len(items), dtype=np.int64)
+
+    def blocks() -> Iterator[tuple[int, int, np.ndarray]]:
+        for first, last, start, stop in _segment_blocks(counts, block):
+            rows = order[start:stop]
+            z = _z_rows(factors, market.users[rows], weights[rows], root[rows], config)
+            ranks[first:last], piece = _factor_segments(z, counts[first:last])
+            del z
+            yield first, last, piece
+
+    return items, counts, ranks, blocks()
 
 
 def _buyer_rows(
@@ -144,13 +161,26 @@ def _buyer_rows(
     interaction, grouped by item (all at once: for the private and reference paths)."""
     weights = market.weights(config)
     order, items, counts = _group(market.items)
-    factors = np.asarray(user_factors, dtype=np.float64)[market.users[order]]
-    return items, counts, _z_rows(factors, weights[order], np.sqrt(config.alpha * weights[order]), config)
+    factors = np.asarray(user_factors, dtype=np.float64)
+    return (
+        items,
+        counts,
+        _z_rows(factors, market.users[order], weights[order], np.sqrt(config.alpha * weights[order]), config),
+    )
 
 
-def _z_rows(factors: np.ndarray, weights: np.ndarray, root: np.ndarray, config: IALSConfig) -> np.ndarray:
-    """``z = [√(c−1)·x, c/√(c−1)]`` for interactions of user factors ``factors``, weights and ``√(α·w)``."""
-    return np.hstack([factors * root[:, None], ((1.0 + config.alpha * weights) / root)[:, None]])
+def _z_rows(
+    factors: np.ndarray, users: np.ndarray, weights: np.ndarray, root: np.ndarray, config: IALSConfig
+) -> np.ndarray:
+    """``z = [√(c−1)·x_u, c/√(c−1)]`` for interactions of ``users`` (rows of ``factors``), weights and ``√(α·w)``.
+
+    Written into one array (no stacked copies): at 2^19 rows a block is 0.5 GB.
+    """
+    dim = factors.shape[1]
+    rows = np.empty((len(users), dim + 1))
+    np.multiply(factors[users], root[:, None], out=rows[:, :dim])
+    rows[:, dim] = (1.0 + config.alpha * weights) / root
+    return rows
 
 
 def _augmented_gram(user_factors: np.ndarray) -> np.ndarray:
