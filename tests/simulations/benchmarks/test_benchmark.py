@@ -1,5 +1,6 @@
 """A small quality benchmark on generated markets: the report's shape and its sums."""
 
+import argparse
 import json
 import math
 import os
@@ -337,3 +338,24 @@ def test_the_latency_benchmark_compares_both_round_loops_on_a_real_deployment(tm
         assert result["mean_seconds_per_round"] > 0
     assert report["ratio_seconds_per_round"] > 0
     assert (tmp_path / "latency.json").exists()
+
+
+def test_the_scale_benchmark_reuses_a_federation_generated_with_the_same_settings(tmp_path, monkeypatch):
+    # Prepare: a federation generated once.
+    parser = argparse.ArgumentParser()
+    scale_benchmark.add_arguments(parser)
+    args = parser.parse_args([*SCALE_SIZE, "--out", str(tmp_path)])
+    first = scale_benchmark.write_federation(args, tmp_path / "data")
+
+    # Execute: the same settings again, with generation made to fail.
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(scale_benchmark, "write_markets", refuse)
+    again = scale_benchmark.write_federation(args, tmp_path / "data")
+
+    # Assert: read back, the same catalog and counts; other settings generate anew.
+    assert again == first
+    args.seed = 1
+    with pytest.raises(AssertionError, match="generated again"):
+        scale_benchmark.write_federation(args, tmp_path / "data")
