@@ -203,6 +203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16.0,
         help="stop a method whose process tree exceeds this resident memory (default: %(default)s)",
     )
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds a round waits for the markets: a million-user market takes minutes (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/scale"), help="output directory (default: %(default)s)"
@@ -327,6 +333,8 @@ def run_method(
         str(args.seed),
         "--set",
         f"catalog-path={catalog_path}",
+        "--set",
+        f"round-timeout={args.round_timeout}",
         *(["--verbose"] if args.verbose else []),
     ]
     started = time.perf_counter()
