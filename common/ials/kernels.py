@@ -54,6 +54,7 @@ def _solve_segments(
     lengths: np.ndarray,
     regularization: np.ndarray,
     prior: np.ndarray | None = None,
+    eigenbasis: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Solve ``(G + F_sᵀF_s + λ_s I) v_s = F_sᵀ t_s + p_s`` for every segment ``s`` of consecutive rows.
 
@@ -72,6 +73,10 @@ def _solve_segments(
     prior : np.ndarray, optional
         ``(s, d)`` an extra right-hand side ``p`` per segment (default zero): with ``μ`` added
         to ``λ_s``, ``p_s = μ·y⁰_s`` pulls the solution toward ``y⁰_s`` (:func:`solve_items_toward`).
+    eigenbasis : tuple of np.ndarray, optional
+        ``numpy.linalg.eigh(gram)``, when the caller has it; ``rows`` are then already in the
+        eigenbasis (``F @ Q``): a caller that looks rows up from a table rotates the table once
+        instead of every looked-up row (:func:`common.ials.steps.solve_users`).
 
     Returns
     -------
@@ -79,9 +84,12 @@ def _solve_segments(
         ``(s, d)`` solutions; ``(G + λ_s I)⁻¹p_s`` (zero without a prior) for empty segments.
     """
     dim = gram.shape[0]
-    eigenvalues, basis = np.linalg.eigh(gram)
+    if eigenbasis is None:
+        eigenvalues, basis = np.linalg.eigh(gram)
+        rotated = rows @ basis  # F in the eigenbasis, where G + λI is the diagonal D
+    else:
+        (eigenvalues, basis), rotated = eigenbasis, rows
     inverse = 1.0 / (np.clip(eigenvalues, 0.0, None)[None, :] + regularization[:, None])  # D⁻¹ per segment
-    rotated = rows @ basis  # F in the eigenbasis, where G + λI is the diagonal D
     starts = segment_starts(lengths)
     # q = D⁻¹p: the solution of a segment without rows, and where the push-through starts from.
     shifted = (
