@@ -153,11 +153,18 @@ def history_means(items: ItemFactors, history: torch.Tensor, mask: torch.Tensor)
     history, mask : torch.Tensor
         ``(users, history_length)`` catalog rows and 1.0 where a row holds an item.
     """
-    rows, weights = history.numpy(), mask.numpy().astype(np.float64)
-    total = np.zeros((len(rows), items.dim))
-    for position in range(rows.shape[1]):  # one history position at a time: (users, d) in memory
-        total += weights[:, position, None] * items.lookup(rows[:, position])
-    return total / np.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+    rows, weights = history.numpy(), mask.to(torch.float64)
+    # Each history row's position in the factor table, once; rows without a factor point at a
+    # zero row appended last. torch's embedding_bag then sums the weighted rows of every user
+    # in one call: (users, d) in memory, never (users, history, d).
+    position = np.searchsorted(items.rows, rows).clip(max=max(len(items.rows) - 1, 0))
+    found = items.rows[position] == rows if len(items.rows) else np.zeros(rows.shape, dtype=bool)
+    index = torch.as_tensor(np.where(found, position, len(items.rows)))
+    table = torch.cat([torch.as_tensor(items.factors), torch.zeros((1, items.dim), dtype=torch.float64)])
+    if not rows.size:
+        return np.zeros((len(rows), items.dim))
+    total = torch.nn.functional.embedding_bag(index, table, per_sample_weights=weights, mode="sum").numpy()
+    return total / np.maximum(weights.sum(dim=1, keepdim=True).numpy(), 1.0)
 
 
 def ials_recommender(

@@ -288,6 +288,18 @@ def evaluate(
         positives, excluded = _full_ranking_columns(data, on_test)
         ranked_in_full = np.zeros(len(users), dtype=bool)
         ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True
+    # Users ranked in full wait until a chunk's worth is gathered: one matrix product per
+    # EVAL_CHUNK of them, not one per chunk of evaluated users (each reads every item vector).
+    waiting_rows: list[np.ndarray] = []
+    waiting_vectors: list[torch.Tensor] = []
+
+    def rank_in_full() -> None:
+        rows, vectors = np.concatenate(waiting_rows), torch.cat(waiting_vectors)
+        all_scores = torch.addmm(item_bias, vectors, item_vectors.T)
+        full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
+        waiting_rows.clear()
+        waiting_vectors.clear()
+
     for chunk in torch.arange(len(users)).split(EVAL_CHUNK):
         history, mask = data.user_history(users[chunk], for_test=on_test)
         # History items are the market's own: their encodings are rows of item_vectors.
@@ -299,9 +311,12 @@ def evaluate(
         if full and ranked_in_full[chunk.numpy()].any():
             rows = chunk.numpy()  # a one-element tensor would index numpy as a scalar
             chosen = ranked_in_full[rows]
-            rows = rows[chosen]
-            all_scores = torch.addmm(item_bias, user_vectors[torch.as_tensor(chosen)], item_vectors.T)
-            full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
+            waiting_rows.append(rows[chosen])
+            waiting_vectors.append(user_vectors[torch.as_tensor(chosen)])
+            if sum(len(waiting) for waiting in waiting_rows) >= EVAL_CHUNK:
+                rank_in_full()
+    if waiting_rows:
+        rank_in_full()
     all_ranks = np.concatenate(ranks)
     metrics = RankingMetrics(ndcg=ndcg_at_k(all_ranks, k), hit_rate=hit_rate_at_k(all_ranks, k), users=len(all_ranks))
     if not full:
