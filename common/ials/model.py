@@ -143,6 +143,9 @@ class HistoryHead:
         return user_factors - self.mean_user - means @ self.projection.T
 
 
+HISTORY_BLOCK = 1 << 17  # users whose history means are summed at once
+
+
 def history_means(items: ItemFactors, history: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """``h̄_u``: the mean item factor of each user's history, pooled as :class:`MarketHead` pools it.
 
@@ -153,18 +156,23 @@ def history_means(items: ItemFactors, history: torch.Tensor, mask: torch.Tensor)
     history, mask : torch.Tensor
         ``(users, history_length)`` catalog rows and 1.0 where a row holds an item.
     """
-    rows, weights = history.numpy(), mask.to(torch.float64)
-    # Each history row's position in the factor table, once; rows without a factor point at a
-    # zero row appended last. torch's embedding_bag then sums the weighted rows of every user
-    # in one call: (users, d) in memory, never (users, history, d).
-    position = np.searchsorted(items.rows, rows).clip(max=max(len(items.rows) - 1, 0))
-    found = items.rows[position] == rows if len(items.rows) else np.zeros(rows.shape, dtype=bool)
-    index = torch.as_tensor(np.where(found, position, len(items.rows)))
+    means = np.zeros((len(history), items.dim))
+    if not history.numel():
+        return means
+    # Rows without a factor point at a zero row appended last; torch's embedding_bag sums each
+    # user's weighted rows in one call, (users, d) in memory, never (users, history, d). Users
+    # go in blocks so that the positions of a million users' histories are never all held.
     table = torch.cat([torch.as_tensor(items.factors), torch.zeros((1, items.dim), dtype=torch.float64)])
-    if not rows.size:
-        return np.zeros((len(rows), items.dim))
-    total = torch.nn.functional.embedding_bag(index, table, per_sample_weights=weights, mode="sum").numpy()
-    return total / np.maximum(weights.sum(dim=1, keepdim=True).numpy(), 1.0)
+    last = max(len(items.rows) - 1, 0)
+    for start in range(0, len(history), HISTORY_BLOCK):
+        rows = history[start : start + HISTORY_BLOCK].numpy()
+        weights = mask[start : start + HISTORY_BLOCK].to(torch.float64)
+        position = np.searchsorted(items.rows, rows).clip(max=last)
+        found = items.rows[position] == rows if len(items.rows) else np.zeros(rows.shape, dtype=bool)
+        index = torch.as_tensor(np.where(found, position, len(items.rows)))
+        total = torch.nn.functional.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+        means[start : start + len(rows)] = (total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).numpy()
+    return means
 
 
 def ials_recommender(

@@ -285,9 +285,12 @@ def evaluate(
     item_vectors = model.encoder(market_items)
     item_bias = model.head.item_bias(market_items).squeeze(-1)
     if full:
-        positives, excluded = _full_ranking_columns(data, on_test)
         ranked_in_full = np.zeros(len(users), dtype=bool)
         ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True
+        # The held-out and excluded columns of those users alone: a market of a million users
+        # would otherwise hold every user's padded training items twice.
+        in_full = np.flatnonzero(ranked_in_full)
+        positives, excluded = _full_ranking_columns(data, on_test, in_full)
     # Users ranked in full wait until a chunk's worth is gathered: one matrix product per
     # EVAL_CHUNK of them, not one per chunk of evaluated users (each reads every item vector).
     waiting_rows: list[np.ndarray] = []
@@ -296,7 +299,8 @@ def evaluate(
     def rank_in_full() -> None:
         rows, vectors = np.concatenate(waiting_rows), torch.cat(waiting_vectors)
         all_scores = torch.addmm(item_bias, vectors, item_vectors.T)
-        full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[rows], excluded[rows]))
+        at = np.searchsorted(in_full, rows)
+        full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[at], excluded[at]))
         waiting_rows.clear()
         waiting_vectors.clear()
 
@@ -339,19 +343,22 @@ def full_ranking_users(users: int, cap: int = FULL_RANKING_USERS) -> np.ndarray:
     return np.unique(np.linspace(0, users - 1, cap).round().astype(np.int64))
 
 
-def _full_ranking_columns(data: MarketTensors, on_test: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Columns of ``data.market_items`` for each evaluated user: the held-out item, and the
-    items to leave out of its ranking (training items, plus the validation item on test; -1 pads)."""
+def _full_ranking_columns(data: MarketTensors, on_test: bool, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of ``data.market_items`` for the evaluated users at positions ``chosen``: the held-out
+    item, and the items to leave out of its ranking (training items, plus the validation item on
+    test; -1 pads)."""
     split = data.split
     eval_set = split.test if on_test else split.valid
     market_items = split.market_items  # sorted: a catalog row's column is its searchsorted position
-    positives = np.searchsorted(market_items, eval_set.candidates[:, 0])
-    if np.any(market_items[np.minimum(positives, len(market_items) - 1)] != eval_set.candidates[:, 0]):
+    held_out = eval_set.candidates[chosen, 0]
+    positives = np.searchsorted(market_items, held_out)
+    if np.any(market_items[np.minimum(positives, len(market_items) - 1)] != held_out):
         raise ValueError(f"Market '{split.market}' holds out items outside its own assortment.")
-    seen = data.user_items[torch.as_tensor(eval_set.users)].numpy()
+    users = eval_set.users[chosen]
+    seen = data.user_items[torch.as_tensor(users)].numpy()
     if on_test:
         validation_item = np.full(split.num_users, -1, dtype=np.int64)
         validation_item[split.valid.users] = split.valid.candidates[:, 0]
-        seen = np.concatenate([seen, validation_item[eval_set.users][:, None]], axis=1)
+        seen = np.concatenate([seen, validation_item[users][:, None]], axis=1)
     excluded = np.where(seen >= 0, np.searchsorted(market_items, seen), -1)
     return positives, excluded
