@@ -359,3 +359,35 @@ def test_the_scale_benchmark_reuses_a_federation_generated_with_the_same_setting
     args.seed = 1
     with pytest.raises(AssertionError, match="generated again"):
         scale_benchmark.write_federation(args, tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("axis", "size"),
+    [
+        ("items", ["--synthetic-markets", "2", "--items", "6000", "--largest-market-users", "60"]),
+        ("users", ["--synthetic-markets", "2", "--items", "3000", "--largest-market-users", "240"]),
+        ("markets", ["--synthetic-markets", "5", "--items", "3000", "--largest-market-users", "60"]),
+    ],
+)
+def test_each_axis_of_the_scale_tables_runs_small_against_implicit(tmp_path, monkeypatch, axis, size):
+    # Prepare: docs/scale.md's tables grow one axis at a time; here each at a small size, the
+    # federated method standing in (the slow test above runs the real one), implicit real.
+    pytest.importorskip("implicit.cpu.als")
+    monkeypatch.setattr(harness_module, "run_federated", _fake_federated)
+
+    # Execute
+    report = benchmark.main(["scale", *size, "--num-server-rounds", "1", "--methods", "fedals", "--out", str(tmp_path)])
+
+    # Assert: the federation has the size asked on that axis, and the reference ran beside it.
+    markets = tmp_path / "data" / "markets"
+    users = {
+        path.stem: len({line.split(",")[0] for line in path.read_text().splitlines()[1:]}) for path in markets.iterdir()
+    }
+    catalog = Catalog.load(tmp_path / "data" / "catalog.txt")
+    expected = {
+        "items": catalog.size >= 6000,
+        "users": max(users.values()) == 240,
+        "markets": len(report["interactions"]) == len(users) == 5,
+    }
+    assert expected[axis], (axis, catalog.size, users)
+    assert_reference_and_ratios(json.loads((tmp_path / "scale.json").read_text()), ["fedals"])
