@@ -478,6 +478,34 @@ MUTATIONS = [
         "if False:",
         ["tests/common/serving/test_checks.py"],
     ),
+    Mutation(
+        "packed item step drops each block's last item",
+        "common/ials/packed.py",
+        "            start, stop = np.searchsorted(part.items, [low, high + 1])",
+        "            start, stop = np.searchsorted(part.items, [low, high])",
+        ["tests/common/ials/test_packed.py"],
+    ),
+    Mutation(
+        "Cholesky factor not transposed",
+        "common/ials/kernels.py",
+        "            return np.linalg.cholesky(block.transpose(0, 2, 1) @ block).transpose(0, 2, 1)",
+        "            return np.linalg.cholesky(block.transpose(0, 2, 1) @ block)",
+        ["tests/common/ials/test_ials.py"],
+    ),
+    Mutation(
+        "full ranking's columns of other users",
+        "common/neural/train.py",
+        "        full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[at], excluded[at]))",
+        "        full_ranks.append(full_rank_of_positive(all_scores.numpy(), positives[at[::-1]], excluded[at]))",
+        ["tests/common/data/test_full_ranking.py", "tests/server/test_fedals.py"],
+    ),
+    Mutation(
+        "history means of the wrong block",
+        "common/ials/model.py",
+        "        means[start : start + len(rows)] = (total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).numpy()",
+        "        means[: len(rows)] = (total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).numpy()",
+        ["tests/common/ials/test_model.py"],
+    ),
 ]
 
 IMPORT_CHECK = (
