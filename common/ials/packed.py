@@ -26,7 +26,7 @@ import numpy as np
 
 from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, item_regularization
 from common.ials.kernels import _solve_segments
-from common.ials.steps import _augmented_gram, _segment_blocks, statistics_blocks
+from common.ials.steps import _augmented_gram, _segment_blocks, statistics_blocks, summed_gram
 from common.ials.wire import WIRE_DTYPES, _trapezoid_mask, packed_length
 
 
@@ -169,12 +169,7 @@ def solve_items_packed(
     ItemFactors
         Factors of every item some market sent.
     """
-    if not statistics:
-        raise ValueError("The item step needs the statistics of at least one market.")
-    dim = statistics[0].dim
-    if any(part.dim != dim for part in statistics):
-        raise ValueError(f"Markets sent statistics of different dimensions: {sorted({p.dim for p in statistics})}.")
-    gram = sum(part.gram for part in statistics)
+    dim, gram = summed_gram(statistics)
     items = np.unique(np.concatenate([part.items for part in statistics]))
     buyers, lengths = np.zeros(len(items)), np.zeros(len(items), dtype=np.int64)
     for part in statistics:

@@ -230,6 +230,19 @@ def solve_items_toward(
 # --- the server's item step ----------------------------------------------------------------------
 
 
+def summed_gram(statistics: Sequence[ItemStatistics]) -> tuple[int, np.ndarray]:
+    """The markets' common dimension d and their augmented user Grams summed; ValueError if none or d differs.
+
+    Takes anything with ``dim`` and ``gram`` (also :class:`common.ials.packed.PackedStatistics`).
+    """
+    if not statistics:
+        raise ValueError("The item step needs the statistics of at least one market.")
+    dim = statistics[0].dim
+    if any(part.dim != dim for part in statistics):
+        raise ValueError(f"Markets sent statistics of different dimensions: {sorted({p.dim for p in statistics})}.")
+    return dim, sum(part.gram for part in statistics)
+
+
 def solve_items(statistics: Sequence[ItemStatistics], config: IALSConfig) -> ItemFactors:
     """The server's item step: sum the markets' statistics and solve each touched item exactly.
 
@@ -248,12 +261,7 @@ def solve_items(statistics: Sequence[ItemStatistics], config: IALSConfig) -> Ite
     ItemFactors
         Factors of every item some market touched.
     """
-    if not statistics:
-        raise ValueError("The item step needs the statistics of at least one market.")
-    dim = statistics[0].dim
-    if any(part.dim != dim for part in statistics):
-        raise ValueError(f"Markets sent statistics of different dimensions: {sorted({p.dim for p in statistics})}.")
-    gram = sum(part.gram for part in statistics)
+    dim, gram = summed_gram(statistics)
     row_items = np.concatenate([np.repeat(part.items, part.ranks) for part in statistics])
     rows = np.concatenate([part.rows for part in statistics])
     order, items, lengths = _group(row_items)
