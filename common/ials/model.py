@@ -121,6 +121,9 @@ def interaction_ratings(
     return ratings(split.train_users, split.train_items), ratings(split.valid.users, split.valid.candidates[:, 0])
 
 
+HISTORY_BLOCK = 1 << 17  # users whose history means and offsets are computed at once
+
+
 @dataclass(frozen=True)
 class HistoryHead:
     """The head's stand-in for a user's factor from their history: ``x ≈ x̄ + P·h̄``."""
@@ -135,15 +138,21 @@ class HistoryHead:
         gram = means.T @ means
         scale = np.trace(gram) / len(gram)
         ridge = HISTORY_RIDGE * scale if scale > 0 else 1.0  # no history at all: P = 0
-        projection = np.linalg.solve(gram + ridge * np.eye(len(gram)), means.T @ (user_factors - mean_user)).T
+        # Σ_u h̄_u (x_u − x̄)ᵀ without the (users, d) difference: a million users' copy is 1 GB.
+        cross = means.T @ user_factors - np.outer(means.sum(axis=0), mean_user)
+        projection = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross).T
         return cls(mean_user, projection)
 
     def offsets(self, user_factors: np.ndarray, means: np.ndarray) -> np.ndarray:
-        """The user embeddings that make the head give ``user_factors`` exactly: ``x_u − x̄ − P·h̄_u``."""
-        return user_factors - self.mean_user - means @ self.projection.T
+        """The user embeddings that make the head give ``user_factors`` exactly: ``x_u − x̄ − P·h̄_u``.
 
-
-HISTORY_BLOCK = 1 << 17  # users whose history means are summed at once
+        float32, as the model's embedding table holds them, computed a block of users at a time.
+        """
+        offsets = np.empty(user_factors.shape, dtype=np.float32)
+        for start in range(0, len(user_factors), HISTORY_BLOCK):
+            block = slice(start, start + HISTORY_BLOCK)
+            offsets[block] = user_factors[block] - self.mean_user - means[block] @ self.projection.T
+        return offsets
 
 
 def history_means(items: ItemFactors, history: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -267,6 +276,7 @@ def evaluate_factors(
     means = history_means(items, tensors.history, tensors.history_mask)
     head = HistoryHead.fit(user_factors, means)
     model = ials_recommender(items, num_items, head, head.offsets(user_factors, means), tensors.history.shape[1])
+    del means  # (users, d) float64: a million users' is 1 GB, and the test's comes next
     valid = evaluate(model, tensors)
     test_means = history_means(items, tensors.test_history, tensors.test_history_mask)
     with torch.no_grad():
