@@ -76,8 +76,9 @@ def pack_market_statistics(
 def npy_view(data: bytes) -> np.ndarray:
     """The array of serialised ``.npy`` bytes as a read-only view of them (``numpy.load`` copies).
 
-    The header must already be known to match what the bytes declare
-    (:func:`common.ials.wire.npy_header_problem`); a C-ordered array is required.
+    Reads whatever ``numpy.load(..., allow_pickle=False)`` reads, C or Fortran order, and
+    raises ValueError where it would: the server views only replies its screen has decoded
+    once, so a view never fails where the screen's decoding passed.
     """
     stream = io.BytesIO(data)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -85,10 +86,11 @@ def npy_view(data: bytes) -> np.ndarray:
     if read is None:
         raise ValueError("The bytes are not an array of a known .npy version.")
     shape, fortran_order, dtype = read(stream)
-    if fortran_order or dtype.hasobject:
-        raise ValueError("Only C-ordered arrays of plain numbers are read as views.")
+    if dtype.hasobject:
+        raise ValueError("Arrays of Python objects are never read.")
     count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return values.reshape(shape[::-1]).T if fortran_order else values.reshape(shape)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,19 @@ def test_npy_view_reads_the_bytes_without_a_copy():
     assert view.base is not None and not view.flags.owndata
 
 
+def test_npy_view_reads_what_numpy_load_reads_in_fortran_order_and_refuses_short_bytes():
+    # Prepare: a Fortran-ordered array (numpy.load reads it; a reply may carry one), and bytes cut short.
+    array = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
+
+    # Execute / Assert: the same values as numpy.load; short bytes fail as numpy.load fails.
+    np.testing.assert_array_equal(npy_view(data), np.load(io.BytesIO(data)))
+    with pytest.raises(ValueError):
+        npy_view(data[:-4])
+
+
 def test_npy_view_refuses_what_is_not_an_array():
     with pytest.raises(ValueError):
         npy_view(b"not an array at all")
