@@ -174,9 +174,10 @@ class FedALS(FedAvg):
         statistics, releases, users, received = [], [], 0, 0
         for reply in replies:
             record = next(iter(reply.content.array_records.values()))
-            # Views of the message's bytes, not copies: at a million-user market the packed
-            # factors alone are gigabytes (the reply screen has checked every header).
-            payload = {name: npy_view(array.data) for name, array in record.items()}
+            # Statistics as views of the message's bytes, not copies: at a million-user market the
+            # packed factors alone are gigabytes (the reply screen has checked every header, .npy
+            # 1.0 or 2.0). A DP release, whose headers the screen does not read, is decoded as before.
+            payload = {name: array.numpy() if self.private else npy_view(array.data) for name, array in record.items()}
             received += sum(len(array.data) for array in record.values())
             rows = payload.pop(ASSORTMENT_KEY).astype(np.int64)
             self._rows[reply.metadata.src_node_id] = rows

@@ -13,6 +13,7 @@ import numpy as np
 
 _CHUNK_ELEMENTS = 1 << 22  # padded rows × width per batched solve: 32 MB of float64
 _PIVOT_RTOL = 1e-10  # a pivot this small (relative to the factor's scale) is a zero pivot
+_CHOLESKY_RTOL = 1e-6  # a Gram's Cholesky pivot this small may be rounding (about 1.5e-8): QR decides
 
 
 # --- the exact solver shared by both half-steps ----------------------------------------------
@@ -159,18 +160,27 @@ def _triangle(block: np.ndarray) -> np.ndarray:
     """The R of each padded ``(n, k, w)`` block's QR (its sign free), ``(n, min(k, w), w)``.
 
     Zero padding rows stay zero under Householder QR, so the first r rows are the factor. A
-    block taller than wide (a full-rank factor) is factored from its Gram instead, through
-    Cholesky: ``w`` rows, the same R up to rounding, a matrix product and a ``w³/3`` solve
-    instead of a QR of ``k`` rows (four times faster at k = 256 and d = 128). A Gram Cholesky
-    cannot factor (a rank below ``w``) goes through QR, and the caller's pivot check.
+    block taller than wide (usually a full-rank factor) is factored from its Gram instead,
+    through Cholesky: ``w`` rows, the same R up to rounding, a matrix product and a ``w³/3``
+    solve instead of a QR of ``k`` rows (four times faster at k = 256 and d = 128). Cholesky of
+    a singular Gram may succeed on rounding, leaving pivots of about √ε of the scale that are
+    residue of the rows' order, not of their sum: a block with a pivot below
+    :data:`_CHOLESKY_RTOL` of its scale (or a batch Cholesky cannot factor) goes through QR
+    and the caller's pivot check, so that a rank-deficient sum still gets its canonical factor.
     """
     height, width = block.shape[1:]
-    if height > width:
-        try:
-            return np.linalg.cholesky(block.transpose(0, 2, 1) @ block).transpose(0, 2, 1)
-        except np.linalg.LinAlgError:
-            pass
-    return np.linalg.qr(block, mode="r")
+    if height <= width:
+        return np.linalg.qr(block, mode="r")
+    try:
+        triangle = np.linalg.cholesky(block.transpose(0, 2, 1) @ block).transpose(0, 2, 1)
+    except np.linalg.LinAlgError:
+        return np.linalg.qr(block, mode="r")
+    pivots = np.diagonal(triangle, axis1=1, axis2=2)
+    scale = np.abs(triangle).max(axis=(1, 2))
+    doubtful = np.any(pivots <= _CHOLESKY_RTOL * scale[:, None], axis=1)
+    if doubtful.any():
+        triangle[doubtful] = np.linalg.qr(block[doubtful], mode="r")
+    return triangle
 
 
 def _canonical_factor(summed: np.ndarray) -> tuple[int, np.ndarray]:

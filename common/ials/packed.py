@@ -76,9 +76,10 @@ def pack_market_statistics(
 def npy_view(data: bytes) -> np.ndarray:
     """The array of serialised ``.npy`` bytes as a read-only view of them (``numpy.load`` copies).
 
-    Reads whatever ``numpy.load(..., allow_pickle=False)`` reads, C or Fortran order, and
-    raises ValueError where it would: the server views only replies its screen has decoded
-    once, so a view never fails where the screen's decoding passed.
+    Reads ``.npy`` versions 1.0 and 2.0, C or Fortran order, and raises ValueError on anything
+    else (version 3.0 included, which ``numpy.load`` reads): the server views only statistics
+    whose headers its reply screen has read as 1.0 or 2.0 (:func:`common.ials.wire.npy_header_problem`)
+    and decoded once, so a view never fails where the screen passed.
     """
     stream = io.BytesIO(data)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}

@@ -20,8 +20,9 @@ from common.ials.core import (
     initial_item_factors_table,
     initial_item_gram,
 )
-from common.ials.steps import _augmented_gram, _buyer_rows, market_item_statistics, solve_items, solve_users
-from common.ials.wire import pack_item_factors, pack_statistics, payload_bytes, unpack_item_factors, unpack_statistics
+from common.ials.packed import PackedStatistics, pack_market_statistics, solve_items_packed
+from common.ials.steps import _augmented_gram, _buyer_rows, solve_items, solve_users
+from common.ials.wire import pack_item_factors, payload_bytes, unpack_item_factors
 
 # --- a whole pooled run -----------------------------
 
@@ -125,12 +126,14 @@ def federated_ials(
             result.user_factors = users
             result.item_factors = items
             return result
+        # What the deployed market and server run: statistics packed block by block, the item
+        # step in blocks from the packed arrays.
         uploads = [
-            pack_statistics(market_item_statistics(market, x, config), wire_dtype)
+            pack_market_statistics(market, x, config, wire_dtype)
             for market, x in zip(markets, users, strict=True)
             if len(market.items)
         ]
         result.upload_bytes.append([payload_bytes(payload) for payload in uploads])
-        items = solve_items([unpack_statistics(payload) for payload in uploads], config)
+        items = solve_items_packed([PackedStatistics.from_payload(payload) for payload in uploads], config)
         gram = items.gram()
     raise AssertionError("unreachable")

@@ -48,9 +48,11 @@ implicit-pooled's seconds per iteration).
 """
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -225,20 +227,6 @@ def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, d
     last, after every file) is read back instead: a million-user federation takes 13 minutes
     to generate, and a benchmark run again with other methods or rounds needs the same one.
     """
-    settings = {
-        "markets": args.synthetic_markets,
-        "items": args.items,
-        "largest-market-users": args.largest_market_users,
-        "seed": args.seed,
-    }
-    stamp = directory / "federation.json"
-    if stamp.exists():
-        shape = json.loads(stamp.read_text(encoding="utf-8"))
-        markets = directory / "markets"
-        if shape.get("settings") == settings and all((markets / f"{m}.csv").exists() for m in shape["interactions"]):
-            say(f"reusing the federation generated in {directory} with the same settings")
-            return directory / "catalog.txt", shape["touched-items"], shape["interactions"]
-        stamp.unlink()
     config = SyntheticConfig(
         markets=args.synthetic_markets,
         items=args.items,
@@ -247,6 +235,19 @@ def write_federation(args: argparse.Namespace, directory: Path) -> tuple[Path, d
         candidates=0 if args.items <= DENSE_GENERATION_LIMIT else 512,
         seed=args.seed,
     )
+    # Every setting of the generator, derived ones included: a stamp of other settings is stale.
+    settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    stamp, markets = directory / "federation.json", directory / "markets"
+    try:
+        shape = json.loads(stamp.read_text(encoding="utf-8"))
+        files = {path.stem for path in markets.glob("*.csv")}
+        if shape["settings"] == settings and files == set(shape["interactions"]) == set(shape["touched-items"]):
+            say(f"reusing the federation generated in {directory} with the same settings")
+            return directory / "catalog.txt", shape["touched-items"], shape["interactions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no stamp, or not one this code wrote: generate
+    stamp.unlink(missing_ok=True)
+    shutil.rmtree(markets, ignore_errors=True)  # no market of an earlier federation stays beside the new ones
     started = time.perf_counter()
 
     def written(market: str, rows: int) -> None:
@@ -501,7 +502,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     catalog_path, touched, interactions = write_federation(args, args.out / "data")
     print(
-        f"generated {args.synthetic_markets} markets over {args.items:,} items "
+        f"{args.synthetic_markets} markets over {args.items:,} items ready "
         f"in {time.perf_counter() - started:.1f} s; "
         f"they touch {min(touched.values()):,} to {max(touched.values()):,} items",
         flush=True,

@@ -1,6 +1,7 @@
 """fedals end to end: equal to pooled iALS through Flower, item-side messages, refused bad replies, served models."""
 
 import dataclasses
+import io
 import json
 import re
 from collections.abc import Callable
@@ -619,3 +620,42 @@ def test_a_checkpoints_fedals_state_keeps_whole_table_nodes_as_a_list():
     assert resumed.state_dict()["whole-table"].tolist() == [6]
     with pytest.raises(ValueError, match="not rows of this table"):
         resumed.load_state_dict({"rows": {"5": torch.tensor([1.0, 2.0])}})
+
+
+def _gram_as_npy_version_3(content: RecordDict) -> RecordDict:
+    """A train reply with its Gram serialised as .npy version 3.0, which numpy.load reads."""
+    if "arrays" not in content:  # the evaluate reply
+        return content
+    record = content["arrays"]
+    gram = record["gram"].numpy()
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, gram, version=(3, 0))
+    record["gram"] = Array(dtype=str(gram.dtype), shape=gram.shape, stype="numpy.ndarray", data=buffer.getvalue())
+    return content
+
+
+def test_a_dp_release_in_any_npy_version_the_screen_reads_is_aggregated(tmp_path, flower_warnings):
+    # Prepare: two markets under DP; m01 serialises its release's Gram as .npy 3.0. The screen
+    # decodes DP releases with numpy.load, which reads 3.0, so the aggregation must read it too.
+    run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 1, "dp-epsilon": 8.0})
+    catalog = SOURCE.catalog()
+    grid = ScriptedGrid({1: _client(0, run_config), 2: lambda m: _gram_as_npy_version_3(_client(1, run_config)(m))})
+    strategy = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=2, private=True)
+    settings = RoundSettings(num_rounds=1, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
+    arrays = initial_arrays(RunConfig.from_run_config(run_config), catalog)
+
+    # Execute
+    final = run_rounds(
+        grid,
+        strategy,
+        RunHistory(tmp_path, {}),
+        settings,
+        arrays,
+        ConfigRecord({}),
+        ConfigRecord(),
+        arrays_problem=strategy.reply_problem,
+    )
+
+    # Assert: no reply refused, the round aggregated both releases into a new table.
+    assert not [r for r in flower_warnings if "refused the reply" in r.getMessage()]
+    assert not np.array_equal(final[ITEM_TABLE].numpy(), arrays[ITEM_TABLE].numpy())

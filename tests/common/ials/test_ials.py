@@ -273,6 +273,25 @@ def test_a_factor_is_a_function_of_the_sum_alone():
     np.testing.assert_allclose(rows, reference.rows, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_rank_deficient_sum_over_many_buyers_gets_the_same_factor_in_any_buyer_order(seed):
+    # Prepare: 40 buyers of one item sharing 8 distinct factors (d = 8): S has rank 8 < d + 1,
+    # and the block is taller than wide, so it takes the Gram's Cholesky path first.
+    rng = np.random.default_rng(seed)
+    d = 8
+    config = IALSConfig(factors=d, alpha=1.0)
+    users = rng.normal(size=(8, d))[rng.integers(0, 8, 40)]
+    market = MarketInteractions(np.arange(40), np.zeros(40, dtype=np.int64), 40)
+    reference = market_item_statistics(market, users, config)
+
+    # Execute: the same buyers in another order.
+    shuffled = market_item_statistics(market, users[rng.permutation(40)], config)
+
+    # Assert: the canonical factor of the sum: rank 8, the same rows whatever the order.
+    assert reference.ranks.tolist() == shuffled.ranks.tolist() == [8]
+    np.testing.assert_allclose(shuffled.rows, reference.rows, rtol=0, atol=1e-10)
+
+
 def test_check_item_side_accepts_the_statistics_and_names_a_user_indexed_array():
     # Prepare
     config = CONFIGS[0]

@@ -354,9 +354,15 @@ def test_the_scale_benchmark_reuses_a_federation_generated_with_the_same_setting
     monkeypatch.setattr(scale_benchmark, "write_markets", refuse)
     again = scale_benchmark.write_federation(args, tmp_path / "data")
 
-    # Assert: read back, the same catalog and counts; other settings generate anew.
+    # Assert: read back, the same catalog and counts; a market file the stamp does not list, a
+    # stamp that is not JSON, or other settings generate anew (the stale files removed first).
     assert again == first
-    args.seed = 1
+    stale = tmp_path / "data" / "markets" / "m99.csv"
+    stale.write_text("userId,itemId,rating\n")
+    with pytest.raises(AssertionError, match="generated again"):
+        scale_benchmark.write_federation(args, tmp_path / "data")
+    assert not stale.exists()
+    (tmp_path / "data" / "federation.json").write_text("{not json")
     with pytest.raises(AssertionError, match="generated again"):
         scale_benchmark.write_federation(args, tmp_path / "data")
 
