@@ -338,6 +338,23 @@ def _corrupt(name: str, change: Callable[[np.ndarray, int], np.ndarray]) -> Call
     return corrupt
 
 
+def _one_screened_round(tmp_path, grid: ScriptedGrid, strategy: FedALS, run_config: dict) -> tuple:
+    """One round of the real loop, replies through the strategy's screen: the starting and the final arrays."""
+    settings = RoundSettings(num_rounds=1, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
+    arrays = initial_arrays(RunConfig.from_run_config(run_config), SOURCE.catalog())
+    final = run_rounds(
+        grid,
+        strategy,
+        RunHistory(tmp_path, {}),
+        settings,
+        arrays,
+        ConfigRecord({}),
+        ConfigRecord(),
+        arrays_problem=strategy.reply_problem,
+    )
+    return arrays, final
+
+
 @pytest.mark.parametrize(
     ("corruption", "reason"),
     [
@@ -364,20 +381,9 @@ def test_a_malformed_reply_is_refused_with_a_warning_and_the_round_goes_on(
     honest, dishonest = _client(0, run_config), _client(1, run_config)
     grid = ScriptedGrid({1: honest, 2: lambda message: corruption(dishonest(message))})
     strategy = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=2)
-    settings = RoundSettings(num_rounds=1, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
-    arrays = initial_arrays(RunConfig.from_run_config(run_config), catalog)
 
     # Execute
-    final = run_rounds(
-        grid,
-        strategy,
-        RunHistory(tmp_path, {}),
-        settings,
-        arrays,
-        ConfigRecord({}),
-        ConfigRecord(),
-        arrays_problem=strategy.reply_problem,
-    )
+    arrays, final = _one_screened_round(tmp_path, grid, strategy, run_config)
 
     # Assert: the warning names node, market and problem; the items were solved from m00 alone
     # (rows nobody else touched are zero), and the round was recorded.
@@ -639,22 +645,12 @@ def test_a_dp_release_in_any_npy_version_the_screen_reads_is_aggregated(tmp_path
     # decodes DP releases with numpy.load, which reads 3.0, so the aggregation must read it too.
     run_config = in_process_config(RUN, server_loop=False, **{"num-server-rounds": 1, "dp-epsilon": 8.0})
     catalog = SOURCE.catalog()
-    grid = ScriptedGrid({1: _client(0, run_config), 2: lambda m: _gram_as_npy_version_3(_client(1, run_config)(m))})
+    honest, private = _client(0, run_config), _client(1, run_config)
+    grid = ScriptedGrid({1: honest, 2: lambda message: _gram_as_npy_version_3(private(message))})
     strategy = FedALS(_ials_config(), catalog.size, seeded_start=True, min_nodes=2, private=True)
-    settings = RoundSettings(num_rounds=1, timeout=5.0, poll_interval=0.001, fold_evaluation=True, training_id="t-1")
-    arrays = initial_arrays(RunConfig.from_run_config(run_config), catalog)
 
     # Execute
-    final = run_rounds(
-        grid,
-        strategy,
-        RunHistory(tmp_path, {}),
-        settings,
-        arrays,
-        ConfigRecord({}),
-        ConfigRecord(),
-        arrays_problem=strategy.reply_problem,
-    )
+    arrays, final = _one_screened_round(tmp_path, grid, strategy, run_config)
 
     # Assert: no reply refused, the round aggregated both releases into a new table.
     assert not [r for r in flower_warnings if "refused the reply" in r.getMessage()]
