@@ -220,12 +220,23 @@ def lookup_rows(held: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.nd
 
     The result has ``values``' dtype, so a float32 table is looked up without a float64 copy.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    position = np.searchsorted(held, rows).clip(max=max(len(held) - 1, 0))
-    found = held[position] == rows if len(held) else np.zeros(rows.shape, dtype=bool)
-    out = np.zeros((*rows.shape, values.shape[1]), dtype=values.dtype)
-    out[found] = values[position[found]]
+    index = row_positions(held, rows)
+    found = index < len(held)
+    out = np.zeros((*index.shape, values.shape[1]), dtype=values.dtype)
+    out[found] = values[index[found]]
     return out
+
+
+def row_positions(held: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The position of each catalog row of ``rows`` (any shape) among the sorted ``held``; ``len(held)`` where absent.
+
+    A table with a zero row appended after ``held``'s looks every row up in one gather.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(held):
+        return np.zeros(rows.shape, dtype=np.int64)
+    position = np.searchsorted(held, rows).clip(max=len(held) - 1)
+    return np.where(held[position] == rows, position, len(held))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import torch
 
 from common.data.catalog import Catalog
 from common.data.split import MarketSplit
-from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors
+from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initial_item_factors, row_positions
 from common.ials.steps import solve_users
 from common.neural.model import ModelConfig, SplitRecommender
 from common.neural.train import MarketTensors, RankingMetrics, evaluate
@@ -172,13 +172,10 @@ def history_means(items: ItemFactors, history: torch.Tensor, mask: torch.Tensor)
     # user's weighted rows in one call, (users, d) in memory, never (users, history, d). Users
     # go in blocks so that the positions of a million users' histories are never all held.
     table = torch.cat([torch.as_tensor(items.factors), torch.zeros((1, items.dim), dtype=torch.float64)])
-    last = max(len(items.rows) - 1, 0)
     for start in range(0, len(history), HISTORY_BLOCK):
         rows = history[start : start + HISTORY_BLOCK].numpy()
         weights = mask[start : start + HISTORY_BLOCK].to(torch.float64)
-        position = np.searchsorted(items.rows, rows).clip(max=last)
-        found = items.rows[position] == rows if len(items.rows) else np.zeros(rows.shape, dtype=bool)
-        index = torch.as_tensor(np.where(found, position, len(items.rows)))
+        index = torch.as_tensor(row_positions(items.rows, rows))
         total = torch.nn.functional.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
         means[start : start + len(rows)] = (total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)).numpy()
     return means

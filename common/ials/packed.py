@@ -18,7 +18,6 @@ Written by hand because the blocks follow fedals' own packing (items sorted, tra
 packed row by row), which no library reads.
 """
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import numpy as np
 from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, item_regularization
 from common.ials.kernels import _solve_segments
 from common.ials.steps import _augmented_gram, _segment_blocks, statistics_blocks, summed_gram
-from common.ials.wire import WIRE_DTYPES, _trapezoid_mask, packed_length
+from common.ials.wire import WIRE_DTYPES, _trapezoid_mask, packed_length, packed_values, read_npy_header
 
 
 def pack_market_statistics(
@@ -53,17 +52,10 @@ def pack_market_statistics(
     dict[str, np.ndarray]
         The arrays of :func:`common.ials.wire.pack_statistics`.
     """
-    if wire_dtype not in WIRE_DTYPES:
+    if wire_dtype not in WIRE_DTYPES:  # before any work, and for a market without interactions too
         raise ValueError(f"Unknown wire dtype '{wire_dtype}'; choose one of {WIRE_DTYPES}.")
-    limit = float(np.finfo(wire_dtype).max)
     items, counts, ranks, blocks = statistics_blocks(market, user_factors, config, block)
-    pieces = []
-    for first, last, rows in blocks:
-        values = rows[_trapezoid_mask(ranks[first:last], rows.shape[1])]
-        largest = float(np.abs(values).max(initial=0.0))
-        if largest > limit:
-            raise ValueError(f"A factor entry of {largest:.3g} does not fit {wire_dtype}; send float32.")
-        pieces.append(values.astype(wire_dtype))
+    pieces = [packed_values(rows, ranks[first:last], wire_dtype) for first, last, rows in blocks]
     return {
         "items": np.asarray(items, dtype=np.int64),
         "counts": np.asarray(counts).astype(np.int32),
@@ -81,16 +73,11 @@ def npy_view(data: bytes) -> np.ndarray:
     whose headers its reply screen has read as 1.0 or 2.0 (:func:`common.ials.wire.npy_header_problem`)
     and decoded once, so a view never fails where the screen passed.
     """
-    stream = io.BytesIO(data)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    read = readers.get(np.lib.format.read_magic(stream))
-    if read is None:
-        raise ValueError("The bytes are not an array of a known .npy version.")
-    shape, fortran_order, dtype = read(stream)
+    shape, fortran_order, dtype, offset = read_npy_header(data)
     if dtype.hasobject:
         raise ValueError("Arrays of Python objects are never read.")
     count = int(np.prod(shape, dtype=np.int64))
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return values.reshape(shape[::-1]).T if fortran_order else values.reshape(shape)
 
 

@@ -14,6 +14,7 @@ from common.ials.core import (
     ItemStatistics,
     MarketInteractions,
     item_regularization,
+    row_positions,
     user_regularization,
 )
 from common.ials.kernels import _factor_segments, _group, _solve_segments
@@ -57,9 +58,7 @@ def solve_users(
     # The item table in the Gram's eigenbasis once, with a zero row last for items without a
     # factor: the solver's rows are then looked up already rotated, not rotated per interaction.
     table = np.vstack([items.factors @ eigenbasis[1], np.zeros((1, items.dim))])
-    position = np.searchsorted(items.rows, market.items).clip(max=max(len(items.rows) - 1, 0))
-    found = items.rows[position] == market.items if len(items.rows) else np.zeros(len(market.items), dtype=bool)
-    index = np.where(found, position, len(items.rows))
+    index = row_positions(items.rows, market.items)
     factors = np.zeros((market.num_users, items.dim))
     # Users in blocks of at most BLOCK_INTERACTIONS interactions: one row of d floats per
     # interaction, so a market of 10^7 interactions never holds 10^7 × d of them at once.

@@ -53,20 +53,27 @@ def pack_statistics(statistics: ItemStatistics, wire_dtype: str = "float32") -> 
         the factors' entries on and above their diagonals, row after row, item after item
         (``wire_dtype``, :func:`packed_length` long); ``gram`` (d+1, d+1) float32.
     """
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"Unknown wire dtype '{wire_dtype}'; choose one of {WIRE_DTYPES}.")
-    mask = _trapezoid_mask(statistics.ranks, statistics.dim + 1)
-    values = statistics.rows[mask]
-    largest = float(np.abs(values).max(initial=0.0))
-    if largest > float(np.finfo(wire_dtype).max):
-        raise ValueError(f"A factor entry of {largest:.3g} does not fit {wire_dtype}; send float32.")
     return {
         "items": statistics.items.astype(np.int64),
         "counts": statistics.counts.astype(np.int32),
         "ranks": statistics.ranks.astype(np.int32),
-        "factor": values.astype(wire_dtype),
+        "factor": packed_values(statistics.rows, statistics.ranks, wire_dtype),
         "gram": statistics.gram.astype(np.float32),
     }
+
+
+def packed_values(rows: np.ndarray, ranks: np.ndarray, wire_dtype: str) -> np.ndarray:
+    """The entries on and above the diagonals of stacked factor ``rows`` (of ``ranks``), in ``wire_dtype``.
+
+    Raises ValueError for an unknown wire type or an entry it cannot hold.
+    """
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"Unknown wire dtype '{wire_dtype}'; choose one of {WIRE_DTYPES}.")
+    values = rows[_trapezoid_mask(ranks, rows.shape[1])]
+    largest = float(np.abs(values).max(initial=0.0))
+    if largest > float(np.finfo(wire_dtype).max):
+        raise ValueError(f"A factor entry of {largest:.3g} does not fit {wire_dtype}; send float32.")
+    return values.astype(wire_dtype)
 
 
 def unpack_statistics(payload: Mapping[str, np.ndarray]) -> ItemStatistics:
@@ -262,6 +269,25 @@ def declared_reply_problem(
     return None
 
 
+class UnknownNpyVersion(ValueError):
+    """Serialised array bytes of a ``.npy`` version other than 1.0 and 2.0."""
+
+
+def read_npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """The shape, Fortran order, dtype and values' offset of ``.npy`` 1.0 or 2.0 bytes, from the header alone.
+
+    Raises :class:`UnknownNpyVersion` for another version, and numpy's errors (ValueError and
+    others) for bytes that are not an array.
+    """
+    stream = io.BytesIO(data)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    read = readers.get(np.lib.format.read_magic(stream))
+    if read is None:
+        raise UnknownNpyVersion("The bytes are not an array of a known .npy version.")
+    shape, fortran_order, dtype = read(stream)
+    return tuple(shape), fortran_order, dtype, stream.tell()
+
+
 def npy_header_problem(data: bytes, dtype: str, shape: tuple[int, ...]) -> str | None:
     """What is wrong with serialised array bytes whose ``.npy`` header is not ``dtype`` and ``shape``, or None.
 
@@ -269,13 +295,10 @@ def npy_header_problem(data: bytes, dtype: str, shape: tuple[int, ...]) -> str |
     header alone first keeps a reply from claiming more than its declaration, which the
     caller has bounded.
     """
-    stream = io.BytesIO(data)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
-        read = readers.get(np.lib.format.read_magic(stream))
-        if read is None:
-            return "its bytes are not an array of a known .npy version"
-        header_shape, fortran_order, header_dtype = read(stream)
+        header_shape, fortran_order, header_dtype, _ = read_npy_header(data)
+    except UnknownNpyVersion:
+        return "its bytes are not an array of a known .npy version"
     except (ValueError, SyntaxError, EOFError, TypeError) as error:
         return f"its bytes are not an array ({type(error).__name__})"
     if tuple(header_shape) != tuple(shape) or header_dtype != np.dtype(dtype) or fortran_order:
