@@ -13,6 +13,7 @@ __all__ = [
     "ials_tuning",
     "join_benchmark",
     "latency",
+    "memory",
     "privacy_plot",
     "privacy_sweep",
     "scale_benchmark",

@@ -7,7 +7,7 @@ catalog is large) and written as one file per market plus the company catalog of
 product, sold or not, so that the shared item table has ``--items`` rows while each market
 touches only the products its users bought. Each federated method then runs alone through
 :func:`simulations.run.main` (real SuperLink and simulation engine) while a thread samples the
-resident memory of this process and every process under it.
+resident memory of this process and every process under it (:mod:`simulations.benchmarks.memory`).
 
 The report gives, per method, the seconds of each round, the peak memory of the process tree,
 and per market the bytes of its training message (down) and of its reply (up) beside the
@@ -53,13 +53,11 @@ import inspect
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from common.data.catalog import Catalog
 from common.data.markets import MarketSource
@@ -68,6 +66,7 @@ from common.neural.train import TrainConfig
 from common.runtime.command import UserError, add_alias, add_verbose
 from simulations import run as harness
 from simulations.baselines import BaselineSettings, fit_implicit, implicit_missing
+from simulations.benchmarks.memory import TreeMemorySampler
 from simulations.flower_runtime import SimulationSuperLink
 from simulations.progress import say
 from simulations.results import method_summary
@@ -78,95 +77,6 @@ REFERENCE = "implicit-pooled"  # the reference every federated method is compare
 # A federated method's work done in one process without Flower, for its overhead ratio: fedals' user and
 # item steps and per-market evaluation are pooled-ials' iteration; an SGD method's local epochs, the local baseline.
 IN_PROCESS = {"fedals": "pooled-ials"}
-
-
-class TreeMemorySampler:
-    """Samples the memory of this process and its descendants in a thread.
-
-    The sum of resident sets (RSS) counts a page shared by several processes (the torch and
-    Ray libraries every worker maps, Ray's object store) once per process; the sum of
-    proportional sets (PSS, Linux) shares each such page among its users and so adds up to the
-    memory the tree really takes. Both peaks are kept; the limit and the breakdown use PSS
-    where the system provides it.
-
-    Parameters
-    ----------
-    interval : float
-        Seconds between samples (a sample itself takes ~0.5 s for a dozen large processes).
-    limit_bytes : int, optional
-        Above this sum the descendants are killed (the run then fails) and ``exceeded`` is set,
-        so that a method that cannot fit stops before the machine's out-of-memory killer picks
-        a process of its own.
-    """
-
-    def __init__(self, interval: float = 0.25, limit_bytes: int | None = None) -> None:
-        self.interval = interval
-        self.limit_bytes = limit_bytes
-        self.exceeded = False
-        self.peak_bytes = 0  # summed RSS
-        self.peak_pss_bytes = 0  # summed PSS (RSS where PSS cannot be read)
-        self.at_peak: dict[str, float] = {}  # PSS MiB per kind of process when the PSS sum peaked
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> "TreeMemorySampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            resident, proportional, by_kind = 0, 0, {}
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    rss = process.memory_info().rss
-                    pss = _pss(process.pid, rss)
-                    kind = _kind(process)
-                except psutil.Error:
-                    continue  # exited between listing and reading
-                resident += rss
-                proportional += pss
-                by_kind[kind] = by_kind.get(kind, 0.0) + pss / 2**20
-            self.peak_bytes = max(self.peak_bytes, resident)
-            if proportional > self.peak_pss_bytes:
-                self.peak_pss_bytes, self.at_peak = proportional, by_kind
-            if self.limit_bytes is not None and proportional > self.limit_bytes and not self.exceeded:
-                self.exceeded = True
-                for child in me.children(recursive=True):
-                    try:
-                        child.kill()
-                    except psutil.Error:
-                        continue
-            self._stop.wait(self.interval)
-
-
-def _pss(pid: int, rss: int) -> int:
-    """The process's proportional set size in bytes from ``/proc/<pid>/smaps_rollup``; ``rss`` without one."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as file:
-            for line in file:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return rss
-
-
-def _kind(process: psutil.Process) -> str:
-    """A process's kind for the memory breakdown: its program or Ray role, e.g. ``flwr-simulation``."""
-    command = process.cmdline()
-    if not command:
-        return process.name()
-    if command[0].startswith("ray::"):
-        return command[0].split()[0]
-    named = [
-        Path(part).name for part in command[:3] if not part.startswith("-") and not Path(part).name.startswith("python")
-    ]
-    return named[0] if named else Path(command[0]).name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from common.neural.model import CatalogEmbedding, PositionwiseLinear
 from common.privacy.ghost_norms import embedding_norm_sample, positionwise_linear_norm_sample
 from simulations import run as harness_module
 from simulations.benchmarks import command as benchmark
-from simulations.benchmarks import scale_benchmark
+from simulations.benchmarks import memory, scale_benchmark
 from simulations.run import main as run_harness
 from tests.in_process import in_process_federated
 
@@ -180,9 +180,9 @@ def test_the_memory_sampler_sees_a_childs_memory_and_stops_it_above_the_limit():
     child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
     try:
         # Execute: sample with a limit of 200 MiB above what this process already takes.
-        own = scale_benchmark._pss(os.getpid(), psutil.Process().memory_info().rss)  # what the sampler sums
+        own = memory._pss(os.getpid(), psutil.Process().memory_info().rss)  # what the sampler sums
         assert child.stdout.readline().strip() == "ready"
-        with scale_benchmark.TreeMemorySampler(interval=0.05, limit_bytes=own + 200 * 2**20) as sampler:
+        with memory.TreeMemorySampler(interval=0.05, limit_bytes=own + 200 * 2**20) as sampler:
             deadline = time.monotonic() + 20
             while child.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
