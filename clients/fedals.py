@@ -90,10 +90,15 @@ from common.protocol import (
     USER_GRAM_KEY,
 )
 from common.run_config import RunConfig
+from common.runtime.sized_cache import SizedCache
 
 PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user factors, for its private item step
 
-_markets: dict[tuple[str, int, str], IALSMarket] = {}
+# The markets this process prepared, the most recent first out of memory beyond this many training
+# interactions: a simulation's worker trains whichever market it is handed, and a million-user
+# market's arrays are gigabytes (common.runtime.sized_cache).
+MARKET_CACHE_INTERACTIONS = 4_000_000
+_markets: SizedCache[IALSMarket] = SizedCache(MARKET_CACHE_INTERACTIONS)
 _digests: dict[str, tuple[MarketInteractions, str]] = {}  # market -> (its training interactions, their digest)
 
 
@@ -388,10 +393,11 @@ def _market(context: Context) -> tuple[IALSMarket, Catalog, RunConfig]:
     # A region whose node config demands DP refuses this run, which trains without it.
     config = config.for_market(split.market, region_policy(context, split.market))
     key = (split.market, config.history_length, config.als_confidence)
-    if key not in _markets or _markets[key].split is not split:
+    market = _markets.get(key)
+    if market is None or market.split is not split:
         ratings = None if config.als_confidence == "binary" else _ratings(context, config, split, catalog)
-        _markets[key] = IALSMarket.from_split(split, config.history_length, ratings)
-    return _markets[key], catalog, config
+        market = _markets.put(key, IALSMarket.from_split(split, config.history_length, ratings), split.num_train)
+    return market, catalog, config
 
 
 def _ratings(

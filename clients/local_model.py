@@ -29,6 +29,7 @@ from common.privacy.region import public_assortment
 from common.protocol import ARRAYS_RECORD, CONFIG_RECORD, CONTINUES_KEY, TRAINING_ID_KEY
 from common.run_config import RunConfig
 from common.runtime.names import check_name
+from common.runtime.sized_cache import SizedCache
 
 LOCAL_STATE_KEY = "local-parameters"  # head parameters kept in context.state
 OWN_ARRAYS_KEY = "own-shared-arrays"  # the market's last trained copy of the shared arrays (global weight < 1)
@@ -74,14 +75,16 @@ def _load_catalog(path: str) -> Catalog:
     return Catalog.load(path)
 
 
-_tensors: dict[tuple[str, int], MarketTensors] = {}
+# The markets' tensors this process built, bounded as fedals' markets are (common.runtime.sized_cache).
+_tensors: SizedCache[MarketTensors] = SizedCache(4_000_000)
 
 
 def _market_tensors(split: MarketSplit, history_length: int) -> MarketTensors:
     key = (split.market, history_length)
-    if key not in _tensors or _tensors[key].split is not split:
-        _tensors[key] = MarketTensors.from_split(split, history_length)
-    return _tensors[key]
+    tensors = _tensors.get(key)
+    if tensors is None or tensors.split is not split:
+        tensors = _tensors.put(key, MarketTensors.from_split(split, history_length), split.num_train)
+    return tensors
 
 
 def build_local_model(

@@ -23,6 +23,7 @@ from typing import Any
 
 import tomli_w
 
+from common.data.split_store import SPLIT_STORE_ENV
 from common.privacy.region import SIMULATION_NODE_CONFIG_ENV
 from common.runtime.command import PortInUseError
 from common.runtime.processes import PortTakenError, free_port, output_lines, stop_process_tree, wait_for_listener
@@ -98,6 +99,9 @@ class SimulationSuperLink:
         # The user's own run config on the user's own machine: its paths may be anywhere, unless the user
         # bounded them (server.paths).
         env.setdefault(SERVER_ROOT_ENV, "/")
+        # Each market split once and memory-mapped by every worker (common.data.split_store),
+        # inside the private home, so it goes when the SuperLink stops.
+        env[SPLIT_STORE_ENV] = str(Path(self._home, "splits"))
         return env
 
     def start(self, timeout: float = 60.0, attempts: int = 3) -> None:

@@ -16,6 +16,7 @@ import pandas as pd
 from common.data.catalog import Catalog
 from common.data.interactions import discover_market_files, read_interactions
 from common.data.split import MarketSplit, split_market
+from common.data.split_store import split_key, split_store, stored_split
 from common.data.synthetic import SyntheticConfig, generate_markets
 
 
@@ -79,8 +80,21 @@ def _tables(source: MarketSource) -> dict[str, pd.DataFrame]:
 
 @cache
 def load_split(source: MarketSource, market: str, catalog: Catalog) -> MarketSplit:
-    """The market's split, cached per process: a client re-reads nothing between rounds."""
-    return split_market(market, source.interactions(market), catalog, source.seed)
+    """The market's split, cached per process: a client re-reads nothing between rounds.
+
+    Where the environment names a split store (:func:`common.data.split_store.split_store`,
+    set by the simulation harness), a market read from a file is split once for every
+    process and memory-mapped from there.
+    """
+    directory = split_store()
+    if directory is None or not source.data_dir:
+        return split_market(market, source.interactions(market), catalog, source.seed)
+    files = _files(source.data_dir)
+    if market not in files:
+        raise KeyError(f"No market '{market}' in {source.data_dir}; it has {sorted(files)}.")
+    stat = files[market].stat()
+    key = split_key(files[market].resolve(), stat.st_size, stat.st_mtime_ns, market, source.seed, catalog.fingerprint())
+    return stored_split(directory, key, lambda: split_market(market, source.interactions(market), catalog, source.seed))
 
 
 @cache

@@ -8,6 +8,7 @@ never interacted with.
 """
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ class MarketSplit:
     market_items: np.ndarray  # sorted catalog rows the market has seen; negatives come from here
     valid: EvalSet
     test: EvalSet
-    user_ids: tuple[str, ...] = ()  # the user ID of each local index; never leaves the market (the served model's map)
+    user_ids: Sequence[str] = ()  # the user ID of each local index; never leaves the market (the served model's map)
 
     @property
     def num_train(self) -> int:

@@ -277,11 +277,7 @@ def evaluate(
     model.eval()
     ranks, full_ranks = [], []
     users = torch.as_tensor(eval_set.users) + data.user_offset
-    candidates = torch.as_tensor(eval_set.candidates)
     market_items = data.market_items
-    candidate_columns = torch.searchsorted(market_items, candidates).clamp(max=len(market_items) - 1)
-    if not torch.equal(market_items[candidate_columns], candidates):
-        raise ValueError(f"Market '{data.split.market}' ranks candidates outside its own assortment.")
     item_vectors = model.encoder(market_items)
     item_bias = model.head.item_bias(market_items).squeeze(-1)
     if full:
@@ -309,7 +305,11 @@ def evaluate(
         # History items are the market's own: their encodings are rows of item_vectors.
         columns = torch.searchsorted(market_items, history).clamp(max=len(market_items) - 1)
         user_vectors = model.head.user_vectors(users[chunk], item_vectors[columns], mask)
-        sampled = candidate_columns[chunk]
+        # Candidates' columns chunk by chunk: a million users' candidates are 800 MB, their columns as many.
+        candidates = torch.as_tensor(eval_set.candidates[int(chunk[0]) : int(chunk[-1]) + 1])
+        sampled = torch.searchsorted(market_items, candidates).clamp(max=len(market_items) - 1)
+        if not torch.equal(market_items[sampled], candidates):
+            raise ValueError(f"Market '{data.split.market}' ranks candidates outside its own assortment.")
         scores = torch.einsum("bd,bcd->bc", user_vectors, item_vectors[sampled]) + item_bias[sampled]
         ranks.append(rank_of_positive(scores.numpy()))
         if full and ranked_in_full[chunk.numpy()].any():
