@@ -7,8 +7,9 @@ Here the split is made once, written as one ``.npy`` file per array, and read ba
 ``numpy.load(mmap_mode="c")``: the pages are the file's, shared by the processes that map it and
 counted once in their proportional memory, and the operating system can drop them under
 pressure. Copy-on-write rather than read-only, so that torch takes the arrays as they are
-and a caller that writes to one changes its own copy of a page, never the file. numpy's own format is used because a memory-mapped array is what numpy offers and
-the readers are numpy; the few lines here are the directory layout, the key and the lock.
+and a caller that writes to one changes its own copy of a page, never the file. numpy's own
+format is used because a memory-mapped array is what numpy offers and the readers are numpy;
+the few lines here are the directory layout, the key and the lock.
 
 The store is used only where the node's environment names a directory
 (:data:`SPLIT_STORE_ENV`, which the simulation harness sets to a directory of its own for the
