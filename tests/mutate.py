@@ -314,9 +314,16 @@ MUTATIONS = [
         ["tests/server/test_rounds.py"],
     ),
     Mutation(
+        "the first users evaluated above the cap, not users spread over the market",
+        "common/neural/train.py",
+        "    evaluated = evenly_spaced(len(eval_set.users), EVALUATED_USERS)  # positions in the evaluation set",
+        "    evaluated = np.arange(min(len(eval_set.users), EVALUATED_USERS))",
+        ["tests/common/data/test_full_ranking.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
-        "        ranked_in_full[full_ranking_users(len(users), FULL_RANKING_USERS)] = True",
+        "        ranked_in_full[evenly_spaced(len(users), FULL_RANKING_USERS)] = True",
         "        ranked_in_full[:] = True",
         ["tests/common/data/test_full_ranking.py"],
     ),

@@ -19,7 +19,7 @@ from common.neural.train import (
     RankingMetrics,
     TrainConfig,
     evaluate,
-    full_ranking_users,
+    evenly_spaced,
     train_epochs,
 )
 from simulations.results import (
@@ -103,7 +103,7 @@ def test_above_the_cap_only_evenly_spaced_users_are_ranked_in_full_and_every_use
     lower, upper = _brute_force_rank_bounds(model, data, on_test)
     uncapped = evaluate(model, data, on_test=on_test)
     monkeypatch.setattr(train_module, "FULL_RANKING_USERS", 7)
-    chosen = full_ranking_users(len(lower), 7)
+    chosen = evenly_spaced(len(lower), 7)
 
     # Execute
     capped = evaluate(model, data, on_test=on_test)
@@ -115,13 +115,39 @@ def test_above_the_cap_only_evenly_spaced_users_are_ranked_in_full_and_every_use
     assert (capped.ndcg, capped.hit_rate, capped.users) == (uncapped.ndcg, uncapped.hit_rate, uncapped.users)
 
 
-def test_full_ranking_users_are_all_up_to_the_cap_then_evenly_spaced_from_first_to_last():
-    assert full_ranking_users(3, cap=5).tolist() == [0, 1, 2]
-    assert full_ranking_users(5, cap=5).tolist() == [0, 1, 2, 3, 4]
-    assert full_ranking_users(10, cap=4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4)
-    assert full_ranking_users(11, cap=1).tolist() == [0]
-    with pytest.raises(ValueError, match="At least one user"):
-        full_ranking_users(10, cap=0)
+@pytest.mark.parametrize("on_test", [False, True], ids=["validation", "test"])
+def test_above_the_evaluated_cap_only_evenly_spaced_users_are_ranked(trained, on_test, monkeypatch):
+    # Prepare: a cap of 9 users; each user's sampled rank by the model's forward pass, and the
+    # brute-force full ranks, of every user.
+    model, data = trained
+    eval_set = data.split.test if on_test else data.split.valid
+    users = torch.as_tensor(eval_set.users) + OFFSET
+    history, mask = data.user_history(users, for_test=on_test)
+    with torch.no_grad():
+        scores = model.eval()(users, history, mask, torch.as_tensor(eval_set.candidates)).numpy()
+    sampled_ranks = (scores[:, 1:] > scores[:, :1]).sum(axis=1)
+    lower, upper = _brute_force_rank_bounds(model, data, on_test)
+    monkeypatch.setattr(train_module, "EVALUATED_USERS", 9)
+    monkeypatch.setattr(train_module, "FULL_RANKING_USERS", 4)
+    chosen = evenly_spaced(len(users), 9)
+    in_full = chosen[evenly_spaced(9, 4)]
+
+    # Execute
+    capped = evaluate(model, data, on_test=on_test)
+
+    # Assert: the 9 evenly spaced users alone, and the full ranking of 4 spread among them
+    assert capped.users == 9 < len(users)
+    assert capped.ndcg == pytest.approx(ndcg_at_k(sampled_ranks[chosen]), abs=1e-6)
+    assert ndcg_at_k(upper[in_full]) <= capped.full_ndcg <= ndcg_at_k(lower[in_full])
+
+
+def test_evenly_spaced_are_all_up_to_the_cap_then_evenly_spaced_from_first_to_last():
+    assert evenly_spaced(3, cap=5).tolist() == [0, 1, 2]
+    assert evenly_spaced(5, cap=5).tolist() == [0, 1, 2, 3, 4]
+    assert evenly_spaced(10, cap=4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4)
+    assert evenly_spaced(11, cap=1).tolist() == [0]
+    with pytest.raises(ValueError, match="at least one user"):
+        evenly_spaced(10, cap=0)
 
 
 @pytest.mark.parametrize("on_test", [False, True], ids=["validation", "test"])
