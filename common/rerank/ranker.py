@@ -16,7 +16,7 @@ parameters ``LGBMRanker`` would pass: the scikit-learn wrapper adds nothing here
 scikit-learn, which a region serving the model should not need.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import lightgbm
 import numpy as np
@@ -185,7 +185,7 @@ def ablation(valid: np.ndarray, test: np.ndarray, config: RankerConfig) -> dict[
     variants["retrieval only"] = FEATURE_GROUPS["retrieval"]
     report: dict[str, dict[str, float | int | bool]] = {}
     for name, use in variants.items():
-        fit = fit_ranker(valid, replace(config), use)
+        fit = fit_ranker(valid, config, use)
         report[name] = {
             "holdout-ndcg@10": fit.holdout.ndcg,
             "test-ndcg@10": ranked(fit.scores(test, config.num_threads)).ndcg,
