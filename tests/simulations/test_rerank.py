@@ -1,12 +1,12 @@
 """rerank in the harness: after fedals, a ranker per market, its curve in results.json, served and reported."""
 
 import json
-import time
 
 import pytest
 
 from common.data.markets import MarketSource
 from common.rerank.features import FEATURE_GROUPS
+from common.rerank.ranker import RankerConfig
 from common.rerank.served import load_rerank_model
 from simulations import run as harness
 from tests.conftest import server_task_identity
@@ -28,18 +28,21 @@ def test_the_harness_refuses_rerank_without_fedals(capsys):
 
 @pytest.fixture(scope="module")
 def rerank_run(tmp_path_factory):
-    """One harness run on three generated markets: fedals (2 rounds, in this process), then rerank."""
+    """One harness run on three generated markets: fedals (one round, in this process), then rerank.
+
+    The rankers are kept small (at most 20 trees): the test is of the wiring, not of their quality.
+    """
     out = tmp_path_factory.mktemp("rerank")
     server_task_identity.__wrapped__()  # the module's training runs before any test's own fixture
-    started = time.perf_counter()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(harness, "run_federated", in_process_federated)
+        patch.setattr(harness, "RankerConfig", lambda seed: RankerConfig(seed=seed, max_trees=20, stopping_rounds=5))
         results = harness.main(
             [
                 "--synthetic-markets",
                 "3",
                 "--rounds",
-                "2",
+                "1",
                 "--history-length",
                 "10",
                 "--methods",
@@ -50,10 +53,10 @@ def rerank_run(tmp_path_factory):
                 str(out),
             ]
         )
-    print(f"rerank harness run: {time.perf_counter() - started:.1f} s")
     return out, results
 
 
+@pytest.mark.slow
 def test_rerank_reports_every_market_and_is_no_selection_candidate(rerank_run):
     # Prepare
     out, results = rerank_run
@@ -77,6 +80,7 @@ def test_rerank_reports_every_market_and_is_no_selection_candidate(rerank_run):
         assert set(entry["ablation"]) == variants
 
 
+@pytest.mark.slow
 def test_every_served_rerank_reproduces_the_test_ndcg_results_report(rerank_run):
     # Prepare
     out, results = rerank_run
