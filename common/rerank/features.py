@@ -4,7 +4,8 @@
 (:mod:`common.rerank.ranker`). Every feature is computed by the market from what it holds anyway,
 so nothing new leaves it:
 
-* fedals' score of the candidate, its rank in the list and its gap to the list's best score;
+* fedals' score of the candidate, its rank in the list (tied candidates share one) and its gap to
+  the list's best score;
 * the item's popularity in the market (its interactions) and in the federation as fedals shares
   it: whether the published item table has a factor for it and that factor's norm;
 * co-occurrence with the user's own items within the market: over the users of the market, how
@@ -42,6 +43,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
 FEATURE_NAMES: tuple[str, ...] = tuple(name for names in FEATURE_GROUPS.values() for name in names)
 LOOKUP_BLOCK = 50_000  # history entries of the users whose co-occurrence lookups are made at once
 SECONDS_PER_DAY = 86_400.0
+RANK_BLOCK = 1_000  # lists whose ranks are computed at once: (block, c, c) comparisons
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,7 @@ class FeatureTables:
         if len(users) and (users.min() < 0 or users.max() >= len(self.user_day)):
             raise ValueError(f"Users must lie in [0, {len(self.user_day)}).")
         columns = _columns(self.items, candidates)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(candidates.shape[1])[None, :].repeat(len(users), 0), axis=1)
+        rank = _rank_above(scores)
         co_sum, co_max, co_last = self._cooccurrence(users, columns)
         lengths = (self.user_offsets[users + 1] - self.user_offsets[users]).astype(np.float64)
         counts = self.counts[columns]
@@ -302,6 +302,20 @@ class FeatureTables:
                 co_last[has_items] = values[first + counts - 1]
             block_start = block_end
         return co_sum, co_max, co_last
+
+
+def _rank_above(scores: np.ndarray) -> np.ndarray:
+    """Each candidate's rank in its list: how many candidates score strictly higher.
+
+    Tied candidates share a rank. Breaking ties by position would leak the answer: the held-out
+    item is always column 0, so it would win every tie (fedals scores every item without a
+    published factor 0, a large tie in markets with many private items).
+    """
+    rank = np.empty(scores.shape, dtype=np.float64)
+    for start in range(0, len(scores), RANK_BLOCK):
+        block = scores[start : start + RANK_BLOCK]
+        rank[start : start + RANK_BLOCK] = (block[:, None, :] > block[:, :, None]).sum(axis=2)
+    return rank
 
 
 def _columns(items: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Each market trains its own ranker (nothing is pooled across markets) on its validation lists: one
 group of 100 candidates per evaluated user (the held-out item, label 1, and its 99 sampled
-negatives, label 0), each described by :mod:`common.rerank.features`. A seeded share of the
+negatives, label 0), each described by :mod:`common.rerank.features`. Boosting starts from
+fedals' scores (a base margin, :func:`base_scale`): the trees learn what to add to them. A seeded share of the
 validation users is held out: boosting stops early on their NDCG@10, and the ranker is kept only
 if it beats fedals' own order on them (:func:`common.selection.improves`); otherwise the market
 keeps fedals' order. The kept ranker is then refit on every validation user with the number of
@@ -79,6 +80,7 @@ class RankerFit:
 
     model: str | None  # the LightGBM model as text; None: fedals' order is kept
     features: tuple[str, ...]  # the features it reads, in order, among FEATURE_NAMES
+    base_scale: float  # the ranker's score is base_scale x fedals' score plus the trees' (its base margin)
     trees: int  # trees early stopping chose (0 when no ranker could be trained)
     holdout: Ranked  # the ranker trained without them on the held-out validation users
     holdout_fedals: Ranked  # fedals' order on the same users
@@ -96,16 +98,31 @@ class RankerFit:
         """
         if features.ndim != 3 or features.shape[2] != len(FEATURE_NAMES):
             raise ValueError(f"List features must be (users, candidates, {len(FEATURE_NAMES)}), got {features.shape}.")
+        score = features[:, :, FEATURE_NAMES.index("fedals-score")]
         if self.model is None:
-            return features[:, :, FEATURE_NAMES.index("fedals-score")]
-        return predict(lightgbm.Booster(model_str=self.model), _columns(features, self.features), num_threads)
+            return score
+        booster = lightgbm.Booster(model_str=self.model)
+        return predict(booster, _columns(features, self.features), num_threads) + self.base_scale * score
 
 
 def predict(booster: lightgbm.Booster, features: np.ndarray, num_threads: int = 1) -> np.ndarray:
-    """``booster``'s scores ``(users, candidates)`` of lists with ``features`` ``(users, candidates, f)``."""
+    """``booster``'s raw scores ``(users, candidates)`` of lists with ``features`` ``(users, candidates, f)``
+    (without the base margin)."""
     users, candidates, width = features.shape
     flat = booster.predict(features.reshape(users * candidates, width), num_threads=num_threads)
     return np.asarray(flat, dtype=np.float64).reshape(users, candidates)
+
+
+def base_scale(scores: np.ndarray) -> float:
+    """The scale of fedals' scores in the ranker's base margin: one over their mean spread within a list.
+
+    Boosting starts from fedals' order rather than from nothing: trees are piecewise constant and
+    would otherwise tie candidates fedals tells apart (and a tie counts against the held-out item).
+    Scaled to a unit spread, fedals' differences weigh in LambdaRank's logistic loss as much in
+    every market, whatever the size of its factors.
+    """
+    spread = float(np.mean(np.std(scores, axis=1)))
+    return 1.0 / spread if spread > 0 else 1.0
 
 
 def fit_ranker(features: np.ndarray, config: RankerConfig, use: tuple[str, ...] = FEATURE_NAMES) -> RankerFit:
@@ -143,24 +160,26 @@ def fit_ranker(features: np.ndarray, config: RankerConfig, use: tuple[str, ...] 
     held[np.random.default_rng(config.seed).permutation(users)[:count]] = True
     fedals = ranked(features[held, :, FEATURE_NAMES.index("fedals-score")])
     X = _columns(features, use)
-    train = _dataset(X[~held])
+    scale = base_scale(features[~held, :, FEATURE_NAMES.index("fedals-score")])
+    margin = scale * features[:, :, FEATURE_NAMES.index("fedals-score")]
+    train = _dataset(X[~held], margin[~held])
     stopped = lightgbm.train(
         _params(config),
         train,
         num_boost_round=config.max_trees,
-        valid_sets=[_dataset(X[held], reference=train)],
+        valid_sets=[_dataset(X[held], margin[held], reference=train)],
         callbacks=[lightgbm.early_stopping(config.stopping_rounds, verbose=False)],
     )
     trees = int(stopped.best_iteration or config.max_trees)
     booster = lightgbm.Booster(model_str=stopped.model_to_string(num_iteration=trees))
-    holdout = ranked(predict(booster, X[held], config.num_threads))
+    holdout = ranked(predict(booster, X[held], config.num_threads) + margin[held])
     if not improves(holdout.ndcg, fedals.ndcg):
-        return RankerFit(None, use, trees, holdout, fedals, {})
+        return RankerFit(None, use, scale, trees, holdout, fedals, {})
     if config.refit:
-        booster = lightgbm.train(_params(config), _dataset(X), num_boost_round=trees)
+        booster = lightgbm.train(_params(config), _dataset(X, margin), num_boost_round=trees)
     gains = booster.feature_importance(importance_type="gain")
     importance = {name: float(gain) for name, gain in zip(use, gains, strict=True)}
-    return RankerFit(booster.model_to_string(), use, trees, holdout, fedals, importance)
+    return RankerFit(booster.model_to_string(), use, scale, trees, holdout, fedals, importance)
 
 
 def ablation(valid: np.ndarray, test: np.ndarray, config: RankerConfig) -> dict[str, dict[str, float | int | bool]]:
@@ -213,13 +232,15 @@ def _params(config: RankerConfig) -> dict[str, object]:
     }
 
 
-def _dataset(features: np.ndarray, reference: lightgbm.Dataset | None = None) -> lightgbm.Dataset:
-    """Lists ``(users, candidates, f)`` as a LightGBM data set: one group per user, label 1 in column 0."""
+def _dataset(features: np.ndarray, margin: np.ndarray, reference: lightgbm.Dataset | None = None) -> lightgbm.Dataset:
+    """Lists ``(users, candidates, f)`` as a LightGBM data set: one group per user, label 1 in column 0,
+    boosting from ``margin`` ``(users, candidates)``."""
     users, candidates = features.shape[:2]
     return lightgbm.Dataset(
         _flat(features),
         label=_labels(users, candidates),
         group=np.full(users, candidates),
+        init_score=margin.ravel(),
         reference=reference,
         free_raw_data=False,
     )

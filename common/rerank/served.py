@@ -132,6 +132,7 @@ def write_ranker(
         **manifest,
         "features": list(fit.features),
         "fallback": fit.fallback,
+        "base-scale": fit.base_scale,
         "trees": fit.trees,
         "holdout": asdict(fit.holdout),
         "holdout-fedals": asdict(fit.holdout_fedals),
@@ -198,6 +199,7 @@ def load_rerank_model(directory: str | Path, catalog: Catalog | None = None) -> 
     fit = RankerFit(
         model,
         features,
+        float(manifest["base-scale"]),
         int(manifest["trees"]),
         Ranked(**manifest["holdout"]),
         Ranked(**manifest["holdout-fedals"]),

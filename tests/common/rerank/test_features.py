@@ -60,12 +60,13 @@ def test_popularity_federation_user_and_recency_features():
 
 def test_retrieval_features_are_the_score_its_rank_and_its_gap_to_the_best():
     # Prepare / Execute
-    features = _features([1], [[10, 20, 30]], [[0.5, 0.9, 0.1]])
+    features = _features([1, 0], [[10, 20, 30], [10, 20, 30]], [[0.5, 0.9, 0.1], [0.0, 0.3, 0.0]])
 
     # Assert
-    np.testing.assert_allclose(features["fedals-score"], [[0.5, 0.9, 0.1]])
-    np.testing.assert_allclose(features["fedals-rank"], [[1, 0, 2]])
-    np.testing.assert_allclose(features["fedals-gap"], [[-0.4, 0.0, -0.8]])
+    np.testing.assert_allclose(features["fedals-score"], [[0.5, 0.9, 0.1], [0.0, 0.3, 0.0]])
+    np.testing.assert_allclose(features["fedals-gap"], [[-0.4, 0.0, -0.8], [-0.3, 0.0, -0.3]])
+    # Tied candidates share a rank: the held-out item (column 0) must not win ties by its position.
+    np.testing.assert_allclose(features["fedals-rank"], [[1, 0, 2], [1, 0, 1]])
 
 
 def test_a_user_without_items_has_no_cooccurrence():

@@ -6,7 +6,7 @@ import pytest
 from common.rerank.features import FEATURE_NAMES
 from common.rerank.ranker import RankerConfig, ablation, fit_ranker, ranked
 
-CONFIG = RankerConfig(max_trees=30, stopping_rounds=5, min_child_samples=5)
+CONFIG = RankerConfig(max_trees=30, stopping_rounds=5, min_child_samples=5, learning_rate=0.5)
 
 
 def _lists(users: int, seed: int, telling: str | None, perfect_score: bool = False) -> np.ndarray:
