@@ -139,6 +139,10 @@ def write_ranker(
         "importance-gain": fit.importance,
     }
     (directory / RERANK_MANIFEST).write_text(json.dumps(full, indent=2), encoding="utf-8")
+    # 0600 as the served model's files: the tables and lists hold the market's users' histories.
+    for name in (RANKER_FILE, FEATURES_FILE, EVALUATION_FILE, RERANK_MANIFEST):
+        if (directory / name).exists():
+            (directory / name).chmod(0o600)
 
 
 class RerankModel:
