@@ -32,6 +32,7 @@ from common.data.markets import MarketSource
 from common.ials.core import IALSConfig
 from common.methods import BASELINES, METHODS
 from common.neural.train import TrainConfig
+from common.rerank.ranker import RankerConfig
 from common.run_config import RunConfig, parse_market_epsilons
 from common.runtime.command import (
     ArgumentParser,
@@ -55,6 +56,7 @@ from simulations.baselines import (
 from simulations.blend import ALS_METHOD, BLEND, blend_partner, run_blend
 from simulations.flower_runtime import SimulationSuperLink, exit_cleanly_on_sigterm
 from simulations.progress import RoundProgress, say
+from simulations.rerank import REPORT_FILE, RERANK, run_rerank
 from simulations.results import (
     FINE_TUNED,
     TRANSFERRED,
@@ -114,9 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default="fedals,local,pooled-ials,fedper",
-        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}; {BLEND} "
+        help=f"comma-separated, from {', '.join(BASELINES + tuple(METHODS) + (BLEND, RERANK))}; {BLEND} "
         f"blends {ALS_METHOD} with the first neural federated method listed, per market on "
-        "validation (default: %(default)s)",
+        f"validation; {RERANK} re-ranks {ALS_METHOD}'s lists with a LightGBM ranker per market "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--num-server-rounds",
@@ -215,14 +218,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_alias(parser, old, new)
     args = parser.parse_args(argv)
     methods = comma_list(args.methods)
-    unknown = sorted(set(methods) - set(BASELINES) - set(METHODS) - {BLEND})
+    unknown = sorted(set(methods) - set(BASELINES) - set(METHODS) - {BLEND, RERANK})
     if unknown or not methods:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS) + (BLEND,))}")
+        parser.error(
+            f"unknown methods {unknown}; choose from {', '.join(BASELINES + tuple(METHODS) + (BLEND, RERANK))}"
+        )
     if BLEND in methods and (ALS_METHOD not in methods or blend_partner(methods) is None):
         parser.error(
             f"{BLEND} blends {ALS_METHOD} with a neural federated method: add {ALS_METHOD} and one of "
             f"{', '.join(m for m in METHODS if METHODS[m].family == 'sgd')} to --methods"
         )
+    if RERANK in methods and ALS_METHOD not in methods:
+        parser.error(f"{RERANK} re-ranks {ALS_METHOD}'s candidate lists: add {ALS_METHOD} to --methods")
     if any(m.startswith("implicit-") for m in methods) and (missing := implicit_missing()) is not None:
         parser.error(missing)
     if args.num_server_rounds < 1 or args.local_epochs < 1:
@@ -446,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # fedper-ft trains exactly as fedper and only adds a final fine-tuning step (fedals-pt: fedals
     # and a private transfer), so when both are asked for, one run yields both.
     bases = {METHODS[m].base for m in args.methods if m in METHODS and METHODS[m].base}
-    runs = [m for m in args.methods if m not in bases and m != BLEND]
+    runs = [m for m in args.methods if m not in bases and m not in (BLEND, RERANK)]
     for method in runs:
         say(f"== {method} ==")
         started = time.perf_counter()
@@ -481,6 +488,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             source, catalog, args.out / "models", blend_partner(args.methods), ials, args.history_length, say
         )
         record_method(results, curves_by_method, BLEND, curves, time.perf_counter() - started)
+    if RERANK in args.methods:
+        say(f"== {RERANK} ==")
+        started = time.perf_counter()
+        curves = run_rerank(
+            source,
+            catalog,
+            args.out / "models",
+            harness_ials_config(args, defaults),
+            args.history_length,
+            RankerConfig(seed=args.seed),
+            say,
+            report_path=args.out / REPORT_FILE,
+        )
+        # Not a selection candidate: its validation NDCG@10 is over held-out users only (simulations.rerank).
+        record_method(results, curves_by_method, RERANK, curves, time.perf_counter() - started)
     federated = [m for m in results["methods"] if m in METHODS or m == BLEND]
     if "local" in results["methods"] and federated:
         results["methods"]["selection"] = selection_summary(results["methods"], ["local", *federated])

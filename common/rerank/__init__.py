@@ -1,0 +1,1 @@
+"""A learned ranker per market over fedals' candidates (``rerank``): features, ranker, served model."""
