@@ -48,7 +48,7 @@ from clients.privacy_state import (
     state_dir,
     training_noise_seed,
 )
-from clients.served import remember_if_best, write_best_model
+from clients.served import remember_if_best, write_best_model, write_refit_model
 from clients.state_store import UsersStore
 from common.config import parse_bool
 from common.data.catalog import Catalog
@@ -57,7 +57,7 @@ from common.data.markets import MarketSource
 from common.data.split import MarketSplit
 from common.ials.core import IALSConfig, ItemFactors, MarketInteractions
 from common.ials.dp import noise_generator, private_release, zero_release
-from common.ials.model import IALSMarket, evaluate_market, initial_rows, interaction_ratings
+from common.ials.model import IALSMarket, evaluate_market, initial_rows, interaction_ratings, refit_recommender
 from common.ials.packed import pack_market_statistics
 from common.ials.private import merged, min_buyers, restricted, shared_items, solve_private_items
 from common.ials.steps import solve_users
@@ -82,6 +82,7 @@ from common.protocol import (
     FINAL_ROUND_KEY,
     NUM_EXAMPLES_KEY,
     RECEIVED_PREFIX,
+    REFIT_KEY,
     SERVER_ROUND_KEY,
     TRAIN_SECONDS_KEY,
     TRAINED_KEY,
@@ -99,7 +100,8 @@ PRIVATE_STATE = "fedals-private-users"  # context.state: this market's last user
 # market's arrays are gigabytes (common.runtime.sized_cache).
 MARKET_CACHE_INTERACTIONS = 4_000_000
 _markets: SizedCache[IALSMarket] = SizedCache(MARKET_CACHE_INTERACTIONS)
-_digests: dict[str, tuple[MarketInteractions, str]] = {}  # market -> (its training interactions, their digest)
+# (market, training interactions or not) -> (the interactions, their digest)
+_digests: dict[tuple[str, bool], tuple[MarketInteractions, str]] = {}
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -109,13 +111,17 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content[CONFIG_RECORD]
     server_round = int(round_config[SERVER_ROUND_KEY])
     split = market.split
+    # A refit for serving (serve-refit) trains on every interaction; a training round on the training ones.
+    interactions = market.everything if _refit(round_config) else market.train
     items, gram, item_rows = _received(msg, market, catalog, ials)
     started = time.perf_counter()
     minimum = 1
     if config.dp_epsilon == 0:
         minimum = min_buyers(context.run_config, node_settings(context), split.market)
-        items, gram, item_rows = _with_private_items(context, msg, market, items, gram, item_rows, ials, minimum)
-    users = solve_users(market.train, items, gram, item_rows, ials)
+        items, gram, item_rows = _with_private_items(
+            context, msg, market, interactions, (items, gram, item_rows), ials, minimum
+        )
+    users = solve_users(interactions, items, gram, item_rows, ials)
     training_id = str(round_config.get(TRAINING_ID_KEY, ""))
     policy = region_policy(context, split.market)
     metrics: dict[str, Any]
@@ -123,15 +129,18 @@ def train(msg: Message, context: Context) -> Message:
         # Under DP the released rows are public (the region's product list or the catalog),
         # never the items its users happen to have bought.
         rows = public_assortment(policy, catalog)
-        statistics, metrics = _private_release(context, market, config, users, server_round, training_id, rows, policy)
+        statistics, metrics = _private_release(
+            context, market, interactions, config, users, (server_round, training_id), rows, policy
+        )
     else:
         rows = split.market_items
         # Only the items with at least `minimum` buyers here leave the market (common.ials.private).
-        shared = restricted(market.train, shared_items(market.train, minimum))
+        shared = restricted(interactions, shared_items(interactions, minimum))
         statistics = pack_market_statistics(shared, users, ials, config.als_wire)
         check_item_side(statistics, shared.items, ials.factors)
-        _remember_users(context, market, users, server_round, training_id)
-        metrics = {NUM_EXAMPLES_KEY: split.num_train, TRAINED_KEY: int(split.num_train > 0)}
+        _remember_users(context, market, interactions, users, server_round, training_id)
+        count = len(interactions.users)
+        metrics = {NUM_EXAMPLES_KEY: count, TRAINED_KEY: int(count > 0)}
     metrics[TRAIN_SECONDS_KEY] = time.perf_counter() - started
     if parse_bool(EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)):
         # The previous round's item factors, evaluated with the users this round solved on them.
@@ -154,12 +163,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     market, catalog, config = _market(context)
     ials = config.ials_config()
     round_config = msg.content[CONFIG_RECORD]
+    refit = _refit(round_config)
+    interactions = market.everything if refit else market.train
     items, gram, item_rows = _received(msg, market, catalog, ials)
     if config.dp_epsilon == 0:
         minimum = min_buyers(context.run_config, node_settings(context), market.split.market)
-        items, gram, item_rows = _with_private_items(context, msg, market, items, gram, item_rows, ials, minimum)
+        items, gram, item_rows = _with_private_items(
+            context, msg, market, interactions, (items, gram, item_rows), ials, minimum
+        )
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
     item_side = (items, gram, item_rows)
+    if refit:
+        return _serve_refit(context, msg, market, catalog, config, item_side, server_round)
     metrics, model = _evaluate(
         context, market, catalog, config, item_side, server_round, str(round_config.get(TRAINING_ID_KEY, ""))
     )
@@ -176,17 +191,58 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy, weight))
 
 
+def _refit(round_config: ConfigRecord) -> bool:
+    """Whether the server's message is a round of a refit for serving (``serve-refit``)."""
+    return parse_bool(REFIT_KEY, round_config.get(REFIT_KEY, False))
+
+
+def _serve_refit(
+    context: Context,
+    msg: Message,
+    market: IALSMarket,
+    catalog: Catalog,
+    config: RunConfig,
+    item_side: tuple[ItemFactors, np.ndarray, int],
+    server_round: int,
+) -> Message:
+    """The last evaluate of a refit for serving: the market writes the refit as its served model.
+
+    Nothing is held out of a refit, so nothing is evaluated and no metric is sent; the reply
+    carries the interactions it trained on, and the privacy spent under DP.
+    """
+    round_config = msg.content[CONFIG_RECORD]
+    if not parse_bool(FINAL_ROUND_KEY, round_config.get(FINAL_ROUND_KEY, False)):
+        raise ValueError(
+            f"Market '{market.split.market}': a refit for serving is evaluated only at its last round, "
+            "where the market writes it; the server asked for an evaluation before."
+        )
+    items, gram, item_rows = item_side
+    model = refit_recommender(
+        market, items, gram, catalog.size, config.ials_config(), config.history_length, item_rows=item_rows
+    )
+    training_id = str(round_config.get(TRAINING_ID_KEY, ""))
+    spent = MarketPrivacy(context, market.split.market).spent(config)
+    method = get_method(config.method)
+    write_refit_model(context, model, market.tensors, catalog, method, training_id, server_round, spent)
+    policy = region_policy(context, market.split.market)
+    # Under DP the count is the one the ledger released, as in every evaluate reply, never the exact one.
+    weight = released_weight(MarketPrivacy(context, market.split.market)) if config.dp_epsilon > 0 else None
+    metrics = {NUM_EXAMPLES_KEY: len(market.everything.users), **spent}
+    return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy, weight))
+
+
 def _private_release(
     context: Context,
     market: IALSMarket,
+    interactions: MarketInteractions,
     config: RunConfig,
     users: np.ndarray,
-    server_round: int,
-    training_id: str,
+    round_of: tuple[int, str],
     rows: np.ndarray,
     policy: RegionPolicy,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """This round's DP release over the public ``rows`` and its metrics; zeros of weight 0 once the budget is spent.
+    """This round's DP release of ``interactions`` over the public ``rows`` and its metrics; zeros of
+    weight 0 once the budget is spent. ``round_of`` is the server round and the training's id.
 
     The release is recorded in the ledger before it is made, and the ledger is saved before
     the reply leaves, so that no release goes unaccounted. The weight is the user count the
@@ -194,6 +250,7 @@ def _private_release(
     """
     split = market.split
     name = split.market
+    server_round, training_id = round_of
     privacy = MarketPrivacy(context, name)
     with privacy.hold():
         entry = privacy.load()
@@ -202,7 +259,7 @@ def _private_release(
             entry.ledger.record(1)
             privacy.save(entry)  # recorded before anything is computed from the data for the release
             generator = noise_generator(training_noise_seed(policy, config, name, server_round))
-            release = private_release(market.train, users, rows, entry.ledger.noise_multiplier, generator)
+            release = private_release(interactions, users, rows, entry.ledger.noise_multiplier, generator)
             examples = released_users(entry)
         except PrivacyBudgetExceeded as error:
             # Out of budget: nothing of the data is sent, only zeros that add nothing to the sums.
@@ -284,9 +341,8 @@ def _with_private_items(
     context: Context,
     msg: Message,
     market: IALSMarket,
-    items: ItemFactors,
-    gram: np.ndarray,
-    item_rows: int,
+    interactions: MarketInteractions,
+    item_side: tuple[ItemFactors, np.ndarray, int],
     ials: IALSConfig,
     minimum: int,
 ) -> tuple[ItemFactors, np.ndarray, int]:
@@ -298,14 +354,17 @@ def _with_private_items(
     trained (kept in ``context.state``) and the federation's user Gram of that round (sent by
     the server as ``user-gram``). Where the server holds a factor (another market sent the
     item), the server's is kept. Without a Gram or kept users (round 1, a restarted node) the
-    received factors are used as they are.
+    received factors are used as they are. ``interactions`` are those the users were solved on
+    (the market's training ones, or every one in a refit); ``item_side`` the factors, the Gram
+    and the rows with a factor the server sent.
     """
+    items, gram, item_rows = item_side
     if minimum <= 1 or USER_GRAM_KEY not in msg.content[ARRAYS_RECORD]:
         return items, gram, item_rows
     round_config = msg.content[CONFIG_RECORD]
     server_round = int(round_config.get(SERVER_ROUND_KEY, 0))
     before = server_round - 1 if msg.metadata.message_type == MessageType.TRAIN else server_round
-    users = _kept_users(context, market, before, str(round_config.get(TRAINING_ID_KEY, "")))
+    users = _kept_users(context, market, interactions, before, str(round_config.get(TRAINING_ID_KEY, "")))
     if users is None:
         return items, gram, item_rows
     user_gram = msg.content[ARRAYS_RECORD][USER_GRAM_KEY].numpy().astype(np.float64)
@@ -319,14 +378,19 @@ def _with_private_items(
             f"Market '{market.split.market}': the server's {USER_GRAM_KEY} is {user_gram.shape}, not "
             f"({dim + 1}, {dim + 1}) finite values for als-factors {dim}."
         )
-    private = restricted(market.train, shared_items(market.train, minimum), keep=False)
+    private = restricted(interactions, shared_items(interactions, minimum), keep=False)
     solved = solve_private_items(private, users, user_gram, ials)
     items, used = merged(items, solved)
     return items, gram + used.gram(), item_rows + used.held_rows()
 
 
 def _remember_users(
-    context: Context, market: IALSMarket, users: np.ndarray, server_round: int, training_id: str
+    context: Context,
+    market: IALSMarket,
+    interactions: MarketInteractions,
+    users: np.ndarray,
+    server_round: int,
+    training_id: str,
 ) -> None:
     """Keep this round's user factors in the market for its next private item step.
 
@@ -335,30 +399,35 @@ def _remember_users(
     goes on (a later restart then solves as in round 1).
     """
     context.state[PRIVATE_STATE] = ArrayRecord({"users": Array(np.ascontiguousarray(users))})
-    context.state[PRIVATE_STATE + "-round"] = ConfigRecord({"round": server_round, "training-id": training_id})
+    context.state[PRIVATE_STATE + "-round"] = ConfigRecord(
+        {"round": server_round, "training-id": training_id, "refit": int(interactions is not market.train)}
+    )
     directory = state_dir(context) if "market" in context.node_config else None
     if directory is None:
         return
     try:
-        UsersStore(directory, market.split.market).save(users, server_round, training_id, _digest(market))
+        UsersStore(directory, market.split.market).save(users, server_round, training_id, _digest(market, interactions))
     except OSError as error:
         log(WARNING, "Market %s: its users of round %d were not kept (%s).", market.split.market, server_round, error)
 
 
-def _digest(market: IALSMarket) -> str:
-    """A digest of the training interactions the user factors are solved on (once per market and process)."""
-    cached = _digests.get(market.split.market)
-    if cached is not None and cached[0] is market.train:
+def _digest(market: IALSMarket, interactions: MarketInteractions) -> str:
+    """A digest of the interactions the user factors are solved on (once per market, data and process):
+    the training ones, or every one in a refit, so that users of one are never taken for the other's."""
+    key = (market.split.market, interactions is market.train)
+    cached = _digests.get(key)
+    if cached is not None and cached[0] is interactions:
         return cached[1]
-    train = market.train
-    digest = hashlib.sha256(f"{train.num_users}:{len(train.users)}".encode())
-    digest.update(np.ascontiguousarray(train.users, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(train.items, dtype=np.int64).tobytes())
-    _digests[market.split.market] = (train, digest.hexdigest())
+    digest = hashlib.sha256(f"{interactions.num_users}:{len(interactions.users)}".encode())
+    digest.update(np.ascontiguousarray(interactions.users, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(interactions.items, dtype=np.int64).tobytes())
+    _digests[key] = (interactions, digest.hexdigest())
     return digest.hexdigest()
 
 
-def _kept_users(context: Context, market: IALSMarket, before: int, training_id: str) -> np.ndarray | None:
+def _kept_users(
+    context: Context, market: IALSMarket, interactions: MarketInteractions, before: int, training_id: str
+) -> np.ndarray | None:
     """The user factors of the last round up to ``before`` the market trained, or None.
 
     ``context.state`` holds those of the last round this process trained; a fresh context
@@ -366,12 +435,17 @@ def _kept_users(context: Context, market: IALSMarket, before: int, training_id: 
     the same training and the same data. A file that cannot be used is reported and skipped:
     the market then uses the received factors as they are, as in round 1.
     """
-    if PRIVATE_STATE in context.state:
+    kept = context.state.get(PRIVATE_STATE + "-round")
+    if (
+        PRIVATE_STATE in context.state
+        and kept is not None
+        and int(kept["refit"]) == int(interactions is not market.train)
+    ):
         return context.state[PRIVATE_STATE]["users"].numpy().astype(np.float64)
     directory = state_dir(context) if "market" in context.node_config else None
     if directory is None:
         return None
-    users, skipped = UsersStore(directory, market.split.market).load(before, training_id, _digest(market))
+    users, skipped = UsersStore(directory, market.split.market).load(before, training_id, _digest(market, interactions))
     for problem in skipped:
         log(WARNING, "Market %s: %s; it is not used.", market.split.market, problem)
     if users is not None and users.shape[0] != market.split.num_users:

@@ -193,6 +193,54 @@ def write_best_model(
         path.unlink(missing_ok=True)  # written as the served model; a simulation's file has no other use
 
 
+def write_refit_model(
+    context: Context,
+    model: SplitRecommender,
+    data: MarketTensors,
+    catalog: Catalog,
+    method: Method,
+    training_id: str,
+    refit_rounds: int,
+    spent: dict[str, float],
+) -> None:
+    """Write a refit for serving (``serve-refit``) as the training's served model, in place of its best round.
+
+    The refit trained on every interaction, so nothing is left to measure it on: the manifest
+    keeps the metrics of the training's best validation round and says, under ``refit``, that
+    the model served is the refit of that many rounds. ``spent`` is the privacy spent (empty
+    without DP), as after the refit's releases.
+    """
+    market = data.split.market
+    _restore_best(context, market)
+    info = context.state.get(BEST_INFO_KEY)
+    validated = info is not None and str(info["training-id"]) == training_id
+    chosen = {
+        "state": model.state_dict(),
+        "round": refit_rounds,
+        "metrics": {key: float(info[key]) if validated else float("nan") for key in KEPT_METRICS},
+        "spent": spent,
+        "manifest": {
+            "refit": {
+                "rounds": refit_rounds,
+                "trained-on": "every interaction of the market: training, validation and test",
+                "validated-round": int(info["round"]) if validated else None,
+                "metrics": "the validated round's, before the refit; the refit itself has nothing held out",
+            }
+        },
+    }
+    _write(
+        served_model_dir(context, market, method.name, training_id),
+        model,
+        data,
+        catalog,
+        method.name,
+        chosen,
+        training_id,
+    )
+    if "market" in context.node_config and state_dir(context):
+        _prune(Path(state_dir(context)) / MODELS_DIR)
+
+
 def _prune(models: Path) -> None:
     """Remove the oldest served models beyond :data:`KEPT_MODELS`, never the one ``current`` points at.
 

@@ -77,6 +77,10 @@ TRAIN_CONFIG_KEYS = (  # the local training settings of every train message, in 
 EVALUATE_RECEIVED_KEY = "evaluate-received"  # bool, train: evaluate the received model before training (folded)
 FINE_TUNE_EPOCHS_KEY = "fine-tune-epochs"  # int, last evaluate (fedper-ft): epochs of the private fork, capped locally
 FINAL_ROUND_KEY = "final-round"  # bool, last evaluate: each market writes its served model
+# bool, train and the last evaluate of a refit for serving (serve-refit, fedals): the round trains on every
+# interaction of the market (training, validation and test), and the last evaluate writes that refit as the
+# served model instead of the best validation round
+REFIT_KEY = "refit"
 
 # --- arrays, server -> market -----------------------------------------------------------------
 USER_GRAM_KEY = "user-gram"  # fedals without DP: Σ of the markets' augmented user Grams of the last aggregated round
@@ -119,6 +123,7 @@ __all__ = [
     "EVALUATION_METRICS",
     "EXACT_METRICS_MARKER",
     "FINAL_ROUND_KEY",
+    "REFIT_KEY",
     "FINE_TUNE_EPOCHS_KEY",
     "FINE_TUNE_PREFIX",
     "HEAD_EPOCHS_KEY",

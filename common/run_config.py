@@ -77,6 +77,9 @@ class RunConfig:
     node_timeout: float  # seconds a round waits for min-nodes markets to connect; then the run fails
     poll_interval: float  # seconds between checks for replies (Flower's own loop waits 3 s)
     fold_evaluation: bool  # evaluate each round's model in the next training message: one round trip per round
+    # fedals: after the training, train again from the start for its best validation round's number of rounds on
+    # every interaction (validation and test too) and serve that refit; its test metrics cannot be measured
+    serve_refit: bool
     resume: bool  # continue from out-dir's checkpoint instead of starting afresh
     init_from: str  # a published.pt (or a directory holding one) to start from; empty: seeded arrays
     market_dp_noise_multiplier: float  # server-side market-level DP: 0 is off; else noise std over the clipping norm

@@ -294,19 +294,9 @@ def summary_lines(
     for numbers, outcome in groups:
         span = f"round {numbers[0]}" if len(numbers) == 1 else f"rounds {numbers[0]}-{numbers[-1]}"
         lines.append(f"  {span}: {outcome}")
-    macro = {}
-    for r, entry in rounds.items():
-        evaluated = [
-            metrics for metrics in entry["per_market"].values() if {VAL_NDCG_KEY, TEST_NDCG_KEY} <= set(metrics)
-        ]
-        if evaluated:
-            macro[r] = (
-                sum(m[VAL_NDCG_KEY] for m in evaluated) / len(evaluated),
-                sum(m[TEST_NDCG_KEY] for m in evaluated) / len(evaluated),
-                len(evaluated),
-            )
+    macro = macro_by_round(history)
     if macro:
-        best = best_by(macro, lambda r: macro[r][0])
+        best = best_by(sorted(macro), lambda r: macro[r][0])
         val, test, count = macro[best]
         lines.append(
             f"  best round by macro validation NDCG@10: {best} (validation {val:.4f}, "
@@ -321,6 +311,28 @@ def summary_lines(
     files = [history.out_dir / name for name in (HISTORY_FILE, CHECKPOINT_FILE, PUBLISHED_FILE)]
     lines.append(f"  files: {', '.join(str(path) for path in files if path.exists()) or 'none'}")
     return lines
+
+
+def macro_by_round(history: RunHistory) -> dict[int, tuple[float, float, int]]:
+    """Per trained round, the mean validation and test NDCG@10 over the markets that reported both, and their count."""
+    macro = {}
+    for r, entry in history.rounds.items():
+        evaluated = [
+            metrics for metrics in entry["per_market"].values() if {VAL_NDCG_KEY, TEST_NDCG_KEY} <= set(metrics)
+        ]
+        if r >= 1 and evaluated:
+            macro[r] = (
+                sum(m[VAL_NDCG_KEY] for m in evaluated) / len(evaluated),
+                sum(m[TEST_NDCG_KEY] for m in evaluated) / len(evaluated),
+                len(evaluated),
+            )
+    return macro
+
+
+def best_macro_round(history: RunHistory) -> int | None:
+    """The trained round with the best macro validation NDCG@10 (the first of equals), None before any."""
+    macro = macro_by_round(history)
+    return best_by(sorted(macro), lambda r: macro[r][0]) if macro else None
 
 
 def served_rounds(history: RunHistory) -> dict[str, int]:

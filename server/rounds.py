@@ -61,6 +61,8 @@ class RoundSettings:
     budgeted_markets: frozenset[str] = frozenset()  # markets dp-market-epsilons names; checked against the replies
     node_timeout: float = 600.0  # seconds a round waits for the strategy's minimum of nodes to connect
     fingerprint: Mapping[str, Any] = field(default_factory=dict)  # stored in each checkpoint (server.resume)
+    # False: no evaluation but the last round's (a refit for serving, which holds nothing out to evaluate on)
+    evaluate_each_round: bool = True
 
 
 def send_and_receive(
@@ -185,16 +187,18 @@ def run_rounds(
     binding = binding if binding is not None else MarketBinding()
     screen = ReplyScreen(binding, (NUM_EXAMPLES_KEY, weight_key), arrays_problem)
     base_config = {TRAINING_ID_KEY: settings.training_id, CONTINUES_KEY: settings.continues}
-    if not settings.fold_evaluation:
+    separate = not settings.fold_evaluation and settings.evaluate_each_round  # an evaluate message every round
+    folded = settings.fold_evaluation and settings.evaluate_each_round
+    if separate:
         _evaluate(grid, strategy, history, settings, screen, first_round - 1, arrays, ConfigRecord(base_config))
     for server_round in range(first_round, settings.num_rounds + 1):
         started = time.perf_counter()
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
-        config = ConfigRecord({**train_config, **base_config, EVALUATE_RECEIVED_KEY: settings.fold_evaluation})
+        config = ConfigRecord({**train_config, **base_config, EVALUATE_RECEIVED_KEY: folded})
         messages = list(strategy.configure_train(server_round, arrays, config, _waiting(grid, strategy, settings)))
         replies = _receive(grid, settings, screen, server_round, messages, sent=arrays, history=history)
         _record_traffic(history, server_round, messages, replies)
-        if settings.fold_evaluation:
+        if folded:
             history.record(server_round - 1, replies, strip=RECEIVED_PREFIX)
             history.log_round(server_round - 1)
         history.record(server_round, replies, prefix="local/")
@@ -211,7 +215,7 @@ def run_rounds(
         else:
             arrays = aggregated
         last = server_round == settings.num_rounds
-        if last or not settings.fold_evaluation:
+        if last or separate:
             final = final_evaluate_config if last else ConfigRecord()
             evaluate_config = ConfigRecord({**base_config, **final})
             _evaluate(grid, strategy, history, settings, screen, server_round, arrays, evaluate_config)

@@ -8,10 +8,11 @@ loop with its own strategy (:mod:`server.fedals`), its shared arrays the
 encoder's item table of iALS factors.
 """
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from logging import INFO
 from pathlib import Path
 
@@ -27,15 +28,27 @@ from common.methods import get_method
 from common.protocol import (
     FINAL_ROUND_KEY,
     FINE_TUNE_EPOCHS_KEY,
+    REFIT_KEY,
 )
 from common.run_config import RunConfig, parse_market_epsilons
+from common.runtime.durable import atomic_write_bytes
 from common.serving.published import load_published, published_path
 from server.families import server_family
-from server.history import CHECKPOINT_FILE, PUBLISHED_FILE, RunHistory, check_new_training, summary_lines
+from server.history import (
+    CHECKPOINT_FILE,
+    PUBLISHED_FILE,
+    RunHistory,
+    best_macro_round,
+    check_new_training,
+    summary_lines,
+)
 from server.paths import TrainingLock, confine, server_root
 from server.replies import MarketBinding
 from server.resume import check_resumable, run_fingerprint
 from server.rounds import RoundSettings, restore_strategy_state, run_rounds
+
+REFIT_DIR = "refit"  # <out-dir>/refit: the history of a refit for serving, apart from the training's
+REFIT_DONE = "done.json"  # written in it when the refit has run to its end
 
 
 def train_config(config: RunConfig) -> ConfigRecord:
@@ -212,6 +225,9 @@ def _train(grid: Grid, context: Context, config: RunConfig) -> None:
         # Publishing again costs nothing and covers a server stopped between the last checkpoint and publishing.
         publish(history, arrays, config, catalog, training_id, first_round - 1)
         log_summary(history, config, binding)
+        # A refit stopped before its end is made again (from the start, as every refit is).
+        if config.serve_refit and not refit_done(config):
+            refit(grid, config, catalog, history, _refit_settings(config, training_id, continues, fingerprint), binding)
         return
     settings = RoundSettings(
         num_rounds=config.num_server_rounds,
@@ -231,6 +247,76 @@ def _train(grid: Grid, context: Context, config: RunConfig) -> None:
     )
     publish(history, arrays, config, catalog, training_id, config.num_server_rounds)
     log_summary(history, config, binding)
+    if config.serve_refit:
+        refit(grid, config, catalog, history, settings, binding)
+
+
+def _refit_settings(config: RunConfig, training_id: str, continues: str, fingerprint: dict) -> RoundSettings:
+    """The round settings of a training resumed after its last round, for its refit."""
+    return RoundSettings(
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        poll_interval=config.poll_interval,
+        fold_evaluation=config.fold_evaluation,
+        training_id=training_id,
+        continues=continues,
+        node_timeout=config.node_timeout,
+        fingerprint=fingerprint,
+    )
+
+
+def refit_done(config: RunConfig) -> bool:
+    """Whether the training's refit for serving ran to its end: ``<out-dir>/refit/done.json``, written last."""
+    return (Path(config.out_dir) / REFIT_DIR / REFIT_DONE).is_file()
+
+
+def refit(
+    grid: Grid,
+    config: RunConfig,
+    catalog: Catalog,
+    history: RunHistory,
+    settings: RoundSettings,
+    binding: MarketBinding,
+) -> None:
+    """A refit for serving (``serve-refit``): the training again from its start on every interaction.
+
+    As many rounds as the training's best macro validation round, from the arrays the training
+    started from (seeded, or ``init-from``'s); each market then writes the refit as the
+    training's served model (:func:`clients.served.write_refit_model`). Nothing is held out of
+    a refit, so no round is evaluated; its rounds, traffic and replies are kept apart from the
+    training's, in ``<out-dir>/refit``. fedals only: an SGD method's epochs and fedals-pt's
+    transfer have no such round count to repeat, and they serve their best validation round.
+    """
+    method = get_method(config.method)
+    if not config.solved_by_als or method.transfer:
+        log(INFO, "serve-refit: %s serves its best validation round; a refit is made for fedals only", config.method)
+        return
+    rounds = best_macro_round(history) or config.num_server_rounds
+    log(INFO, "Refit for serving: %d rounds (the best validation round) on every interaction of each market", rounds)
+    refit_history = RunHistory(Path(config.out_dir) / REFIT_DIR, asdict(config) | {"refit-rounds": rounds})
+    (refit_history.out_dir / REFIT_DONE).unlink(missing_ok=True)
+    family = server_family(config)
+    strategy = family.strategy(config, catalog)
+    arrays = initial_arrays(config, catalog)
+    if config.init_from:
+        arrays, _ = published_arrays(config, catalog, arrays)
+    train = train_config(config)
+    train[REFIT_KEY] = True
+    final = ConfigRecord({**final_evaluate_config(config), REFIT_KEY: True})
+    run_rounds(
+        grid,
+        strategy,
+        refit_history,
+        replace(settings, num_rounds=rounds, evaluate_each_round=False),
+        arrays,
+        train,
+        final,
+        1,
+        binding,
+        family.reply_check(strategy),
+    )
+    atomic_write_bytes(refit_history.out_dir / REFIT_DONE, json.dumps({"rounds": rounds}).encode())
+    log(INFO, "Refit for serving done: each market serves the refit of %d rounds (its manifest says so)", rounds)
 
 
 def log_summary(history: RunHistory, config: RunConfig, binding: MarketBinding) -> None:

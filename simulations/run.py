@@ -317,6 +317,9 @@ def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved:
 def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets: int) -> dict[str, Any]:
     """Overrides of the app config for one federated method."""
     return {
+        # The served models reproduce the test metrics the harness reports; a refit (trained on the
+        # test interactions) cannot, so it is off here unless --set serve-refit=true asks for it.
+        "serve-refit": False,
         **args.app_config,
         "method": method,
         "num-server-rounds": args.num_server_rounds,

@@ -33,6 +33,7 @@ which the server learns what to send it next; :func:`reply_problem` is the serve
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,7 @@ from common.ials.core import IALSConfig, ItemFactors, MarketInteractions, initia
 from common.ials.steps import solve_users
 from common.neural.model import ModelConfig, SplitRecommender
 from common.neural.train import MarketTensors, RankingMetrics, evaluate
+from common.serving.format import full_histories
 
 ITEM_TABLE = "encoder.item_embedding.weight"  # the shared state's item factors Y over the catalog
 TOWER_WEIGHT, TOWER_BIAS = "encoder.tower.weight", "encoder.tower.bias"  # zero: the encoder is the identity on Y
@@ -58,18 +60,34 @@ class IALSMarket:
     tensors: MarketTensors
     train: MarketInteractions  # the training interactions
     with_valid: MarketInteractions  # training plus validation interactions: a user's past at test time
+    test_ratings: np.ndarray | None = None  # the test interactions' ratings (rating and log confidences), for a refit
 
     @property
     def split(self) -> MarketSplit:
         """The market's split."""
         return self.tensors.split
 
+    @cached_property
+    def everything(self) -> MarketInteractions:
+        """Every interaction of the market, validation and test too: what a refit for serving trains on."""
+        split = self.split
+        ratings = self.with_valid.ratings
+        if ratings is not None and self.test_ratings is None:
+            raise ValueError(f"Market '{split.market}' has no test ratings to refit with its rating confidences.")
+        return MarketInteractions(
+            np.concatenate([self.with_valid.users, split.test.users]),
+            np.concatenate([self.with_valid.items, split.test.candidates[:, 0]]),
+            split.num_users,
+            None if ratings is None else np.concatenate([ratings, self.test_ratings]),
+        )
+
     @classmethod
     def from_split(
-        cls, split: MarketSplit, history_length: int, ratings: tuple[np.ndarray, np.ndarray] | None = None
+        cls, split: MarketSplit, history_length: int, ratings: tuple[np.ndarray, ...] | None = None
     ) -> "IALSMarket":
-        """The market of ``split``; ``ratings`` (:func:`interaction_ratings`) for the rating and log confidences."""
-        train_ratings, valid_ratings = ratings if ratings is not None else (None, None)
+        """The market of ``split``; ``ratings`` (:func:`interaction_ratings`: training, validation and
+        test) for the rating and log confidences."""
+        train_ratings, valid_ratings, *test_ratings = ratings if ratings is not None else (None, None)
         valid_items = split.valid.candidates[:, 0]
         return cls(
             tensors=MarketTensors.from_split(split, history_length),
@@ -80,13 +98,14 @@ class IALSMarket:
                 split.num_users,
                 None if ratings is None else np.concatenate([train_ratings, valid_ratings]),
             ),
+            test_ratings=test_ratings[0] if test_ratings else None,
         )
 
 
 def interaction_ratings(
     split: MarketSplit, interactions: pd.DataFrame, catalog: Catalog
-) -> tuple[np.ndarray, np.ndarray]:
-    """The rating of each training and each validation interaction of ``split``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rating of each training, each validation and each test interaction of ``split``.
 
     Parameters
     ----------
@@ -118,7 +137,11 @@ def interaction_ratings(
             raise ValueError(f"Market '{split.market}': {int(np.isnan(found).sum())} interactions have no rating.")
         return found
 
-    return ratings(split.train_users, split.train_items), ratings(split.valid.users, split.valid.candidates[:, 0])
+    return (
+        ratings(split.train_users, split.train_items),
+        ratings(split.valid.users, split.valid.candidates[:, 0]),
+        ratings(split.test.users, split.test.candidates[:, 0]),
+    )
 
 
 HISTORY_BLOCK = 1 << 17  # users whose history means and offsets are computed at once
@@ -279,6 +302,51 @@ def evaluate_factors(
     with torch.no_grad():
         model.head.user_embedding.weight.copy_(torch.as_tensor(head.offsets(folded, test_means)))
     return valid, evaluate(model, tensors, on_test=True), model
+
+
+def refit_recommender(
+    market: IALSMarket,
+    items: ItemFactors,
+    gram: np.ndarray,
+    num_items: int,
+    config: IALSConfig,
+    history_length: int,
+    *,
+    item_rows: int,
+) -> SplitRecommender:
+    """The model a market serves after a refit for serving: every interaction in its users and their histories.
+
+    The users are solved on :attr:`IALSMarket.everything` against the refit's item factors, and
+    each user's history is the last ``history_length`` of all their interactions, as the served
+    model keeps them (:func:`common.serving.format.full_histories`), so that a known user scores
+    ``x_u · y_i`` when served. Nothing is held out, so nothing is evaluated.
+
+    Parameters
+    ----------
+    market, items, gram, num_items, config, item_rows
+        As :func:`evaluate_market`.
+    history_length : int
+        Items pooled into a user's history, as the market's tensors hold them.
+    """
+    users = solve_users(market.everything, items, gram, item_rows, config)
+    history, mask = last_items(*full_histories(market.split), history_length)
+    means = history_means(items, history, mask)
+    head = HistoryHead.fit(users, means)
+    return ials_recommender(items, num_items, head, head.offsets(users, means), history_length)
+
+
+def last_items(offsets: np.ndarray, rows: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's last ``length`` of ``rows[offsets[u]:offsets[u + 1]]``, oldest first, left-aligned as
+    :class:`common.neural.train.MarketTensors` holds histories, and 1.0 where a slot holds an item."""
+    users = len(offsets) - 1
+    take = np.minimum(np.diff(offsets), length)
+    user = np.repeat(np.arange(users), take)
+    column = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+    history = np.zeros((users, length), dtype=np.int64)
+    mask = np.zeros((users, length), dtype=np.float32)
+    history[user, column] = rows[np.repeat(offsets[1:] - take, take) + column]
+    mask[user, column] = 1.0
+    return torch.as_tensor(history), torch.as_tensor(mask)
 
 
 # --- the shared state: the encoder's state dict holding Y ---------------------------------------

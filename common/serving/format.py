@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from common.data.catalog import Catalog
+from common.data.split import MarketSplit
 from common.neural.model import SplitRecommender
 from common.neural.train import MarketTensors
 from common.runtime.durable import atomic_replace_directory
@@ -154,7 +155,7 @@ def write_served_model(
         )
     served_config = replace(config, num_users=split.num_users)
     state = _market_state(model, data)
-    offsets, items = _full_histories(data)
+    offsets, items = full_histories(split)
     test_held_out = np.zeros(split.num_users, dtype=bool)
     test_held_out[split.test.users] = True
     known = len(catalog.item_ids)
@@ -239,9 +240,12 @@ def _market_state(model: SplitRecommender, data: MarketTensors) -> dict[str, tor
     return state
 
 
-def _full_histories(data: MarketTensors) -> tuple[np.ndarray, np.ndarray]:
-    """Every user's interactions as catalog rows, oldest first: training, then validation, then test."""
-    split = data.split
+def full_histories(split: MarketSplit) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's interactions as catalog rows, oldest first: training, then validation, then test.
+
+    Returns the offsets ``(users + 1,)`` of each user's rows and the rows: what a served model
+    keeps of the market, and what a refit for serving pools as each user's history.
+    """
     users = np.concatenate([split.train_users, split.valid.users, split.test.users]).astype(np.int64)
     items = np.concatenate([split.train_items, split.valid.candidates[:, 0], split.test.candidates[:, 0]]).astype(
         np.int64

@@ -62,7 +62,7 @@ def load_markets(data_dir: str, seed: int) -> tuple[list[Market], int]:
     for name in source.markets:
         frame = source.interactions(name)
         split = split_market(name, frame, catalog, seed)
-        train_ratings, valid_ratings = interaction_ratings(split, frame, catalog)
+        train_ratings, valid_ratings, _ = interaction_ratings(split, frame, catalog)
         valid_items = split.valid.candidates[:, 0]
         train = MarketInteractions(split.train_users, split.train_items, split.num_users, train_ratings)
         with_valid = MarketInteractions(
