@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                 if split:
                     raise ValueError(
                         f"User {sorted(split)[0]}'s pairs are in two chunks of {args.chunk_pairs} pairs: a rerank "
-                        "model scores each user's pairs as one list; sort the candidates by user or raise --chunk-pairs."
+                        "model scores each user's pairs as one list; sort the candidates by user or raise "
+                        "--chunk-pairs."
                     )
                 listed_before.update(users)
             index = served.user_index(users)
