@@ -317,3 +317,45 @@ def test_a_damaged_rerank_directory_is_refused_in_one_line(rerank_dir, tmp_path,
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert expected in err
     assert not (tmp_path / "recs.tsv").exists()
+
+
+def test_an_unknown_users_history_shapes_the_features_and_is_excluded(server):
+    # Prepare: a user the market does not know, with two items of the assortment given at query time.
+    given = server.assortment[:2]
+    history = pd.DataFrame({"userId": ["newcomer"] * 2, "itemId": given})
+
+    # Execute
+    tables = server.user_tables(["newcomer", server.user_ids[0]], server.recent_history(history))
+    recommended = server.recommend(["newcomer"], 5, history, retrieve=20)
+
+    # Assert: the newcomer's items are the two given (no latest day: their dates are not read);
+    # the known user's are the stored ones.
+    rows = server.retriever.catalog.rows(given)
+    np.testing.assert_array_equal(tables.user_columns[: tables.user_offsets[1]], server.tables.columns_of(rows))
+    assert np.isnan(tables.user_day[0])
+    stored = server.tables.user_columns[server.tables.user_offsets[0] : server.tables.user_offsets[1]]
+    np.testing.assert_array_equal(tables.user_columns[tables.user_offsets[1] :], stored)
+    assert len(recommended) == 5 and not set(recommended["itemId"]) & set(given)
+    assert recommended.attrs["unknown_users"] == 1
+
+
+def test_score_refuses_a_user_whose_pairs_span_two_chunks(rerank_dir, server, tmp_path, capsys):
+    # Prepare: user A, then B, then A again, read two pairs at a time.
+    directory, _ = rerank_dir
+    first, second = server.user_ids[:2]
+    items = server.assortment[:3]
+    pd.DataFrame({"userId": [first, second, first], "itemId": items}).to_csv(
+        tmp_path / "pairs.tsv", sep="\t", index=False
+    )
+    arguments = ["--model", str(directory), "--candidates", str(tmp_path / "pairs.tsv")]
+
+    # Execute
+    with pytest.raises(SystemExit) as exited:
+        score_cli.run_cli(score_cli.main, [*arguments, "--chunk-pairs", "2", "--out", str(tmp_path / "split.tsv")])
+    err = capsys.readouterr().err
+    score_cli.run_cli(score_cli.main, [*arguments, "--chunk-pairs", "3", "--out", str(tmp_path / "whole.tsv")])
+
+    # Assert
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert f"User {first}'s pairs are in two chunks of 2 pairs" in err
+    assert not (tmp_path / "split.tsv").exists() and (tmp_path / "whole.tsv").exists()
