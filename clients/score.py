@@ -57,8 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         required=True,
         metavar="FILE",
-        help="output TSV: the candidates plus a score column (required); a rerank model's scores compare only "
-        "among one user's pairs",
+        help="output TSV: the candidates plus a score column; a rerank model's scores compare only among one "
+        "user's pairs (required)",
     )
     parser.add_argument(
         "--chunk-pairs",
