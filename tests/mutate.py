@@ -321,6 +321,20 @@ MUTATIONS = [
         ["tests/common/data/test_full_ranking.py"],
     ),
     Mutation(
+        "rerank: fedals' rank breaks ties by position (the held-out item is column 0)",
+        "common/rerank/features.py",
+        "        rank[start : start + RANK_BLOCK] = (block[:, None, :] > block[:, :, None]).sum(axis=2)",
+        "        rank[start : start + RANK_BLOCK] = np.argsort(np.argsort(-block, axis=1, kind='stable'), axis=1)",
+        ["tests/common/rerank/test_features.py"],
+    ),
+    Mutation(
+        "rerank: the test lists' context holds the test items",
+        "common/rerank/features.py",
+        "    items = np.concatenate([split.train_items, split.valid.candidates[:, 0]])",
+        "    items = np.concatenate([split.train_items, split.test.candidates[:, 0]])",
+        ["tests/common/rerank/test_features.py"],
+    ),
+    Mutation(
         "every user ranked in full",
         "common/neural/train.py",
         "        ranked_in_full[evenly_spaced(len(users), FULL_RANKING_USERS)] = True",
