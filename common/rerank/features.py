@@ -435,7 +435,8 @@ def _rank_above(scores: np.ndarray) -> np.ndarray:
         ends_run[:, :-1] = ascending[:, 1:] != ascending[:, :-1]
         last = np.where(ends_run, np.arange(width), width)
         last = np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1]
-        np.put_along_axis(rank[start : start + RANK_BLOCK], order, (width - 1 - last).astype(np.float64), axis=1)
+        above = (width - 1 - last).astype(np.float64)
+        np.put_along_axis(rank[start : start + RANK_BLOCK], order, above, axis=1)
     return rank
 
 
