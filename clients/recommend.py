@@ -10,6 +10,12 @@ or one shaped by their interactions in --history. The output has the header
 ``userId rank itemId score``; one line sums up users, unknown users, seconds
 and users ranked per second.
 
+A rerank directory (OUT/models/rerank/<market>/, with rerank.json) is served in
+two stages: its retriever (fedals) gives each user the --retrieve best items
+they have not bought, the market's ranker orders them from features of the
+market's own data as of serving, and the top K are written with the ranker's
+score (the retriever's where the market kept fedals' order).
+
 Users are ranked a batch at a time and each batch is written as it is done: the
 scores of a batch take at most --batch-memory (a million-item assortment: 268
 users in 1 GiB), so a market of any number of users needs the model plus one
@@ -27,9 +33,11 @@ from typing import Any
 from tqdm import tqdm
 
 from common.data.catalog import Catalog
+from common.rerank.query import DEFAULT_RETRIEVE, RerankServer
+from common.rerank.served import RerankModel, load_any_model
 from common.runtime.command import ArgumentParser, add_verbose, run_command
 from common.serving.batching import SCORE_MEMORY, users_per_batch
-from common.serving.query import load_served_model
+from common.serving.query import ServedModel
 from common.serving.streaming import write_table_chunks
 from common.serving.tables import read_history, read_user_list
 
@@ -55,10 +63,20 @@ def progress_bar(total: int | None, description: str, unit: str) -> AbstractCont
     )
 
 
+def load_model(directory: Path, catalog: Catalog | None) -> ServedModel | RerankServer:
+    """The model a serving command answers with: a rerank directory's (it has rerank.json) or a served model."""
+    model = load_any_model(directory, catalog)
+    return RerankServer(model) if isinstance(model, RerankModel) else model
+
+
 def model_options(parser: argparse.ArgumentParser) -> None:
     """Options every serving command shares."""
     parser.add_argument(
-        "--model", type=Path, required=True, metavar="DIR", help="served-model directory with manifest.json (required)"
+        "--model",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="served-model directory with manifest.json, or a rerank directory with rerank.json (required)",
     )
     parser.add_argument(
         "--catalog",
@@ -96,6 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--k", type=int, default=10, help="recommendations per user (default: %(default)s)")
     parser.add_argument(
+        "--retrieve",
+        type=int,
+        metavar="N",
+        help=f"rerank models only: candidates the retriever gives each user for the ranker to order, at least --k "
+        f"(default: {DEFAULT_RETRIEVE}, or --k if larger)",
+    )
+    parser.add_argument(
         "--out", type=Path, required=True, metavar="FILE", help="output TSV: userId rank itemId score (required)"
     )
     parser.add_argument(
@@ -119,6 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-users must be at least 1, got {args.batch_users}")
     if args.batch_memory < 1:
         parser.error(f"--batch-memory must be at least 1 MiB, got {args.batch_memory}")
+    if args.retrieve is not None and args.retrieve < args.k:
+        parser.error(f"--retrieve must be at least --k ({args.k}), got {args.retrieve}")
     return args
 
 
@@ -127,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     started = time.perf_counter()
     catalog = Catalog.load(args.catalog) if args.catalog else None
-    served = load_served_model(args.model, catalog)
+    served = load_model(args.model, catalog)
+    if args.retrieve is not None and not isinstance(served, RerankServer):
+        raise ValueError(f"--retrieve applies to a rerank model only; {args.model} is a served model.")
     history = read_history(args.history) if args.history else None
     if args.all:
         users = served.user_ids + (list(history["userId"]) if history is not None else [])
@@ -135,7 +164,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         users = read_user_list(args.users)
     users = list(dict.fromkeys(str(user) for user in users))
     batch = args.batch_users or users_per_batch(len(served.assortment), args.batch_memory * 2**20)
-    batches = served.recommend_batches(users, args.k, served.recent_history(history), batch)
+    stage = ""
+    if isinstance(served, RerankServer):
+        retrieve = args.retrieve if args.retrieve is not None else max(DEFAULT_RETRIEVE, args.k)
+        batches = served.recommend_batches(users, args.k, served.recent_history(history), batch, retrieve)
+        stage = f" (reranked from the retriever's top {retrieve})"
+    else:
+        batches = served.recommend_batches(users, args.k, served.recent_history(history), batch)
     totals = {"unknown": 0, "rows": 0, "with_any": 0}
 
     def counted(bar: Any) -> Iterator[Any]:
@@ -152,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ranking_seconds = time.perf_counter() - ranking
     return (
         f"{served.market}: {len(users)} users, of which {totals['unknown']} unknown; "
-        f"{totals['rows']} recommendations ({totals['with_any']} users with any) in "
+        f"{totals['rows']} recommendations{stage} ({totals['with_any']} users with any) in "
         f"{time.perf_counter() - started:.2f} s; {len(users) / max(ranking_seconds, 1e-9):,.0f} users/s ranked "
         f"and written in batches of {batch} -> {args.out}"
     )

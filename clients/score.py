@@ -13,6 +13,13 @@ scored per second.
 The candidates are read, scored and written --chunk-pairs at a time, so ten
 million pairs take the model plus one chunk; a progress bar with ETA shows on
 stderr when it is a terminal.
+
+A rerank directory (with rerank.json) scores each user's pairs as one list:
+the retriever scores them, the market's ranker orders them from features that
+depend on the whole list (a candidate's rank and gap to the best). A rerank
+score is therefore comparable only among one user's pairs: a user's pairs must
+all lie within one chunk (refused otherwise; sort the file by user or raise
+--chunk-pairs). An item the market does not sell scores NaN.
 """
 
 import argparse
@@ -25,10 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clients.recommend import model_options, progress_bar, run_cli
+from clients.recommend import load_model, model_options, progress_bar, run_cli
 from common.data.catalog import Catalog
+from common.rerank.query import RerankServer
 from common.runtime.command import ArgumentParser, add_verbose
-from common.serving.query import load_served_model
 from common.serving.streaming import count_rows, write_table_chunks
 from common.serving.tables import CHUNK_ROWS, read_history, read_table_chunks
 
@@ -50,14 +57,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         required=True,
         metavar="FILE",
-        help="output TSV: the candidates plus a score column (required)",
+        help="output TSV: the candidates plus a score column; a rerank model's scores compare only among one "
+        "user's pairs (required)",
     )
     parser.add_argument(
         "--chunk-pairs",
         type=int,
         default=CHUNK_ROWS,
         metavar="N",
-        help="pairs read, scored and written at once (default: %(default)s)",
+        help="pairs read, scored and written at once; for a rerank model, each user's pairs must lie within one "
+        "chunk (default: %(default)s)",
     )
     add_verbose(parser)
     args = parser.parse_args(argv)
@@ -71,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     started = time.perf_counter()
     catalog = Catalog.load(args.catalog) if args.catalog else None
-    served = load_served_model(args.model, catalog)
+    served = load_model(args.model, catalog)
     history = served.recent_history(read_history(args.history)) if args.history else None
+    # A rerank score is one of its user's list: a user's pairs in two chunks would be two lists.
+    listed_before: set[str] | None = set() if isinstance(served, RerankServer) else None
     # Distinct users and unknown items over all chunks: a flag per known user, the unknown ones by
     # name up to DISTINCT_CAP each (memory stays bounded; beyond it the summary says "at least").
     seen_known = np.zeros(len(served.user_ids), dtype=bool)
@@ -84,6 +95,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         for pairs in read_table_chunks(args.candidates, ["userId", "itemId"], rows=args.chunk_pairs):
             scored = served.score(pairs, extra_history=history)
             users = pd.unique(scored["userId"])
+            if listed_before is not None:
+                split = listed_before.intersection(users)
+                if split:
+                    raise ValueError(
+                        f"User {sorted(split)[0]}'s pairs are in two chunks of {args.chunk_pairs} pairs: a rerank "
+                        "model scores each user's pairs as one list; sort the candidates by user or raise "
+                        "--chunk-pairs."
+                    )
+                listed_before.update(users)
             index = served.user_index(users)
             seen_known[index[index >= 0]] = True
             if len(unknown_users) < DISTINCT_CAP:

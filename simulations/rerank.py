@@ -11,7 +11,9 @@ After ``fedals`` has run, each market:
   validation lists from the training interactions, test lists from training plus validation;
 * trains its own LightGBM LambdaRank ranker on its validation lists, keeping fedals' order if the
   ranker does not beat it on held-out validation users (:mod:`common.rerank.ranker`);
-* serves the result under ``OUT/models/rerank/<market>`` (:mod:`common.rerank.served`), reports
+* serves the result under ``OUT/models/rerank/<market>`` (:mod:`common.rerank.served`), with
+  its feature tables as of the test evaluation (to reproduce the reported metrics) and as of
+  serving (every interaction of the market, test included: what ``xmfl recommend`` reads), reports
   its test metrics as a one-point curve and writes ``OUT/rerank.json``: per market the ranker's
   held-out validation result against fedals', whether it fell back, its feature importances
   (gain) and an ablation of each feature group.
@@ -33,7 +35,7 @@ from common.data.catalog import Catalog
 from common.data.markets import MarketSource, load_split
 from common.ials.core import IALSConfig, ItemFactors
 from common.ials.model import ITEM_TABLE, IALSMarket, interaction_ratings
-from common.rerank.features import FEATURE_GROUPS, FeatureTables, interaction_days, market_contexts
+from common.rerank.features import FEATURE_GROUPS, FeatureTables, interaction_days, market_contexts, serving_context
 from common.rerank.ranker import RankerConfig, ablation, fit_ranker, ranked
 from common.rerank.served import candidate_scores, retriever_scores, write_ranker, write_retriever
 from common.serving.format import market_user_ids
@@ -111,7 +113,8 @@ def run_rerank(
         rows = split.market_items  # the rows fedals sends the market: its assortment
         items = ItemFactors(rows, table[rows].astype(np.float64))
         valid_model, test_model = ials_models(market, items, gram, catalog.size, config, len(touched))
-        valid_context, test_context = market_contexts(split, *interaction_days(split, interactions, catalog))
+        days = interaction_days(split, interactions, catalog, with_test=True)
+        valid_context, test_context = market_contexts(split, *days[:2])
         valid_scores = candidate_scores(valid_model, market.tensors)
         valid_features = FeatureTables.build(valid_context, rows, norms[rows]).list_features(
             split.valid.users, split.valid.candidates, valid_scores
@@ -161,6 +164,7 @@ def run_rerank(
                 "round": published.round,
                 "metrics": {key: value for key, value in point.items() if key != "round"},
             },
+            serving_tables=FeatureTables.build(serving_context(split, *days), rows, norms[rows]),
         )
         report["markets"][name] = {
             "test-ndcg@10": test.ndcg,

@@ -323,7 +323,7 @@ MUTATIONS = [
     Mutation(
         "rerank: fedals' rank breaks ties by position (the held-out item is column 0)",
         "common/rerank/features.py",
-        "        rank[start : start + RANK_BLOCK] = (block[:, None, :] > block[:, :, None]).sum(axis=2)",
+        "        np.put_along_axis(rank[start : start + RANK_BLOCK], order, above, axis=1)",
         "        rank[start : start + RANK_BLOCK] = np.argsort(np.argsort(-block, axis=1, kind='stable'), axis=1)",
         ["tests/common/rerank/test_features.py"],
     ),

@@ -25,7 +25,7 @@ with :func:`numpy.searchsorted`: a block of users' history-by-candidate lookups 
 call, without a sparse-matrix library and without a dense items-by-items matrix.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
 FEATURE_NAMES: tuple[str, ...] = tuple(name for names in FEATURE_GROUPS.values() for name in names)
 LOOKUP_BLOCK = 50_000  # history entries of the users whose co-occurrence lookups are made at once
 SECONDS_PER_DAY = 86_400.0
-RANK_BLOCK = 1_000  # lists whose ranks are computed at once: (block, c, c) comparisons
+RANK_BLOCK = 1_000  # lists whose ranks are computed at once (sorted as one block)
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,13 @@ class MarketContext:
     days: np.ndarray  # (n,) float64 days since 1970-01-01, NaN where the data has no date
 
 
-def interaction_days(split: MarketSplit, interactions: pd.DataFrame, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+def interaction_days(
+    split: MarketSplit, interactions: pd.DataFrame, catalog: Catalog, with_test: bool = False
+) -> tuple[np.ndarray, ...]:
     """The day of each training and each validation interaction of ``split`` (NaN without a date).
+
+    With ``with_test``, the day of each test interaction too (a third array): serving
+    (:func:`serving_context`) knows every interaction of the market.
 
     Parameters
     ----------
@@ -67,6 +72,8 @@ def interaction_days(split: MarketSplit, interactions: pd.DataFrame, catalog: Ca
         The table the split was made from (columns ``user``, ``item``, ``date``, ``position``).
     catalog : Catalog
         The catalog the split maps items through.
+    with_test : bool
+        Return the test interactions' days as well.
 
     Raises
     ------
@@ -102,7 +109,10 @@ def interaction_days(split: MarketSplit, interactions: pd.DataFrame, catalog: Ca
             raise ValueError(f"Market '{split.market}': some interactions of the split are not in its table.")
         return found["day"].to_numpy(dtype=np.float64)
 
-    return lookup(split.train_users, split.train_items), lookup(split.valid.users, split.valid.candidates[:, 0])
+    days = (lookup(split.train_users, split.train_items), lookup(split.valid.users, split.valid.candidates[:, 0]))
+    if with_test:
+        return (*days, lookup(split.test.users, split.test.candidates[:, 0]))
+    return days
 
 
 def market_contexts(
@@ -129,6 +139,32 @@ def market_contexts(
     items = np.concatenate([split.train_items, split.valid.candidates[:, 0]])
     days = np.concatenate([train.days, np.asarray(valid_days, np.float64)])
     return train, MarketContext(split.num_users, users[order], items[order], days[order])
+
+
+def serving_context(
+    split: MarketSplit, train_days: np.ndarray, valid_days: np.ndarray, test_days: np.ndarray
+) -> MarketContext:
+    """What the market knows when it serves, after its evaluation: training, validation and test interactions.
+
+    Parameters
+    ----------
+    split : MarketSplit
+        The market's split (training interactions grouped by user, oldest first).
+    train_days, valid_days, test_days : np.ndarray
+        ``interaction_days(..., with_test=True)``: the day of each interaction of each stage.
+    """
+    if len(test_days) != len(split.test.users):
+        raise ValueError(
+            f"Market '{split.market}' has {len(split.test.users)} test interactions, but {len(test_days)} days "
+            "were given."
+        )
+    _, known = market_contexts(split, train_days, valid_days)
+    users = np.concatenate([known.users, split.test.users])
+    # A stable sort by user puts each user's test interaction after everything else of theirs.
+    order = np.argsort(users, kind="stable")
+    items = np.concatenate([known.items, split.test.candidates[:, 0]])
+    days = np.concatenate([known.days, np.asarray(test_days, np.float64)])
+    return MarketContext(split.num_users, users[order], items[order], days[order])
 
 
 @dataclass(frozen=True)
@@ -221,6 +257,76 @@ class FeatureTables:
             raise ValueError(f"The feature tables lack {missing}.")
         return cls(**{name: np.asarray(arrays[name]) for name in names})
 
+    def check(self) -> None:
+        """Refuse tables that do not fit together (a damaged or foreign file), before any lookup reads them.
+
+        Raises
+        ------
+        ValueError
+            Naming the first table that does not fit.
+        """
+        one_d = {field.name: np.ndim(getattr(self, field.name)) == 1 for field in fields(self)}
+        if not all(one_d.values()):
+            raise ValueError(f"the tables {[name for name, ok in one_d.items() if not ok]} are not 1-d")
+        for name in ("items", "pair_keys", "user_offsets", "user_columns"):
+            if getattr(self, name).dtype.kind not in "iu":
+                raise ValueError(f"the table {name} is not of integers")
+        for name in ("counts", "last_day", "first_day", "federation_norm", "pair_counts", "user_day"):
+            if getattr(self, name).dtype.kind != "f":
+                raise ValueError(f"the table {name} is not of floats")
+        size = len(self.items)
+        if size == 0 or np.any(np.diff(self.items) <= 0) or self.items[0] < 0:
+            raise ValueError("the assortment is not a non-empty sorted list of distinct catalog rows")
+        if any(len(getattr(self, name)) != size for name in ("counts", "last_day", "first_day", "federation_norm")):
+            raise ValueError("the per-item tables are not one value per item of the assortment")
+        keys = self.pair_keys
+        if (
+            len(keys) != len(self.pair_counts)
+            or np.any(np.diff(keys) <= 0)
+            or (len(keys) and (keys[0] < 0 or keys[-1] >= size * size))
+        ):
+            raise ValueError("the co-occurrence keys are not sorted, distinct and within the assortment")
+        offsets = self.user_offsets
+        if (
+            len(offsets) != len(self.user_day) + 1
+            or offsets[0] != 0
+            or np.any(np.diff(offsets) < 0)
+            or offsets[-1] != len(self.user_columns)
+        ):
+            raise ValueError("the users' offsets are not 0, then ascending to their items' count, one per user")
+        if len(self.user_columns) and (self.user_columns.min() < 0 or self.user_columns.max() >= size):
+            raise ValueError("the users' items are not columns of the assortment")
+
+    def columns_of(self, rows: np.ndarray) -> np.ndarray:
+        """Each catalog row's column among :attr:`items`, -1 for a row outside the market's assortment."""
+        rows = np.asarray(rows, dtype=np.int64)
+        columns = np.searchsorted(self.items, rows).clip(max=len(self.items) - 1)
+        return np.where(self.items[columns] == rows, columns, -1).astype(np.int64)
+
+    def with_users(self, offsets: np.ndarray, columns: np.ndarray, days: np.ndarray) -> "FeatureTables":
+        """These item tables with other users: user ``u``'s items are ``columns[offsets[u]:offsets[u + 1]]``.
+
+        Serving describes a batch of users, some with interactions given at query time, with the
+        market's item tables unchanged (shared, not copied).
+
+        Parameters
+        ----------
+        offsets : np.ndarray
+            ``(users + 1,)`` 0, then ascending to ``len(columns)``.
+        columns : np.ndarray
+            Columns of :attr:`items` each user bought, oldest first.
+        days : np.ndarray
+            ``(users,)`` each user's latest day, NaN if unknown.
+        """
+        tables = replace(
+            self,
+            user_offsets=np.asarray(offsets, dtype=np.int64),
+            user_columns=np.asarray(columns, dtype=np.int64),
+            user_day=np.asarray(days, dtype=np.float64),
+        )
+        tables.check()
+        return tables
+
     def list_features(self, users: np.ndarray, candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The features of each user's candidate list, ``(users, candidates, len(FEATURE_NAMES))`` float64.
 
@@ -310,11 +416,27 @@ def _rank_above(scores: np.ndarray) -> np.ndarray:
     Tied candidates share a rank. Breaking ties by position would leak the answer: the held-out
     item is always column 0, so it would win every tie (fedals scores every item without a
     published factor 0, a large tie in markets with many private items).
+
+    Computed by sorting each list (``c log c`` per list, so a served list of a few thousand
+    candidates costs little): in a list sorted ascending, the candidates strictly above one are
+    those after the last of its ties. Scores are numbers or ``-inf`` (a NaN is not ordered).
     """
+    scores = np.asarray(scores, dtype=np.float64)
     rank = np.empty(scores.shape, dtype=np.float64)
+    width = scores.shape[1] if scores.ndim == 2 else 0
+    if width == 0:
+        return rank
     for start in range(0, len(scores), RANK_BLOCK):
         block = scores[start : start + RANK_BLOCK]
-        rank[start : start + RANK_BLOCK] = (block[:, None, :] > block[:, :, None]).sum(axis=2)
+        order = np.argsort(block, axis=1, kind="stable")
+        ascending = np.take_along_axis(block, order, axis=1)
+        # The position of the last of each candidate's ties, from the right: a running minimum.
+        ends_run = np.ones(ascending.shape, dtype=bool)
+        ends_run[:, :-1] = ascending[:, 1:] != ascending[:, :-1]
+        last = np.where(ends_run, np.arange(width), width)
+        last = np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1]
+        above = (width - 1 - last).astype(np.float64)
+        np.put_along_axis(rank[start : start + RANK_BLOCK], order, above, axis=1)
     return rank
 
 

@@ -91,17 +91,22 @@ class RankerFit:
         """Whether the market keeps fedals' order."""
         return self.model is None
 
-    def scores(self, features: np.ndarray, num_threads: int = 1) -> np.ndarray:
+    def booster(self) -> lightgbm.Booster | None:
+        """The ranker parsed once, for many calls of :meth:`scores`; None where fedals' order is kept."""
+        return None if self.model is None else lightgbm.Booster(model_str=self.model)
+
+    def scores(self, features: np.ndarray, num_threads: int = 1, booster: lightgbm.Booster | None = None) -> np.ndarray:
         """Scores ``(users, candidates)`` of lists with ``features`` ``(users, candidates, len(FEATURE_NAMES))``.
 
-        fedals' score where the market kept fedals' order, else the ranker's.
+        fedals' score where the market kept fedals' order, else the ranker's. ``booster`` is
+        :meth:`booster`'s result, saving a parse of the model text per call.
         """
         if features.ndim != 3 or features.shape[2] != len(FEATURE_NAMES):
             raise ValueError(f"List features must be (users, candidates, {len(FEATURE_NAMES)}), got {features.shape}.")
         score = features[:, :, FEATURE_NAMES.index("fedals-score")]
         if self.model is None:
             return score
-        booster = lightgbm.Booster(model_str=self.model)
+        booster = self.booster() if booster is None else booster
         return predict(booster, _columns(features, self.features), num_threads) + self.base_scale * score
 
 
@@ -162,12 +167,12 @@ def fit_ranker(features: np.ndarray, config: RankerConfig, use: tuple[str, ...] 
     X = _columns(features, use)
     scale = base_scale(features[~held, :, FEATURE_NAMES.index("fedals-score")])
     margin = scale * features[:, :, FEATURE_NAMES.index("fedals-score")]
-    train = _dataset(X[~held], margin[~held])
+    train = _dataset(X[~held], margin[~held], use)
     stopped = lightgbm.train(
         _params(config),
         train,
         num_boost_round=config.max_trees,
-        valid_sets=[_dataset(X[held], margin[held], reference=train)],
+        valid_sets=[_dataset(X[held], margin[held], use, reference=train)],
         callbacks=[lightgbm.early_stopping(config.stopping_rounds, verbose=False)],
     )
     trees = int(stopped.best_iteration or config.max_trees)
@@ -176,7 +181,7 @@ def fit_ranker(features: np.ndarray, config: RankerConfig, use: tuple[str, ...] 
     if not improves(holdout.ndcg, fedals.ndcg):
         return RankerFit(None, use, scale, trees, holdout, fedals, {})
     if config.refit:
-        booster = lightgbm.train(_params(config), _dataset(X, margin), num_boost_round=trees)
+        booster = lightgbm.train(_params(config), _dataset(X, margin, use), num_boost_round=trees)
     gains = booster.feature_importance(importance_type="gain")
     importance = {name: float(gain) for name, gain in zip(use, gains, strict=True)}
     return RankerFit(booster.model_to_string(), use, scale, trees, holdout, fedals, importance)
@@ -232,15 +237,19 @@ def _params(config: RankerConfig) -> dict[str, object]:
     }
 
 
-def _dataset(features: np.ndarray, margin: np.ndarray, reference: lightgbm.Dataset | None = None) -> lightgbm.Dataset:
+def _dataset(
+    features: np.ndarray, margin: np.ndarray, names: tuple[str, ...], reference: lightgbm.Dataset | None = None
+) -> lightgbm.Dataset:
     """Lists ``(users, candidates, f)`` as a LightGBM data set: one group per user, label 1 in column 0,
-    boosting from ``margin`` ``(users, candidates)``."""
+    boosting from ``margin`` ``(users, candidates)``. The features are named ``names`` in the model's
+    text, so that a served ranker is checked against the features the code computes."""
     users, candidates = features.shape[:2]
     return lightgbm.Dataset(
         _flat(features),
         label=_labels(users, candidates),
         group=np.full(users, candidates),
         init_score=margin.ravel(),
+        feature_name=list(names),
         reference=reference,
         free_raw_data=False,
     )

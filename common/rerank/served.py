@@ -7,26 +7,38 @@ A rerank directory ``DIR/`` holds:
 * ``ranker.txt``: the LightGBM model as text (absent where the market kept fedals' order);
 * ``features.npz``: the market's :class:`common.rerank.features.FeatureTables` as of the test
   evaluation (training plus validation interactions);
+* ``features-serving.npz``: the same tables as of serving, from every interaction of the market
+  (training, validation and test): what ``xmfl recommend`` and ``xmfl score`` describe users with;
 * ``evaluation.npz``: the test lists (users and their 100 candidates) the reported metrics rank;
 * ``rerank.json``: format, market, round, metrics, the features the ranker reads, whether the
-  market fell back to fedals' order, and the ranker's report.
+  market fell back to fedals' order, the ranker's report, and the size and SHA-256 of
+  ``ranker.txt``.
 
-:func:`load_rerank_model` reads it back; :meth:`RerankModel.test_metrics` reproduces the reported
-test NDCG@10 from the directory alone. The harness scores the test lists through the same loaded
-retriever, so the two agree exactly. ``xmfl recommend`` and ``xmfl score`` do not read this format
-yet: a rerank directory has no top-level ``manifest.json``, so they refuse it rather than serve
-fedals' order under the rerank name.
+:func:`load_rerank_model` reads it back, checking every file before use (one
+:class:`RerankModelError` naming the directory and what does not fit, as
+:func:`common.serving.query.load_served_model` does for a served model);
+:meth:`RerankModel.test_metrics` reproduces the reported test NDCG@10 from the directory alone.
+The harness scores the test lists through the same loaded retriever, so the two agree exactly.
+:func:`load_any_model` is what the serving commands load: a served model or a rerank model
+(:mod:`common.rerank.query` answers for the latter).
+
+LightGBM ends the process (a C++ abort, not an exception) on some damaged model texts, so
+``ranker.txt`` is parsed only once its size and digest match the manifest's.
 
 Everything here is the market's own: its users' histories and IDs, its interaction counts and
 dates, and fedals' published factors it was sent.
 """
 
+import hashlib
 import json
+import math
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import lightgbm
 import numpy as np
 import pandas as pd
 import torch
@@ -36,16 +48,24 @@ from common.neural.model import SplitRecommender
 from common.neural.train import MarketTensors
 from common.rerank.features import FEATURE_NAMES, FeatureTables
 from common.rerank.ranker import Ranked, RankerFit, ranked
-from common.serving.format import write_served_model
+from common.serving.format import MANIFEST, ServedModelError, write_served_model
 from common.serving.query import ServedModel, load_served_model
 
 RERANK_FORMAT = "xmarket-fl rerank model"
-RERANK_FORMAT_VERSION = 1
+RERANK_FORMAT_VERSION = 2  # 2: serving tables, named features in the ranker's text, its size and digest
 RERANK_MANIFEST = "rerank.json"
 RETRIEVER_DIR = "retriever"
 RANKER_FILE = "ranker.txt"
 FEATURES_FILE = "features.npz"
+SERVING_FEATURES_FILE = "features-serving.npz"
 EVALUATION_FILE = "evaluation.npz"
+MAX_RANKER_BYTES = 64 * 2**20  # a ranker of 400 trees of 15 leaves is under 1 MiB: a larger file is not one of ours
+# What reading a damaged or foreign .npz raises (numpy reads it as a zip of .npy files).
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+class RerankModelError(ServedModelError):
+    """A rerank directory cannot be used: the message names it and what does not fit."""
 
 
 @torch.no_grad()
@@ -113,18 +133,40 @@ def write_ranker(
     test_users: np.ndarray,
     test_candidates: np.ndarray,
     manifest: dict[str, Any],
+    *,
+    serving_tables: FeatureTables,
 ) -> None:
     """Complete a rerank directory started by :func:`write_retriever`: ranker, feature tables, test lists, manifest.
 
-    ``manifest`` holds ``method``, ``market``, ``round`` and ``metrics``; the format, the ranker's
-    features, fallback, trees, held-out results and importances are added here.
+    Parameters
+    ----------
+    directory : Path
+        The directory :func:`write_retriever` started.
+    fit : RankerFit
+        The market's ranker (or its fallback to fedals' order).
+    tables : FeatureTables
+        The tables as of the test evaluation (training plus validation interactions).
+    test_users, test_candidates : np.ndarray
+        The test lists the reported metrics rank.
+    manifest : dict
+        ``method``, ``market``, ``round`` and ``metrics``; the format, the ranker's features,
+        fallback, trees, held-out results, importances and the ranker file's size and digest are
+        added here.
+    serving_tables : FeatureTables
+        The tables as of serving (every interaction of the market, test included).
     """
     directory = Path(directory)
     if not (directory / RETRIEVER_DIR).is_dir():
         raise ValueError(f"{directory} has no retriever: write it first with write_retriever.")
+    if len(serving_tables.user_day) != len(tables.user_day) or not np.array_equal(serving_tables.items, tables.items):
+        raise ValueError("The serving tables must describe the same users and assortment as the test tables.")
+    ranker: dict[str, Any] = {}
     if fit.model is not None:
-        (directory / RANKER_FILE).write_text(fit.model, encoding="utf-8")
+        text = fit.model.encode("utf-8")
+        (directory / RANKER_FILE).write_bytes(text)
+        ranker = {"ranker-bytes": len(text), "ranker-sha256": hashlib.sha256(text).hexdigest()}
     np.savez(directory / FEATURES_FILE, **tables.arrays())
+    np.savez(directory / SERVING_FEATURES_FILE, **serving_tables.arrays())
     np.savez(directory / EVALUATION_FILE, users=np.asarray(test_users), candidates=np.asarray(test_candidates))
     full = {
         "format": RERANK_FORMAT,
@@ -137,10 +179,11 @@ def write_ranker(
         "holdout": asdict(fit.holdout),
         "holdout-fedals": asdict(fit.holdout_fedals),
         "importance-gain": fit.importance,
+        **ranker,
     }
     (directory / RERANK_MANIFEST).write_text(json.dumps(full, indent=2), encoding="utf-8")
     # 0600 as the served model's files: the tables and lists hold the market's users' histories.
-    for name in (RANKER_FILE, FEATURES_FILE, EVALUATION_FILE, RERANK_MANIFEST):
+    for name in (RANKER_FILE, FEATURES_FILE, SERVING_FEATURES_FILE, EVALUATION_FILE, RERANK_MANIFEST):
         if (directory / name).exists():
             (directory / name).chmod(0o600)
 
@@ -157,6 +200,8 @@ class RerankModel:
         fit: RankerFit,
         test_users: np.ndarray,
         test_candidates: np.ndarray,
+        serving_tables: FeatureTables,
+        booster: lightgbm.Booster | None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -165,11 +210,18 @@ class RerankModel:
         self.fit = fit
         self.test_users = test_users
         self.test_candidates = test_candidates
+        self.serving_tables = serving_tables
+        self.booster = booster  # the ranker parsed once; None where the market kept fedals' order
+
+    @property
+    def market(self) -> str:
+        """The market this model serves."""
+        return str(self.manifest["market"])
 
     def score_lists(self, users: np.ndarray, candidates: np.ndarray, num_threads: int = 1) -> np.ndarray:
         """Scores ``(n, c)`` of local ``users``' candidate rows ``(n, c)`` as of the test evaluation."""
         scores = retriever_scores(self.retriever, users, candidates)
-        return self.fit.scores(self.tables.list_features(users, candidates, scores), num_threads)
+        return self.fit.scores(self.tables.list_features(users, candidates, scores), num_threads, self.booster)
 
     def test_metrics(self) -> Ranked:
         """NDCG@10 and HR@10 of the test lists the run reported, from this directory alone."""
@@ -177,29 +229,34 @@ class RerankModel:
 
 
 def load_rerank_model(directory: str | Path, catalog: Catalog | None = None) -> RerankModel:
-    """Read a rerank directory written by :func:`write_retriever` and :func:`write_ranker`.
+    """Read and check a rerank directory written by :func:`write_retriever` and :func:`write_ranker`.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The rerank directory.
+    catalog : Catalog, optional
+        The catalog the caller serves with, checked against the retriever's as for a served model.
 
     Raises
     ------
-    ValueError
-        If the directory is not a rerank model of this format version, or its ranker file is missing.
+    RerankModelError
+        In one sentence naming the directory and what does not fit: not a rerank model of this
+        format version, a manifest without the ranker's settings, a ``ranker.txt`` missing or
+        not the one the manifest describes (size, digest), a ranker reading other features than
+        the manifest's or in another order, or a feature table missing, unreadable or
+        inconsistent (with itself or with the retriever's users).
+    ServedModelError
+        If the retriever is not a usable served model (:func:`load_served_model`).
     """
     directory = Path(directory)
-    path = directory / RERANK_MANIFEST
-    if not path.is_file():
-        raise ValueError(f"{directory} is not a rerank model: it has no {RERANK_MANIFEST}.")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != RERANK_FORMAT or manifest.get("format_version") != RERANK_FORMAT_VERSION:
-        raise ValueError(f"{directory} is not a rerank model of format version {RERANK_FORMAT_VERSION}.")
-    features = tuple(manifest["features"])
-    if not set(features) <= set(FEATURE_NAMES):
-        raise ValueError(f"{directory}'s ranker reads features this version does not compute: {features}.")
+    manifest = _read_rerank_manifest(directory)
+    features: tuple[str, ...] = tuple(manifest["features"])
     model = None
+    booster = None
     if not manifest["fallback"]:
-        ranker_path = directory / RANKER_FILE
-        if not ranker_path.is_file():
-            raise ValueError(f"{directory} serves a ranker but has no {RANKER_FILE}.")
-        model = ranker_path.read_text(encoding="utf-8")
+        model = _read_ranker(directory, manifest)
+        booster = _parse_ranker(directory, model, features)
     fit = RankerFit(
         model,
         features,
@@ -209,9 +266,167 @@ def load_rerank_model(directory: str | Path, catalog: Catalog | None = None) -> 
         Ranked(**manifest["holdout-fedals"]),
         dict(manifest["importance-gain"]),
     )
-    with np.load(directory / FEATURES_FILE) as arrays:
-        tables = FeatureTables.from_arrays(dict(arrays))
-    with np.load(directory / EVALUATION_FILE) as arrays:
-        test_users, test_candidates = arrays["users"], arrays["candidates"]
+    tables = _read_tables(directory, FEATURES_FILE)
+    serving_tables = _read_tables(directory, SERVING_FEATURES_FILE)
+    try:
+        with np.load(directory / EVALUATION_FILE) as arrays:
+            test_users, test_candidates = np.asarray(arrays["users"]), np.asarray(arrays["candidates"])
+    except NPZ_ERRORS as err:
+        raise RerankModelError(
+            f"The rerank model {directory} has an unreadable {EVALUATION_FILE} ({_reason(err)})."
+        ) from err
     retriever = load_served_model(directory / RETRIEVER_DIR, catalog)
-    return RerankModel(directory, manifest, retriever, tables, fit, test_users, test_candidates)
+    users = len(retriever.user_ids)
+    for name, table in ((FEATURES_FILE, tables), (SERVING_FEATURES_FILE, serving_tables)):
+        if len(table.user_day) != users or table.items[-1] >= retriever.catalog.size:
+            raise RerankModelError(
+                f"The rerank model {directory} has a {name} of {len(table.user_day)} users or items beyond its "
+                f"catalog, its retriever {users} users and {retriever.catalog.size} catalog rows."
+            )
+    if test_candidates.ndim != 2 or test_users.shape != test_candidates.shape[:1]:
+        raise RerankModelError(f"The rerank model {directory} has test lists that are not (users,) and (users, c).")
+    return RerankModel(
+        directory, manifest, retriever, tables, fit, test_users, test_candidates, serving_tables, booster
+    )
+
+
+def is_rerank_model(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a rerank model (a ``rerank.json``), readable or not."""
+    return (Path(directory) / RERANK_MANIFEST).is_file()
+
+
+def load_any_model(directory: str | Path, catalog: Catalog | None = None) -> "ServedModel | RerankModel":
+    """The model the serving commands answer with: a rerank model where ``directory`` has a ``rerank.json``,
+    else a served model.
+
+    Raises
+    ------
+    ServedModelError
+        If the directory holds neither (one sentence naming both files), or the model it holds
+        is unusable (:func:`load_rerank_model`, :func:`load_served_model`).
+    """
+    directory = Path(directory)
+    if is_rerank_model(directory):
+        return load_rerank_model(directory, catalog)
+    if directory.is_dir() and not (directory / MANIFEST).exists():
+        raise ServedModelError(
+            f"{directory} is not a model: it has neither {MANIFEST} (a served model) nor {RERANK_MANIFEST} "
+            "(a rerank model)."
+        )
+    return load_served_model(directory, catalog)
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's message on one line, bounded: what a one-sentence error quotes."""
+    reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+    return reason or type(err).__name__
+
+
+def _read_rerank_manifest(directory: Path) -> dict[str, Any]:
+    """``rerank.json``, checked for this format version and the types of the ranker's settings."""
+    path = directory / RERANK_MANIFEST
+    if not path.is_file():
+        raise RerankModelError(f"{directory} is not a rerank model: it has no {RERANK_MANIFEST}.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RerankModelError(
+            f"The rerank model {directory} has an unreadable {RERANK_MANIFEST} ({_reason(err)})."
+        ) from err
+    if not isinstance(manifest, dict) or manifest.get("format") != RERANK_FORMAT:
+        raise RerankModelError(f"{directory} is not a rerank model: its {RERANK_MANIFEST} does not name the format.")
+    if manifest.get("format_version") != RERANK_FORMAT_VERSION:
+        raise RerankModelError(
+            f"The rerank model {directory} has format version {manifest.get('format_version')!r}, but this "
+            f"version reads {RERANK_FORMAT_VERSION} only: run the harness's rerank again to rewrite it."
+        )
+    features = manifest.get("features")
+    if (
+        not isinstance(features, list)
+        or not features
+        or not all(isinstance(name, str) for name in features)
+        or not set(features) <= set(FEATURE_NAMES)
+        or "fedals-score" not in features
+        or len(set(features)) != len(features)
+    ):
+        raise RerankModelError(
+            f"The rerank model {directory}'s ranker reads features this version does not compute: {features!r} "
+            f"(it computes {list(FEATURE_NAMES)})."
+        )
+    try:
+        valid = (
+            isinstance(manifest["fallback"], bool)
+            and math.isfinite(float(manifest["base-scale"]))
+            and isinstance(manifest["trees"], int)
+            and isinstance(manifest["importance-gain"], dict)
+            and isinstance(manifest["market"], str)
+        )
+        Ranked(**manifest["holdout"])
+        Ranked(**manifest["holdout-fedals"])
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise RerankModelError(f"The rerank model {directory} has a {RERANK_MANIFEST} without the ranker's settings.")
+    return manifest
+
+
+def _read_ranker(directory: Path, manifest: dict[str, Any]) -> str:
+    """``ranker.txt``, once its size and SHA-256 are the manifest's (checked before it is read whole)."""
+    path = directory / RANKER_FILE
+    expected, digest = manifest.get("ranker-bytes"), manifest.get("ranker-sha256")
+    if not isinstance(expected, int) or not isinstance(digest, str) or not 0 < expected <= MAX_RANKER_BYTES:
+        raise RerankModelError(
+            f"The rerank model {directory} has a {RERANK_MANIFEST} without its ranker's size and digest."
+        )
+    try:
+        size = path.stat().st_size
+        if size != expected:
+            raise RerankModelError(
+                f"The rerank model {directory} has a {RANKER_FILE} of {size} bytes, its manifest says {expected}."
+            )
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise RerankModelError(f"The rerank model {directory} serves a ranker but has no {RANKER_FILE}.") from None
+    except OSError as err:
+        raise RerankModelError(
+            f"The rerank model {directory} has an unreadable {RANKER_FILE} ({_reason(err)})."
+        ) from err
+    if hashlib.sha256(text).hexdigest() != digest:
+        raise RerankModelError(
+            f"The rerank model {directory} has a {RANKER_FILE} that is not the one its manifest describes "
+            "(SHA-256 differs)."
+        )
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RerankModelError(f"The rerank model {directory} has a {RANKER_FILE} that is not text.") from err
+
+
+def _parse_ranker(directory: Path, model: str, features: tuple[str, ...]) -> lightgbm.Booster:
+    """The ranker parsed, refused unless it reads exactly ``features`` in that order."""
+    try:
+        booster = lightgbm.Booster(model_str=model)
+    except (lightgbm.basic.LightGBMError, ValueError, TypeError) as err:
+        raise RerankModelError(
+            f"The rerank model {directory} has a {RANKER_FILE} LightGBM cannot read ({_reason(err)})."
+        ) from err
+    names = booster.feature_name()
+    if names != list(features):
+        raise RerankModelError(
+            f"The rerank model {directory}'s {RANKER_FILE} reads the features {names}, but its manifest and this "
+            f"version's code name {list(features)}."
+        )
+    return booster
+
+
+def _read_tables(directory: Path, name: str) -> FeatureTables:
+    """A feature table file, read without pickles and checked to fit together."""
+    try:
+        with np.load(directory / name, allow_pickle=False) as arrays:
+            tables = FeatureTables.from_arrays({key: np.asarray(arrays[key]) for key in arrays.files})
+        tables.check()
+    except FileNotFoundError:
+        raise RerankModelError(f"The rerank model {directory} has no {name}.") from None
+    except NPZ_ERRORS as err:
+        raise RerankModelError(f"The rerank model {directory} has an unusable {name} ({_reason(err)}).") from err
+    return tables

@@ -93,3 +93,6 @@ def test_every_served_rerank_reproduces_the_test_ndcg_results_report(rerank_run)
         # Assert
         assert model.manifest["market"] == market
         assert model.test_metrics().ndcg == pytest.approx(reported["ndcg@10"], abs=1e-6), market
+        # The serving tables add each user's test interaction to what the test tables know.
+        serving, at_test = model.serving_tables.user_offsets[-1], model.tables.user_offsets[-1]
+        assert serving == at_test + len(model.test_users), market

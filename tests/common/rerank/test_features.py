@@ -6,7 +6,14 @@ import pytest
 
 from common.data.catalog import Catalog
 from common.data.split import split_market
-from common.rerank.features import FEATURE_NAMES, FeatureTables, MarketContext, interaction_days, market_contexts
+from common.rerank.features import (
+    FEATURE_NAMES,
+    FeatureTables,
+    MarketContext,
+    _rank_above,
+    interaction_days,
+    market_contexts,
+)
 
 ITEMS = np.array([10, 20, 30, 40])  # the market's assortment (catalog rows)
 
@@ -67,6 +74,21 @@ def test_retrieval_features_are_the_score_its_rank_and_its_gap_to_the_best():
     np.testing.assert_allclose(features["fedals-gap"], [[-0.4, 0.0, -0.8], [-0.3, 0.0, -0.3]])
     # Tied candidates share a rank: the held-out item (column 0) must not win ties by its position.
     np.testing.assert_allclose(features["fedals-rank"], [[1, 0, 2], [1, 0, 1]])
+
+
+def test_the_rank_by_sorting_counts_the_strictly_higher_candidates_of_each_list():
+    # Prepare: lists with many ties and -inf (the padding of served lists), hand-checked on one.
+    rng = np.random.default_rng(0)
+    lists = rng.integers(0, 5, size=(30, 40)).astype(np.float64)
+    lists[rng.random(lists.shape) < 0.1] = -np.inf
+
+    # Execute
+    ranks = _rank_above(lists)
+    small = _rank_above(np.array([[3.0, -np.inf, 3.0, 7.0, -np.inf]]))
+
+    # Assert: the definition, pairwise.
+    np.testing.assert_array_equal(ranks, (lists[:, None, :] > lists[:, :, None]).sum(axis=2))
+    np.testing.assert_array_equal(small, [[1, 3, 1, 0, 3]])
 
 
 def test_a_user_without_items_has_no_cooccurrence():

@@ -68,7 +68,13 @@ def test_the_directory_alone_reproduces_the_test_ndcg(market, tmp_path):
     test_scores = retriever_scores(retriever, split.test.users, split.test.candidates)
     reported = ranked(fit.scores(tables.list_features(split.test.users, split.test.candidates, test_scores)))
     write_ranker(
-        directory, fit, tables, split.test.users, split.test.candidates, {"method": "rerank", "market": MARKET}
+        directory,
+        fit,
+        tables,
+        split.test.users,
+        split.test.candidates,
+        {"method": "rerank", "market": MARKET},
+        serving_tables=tables,
     )
     loaded = load_rerank_model(directory, catalog)
 
