@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import statistics
 import time
 import traceback
@@ -280,7 +281,8 @@ def run_phase(argv: list[str], verbose: bool) -> tuple[dict[str, Any] | None, st
         with contextlib.redirect_stderr(refused):
             harness.parse_args(argv)
     except SystemExit:
-        return None, one_line(refused.getvalue()).removeprefix("error: ") or "the harness refused its options"
+        message = re.sub(r"\s*\(see [^()]* --help\)$", "", one_line(refused.getvalue()).removeprefix("error: "))
+        return None, message or "the harness refused its options"
     try:
         return harness.main(argv), None
     except Exception as err:  # a failed phase is reported, and the other phase still is
