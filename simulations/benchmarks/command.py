@@ -6,6 +6,7 @@
     python -m simulations.benchmark latency --num-regions 3 --num-server-rounds 4 --out OUT
     python -m simulations.benchmark join --data-dir DIR --fractions 0.1,0.25,0.5,1 --out OUT
     python -m simulations.benchmark continue --data-dir DIR --holdout 0.2 --out OUT
+    python -m simulations.benchmark refit --data-dir DIR --num-server-rounds 15 --out OUT
     python -m simulations.benchmark dp-users --users 1000,10000,100000 --out OUT
     python -m simulations.benchmark attacks --data-dir DIR --out OUT
     python -m simulations.benchmark serving --users 10000 --items 1000000 --out OUT
@@ -33,6 +34,10 @@ same users (see ``simulations.benchmarks.join_benchmark``).
 ``continue`` holds out each market's newest interactions, trains, then
 continues on the whole data from the saved models, against a training from
 scratch (see ``simulations.benchmarks.continue_benchmark``).
+
+``refit`` removes each user's last interaction, trains fedals without and with ``serve-refit``
+(a last training on all of each market's data) and ranks the removed interactions with each
+phase's served model (see ``simulations.benchmarks.refit_benchmark``).
 
 ``dp-users`` generates federations of equal markets of each size in ``--users`` and reports
 fedals' macro NDCG@10 at ε = 8 as a fraction of the same method without DP, and the users per
@@ -75,7 +80,15 @@ from common.privacy.ghost_norms import register_norm_samplers
 from common.runtime.command import ArgumentParser, add_alias, add_verbose, comma_list, run_command
 from simulations import run as harness
 from simulations.attacks import command as attacks
-from simulations.benchmarks import continue_benchmark, dims, join_benchmark, latency, scale_benchmark, users_sweep
+from simulations.benchmarks import (
+    continue_benchmark,
+    dims,
+    join_benchmark,
+    latency,
+    refit_benchmark,
+    scale_benchmark,
+    users_sweep,
+)
 from simulations.flower_runtime import exit_cleanly_on_sigterm
 from simulations.progress import over, say
 from simulations.results import mean_and_std
@@ -392,6 +405,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "continue", help="continuing on grown data from the saved models against a training from scratch"
         )
     )
+    refit_benchmark.add_arguments(
+        commands.add_parser(
+            "refit", help="fedals served without and with a refit on all data, ranking each user's next interaction"
+        )
+    )
     latency.add_arguments(
         commands.add_parser("latency", help="seconds per round of a real 3-region deployment, before and after")
     )
@@ -429,6 +447,7 @@ def main(argv: list[str] | None = None) -> Any:
         "dp-step": dp_step,
         "join": join_benchmark.join,
         "continue": continue_benchmark.run,
+        "refit": refit_benchmark.run,
         "latency": latency.latency,
         "dp-users": users_sweep.sweep,
         "attacks": attacks.run,

@@ -45,7 +45,19 @@ def test_unknown_or_missing_command_is_one_line_and_exit_2(capsys):
         assert len(error) == 1 and error[0].startswith("error:") and error[0].endswith("(see xmfl --help)")
 
 
-BENCHMARKS = ("quality", "scale", "dp-step", "dp-users", "join", "continue", "latency", "attacks", "serving", "dims")
+BENCHMARKS = (
+    "quality",
+    "scale",
+    "dp-step",
+    "dp-users",
+    "join",
+    "continue",
+    "refit",
+    "latency",
+    "attacks",
+    "serving",
+    "dims",
+)
 
 
 def command_helps() -> list[list[str]]:
@@ -59,6 +71,7 @@ def command_helps() -> list[list[str]]:
             "dp-users",
             "join",
             "continue",
+            "refit",
             "latency",
             "attacks",
             "serving",
