@@ -112,7 +112,15 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_config[SERVER_ROUND_KEY])
     split = market.split
     # A refit for serving (serve-refit) trains on every interaction; a training round on the training ones.
-    interactions = market.everything if _refit(round_config) else market.train
+    interactions = market.everything if _refit(round_config, config, split.market) else market.train
+    if interactions is not market.train and parse_bool(
+        EVALUATE_RECEIVED_KEY, round_config.get(EVALUATE_RECEIVED_KEY, False)
+    ):
+        # Validation scored with users solved on the validation items would pass for a better round.
+        raise ValueError(
+            f"Market '{split.market}': a round of a refit for serving evaluates nothing, but the server asked "
+            "for the received factors' evaluation in it."
+        )
     items, gram, item_rows = _received(msg, market, catalog, ials)
     started = time.perf_counter()
     minimum = 1
@@ -163,7 +171,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     market, catalog, config = _market(context)
     ials = config.ials_config()
     round_config = msg.content[CONFIG_RECORD]
-    refit = _refit(round_config)
+    refit = _refit(round_config, config, market.split.market)
     interactions = market.everything if refit else market.train
     items, gram, item_rows = _received(msg, market, catalog, ials)
     if config.dp_epsilon == 0:
@@ -191,9 +199,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy, weight))
 
 
-def _refit(round_config: ConfigRecord) -> bool:
-    """Whether the server's message is a round of a refit for serving (``serve-refit``)."""
-    return parse_bool(REFIT_KEY, round_config.get(REFIT_KEY, False))
+def _refit(round_config: ConfigRecord, config: RunConfig, market: str) -> bool:
+    """Whether the server's message is a round of a refit for serving (``serve-refit``).
+
+    Raises
+    ------
+    ValueError
+        For a refit under DP: the noise is calibrated so that the training's rounds spend the
+        budget, so a refit's releases would find it spent and the refit would be the seeded
+        start, served in place of the trained model.
+    """
+    refit = parse_bool(REFIT_KEY, round_config.get(REFIT_KEY, False))
+    if refit and config.dp_epsilon > 0:
+        raise ValueError(
+            f"Market '{market}' trains under DP, whose budget the training's rounds spend: it makes no refit "
+            "for serving and serves its best validation round."
+        )
+    return refit
 
 
 def _serve_refit(
@@ -208,7 +230,7 @@ def _serve_refit(
     """The last evaluate of a refit for serving: the market writes the refit as its served model.
 
     Nothing is held out of a refit, so nothing is evaluated and no metric is sent; the reply
-    carries the interactions it trained on, and the privacy spent under DP.
+    carries the interactions it trained on (there is no refit under DP).
     """
     round_config = msg.content[CONFIG_RECORD]
     if not parse_bool(FINAL_ROUND_KEY, round_config.get(FINAL_ROUND_KEY, False)):
@@ -221,14 +243,11 @@ def _serve_refit(
         market, items, gram, catalog.size, config.ials_config(), config.history_length, item_rows=item_rows
     )
     training_id = str(round_config.get(TRAINING_ID_KEY, ""))
-    spent = MarketPrivacy(context, market.split.market).spent(config)
     method = get_method(config.method)
-    write_refit_model(context, model, market.tensors, catalog, method, training_id, server_round, spent)
+    write_refit_model(context, model, market.tensors, catalog, method, training_id, server_round, {})
     policy = region_policy(context, market.split.market)
-    # Under DP the count is the one the ledger released, as in every evaluate reply, never the exact one.
-    weight = released_weight(MarketPrivacy(context, market.split.market)) if config.dp_epsilon > 0 else None
-    metrics = {NUM_EXAMPLES_KEY: len(market.everything.users), **spent}
-    return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy, weight))
+    metrics = {NUM_EXAMPLES_KEY: len(market.everything.users)}  # no refit under DP (_refit)
+    return reply(msg, market.split.market, metrics, disclosure=Disclosure.of(config, policy))
 
 
 def _private_release(

@@ -222,9 +222,10 @@ def write_refit_model(
         "manifest": {
             "refit": {
                 "rounds": refit_rounds,
+                "rounds-from": "the training's best round by macro validation NDCG@10 over the markets",
                 "trained-on": "every interaction of the market: training, validation and test",
                 "validated-round": int(info["round"]) if validated else None,
-                "metrics": "the validated round's, before the refit; the refit itself has nothing held out",
+                "metrics": "this market's best validation round's, before the refit; the refit has nothing held out",
             }
         },
     }

@@ -226,7 +226,7 @@ def _train(grid: Grid, context: Context, config: RunConfig) -> None:
         publish(history, arrays, config, catalog, training_id, first_round - 1)
         log_summary(history, config, binding)
         # A refit stopped before its end is made again (from the start, as every refit is).
-        if config.serve_refit and not refit_done(config):
+        if config.serve_refit and not refit_done(config, training_id):
             refit(grid, config, catalog, history, _refit_settings(config, training_id, continues, fingerprint), binding)
         return
     settings = RoundSettings(
@@ -265,9 +265,14 @@ def _refit_settings(config: RunConfig, training_id: str, continues: str, fingerp
     )
 
 
-def refit_done(config: RunConfig) -> bool:
-    """Whether the training's refit for serving ran to its end: ``<out-dir>/refit/done.json``, written last."""
-    return (Path(config.out_dir) / REFIT_DIR / REFIT_DONE).is_file()
+def refit_done(config: RunConfig, training_id: str) -> bool:
+    """Whether the training's refit for serving ran to its end: ``<out-dir>/refit/done.json``, written last,
+    naming this training."""
+    try:
+        done = json.loads((Path(config.out_dir) / REFIT_DIR / REFIT_DONE).read_text(encoding="utf-8"))
+        return str(done["training-id"]) == training_id
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def refit(
@@ -290,6 +295,11 @@ def refit(
     method = get_method(config.method)
     if not config.solved_by_als or method.transfer:
         log(INFO, "serve-refit: %s serves its best validation round; a refit is made for fedals only", config.method)
+        return
+    if config.dp_epsilon > 0 or config.dp_market_epsilons.strip():
+        # The noise is calibrated so that the training's rounds spend each market's budget: a refit's
+        # releases would find it spent, and the refit would be the seeded start.
+        log(INFO, "serve-refit: under DP each market serves its best validation round; the budget is the training's")
         return
     rounds = best_macro_round(history) or config.num_server_rounds
     log(INFO, "Refit for serving: %d rounds (the best validation round) on every interaction of each market", rounds)
@@ -315,7 +325,8 @@ def refit(
         binding,
         family.reply_check(strategy),
     )
-    atomic_write_bytes(refit_history.out_dir / REFIT_DONE, json.dumps({"rounds": rounds}).encode())
+    done = {"rounds": rounds, "training-id": settings.training_id}
+    atomic_write_bytes(refit_history.out_dir / REFIT_DONE, json.dumps(done).encode())
     log(INFO, "Refit for serving done: each market serves the refit of %d rounds (its manifest says so)", rounds)
 
 

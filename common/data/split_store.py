@@ -84,12 +84,16 @@ def _write(split: MarketSplit, directory: Path, target: Path) -> None:
         "test_candidates": split.test.candidates,
         "user_ids": np.asarray(split.user_ids, dtype=str),
     }
-    for name, array in arrays.items():
-        np.save(partial / f"{name}.npy", np.ascontiguousarray(array))
-    # Written last: a directory without it is not a stored split.
-    (partial / "split.json").write_text(json.dumps({"market": split.market, "num-users": split.num_users}))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    try:
+        for name, array in arrays.items():
+            np.save(partial / f"{name}.npy", np.ascontiguousarray(array))
+        # Written last: a directory without it is not a stored split.
+        (partial / "split.json").write_text(json.dumps({"market": split.market, "num-users": split.num_users}))
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk leaves nothing half-written behind
+        raise
 
 
 def _read(target: Path) -> MarketSplit:

@@ -254,7 +254,8 @@ FULL_RANKING_USERS = 5_000
 # else this many spread evenly over the evaluated ones. Each user's 100 candidates are 100 rows of d
 # read at random: a million users' are 50 GB of memory traffic, minutes of every round spent
 # reading, while 100,000 users give a market's NDCG@10 to a standard error of about 0.001. Every
-# method, baseline and served-model check evaluates through here, so all rank the same users.
+# method, baseline and served-model check evaluates through here, so all rank the same users
+# (rerank and the refit benchmark rank every user: they are measured at XMarket's size).
 EVALUATED_USERS = 100_000
 
 

@@ -41,7 +41,9 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "recency": ("days-since-last-sale", "days-since-first-sale"),
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(name for names in FEATURE_GROUPS.values() for name in names)
-LOOKUP_BLOCK = 50_000  # history entries of the users whose co-occurrence lookups are made at once
+# (history entry, candidate) co-occurrence keys looked up at once: 32 MiB of keys, whatever one user's
+# history or list length
+LOOKUP_CELLS = 1 << 22
 SECONDS_PER_DAY = 86_400.0
 RANK_BLOCK = 1_000  # lists whose ranks are computed at once (sorted as one block)
 
@@ -379,18 +381,36 @@ class FeatureTables:
         return np.stack([values[name] for name in FEATURE_NAMES], axis=-1)
 
     def _cooccurrence(self, users: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per (user, candidate): co-occurrence summed and maximised over the user's items, and with their latest."""
+        """Per (user, candidate): co-occurrence summed and maximised over the user's items, and with their latest.
+
+        The lookups are (history entries x candidates) keys: candidates go in slices narrow enough
+        that the longest history's keys fit :data:`LOOKUP_CELLS`, users in blocks whose entries
+        fill it, so that one user with a long history or a long list of pairs is bounded too.
+        """
+        co_sum = np.zeros(columns.shape)
+        co_max = np.zeros(columns.shape)
+        co_last = np.zeros(columns.shape)
+        lengths = self.user_offsets[users + 1] - self.user_offsets[users]
+        width = max(1, LOOKUP_CELLS // max(1, int(lengths.max(initial=1))))
+        for first in range(0, columns.shape[1], width):
+            part = slice(first, first + width)
+            co_sum[:, part], co_max[:, part], co_last[:, part] = self._cooccurrence_slice(users, columns[:, part])
+        return co_sum, co_max, co_last
+
+    def _cooccurrence_slice(self, users: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_cooccurrence` for a slice of the candidates, users in blocks of about LOOKUP_CELLS keys."""
         size = len(self.items)
         co_sum = np.zeros(columns.shape)
         co_max = np.zeros(columns.shape)
         co_last = np.zeros(columns.shape)
         starts, ends = self.user_offsets[users], self.user_offsets[users + 1]
         lengths = ends - starts
+        entries = max(1, LOOKUP_CELLS // max(1, columns.shape[1]))
         block_start = 0
         while block_start < len(users):
-            # Users whose history entries together stay near LOOKUP_BLOCK (at least one user).
+            # Users whose history entries together stay near `entries` (at least one user).
             total = np.cumsum(lengths[block_start:])
-            block_end = block_start + max(1, int(np.searchsorted(total, LOOKUP_BLOCK, side="right")))
+            block_end = block_start + max(1, int(np.searchsorted(total, entries, side="right")))
             block = np.arange(block_start, block_end)
             has_items = block[lengths[block] > 0]
             if len(has_items):

@@ -167,12 +167,12 @@ def fit_ranker(features: np.ndarray, config: RankerConfig, use: tuple[str, ...] 
     X = _columns(features, use)
     scale = base_scale(features[~held, :, FEATURE_NAMES.index("fedals-score")])
     margin = scale * features[:, :, FEATURE_NAMES.index("fedals-score")]
-    train = _dataset(X[~held], margin[~held], use)
+    train = _dataset(X[~held], margin[~held], use, seed=config.seed)
     stopped = lightgbm.train(
         _params(config),
         train,
         num_boost_round=config.max_trees,
-        valid_sets=[_dataset(X[held], margin[held], use, reference=train)],
+        valid_sets=[_dataset(X[held], margin[held], use, reference=train, seed=config.seed + 1)],
         callbacks=[lightgbm.early_stopping(config.stopping_rounds, verbose=False)],
     )
     trees = int(stopped.best_iteration or config.max_trees)
@@ -181,7 +181,7 @@ def fit_ranker(features: np.ndarray, config: RankerConfig, use: tuple[str, ...] 
     if not improves(holdout.ndcg, fedals.ndcg):
         return RankerFit(None, use, scale, trees, holdout, fedals, {})
     if config.refit:
-        booster = lightgbm.train(_params(config), _dataset(X, margin, use), num_boost_round=trees)
+        booster = lightgbm.train(_params(config), _dataset(X, margin, use, seed=config.seed), num_boost_round=trees)
     gains = booster.feature_importance(importance_type="gain")
     importance = {name: float(gain) for name, gain in zip(use, gains, strict=True)}
     return RankerFit(booster.model_to_string(), use, scale, trees, holdout, fedals, importance)
@@ -238,17 +238,28 @@ def _params(config: RankerConfig) -> dict[str, object]:
 
 
 def _dataset(
-    features: np.ndarray, margin: np.ndarray, names: tuple[str, ...], reference: lightgbm.Dataset | None = None
+    features: np.ndarray,
+    margin: np.ndarray,
+    names: tuple[str, ...],
+    reference: lightgbm.Dataset | None = None,
+    seed: int = 0,
 ) -> lightgbm.Dataset:
-    """Lists ``(users, candidates, f)`` as a LightGBM data set: one group per user, label 1 in column 0,
+    """Lists ``(users, candidates, f)`` as a LightGBM data set: one group per user, label 1 for column 0,
     boosting from ``margin`` ``(users, candidates)``. The features are named ``names`` in the model's
-    text, so that a served ranker is checked against the features the code computes."""
+    text, so that a served ranker is checked against the features the code computes.
+
+    Each list goes in its own order, drawn from ``seed``: LightGBM sorts tied scores stably, so a
+    held-out item always first would win every tie, in the lambdarank gradients and in the NDCG
+    early stopping reads (fedals scores every item without a published factor 0: large ties).
+    """
     users, candidates = features.shape[:2]
+    order = np.argsort(np.random.default_rng(seed).random((users, candidates)), axis=1)
+    rows = np.arange(users)[:, None]
     return lightgbm.Dataset(
-        _flat(features),
-        label=_labels(users, candidates),
+        _flat(features[rows, order]),
+        label=_labels(users, candidates).reshape(users, candidates)[rows, order].ravel(),
         group=np.full(users, candidates),
-        init_score=margin.ravel(),
+        init_score=margin[rows, order].ravel(),
         feature_name=list(names),
         reference=reference,
         free_raw_data=False,

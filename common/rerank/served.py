@@ -33,6 +33,8 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +50,7 @@ from common.neural.model import SplitRecommender
 from common.neural.train import MarketTensors
 from common.rerank.features import FEATURE_NAMES, FeatureTables
 from common.rerank.ranker import Ranked, RankerFit, ranked
+from common.runtime.names import printable
 from common.serving.format import MANIFEST, ServedModelError, write_served_model
 from common.serving.query import ServedModel, load_served_model
 
@@ -59,6 +62,7 @@ RANKER_FILE = "ranker.txt"
 FEATURES_FILE = "features.npz"
 SERVING_FEATURES_FILE = "features-serving.npz"
 EVALUATION_FILE = "evaluation.npz"
+PARSE_SECONDS = 120  # a ranker text LightGBM has not parsed in a child process by then is refused
 MAX_RANKER_BYTES = 64 * 2**20  # a ranker of 400 trees of 15 leaves is under 1 MiB: a larger file is not one of ours
 # What reading a damaged or foreign .npz raises (numpy reads it as a zip of .npy files).
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -403,7 +407,26 @@ def _read_ranker(directory: Path, manifest: dict[str, Any]) -> str:
 
 
 def _parse_ranker(directory: Path, model: str, features: tuple[str, ...]) -> lightgbm.Booster:
-    """The ranker parsed, refused unless it reads exactly ``features`` in that order."""
+    """The ranker parsed, refused unless it reads exactly ``features`` in that order.
+
+    LightGBM's parser aborts the whole process on some malformed texts (a tree's child index
+    out of its range) instead of raising, and a digest kept beside the file is no defence
+    against whoever can write both: the text is parsed first in a child process, and only a
+    text that parsed there is parsed here.
+    """
+    probe = "import sys, lightgbm; lightgbm.Booster(model_str=sys.stdin.read())"
+    try:
+        parsed = subprocess.run(
+            [sys.executable, "-c", probe], input=model, text=True, capture_output=True, timeout=PARSE_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        raise RerankModelError(
+            f"The rerank model {directory} has a {RANKER_FILE} LightGBM did not parse within {PARSE_SECONDS} s."
+        ) from None
+    if parsed.returncode != 0:
+        lines = [line for line in parsed.stderr.splitlines() if line.strip()]
+        reason = printable(lines[-1] if lines else f"exit code {parsed.returncode}")[:200]
+        raise RerankModelError(f"The rerank model {directory} has a {RANKER_FILE} LightGBM cannot read ({reason}).")
     try:
         booster = lightgbm.Booster(model_str=model)
     except (lightgbm.basic.LightGBMError, ValueError, TypeError) as err:

@@ -316,6 +316,11 @@ class ServedModel:
         """
         if as_of not in ("serving", "test"):
             raise ValueError(f"as_of is 'serving' or 'test', got {as_of!r}.")
+        if as_of == "test" and "refit" in self.manifest:
+            raise ValueError(
+                "This model is a refit for serving: it trained on the test interactions, so it cannot be scored "
+                "as of the test evaluation."
+            )
         if as_of == "test" and extra_history is not None:
             raise ValueError("Scoring as of the test evaluation takes no extra history.")
         missing = [column for column in ("userId", "itemId") if column not in pairs.columns]

@@ -33,11 +33,11 @@ from server.paths import SERVER_ROOT_ENV
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "flower-defaults": {
-        "run_config": {"poll-interval": 3.0, "fold-evaluation": "false"},
+        "run_config": {"poll-interval": 3.0, "fold-evaluation": "false", "serve-refit": "false"},
         "environment": {},
     },
     "tuned": {
-        "run_config": {"poll-interval": 0.1, "fold-evaluation": "true"},
+        "run_config": {"poll-interval": 0.1, "fold-evaluation": "true", "serve-refit": "false"},
         "environment": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
     },
 }

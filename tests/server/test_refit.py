@@ -101,7 +101,8 @@ def test_each_market_serves_federated_ials_on_every_interaction_for_the_best_val
             (e["round"] for e in history["rounds"] if "val-ndcg" in e["per_market"].get(split.market, {})),
             key=lambda r: next(e for e in history["rounds"] if e["round"] == r)["per_market"][split.market]["val-ndcg"],
         )
-    assert json.loads((out / "fedals" / "refit" / "done.json").read_text()) == {"rounds": rounds}
+    done = json.loads((out / "fedals" / "refit" / "done.json").read_text())
+    assert done["rounds"] == rounds and done["training-id"]
 
 
 def test_the_refit_sends_no_evaluation_and_keeps_its_rounds_apart(refitted):
@@ -136,16 +137,38 @@ def _refit_evaluate(run_config: dict, final: bool) -> tuple[Message, RecordDict]
     return message, app(message, context).content
 
 
-def test_under_dp_a_refits_reply_carries_the_released_count_never_the_exact_one(tmp_path):
-    # Prepare: a market under DP that has released nothing yet (its released count is 0)
+def test_under_dp_a_market_refuses_a_refit_and_keeps_its_served_model(tmp_path):
+    # Prepare: a market under DP, whose noise the training's rounds spend its budget with
     run_config = in_process_config(RUN, server_loop=False, **{"dp-epsilon": 8.0, "models-dir": str(tmp_path)})
 
-    # Execute
-    _, content = _refit_evaluate(run_config, final=True)
+    # Execute / Assert: refused in one line naming why; nothing written over what it serves
+    with pytest.raises(RegionError, match="trains under DP"):
+        _refit_evaluate(run_config, final=True)
+    assert not (tmp_path / "fedals" / "m01").exists()
 
-    # Assert: the refit is written and served; the reply's count is the released 0, not the market's interactions
-    assert content["metrics"]["num-examples"] == 0
-    assert load_served_model(tmp_path / "fedals" / "m01").manifest["refit"]["rounds"] == 1
+
+def test_a_refit_round_that_asks_for_an_evaluation_is_refused(tmp_path):
+    # Prepare: a hostile server's refit round with the received factors' evaluation folded in, which would
+    # score validation with users solved on the validation items (and keep that round as the best)
+    run_config = in_process_config(RUN, server_loop=False, **{"models-dir": str(tmp_path)})
+    catalog = SOURCE.catalog()
+    config = RunConfig.from_run_config(run_config)
+    strategy = FedALS(config.ials_config(), catalog.size, seeded_start=True, min_nodes=1)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 1, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+    grid = ScriptedGrid({7: lambda message: app(message, context).content})
+    settings = ConfigRecord({"training-id": "t-1", REFIT_KEY: True, "evaluate-received": True})
+    message = list(strategy.configure_train(1, initial_arrays(config, catalog), settings, grid))[0]
+    message.metadata.__dict__["_message_id"] = uuid4().hex
+
+    # Execute / Assert
+    with pytest.raises(RegionError, match="evaluates nothing"):
+        app(message, context)
 
 
 def test_a_refit_is_evaluated_only_at_its_last_round(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import common.rerank.features as features_module
 from common.data.catalog import Catalog
 from common.data.split import split_market
 from common.rerank.features import (
@@ -47,6 +48,22 @@ def test_cooccurrence_counts_the_market_users_who_bought_both_items():
     np.testing.assert_allclose(features["co-last"], np.log1p([[1, 1, 0], [1, 0, 0]]))  # C[20, 30] = 1
     # co-share: the sum over the candidate's interactions plus one (30 was bought twice).
     np.testing.assert_allclose(features["co-share"], [[1 / 3, 1 / 3, 0], [2 / 3, 0, 0]])
+
+
+@pytest.mark.parametrize("cells", [1, 2, 3, 5])
+def test_cooccurrence_in_slices_of_a_few_keys_is_the_same(monkeypatch, cells):
+    # Prepare: the lookups bounded to a handful of keys, so that candidates are sliced and users go one by one
+    users, candidates = [2, 0, 1], [[10, 20, 40], [30, 40, 40], [10, 30, 20]]
+    scores = [[0.0, 0.0, 0.0]] * 3
+    expected = _features(users, candidates, scores)
+    monkeypatch.setattr(features_module, "LOOKUP_CELLS", cells)
+
+    # Execute
+    sliced = _features(users, candidates, scores)
+
+    # Assert
+    for name in ("co-sum", "co-max", "co-last", "co-share"):
+        np.testing.assert_array_equal(sliced[name], expected[name])
 
 
 def test_popularity_federation_user_and_recency_features():

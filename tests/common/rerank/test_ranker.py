@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.rerank.features import FEATURE_NAMES
-from common.rerank.ranker import RankerConfig, ablation, fit_ranker, ranked
+from common.rerank.ranker import RankerConfig, _dataset, ablation, fit_ranker, ranked
 
 CONFIG = RankerConfig(max_trees=30, stopping_rounds=5, min_child_samples=5, learning_rate=0.5)
 
@@ -93,3 +93,19 @@ def test_bad_settings_and_features_are_refused():
         fit_ranker(_lists(10, 0, None), CONFIG, use=("co-sum",))
     with pytest.raises(ValueError, match="at least two validation lists"):
         fit_ranker(_lists(1, 0, None), CONFIG)
+
+
+def test_lightgbm_sees_each_list_in_a_seeded_order_not_the_held_out_item_first():
+    # Prepare: 50 lists whose candidates are all tied (fedals scores 0 for every unshared item), where
+    # LightGBM's stable sort would let the held-out item, always column 0, win every tie
+    features = np.zeros((50, 20, len(FEATURE_NAMES)))
+    margin = np.zeros((50, 20))
+
+    # Execute
+    labels = _dataset(features, margin, FEATURE_NAMES, seed=3).get_label().reshape(50, 20)
+    again = _dataset(features, margin, FEATURE_NAMES, seed=3).get_label().reshape(50, 20)
+
+    # Assert: one held-out item per list, at positions spread over the list, the same for the same seed
+    assert (labels.sum(axis=1) == 1).all()
+    assert len(set(labels.argmax(axis=1).tolist())) > 10
+    np.testing.assert_array_equal(labels, again)

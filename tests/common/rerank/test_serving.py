@@ -266,6 +266,18 @@ def _corrupt(directory, case: str) -> str:
         )
         manifest_path.write_text(json.dumps(manifest))
         return "reads the features"
+    if case == "crafted ranker, its digest rewritten":
+        # One tree's child index changed: LightGBM's parser aborts the whole process on it
+        text = ranker.read_text()
+        start = text.index("left_child=")
+        end = text.index("\n", start)
+        text = text[:start] + text[start:end].replace("-", "-1", 1) + text[end:]
+        ranker.write_text(text)
+        manifest.update(
+            {"ranker-bytes": len(text.encode()), "ranker-sha256": hashlib.sha256(text.encode()).hexdigest()}
+        )
+        manifest_path.write_text(json.dumps(manifest))
+        return "LightGBM cannot read"
     if case == "garbage serving tables":
         (directory / SERVING_FEATURES_FILE).write_bytes(b"PK\x03\x04 not a zip")
         return f"unusable {SERVING_FEATURES_FILE}"
@@ -291,6 +303,7 @@ def _corrupt(directory, case: str) -> str:
         "same-size garbage ranker",
         "missing ranker",
         "other feature names",
+        "crafted ranker, its digest rewritten",
         "garbage serving tables",
         "missing serving tables",
         "inconsistent serving tables",
