@@ -239,7 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = methods
     assignments, args.app_config = args.app_config, {}
     try:
-        args.app_config = parse_app_config(assignments, defaults, reserved=set(run_config_for(args, "", Path(), 0)))
+        args.app_config = parse_app_config(
+            assignments, defaults, reserved=set(run_config_for(args, "", Path(), 0)) - set(HARNESS_DEFAULTS)
+        )
         # Checked here, before anything starts, for every federated method asked for: inside a
         # run a bad setting only shows as every market failing its first round.
         for method in [m for m in methods if m in METHODS] or [defaults["method"]]:
@@ -314,12 +316,15 @@ def parse_app_config(assignments: list[str], defaults: dict[str, Any], reserved:
     return parsed
 
 
+# App config values of the harness's own that --set may still change: the served models reproduce the test
+# metrics the harness reports, which a refit for serving (trained on the test interactions) cannot.
+HARNESS_DEFAULTS = {"serve-refit": False}
+
+
 def run_config_for(args: argparse.Namespace, method: str, out_dir: Path, markets: int) -> dict[str, Any]:
     """Overrides of the app config for one federated method."""
     return {
-        # The served models reproduce the test metrics the harness reports; a refit (trained on the
-        # test interactions) cannot, so it is off here unless --set serve-refit=true asks for it.
-        "serve-refit": False,
+        **HARNESS_DEFAULTS,
         **args.app_config,
         "method": method,
         "num-server-rounds": args.num_server_rounds,
