@@ -598,17 +598,19 @@ def test_a_region_keeps_two_users_files_whatever_rounds_a_server_names_and_skips
 
     # Execute: rounds named out of order, negative and absurd.
     for server_round in (3, 7, 9, 8, -2, 10**300):
-        fedals_client._remember_users(fresh(), market, users * server_round % 7, server_round, "t-1")
+        fedals_client._remember_users(fresh(), market, market.train, users * server_round % 7, server_round, "t-1")
 
     # Assert: round 8 and the latest before it (7) stay, 9 (a lost attempt's) went; -2 and 10³⁰⁰ were never written.
     kept = sorted(path.name for path in (tmp_path / "state").glob("m02.fedals-users-*.pt"))
     assert kept == ["m02.fedals-users-7.pt", "m02.fedals-users-8.pt"]
-    np.testing.assert_array_equal(fedals_client._kept_users(fresh(), market, 7, "t-1"), users * 7 % 7)
-    assert fedals_client._kept_users(fresh(), market, 8, "another training") is None
+    np.testing.assert_array_equal(fedals_client._kept_users(fresh(), market, market.train, 7, "t-1"), users * 7 % 7)
+    assert fedals_client._kept_users(fresh(), market, market.train, 8, "another training") is None
+    # Users of the training are never those of a refit for serving (every interaction), nor the other way round.
+    assert fedals_client._kept_users(fresh(), market, market.everything, 8, "t-1") is None
     # Users solved on other data (a market whose file changed while the server was down) are not used.
     changed = MarketInteractions(market.train.users, market.train.items[::-1].copy(), market.train.num_users)
     other = dataclasses.replace(market, train=changed)  # the same market and users, other interactions
-    assert fedals_client._kept_users(fresh(), other, 8, "t-1") is None
+    assert fedals_client._kept_users(fresh(), other, other.train, 8, "t-1") is None
 
 
 def test_a_checkpoints_fedals_state_keeps_whole_table_nodes_as_a_list():
