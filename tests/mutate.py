@@ -337,7 +337,7 @@ MUTATIONS = [
     Mutation(
         "a refit for serving trains on the training interactions only",
         "clients/fedals.py",
-        "    interactions = market.everything if _refit(round_config) else market.train",
+        "    interactions = market.everything if _refit(round_config, config, split.market) else market.train",
         "    interactions = market.train",
         ["tests/server/test_refit.py"],
     ),
