@@ -26,6 +26,7 @@ import pandas as pd
 from common.rerank.features import FeatureTables
 from common.rerank.served import RerankModel
 from common.serving.batching import RecentHistory, ranges, users_per_batch
+from common.serving.query import joined_batches
 
 DEFAULT_RETRIEVE = 200  # candidates a user's list holds before the ranker orders it
 LIST_CELLS = 1 << 18  # candidates described at once: about 27 MiB of features
@@ -82,14 +83,7 @@ class RerankServer:
         retrieve: int = DEFAULT_RETRIEVE,
     ) -> pd.DataFrame:
         """All of :meth:`recommend_batches`' rows in one frame (``attrs["unknown_users"]`` summed)."""
-        frames = list(self.recommend_batches(user_ids, k, extra_history, batch_users, retrieve))
-        result = (
-            pd.concat(frames, ignore_index=True)
-            if frames
-            else pd.DataFrame({"userId": [], "rank": [], "itemId": [], "score": []})
-        )
-        result.attrs = {"unknown_users": sum(frame.attrs["unknown_users"] for frame in frames)}
-        return result
+        return joined_batches(list(self.recommend_batches(user_ids, k, extra_history, batch_users, retrieve)))
 
     def recommend_batches(
         self,

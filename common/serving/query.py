@@ -215,14 +215,7 @@ class ServedModel:
             ``attrs["unknown_users"]`` counts users the model did not know.
             All users' rows at once: :meth:`recommend_batches` streams them.
         """
-        frames = list(self.recommend_batches(user_ids, k, extra_history, batch_users))
-        result = (
-            pd.concat(frames, ignore_index=True)
-            if frames
-            else pd.DataFrame({"userId": [], "rank": [], "itemId": [], "score": []})
-        )
-        result.attrs = {"unknown_users": sum(frame.attrs["unknown_users"] for frame in frames)}
-        return result
+        return joined_batches(list(self.recommend_batches(user_ids, k, extra_history, batch_users)))
 
     def recommend_batches(
         self,
@@ -408,6 +401,17 @@ class ServedModel:
             known = torch.as_tensor(indices >= 0)
             vectors[known] += self.model.head.user_embedding.weight[torch.as_tensor(indices)[known]]
         return vectors
+
+
+def joined_batches(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Batches of recommendations as one frame, their ``attrs["unknown_users"]`` summed."""
+    result = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame({"userId": [], "rank": [], "itemId": [], "score": []})
+    )
+    result.attrs = {"unknown_users": sum(frame.attrs["unknown_users"] for frame in frames)}
+    return result
 
 
 def load_served_model(directory: str | Path, catalog: Catalog | None = None) -> ServedModel:
