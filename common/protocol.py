@@ -80,7 +80,7 @@ FINAL_ROUND_KEY = "final-round"  # bool, last evaluate: each market writes its s
 # bool, train and the last evaluate of a refit for serving (serve-refit, fedals): the round trains on every
 # interaction of the market (training, validation and test), and the last evaluate writes that refit as the
 # served model instead of the best validation round
-REFIT_KEY = "refit"
+REFIT_KEY = "refit-for-serving"
 
 # --- arrays, server -> market -----------------------------------------------------------------
 USER_GRAM_KEY = "user-gram"  # fedals without DP: Σ of the markets' augmented user Grams of the last aggregated round

@@ -63,6 +63,7 @@ class RoundSettings:
     fingerprint: Mapping[str, Any] = field(default_factory=dict)  # stored in each checkpoint (server.resume)
     # False: no evaluation but the last round's (a refit for serving, which holds nothing out to evaluate on)
     evaluate_each_round: bool = True
+    label: str = "ROUND"  # the log's name of a round: "[ROUND 3/15]"; a refit's are "[REFIT ROUND 3/6]"
 
 
 def send_and_receive(
@@ -193,7 +194,7 @@ def run_rounds(
         _evaluate(grid, strategy, history, settings, screen, first_round - 1, arrays, ConfigRecord(base_config))
     for server_round in range(first_round, settings.num_rounds + 1):
         started = time.perf_counter()
-        log(INFO, "[ROUND %d/%d]", server_round, settings.num_rounds)
+        log(INFO, "[%s %d/%d]", settings.label, server_round, settings.num_rounds)
         config = ConfigRecord({**train_config, **base_config, EVALUATE_RECEIVED_KEY: folded})
         messages = list(strategy.configure_train(server_round, arrays, config, _waiting(grid, strategy, settings)))
         replies = _receive(grid, settings, screen, server_round, messages, sent=arrays, history=history)

@@ -317,7 +317,7 @@ def refit(
         grid,
         strategy,
         refit_history,
-        replace(settings, num_rounds=rounds, evaluate_each_round=False),
+        replace(settings, num_rounds=rounds, evaluate_each_round=False, label="REFIT ROUND"),
         arrays,
         train,
         final,

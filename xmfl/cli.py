@@ -34,9 +34,7 @@ COMMANDS: dict[str, Command] = {
     "privacy-sweep": Command(
         "simulations.benchmarks.privacy_sweep", "federated quality against each market's DP budget"
     ),
-    "benchmark": Command(
-        "simulations.benchmark", "quality, scale, serving, dp-*, latency, join, continue, refit, attacks"
-    ),
+    "benchmark": Command("simulations.benchmark", "quality, scale, serving, attacks, refit, join, continue, ..."),
     "tune": Command("simulations.tune", "search fedals' settings, each trial a federated training"),
     "ials-tuning": Command("simulations.benchmarks.ials_tuning", "tune fedals' iALS settings on validation"),
     "catalog": Command("deploy.catalog", "write the company catalog from a product list or market files"),

@@ -74,4 +74,6 @@ def regions(settings: AttackSettings, name: str, users: int = 300) -> Regions:
 
 def fedals_run_config(settings: AttackSettings, **overrides: Any) -> dict[str, Any]:
     """The app's defaults for fedals, as a submitter would send them, with ``overrides``."""
-    return {**harness.app_defaults(), "method": "fedals", "seed": settings.seed, **overrides}
+    # Without a refit for serving: the attacks keep each exchange by its round's number, and a refit's rounds
+    # (numbered from 1 again) are the same statistics over every interaction, under the same rules.
+    return {**harness.app_defaults(), "method": "fedals", "seed": settings.seed, "serve-refit": False, **overrides}

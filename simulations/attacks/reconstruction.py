@@ -391,6 +391,9 @@ def attack(settings: AttackSettings, defended_min_buyers: int | None = None) -> 
     base = {
         **harness.app_defaults(),
         "method": "fedals",
+        # The training's rounds are attacked (exchanges kept by round number); a refit for serving's
+        # rounds send the same statistics over every interaction, under the same minimum of buyers.
+        "serve-refit": False,
         "data-dir": settings.data_dir,
         "synthetic-markets": settings.synthetic_markets,
         "seed": settings.seed,

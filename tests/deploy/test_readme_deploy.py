@@ -282,7 +282,9 @@ def test_the_readme_deployment_runs_as_written_and_resumes_after_a_server_crash(
             served = load_served_model(xm / region / "state" / "current", catalog)
             best = max((1, 2), key=lambda r: history[r]["per_market"][region]["val-ndcg"])
             assert served.manifest["market"] == region and served.manifest["method"] == "fedals"
-            assert served.manifest["round"] == best
+            # The app config's serve-refit: the region serves the refit, its manifest naming the validated round.
+            refit = served.manifest["refit"]
+            assert refit["validated-round"] == best and served.manifest["round"] == refit["rounds"] in (1, 2)
             assert served.manifest["metrics"]["test-ndcg"] == pytest.approx(
                 history[best]["per_market"][region]["test-ndcg"]
             )

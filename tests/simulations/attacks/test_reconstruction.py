@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.usefixtures("server_task_identity"), pytest.mark.filte
 
 RUN = {
     "method": "fedals",
+    "serve-refit": False,  # the exchanges are kept by round number; a refit's rounds restart at 1
     "synthetic-markets": MARKETS,
     "als-factors": FACTORS,
     "num-server-rounds": 3,
