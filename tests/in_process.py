@@ -62,14 +62,16 @@ SERVER_LOOP = {"min-nodes": 2, "poll-interval": 0.001, "round-timeout": 120.0}  
 
 
 def run_config(*settings: dict, server_loop: bool = True, **overrides) -> dict:
-    """A run config for the tests: the app's defaults (pyproject.toml's ``[tool.flwr.app.config]``),
-    with ``server_loop`` the settings of an in-process training (:data:`SERVER_LOOP`), then each dict
+    """A run config for the tests: the app's defaults (pyproject.toml's ``[tool.flwr.app.config]``) without a
+    refit for serving, with ``server_loop`` the settings of an in-process training (:data:`SERVER_LOOP`), then each dict
     of ``settings`` in order, then ``overrides``.
 
     A test module keeps its own values in a dict, e.g. ``run_config(RUN, **{"dp-epsilon": 8.0})``;
     tests that only call the ClientApp or read configs pass ``server_loop=False`` to keep the defaults.
     """
-    config = {**harness.app_defaults(), **(SERVER_LOOP if server_loop else {})}
+    # No refit for serving unless a test asks for it (tests/server/test_refit.py): a test of a training's
+    # rounds would otherwise train a second time after them.
+    config = {**harness.app_defaults(), "serve-refit": False, **(SERVER_LOOP if server_loop else {})}
     for layer in settings:
         config.update(layer)
     return {**config, **overrides}
