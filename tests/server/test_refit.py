@@ -7,7 +7,7 @@ from uuid import uuid4
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app
@@ -118,8 +118,9 @@ def test_the_refit_sends_no_evaluation_and_keeps_its_rounds_apart(refitted):
     assert refit_history["config"]["refit-rounds"] >= 1
 
 
-def _refit_evaluate(run_config: dict, final: bool) -> tuple[Message, RecordDict]:
-    """fedals' server's evaluate message of a refit's round to market m01 (the real ClientApp) and its reply."""
+def _to_m01(run_config: dict, settings: dict, train: bool = False) -> RecordDict:
+    """fedals' server's round-1 evaluate (or train) message with ``settings`` to market m01, answered by the
+    real ClientApp: its reply's content."""
     catalog = SOURCE.catalog()
     config = RunConfig.from_run_config(run_config)
     strategy = FedALS(config.ials_config(), catalog.size, seeded_start=True, min_nodes=1)
@@ -131,10 +132,11 @@ def _refit_evaluate(run_config: dict, final: bool) -> tuple[Message, RecordDict]
         run_config=run_config,
     )
     grid = ScriptedGrid({7: lambda message: app(message, context).content})
-    settings = ConfigRecord({"training-id": "t-1", REFIT_KEY: True} | ({FINAL_ROUND_KEY: True} if final else {}))
-    message = list(strategy.configure_evaluate(1, initial_arrays(config, catalog), settings, grid))[0]
+    configure = strategy.configure_train if train else strategy.configure_evaluate
+    record = ConfigRecord({"training-id": "t-1", REFIT_KEY: True, **settings})
+    message = list(configure(1, initial_arrays(config, catalog), record, grid))[0]
     message.metadata.__dict__["_message_id"] = uuid4().hex
-    return message, app(message, context).content
+    return app(message, context).content
 
 
 def test_under_dp_a_market_refuses_a_refit_and_keeps_its_served_model(tmp_path):
@@ -143,7 +145,7 @@ def test_under_dp_a_market_refuses_a_refit_and_keeps_its_served_model(tmp_path):
 
     # Execute / Assert: refused in one line naming why; nothing written over what it serves
     with pytest.raises(RegionError, match="trains under DP"):
-        _refit_evaluate(run_config, final=True)
+        _to_m01(run_config, {FINAL_ROUND_KEY: True})
     assert not (tmp_path / "fedals" / "m01").exists()
 
 
@@ -151,24 +153,10 @@ def test_a_refit_round_that_asks_for_an_evaluation_is_refused(tmp_path):
     # Prepare: a hostile server's refit round with the received factors' evaluation folded in, which would
     # score validation with users solved on the validation items (and keep that round as the best)
     run_config = in_process_config(RUN, server_loop=False, **{"models-dir": str(tmp_path)})
-    catalog = SOURCE.catalog()
-    config = RunConfig.from_run_config(run_config)
-    strategy = FedALS(config.ials_config(), catalog.size, seeded_start=True, min_nodes=1)
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 1, "num-partitions": 3},
-        state=RecordDict(),
-        run_config=run_config,
-    )
-    grid = ScriptedGrid({7: lambda message: app(message, context).content})
-    settings = ConfigRecord({"training-id": "t-1", REFIT_KEY: True, "evaluate-received": True})
-    message = list(strategy.configure_train(1, initial_arrays(config, catalog), settings, grid))[0]
-    message.metadata.__dict__["_message_id"] = uuid4().hex
 
     # Execute / Assert
     with pytest.raises(RegionError, match="evaluates nothing"):
-        app(message, context)
+        _to_m01(run_config, {"evaluate-received": True}, train=True)
 
 
 def test_a_refit_is_evaluated_only_at_its_last_round(tmp_path):
@@ -177,5 +165,5 @@ def test_a_refit_is_evaluated_only_at_its_last_round(tmp_path):
 
     # Execute / Assert: the market refuses, naming why, and writes nothing
     with pytest.raises(RegionError, match="evaluated only at its last round"):
-        _refit_evaluate(run_config, final=False)
+        _to_m01(run_config, {})
     assert not (tmp_path / "fedals" / "m01").exists()
